@@ -1,0 +1,30 @@
+"""kvzip-rag: answer questions about documents from KVzip-compressed KV caches.
+
+    >>> import kvzip_rag
+    >>> model = kvzip_rag.load_model()                 # SmolLM2-135M-Instruct, converted once from its GGUF
+    >>> cache = kvzip_rag.compress(model, text, ratio=0.3)
+    >>> kvzip_rag.answer(model, cache, "Who wrote it?").text
+"""
+
+from .cache import CacheInfo, PackedCache, PackedLayer
+from .compress import compress
+from .errors import (
+    ContextTooLongError,
+    CorruptBlobError,
+    EmptyDocumentError,
+    InvalidArgumentError,
+    KVzipError,
+    ModelMismatchError,
+    ModelNotFoundError,
+)
+from .generate import Answer, AnswerStream, Conversation, answer, stream_answer
+from .models import DEFAULT_MODEL, KVzipModel, load_model, wrap_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL", "Answer", "AnswerStream", "CacheInfo", "ContextTooLongError", "Conversation", "CorruptBlobError",
+    "EmptyDocumentError", "InvalidArgumentError", "KVzipError", "KVzipModel", "ModelMismatchError",
+    "ModelNotFoundError", "PackedCache", "PackedLayer", "answer", "compress", "load_model", "stream_answer",
+    "wrap_model",
+]

@@ -1,0 +1,187 @@
+"""The packed, physically smaller KV cache: a real transformers ``Cache`` the model decodes from.
+
+Per layer, the kept entries of all kv heads live in one flat ``(N, head_dim)`` array for keys and one for values,
+head after head; ``offsets`` (``num_heads + 1``) delimit the heads. Inside a head, entries are ordered by
+descending importance (the never-evicted prefix first), with their original positions and scores beside them, so
+a prefix of each head's slice is exactly the cache at a lower ratio. Tokens appended later (questions, answers)
+go to a dense per-head *tail* that ``reset()`` drops, bringing the cache back to the compressed document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .budget import allocate_budgets
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What a packed cache is: which model and template built it, over which tokens, kept how."""
+
+    model_name: str
+    model_fingerprint: str
+    template_digest: str
+    prefix_length: int
+    context_length: int
+    ratio: float
+    level: str
+    scorer: str
+    full_nbytes: int
+    input_ids: tuple[int, ...] = field(repr=False, default=())
+
+    @property
+    def base_length(self) -> int:
+        return self.prefix_length + self.context_length
+
+
+class PackedLayer(CacheLayerMixin):
+    """One layer of a packed cache (see the module docstring for the layout)."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        positions: torch.Tensor,
+        scores: torch.Tensor,
+        base_length: int,
+        compressed: bool,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.offsets = offsets.to(torch.int64).cpu()
+        self.positions, self.scores = positions, scores
+        self.base_length = base_length
+        self.compressed = compressed
+        self.sliding_window = sliding_window
+        self.num_heads = len(self.offsets) - 1
+        self.is_initialized = True
+        self.tail_keys = keys.new_zeros(1, self.num_heads, 0, keys.shape[-1])
+        self.tail_values = values.new_zeros(1, self.num_heads, 0, values.shape[-1])
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: a packed layer is built complete."""
+
+    @property
+    def tail_length(self) -> int:
+        return self.tail_keys.shape[2]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Entries per kv head (prefix included)."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise ValueError("the packed cache answers one sequence at a time (batch size 1)")
+        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=2)
+        self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
+        return self.tail_keys, self.tail_values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Masks are built by transformers but unused by the packed attention; keep them tail-sized and cheap.
+        return self.tail_length + query_length, self.base_length
+
+    def get_seq_length(self) -> int:
+        return self.base_length + self.tail_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tail tokens (the packed document itself is never cropped)."""
+        keep = max(self.tail_length + tokens_to_remove, 0) if tokens_to_remove < 0 else tokens_to_remove
+        self.tail_keys = self.tail_keys[:, :, :keep]
+        self.tail_values = self.tail_values[:, :, :keep]
+
+    def reset(self) -> None:
+        self.crop(0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def head_slices(self, keep: torch.Tensor) -> list[slice]:
+        """Slices of the first ``keep[h]`` entries of every head."""
+        starts = self.offsets[:-1].tolist()
+        return [slice(s, s + int(k)) for s, k in zip(starts, keep.tolist())]
+
+    def truncated(self, keep: torch.Tensor) -> "PackedLayer":
+        """A new layer with only the first ``keep[h]`` entries of each head."""
+        index = torch.cat([torch.arange(s.start, s.stop) for s in self.head_slices(keep)])
+        offsets = torch.zeros(self.num_heads + 1, dtype=torch.int64)
+        offsets[1:] = keep.cumsum(0)
+        dev = self.keys.device
+        return PackedLayer(
+            self.keys[index.to(dev)], self.values[index.to(dev)], offsets, self.positions[index], self.scores[index],
+            self.base_length, self.compressed, self.sliding_window,
+        )
+
+
+class PackedCache(Cache):
+    """A compressed document cache. Pass it as ``past_key_values`` together with ``kvzip_cache=`` (see generate)."""
+
+    def __init__(self, layers: list[PackedLayer], info: CacheInfo):
+        super().__init__(layers=layers)
+        self.info = info
+
+    @property
+    def compressed_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if layer.compressed]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the compressed document's keys and values (without question/answer tails)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def full_nbytes(self) -> int:
+        """Bytes the same document took in the uncompressed cache."""
+        return self.info.full_nbytes
+
+    def head_budgets(self) -> torch.Tensor:
+        """Kept context entries per (compressed layer, kv head): the non-uniform budgets of pair-level eviction."""
+        prefix = self.info.prefix_length
+        return torch.stack([self.layers[i].counts - prefix for i in self.compressed_layers])
+
+    @property
+    def kept_ratio(self) -> float:
+        """Fraction of the context's (layer, head, token) entries kept in the compressed layers."""
+        budgets = self.head_budgets()
+        return budgets.sum().item() / max(budgets.numel() * self.info.context_length, 1)
+
+    def reset(self) -> None:
+        """Forget appended questions and answers: back to the compressed document."""
+        for layer in self.layers:
+            layer.reset()
+
+    @property
+    def tail_length(self) -> int:
+        return self.layers[0].tail_length
+
+    def at_ratio(self, ratio: float, level: str | None = None) -> "PackedCache":
+        """The cache this one would have been at a lower ``ratio``: top entries only, no re-scoring."""
+        level = level or self.info.level
+        prefix = self.info.prefix_length
+        context_scores = [
+            [self.layers[i].scores[s.start + prefix : s.stop] for s in self.layers[i].head_slices(self.layers[i].counts)]
+            for i in self.compressed_layers
+        ]
+        budgets = allocate_budgets(context_scores, self.info.context_length, ratio, level)
+        layers = list(self.layers)
+        for row, i in enumerate(self.compressed_layers):
+            layers[i] = self.layers[i].truncated(budgets[row] + prefix)
+        return PackedCache(layers, replace(self.info, ratio=ratio, level=level))
+
+    def to(self, device: torch.device | str) -> "PackedCache":
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
+            layer.tail_keys, layer.tail_values = layer.tail_keys.to(device), layer.tail_values.to(device)
+        return self

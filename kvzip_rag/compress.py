@@ -1,0 +1,204 @@
+"""text -> tokens -> full cache -> scores -> packed cache."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+from .budget import allocate_budgets, check_ratio_level
+from .cache import CacheInfo, PackedCache, PackedLayer
+from .errors import ContextTooLongError, EmptyDocumentError, InvalidArgumentError
+from .models import KVzipModel, cache_dir
+from .scorers import SCORERS, KVzipScorer, PrefilledDocument, Scorer
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+CALIBRATION_TEXT = """\
+The lighthouse keeper of Skerry Point kept a ledger for forty-one years. Each morning he wrote the wind, the
+height of the swell, the ships he saw and the birds that came to the lamp. In the winter of 1887 a schooner named
+the Margaret Hale ran aground on the northern reef; the keeper rowed out three times and brought back eleven
+sailors, and the ledger records only "wind NE, heavy sea, eleven saved, one lost, the cook". His daughter Ellen
+took over the lamp in 1903, when the old man's eyes failed. She replaced the oil burner with a mantle lamp, which
+tripled the range of the light to twenty-two nautical miles, and she taught herself Morse code from a manual
+left by a telegraph engineer. In 1921 the light was automated and Ellen moved to the village, where she opened a
+small school for the children of fishermen. The ledgers, sixty-three volumes in all, are now kept in the county
+archive, where historians use them to study storms, shipping routes and the migration of seabirds. The entry for
+12 March 1912 is the most quoted: "Fog all day. Heard the horn of a steamer but never saw her. Gulls quiet."
+"""
+
+
+def compressed_layer_indices(model: KVzipModel) -> list[int]:
+    """Layers KVzip compresses: all of them, except sliding-window layers, which keep their window."""
+    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    return [i for i, kind in enumerate(layer_types) if kind != "sliding_attention"]
+
+
+def resolve_scorer(scorer: str | Scorer) -> Scorer:
+    if isinstance(scorer, Scorer):
+        return scorer
+    if scorer not in SCORERS:
+        raise InvalidArgumentError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    return SCORERS[scorer]()
+
+
+def tokenize_document(model: KVzipModel, text: str) -> tuple[list[int], list[int]]:
+    """Prefix and context token ids, with the checks a user can act on."""
+    if not isinstance(text, str) or not text.strip():
+        raise EmptyDocumentError("the document is empty or whitespace only; there is nothing to compress")
+    prefix_ids = model.encode(model.template.prefix)
+    context_ids = model.encode(text)
+    limit = model.context_limit - len(prefix_ids)
+    if len(context_ids) > limit:
+        raise ContextTooLongError(
+            f"the context has {len(context_ids)} tokens but model {model.name!r} takes at most {limit} context tokens "
+            f"({model.max_positions} positions, minus the {len(prefix_ids)}-token prefix and room for answers); "
+            "split the document (KVzipIndex and the CLI segment long documents automatically)"
+        )
+    return prefix_ids, context_ids
+
+
+def prefill(
+    model: KVzipModel, input_ids: list[int], chunk_size: int = 2048, observer=None, progress: Progress | None = None
+) -> DynamicCache:
+    """Chunked prefill into transformers' own DynamicCache, so long contexts never need the whole attention matrix."""
+    cache = DynamicCache(config=model.model.config)
+    chunks = list(range(0, len(input_ids), chunk_size))
+    with torch.inference_mode():
+        for done, start in enumerate(chunks):
+            chunk = torch.tensor([input_ids[start : start + chunk_size]], device=model.device)
+            model.model(chunk, past_key_values=cache, use_cache=True, logits_to_keep=1, kvzip_observer=observer)
+            if progress:
+                progress("prefill", done + 1, len(chunks))
+    return cache
+
+
+def prefill_document(
+    model: KVzipModel, text: str, chunk_size: int = 2048, scorer: Scorer | None = None,
+    progress: Progress | None = None,
+) -> PrefilledDocument:
+    prefix_ids, context_ids = tokenize_document(model, text)
+    layers = compressed_layer_indices(model)
+    observer = None
+    if scorer is not None:
+        observer = scorer.prefill_observer(len(prefix_ids) + len(context_ids), len(prefix_ids), layers)
+    cache = prefill(model, prefix_ids + context_ids, chunk_size, observer, progress)
+    return PrefilledDocument(model, cache, prefix_ids, context_ids, layers)
+
+
+_HEAD_SCORES: dict[str, torch.Tensor] = {}
+
+
+def head_scores(model: KVzipModel) -> torch.Tensor:
+    """Context-independent head importance (max KVzip score over a calibration text), once per model.
+
+    Kept in memory and in the cache dir, keyed by the model fingerprint.
+    """
+    if model.fingerprint in _HEAD_SCORES:
+        return _HEAD_SCORES[model.fingerprint]
+    path = cache_dir() / "head_scores" / f"{model.fingerprint}.json"
+    if path.exists():
+        scores = torch.tensor(json.loads(path.read_text()))
+    else:
+        document = prefill_document(model, CALIBRATION_TEXT)
+        scores = KVzipScorer().score(document).amax(dim=-1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(scores.tolist()))
+    _HEAD_SCORES[model.fingerprint] = scores
+    return scores
+
+
+def compress(
+    model: KVzipModel,
+    text: str,
+    ratio: float = 0.3,
+    level: str = "pair",
+    scorer: str | Scorer = "kvzip",
+    prefill_chunk: int = 2048,
+    progress: Progress | None = None,
+) -> PackedCache:
+    """Prefill ``text`` once, score its KV pairs, keep the top ``ratio`` of them and pack what is kept.
+
+    ``level``: ``"pair"`` (global top-k, non-uniform head budgets), ``"uniform"`` (top-k per head) or ``"head"``
+    (whole heads by a context-independent score; no per-document scoring pass).
+    """
+    check_ratio_level(ratio, level)
+    scorer = resolve_scorer(scorer)
+    if level == "head":
+        document = prefill_document(model, text, prefill_chunk, progress=progress)
+        per_head = head_scores(model)
+        scores = per_head[:, :, None].expand(-1, -1, document.context_length).contiguous()
+        scorer_name = "kvzip-head"
+    else:
+        document = prefill_document(model, text, prefill_chunk, scorer, progress)
+        if isinstance(scorer, KVzipScorer) and progress:
+            scorer.progress = lambda done, total: progress("score", done, total)
+        scores = scorer.score(document)
+        scorer_name = scorer.name
+    return pack(document, scores, ratio, level, scorer_name)
+
+
+def pack(document: PrefilledDocument, scores: torch.Tensor, ratio: float, level: str, scorer: str) -> PackedCache:
+    """Keep each head's top entries (plus the whole prefix) in one flat array per layer, best first."""
+    prefix, base = document.prefix_length, document.base_length
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    sorted_scores = order.values
+    budgets = allocate_budgets(
+        [list(layer) for layer in sorted_scores], document.context_length, ratio, level
+    )
+    rows = {layer: row for row, layer in enumerate(document.compressed_layers)}
+    config = document.model.model.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None)
+    layers, full_nbytes = [], 0
+    for index, cache_layer in enumerate(document.cache.layers):
+        keys, values = cache_layer.keys[0], cache_layer.values[0]  # (heads, length, dim)
+        full_nbytes += keys.nbytes + values.nbytes
+        heads = keys.shape[0]
+        if index in rows:
+            row = rows[index]
+            entries = [
+                torch.cat([torch.arange(prefix), prefix + order.indices[row, head, : budgets[row, head]]])
+                for head in range(heads)
+            ]
+            entry_scores = [
+                torch.cat([torch.full((prefix,), float("inf")), sorted_scores[row, head, : budgets[row, head]]])
+                for head in range(heads)
+            ]
+            sliding = None
+        else:  # sliding-window layer: keeps its window (the tokens transformers kept), never scored
+            kept = keys.shape[1]
+            entries = [torch.arange(base - kept, base)] * heads
+            entry_scores = [torch.full((kept,), float("inf"))] * heads
+            sliding = getattr(config, "sliding_window", None) if layer_types else None
+        first = base - keys.shape[1]  # sliding layers hold only the last tokens
+        device_entries = [(e - first).to(keys.device) for e in entries]
+        offsets = torch.zeros(heads + 1, dtype=torch.int64)
+        offsets[1:] = torch.tensor([len(e) for e in entries]).cumsum(0)
+        layers.append(
+            PackedLayer(
+                keys=torch.cat([keys[h, idx] for h, idx in enumerate(device_entries)]),
+                values=torch.cat([values[h, idx] for h, idx in enumerate(device_entries)]),
+                offsets=offsets,
+                positions=torch.cat(entries).to(torch.int32),
+                scores=torch.cat(entry_scores).float(),
+                base_length=base,
+                compressed=index in rows,
+                sliding_window=sliding,
+            )
+        )
+    model = document.model
+    info = CacheInfo(
+        model_name=model.name,
+        model_fingerprint=model.fingerprint,
+        template_digest=model.template.digest,
+        prefix_length=prefix,
+        context_length=document.context_length,
+        ratio=float(ratio),
+        level=level,
+        scorer=scorer,
+        full_nbytes=full_nbytes,
+        input_ids=tuple(document.prefix_ids + document.context_ids),
+    )
+    return PackedCache(layers, info)

@@ -1,0 +1,31 @@
+"""Exceptions a user can act on: each message says what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class KVzipError(Exception):
+    """Base class of every error raised on purpose by kvzip-rag."""
+
+
+class ModelNotFoundError(KVzipError):
+    """The requested model could not be loaded from any of the places tried."""
+
+
+class EmptyDocumentError(KVzipError, ValueError):
+    """A document was empty or whitespace only: there is nothing to compress."""
+
+
+class ContextTooLongError(KVzipError, ValueError):
+    """A context does not fit the model's position range (the index segments long documents)."""
+
+
+class InvalidArgumentError(KVzipError, ValueError):
+    """An argument is outside its documented range (ratio, level, scorer...)."""
+
+
+class ModelMismatchError(KVzipError):
+    """A cache built by one model (or prompt template) was used with another."""
+
+
+class CorruptBlobError(KVzipError):
+    """A stored cache blob is truncated, altered or not a kvzip-rag blob."""

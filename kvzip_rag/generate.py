@@ -1,0 +1,195 @@
+"""Answers from a packed cache: single questions, token streams, and multi-turn conversations."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import PackedCache
+from .errors import InvalidArgumentError, ModelMismatchError
+from .models import KVzipModel
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Greedy by default (``temperature=0``); set a temperature for sampling, optionally with top-k / top-p."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidArgumentError("max_new_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise InvalidArgumentError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+
+
+@dataclass
+class Answer:
+    """A generated answer and what it cost."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    time_to_first_token_s: float
+    decode_s: float
+    finish_reason: str  # "stop" (end of turn or stop string) or "length"
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.decode_s / max(len(self.token_ids) - 1, 1)
+
+
+def check_compatible(model: KVzipModel, cache: PackedCache) -> None:
+    """Refuse a cache built by another model or prompt layout: its keys would be meaningless here."""
+    info = cache.info
+    if info.model_fingerprint != model.fingerprint:
+        raise ModelMismatchError(
+            f"this cache was built by model {info.model_name!r} (fingerprint {info.model_fingerprint}) but the loaded "
+            f"model is {model.name!r} (fingerprint {model.fingerprint}); load that model or re-compress the document"
+        )
+    if info.template_digest != model.template.digest:
+        raise ModelMismatchError(
+            "this cache was built with another prompt template; re-compress the document with the current one"
+        )
+
+
+def _pick(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
+    if options.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / options.temperature
+    if options.top_k:
+        threshold = torch.topk(logits, min(options.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if options.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) > options.top_p
+        logits[order[drop]] = float("-inf")
+    probs = torch.softmax(logits, -1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class AnswerStream:
+    """Iterate to receive text pieces as they are generated; ``result`` holds the full ``Answer`` afterwards."""
+
+    def __init__(self, model: KVzipModel, cache: PackedCache, prompt_ids: list[int], options: SamplingOptions,
+                 keep: bool, on_done: Callable[[Answer], None] | None = None):
+        self.model, self.cache, self.prompt_ids, self.options, self.keep = model, cache, prompt_ids, options, keep
+        self.on_done = on_done
+        self.result: Answer | None = None
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        out = self.model.model(
+            torch.tensor([ids], device=self.model.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            kvzip_cache=self.cache,
+        )
+        return out.logits[0, -1]
+
+    def __iter__(self) -> Iterator[str]:
+        options, tokenizer = self.options, self.model.tokenizer
+        stop_ids = self.model.stop_token_ids
+        generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+        generated: list[int] = []
+        emitted, finish = "", "length"
+        start = time.perf_counter()
+        first_token_at = None
+        try:
+            with torch.inference_mode():
+                logits = self._forward(self.prompt_ids)
+                for step in range(options.max_new_tokens):
+                    token = _pick(logits, options, generator)
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    if token in stop_ids:
+                        finish = "stop"
+                        break
+                    generated.append(token)
+                    text = tokenizer.decode(generated, skip_special_tokens=True)
+                    cut = min((text.find(s) for s in options.stop if s and s in text), default=-1)
+                    if cut >= 0:
+                        text, finish = text[:cut], "stop"
+                    if not text.endswith("\ufffd") and len(text) > len(emitted):
+                        yield text[len(emitted) :]
+                        emitted = text
+                    if finish == "stop":
+                        break
+                    if step + 1 < options.max_new_tokens or self.keep:
+                        logits = self._forward([token])
+        finally:
+            end = time.perf_counter()
+            if not self.keep:
+                self.cache.reset()
+        first_token_at = first_token_at or end
+        self.result = Answer(
+            text=emitted.strip(),
+            token_ids=generated,
+            prompt_tokens=len(self.prompt_ids),
+            time_to_first_token_s=first_token_at - start,
+            decode_s=end - first_token_at,
+            finish_reason=finish,
+        )
+        if self.on_done:
+            self.on_done(self.result)
+
+
+def _prompt_ids(model: KVzipModel, question: str, first_turn: bool) -> list[int]:
+    if not isinstance(question, str) or not question.strip():
+        raise InvalidArgumentError("the question is empty")
+    return model.encode(model.template.question_text(question, first_turn=first_turn))
+
+
+def stream_answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> AnswerStream:
+    """Stream the answer to one independent question; the cache is back to the document afterwards."""
+    check_compatible(model, cache)
+    cache.reset()
+    return AnswerStream(model, cache, _prompt_ids(model, question, True), SamplingOptions(**options), keep=False)
+
+
+def answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> Answer:
+    """Answer one question from the compressed document (independent of any earlier question)."""
+    stream = stream_answer(model, cache, question, **options)
+    for _ in stream:
+        pass
+    return stream.result
+
+
+@dataclass
+class Conversation:
+    """Follow-up questions about one document: every turn stays in the cache's tail until ``reset()``."""
+
+    model: KVzipModel
+    cache: PackedCache
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_compatible(self.model, self.cache)
+        self.cache.reset()
+
+    def stream(self, question: str, **options) -> AnswerStream:
+        ids = _prompt_ids(self.model, question, first_turn=not self.turns)
+        return AnswerStream(
+            self.model, self.cache, ids, SamplingOptions(**options), keep=True,
+            on_done=lambda result: self.turns.append((question, result.text)),
+        )
+
+    def ask(self, question: str, **options) -> Answer:
+        stream = self.stream(question, **options)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def reset(self) -> None:
+        """Forget the conversation: back to the compressed document."""
+        self.turns.clear()
+        self.cache.reset()

@@ -1,0 +1,12 @@
+"""Scorers: one small class per way of ranking a document's KV pairs."""
+
+from .base import PrefilledDocument, Scorer
+from .baselines import H2OScorer, KeyNormScorer, RandomScorer, SnapKVScorer
+from .kvzip import KVzipScorer
+
+SCORERS: dict[str, type[Scorer]] = {
+    cls.name: cls for cls in (KVzipScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
+}
+
+__all__ = ["SCORERS", "H2OScorer", "KVzipScorer", "KeyNormScorer", "PrefilledDocument", "RandomScorer", "Scorer",
+           "SnapKVScorer"]

@@ -1,0 +1,72 @@
+"""What every scorer sees and returns: the prefilled document and one score per (layer, kv head, token)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..models import KVzipModel
+
+Observer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class PrefilledDocument:
+    """The full cache of ``prefix + context`` and where things are in it."""
+
+    model: KVzipModel
+    cache: DynamicCache
+    prefix_ids: list[int]
+    context_ids: list[int]
+    compressed_layers: list[int]
+
+    @property
+    def prefix_length(self) -> int:
+        return len(self.prefix_ids)
+
+    @property
+    def context_length(self) -> int:
+        return len(self.context_ids)
+
+    @property
+    def base_length(self) -> int:
+        return self.prefix_length + self.context_length
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.model.config.num_key_value_heads
+
+    def context_keys(self, layer: int) -> torch.Tensor:
+        """Cached (post-RoPE) keys of the context tokens, shape (kv_heads, context, head_dim)."""
+        return self.cache.layers[layer].keys[0, :, self.prefix_length : self.base_length]
+
+
+class Scorer(ABC):
+    """Scores every context KV pair; higher means keep. One small class per method (kvpress style)."""
+
+    name: str = "scorer"
+
+    def prefill_observer(self, document_length: int, prefix_length: int, layers: list[int]) -> Observer | None:
+        """An observer to run during prefill (for scorers that need the context's own attention), or None."""
+        return None
+
+    @abstractmethod
+    def score(self, document: PrefilledDocument) -> torch.Tensor:
+        """Float32 scores of shape (len(compressed_layers), kv_heads, context_length)."""
+
+
+def grouped_queries(module: torch.nn.Module, query: torch.Tensor) -> torch.Tensor:
+    """(1, H, L, d) queries as (kv_heads, group, L, d): the query heads that share each kv head."""
+    _, heads, length, dim = query.shape
+    num_kv = heads // module.num_key_value_groups
+    return query[0].reshape(num_kv, module.num_key_value_groups, length, dim)
+
+
+def causal_softmax(logits: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis with keys after a query's position masked out."""
+    visible = key_positions[None, :] <= query_positions[:, None]
+    return torch.softmax(logits.float().masked_fill(~visible, float("-inf")), dim=-1)

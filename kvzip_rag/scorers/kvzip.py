@@ -1,0 +1,97 @@
+"""KVzip: score each context KV pair by the attention it gets while the model repeats the context."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import PrefilledDocument, Scorer, causal_softmax, grouped_queries
+
+FIRST_REPEAT = "\n\nRepeat the previous context exactly."
+NEXT_REPEAT = "\n\nRepeat the part of the previous context exactly, starting with "
+
+
+class KVzipScorer(Scorer):
+    """Context reconstruction scoring (KVzip, Kim et al. 2025), as in ``shared/KVZIP.md``.
+
+    For each ~2K-token chunk of the context, the repeat prompt plus the chunk is run through the model on top of
+    the full cache (at positions after the context; its own KV is discarded afterwards). In every layer the score
+    uses a softmax restricted to the prefix keys, the current chunk's keys and the repeat tokens' own keys
+    (causal), reduced by max over the GQA group and over all repeat queries.
+    """
+
+    name = "kvzip"
+
+    def __init__(self, chunk_size: int = 2048, tail_tokens: int = 8, progress=None):
+        self.chunk_size = chunk_size
+        self.tail_tokens = tail_tokens
+        self.progress = progress
+
+    def repeat_ids(self, document: PrefilledDocument, start: int, end: int) -> list[int]:
+        model, ctx = document.model, document.context_ids
+        if start == 0:
+            lead = model.encode(FIRST_REPEAT)
+        else:
+            lead = model.encode(NEXT_REPEAT) + ctx[max(0, start - self.tail_tokens) : start]
+        return lead + model.encode(model.template.suffix) + ctx[start:end]
+
+    def score(self, document: PrefilledDocument) -> torch.Tensor:
+        n = document.context_length
+        scores = torch.zeros(len(document.compressed_layers), document.num_kv_heads, n)
+        chunks = list(range(0, n, self.chunk_size))
+        for done, start in enumerate(chunks):
+            end = min(start + self.chunk_size, n)
+            observer = _RepeatObserver(document, start, end, scores)
+            run_without_caching(document, self.repeat_ids(document, start, end), observer)
+            if self.progress:
+                self.progress(done + 1, len(chunks))
+        return scores
+
+
+class _RepeatObserver:
+    """Computes the restricted-softmax scores of one repeat chunk, layer by layer, as the forward pass runs."""
+
+    def __init__(self, document: PrefilledDocument, start: int, end: int, out: torch.Tensor):
+        self.prefix = document.prefix_length
+        self.chunk = slice(self.prefix + start, self.prefix + end)
+        self.base = document.base_length
+        self.rows = {layer: row for row, layer in enumerate(document.compressed_layers)}
+        self.out, self.start, self.end = out, start, end
+
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
+        row = self.rows.get(module.layer_idx)
+        if row is None:
+            return
+        keys = key[0]
+        restricted = torch.cat([keys[:, : self.prefix], keys[:, self.chunk], keys[:, self.base :]], dim=1)
+        repeat_len = query.shape[2]
+        chunk_len = self.end - self.start
+        # Positions inside the restricted set: prefix and chunk precede every query; repeat keys are causal.
+        key_pos = torch.cat([torch.full((self.prefix + chunk_len,), -1), torch.arange(repeat_len)])
+        query_pos = torch.arange(repeat_len)
+        queries = grouped_queries(module, query)
+        for head in range(queries.shape[0]):
+            logits = (queries[head] @ restricted[head].T) * module.scaling  # (group, L, S)
+            weights = causal_softmax(logits, query_pos.to(logits.device), key_pos.to(logits.device))
+            chunk_weights = weights[..., self.prefix : self.prefix + chunk_len]
+            self.out[row, head, self.start : self.end] = chunk_weights.amax(dim=(0, 1)).cpu()
+
+
+def run_without_caching(document: PrefilledDocument, input_ids: list[int], observer) -> None:
+    """Run extra tokens on top of the full cache, then restore the cache exactly as it was."""
+    cache = document.cache
+    saved = [(layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in cache.layers]
+    model = document.model
+    try:
+        with torch.inference_mode():
+            model.model(
+                torch.tensor([input_ids], device=model.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                kvzip_observer=observer,
+            )
+    finally:
+        for layer, (keys, values, cumulative) in zip(cache.layers, saved):
+            layer.keys, layer.values = keys, values
+            if cumulative is not None:
+                layer.cumulative_length = cumulative

@@ -1,0 +1,1 @@
+"""Persistence: compressed caches as safetensors blobs, indexed in SQL (SQLite by default)."""
