@@ -28,3 +28,12 @@ __all__ = [
     "ModelNotFoundError", "PackedCache", "PackedLayer", "answer", "compress", "load_model", "stream_answer",
     "wrap_model",
 ]
+
+
+def __getattr__(name: str):
+    """``from kvzip_rag import KVzipIndex`` without importing LlamaIndex for users who never touch it."""
+    if name == "KVzipIndex":
+        from .integrations.llamaindex import KVzipIndex
+
+        return KVzipIndex
+    raise AttributeError(f"module 'kvzip_rag' has no attribute {name!r}")
