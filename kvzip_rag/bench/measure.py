@@ -1,0 +1,183 @@
+"""Timed primitives the benchmark is built from: dense (plain transformers) prefill and greedy decoding,
+answers and teacher-forced likelihoods from a packed cache, per-token decode latency, memory."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import kvzip_rag
+from kvzip_rag.cache import PackedCache
+from kvzip_rag.models import KVzipModel
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: int
+    ttft_s: float  # prompt processing (and, for dense, the document prefill) up to the first token
+    decode_s: float  # after the first token
+    nll: float | None = None
+
+    @property
+    def s_per_token(self) -> float | None:
+        return self.decode_s / (self.tokens - 1) if self.tokens > 1 else None
+
+
+def question_ids(model: KVzipModel, question: str) -> list[int]:
+    return model.encode(model.template.question_text(question, first_turn=True))
+
+
+def document_ids(model: KVzipModel, text: str) -> list[int]:
+    return model.encode(model.template.prefix) + model.encode(text)
+
+
+def gold_ids(model: KVzipModel, gold: str) -> list[int]:
+    return model.encode(gold.strip())
+
+
+# ---------------------------------------------------------------- dense: plain transformers with DynamicCache
+
+def dense_prefill(model: KVzipModel, ids: list[int], chunk: int = 2048) -> tuple[DynamicCache, torch.Tensor]:
+    """Chunked prefill into transformers' DynamicCache (the same chunking compress uses); last-position logits."""
+    cache = DynamicCache(config=model.model.config)
+    logits = None
+    with torch.inference_mode():
+        for start in range(0, len(ids), chunk):
+            piece = torch.tensor([ids[start : start + chunk]], device=model.device)
+            logits = model.model(piece, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    return cache, logits
+
+
+def _dense_step(model: KVzipModel, cache: DynamicCache, ids: list[int], keep_all: bool = False) -> torch.Tensor:
+    out = model.model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
+                      logits_to_keep=0 if keep_all else 1)
+    return out.logits[0] if keep_all else out.logits[0, -1]
+
+
+def dense_answer(model: KVzipModel, ids: list[int], max_new_tokens: int, gold: str | None = None) -> Generation:
+    """Greedy answer from scratch: prefill the whole prompt (document + question), then decode (what
+    ``generate`` does greedily, timed per phase). With ``gold``, also the teacher-forced NLL of the gold
+    answer, from the same prefill."""
+    stop = model.stop_token_ids
+    start = time.perf_counter()
+    cache, logits = dense_prefill(model, ids)
+    prompt_logits = logits
+    generated: list[int] = []
+    first = None
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            token = int(logits.argmax())
+            if first is None:
+                first = time.perf_counter()
+            if token in stop:
+                break
+            generated.append(token)
+            if step + 1 < max_new_tokens:
+                logits = _dense_step(model, cache, [token])
+    end = time.perf_counter()
+    result = Generation(model.tokenizer.decode(generated, skip_special_tokens=True).strip(), len(generated),
+                        (first or end) - start, end - (first or end))
+    target = gold_ids(model, gold) if gold is not None else []
+    if target:
+        cache.crop(len(ids))
+        with torch.inference_mode():
+            rest = _dense_step(model, cache, target[:-1], keep_all=True) if len(target) > 1 else None
+        all_logits = prompt_logits[None] if rest is None else torch.cat([prompt_logits[None], rest])
+        result.nll = float(F.cross_entropy(all_logits.float(), torch.tensor(target, device=all_logits.device)))
+    return result
+
+
+def dense_decode_latency(model: KVzipModel, cache: DynamicCache, prompt: list[int], steps: int) -> float:
+    """Median seconds per decoded token on a DynamicCache holding the document; the cache is cropped back."""
+    base = cache.get_seq_length()
+    times = []
+    with torch.inference_mode():
+        logits = _dense_step(model, cache, prompt)
+        for _ in range(steps):
+            token = int(logits.argmax())
+            t0 = time.perf_counter()
+            logits = _dense_step(model, cache, [token])
+            times.append(time.perf_counter() - t0)
+    cache.crop(base)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- packed: the kvzip-rag engine
+
+def _packed_forward(model: KVzipModel, cache: PackedCache, ids: list[int], keep_all: bool = False) -> torch.Tensor:
+    out = model.model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
+                      logits_to_keep=0 if keep_all else 1, kvzip_cache=cache)
+    return out.logits[0] if keep_all else out.logits[0, -1]
+
+
+def packed_nll(model: KVzipModel, cache: PackedCache, question: str, gold: str) -> float | None:
+    """Teacher-forced mean -log p of the gold answer's tokens after the question, read through the packed cache."""
+    cache.reset()
+    prompt, target = question_ids(model, question), gold_ids(model, gold)
+    if not target:
+        return None
+    try:
+        with torch.inference_mode():
+            logits = _packed_forward(model, cache, prompt + target, keep_all=True)
+        logits = logits[len(prompt) - 1 : len(prompt) + len(target) - 1].float()
+        return float(F.cross_entropy(logits, torch.tensor(target, device=logits.device)))
+    finally:
+        cache.reset()
+
+
+def packed_answer(model: KVzipModel, cache: PackedCache, question: str, max_new_tokens: int,
+                  gold: str | None = None) -> Generation:
+    answer = kvzip_rag.answer(model, cache, question, max_new_tokens=max_new_tokens)
+    result = Generation(answer.text, len(answer.token_ids), answer.time_to_first_token_s, answer.decode_s)
+    if gold is not None:
+        result.nll = packed_nll(model, cache, question, gold)
+    return result
+
+
+def packed_decode_latency(model: KVzipModel, cache: PackedCache, prompt: list[int], steps: int) -> float:
+    """Median seconds per decoded token on the packed cache (forced length, end-of-turn ignored); reset after."""
+    cache.reset()
+    times = []
+    try:
+        with torch.inference_mode():
+            logits = _packed_forward(model, cache, prompt)
+            for _ in range(steps):
+                token = int(logits.argmax())
+                t0 = time.perf_counter()
+                logits = _packed_forward(model, cache, [token])
+                times.append(time.perf_counter() - t0)
+    finally:
+        cache.reset()
+    return statistics.median(times)
+
+
+def first_token(model: KVzipModel, cache: PackedCache, question: str) -> int:
+    """Process the question on the cache and pick the first answer token (greedy); reset after."""
+    cache.reset()
+    try:
+        with torch.inference_mode():
+            return int(_packed_forward(model, cache, question_ids(model, question)).argmax())
+    finally:
+        cache.reset()
+
+
+# ---------------------------------------------------------------- memory
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss / 2**20

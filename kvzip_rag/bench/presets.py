@@ -1,0 +1,71 @@
+"""Benchmark sizes. ``quick`` is a smoke run of a few minutes; ``full`` is the report (about 25 minutes on an idle
+2-core CPU with SmolLM2-135M; see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7)
+LEVELS = ("pair", "uniform", "head")
+BASELINES = ("snapkv", "h2o", "keynorm", "random")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # SQuAD: documents of consecutive paragraphs, all their questions answered from one compressed cache
+    squad_docs: int
+    squad_min_tokens: int
+    squad_max_tokens: int
+    squad_questions: int
+    ratios: tuple[float, ...]  # every KVzip level and every baseline at each of these (SQuAD)
+    # Needle in a haystack (Paul Graham essays); lengths above the model's context limit are clamped to it
+    needle_lengths: tuple[int, ...]
+    needle_depths: tuple[float, ...]
+    needle_ratios: tuple[float, ...]  # every level and baseline
+    needle_extra_ratios: tuple[float, ...]  # KVzip pair level only (cheap: same scores, one more answer)
+    # NarrativeQA summaries
+    nqa_docs: int
+    nqa_questions: int
+    nqa_ratios: tuple[float, ...]
+    nqa_max_tokens: int = 1500
+    # cost measurements
+    ttft_length: int = 4096  # needle length at which the stored-cache time to first token is measured
+    decode_steps: int = 16  # forced decode steps per per-token latency measurement
+    ttft_repeats: int = 3
+    # methods
+    levels: tuple[str, ...] = LEVELS
+    baselines: tuple[str, ...] = BASELINES
+    baseline_level: str = "uniform"  # per-head top-k, as SnapKV/H2O/key-norm are defined
+    max_new_tokens: int = 24
+    needle_max_new_tokens: int = 32
+    chunk_tokens: int = 128  # chunk retrieval: chunk size in LLM tokens, overlap, chunks retrieved
+    chunk_overlap: int = 16
+    top_k: int = 3
+
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        name="quick",
+        squad_docs=2, squad_min_tokens=400, squad_max_tokens=800, squad_questions=5,
+        ratios=(0.3,),
+        needle_lengths=(1024, 2048), needle_depths=(0.5,), needle_ratios=(0.3,), needle_extra_ratios=(),
+        nqa_docs=1, nqa_questions=3, nqa_ratios=(0.3,), nqa_max_tokens=900,
+        ttft_length=2048, decode_steps=8, ttft_repeats=2,
+    ),
+    "full": Preset(
+        name="full",
+        squad_docs=3, squad_min_tokens=1200, squad_max_tokens=2400, squad_questions=6,
+        ratios=RATIOS,
+        needle_lengths=(1024, 2048, 4096, 8192), needle_depths=(0.25, 0.75), needle_ratios=(0.3,),
+        needle_extra_ratios=(0.1, 0.2, 0.5),
+        nqa_docs=3, nqa_questions=4, nqa_ratios=(0.3,),
+        ttft_length=4096,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides) if overrides else PRESETS[name]

@@ -1,0 +1,219 @@
+"""SQL schema (SQLAlchemy 2.0 ORM) and full-text search: documents, their segments, and compressed caches.
+
+SQLite (the default) gets WAL, a busy timeout, foreign keys and ``BEGIN IMMEDIATE`` for write transactions, and an
+FTS5 table over segment text (BM25 ranking) kept in sync by triggers, i.e. inside the very transaction that writes
+the segments. PostgreSQL gets a GIN expression index and ``ts_rank``. Any other database falls back to counting
+matching terms with ``LIKE``. :func:`search_segments` hides the three behind one call.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Document(Base):
+    __tablename__ = "documents"
+
+    id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(sa.String(64), index=True)
+    text: Mapped[str] = mapped_column(sa.Text)
+    meta: Mapped[dict] = mapped_column("metadata", sa.JSON, default=dict)
+    created: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+    segments: Mapped[list["Segment"]] = relationship(
+        back_populates="document", cascade="all, delete-orphan", passive_deletes=True, order_by="Segment.index"
+    )
+
+
+class Segment(Base):
+    __tablename__ = "segments"
+    __table_args__ = (sa.UniqueConstraint("document_id", "index", name="uq_segment_index"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    document_id: Mapped[str] = mapped_column(sa.ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(sa.Integer)
+    text: Mapped[str] = mapped_column(sa.Text)
+    token_count: Mapped[int] = mapped_column(sa.Integer)
+    char_start: Mapped[int] = mapped_column(sa.Integer, default=0)
+    char_end: Mapped[int] = mapped_column(sa.Integer, default=0)
+
+    document: Mapped[Document] = relationship(back_populates="segments")
+    caches: Mapped[list["Cache"]] = relationship(
+        back_populates="segment", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Cache(Base):
+    __tablename__ = "caches"
+    __table_args__ = (
+        sa.UniqueConstraint(
+            "segment_id", "model_fingerprint", "template_digest", "ratio", "level", "scorer", name="uq_cache_kind"
+        ),
+        sa.Index("ix_cache_model", "model_fingerprint", "template_digest"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    segment_id: Mapped[int] = mapped_column(sa.ForeignKey("segments.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(sa.String(255))
+    model_fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    template_digest: Mapped[str] = mapped_column(sa.String(64))
+    ratio: Mapped[float] = mapped_column(sa.Float)
+    level: Mapped[str] = mapped_column(sa.String(16))
+    scorer: Mapped[str] = mapped_column(sa.String(64))
+    blob_path: Mapped[str] = mapped_column(sa.String(255), unique=True)  # relative to the blob dir
+    nbytes: Mapped[int] = mapped_column(sa.BigInteger)  # file size
+    kv_nbytes: Mapped[int] = mapped_column(sa.BigInteger)  # keys + values inside
+    full_nbytes: Mapped[int] = mapped_column(sa.BigInteger)  # the uncompressed cache of the same tokens
+    prefix_length: Mapped[int] = mapped_column(sa.Integer)
+    context_length: Mapped[int] = mapped_column(sa.Integer)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    created: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+    segment: Mapped[Segment] = relationship(back_populates="caches")
+
+
+# ---------------------------------------------------------------------------------------------------------- engine
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    """An engine with the pragmas and transaction modes the store relies on."""
+    engine = sa.create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit BEGIN is DEFERRED and too late).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        if engine.url.database not in (None, "", ":memory:"):
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        # Writers take the write lock up front: a deferred transaction that reads then writes can fail with
+        # SQLITE_BUSY immediately (no waiting) when another process committed in between.
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def writer(engine: Engine) -> Engine:
+    """The engine to open write sessions on (``BEGIN IMMEDIATE`` on SQLite)."""
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(sqlite_begin="IMMEDIATE")
+    return engine
+
+
+_SQLITE_FTS = [
+    "CREATE VIRTUAL TABLE IF NOT EXISTS segments_fts USING fts5("
+    "text, content='segments', content_rowid='id', tokenize='porter unicode61')",
+    "CREATE TRIGGER IF NOT EXISTS segments_fts_ai AFTER INSERT ON segments BEGIN "
+    "INSERT INTO segments_fts(rowid, text) VALUES (new.id, new.text); END",
+    "CREATE TRIGGER IF NOT EXISTS segments_fts_ad AFTER DELETE ON segments BEGIN "
+    "INSERT INTO segments_fts(segments_fts, rowid, text) VALUES ('delete', old.id, old.text); END",
+    "CREATE TRIGGER IF NOT EXISTS segments_fts_au AFTER UPDATE OF text ON segments BEGIN "
+    "INSERT INTO segments_fts(segments_fts, rowid, text) VALUES ('delete', old.id, old.text); "
+    "INSERT INTO segments_fts(rowid, text) VALUES (new.id, new.text); END",
+]
+_POSTGRES_FTS = [
+    "CREATE INDEX IF NOT EXISTS ix_segments_tsv ON segments USING gin (to_tsvector('english', text))",
+]
+
+
+def create_schema(engine: Engine) -> None:
+    """Create tables and the full-text index if missing (idempotent, safe to race from several processes)."""
+    with writer(engine).begin() as connection:
+        Base.metadata.create_all(connection)
+        statements = {"sqlite": _SQLITE_FTS, "postgresql": _POSTGRES_FTS}.get(engine.dialect.name, [])
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+
+
+# ---------------------------------------------------------------------------------------------------------- search
+
+_STOPWORDS = frozenset(
+    """a an and are as at be been but by can could did do does for from had has have how i if in into is it its
+    of on or that the their there these they this to was were what when where which who whom whose why will with
+    would you your""".split()
+)
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def query_terms(query: str, max_terms: int = 32) -> list[str]:
+    """Lower-cased words of a free-text question, stop words dropped (all kept if nothing else is left)."""
+    words = [w.lower() for w in _WORD.findall(query or "")]
+    kept = [w for w in words if w not in _STOPWORDS] or words
+    unique = list(dict.fromkeys(kept))
+    return unique[:max_terms]
+
+
+def search_segments(
+    session: Session, query: str, limit: int, where: sa.ColumnElement[bool] | None = None, method: str | None = None
+) -> list[tuple[int, float]]:
+    """``(segment_id, score)`` best first (higher score = better) for a free-text query.
+
+    ``where`` is an extra condition on ``Segment`` (and on ``Document``, which is joined), e.g. document ids or
+    metadata. The query is never interpreted as search syntax: it is reduced to words, each passed as a bound
+    parameter (quoted as an FTS5 string on SQLite), so quotes, operators or SQL in a question are harmless.
+    ``method``: ``"fts5"`` (SQLite), ``"postgres"`` or ``"terms"`` (any database); default by dialect.
+    """
+    terms = query_terms(query)
+    if not terms or limit <= 0:
+        return []
+    dialect = session.get_bind().dialect.name
+    method = method or {"sqlite": "fts5", "postgresql": "postgres"}.get(dialect, "terms")
+    if method == "fts5":
+        fts = sa.table("segments_fts", sa.column("rowid"))
+        fts_ref = sa.literal_column("segments_fts")
+        rank = sa.func.bm25(fts_ref)
+        match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+        stmt = (
+            sa.select(Segment.id, (-rank).label("score"))
+            .select_from(fts)
+            .join(Segment, Segment.id == fts.c.rowid)
+            .where(fts_ref.op("MATCH")(sa.bindparam("match", match)))
+            .order_by(rank, Segment.id)
+        )
+    elif method == "postgres":
+        vector = sa.func.to_tsvector(sa.text("'english'"), Segment.text)  # matches the GIN expression index
+        tsq = sa.func.websearch_to_tsquery(sa.text("'english'"), sa.bindparam("tsq", " or ".join(terms)))
+        score = sa.func.ts_rank(vector, tsq)
+        stmt = (
+            sa.select(Segment.id, score.label("score"))
+            .where(vector.op("@@")(tsq))
+            .order_by(score.desc(), Segment.id)
+        )
+    else:  # portable fallback: number of distinct query terms present
+        hits = []
+        for term in terms:
+            pattern = "%" + term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            hits.append(sa.case((sa.func.lower(Segment.text).like(pattern, escape="\\"), 1), else_=0))
+        score = sum(hits[1:], hits[0])
+        stmt = sa.select(Segment.id, score.label("score")).where(score > 0).order_by(score.desc(), Segment.id)
+    if where is not None:
+        stmt = stmt.join(Document, Document.id == Segment.document_id).where(where)
+    rows = session.execute(stmt.limit(int(limit))).all()
+    return [(int(row[0]), float(row[1])) for row in rows]
