@@ -5,7 +5,10 @@ One registered function, ``"kvzip"``, serves every forward pass of a loaded mode
 - with ``kvzip_cache=<PackedCache>`` in the forward kwargs it attends over the packed layout, where every kv head
   is its own variable-length sequence (pure PyTorch on CPU, ``flash_attn_varlen_func`` on CUDA when installed);
 - with ``kvzip_observer=<callable>`` it first hands the post-RoPE queries and keys to the observer (scorers);
-- otherwise it is plain SDPA, so prefill and full-cache decoding are transformers' own code.
+- with ``kvzip_prefill=True`` (our own batch-1, unpadded prefill and scoring passes) on CPU it splits attention into
+  "all past keys" and "causal among the new tokens" and merges the two by log-sum-exp, which keeps PyTorch's
+  fused flash kernel instead of the masked math path that materialises the (queries x keys) matrix;
+- otherwise it is plain SDPA, so full-cache decoding and any user call are transformers' own code.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def kvzip_attention_forward(
     dropout: float = 0.0,
     kvzip_cache=None,
     kvzip_observer=None,
+    kvzip_prefill: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -53,7 +57,37 @@ def kvzip_attention_forward(
         return packed_attention(query, layer, scaling), None
     if kvzip_observer is not None:
         kvzip_observer(module, query, key)
+    if kvzip_prefill and query.device.type == "cpu" and not getattr(module, "sliding_window", None):
+        return causal_attention_with_past(query, key, value, scaling).transpose(1, 2), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def flash_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float):
+    """PyTorch's fused CPU flash kernel: (output (B, H, L, d), log-sum-exp (B, H, L)); heads must match."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, scale=scaling)
+
+
+def expand_kv(states: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """(B, Hkv, S, d) -> (B, H, S, d): each kv head serves its group of query heads (as transformers' repeat_kv)."""
+    group = num_q_heads // states.shape[1]
+    return states if group == 1 else states.repeat_interleave(group, dim=1)
+
+
+def merge_partial(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine attention computed over disjoint key sets, given each part's output and log-sum-exp."""
+    lse = torch.stack([part_lse for _, part_lse in parts]).logsumexp(0)
+    return sum(out * torch.exp(part_lse - lse).unsqueeze(-1) for out, part_lse in parts)
+
+
+def causal_attention_with_past(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+    """Attention of L new queries over [past keys (all visible), new keys (causal)]; returns (B, H, L, d)."""
+    heads, length = query.shape[1], query.shape[2]
+    past = key.shape[2] - length
+    key, value = expand_kv(key, heads), expand_kv(value, heads)
+    new = flash_cpu(query, key[:, :, past:], value[:, :, past:], True, scaling)[:2]
+    if past == 0:
+        return new[0]
+    return merge_partial([new, flash_cpu(query, key[:, :, :past], value[:, :, :past], False, scaling)[:2]])
 
 
 @lru_cache(maxsize=1)

@@ -69,7 +69,10 @@ def prefill(
     with torch.inference_mode():
         for done, start in enumerate(chunks):
             chunk = torch.tensor([input_ids[start : start + chunk_size]], device=model.device)
-            model.model(chunk, past_key_values=cache, use_cache=True, logits_to_keep=1, kvzip_observer=observer)
+            model.model(
+                chunk, past_key_values=cache, use_cache=True, logits_to_keep=1, kvzip_observer=observer,
+                kvzip_prefill=True,
+            )
             if progress:
                 progress("prefill", done + 1, len(chunks))
     return cache

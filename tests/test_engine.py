@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import kvzip_rag
-from kvzip_rag.compress import compressed_layer_indices, prefill, prefill_document
+from kvzip_rag.compress import compressed_layer_indices, prefill_document
 from kvzip_rag.scorers import KVzipScorer
 
 from conftest import build_tiny
@@ -24,10 +24,15 @@ ATOL = 1e-4  # float32 on CPU: packed and full attention differ only by summatio
 
 
 def full_cache_logits(model: kvzip_rag.KVzipModel, history: list[int], new_ids: list[int]) -> torch.Tensor:
-    """Reference: prefill everything into transformers' DynamicCache and run the new tokens (SDPA path)."""
-    cache = prefill(model, history)
-    with torch.inference_mode():
-        out = model.model(torch.tensor([new_ids]), past_key_values=cache, use_cache=True)
+    """Reference: transformers' own SDPA attention over a DynamicCache of the whole history."""
+    model.model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            cache = DynamicCache(config=model.model.config)
+            model.model(torch.tensor([history]), past_key_values=cache, use_cache=True)
+            out = model.model(torch.tensor([new_ids]), past_key_values=cache, use_cache=True)
+    finally:
+        model.model.set_attn_implementation(kvzip_rag.attention.ATTENTION_NAME)
     return out.logits[0]
 
 
@@ -41,7 +46,7 @@ def packed_logits(model: kvzip_rag.KVzipModel, cache: kvzip_rag.PackedCache, new
 def test_ratio_one_reproduces_full_cache_logits(family, smol_tokenizer):
     model = build_tiny(family, smol_tokenizer)
     text = " ".join([TEXT] * 2)  # longer than Gemma's tiny sliding window (24), so window handling is exercised
-    cache = kvzip_rag.compress(model, text, ratio=1.0)
+    cache = kvzip_rag.compress(model, text, ratio=1.0, prefill_chunk=48)  # chunked prefill: attends to its past
     document = list(cache.info.input_ids)
     question = model.encode(model.template.question_text("Who built the harbour?"))
     # Longer than Gemma's tiny window, so the window also applies inside the appended tail.

@@ -103,3 +103,13 @@ def test_alias_table_pins_every_wheel():
     for alias in ALIASES.values():
         for wheel in alias.wheels:
             assert "==" in wheel.requirement and len(wheel.sha256) == 64
+
+
+@pytest.mark.slow
+def test_local_gguf_file_converts_to_the_same_model(default_model, tmp_path):
+    """A user's own .gguf goes through the same dequantize-and-save path as the aliases."""
+    from kvzip_rag.models import _assemble_gguf
+
+    gguf = _assemble_gguf(ALIASES["smollm2-135m-instruct"], tmp_path)
+    loaded = kvzip_rag.load_model(str(gguf))
+    assert loaded.fingerprint == default_model.fingerprint

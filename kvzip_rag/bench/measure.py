@@ -55,6 +55,13 @@ def dense_prefill(model: KVzipModel, ids: list[int], chunk: int = 2048) -> tuple
     return cache, logits
 
 
+def _crop_to(cache: DynamicCache, length: int) -> None:
+    """Drop everything after the first ``length`` tokens (transformers 5 crops by a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
 def _dense_step(model: KVzipModel, cache: DynamicCache, ids: list[int], keep_all: bool = False) -> torch.Tensor:
     out = model.model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
                       logits_to_keep=0 if keep_all else 1)
@@ -86,7 +93,7 @@ def dense_answer(model: KVzipModel, ids: list[int], max_new_tokens: int, gold: s
                         (first or end) - start, end - (first or end))
     target = gold_ids(model, gold) if gold is not None else []
     if target:
-        cache.crop(len(ids))
+        _crop_to(cache, len(ids))
         with torch.inference_mode():
             rest = _dense_step(model, cache, target[:-1], keep_all=True) if len(target) > 1 else None
         all_logits = prompt_logits[None] if rest is None else torch.cat([prompt_logits[None], rest])
@@ -105,7 +112,7 @@ def dense_decode_latency(model: KVzipModel, cache: DynamicCache, prompt: list[in
             t0 = time.perf_counter()
             logits = _dense_step(model, cache, [token])
             times.append(time.perf_counter() - t0)
-    cache.crop(base)
+    _crop_to(cache, base)
     return statistics.median(times)
 
 

@@ -308,7 +308,7 @@ class Bench:
                                             "s_per_token": seconds})
 
                 def on_variant(variant: Variant, cache: PackedCache, prep: PreparedDocument, first=first,
-                               length=length, prompt=prompt) -> None:
+                               length=length, prompt=prompt, doc_id=doc.id) -> None:
                     if not first:
                         return
                     if variant.name == "full" or variant.name == f"kvzip-pair@{_main_ratio(p):g}":
@@ -317,19 +317,19 @@ class Bench:
                         self.decode.append({"context_tokens": prep.context_length, "method": label,
                                             "s_per_token": seconds})
                         if length == ttft_length:
-                            self.measure_ttft(variant, cache, prep)
+                            self.measure_ttft(variant, cache, prep, doc_id)
 
                 self.run_document("needle", doc, grid, p.needle_max_new_tokens, on_variant=on_variant,
                                   on_prepared=on_prepared)
         self.mark_memory("needle")
 
-    def measure_ttft(self, variant: Variant, cache: PackedCache, prep: PreparedDocument) -> None:
+    def measure_ttft(self, variant: Variant, cache: PackedCache, prep: PreparedDocument, doc_id: str) -> None:
         """Load the stored blob and produce the first token, vs the same from memory (re-prefill is measured by
         the ``reprefill`` method on the same document and question)."""
         p, model = self.preset, self.model
         question = bench_data.NEEDLE_QUESTION
         store = _store()
-        row = {"context_tokens": prep.context_length, "method": variant.name, "ratio": variant.ratio}
+        row = {"doc": doc_id, "context_tokens": prep.context_length, "method": variant.name, "ratio": variant.ratio}
         memory_times = []
         for _ in range(p.ttft_repeats):
             start = time.perf_counter()

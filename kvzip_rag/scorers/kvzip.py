@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import PrefilledDocument, Scorer, causal_softmax, grouped_queries
+from ..attention import expand_kv, flash_cpu
+from .base import PrefilledDocument, Scorer, grouped_queries
 
 FIRST_REPEAT = "\n\nRepeat the previous context exactly."
 NEXT_REPEAT = "\n\nRepeat the part of the previous context exactly, starting with "
@@ -61,19 +62,34 @@ class _RepeatObserver:
         row = self.rows.get(module.layer_idx)
         if row is None:
             return
-        keys = key[0]
-        restricted = torch.cat([keys[:, : self.prefix], keys[:, self.chunk], keys[:, self.base :]], dim=1)
-        repeat_len = query.shape[2]
-        chunk_len = self.end - self.start
-        # Positions inside the restricted set: prefix and chunk precede every query; repeat keys are causal.
-        key_pos = torch.cat([torch.full((self.prefix + chunk_len,), -1), torch.arange(repeat_len)])
-        query_pos = torch.arange(repeat_len)
-        queries = grouped_queries(module, query)
+        heads = query.shape[1]
+        chunk_keys = key[:, :, self.chunk]
+        seen = torch.cat([key[:, :, : self.prefix], chunk_keys], dim=2)  # visible to every repeat query
+        repeat = key[:, :, self.base :]  # causal among the repeat queries
+        # Normaliser of the restricted softmax, from two fused kernels (no attention matrix is materialised).
+        lse = torch.logaddexp(
+            flash_lse(query, expand_kv(seen, heads), False, module.scaling),
+            flash_lse(query, expand_kv(repeat, heads), True, module.scaling),
+        )
+        queries = grouped_queries(module, query)  # (kv_heads, group, L, d)
+        lse = lse[0].reshape(queries.shape[:3])
         for head in range(queries.shape[0]):
-            logits = (queries[head] @ restricted[head].T) * module.scaling  # (group, L, S)
-            weights = causal_softmax(logits, query_pos.to(logits.device), key_pos.to(logits.device))
-            chunk_weights = weights[..., self.prefix : self.prefix + chunk_len]
-            self.out[row, head, self.start : self.end] = chunk_weights.amax(dim=(0, 1)).cpu()
+            # scaling * q.k - lse = log of the restricted attention weight, in one GEMM
+            log_weights = torch.baddbmm(
+                -lse[head].unsqueeze(-1), queries[head], chunk_keys[0, head].T.expand(queries.shape[1], -1, -1),
+                alpha=module.scaling,
+            )
+            self.out[row, head, self.start : self.end] = log_weights.amax(dim=(0, 1)).float().exp().cpu()
+
+
+def flash_lse(query: torch.Tensor, key: torch.Tensor, causal: bool, scaling: float) -> torch.Tensor:
+    """Log-sum-exp of the attention logits of each query over ``key`` (causal: query i sees keys 0..i)."""
+    if query.device.type == "cpu":
+        return flash_cpu(query, key, key, causal, scaling)[1]
+    logits = (query @ key.transpose(-1, -2)).float() * scaling
+    if causal:
+        logits = logits.masked_fill(torch.ones_like(logits, dtype=torch.bool).triu(1), float("-inf"))
+    return logits.logsumexp(-1)
 
 
 def run_without_caching(document: PrefilledDocument, input_ids: list[int], observer) -> None:
@@ -89,6 +105,7 @@ def run_without_caching(document: PrefilledDocument, input_ids: list[int], obser
                 use_cache=True,
                 logits_to_keep=1,
                 kvzip_observer=observer,
+                kvzip_prefill=True,
             )
     finally:
         for layer, (keys, values, cumulative) in zip(cache.layers, saved):

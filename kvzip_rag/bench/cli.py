@@ -1,0 +1,102 @@
+"""``kvzip-rag bench``: run the benchmark and write results.json, results.md and PNG plots.
+
+The main CLI registers the command with ``app.command("bench")(bench)``; ``run_bench`` is the plain function.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .presets import get_preset
+
+TASKS = ("squad", "needle", "narrativeqa")
+
+
+def run_bench(
+    preset: str = "quick",
+    data_dir: Path | None = None,
+    out_dir: Path = Path("bench-out"),
+    model: str | None = None,
+    tasks: tuple[str, ...] | list[str] = TASKS,
+    embedding: str = "minilm",
+    threads: int | None = None,
+    loaded_model=None,
+    preset_overrides: dict | None = None,
+    command: str | None = None,
+    log=None,
+) -> dict:
+    """Run the benchmark; returns the results dict and writes ``out_dir/{results.json,results.md,*.png}``.
+
+    ``preset``: ``quick`` or ``full``; ``data_dir`` defaults to ``$KVZIP_RAG_DATA`` or ``../shared/data``;
+    ``model``: an alias/path for ``kvzip_rag.load_model`` (default model when None); ``loaded_model``: an already
+    wrapped ``KVzipModel`` (tests); ``embedding``: ``minilm`` (chunk retrieval with all-MiniLM-L6-v2, needs
+    ``kvzip-rag[bench]``) or ``hashing`` (dependency-free, for tests); ``threads``: torch intra-op threads.
+    """
+    import torch
+
+    import kvzip_rag
+
+    from . import report
+    from .data import default_data_dir
+    from .runner import Bench, write_json
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    if threads:
+        torch.set_num_threads(threads)
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise typer.BadParameter(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
+    settings = get_preset(preset, **(preset_overrides or {}))
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"benchmark data folder {data_dir} not found (set --data or KVZIP_RAG_DATA)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    kv_model = loaded_model or kvzip_rag.load_model(model)
+    log(f"model {kv_model.name} loaded in {time.perf_counter() - start:.1f}s; preset {settings.name}; "
+        f"data {data_dir}; output {out_dir}")
+    bench = Bench(kv_model, settings, data_dir, embedding=embedding, log=log)
+    results = bench.run(tuple(tasks))
+    if command is None and sys.argv[1:2] == ["bench"]:
+        command = "kvzip-rag bench " + " ".join(sys.argv[2:])
+    write_json(results, out_dir / "results.json")
+    (out_dir / "results.md").write_text(report.markdown(results, command))
+    report.plots(results, out_dir)
+    log(f"done in {results['meta']['duration_s'] / 60:.1f} min: {out_dir / 'results.md'}")
+    return results
+
+
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="Smoke-test sizes: a few minutes on a small CPU.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Report sizes: about 25 minutes on an idle 2-core CPU.")] = False,
+    data: Annotated[Path | None, typer.Option("--data", help="Data folder (default $KVZIP_RAG_DATA or "
+                                                             "../shared/data).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for results.json, results.md and plots.")]
+    = Path("bench-out"),
+    model: Annotated[str | None, typer.Option("--model", help="Model alias, folder, .gguf or hub id.")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="Run only this task (repeatable): squad, "
+                                                                  "needle, narrativeqa.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
+) -> None:
+    """Benchmark KVzip against the full cache, other scorers, re-prefilling and chunk retrieval."""
+    if quick and full:
+        raise typer.BadParameter("choose one of --quick and --full")
+    try:
+        run_bench(preset="full" if full else "quick", data_dir=data, out_dir=out, model=model,
+                  tasks=tuple(task) if task else TASKS, threads=threads)
+    except FileNotFoundError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+
+
+app = typer.Typer(add_completion=False, help="kvzip-rag benchmark")
+app.command("bench")(bench)
+
+if __name__ == "__main__":
+    app()
