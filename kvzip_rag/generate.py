@@ -41,6 +41,7 @@ class Answer:
     time_to_first_token_s: float
     decode_s: float
     finish_reason: str  # "stop" (end of turn or stop string) or "length"
+    mean_logprob: float | None = None  # mean log-probability of the answer tokens: a confidence to rank answers
 
     @property
     def seconds_per_token(self) -> float:
@@ -101,6 +102,7 @@ class AnswerStream:
         stop_ids = self.model.stop_token_ids
         generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
         generated: list[int] = []
+        logprob_sum = 0.0
         emitted, finish = "", "length"
         start = time.perf_counter()
         first_token_at = None
@@ -115,6 +117,7 @@ class AnswerStream:
                         finish = "stop"
                         break
                     generated.append(token)
+                    logprob_sum += float(torch.log_softmax(logits.float(), dim=-1)[token])
                     text = tokenizer.decode(generated, skip_special_tokens=True)
                     cut = min((text.find(s) for s in options.stop if s and s in text), default=-1)
                     if cut >= 0:
@@ -138,6 +141,7 @@ class AnswerStream:
             time_to_first_token_s=first_token_at - start,
             decode_s=end - first_token_at,
             finish_reason=finish,
+            mean_logprob=logprob_sum / len(generated) if generated else None,
         )
         if self.on_done:
             self.on_done(self.result)
@@ -182,6 +186,20 @@ class Conversation:
             self.model, self.cache, ids, SamplingOptions(**options), keep=True,
             on_done=lambda result: self.turns.append((question, result.text)),
         )
+
+    def add_turn(self, question: str, answer_text: str) -> int:
+        """Put an earlier (question, answer) exchange into the cache without generating; returns its token count.
+
+        Lets integrations resume a conversation whose history they received (chat engines, LangChain messages).
+        """
+        ids = _prompt_ids(self.model, question, first_turn=not self.turns) + self.model.encode(answer_text)
+        with torch.inference_mode():
+            self.model.model(
+                torch.tensor([ids], device=self.model.device), past_key_values=self.cache, use_cache=True,
+                logits_to_keep=1, kvzip_cache=self.cache,
+            )
+        self.turns.append((question, answer_text))
+        return len(ids)
 
     def ask(self, question: str, **options) -> Answer:
         stream = self.stream(question, **options)

@@ -168,6 +168,14 @@ def test_independent_questions_do_not_leak(tiny_llama):
     assert cache.tail_length == 0
 
 
+def assert_first_token(model: kvzip_rag.KVzipModel, reply: kvzip_rag.Answer, expected_logits: torch.Tensor) -> None:
+    token = int(expected_logits.argmax())
+    if token in model.stop_token_ids:
+        assert reply.token_ids == [] and reply.finish_reason == "stop"
+    else:
+        assert reply.token_ids[0] == token
+
+
 def test_follow_up_sees_the_earlier_turn(tiny_llama):
     """A conversation's second turn is computed exactly as if the whole dialogue were one prompt."""
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=1.0)
@@ -180,7 +188,7 @@ def test_follow_up_sees_the_earlier_turn(tiny_llama):
     expected = full_cache_logits(tiny_llama, history, follow_ids)[-1]
     stream = chat.stream("And when?", max_new_tokens=1)
     list(stream)
-    assert stream.result.token_ids[0] == int(expected.argmax()) or stream.result.finish_reason == "stop"
+    assert_first_token(tiny_llama, stream.result, expected)
     # The tail now holds both turns; an independent answer would have been computed without them.
     assert cache.tail_length == len(history) - cache.info.base_length + len(follow_ids) + 1
     assert chat.turns[0][0] == "Who built the harbour?"
@@ -246,3 +254,19 @@ def test_baseline_scorers_run_on_the_same_packed_cache(tiny_llama):
         cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.3, scorer=name)
         assert cache.info.scorer == name
         assert cache.head_budgets().sum().item() == round(0.3 * cache.info.context_length * cache.head_budgets().numel())
+
+
+def test_add_turn_resumes_a_conversation_from_its_text(tiny_llama):
+    cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=1.0)
+    first = kvzip_rag.answer(tiny_llama, cache, "Who built the harbour?", max_new_tokens=6)
+    assert first.mean_logprob is not None and first.mean_logprob <= 0
+    resumed = kvzip_rag.Conversation(tiny_llama, cache)
+    resumed.add_turn("Who built the harbour?", first.text)
+    template = tiny_llama.template
+    history = list(cache.info.input_ids) + tiny_llama.encode(template.question_text("Who built the harbour?"))
+    history += tiny_llama.encode(first.text)
+    follow = tiny_llama.encode(template.question_text("And when?", first_turn=False))
+    expected = full_cache_logits(tiny_llama, history, follow)[-1]
+    reply = resumed.ask("And when?", max_new_tokens=1)
+    assert_first_token(tiny_llama, reply, expected)
+    assert len(resumed.turns) == 2
