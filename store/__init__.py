@@ -230,8 +230,8 @@ _SQLITE_SAFE_KEY = re.compile(r"[A-Za-z0-9_\- ]{1,200}")
 def _fresh(cache: PackedCache) -> PackedCache:
     """A new PackedCache sharing the (never mutated) packed tensors, with its own empty tails."""
     layers = [
-        PackedLayer(l.keys, l.values, l.offsets, l.positions, l.scores, l.base_length, l.compressed, l.sliding_window)
-        for l in cache.layers
+        PackedLayer(x.keys, x.values, x.offsets, x.positions, x.scores, x.base_length, x.compressed, x.sliding_window)
+        for x in cache.layers
     ]
     return PackedCache(layers, cache.info)
 
@@ -318,13 +318,15 @@ class CacheStore:
                 if database.get_backend_name() == "sqlite" and database.database not in (None, "", ":memory:"):
                     blob_dir = Path(database.database).expanduser().resolve().parent / BLOB_DIR_NAME
                 else:
-                    raise InvalidArgumentError(f"a store on {database.get_backend_name()} needs blob_dir= (a local folder)")
+                    raise InvalidArgumentError(
+                        f"a store on {database.get_backend_name()} needs blob_dir= (a local folder)"
+                    )
         self.blob_dir = Path(blob_dir).expanduser().resolve()
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.url = url
         self.engine = make_engine(url, **(engine_options or {}))
         self._writer = writer(self.engine)
-        create_schema(self.engine)
+        self.search_method = create_schema(self.engine)  # "fts5", "postgres" or "terms"
         self._lru = _LRU(cache_bytes)
         self.last_read_nbytes = 0  # bytes read from disk by the latest load_cache (0 when served from memory)
 
@@ -341,7 +343,8 @@ class CacheStore:
         self.close()
 
     def __repr__(self) -> str:
-        return f"CacheStore(url={self.engine.url.render_as_string(hide_password=True)!r}, blob_dir={str(self.blob_dir)!r})"
+        url = self.engine.url.render_as_string(hide_password=True)
+        return f"CacheStore(url={url!r}, blob_dir={str(self.blob_dir)!r})"
 
     def _read(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -464,16 +467,21 @@ class CacheStore:
         try:
             caches = []
             for index, piece in enumerate(pieces):
-                caches.append(self._compress_one(model, piece.text, kind, scorer, written))
+                caches.append(self._compress_one(model, piece.text, kind, scorer, written, progress))
                 if progress:
                     progress("compress", index + 1, len(pieces))
             self._touch(written)
             with self._write() as session, session.begin():
                 old = self._load_document(session, doc_id)
                 old_blobs = []
-                if old is not None:
-                    if old.content_hash == content_hash and not force:
-                        raise _Raced()
+                if old is not None:  # stored by another writer since we looked
+                    if not force:
+                        if old.content_hash == content_hash:
+                            raise _Raced()
+                        raise InvalidArgumentError(
+                            f"document {doc_id!r} already exists with different text; delete it first or pass "
+                            "force=True to replace it"
+                        )
                     old_blobs = [(c.id, c.blob_path) for s in old.segments for c in s.caches]
                     session.delete(old)
                     session.flush()
@@ -509,11 +517,13 @@ class CacheStore:
         for relative in relatives:
             os.utime(self._blob(relative), (now, now))
 
-    def _compress_one(self, model, text: str, kind: _Kind, scorer, written: list[str]) -> Cache:
+    def _compress_one(
+        self, model, text: str, kind: _Kind, scorer, written: list[str], progress: Progress | None = None
+    ) -> Cache:
         """Compress one segment and write its blob; returns the (unsaved) row."""
         from kvzip_rag.compress import compress
 
-        cache = compress(model, text, ratio=kind.ratio, level=kind.level, scorer=scorer)
+        cache = compress(model, text, ratio=kind.ratio, level=kind.level, scorer=scorer, progress=progress)
         name = new_blob_name()
         relative = f"{name[:2]}/{name}"
         path = self.blob_dir / relative
@@ -535,7 +545,8 @@ class CacheStore:
         """Add (or with ``force`` replace) the caches of ``kind`` for every segment of an existing document."""
         have = {c.segment_id: c for c in document.caches if _matches_record(kind, c)}
         todo = [s for s in document.segments if force or s.id not in have]
-        others = [c for c in document.caches if c.model_fingerprint == kind.fingerprint and not _matches_record(kind, c)]
+        others = [c for c in document.caches
+                  if c.model_fingerprint == kind.fingerprint and not _matches_record(kind, c)]
         if not todo and (metadata is None or metadata == document.metadata) and not (drop_others and others):
             return document  # the no-op
         written: list[str] = []
@@ -543,7 +554,7 @@ class CacheStore:
         try:
             rows = {}
             for done, segment in enumerate(todo):
-                rows[segment.id] = self._compress_one(model, segment.text, kind, scorer, written)
+                rows[segment.id] = self._compress_one(model, segment.text, kind, scorer, written, progress)
                 if progress:
                     progress("compress", done + 1, len(todo))
             self._touch(written)
@@ -645,7 +656,7 @@ class CacheStore:
             if condition is not None:
                 conditions.append(condition)
             where = sa.and_(*conditions) if conditions else None
-            ranked = search_segments(session, query, k, where)
+            ranked = search_segments(session, query, k, where, method=self.search_method)
             if not ranked:
                 return []
             rows = {
@@ -887,7 +898,7 @@ def _sql_json_equals(dialect: str, key: str, value):
             return kind == "null"
         if isinstance(value, bool):
             return sa.and_(kind == "boolean", element.as_string() == ("true" if value else "false"))
-        if isinstance(value, (int, float)):
-            return sa.and_(kind == "number", element.as_float() == float(value))
+        if isinstance(value, (int, float)):  # CASE: never cast a non-number (PostgreSQL would raise)
+            return sa.case((kind == "number", element.as_float()), else_=None) == float(value)
         return sa.and_(kind == "string", element.as_string() == value)
     return None

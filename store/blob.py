@@ -129,7 +129,9 @@ def serialize(cache: PackedCache) -> tuple[bytes, int]:
     checksums: dict[str, list] = {}
     dtypes = {layer.keys.dtype for layer in cache.layers}
     if len(dtypes) != 1:
-        raise InvalidArgumentError(f"all layers of a cache must share one dtype to be stored, got {sorted(map(str, dtypes))}")
+        raise InvalidArgumentError(
+            f"all layers of a cache must share one dtype to be stored, got {sorted(map(str, dtypes))}"
+        )
     kv_nbytes = 0
     for index, layer in enumerate(cache.layers):
         offsets = layer.offsets.to(torch.int64).cpu()
@@ -252,7 +254,9 @@ class _Reader:
             self.handle = safe_open(str(path), framework="pt")
             self.handle.__enter__()
         except SafetensorError as error:
-            raise CorruptBlobError(f"{self.where} is not a readable safetensors file (truncated or altered?): {error}")
+            raise CorruptBlobError(
+                f"{self.where} is not a readable safetensors file (truncated or altered?): {error}"
+            ) from None
         except OSError as error:
             raise CorruptBlobError(f"{self.where} cannot be read: {error}") from error
         stats.header_nbytes = 8 + header_len
@@ -272,9 +276,9 @@ class _Reader:
             handle = self.handle.get_slice(name)
             tensor = handle[start:stop] if start is not None else handle[:]
         except SafetensorError as error:
-            raise self.fail(f"tensor {name!r} unreadable ({error})")
+            raise self.fail(f"tensor {name!r} unreadable ({error})") from None
         except Exception as error:  # a header that lies about shapes can fail deep inside; never leak that
-            raise self.fail(f"tensor {name!r} unreadable ({type(error).__name__}: {error})")
+            raise self.fail(f"tensor {name!r} unreadable ({type(error).__name__}: {error})") from None
         self.stats.nbytes += tensor.nbytes
         self.stats.tensors += 1
         return tensor
@@ -289,7 +293,7 @@ def _parse_header(reader: _Reader) -> BlobHeader:
             sl = reader.handle.get_slice(name)
             table[name] = (sl.get_dtype(), list(sl.get_shape()))
     except SafetensorError as error:
-        raise reader.fail(f"unreadable header ({error})")
+        raise reader.fail(f"unreadable header ({error})") from None
     fmt = metadata.get("format")
     if fmt != FORMAT:
         if fmt and fmt.startswith("kvzip-rag/"):
@@ -329,7 +333,7 @@ def _parse_header(reader: _Reader) -> BlobHeader:
             metadata=dict(metadata),
         )
     except (KeyError, ValueError, TypeError) as error:
-        raise reader.fail(f"incomplete header ({type(error).__name__}: {error})")
+        raise reader.fail(f"incomplete header ({type(error).__name__}: {error})") from None
     expected = {"input_ids"} | {f"{p}.{i}" for i in range(num_layers) for p in ("k", "v", "pos", "score", "off")}
     if set(names) != expected or len(compressed) != num_layers or len(sliding) != num_layers:
         raise reader.fail("its tensors do not match its header")

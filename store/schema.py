@@ -143,13 +143,40 @@ _POSTGRES_FTS = [
 ]
 
 
-def create_schema(engine: Engine) -> None:
-    """Create tables and the full-text index if missing (idempotent, safe to race from several processes)."""
+def create_schema(engine: Engine) -> str:
+    """Create tables and the full-text index if missing (idempotent, safe to race from several processes).
+
+    Returns the search method this database supports: ``"fts5"``, ``"postgres"`` or ``"terms"`` (the fallback,
+    also used on a SQLite built without FTS5).
+    """
+    dialect = engine.dialect.name
     with writer(engine).begin() as connection:
         Base.metadata.create_all(connection)
-        statements = {"sqlite": _SQLITE_FTS, "postgresql": _POSTGRES_FTS}.get(engine.dialect.name, [])
-        for statement in statements:
-            connection.exec_driver_sql(statement)
+        if dialect == "postgresql":
+            for statement in _POSTGRES_FTS:
+                connection.exec_driver_sql(statement)
+            return "postgres"
+        if dialect != "sqlite":
+            return "terms"
+        exists = connection.exec_driver_sql(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'segments_fts'"
+        ).first()
+        if exists is None:
+            try:
+                connection.exec_driver_sql("SAVEPOINT fts")
+                for statement in _SQLITE_FTS:
+                    connection.exec_driver_sql(statement)
+                connection.exec_driver_sql("RELEASE fts")
+            except sa.exc.OperationalError as error:  # SQLite built without FTS5
+                connection.exec_driver_sql("ROLLBACK TO fts")
+                connection.exec_driver_sql("RELEASE fts")
+                if "fts5" not in str(error).lower():
+                    raise
+                return "terms"
+        else:
+            for statement in _SQLITE_FTS[1:]:  # the triggers, in case an older store lacks one
+                connection.exec_driver_sql(statement)
+    return "fts5"
 
 
 # ---------------------------------------------------------------------------------------------------------- search

@@ -1,0 +1,227 @@
+"""LangChain integration: behaviour of KVzipRetriever, ChatKVzip and the QA chain (tiny model, fast), and an LCEL
+chain with the real default model on a SQuAD article (answers containing the gold answer, sources, streaming)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import string
+from operator import itemgetter
+
+import pytest
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import PromptTemplate
+from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+
+from kvzip_rag.integrations.langchain import ChatKVzip, KVzipRetriever, create_kvzip_qa_chain
+from test_langchain_standard import DOCUMENTS, build_index, tiny_model
+
+
+@pytest.fixture(scope="module")
+def index(smol_tokenizer, tmp_path_factory):
+    return build_index(tiny_model(smol_tokenizer), DOCUMENTS, tmp_path_factory.mktemp("lc"))
+
+
+# ------------------------------------------------------------------------------------------------ retriever
+
+
+def test_retriever_documents_carry_segment_cache_and_document_metadata(index):
+    docs = KVzipRetriever(index=index, k=4).invoke("Who built the harbour of Velmora?")
+    assert docs and len(docs) <= 4
+    assert docs[0].metadata["doc_id"] == "harbour"  # the best match first
+    for doc in docs:
+        meta = doc.metadata
+        assert doc.page_content in DOCUMENTS[meta["doc_id"]]
+        assert meta["topic"] == meta["doc_id"]  # the document's own metadata
+        assert isinstance(meta["cache_id"], int) and meta["segment_index"] == 0
+        assert 0 < meta["ratio"] <= 1 and 0 < meta["bytes"] < meta["full_bytes"]
+        assert isinstance(meta["score"], float)
+    scores = [d.metadata["score"] for d in docs]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_retriever_per_call_k_doc_ids_and_async(index):
+    retriever = KVzipRetriever(index=index, k=3)
+    assert len(retriever.invoke("harbour", k=1)) == 1
+    only = retriever.invoke("harbour", doc_ids=["orchard", "regatta"])
+    assert {d.metadata["doc_id"] for d in only} == {"orchard", "regatta"}
+    docs = asyncio.run(retriever.ainvoke("apples and cider"))
+    assert docs[0].metadata["doc_id"] == "orchard"
+    fallback = retriever.invoke("xylophone quantum zebra")  # nothing matches: the index's fallback, flagged
+    assert fallback and all(d.metadata["routing"] == "fallback" and d.metadata["score"] == 0.0 for d in fallback)
+
+
+# ----------------------------------------------------------------------------------------------- chat model
+
+
+def test_chat_declares_missing_features_clearly(index):
+    chat = ChatKVzip(index=index)
+    with pytest.raises(NotImplementedError, match="tool calling"):
+        chat.bind_tools([])
+    with pytest.raises(NotImplementedError, match="structured output"):
+        chat.with_structured_output({"title": "x", "type": "object", "properties": {}})
+    image = HumanMessage(content=[{"type": "text", "text": "What is this?"},
+                                  {"type": "image", "url": "https://example.com/a.png"}])
+    with pytest.raises(NotImplementedError, match="text only"):
+        chat.invoke([image])
+    with pytest.raises(NotImplementedError, match="tool"):
+        chat.invoke([HumanMessage("hi"), AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "1"}]),
+                     ToolMessage("3", tool_call_id="1"), HumanMessage("and?")])
+    with pytest.raises(ValueError, match="end with a human message"):
+        chat.invoke([HumanMessage("hi"), AIMessage("hello")])
+    with pytest.raises(TypeError, match="unexpected"):
+        chat.invoke("hi", frequency_penalty=1.0)
+    with pytest.raises(ValueError, match="model"):
+        chat.invoke("hi", model="gpt-4o")
+
+
+def test_chat_routes_streams_and_reports_usage(index):
+    chat = ChatKVzip(index=index, max_new_tokens=6)
+    chunks = list(chat.stream("Who built the harbour of Velmora?"))
+    assert len([c for c in chunks if c.content]) >= 2  # token by token
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full = full + chunk
+    message = chat.invoke("Who built the harbour of Velmora?")
+    assert full.content == message.content  # same greedy answer either way
+    meta, usage = message.response_metadata, message.usage_metadata
+    assert meta["doc_ids"] == ["harbour"] and meta["routing"] == "search"
+    assert meta["model_name"] == "tiny" and full.response_metadata["model_name"] == "tiny"
+    assert meta["cache_bytes"] < meta["full_cache_bytes"] and 0 < meta["ratio"] <= 1
+    assert meta["ttft_s"] > 0 and meta["decode_s"] >= 0 and meta["finish_reason"] in ("stop", "length")
+    assert usage == full.usage_metadata
+    assert usage["output_tokens"] <= 6
+    assert usage["input_tokens"] > usage["input_token_details"]["cache_read"] == meta["document_tokens"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert chat.invoke("Who built the harbour?", max_tokens=2).usage_metadata["output_tokens"] <= 2
+
+
+def test_chat_bound_documents_and_fallback(index):
+    bound = ChatKVzip(index=index, doc_ids=["orchard"], max_new_tokens=3)
+    assert bound.invoke("Who built the harbour?").response_metadata["doc_ids"] == ["orchard"]
+    unmatched = ChatKVzip(index=index, max_new_tokens=3).invoke("xylophone quantum zebra")
+    assert unmatched.response_metadata["routing"] == "fallback" and unmatched.content
+
+
+def test_system_messages_are_folded_into_the_first_question(index):
+    chat = ChatKVzip(index=index, max_new_tokens=6)
+    folded = chat.invoke([SystemMessage("Answer in one word."), HumanMessage("Who built the harbour?")])
+    manual = chat.invoke("Answer in one word.\n\nWho built the harbour?")
+    assert folded.content == manual.content
+    assert folded.response_metadata["doc_ids"] == ["harbour"]  # routed by the human message, not the system one
+
+
+def test_follow_up_turns_reuse_the_conversation_cache(index):
+    chat = ChatKVzip(index=index, max_new_tokens=6)
+    first = chat.invoke("Who built the harbour?")
+    history = [HumanMessage("Who built the harbour?"), first, HumanMessage("In which year?")]
+    reused = chat.invoke(history)
+    assert reused.response_metadata["reused_conversation"] is True
+    assert reused.usage_metadata["input_token_details"]["cache_read"] > reused.response_metadata["document_tokens"]
+    replayed = ChatKVzip(index=index, max_new_tokens=6, reuse_conversations=0).invoke(history)
+    assert replayed.response_metadata["reused_conversation"] is False
+    assert replayed.content == reused.content  # replaying the turn gives the same cache tail
+    assert replayed.usage_metadata["input_tokens"] == reused.usage_metadata["input_tokens"]
+
+
+def test_async_stream_stopped_early_releases_the_index_lock(index):
+    chat = ChatKVzip(index=index, max_new_tokens=50)
+
+    async def first_chunk():
+        stream = chat.astream("Who built the harbour?")
+        async for chunk in stream:
+            await stream.aclose()
+            return chunk
+
+    assert asyncio.run(first_chunk()).content
+    assert index.lock.acquire(timeout=10)  # the worker thread closed the generator and let go
+    index.lock.release()
+
+    async def concurrent():
+        return await asyncio.gather(*(chat.ainvoke(q, max_tokens=3) for q in ["harbour", "apples", "lighthouse"]))
+
+    assert [m.response_metadata["doc_ids"] for m in asyncio.run(concurrent())] == [["harbour"], ["orchard"],
+                                                                                   ["lighthouse"]]
+
+
+# ------------------------------------------------------------------------------------------------- QA chain
+
+
+def test_qa_chain_invoke_batch_stream_async_and_composition(index):
+    chain = create_kvzip_qa_chain(index, k=2, max_new_tokens=5)
+    out = chain.invoke("Who built the harbour?")
+    assert set(out) == {"answer", "sources"} and out["answer"]
+    assert len(out["sources"]) == 2 and all(isinstance(d, Document) for d in out["sources"])
+    assert out["sources"][0].metadata["doc_id"] == "harbour"
+    # k > 1: every source's cache answered; the index kept the best answer and says which.
+    assert sum(d.metadata["chosen"] for d in out["sources"]) == 1
+    assert next(d for d in out["sources"] if d.metadata["chosen"]).metadata["answer"] == out["answer"]
+    assert chain.invoke({"question": "Who built the harbour?"}) == out
+    assert chain.batch(["Who built the harbour?", {"question": "apples and cider"}])[0] == out
+    assert asyncio.run(chain.ainvoke("Who built the harbour?")) == out
+    assert asyncio.run(chain.abatch(["Who built the harbour?"])) == [out]
+
+    chunks = list(chain.stream("Who built the harbour?"))
+    assert len(chunks) >= 3 and all(set(c) == {"answer"} for c in chunks[:-1]) and set(chunks[-1]) == {"sources"}
+    assert "".join(c["answer"] for c in chunks[:-1]) == out["answer"] and chunks[-1]["sources"] == out["sources"]
+
+    async def astream():
+        return [c async for c in chain.astream({"question": "Who built the harbour?"})]
+
+    assert asyncio.run(astream()) == chunks
+
+    # Composition with other Runnables.
+    text = chain.pick("answer") | StrOutputParser()
+    assert list(text.stream("Who built the harbour?")) == [c["answer"] for c in chunks[:-1]]
+    assert (chain | itemgetter("answer")).invoke("Who built the harbour?") == out["answer"]
+    assert ({"question": RunnablePassthrough()} | chain).invoke("Who built the harbour?") == out
+    prompt = PromptTemplate.from_template("Who built the {place}?")
+    assert (prompt | chain).invoke({"place": "harbour"}) == out
+    with_question = RunnablePassthrough.assign(result=chain) | RunnableLambda(
+        lambda d: f'{d["question"]} -> {d["result"]["answer"]}')
+    assert with_question.invoke({"question": "Who built the harbour?"}).endswith(out["answer"])
+    with pytest.raises(ValueError, match="question"):
+        chain.invoke({"topic": "harbour"})
+
+
+# -------------------------------------------------------------------------------- real model on SQuAD
+
+
+def _normalize(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+@pytest.mark.slow
+def test_lcel_chain_answers_squad_questions_with_the_default_model(default_model, squad, tmp_path):
+    article = squad[0]
+    paragraphs, text = [], ""
+    for paragraph in article["paragraphs"]:  # whole paragraphs until about 1K tokens
+        paragraphs.append(paragraph)
+        text = "\n\n".join(p["context"] for p in paragraphs)
+        if len(default_model.encode(text)) >= 1000:
+            break
+    index = build_index(default_model, {article["title"]: text}, tmp_path)
+    qa = create_kvzip_qa_chain(index, k=1, max_new_tokens=32)
+    chain = {"question": RunnablePassthrough()} | qa  # question string in, {"answer", "sources"} out
+
+    questions = [p["qas"][0] for p in paragraphs[:6]]  # the first question of each of the first six paragraphs
+    outputs = chain.batch([q["question"] for q in questions], config={"max_concurrency": 1})
+    correct = 0
+    for q, out in zip(questions, outputs):
+        gold = [a["text"] for a in q["answers"]]
+        ok = any(_normalize(g) in _normalize(out["answer"]) for g in gold)
+        correct += ok
+        print(f"{'OK ' if ok else 'MISS'} {q['question']!r} -> {out['answer']!r} (gold {gold[0]!r})")
+        assert out["sources"] and out["sources"][0].metadata["doc_id"] == article["title"]
+        assert out["sources"][0].page_content in text
+    rate = correct / len(questions)
+    print(f"gold-answer rate over {len(questions)} questions ({article['title']}, "
+          f"{len(default_model.encode(text))} tokens): {rate:.2f}")
+    assert rate >= 1 / 6  # loose floor: SmolLM2-135M is a small model
+
+    answer_only = chain.pick("answer") | StrOutputParser()
+    pieces = list(answer_only.stream(questions[0]["question"]))
+    assert len(pieces) >= 3 and "".join(pieces) == outputs[0]["answer"]
