@@ -4,7 +4,8 @@ One registered function, ``"kvzip"``, serves every forward pass of a loaded mode
 
 - with ``kvzip_cache=<PackedCache>`` in the forward kwargs it attends over the packed layout, where every kv head
   is its own variable-length sequence (pure PyTorch on CPU, ``flash_attn_varlen_func`` on CUDA when installed);
-- with ``kvzip_observer=<callable>`` it first hands the post-RoPE queries and keys to the observer (scorers);
+- with ``kvzip_observer=<callable>`` it also hands the post-RoPE queries and keys to the observer (scorers),
+  with the log-sum-exp of each key range when the split path below computed them;
 - with ``kvzip_prefill=True`` (our own batch-1, unpadded prefill and scoring passes) on CPU it splits attention into
   "all past keys" and "causal among the new tokens" and merges the two by log-sum-exp, which keeps PyTorch's
   fused flash kernel instead of the masked math path that materialises the (queries x keys) matrix;
@@ -55,10 +56,14 @@ def kvzip_attention_forward(
             raise NotImplementedError("attention logit soft-capping is not supported by the packed cache")
         layer = kvzip_cache.layers[module.layer_idx]
         return packed_attention(query, layer, scaling), None
-    if kvzip_observer is not None:
-        kvzip_observer(module, query, key)
     if kvzip_prefill and query.device.type == "cpu" and not getattr(module, "sliding_window", None):
-        return causal_attention_with_past(query, key, value, scaling).transpose(1, 2), None
+        cuts = getattr(kvzip_observer, "key_cuts", ())
+        out, lse_parts = causal_attention_with_past(query, key, value, scaling, cuts)
+        if kvzip_observer is not None:
+            kvzip_observer(module, query, key, lse_parts)
+        return out.transpose(1, 2), None
+    if kvzip_observer is not None:
+        kvzip_observer(module, query, key, None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -79,15 +84,25 @@ def merge_partial(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tenso
     return sum(out * torch.exp(part_lse - lse).unsqueeze(-1) for out, part_lse in parts)
 
 
-def causal_attention_with_past(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
-    """Attention of L new queries over [past keys (all visible), new keys (causal)]; returns (B, H, L, d)."""
+def causal_attention_with_past(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, cuts: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]:
+    """Attention of L new queries over [past keys (all visible), new keys (causal)]; returns (B, H, L, d).
+
+    The past is computed in ranges split at ``cuts``; the log-sum-exp of every key range (including the new
+    tokens' range) is returned too, so an observer can renormalise over a subset of keys for free (KVzip's
+    restricted softmax).
+    """
     heads, length = query.shape[1], query.shape[2]
     past = key.shape[2] - length
     key, value = expand_kv(key, heads), expand_kv(value, heads)
-    new = flash_cpu(query, key[:, :, past:], value[:, :, past:], True, scaling)[:2]
-    if past == 0:
-        return new[0]
-    return merge_partial([new, flash_cpu(query, key[:, :, :past], value[:, :, :past], False, scaling)[:2]])
+    bounds = sorted({0, past, *(c for c in cuts if 0 < c < past)})
+    ranges = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] + [(past, past + length)]
+    parts = {
+        (a, b): flash_cpu(query, key[:, :, a:b], value[:, :, a:b], a == past, scaling)[:2] for a, b in ranges
+    }
+    out = merge_partial(list(parts.values())) if len(parts) > 1 else parts[(past, past + length)][0]
+    return out, {span: lse for span, (_, lse) in parts.items()}
 
 
 @lru_cache(maxsize=1)

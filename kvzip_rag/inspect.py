@@ -59,11 +59,19 @@ def _token_pieces(tokenizer, ids: Sequence[int]) -> list[tuple[str, list[int]]]:
     return pieces
 
 
+# Colour scale for kept fractions: matplotlib's YlGnBu sampled at 0, 0.1, ..., 1 (pale yellow -> deep blue).
+_SCALE = [
+    (255, 255, 217), (241, 250, 186), (214, 239, 179), (171, 222, 183), (115, 200, 189), (64, 181, 196),
+    (36, 152, 193), (32, 114, 177), (35, 77, 160), (31, 47, 135), (8, 29, 88),
+]
+
+
 def _shade(value: float) -> str:
-    """Background colour for a kept fraction: white (nothing kept) to deep teal (kept by every head)."""
-    value = min(max(value, 0.0), 1.0)
-    light, dark = (255, 255, 255), (0, 109, 119)
-    r, g, b = (round(a + (b - a) * value) for a, b in zip(light, dark))
+    """Background colour for a kept fraction: pale yellow (kept by no head) to deep blue (kept by every head)."""
+    position = min(max(value, 0.0), 1.0) * (len(_SCALE) - 1)
+    low = min(int(position), len(_SCALE) - 2)
+    t = position - low
+    r, g, b = (round(a + (c - a) * t) for a, c in zip(_SCALE[low], _SCALE[low + 1]))
     return f"rgb({r},{g},{b})"
 
 
@@ -75,9 +83,8 @@ h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
        white-space: pre-wrap; word-wrap: break-word; border: 1px solid #ddd; padding: 1rem; border-radius: 6px; }
 .doc span { border-radius: 2px; }
 .legend { display: flex; align-items: center; gap: 0.5rem; font-size: 0.85rem; margin: 0.5rem 0 1rem; }
-.legend .bar { width: 16rem; height: 0.9rem; border: 1px solid #ccc;
-               background: linear-gradient(to right, rgb(255,255,255), rgb(0,109,119)); }
-"""
+.legend .bar { width: 16rem; height: 0.9rem; border: 1px solid #ccc; background: linear-gradient(to right, GRADIENT); }
+""".replace("GRADIENT", ", ".join(f"rgb{c}" for c in _SCALE))
 
 
 def token_html(cache: PackedCache, tokenizer) -> str:
@@ -90,7 +97,7 @@ def token_html(cache: PackedCache, tokenizer) -> str:
     spans = []
     for text, indices in _token_pieces(tokenizer, ids):
         value = sum(survival[i] for i in indices) / len(indices)
-        colour = "#fff" if value > 0.55 else "#222"
+        colour = "#fff" if value > 0.5 else "#222"
         spans.append(
             f'<span style="background:{_shade(value)};color:{colour}" title="kept by {value:.0%} of (layer, head) '
             f'pairs">{html.escape(text)}</span>'
@@ -113,10 +120,14 @@ def write_token_html(
         info = cache.info
         label = labels[number] if labels else f"segment {number}"
         body.append(f"<h2>{html.escape(label)}</h2>")
+        survival = token_survival(cache)
+        dropped = float((survival == 0).float().mean()) if len(survival) else 0.0
         body.append(
             f'<p class="meta">{info.context_length} tokens · ratio {info.ratio:g} · level {html.escape(info.level)} · '
             f"scorer {html.escape(info.scorer)} · model {html.escape(info.model_name)} · "
-            f"{cache.nbytes / 1e6:.2f} MB kept of {cache.full_nbytes / 1e6:.2f} MB</p>"
+            f"{cache.nbytes / 1e6:.2f} MB kept of {cache.full_nbytes / 1e6:.2f} MB · "
+            f"per token: median {float(survival.median()) if len(survival) else 0:.0%} of heads, "
+            f"{dropped:.0%} of tokens dropped by every head</p>"
         )
         body.append(token_html(cache, tokenizer))
     page = (

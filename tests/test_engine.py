@@ -109,8 +109,14 @@ def reference_kvzip_scores(model: kvzip_rag.KVzipModel, text: str, chunk_size: i
     return scores
 
 
+@pytest.mark.parametrize("lse_from_forward", [True, False])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
-def test_scorer_matches_slow_reference(family, smol_tokenizer):
+def test_scorer_matches_slow_reference(family, lse_from_forward, smol_tokenizer, monkeypatch):
+    from kvzip_rag.scorers.kvzip import _RepeatObserver
+
+    if not lse_from_forward:  # the path used where the forward pass reports no per-range normalisers (CUDA)
+        original = _RepeatObserver.restricted_lse
+        monkeypatch.setattr(_RepeatObserver, "restricted_lse", lambda self, q, k, parts, s: original(self, q, k, None, s))
     model = build_tiny(family, smol_tokenizer, seed=1)
     chunk_size = 40  # several repeat chunks over the ~100-token context
     document = prefill_document(model, TEXT)

@@ -1,9 +1,11 @@
-"""Benchmark sizes. ``quick`` is a smoke run of a few minutes; ``full`` is the report (about 25 minutes on an idle
-2-core CPU with SmolLM2-135M; see BENCHMARKS.md)."""
+"""Benchmark sizes. ``quick`` is a smoke run of a few minutes; ``full`` is the report (estimated 20-25 minutes on an
+idle 2-core CPU with SmolLM2-135M, with a 24-minute guard; see BENCHMARKS.md). Any field can be overridden from the
+command line with ``--set name=value``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import ast
+from dataclasses import dataclass, fields, replace
 
 RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7)
 LEVELS = ("pair", "uniform", "head")
@@ -19,9 +21,9 @@ class Preset:
     squad_max_tokens: int
     squad_questions: int
     ratios: tuple[float, ...]  # every KVzip level and every baseline at each of these (SQuAD)
-    # Needle in a haystack (Paul Graham essays); lengths above the model's context limit are clamped to it
-    needle_lengths: tuple[int, ...]
-    needle_depths: tuple[float, ...]
+    # Needle in a haystack (Paul Graham essays): (context tokens, depth) cases; a length above the model's
+    # context limit is clamped to it (SmolLM2: 8192 positions - 512 reserved for the answer - the prompt prefix)
+    needle_cases: tuple[tuple[int, float], ...]
     needle_ratios: tuple[float, ...]  # every level and baseline
     needle_extra_ratios: tuple[float, ...]  # KVzip pair level only (cheap: same scores, one more answer)
     # NarrativeQA summaries
@@ -33,6 +35,9 @@ class Preset:
     ttft_length: int = 4096  # needle length at which the stored-cache time to first token is measured
     decode_steps: int = 16  # forced decode steps per per-token latency measurement
     ttft_repeats: int = 3
+    prefill_repeats: int = 2  # plain prefill timed this many times per document, best kept
+    # no new document is started after this many minutes (the skipped ones are listed in the report); None: no limit
+    budget_minutes: float | None = None
     # methods
     levels: tuple[str, ...] = LEVELS
     baselines: tuple[str, ...] = BASELINES
@@ -49,18 +54,19 @@ PRESETS: dict[str, Preset] = {
         name="quick",
         squad_docs=2, squad_min_tokens=400, squad_max_tokens=800, squad_questions=5,
         ratios=(0.3,),
-        needle_lengths=(1024, 2048), needle_depths=(0.5,), needle_ratios=(0.3,), needle_extra_ratios=(),
+        needle_cases=((1024, 0.5), (2048, 0.5)), needle_ratios=(0.3,), needle_extra_ratios=(),
         nqa_docs=1, nqa_questions=3, nqa_ratios=(0.3,), nqa_max_tokens=900,
         ttft_length=2048, decode_steps=8, ttft_repeats=2,
     ),
     "full": Preset(
         name="full",
-        squad_docs=3, squad_min_tokens=1200, squad_max_tokens=2400, squad_questions=6,
+        squad_docs=4, squad_min_tokens=1000, squad_max_tokens=2000, squad_questions=5,
         ratios=RATIOS,
-        needle_lengths=(1024, 2048, 4096, 8192), needle_depths=(0.25, 0.75), needle_ratios=(0.3,),
-        needle_extra_ratios=(0.1, 0.2, 0.5),
+        # two depths where a haystack is cheap, one at 4K and at the window (KVzip scoring dominates there)
+        needle_cases=((1024, 0.25), (1024, 0.75), (2048, 0.25), (2048, 0.75), (4096, 0.5), (8192, 0.5)),
+        needle_ratios=(0.3,), needle_extra_ratios=(0.1, 0.2, 0.5),
         nqa_docs=3, nqa_questions=4, nqa_ratios=(0.3,),
-        ttft_length=4096,
+        ttft_length=4096, budget_minutes=24.0,
     ),
 }
 
@@ -68,4 +74,21 @@ PRESETS: dict[str, Preset] = {
 def get_preset(name: str, **overrides) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in fields(Preset)}
+    if unknown:
+        raise ValueError(f"unknown preset field(s) {sorted(unknown)}; fields: {[f.name for f in fields(Preset)]}")
     return replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["squad_docs=2", "ratios=(0.3, 0.5)"]`` -> ``{"squad_docs": 2, "ratios": (0.3, 0.5)}`` (Python literals)."""
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes name=value, got {item!r}")
+        try:
+            out[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[name.strip()] = value.strip()  # a bare string, e.g. baseline_level=pair
+    return out

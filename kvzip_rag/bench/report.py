@@ -19,6 +19,10 @@ def _f(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _load(values) -> str:
+    return "-" if not values else ", ".join(f"{v:.1f}" for v in values)
+
+
 def _ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
@@ -35,11 +39,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _target_value(t: dict) -> str:
     value = t["value"]
     if isinstance(value, list):
-        return "; ".join(
-            f"r={m['ratio']:g}: F1 {m['f1_margin']:+.3f} vs {m['best_other']}"
-            + (f", NLL {m['nll_margin']:+.3f}" if m.get("nll_margin") is not None else "")
-            for m in value
-        ) or "-"
+        return "; ".join(f"r={m['ratio']:g}: {m['margin']:+.3f} vs {m['vs']}" for m in value) or "-"
     if isinstance(value, dict):
         return (f"F1 {value['f1']:.3f} vs {value['f1_chunk_rag']:.3f}; TTFT {_ms(value['ttft_s'])} ms vs "
                 f"{_ms(value['ttft_s_chunk_rag'])} ms")
@@ -55,7 +55,7 @@ def markdown(results: dict, command: str | None = None) -> str:
         "",
         f"- model: `{meta['model']}` on {meta['device']} ({meta['dtype']}), torch threads {meta['torch_threads']}",
         f"- machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['ram_gib']} GiB RAM, "
-        f"torch {machine['torch']}, load average at end {machine.get('loadavg_at_end')}"
+        f"torch {machine['torch']}, load average at end {_load(machine.get('loadavg_at_end'))}"
         + (f", GPU {machine['gpu']}" if machine.get("gpu") else ""),
         f"- duration: {meta['duration_s'] / 60:.1f} min; data: `{meta['data_dir']}`; embedding for chunk retrieval: "
         f"{meta['embedding']}",
@@ -95,7 +95,8 @@ def markdown(results: dict, command: str | None = None) -> str:
         needle = quality["needle"]
         lengths = sorted({n for q in needle.values() for n in q.get("hit_by_length", {})})
         lines += ["## Needle in a haystack (Paul Graham essays)", "",
-                  f"Depths {preset['needle_depths']}; a hit is an answer mentioning the sandwich or Dolores Park.", ""]
+                  f"Cases (length, depth): {[tuple(c) for c in preset.get('needle_cases', ())]} (lengths clamped to the model's "
+                  "window); one question per haystack; a hit is an answer mentioning the sandwich or Dolores Park.", ""]
         rows = [[f"`{m}`", str(q["n"]), _f(q["hit"], 2), _f(q["hit_vs_full"], 2), _f(q["agree_f1"]),
                  *(_f(q["hit_by_length"].get(n), 2) for n in lengths), _f(q["nll"]), _ms(q["ttft_s"])]
                 for m, q in needle.items()]
@@ -186,20 +187,27 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     axes[0].set(xlabel="ratio (fraction of KV pairs kept)", ylabel="F1", title=f"SQuAD F1 (n={n} questions)")
     axes[1].set(xlabel="ratio (fraction of KV pairs kept)", ylabel="mean NLL of gold answer",
                 title="Teacher-forced NLL (lower is better)")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     written.append(_save(fig, out_dir / "squad_quality.png"))
 
     needle = quality.get("needle", {})
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method, q in needle.items():
-        if method in ("reprefill",):
-            continue
-        by_len = q.get("hit_by_length", {})
-        if by_len:
-            ax.plot(list(by_len), list(by_len.values()), marker="o", label=method)
-    ax.set(xlabel="context tokens", ylabel="needle accuracy", title="Needle in a haystack", ylim=(-0.05, 1.05))
-    ax.legend(fontsize=7)
+    methods = [m for m in needle if m != "reprefill"]
+    lengths = sorted({int(n) for q in needle.values() for n in q.get("hit_by_length", {})})
+    grid = [[{int(n): v for n, v in needle[m].get("hit_by_length", {}).items()}.get(n) for n in lengths]
+            for m in methods]
+    fig, ax = plt.subplots(figsize=(1.3 * max(len(lengths), 2) + 3, 0.38 * max(len(methods), 2) + 1.4))
+    if methods and lengths:
+        values = [[float("nan") if v is None else v for v in row] for row in grid]
+        ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, "-" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    n = needle.get("full", {}).get("n", 0)
+    ax.set(xlabel="context tokens", title=f"Needle accuracy (n={n} haystacks)")
     fig.tight_layout()
     written.append(_save(fig, out_dir / "needle.png"))
 
@@ -207,7 +215,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     methods = sorted({k for row in decode.values() for k in row if not k.endswith("_vs_dense")})
     for method in methods:
-        points = [(n, row[method]) for n, row in decode.items() if row.get(method) is not None]
+        points = sorted((int(n), row[method]) for n, row in decode.items() if row.get(method) is not None)
         ax.plot([p[0] for p in points], [p[1] * 1000 for p in points], marker="o", label=method)
     ax.set(xlabel="context tokens", ylabel="ms per decoded token", title="Decode latency vs context length")
     if methods:
@@ -215,21 +223,33 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     fig.tight_layout()
     written.append(_save(fig, out_dir / "decode_latency.png"))
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     labels, values = [], []
+    seen_reprefill = set()
     for t in summary["ttft"]:
-        for key, label in (("reprefill_ttft_s", "re-prefill"), ("stored_first_token_s", "stored: read + 1st token"),
-                           ("in_memory_first_token_s", "in memory: 1st token")):
-            if t.get(key) is not None:
-                labels.append(f"{label}\n({t['context_tokens']} tok)")
-                values.append(t[key] * 1000)
+        n = t["context_tokens"]
+        if t.get("reprefill_ttft_s") is not None and n not in seen_reprefill:
+            seen_reprefill.add(n)
+            labels.append(f"re-prefill, {n} tok")
+            values.append(t["reprefill_ttft_s"] * 1000)
+        if t.get("stored_first_token_s") is not None:
+            labels.append(f"stored {t['method']}: read_blob + 1st token, {n} tok")
+            values.append(t["stored_first_token_s"] * 1000)
+        if t.get("in_memory_first_token_s") is not None:
+            labels.append(f"in memory {t['method']}: 1st token, {n} tok")
+            values.append(t["in_memory_first_token_s"] * 1000)
     rag = squad.get("chunk-rag")
     if rag and rag.get("ttft_s") is not None:
-        labels.append("chunk-rag\n(SQuAD, median)")
+        labels.append("chunk-rag: retrieve + prefill + 1st token (SQuAD median)")
         values.append(rag["ttft_s"] * 1000)
-    ax.bar(range(len(values)), values, color="tab:blue")
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
-    ax.set(ylabel="ms", title="Time to first token")
+    fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(values), 2) + 1.2))
+    ax.barh(range(len(values)), values, color="tab:blue")
+    ax.set_yticks(range(len(values)), labels, fontsize=8)
+    ax.invert_yaxis()
+    if values and min(values) > 0:
+        ax.set_xscale("log")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.0f} ms", va="center", fontsize=7)
+    ax.set(xlabel="ms (log scale)", title="Time to first token")
     fig.tight_layout()
     written.append(_save(fig, out_dir / "ttft.png"))
     return written
@@ -241,3 +261,29 @@ def _save(fig, path: Path) -> Path:
 
     plt.close(fig)
     return path
+
+
+def render(results_path: Path, out_dir: Path | None = None) -> Path:
+    """Re-write results.md and the plots from a results.json (e.g. after editing the report code)."""
+    import json
+
+    from dataclasses import fields
+
+    from .presets import Preset
+    from .summary import summarize
+
+    results = json.loads(Path(results_path).read_text())
+    known = {f.name for f in fields(Preset)}
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in results["meta"]["preset"].items() if k in known}
+    settings.setdefault("needle_cases", ())
+    results["summary"] = summarize(results, Preset(**settings))
+    out_dir = Path(out_dir) if out_dir else Path(results_path).parent
+    (out_dir / "results.md").write_text(markdown(results, results["meta"].get("command")))
+    plots(results, out_dir)
+    return out_dir / "results.md"
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(render(Path(sys.argv[1])))

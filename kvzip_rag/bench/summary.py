@@ -164,7 +164,7 @@ def targets(summary: dict, preset: Preset) -> list[dict]:
         "accuracy(kvzip-pair@0.3) / accuracy(full)", needle.get(main, {}).get("n"),
         f"full-cache accuracy {full_hit}" if full_hit is not None else "needle not run")
 
-    margins, met = [], None
+    margins, met_f1, met_nll = [], None, None
     for r in sorted(preset.ratios):
         if r > 0.5:
             continue
@@ -174,26 +174,40 @@ def targets(summary: dict, preset: Preset) -> list[dict]:
         if mine.get("f1") is None or not others:
             continue
         best = max(others, key=lambda b: others[b]["f1"])
-        margin = mine["f1"] - others[best]["f1"]
-        nll_best = min((v["nll"] for v in others.values() if v.get("nll") is not None), default=None)
-        nll_margin = (nll_best - mine["nll"]) if nll_best is not None and mine.get("nll") is not None else None
-        margins.append({"ratio": r, "best_other": best, "f1_margin": margin, "nll_margin": nll_margin})
-        met = (met if met is not None else True) and margin > 0
-    add("KVzip ahead of every other query-agnostic scorer at every ratio <= 0.5", margins, 0.0, met,
-        "F1(kvzip-pair@r) - max over baselines F1(b@r), SQuAD (nll_margin: best baseline NLL - KVzip NLL)",
-        squad.get(main, {}).get("n"))
+        nll_others = {b: v["nll"] for b, v in others.items() if v.get("nll") is not None}
+        best_nll = min(nll_others, key=nll_others.get) if nll_others else None
+        entry = {"ratio": r, "best_other": best, "f1_margin": mine["f1"] - others[best]["f1"],
+                 "best_other_nll": best_nll, "nll_margin": None}
+        if best_nll is not None and mine.get("nll") is not None:
+            entry["nll_margin"] = nll_others[best_nll] - mine["nll"]
+            met_nll = (met_nll if met_nll is not None else True) and entry["nll_margin"] > 0
+        margins.append(entry)
+        met_f1 = (met_f1 if met_f1 is not None else True) and entry["f1_margin"] > 0
+    n = squad.get(main, {}).get("n")
+    add("KVzip ahead of every other query-agnostic scorer at every ratio <= 0.5 (SQuAD F1)",
+        [{"ratio": m["ratio"], "vs": m["best_other"], "margin": m["f1_margin"]} for m in margins], 0.0, met_f1,
+        "F1(kvzip-pair@r) - max over baselines F1(b@r)", n)
+    add("KVzip ahead of every other query-agnostic scorer at every ratio <= 0.5 (teacher-forced NLL)",
+        [{"ratio": m["ratio"], "vs": m["best_other_nll"], "margin": m["nll_margin"]} for m in margins
+         if m["nll_margin"] is not None], 0.0, met_nll,
+        "min over baselines NLL(b@r) - NLL(kvzip-pair@r) of the gold answer (the low-noise fidelity signal)", n)
 
-    mem = summary["bytes"]["memory"].get("squad", {}).get(main, {}).get("memory_vs_full")
+    mem_entry = summary["bytes"]["memory"].get("squad", {}).get(main, {})
+    mem = mem_entry.get("memory_vs_full")
     add("Cache bytes at ratio 0.3 <= 0.33x full", mem, 0.33, None if mem is None else mem <= 0.33,
-        "packed bytes / full-cache bytes in memory (prefix included), mean over SQuAD documents")
+        "packed bytes / full-cache bytes in memory (never-evicted prompt prefix included), mean over SQuAD documents",
+        mem_entry.get("n_docs"), f"context entries kept: {_round(mem_entry.get('kept_ratio'))}" if mem_entry else "")
 
     stored = [t for t in summary["ttft"] if t.get("speedup_stored_vs_reprefill")]
+    stored.sort(key=lambda t: t["method"] != main)  # the compressed cache first, the packed full cache after
     if stored:
         t = stored[0]
+        others = "; ".join(f"{o['method']}: {o['speedup_stored_vs_reprefill']:.1f}x" for o in stored[1:])
         add(f"Time to first token from a stored cache >= 20x faster than re-prefill at 4K "
             f"(measured at {t['context_tokens']} tokens)", t["speedup_stored_vs_reprefill"], 20.0,
-            t["speedup_stored_vs_reprefill"] >= 20.0, "reprefill TTFT / (read_blob + first token) TTFT", 1,
-            "best of repeats; page cache warm")
+            t["speedup_stored_vs_reprefill"] >= 20.0,
+            f"reprefill TTFT / (read_blob + first token) TTFT, {t['method']} blob", 1,
+            "best of repeats; page cache warm" + (f"; {others}" if others else ""))
     else:
         add("Time to first token from a stored cache >= 20x faster than re-prefill at 4K", None, 20.0, None,
             "", None, "not measured")

@@ -11,7 +11,8 @@ from transformers import DynamicCache
 
 from ..models import KVzipModel
 
-Observer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], None]
+# (attention module, post-RoPE queries, keys, per-key-range log-sum-exps or None); see kvzip_rag.attention
+Observer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict | None], None]
 
 
 @dataclass

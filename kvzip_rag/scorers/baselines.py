@@ -15,7 +15,7 @@ class _PrefillAttentionScorer(Scorer):
         self._sums = {layer: torch.zeros(0) for layer in layers}
         self._prefix, self._length = prefix_length, document_length
 
-        def observe(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
+        def observe(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, lse_parts=None) -> None:
             if module.layer_idx not in self._sums:
                 return
             key_len, q_len = key.shape[2], query.shape[2]

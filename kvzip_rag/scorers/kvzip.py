@@ -57,20 +57,27 @@ class _RepeatObserver:
         self.base = document.base_length
         self.rows = {layer: row for row, layer in enumerate(document.compressed_layers)}
         self.out, self.start, self.end = out, start, end
+        # Key ranges whose softmax normalisers make up the restricted set (the forward pass reports them).
+        self.key_cuts = (self.prefix, self.chunk.start, self.chunk.stop)
 
-    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
+    def restricted_lse(self, query: torch.Tensor, key: torch.Tensor, lse_parts, scaling: float) -> torch.Tensor:
+        """log sum exp of each repeat query's logits over {prefix, current chunk, repeat tokens (causal)}."""
+        wanted = [(0, self.prefix), (self.chunk.start, self.chunk.stop), (self.base, key.shape[2])]
+        if lse_parts is not None and all(span in lse_parts for span in wanted if span[1] > span[0]):
+            return torch.stack([lse_parts[span] for span in wanted if span[1] > span[0]]).logsumexp(0)
+        heads = query.shape[1]
+        seen = torch.cat([key[:, :, : self.prefix], key[:, :, self.chunk]], dim=2)  # visible to every query
+        return torch.logaddexp(
+            flash_lse(query, expand_kv(seen, heads), False, scaling),
+            flash_lse(query, expand_kv(key[:, :, self.base :], heads), True, scaling),
+        )
+
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, lse_parts=None) -> None:
         row = self.rows.get(module.layer_idx)
         if row is None:
             return
-        heads = query.shape[1]
         chunk_keys = key[:, :, self.chunk]
-        seen = torch.cat([key[:, :, : self.prefix], chunk_keys], dim=2)  # visible to every repeat query
-        repeat = key[:, :, self.base :]  # causal among the repeat queries
-        # Normaliser of the restricted softmax, from two fused kernels (no attention matrix is materialised).
-        lse = torch.logaddexp(
-            flash_lse(query, expand_kv(seen, heads), False, module.scaling),
-            flash_lse(query, expand_kv(repeat, heads), True, module.scaling),
-        )
+        lse = self.restricted_lse(query, key, lse_parts, module.scaling)
         queries = grouped_queries(module, query)  # (kv_heads, group, L, d)
         lse = lse[0].reshape(queries.shape[:3])
         for head in range(queries.shape[0]):
