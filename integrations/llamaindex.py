@@ -57,7 +57,6 @@ import os
 import queue
 import re
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
@@ -206,64 +205,6 @@ def _upgrade_index_store(storage_context: StorageContext) -> None:
     alone: ``index.persist()`` still copies the cache store, ``storage_context.persist()`` then only references it)."""
     if type(storage_context.index_store) is SimpleIndexStore:
         storage_context.index_store = KVzipIndexStore(storage_context.index_store._kvstore)
-
-
-# --------------------------------------------------------------------------------------------- store copying
-
-
-def _sqlite_backup(source: Path, target: Path) -> None:
-    """A consistent snapshot of ``source`` written into ``target`` (works while others use either database)."""
-    src = sqlite3.connect(str(source), timeout=30)
-    try:
-        dst = sqlite3.connect(str(target), timeout=30)
-        try:
-            src.backup(dst)
-        finally:
-            dst.close()
-    finally:
-        src.close()
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(target.name + ".part")
-    try:
-        os.link(source, temp)
-    except OSError:
-        shutil.copy2(source, temp)
-    os.replace(temp, target)
-
-
-def _copy_store(store: CacheStore, dest: Path) -> None:
-    """Copy a folder store into ``dest``: database snapshot to a staging file, referenced blobs (hard links: blobs
-    are immutable), then the snapshot into place, then blobs no row references are removed. A crash at any step
-    leaves no row in ``dest`` that points at a missing blob."""
-    dest = dest.resolve()
-    if store.path is not None and dest == store.path:
-        return
-    dest.mkdir(parents=True, exist_ok=True)
-    staging = dest / (DB_NAME + ".staging")
-    staging.unlink(missing_ok=True)
-    _sqlite_backup(store.path / DB_NAME, staging)
-    connection = sqlite3.connect(str(staging))
-    try:
-        referenced = {row[0] for row in connection.execute("SELECT blob_path FROM caches")}
-    finally:
-        connection.close()
-    blob_root = dest / _BLOBS
-    for relative in sorted(referenced):
-        source = (store.blob_dir / relative).resolve()
-        target = (blob_root / relative).resolve()
-        if store.blob_dir not in source.parents or blob_root not in target.parents:
-            raise KVzipError(f"refusing to copy blob path {relative!r}: it points outside the blob folder")
-        if target.exists() and target.stat().st_size == source.stat().st_size:
-            continue
-        _link_or_copy(source, target)
-    _sqlite_backup(staging, dest / DB_NAME)
-    staging.unlink(missing_ok=True)
-    for path in blob_root.rglob("*.safetensors"):
-        if path.relative_to(blob_root).as_posix() not in referenced:
-            path.unlink(missing_ok=True)
 
 
 def _remove_temp_store(store: CacheStore, folder: str) -> None:
@@ -925,7 +866,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
                     number = 2
                     while name in taken:
                         name, number = f"{STORE_DIRNAME}-{number}", number + 1
-                    _copy_store(store, Path(persist_dir) / name)
+                    store.copy_to(Path(persist_dir) / name)
                     exported[key] = name
                 struct.store_dir = name
                 struct.store_path = str((Path(persist_dir) / name).resolve())

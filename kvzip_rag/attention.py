@@ -93,14 +93,21 @@ def causal_attention_with_past(
     tokens' range) is returned too, so an observer can renormalise over a subset of keys for free (KVzip's
     restricted softmax).
     """
-    heads, length = query.shape[1], query.shape[2]
+    batch, heads, length, dim = query.shape
+    num_kv = key.shape[1]
     past = key.shape[2] - length
-    key, value = expand_kv(key, heads), expand_kv(value, heads)
+    # Past keys are visible to every query, so the query heads sharing a kv head can be stacked as one longer
+    # query block: no copy of the keys per query head (GQA), same result.
+    stacked = query.reshape(batch, num_kv, heads // num_kv * length, dim)
     bounds = sorted({0, past, *(c for c in cuts if 0 < c < past)})
-    ranges = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] + [(past, past + length)]
-    parts = {
-        (a, b): flash_cpu(query, key[:, :, a:b], value[:, :, a:b], a == past, scaling)[:2] for a, b in ranges
-    }
+    parts = {}
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:
+            out, lse = flash_cpu(stacked, key[:, :, a:b], value[:, :, a:b], False, scaling)[:2]
+            parts[(a, b)] = (out.reshape(query.shape), lse.reshape(batch, heads, length))
+    parts[(past, past + length)] = flash_cpu(
+        query, expand_kv(key[:, :, past:], heads), expand_kv(value[:, :, past:], heads), True, scaling
+    )[:2]
     out = merge_partial(list(parts.values())) if len(parts) > 1 else parts[(past, past + length)][0]
     return out, {span: lse for span, (_, lse) in parts.items()}
 

