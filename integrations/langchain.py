@@ -92,49 +92,10 @@ def _node_route(item) -> _Route:
                   dict(meta), meta.get("routing") or "search")
 
 
-def _cache_metadata(index, doc_id: str, segment_index: int) -> dict:
-    """What the index's nodes say about a segment's cache (the one ``load_hit_cache`` loads)."""
-    struct = index.index_struct
-    records = [c for c in index.store.caches_for(doc_id, segment=segment_index)
-               if not struct.model_fingerprint or (c.model_fingerprint, c.template_digest)
-               == (struct.model_fingerprint, struct.template_digest)]
-    usable = [c for c in records if c.ratio + 1e-9 >= index.ratio and c.level == index.level] or records
-    record = min(usable, key=lambda c: (c.level != index.level, c.ratio, -c.id)) if usable else None
-    return {
-        "doc_id": doc_id, "segment_index": segment_index, "cache_id": record.id if record else None,
-        "ratio": index.ratio, "level": index.level, "bytes": record.kv_nbytes if record else None,
-        "full_bytes": record.full_nbytes if record else None, "model": record.model_name if record else None,
-    }
-
-
 def _routes(index, query: str, k: int, doc_ids: Sequence[str] | None = None) -> list[_Route]:
     """The ``k`` segments that best match ``query``, best first, as the index routes them (full-text search; when
     nothing matches, its first segments, marked ``routing="fallback"``). ``doc_ids`` restricts the search."""
-    if doc_ids is None:
-        return [_node_route(item) for item in index.retrieve_nodes(query, k)]
-    if isinstance(doc_ids, str):
-        doc_ids = [doc_ids]
-    known = set(index.doc_ids)
-    missing = [d for d in doc_ids if d not in known]
-    if missing or not doc_ids:
-        raise InvalidArgumentError(f"doc_ids must name documents of this index; unknown: {missing or doc_ids}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
-    store = index.store
-    found = [(h.document_id, h.segment_index, h.text, float(h.score), dict(h.metadata))
-             for h in store.search(query, k=k, doc_ids=list(doc_ids))]
-    routing = "search"
-    if not found:
-        routing = "fallback"
-        for doc_id in doc_ids:
-            record = store.get_document(doc_id)
-            if record is not None:
-                found += [(doc_id, seg.index, seg.text, 0.0, dict(record.metadata)) for seg in record.segments]
-        found = found[:k]
-    return [
-        _Route(doc_id, segment, text, score, {**meta, **_cache_metadata(index, doc_id, segment)}, routing)
-        for doc_id, segment, text, score, meta in found
-    ]
+    return [_node_route(item) for item in index.retrieve_nodes(query, k, doc_ids=doc_ids)]
 
 
 # --------------------------------------------------------------------------------------------------- helpers

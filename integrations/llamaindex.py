@@ -882,22 +882,35 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
                 "before asking questions"
             )
 
-    def retrieve_hits(self, query: str, k: int = 1) -> List[SearchHit]:
-        """The ``k`` segments of this index's documents that best match ``query`` (store full-text search, best
-        first). When nothing matches, the index's first ``k`` segments with score ``0.0`` (a fallback)."""
-        return self._search(query, k)[0]
+    def retrieve_hits(self, query: str, k: int = 1, doc_ids: Optional[Sequence[str]] = None) -> List[SearchHit]:
+        """The ``k`` segments of this index's documents (or of ``doc_ids`` among them) that best match ``query``
+        (store full-text search, best first). When nothing matches, the first ``k`` segments with score ``0.0``
+        (a fallback)."""
+        return self._search(query, k, doc_ids)[0]
 
-    def _search(self, query: str, k: int) -> tuple[List[SearchHit], bool]:
+    def _scope(self, doc_ids: Optional[Sequence[str]]) -> list[str]:
+        """The documents a search may return: the index's, or the given subset of them."""
+        if doc_ids is None:
+            return self.doc_ids
+        doc_ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+        known = set(self.doc_ids)
+        missing = [d for d in doc_ids if d not in known]
+        if missing or not doc_ids:
+            raise InvalidArgumentError(f"doc_ids must name documents of this index; unknown: {missing or doc_ids}")
+        return doc_ids
+
+    def _search(self, query: str, k: int, doc_ids: Optional[Sequence[str]] = None) -> tuple[List[SearchHit], bool]:
         self._require_documents()
         if not isinstance(query, str) or not query.strip():
             raise InvalidArgumentError("the query is empty")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidArgumentError(f"k (similarity_top_k) must be a positive integer, got {k!r}")
-        hits = self._store.search(query, k=k, doc_ids=self.doc_ids)
+        scope = self._scope(doc_ids)
+        hits = self._store.search(query, k=k, doc_ids=scope)
         if hits:
             return hits, False
         fallback: list[SearchHit] = []
-        for doc_id in self.doc_ids:
+        for doc_id in scope:
             record = self._store.get_document(doc_id)
             if record is None:
                 continue
@@ -946,9 +959,9 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id=doc_id)},
         )
 
-    def retrieve_nodes(self, query: str, k: int = 1) -> List[NodeWithScore]:
+    def retrieve_nodes(self, query: str, k: int = 1, doc_ids: Optional[Sequence[str]] = None) -> List[NodeWithScore]:
         """:meth:`retrieve_hits` as LlamaIndex nodes (what the retriever returns)."""
-        hits, fallback = self._search(query, k)
+        hits, fallback = self._search(query, k, doc_ids)
         routing = "fallback" if fallback else None
         records: dict[str, Any] = {}
         out = []
