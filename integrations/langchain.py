@@ -480,13 +480,7 @@ class ChatKVzip(BaseChatModel):
                     "max_tokens"
                 )
             stream = conversation.stream(dialogue.question, **options)
-            emitted = ""
-            for piece in stream:
-                if not emitted:
-                    piece = piece.lstrip()
-                    if not piece:
-                        continue
-                emitted += piece
+            for piece in stream:  # the engine streams no leading whitespace
                 yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
             result = stream.result
             if self.reuse_conversations and (not options["stop"] or result.finish_reason == "length"):
@@ -674,16 +668,9 @@ class KVzipQAChain(Runnable[Any, dict]):
         question = self._question(value)
         sources = self.retriever.invoke(question, patch_config(config, callbacks=run_manager.get_child()))
         stream = self._answer_stream(question, sources)
-        started = False
-        for piece in stream:
-            if not started:
-                piece = piece.lstrip()
-                if not piece:
-                    continue
-                started = True
+        yield AddableDict(answer="")  # the answer key comes first, even for an empty answer
+        for piece in stream:  # the engine streams no leading whitespace
             yield AddableDict(answer=piece)
-        if not started:
-            yield AddableDict(answer="")
         yield AddableDict(sources=_annotated(sources, stream.result))
 
     async def _atransform(self, inputs: AsyncIterator[Any], run_manager, config: RunnableConfig):
@@ -693,16 +680,9 @@ class KVzipQAChain(Runnable[Any, dict]):
         question = self._question(value)
         sources = await self.retriever.ainvoke(question, patch_config(config, callbacks=run_manager.get_child()))
         stream = self._answer_stream(question, sources)
-        started = False
-        async for piece in stream:
-            if not started:
-                piece = piece.lstrip()
-                if not piece:
-                    continue
-                started = True
+        yield AddableDict(answer="")  # the answer key comes first, even for an empty answer
+        async for piece in stream:  # the engine streams no leading whitespace
             yield AddableDict(answer=piece)
-        if not started:
-            yield AddableDict(answer="")
         yield AddableDict(sources=_annotated(sources, stream.result))
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> dict:

@@ -104,7 +104,7 @@ class AnswerStream:
                         break
                     generated.append(token)
                     logprob_sum += float(torch.log_softmax(logits.float(), dim=-1)[token])
-                    text = tokenizer.decode(generated, skip_special_tokens=True)
+                    text = tokenizer.decode(generated, skip_special_tokens=True).lstrip()  # answers start at a word
                     cut = min((text.find(s) for s in options.stop if s and s in text), default=-1)
                     if cut >= 0:
                         text, finish = text[:cut], "stop"
