@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,19 +102,26 @@ def dense_answer(model: KVzipModel, ids: list[int], max_new_tokens: int, gold: s
     return result
 
 
-def dense_decode_latency(model: KVzipModel, cache: DynamicCache, prompt: list[int], steps: int) -> float:
-    """Median seconds per decoded token on a DynamicCache holding the document; the cache is cropped back."""
-    base = cache.get_seq_length()
+def median_decode_time(step: Callable[[list[int]], torch.Tensor], prompt: list[int], steps: int) -> float:
+    """Median seconds of one greedy decode step after feeding ``prompt`` (``step`` runs ids, returns logits)."""
     times = []
     with torch.inference_mode():
-        logits = _dense_step(model, cache, prompt)
+        logits = step(prompt)
         for _ in range(steps):
             token = int(logits.argmax())
             t0 = time.perf_counter()
-            logits = _dense_step(model, cache, [token])
+            logits = step([token])
             times.append(time.perf_counter() - t0)
-    _crop_to(cache, base)
     return statistics.median(times)
+
+
+def dense_decode_latency(model: KVzipModel, cache: DynamicCache, prompt: list[int], steps: int) -> float:
+    """Median seconds per decoded token on a DynamicCache holding the document; the cache is cropped back."""
+    base = cache.get_seq_length()
+    try:
+        return median_decode_time(lambda ids: _dense_step(model, cache, ids), prompt, steps)
+    finally:
+        _crop_to(cache, base)
 
 
 # ---------------------------------------------------------------- packed: the kvzip-rag engine
@@ -151,18 +159,10 @@ def packed_answer(model: KVzipModel, cache: PackedCache, question: str, max_new_
 def packed_decode_latency(model: KVzipModel, cache: PackedCache, prompt: list[int], steps: int) -> float:
     """Median seconds per decoded token on the packed cache (forced length, end-of-turn ignored); reset after."""
     cache.reset()
-    times = []
     try:
-        with torch.inference_mode():
-            logits = _packed_forward(model, cache, prompt)
-            for _ in range(steps):
-                token = int(logits.argmax())
-                t0 = time.perf_counter()
-                logits = _packed_forward(model, cache, [token])
-                times.append(time.perf_counter() - t0)
+        return median_decode_time(lambda ids: _packed_forward(model, cache, ids), prompt, steps)
     finally:
         cache.reset()
-    return statistics.median(times)
 
 
 def first_token(model: KVzipModel, cache: PackedCache, question: str) -> int:
