@@ -145,7 +145,11 @@ def _query_positions(layer: "PackedLayer", length: int, device) -> torch.Tensor:
 
 
 def torch_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
-    """Reference path: per kv head, one softmax over [its packed keys, the tail], no padding to a common length."""
+    """Reference path: per kv head, one softmax over [its packed keys, the tail], no padding to a common length.
+
+    Heads with equal budgets (ratio 1.0, uniform level, sliding layers) are computed as one batch; otherwise
+    head by head over each head's contiguous slice.
+    """
     _, num_q_heads, length, head_dim = query.shape
     num_kv = layer.num_heads
     group = num_q_heads // num_kv
@@ -159,19 +163,30 @@ def torch_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: f
     if window:
         visible_tail &= tail_pos[None, :] > q_pos[:, None] - window
     visible_tail = visible_tail.repeat(group, 1)  # rows ordered (group, L) like q
-    out = query.new_empty(num_kv, group * length, head_dim)
-    offsets = layer.offsets.tolist()
-    for head in range(num_kv):
-        start, end = offsets[head], offsets[head + 1]
-        keys, values = layer.keys[start:end], layer.values[start:end]
-        packed_logits = (q[head] @ keys.T) * scaling
+
+    def attend(heads: slice, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Heads ``heads`` attending over their packed (h, c, d) entries and the tail."""
+        qh = q[heads]
+        packed_logits = (qh @ keys.transpose(1, 2)) * scaling
         if window:
-            pos = layer.positions[start:end].to(query.device)
-            visible = (pos[None, :] > q_pos[:, None] - window).repeat(group, 1)
+            visible = (positions.to(query.device)[:, None, :] > q_pos[None, :, None] - window).repeat(1, group, 1)
             packed_logits = packed_logits.masked_fill(~visible, float("-inf"))
-        tail_logits = ((q[head] @ tail_k[head].T) * scaling).masked_fill(~visible_tail, float("-inf"))
+        tail_logits = ((qh @ tail_k[heads].transpose(1, 2)) * scaling).masked_fill(~visible_tail, float("-inf"))
         weights = torch.softmax(torch.cat([packed_logits, tail_logits], dim=-1).float(), dim=-1).to(values.dtype)
-        out[head] = weights[:, : end - start] @ values + weights[:, end - start :] @ tail_v[head]
+        count = keys.shape[1]
+        return weights[..., :count] @ values + weights[..., count:] @ tail_v[heads]
+
+    if layer.equal_count is not None:
+        shape = (num_kv, layer.equal_count, head_dim)
+        out = attend(slice(None), layer.keys.view(shape), layer.values.view(shape),
+                     layer.positions.view(num_kv, layer.equal_count))
+    else:
+        out = query.new_empty(num_kv, group * length, head_dim)
+        offsets = layer.offsets.tolist()
+        for head in range(num_kv):
+            start, end = offsets[head], offsets[head + 1]
+            out[head] = attend(slice(head, head + 1), layer.keys[None, start:end], layer.values[None, start:end],
+                               layer.positions[None, start:end])[0]
     return out.reshape(num_q_heads, length, head_dim).transpose(0, 1).unsqueeze(0)
 
 

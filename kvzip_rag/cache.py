@@ -78,6 +78,8 @@ class PackedLayer(CacheLayerMixin):
         self.compressed = compressed
         self.sliding_window = sliding_window
         self.num_heads = len(self.offsets) - 1
+        counts = self.counts
+        self.equal_count = int(counts[0]) if bool((counts == counts[0]).all()) else None  # lets heads batch
         self.is_initialized = True
         self.tail_keys = keys.new_zeros(1, self.num_heads, 0, keys.shape[-1])
         self.tail_values = values.new_zeros(1, self.num_heads, 0, values.shape[-1])
