@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 import torch
@@ -22,9 +21,10 @@ def test_default_alias_loads_from_the_converted_folder(default_model):
     assert default_model.name == "smollm2-135m-instruct"
     assert default_model.config.model_type == "llama"
     assert "<|im_start|>assistant" in default_model.template.suffix
-    started = time.perf_counter()
-    again = kvzip_rag.load_model("SmolLM2-135M-Instruct")
-    assert time.perf_counter() - started < 30  # converted once; the timing target itself is measured, not asserted
+    from kvzip_rag.models import cache_dir
+
+    assert (cache_dir() / "models" / "smollm2-135m-instruct" / "model.safetensors").is_file()  # converted once
+    again = kvzip_rag.load_model("SmolLM2-135M-Instruct")  # aliases are case-insensitive
     assert again.fingerprint == default_model.fingerprint
 
 
