@@ -48,6 +48,15 @@ class Answer:
         return self.decode_s / max(len(self.token_ids) - 1, 1)
 
 
+def packed_forward(model: KVzipModel, cache: PackedCache, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+    """Append ``ids`` to the cache's tail; the next-token logits of the last id (of every id with ``all_logits``)."""
+    out = model.model(
+        torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
+        logits_to_keep=0 if all_logits else 1, kvzip_cache=cache,
+    )
+    return out.logits[0] if all_logits else out.logits[0, -1]
+
+
 def _pick(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
     if options.temperature == 0:
         return int(logits.argmax())
@@ -73,16 +82,6 @@ class AnswerStream:
         self.on_done = on_done
         self.result: Answer | None = None
 
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        out = self.model.model(
-            torch.tensor([ids], device=self.model.device),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-            kvzip_cache=self.cache,
-        )
-        return out.logits[0, -1]
-
     def __iter__(self) -> Iterator[str]:
         options, tokenizer = self.options, self.model.tokenizer
         stop_ids = self.model.stop_token_ids
@@ -94,7 +93,7 @@ class AnswerStream:
         first_token_at = None
         try:
             with torch.inference_mode():
-                logits = self._forward(self.prompt_ids)
+                logits = packed_forward(self.model, self.cache, self.prompt_ids)
                 for step in range(options.max_new_tokens):
                     token = _pick(logits, options, generator)
                     if first_token_at is None:
@@ -114,7 +113,7 @@ class AnswerStream:
                     if finish == "stop":
                         break
                     if step + 1 < options.max_new_tokens or self.keep:
-                        logits = self._forward([token])
+                        logits = packed_forward(self.model, self.cache, [token])
         finally:
             end = time.perf_counter()
             if not self.keep:
@@ -180,10 +179,7 @@ class Conversation:
         """
         ids = _prompt_ids(self.model, question, first_turn=not self.turns) + self.model.encode(answer_text)
         with torch.inference_mode():
-            self.model.model(
-                torch.tensor([ids], device=self.model.device), past_key_values=self.cache, use_cache=True,
-                logits_to_keep=1, kvzip_cache=self.cache,
-            )
+            packed_forward(self.model, self.cache, ids)
         self.turns.append((question, answer_text))
         return len(ids)
 

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 import kvzip_rag
 from kvzip_rag.cache import PackedCache
+from kvzip_rag.generate import packed_forward
 from kvzip_rag.models import KVzipModel
 
 
@@ -126,12 +127,6 @@ def dense_decode_latency(model: KVzipModel, cache: DynamicCache, prompt: list[in
 
 # ---------------------------------------------------------------- packed: the kvzip-rag engine
 
-def _packed_forward(model: KVzipModel, cache: PackedCache, ids: list[int], keep_all: bool = False) -> torch.Tensor:
-    out = model.model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
-                      logits_to_keep=0 if keep_all else 1, kvzip_cache=cache)
-    return out.logits[0] if keep_all else out.logits[0, -1]
-
-
 def packed_nll(model: KVzipModel, cache: PackedCache, question: str, gold: str) -> float | None:
     """Teacher-forced mean -log p of the gold answer's tokens after the question, read through the packed cache."""
     cache.reset()
@@ -140,7 +135,7 @@ def packed_nll(model: KVzipModel, cache: PackedCache, question: str, gold: str) 
         return None
     try:
         with torch.inference_mode():
-            logits = _packed_forward(model, cache, prompt + target, keep_all=True)
+            logits = packed_forward(model, cache, prompt + target, all_logits=True)
         logits = logits[len(prompt) - 1 : len(prompt) + len(target) - 1].float()
         return float(F.cross_entropy(logits, torch.tensor(target, device=logits.device)))
     finally:
@@ -160,7 +155,7 @@ def packed_decode_latency(model: KVzipModel, cache: PackedCache, prompt: list[in
     """Median seconds per decoded token on the packed cache (forced length, end-of-turn ignored); reset after."""
     cache.reset()
     try:
-        return median_decode_time(lambda ids: _packed_forward(model, cache, ids), prompt, steps)
+        return median_decode_time(lambda ids: packed_forward(model, cache, ids), prompt, steps)
     finally:
         cache.reset()
 
@@ -170,7 +165,7 @@ def first_token(model: KVzipModel, cache: PackedCache, question: str) -> int:
     cache.reset()
     try:
         with torch.inference_mode():
-            return int(_packed_forward(model, cache, question_ids(model, question)).argmax())
+            return int(packed_forward(model, cache, question_ids(model, question)).argmax())
     finally:
         cache.reset()
 
