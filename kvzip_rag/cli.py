@@ -203,22 +203,29 @@ def load_model_cached(name: str | None, device: str | None):
 
 
 def _parse_ratio(value: str | None) -> float | None:
+    from .budget import check_ratio_level
+
     if value is None or value == "":
         return None
     try:
         ratio = float(value)
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not a number; the ratio is the fraction of KV pairs kept, e.g. 0.3")
-    if not 0.0 < ratio <= 1.0:
-        raise typer.BadParameter(f"the ratio is the fraction of KV pairs kept and must be in (0, 1], got {ratio}")
+    try:
+        check_ratio_level(ratio, "pair")
+    except KVzipError as error:
+        raise typer.BadParameter(str(error)) from None
     return ratio
 
 
 def _check_level(value: str | None) -> str | None:
-    from .budget import LEVELS
+    from .budget import check_ratio_level
 
-    if value is not None and value not in LEVELS:
-        raise typer.BadParameter(f"choose one of {', '.join(LEVELS)}")
+    if value is not None:
+        try:
+            check_ratio_level(1.0, value)
+        except KVzipError as error:
+            raise typer.BadParameter(str(error)) from None
     return value
 
 
