@@ -154,27 +154,12 @@ def default_store_path() -> Path:
 
 
 def choose_threads(threads: int | None, device: str | None) -> None:
-    """CPU threads for torch: ``--threads`` when given; otherwise torch's default, lowered on a busy machine.
-
-    OpenMP threads that compete with other processes for the same cores spin instead of working: on a 2-core
-    machine with one other busy process, 2 threads decode several times slower than 1. So without ``--threads``
-    the CLI uses at most the cores that the 1-minute load average leaves free (at least one).
-    """
+    """The library's thread policy (:mod:`kvzip_rag.runtime`), applied before the model loads."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-        return
-    if (device and not device.startswith("cpu")) or (device is None and torch.cuda.is_available()):
-        return
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on this platform
-        return
-    cores = os.cpu_count() or 1
-    free = max(1, cores - round(load))
-    if free < torch.get_num_threads():
-        torch.set_num_threads(free)
+    from .runtime import apply_thread_policy
+
+    apply_thread_policy(device or ("cuda" if torch.cuda.is_available() else "cpu"), threads)
 
 
 _MODELS: dict[tuple[str | None, str | None], object] = {}

@@ -29,3 +29,18 @@ class ModelMismatchError(KVzipError):
 
 class CorruptBlobError(KVzipError):
     """A stored cache blob is truncated, altered or not a kvzip-rag blob."""
+
+
+class DocumentNotFoundError(KVzipError, KeyError):
+    """No document with the given id is stored (a ``KeyError`` too, for code that catches that)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else "document not found"
+
+
+class StoreError(KVzipError):
+    """The store cannot do what was asked (disk full, read-only, unreachable); the message names the path."""
+
+
+class StoreFullError(StoreError, OSError):
+    """The disk holding the store is full: the message names the path and the space needed; nothing was lost."""

@@ -25,6 +25,7 @@ import torch
 from .attention import ATTENTION_NAME, register_attention
 from .errors import ModelNotFoundError
 from .prompt import PromptTemplate
+from .runtime import apply_thread_policy
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ANSWER_RESERVE = 512  # positions kept free after the context for the question and the answer
@@ -278,8 +279,12 @@ def load_model(
     name_or_path: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    threads: int | None = None,
 ) -> KVzipModel:
-    """Load a model by alias (``smollm2-135m-instruct``, ``gemma3-270m``), local folder, ``.gguf`` file or hub id."""
+    """Load a model by alias (``smollm2-135m-instruct``, ``gemma3-270m``), local folder, ``.gguf`` file or hub id.
+
+    ``threads`` sets torch's CPU threads (see :mod:`kvzip_rag.runtime`: default ``KVZIP_RAG_THREADS``, else by load).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name_or_path = name_or_path or os.environ.get("KVZIP_RAG_MODEL") or DEFAULT_MODEL
@@ -299,12 +304,13 @@ def load_model(
             f"Cause: {error}"
         ) from error
     model.to(device).eval()
-    return wrap_model(model, tokenizer, name=name)
+    return wrap_model(model, tokenizer, name=name, threads=threads)
 
 
-def wrap_model(model: torch.nn.Module, tokenizer, name: str = "custom") -> KVzipModel:
-    """Wrap an already loaded transformers model (tests build tiny random ones this way)."""
+def wrap_model(model: torch.nn.Module, tokenizer, name: str = "custom", threads: int | None = None) -> KVzipModel:
+    """Wrap an already loaded transformers model (tests build tiny random ones this way); applies the thread policy."""
     register_attention()
+    apply_thread_policy(next(model.parameters()).device, threads)
     model.set_attn_implementation(ATTENTION_NAME)
     model.eval()
     return KVzipModel(name=name, model=model, tokenizer=tokenizer, template=PromptTemplate.from_tokenizer(tokenizer))
