@@ -15,6 +15,7 @@ import kvzip_rag
 from kvzip_rag.store import CacheStore
 
 from conftest import build_tiny
+from test_cli import tiny_model_dir  # noqa: F401  (fixture: a tiny model saved as a folder)
 from test_store import HARBOUR, ORCHARD
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'kvzip-rag[ray]')")
@@ -86,6 +87,25 @@ def test_ray_index_retries_dead_worker_and_skips_stored(ray_cluster, tmp_path, t
         on_disk = {p.relative_to(store.blob_dir).as_posix() for p in store.blob_dir.rglob("*") if p.is_file()}
         assert on_disk == referenced and store.verify().ok
 
-    again = index_documents(DOCS, store_path=tmp_path / "store", model=TinyModel(), workers=2, ratio=0.4,
+    again = index_documents(DOCS, store_path=tmp_path / "store", model=TinyModel(), workers=1, ratio=0.4,
                             progress=False)
     assert sorted(again.skipped) == [d for d, _ in DOCS] and again.indexed == [] and again.ok
+
+
+def test_cli_index_on_ray(ray_cluster, tmp_path, tiny_model_dir):
+    """``kvzip-rag index --ray``: every worker loads the model folder; the document lands, then is skipped."""
+    from typer.testing import CliRunner
+
+    from kvzip_rag.cli import app
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "harbour.txt").write_text(HARBOUR)
+    args = ["--store", str(tmp_path / "store"), "--model", str(tiny_model_dir), "index", "--ray",
+            str(tmp_path / "docs")]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "1 indexed, 0 already stored, 0 failed" in first.output
+    with CacheStore(tmp_path / "store") as store:
+        assert [d.id for d in store.list_documents()] == ["harbour.txt"] and store.verify().ok
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0 and "0 indexed, 1 already stored" in second.output, second.output
