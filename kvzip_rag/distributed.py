@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class IndexReport:
     failed: dict[str, str] = field(default_factory=dict)  # doc id -> error
     retries: int = 0  # documents handed out again after their worker died
     workers: int = 0
+    startup_s: float = 0.0  # until every worker had its model loaded
+    indexing_s: float = 0.0  # from then until the last document was stored
 
     @property
     def ok(self) -> bool:
@@ -174,8 +177,16 @@ def index_documents(
     def spawn():
         return actor_class.remote(model, store_options, settings, threads)
 
+    start = time.perf_counter()
     actors = [spawn() for _ in range(count)]
     report.workers = count
+    try:
+        ray.get([actor.pid.remote() for actor in actors])  # models loaded: what follows is indexing proper
+    except ray.exceptions.RayActorError as error:  # e.g. the model cannot be loaded: every worker would fail
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        raise KVzipError(f"a Ray indexing worker could not start: {error}") from error
+    report.startup_s = time.perf_counter() - start
     queue = deque(jobs)
     attempts: dict[str, int] = {}
     running: dict[Any, tuple[Any, Job]] = {}  # object ref -> (actor, job)
@@ -185,43 +196,49 @@ def index_documents(
             job = queue.popleft()
             running[actor.index.remote(job)] = (actor, job)
 
-    with _Progress(len(jobs), enabled=progress) as bar:
-        for actor in actors:
-            submit(actor)
-        while running:
-            done, _ = ray.wait(list(running), num_returns=1)
-            ref = done[0]
-            actor, job = running.pop(ref)
-            try:
-                doc_id, status, error = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
-                attempts[job.doc_id] = attempts.get(job.doc_id, 0) + 1
-                ray.kill(actor, no_restart=True)
-                if attempts[job.doc_id] > max_retries:
-                    report.failed[job.doc_id] = f"its worker died {attempts[job.doc_id]} times: {error}"
+    try:
+        with _Progress(len(jobs), enabled=progress) as bar:
+            for actor in actors:
+                submit(actor)
+            while running:
+                done, _ = ray.wait(list(running), num_returns=1)
+                ref = done[0]
+                actor, job = running.pop(ref)
+                try:
+                    doc_id, status, error = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
+                    attempts[job.doc_id] = attempts.get(job.doc_id, 0) + 1
+                    ray.kill(actor, no_restart=True)
+                    actors.remove(actor)
+                    if attempts[job.doc_id] > max_retries:
+                        report.failed[job.doc_id] = f"its worker died {attempts[job.doc_id]} times: {error}"
+                        bar.advance(status="failed")
+                    else:
+                        report.retries += 1
+                        bar.retried()
+                        queue.appendleft(job)
+                    if queue:
+                        actor = spawn()  # the replacement loads the model again
+                        actors.append(actor)
+                        submit(actor)
+                    continue
+                except ray.exceptions.RayTaskError as error:  # a bug, not a document problem: report it, go on
+                    report.failed[job.doc_id] = str(error.cause if hasattr(error, "cause") else error)
                     bar.advance(status="failed")
+                    submit(actor)
+                    continue
+                if status == "indexed":
+                    report.indexed.append(doc_id)
+                elif status == "skipped":
+                    report.skipped.append(doc_id)
                 else:
-                    report.retries += 1
-                    bar.retried()
-                    queue.appendleft(job)
-                actor = spawn()  # the replacement loads the model again
+                    report.failed[doc_id] = error
+                bar.advance(status=status)
                 submit(actor)
-                continue
-            except ray.exceptions.RayTaskError as error:  # a bug, not a document problem: report it, go on
-                report.failed[job.doc_id] = str(error.cause if hasattr(error, "cause") else error)
-                bar.advance(status="failed")
-                submit(actor)
-                continue
-            if status == "indexed":
-                report.indexed.append(doc_id)
-            elif status == "skipped":
-                report.skipped.append(doc_id)
-            else:
-                report.failed[doc_id] = error
-            bar.advance(status=status)
-            submit(actor)
-    for actor in actors:
-        ray.kill(actor, no_restart=True)
+        report.indexing_s = time.perf_counter() - start - report.startup_s
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
     return report
 
 

@@ -281,31 +281,32 @@ def _tsquery(terms: list[str]):
     return sa.func.websearch_to_tsquery(sa.text("'english'"), sa.bindparam("tsq", " or ".join(terms)))
 
 
-_PG_STATS: dict[str, tuple[float, float, dict[str, float]]] = {}  # url -> (read at, rows, lexeme -> frequency)
-_PG_STATS_TTL_S = 300.0
+_PG_FREQUENCIES: dict[str, tuple[float, dict[str, float]]] = {}  # url -> (read at, lexeme -> share of rows)
+_PG_FREQUENCIES_TTL_S = 300.0
 
 
 def _postgres_counts(session: Session, terms: list[str]) -> dict[str, float]:
-    """Estimated matching segments per term from ANALYZE's lexeme frequencies (counting on PostgreSQL visits every
-    matching row, as slow as ranking them); a lexeme not among the most common ones counts as rare (0)."""
+    """Estimated matching segments per term: ANALYZE's lexeme frequencies (re-read every few minutes) times the
+    current row estimate. Counting on PostgreSQL visits every matching row, as slow as ranking them. A lexeme not
+    among the most common ones counts as rare (0)."""
     import time
 
     key = session.get_bind().engine.url.render_as_string(hide_password=False)
-    cached = _PG_STATS.get(key)
-    if cached is None or time.monotonic() - cached[0] > _PG_STATS_TTL_S:
+    cached = _PG_FREQUENCIES.get(key)
+    if cached is None or time.monotonic() - cached[0] > _PG_FREQUENCIES_TTL_S:
         row = session.execute(sa.text(
-            "SELECT s.most_common_elems::text::text[], s.most_common_elem_freqs, c.reltuples FROM pg_class c "
-            "LEFT JOIN pg_stats s ON s.tablename = 'segments' AND s.attname = 'text_tsv' "
-            "AND s.schemaname = current_schema() WHERE c.oid = to_regclass('segments')"
+            "SELECT most_common_elems::text::text[], most_common_elem_freqs FROM pg_stats "
+            "WHERE tablename = 'segments' AND attname = 'text_tsv' AND schemaname = current_schema()"
         )).first()
-        lexemes, freqs, rows = (row or (None, None, 0))
-        cached = (time.monotonic(), float(rows or 0), dict(zip(lexemes or [], freqs or [])))
-        _PG_STATS[key] = cached
-    _, rows, frequency = cached
+        cached = (time.monotonic(), dict(zip(row[0] or [], row[1] or [])) if row else {})
+        _PG_FREQUENCIES[key] = cached
+    frequency = cached[1]
+    rows = session.execute(sa.text("SELECT reltuples FROM pg_class WHERE oid = to_regclass('segments')")).scalar()
     stems = session.execute(
         sa.text("SELECT t, tsvector_to_array(to_tsvector('english', t)) FROM unnest(CAST(:terms AS text[])) AS t"),
         {"terms": terms},
     ).all()
+    rows = max(float(rows or 0), 0.0)
     return {term: max((frequency.get(s, 0.0) for s in lexemes or ()), default=0.0) * rows for term, lexemes in stems}
 
 
