@@ -21,20 +21,12 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from kvzip_rag.errors import InvalidArgumentError
 
 from .blob import atomic_write, fsync_dir
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str  # relative to the backend's root, "/"-separated
-    size: int
-    modified: float  # seconds since the epoch
 
 
 class ReadCounter:
@@ -72,12 +64,13 @@ class BlobObjects(ABC):
         self.counter = ReadCounter()
 
     @abstractmethod
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the object (fewer only if the object is shorter). FileNotFoundError if absent."""
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start`` (fewer only if the object is shorter). FileNotFoundError if absent."""
 
     def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Several ranges of one object (object stores fetch them concurrently and merge neighbours)."""
-        return [self.read_range(key, start, end) for start, end in ranges]
+        """Several ``(start, length)`` ranges of one object (object stores fetch them concurrently and merge
+        neighbours into one request)."""
+        return [self.read_range(key, start, length) for start, length in ranges]
 
     @abstractmethod
     def read(self, key: str) -> bytes:
@@ -96,8 +89,11 @@ class BlobObjects(ABC):
         """Remove the object; a missing object is not an error."""
 
     @abstractmethod
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object under ``prefix`` (for gc of orphans), in no particular order."""
+    def entries(self) -> Iterator[tuple[str, int, float]]:
+        """``(key, size, modified)`` of every object (for gc of orphans), in no particular order."""
+
+    def describe(self, key: str) -> str:
+        return f"{self.url.rstrip('/')}/{key}"
 
     def exists(self, key: str) -> bool:
         try:
@@ -122,12 +118,12 @@ class LocalObjects(BlobObjects):
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        if start < 0 or end < start:
-            raise InvalidArgumentError(f"bad byte range [{start}, {end}) of {key!r}")
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise InvalidArgumentError(f"bad byte range ({start}, {length}) of {key!r}")
         fd = os.open(self.path(key), os.O_RDONLY)
         try:
-            data = os.pread(fd, end - start, start)
+            data = os.pread(fd, length, start)
         finally:
             os.close(fd)
         self.counter.add(len(data))
@@ -157,15 +153,14 @@ class LocalObjects(BlobObjects):
             return
         fsync_dir(path.parent)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        base = self.root / prefix if prefix else self.root
-        for path in base.rglob("*"):
+    def entries(self) -> Iterator[tuple[str, int, float]]:
+        for path in self.root.rglob("*"):
             try:
                 stat = path.stat()
             except FileNotFoundError:  # removed while we walked
                 continue
             if path.is_file():
-                yield ObjectInfo(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime)
+                yield path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime
 
 
 class ObstoreObjects(BlobObjects):
@@ -184,23 +179,23 @@ class ObstoreObjects(BlobObjects):
         self.url = url
         self.store = from_url(url, **options)
 
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        if start < 0 or end < start:
-            raise InvalidArgumentError(f"bad byte range [{start}, {end}) of {key!r}")
-        if end == start:
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise InvalidArgumentError(f"bad byte range ({start}, {length}) of {key!r}")
+        if length == 0:
             return b""
-        data = bytes(self._obstore.get_range(self.store, check_key(key), start=start, end=end))
+        data = bytes(self._obstore.get_range(self.store, check_key(key), start=start, length=length))
         self.counter.add(len(data))
         return data
 
     def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        wanted = [(a, b) for a, b in ranges if b > a]
+        wanted = [(a, n) for a, n in ranges if n > 0]
         if not wanted:
             return [b"" for _ in ranges]
         pieces = iter(self._obstore.get_ranges(
-            self.store, check_key(key), starts=[a for a, _ in wanted], ends=[b for _, b in wanted]
+            self.store, check_key(key), starts=[a for a, _ in wanted], lengths=[n for _, n in wanted]
         ))
-        out = [bytes(next(pieces)) if b > a else b"" for a, b in ranges]
+        out = [bytes(next(pieces)) if n > 0 else b"" for _, n in ranges]
         self.counter.add(sum(map(len, out)), len(wanted))
         return out
 
@@ -221,10 +216,10 @@ class ObstoreObjects(BlobObjects):
         except FileNotFoundError:
             pass
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        for batch in self._obstore.list(self.store, prefix or None, chunk_size=1000):
+    def entries(self) -> Iterator[tuple[str, int, float]]:
+        for batch in self._obstore.list(self.store, chunk_size=1000):
             for meta in batch:
-                yield ObjectInfo(meta["path"], int(meta["size"]), meta["last_modified"].timestamp())
+                yield meta["path"], int(meta["size"]), meta["last_modified"].timestamp()
 
 
 def open_objects(location: str | os.PathLike, **options) -> BlobObjects:

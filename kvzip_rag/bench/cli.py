@@ -15,6 +15,7 @@ import typer
 from .presets import get_preset, parse_overrides
 
 TASKS = ("squad", "needle", "narrativeqa")
+EXTRA_TASKS = ("scale",)  # run only when asked for (kvzip_rag/bench/scale.py)
 
 
 def run_bench(
@@ -48,15 +49,22 @@ def run_bench(
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if threads:
         torch.set_num_threads(threads)
-    unknown = set(tasks) - set(TASKS)
+    unknown = set(tasks) - set(TASKS) - set(EXTRA_TASKS)
     if unknown:
-        raise typer.BadParameter(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
+        raise typer.BadParameter(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS + EXTRA_TASKS)}")
     settings = get_preset(preset, **(preset_overrides or {}))
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if not data_dir.is_dir():
         raise FileNotFoundError(f"benchmark data folder {data_dir} not found (set --data or KVZIP_RAG_DATA)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if "scale" in tasks:
+        from .scale import run_scale_task
+
+        scale = run_scale_task(settings, data_dir, out_dir, model, loaded_model, log)
+        tasks = tuple(t for t in tasks if t != "scale")
+        if not tasks:
+            return {"scale": scale}
     start = time.perf_counter()
     kv_model = loaded_model or kvzip_rag.load_model(model)
     log(f"model {kv_model.name} loaded in {time.perf_counter() - start:.1f}s; preset {settings.name}; "
@@ -85,7 +93,8 @@ def bench(
     = Path("bench-out"),
     model: Annotated[str | None, typer.Option("--model", help="Model alias, folder, .gguf or hub id.")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="Run only this task (repeatable): squad, "
-                                                                  "needle, narrativeqa.")] = None,
+                                                                  "needle, narrativeqa; or scale (10^6 "
+                                                                  "segments, S3, Ray; only when named).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "
                                                                 "(repeatable), e.g. --set squad_docs=2 "

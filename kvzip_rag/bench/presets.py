@@ -47,6 +47,11 @@ class Preset:
     chunk_tokens: int = 128  # chunk retrieval: chunk size in LLM tokens, overlap, chunks retrieved
     chunk_overlap: int = 16
     top_k: int = 3
+    # --task scale (kvzip_rag/bench/scale.py): synthetic segments per database size, routing queries, Ray documents
+    scale_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    scale_words: int = 100
+    scale_queries: int = 200
+    scale_ray_documents: int = 12
 
 
 PRESETS: dict[str, Preset] = {
@@ -57,6 +62,7 @@ PRESETS: dict[str, Preset] = {
         needle_cases=((1024, 0.5), (2048, 0.5)), needle_ratios=(0.3,), needle_extra_ratios=(),
         nqa_docs=1, nqa_questions=3, nqa_ratios=(0.3,), nqa_max_tokens=900,
         ttft_length=2048, decode_steps=8, ttft_repeats=2,
+        scale_sizes=(10_000,), scale_queries=50, scale_ray_documents=4,
     ),
     "full": Preset(
         name="full",
