@@ -44,8 +44,11 @@ class TinyModel:
 
             def maybe_die(_module, _args):
                 calls[0] += 1
-                if calls[0] == self.die_on_call and not os.path.exists(self.die_marker):
-                    Path(self.die_marker).write_text(str(os.getpid()))
+                if calls[0] == self.die_on_call:
+                    try:  # O_EXCL: exactly one worker of the cluster wins the right to die
+                        os.close(os.open(self.die_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    except FileExistsError:
+                        return
                     os._exit(1)
 
             model.model.register_forward_pre_hook(maybe_die)
