@@ -310,6 +310,10 @@ def _postgres_counts(session: Session, terms: list[str]) -> dict[str, float]:
     return {term: max((frequency.get(s, 0.0) for s in lexemes or ()), default=0.0) * rows for term, lexemes in stems}
 
 
+# One compiled statement (plain SQL: building an expression per term cost more than running it).
+_FTS5_COUNT = sa.text("SELECT count(*) FROM (SELECT 1 FROM segments_fts WHERE segments_fts MATCH :match LIMIT :cap)")
+
+
 def _within_budget(session: Session, terms: list[str], method: str) -> tuple[list[str], bool]:
     """The query terms to rank with, rarest first while their matches fit ``MATCH_BUDGET``, and whether even the
     rarest alone exceeds it. SQLite counts each term's matches up to the budget (cheap in FTS5); PostgreSQL
@@ -317,14 +321,10 @@ def _within_budget(session: Session, terms: list[str], method: str) -> tuple[lis
     if method == "postgres":
         counts = _postgres_counts(session, terms)
     else:
-        counts = {}
-        fts_ref = sa.literal_column("segments_fts")
-        for term in terms:
-            hits = sa.select(sa.literal(1)).select_from(sa.table("segments_fts")).where(
-                fts_ref.op("MATCH")(sa.bindparam("one", _fts5_match([term]))))
-            counts[term] = session.execute(
-                sa.select(sa.func.count()).select_from(hits.limit(MATCH_BUDGET + 1).subquery())
-            ).scalar() or 0
+        counts = {
+            term: session.execute(_FTS5_COUNT, {"match": _fts5_match([term]), "cap": MATCH_BUDGET + 1}).scalar() or 0
+            for term in terms
+        }
     if sum(counts.values()) <= MATCH_BUDGET:
         return terms, False
     kept, total = [], 0
