@@ -43,6 +43,8 @@ class IndexReport:
     workers: int = 0
     startup_s: float = 0.0  # until every worker had its model loaded
     indexing_s: float = 0.0  # from then until the last document was stored
+    busy_s: float = 0.0  # wall time workers spent on documents, summed
+    cpu_s: float = 0.0  # CPU time they got meanwhile, summed (below busy_s: they waited for a core)
 
     @property
     def ok(self) -> bool:
@@ -86,18 +88,21 @@ class IndexWorker:
                 and abs(c.ratio - self.settings["ratio"]) < 1e-9}
         return bool(record.segments) and all(s.id in have for s in record.segments)
 
-    def index(self, job: Job) -> tuple[str, str, str]:
-        """``(doc_id, "indexed" | "skipped" | "failed", error)``; errors of the document itself are returned,
-        not raised, so only a dead worker looks like a dead worker."""
+    def index(self, job: Job) -> tuple[str, str, str, float, float]:
+        """``(doc_id, "indexed" | "skipped" | "failed", error, wall s, CPU s)``; errors of the document itself are
+        returned, not raised, so only a dead worker looks like a dead worker."""
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             if not self.settings.get("force") and self._stored(job):
-                return job.doc_id, "skipped", ""
-            self.store.add_document(self.model, job.text, doc_id=job.doc_id, metadata=job.metadata or None,
-                                    ratio=self.settings["ratio"], level=self.settings["level"],
-                                    scorer=self.settings["scorer"], force=self.settings.get("force", False))
-            return job.doc_id, "indexed", ""
-        except KVzipError as error:
-            return job.doc_id, "failed", f"{type(error).__name__}: {error}"
+                status, error = "skipped", ""
+            else:
+                self.store.add_document(self.model, job.text, doc_id=job.doc_id, metadata=job.metadata or None,
+                                        ratio=self.settings["ratio"], level=self.settings["level"],
+                                        scorer=self.settings["scorer"], force=self.settings.get("force", False))
+                status, error = "indexed", ""
+        except KVzipError as failure:
+            status, error = "failed", f"{type(failure).__name__}: {failure}"
+        return job.doc_id, status, error, time.perf_counter() - start, time.process_time() - start_cpu
 
     def pid(self) -> int:
         return os.getpid()
@@ -205,7 +210,7 @@ def index_documents(
                 ref = done[0]
                 actor, job = running.pop(ref)
                 try:
-                    doc_id, status, error = ray.get(ref)
+                    doc_id, status, error, busy, cpu = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
                     attempts[job.doc_id] = attempts.get(job.doc_id, 0) + 1
                     ray.kill(actor, no_restart=True)
@@ -227,6 +232,8 @@ def index_documents(
                     bar.advance(status="failed")
                     submit(actor)
                     continue
+                report.busy_s += busy
+                report.cpu_s += cpu
                 if status == "indexed":
                     report.indexed.append(doc_id)
                 elif status == "skipped":

@@ -407,9 +407,11 @@ def ray_throughput(model_name: str | None, data_dir: Path, documents: int = 12, 
             if not report.ok:
                 raise RuntimeError(f"ray indexing failed: {report.failed}")
             rows.append({"workers": count, "documents": len(texts), "startup_s": report.startup_s,
-                         "indexing_s": report.indexing_s, "docs_per_s": len(texts) / report.indexing_s})
+                         "indexing_s": report.indexing_s, "docs_per_s": len(texts) / report.indexing_s,
+                         "busy_s": report.busy_s, "cpu_s": report.cpu_s, "load_avg": os.getloadavg()[0]})
             log(f"scale ray {count} worker(s): {len(texts)} documents in {report.indexing_s:.1f}s "
-                f"({rows[-1]['docs_per_s']:.2f}/s) after {report.startup_s:.1f}s of model loading")
+                f"({rows[-1]['docs_per_s']:.2f}/s) after {report.startup_s:.1f}s of model loading; workers busy "
+                f"{report.busy_s:.1f}s, on a core {report.cpu_s:.1f}s")
     finally:
         if started_here:
             ray.shutdown()
@@ -437,11 +439,11 @@ def markdown(results: dict) -> str:
         lines.append(f"\n{name} skipped: {why}")
     ray_rows = results.get("ray", {}).get("rows")
     if ray_rows:
-        lines += ["", "| Ray workers (1 thread each) | documents | model loading | indexing | documents/s |",
-                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| Ray workers (1 thread each) | documents | model loading | indexing | documents/s | worker "
+                  "wall s | worker CPU s | load avg |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in ray_rows:
             lines.append(f"| {r['workers']} | {r['documents']} | {r['startup_s']:.1f} s | {r['indexing_s']:.1f} s | "
-                         f"{r['docs_per_s']:.2f} |")
+                         f"{r['docs_per_s']:.2f} | {r['busy_s']:.1f} | {r['cpu_s']:.1f} | {r['load_avg']:.1f} |")
         if results["ray"].get("speedup"):
             lines.append(f"\nSpeed-up of {ray_rows[-1]['workers']} workers over 1: {results['ray']['speedup']:.2f}x")
     loads = results.get("blob_loads")
