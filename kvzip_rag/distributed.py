@@ -133,6 +133,7 @@ def index_documents(
     store_url: str | None = None,
     store_path: str | os.PathLike | None = None,
     blob_dir: str | os.PathLike | None = None,
+    blob_url: str | None = None,
     model=None,
     ratio: float = 0.3,
     level: str = "pair",
@@ -149,7 +150,8 @@ def index_documents(
 
     ``documents``: texts, ``(doc_id, text[, metadata])`` tuples, dicts with ``text`` (and ``doc_id``,
     ``metadata``) or :class:`Job` s. The store is opened in every worker from ``store_url`` (an SQLAlchemy URL every
-    worker can reach) or ``store_path`` (a folder store on a file system they share), plus ``blob_dir``.
+    worker can reach) or ``store_path`` (a folder store on a file system they share), with the blobs in
+    ``blob_url`` (``s3://bucket/prefix``; credentials from each worker's environment) or ``blob_dir``.
     ``model``: an alias/path for :func:`kvzip_rag.load_model`, or a picklable zero-argument callable returning a
     ``KVzipModel`` (e.g. a custom or test model). ``address``: a running cluster (``"auto"`` or ``ray://...``);
     None starts a local one. ``workers`` defaults to one per GPU, else one per CPU of the cluster.
@@ -164,6 +166,8 @@ def index_documents(
     store_options = {"url": store_url} if store_url is not None else {"path": os.fspath(store_path)}
     if blob_dir is not None:
         store_options["blob_dir"] = os.fspath(blob_dir)
+    if blob_url is not None:
+        store_options["blob_url"] = blob_url
     settings = {"ratio": float(ratio), "level": level, "scorer": scorer, "force": force}
     report = IndexReport()
     if not jobs:
