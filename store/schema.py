@@ -198,7 +198,7 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 # most frequent query terms (the ones with the least weight, e.g. "year" in a million segments) are left out
 # while the rarer ones match more than this many segments; a query of only such terms ranks the first MATCH_BUDGET
 # segments that hold its rarest term. Stores where every query matches fewer segments rank exactly.
-MATCH_BUDGET = 2_000
+MATCH_BUDGET = 1_000
 
 
 def query_terms(query: str, max_terms: int = 32) -> list[str]:
