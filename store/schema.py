@@ -224,15 +224,29 @@ def search_segments(
         return []
     dialect = session.get_bind().dialect.name
     method = method or {"sqlite": "fts5", "postgresql": "postgres"}.get(dialect, "terms")
+    if method == "terms" or where is not None:
+        return _ranked(session, terms, limit, where, method)
+    kept, overflow = _within_budget(session, terms, method)
+    hits = _ranked(session, kept, limit, None, method) if kept else []
+    if overflow is not None and len(hits) < limit:  # every term with matches is frequent: a bounded set of its
+        seen = {i for i, _ in hits}                  # matches, after the (rare) hits of the terms kept
+        more = _ranked(session, [overflow], limit + len(hits), None, method, capped=True)
+        hits += [h for h in more if h[0] not in seen][: limit - len(hits)]
+    return hits
+
+
+def _ranked(
+    session: Session, terms: list[str], limit: int, where, method: str, capped: bool = False
+) -> list[tuple[int, float]]:
+    """The ranking statement of one method; ``capped`` ranks only the first MATCH_BUDGET matches."""
     if method == "fts5":
         fts = sa.table("segments_fts", sa.column("rowid"))
         fts_ref = sa.literal_column("segments_fts")
         rank = sa.func.bm25(fts_ref)
-        terms, capped = _within_budget(session, terms, method) if where is None else (terms, False)
         matches = fts_ref.op("MATCH")(sa.bindparam("match", _fts5_match(terms)))
         if where is None:  # rank inside the FTS5 table alone: no join per matching row
             stmt = sa.select(fts.c.rowid, (-rank).label("score")).where(matches).order_by(rank, fts.c.rowid)
-            if capped:
+            if capped:  # the first MATCH_BUDGET matches in segment order (FTS5 seeks rowid ranges)
                 last = session.execute(sa.select(fts.c.rowid).where(matches).order_by(fts.c.rowid)
                                        .limit(1).offset(MATCH_BUDGET - 1)).scalar()
                 stmt = stmt.where(fts.c.rowid <= last) if last is not None else stmt
@@ -245,10 +259,9 @@ def search_segments(
                 .order_by(rank, Segment.id)
             )
     elif method == "postgres":
-        terms, capped = _within_budget(session, terms, method) if where is None else (terms, False)
         tsq = _tsquery(terms)
         vector = sa.literal_column("segments.text_tsv")  # the stored column the GIN index covers
-        if capped:  # rank the first MATCH_BUDGET matching segments only
+        if capped:  # MATCH_BUDGET matching segments (in storage order) only
             inner = sa.select(Segment.id.label("id"), vector.label("tsv")).where(vector.op("@@")(tsq))
             inner = inner.limit(MATCH_BUDGET).subquery()
             score = sa.func.ts_rank(inner.c.tsv, tsq)
@@ -314,10 +327,10 @@ def _postgres_counts(session: Session, terms: list[str]) -> dict[str, float]:
 _FTS5_COUNT = sa.text("SELECT count(*) FROM (SELECT 1 FROM segments_fts WHERE segments_fts MATCH :match LIMIT :cap)")
 
 
-def _within_budget(session: Session, terms: list[str], method: str) -> tuple[list[str], bool]:
-    """The query terms to rank with, rarest first while their matches fit ``MATCH_BUDGET``, and whether even the
-    rarest alone exceeds it. SQLite counts each term's matches up to the budget (cheap in FTS5); PostgreSQL
-    estimates them from its statistics."""
+def _within_budget(session: Session, terms: list[str], method: str) -> tuple[list[str], str | None]:
+    """The query terms to rank with (query order): the rarest while their matches fit ``MATCH_BUDGET``; and, when
+    no term with matches fits, the rarest frequent one to rank a bounded set of. SQLite counts each term's matches
+    up to the budget (cheap in FTS5); PostgreSQL estimates them from its statistics."""
     if method == "postgres":
         counts = _postgres_counts(session, terms)
     else:
@@ -326,12 +339,12 @@ def _within_budget(session: Session, terms: list[str], method: str) -> tuple[lis
             for term in terms
         }
     if sum(counts.values()) <= MATCH_BUDGET:
-        return terms, False
-    kept, total = [], 0
+        return terms, None
+    kept, total, overflow = [], 0, None
     for term in sorted(terms, key=lambda t: counts[t]):
-        if kept and total + counts[term] > MATCH_BUDGET:
+        if total + counts[term] > MATCH_BUDGET:
+            overflow = term if total == 0 else None
             break
         kept.append(term)
         total += counts[term]
-    kept = [t for t in terms if t in kept]  # query order, as before
-    return kept, total > MATCH_BUDGET
+    return [t for t in terms if t in kept], overflow

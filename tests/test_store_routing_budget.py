@@ -48,6 +48,8 @@ def _check_budget(store: CacheStore, monkeypatch) -> None:
     capped = _search(store, "common", 10, monkeypatch)
     assert len(capped) == 10 and all(a[1] >= b[1] for a, b in zip(capped, capped[1:]))
     assert {i for i, _ in capped} <= {i for i, _ in exact("common")}
+    # a term with no matches never hides the frequent ones: they are still ranked (bounded)
+    assert _search(store, "absentword common", 10, monkeypatch) == capped
     # the store's search uses the same path
     monkeypatch.setattr(schema, "MATCH_BUDGET", 10)
     assert [h.segment_id for h in store.search("rare common", k=2)] == [i for i, _ in pruned[:2]]
