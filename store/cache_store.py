@@ -26,6 +26,7 @@ from kvzip_rag.errors import (
     KVzipError,
     ModelMismatchError,
     StoreError,
+    StoreFullError,
 )
 
 from .backup import copy_folder_store
@@ -268,6 +269,8 @@ class CacheStore:
             raise full_error(where, needed, cause) from None
 
     def _raise_if_full(self, error: BaseException) -> None:
+        if isinstance(error, StoreFullError):
+            return
         cause = getattr(error, "orig", None) or error
         if isinstance(error, (sa.exc.OperationalError, OSError)) and is_disk_full(cause, self.blob_dir):
             raise full_error(self._where(), None, cause) from error
