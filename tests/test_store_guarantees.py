@@ -320,3 +320,20 @@ def test_gc_now_removes_young_orphans(tmp_path, tiny_llama):
         orphan.write_bytes(b"x" * 10)
         assert store.gc().removed == []  # younger than the 600 s default: may belong to an add in progress
         assert store.gc(now=True).removed == ["ab/ab0123.safetensors"] and store.verify().ok
+
+
+def test_cli_gc_now(tmp_path, tiny_llama):
+    from typer.testing import CliRunner
+
+    from kvzip_rag.cli import app
+
+    with CacheStore(tmp_path / "s") as store:
+        store.add_document(tiny_llama, HARBOUR, doc_id="a", ratio=0.5)
+        orphan = store.blob_dir / "cd" / "cd0123.safetensors"
+        orphan.parent.mkdir(parents=True, exist_ok=True)
+        orphan.write_bytes(b"x" * 10)
+    runner = CliRunner()
+    kept = runner.invoke(app, ["--store", str(tmp_path / "s"), "gc"])
+    assert kept.exit_code == 0 and "removed 0" in kept.stdout and orphan.exists()
+    removed = runner.invoke(app, ["--store", str(tmp_path / "s"), "gc", "--now"])
+    assert removed.exit_code == 0 and "removed 1" in removed.stdout and not orphan.exists()
