@@ -534,7 +534,8 @@ class CacheStore:
                 if isinstance(target, CacheRecord) and target.payload_sha256 not in ("", record.payload_sha256):
                     raise DocumentNotFoundError(f"cache {cache_id} was replaced since it was listed; list it again")
                 cache_info(record).check_model(model, self._label(record.document_id, record.segment_index))
-                return record, session.get(Prefix, found[0].prefix_id)
+                prefix_id = found[0].prefix_id
+                return record, session.get(Prefix, prefix_id) if prefix_id is not None else None
             seg = self._segment_for(session, target, segment)
             records = [cache_record(c, seg) for c in seg.caches]
             prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
@@ -645,14 +646,27 @@ class CacheStore:
             if doc_ids is not None:
                 ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
                 stmt = stmt.where(Segment.document_id.in_(ids))
-            found = [(cache_record(c, s), session.get(Prefix, c.prefix_id), s.text)
+            prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
+            found = [(cache_record(c, s), prefixes.get(c.prefix_id), s.text)
                      for c, s in session.execute(stmt.order_by(Cache.id))]
         from .indexer import content_hash
 
+        bad_prefixes = {}
+        for row in {p.id: p for _, p, _ in found if p is not None}.values():
+            try:
+                if file_sha256(self.blobs, row.blob_path) != row.sha256:
+                    raise CorruptBlobError(f"the shared prefix of model {row.model_name!r} is corrupted (sha256)")
+                BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}").verify_payload()
+            except FileNotFoundError:
+                bad_prefixes[row.id] = f"the shared prefix of model {row.model_name!r} is missing"
+            except KVzipError as error:
+                bad_prefixes[row.id] = str(error)
         for record, prefix_row, text in found:
             report.checked += 1
             label = self._label(record.document_id, record.segment_index)
             try:
+                if prefix_row is not None and prefix_row.id in bad_prefixes:
+                    raise CorruptBlobError(f"{label}: {bad_prefixes[prefix_row.id]}")
                 if file_sha256(self.blobs, record.blob_path) != record.sha256:
                     raise CorruptBlobError(f"{label} is corrupted: its sha256 differs from the one recorded")
                 reader = BlobReader(self.blobs, record.blob_path, label)

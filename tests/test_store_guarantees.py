@@ -337,3 +337,23 @@ def test_cli_gc_now(tmp_path, tiny_llama):
     assert kept.exit_code == 0 and "removed 0" in kept.stdout and orphan.exists()
     removed = runner.invoke(app, ["--store", str(tmp_path / "s"), "gc", "--now"])
     assert removed.exit_code == 0 and "removed 1" in removed.stdout and not orphan.exists()
+
+
+def test_indexer_on_its_own_and_a_corrupt_shared_prefix_is_reported(tmp_path, tiny_llama):
+    from kvzip_rag.store import Indexer
+
+    with CacheStore(tmp_path / "s", cache_bytes=0) as store:
+        indexer = Indexer(tiny_llama, store)
+        indexer.add(HARBOUR, doc_id="a", ratio=0.5)
+        indexer.add(ORCHARD, doc_id="b", ratio=0.5)
+        assert store.load_cache("a", tiny_llama).info.context_length > 0 and store.verify().ok
+        with store.engine.connect() as connection:
+            prefix = connection.exec_driver_sql("SELECT blob_path FROM prefixes").scalar()
+        path = store.blob_dir / prefix
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x10
+        path.write_bytes(bytes(data))
+        assert sorted(p.document_id for p in store.verify().problems) == ["a", "b"]
+    with CacheStore(tmp_path / "s") as fresh:  # a new process reads the prefix from disk: refused, not served
+        with pytest.raises(CorruptBlobError, match="shared prefix"):
+            fresh.load_cache("b", tiny_llama)
