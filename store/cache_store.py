@@ -2,14 +2,14 @@
 
 Compression lives in :mod:`.indexer` (``add_document``/``recompress`` delegate to an ``Indexer``), blob bytes in
 :mod:`.blob`, the cache <-> blob mapping and ratio policy in :mod:`.cachefile`, metadata filters in
-:mod:`.filters`, copying in :mod:`.backup`. This module is over 400 lines because it is the store's whole public
-API (documents, search, loading, verify/gc/copy) with the failure handling each call needs.
+:mod:`.filters`, copying in :mod:`.backup`. Choosing and reading a cache for a question is in
+:mod:`.loading`, verify/gc in :mod:`.maintenance`. Over 400 lines because it is the store's whole public API
+(documents, search, loading, verify/gc/copy) plus the full-disk and read-only handling every write shares.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,15 +23,14 @@ from kvzip_rag.errors import (
     CorruptBlobError,
     DocumentNotFoundError,
     InvalidArgumentError,
-    KVzipError,
-    ModelMismatchError,
     StoreError,
     StoreFullError,
 )
 
+from . import loading, maintenance
 from .backup import copy_folder_store
-from .blob import BlobReader, LocalBlobs, ReadStats, file_sha256, full_error, is_disk_full, new_blob_name
-from .cachefile import check_loadable, document_header, encode_prefix, read_document, read_prefix
+from .blob import BlobReader, LocalBlobs, ReadStats, full_error, is_disk_full, new_blob_name
+from .cachefile import check_loadable, encode_prefix, read_prefix
 from .filters import metadata_condition
 from .indexer import MAX_SEGMENTS, Indexer, Progress
 from .lru import CacheLRU
@@ -40,8 +39,6 @@ from .records import (
     DocumentRecord,
     GCReport,
     SearchHit,
-    SegmentRecord,
-    VerifyProblem,
     VerifyReport,
     cache_record,
     document_record,
@@ -502,74 +499,6 @@ class CacheStore:
             sizes = self._prefix_sizes(session)
             return [cache_record(c, s, sizes.get(c.prefix_id, 0)) for c, s in session.execute(stmt)]
 
-    def _segment_for(self, session: Session, target, segment: int) -> Segment:
-        if isinstance(target, (SearchHit, SegmentRecord)):
-            stmt = sa.select(Segment).where(Segment.id == (target.segment_id if isinstance(target, SearchHit)
-                                                            else target.id))
-        elif isinstance(target, str):
-            stmt = sa.select(Segment).where(Segment.document_id == target, Segment.index == segment)
-        else:
-            raise InvalidArgumentError(
-                "load_cache takes a document id (with segment=), a SearchHit, a SegmentRecord, a CacheRecord or a "
-                "cache id"
-            )
-        found = session.scalars(stmt.options(selectinload(Segment.caches))).first()
-        if found is None:
-            doc_id = target if isinstance(target, str) else target.document_id
-            if session.get(Document, doc_id) is None:
-                raise DocumentNotFoundError(f"no document {doc_id!r} in the store at {self._where()}")
-            raise DocumentNotFoundError(f"document {doc_id!r} has no segment {segment} (it was re-added?)")
-        return found
-
-    def _pick(self, model, target, segment: int, ratio: float | None, level: str | None) -> tuple[CacheRecord, Prefix | None]:
-        with self._read() as session:
-            if isinstance(target, CacheRecord) or (isinstance(target, int) and not isinstance(target, bool)):
-                cache_id = target.id if isinstance(target, CacheRecord) else target
-                found = session.execute(
-                    sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id).where(Cache.id == cache_id)
-                ).first()
-                if found is None:
-                    raise DocumentNotFoundError(f"no cache {cache_id} in the store at {self._where()} (deleted?)")
-                record = cache_record(*found)
-                if isinstance(target, CacheRecord) and target.payload_sha256 not in ("", record.payload_sha256):
-                    raise DocumentNotFoundError(f"cache {cache_id} was replaced since it was listed; list it again")
-                cache_info(record).check_model(model, self._label(record.document_id, record.segment_index))
-                prefix_id = found[0].prefix_id
-                return record, session.get(Prefix, prefix_id) if prefix_id is not None else None
-            seg = self._segment_for(session, target, segment)
-            records = [cache_record(c, seg) for c in seg.caches]
-            prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
-            rows = {c.id: c for c in seg.caches}
-        label = self._label(seg.document_id, seg.index)
-        mine = [c for c in records if c.model_fingerprint == model.fingerprint
-                and c.template_digest == model.template.digest]
-        if not mine:
-            if records:
-                built = ", ".join(sorted({f"{c.model_name} ({c.model_fingerprint})" for c in records}))
-                raise ModelMismatchError(
-                    f"{label} has caches built by {built} only, none by model {model.name!r} "
-                    f"(fingerprint {model.fingerprint}) with its current template; call recompress() for this model"
-                )
-            raise DocumentNotFoundError(f"{label} has no cache")
-        usable = []
-        for c in mine:
-            try:
-                check_loadable(cache_info(c), ratio, level, label)
-            except InvalidArgumentError:
-                continue
-            usable.append(c)
-        if not usable:
-            stored = ", ".join(f"ratio {c.ratio} level {c.level}" for c in mine)
-            raise InvalidArgumentError(
-                f"{label} is stored at {stored}; it cannot load at ratio {ratio} level {level or 'as stored'} "
-                "(a cache loads at any lower ratio of its own level): recompress() it"
-            )
-        if ratio is None:  # the best stored cache
-            best = max(usable, key=lambda c: (c.level == (level or c.level), c.ratio, c.id))
-        else:  # the smallest stored cache that can serve the ratio: fewest bytes to read
-            best = min(usable, key=lambda c: (c.level != (level or c.level), c.ratio, -c.id))
-        return best, prefixes.get(rows[best.id].prefix_id)
-
     def load_cache(
         self,
         target,
@@ -590,7 +519,7 @@ class CacheStore:
         """
         if ratio is not None or level is not None:
             check_ratio_level(ratio if ratio is not None else 1.0, level or "pair")
-        record, prefix_row = self._pick(model, target, segment, ratio, level)
+        record, prefix_row = loading.pick(self, model, target, segment, ratio, level)
         device = str(torch.device(device) if device is not None else model.device)
         ratio, level = check_loadable(cache_info(record), ratio, level, self._label(record.document_id,
                                                                                        record.segment_index))
@@ -600,121 +529,25 @@ class CacheStore:
             self.last_read_nbytes = 0
             return packed_fresh(cached)
         stats = ReadStats()
-        cache = self._read_cache(record, prefix_row, ratio, level, stats).to(device)
+        cache = loading.read_cache(self, record, prefix_row, ratio, level, stats).to(device)
         self.last_read_nbytes = stats.nbytes
         self._lru.put(key, record.payload_sha256, cache)
         return packed_fresh(cache)
 
-    def _read_cache(self, record: CacheRecord, prefix_row: Prefix | None, ratio, level, stats) -> PackedCache:
-        label = self._label(record.document_id, record.segment_index)
-        reader = BlobReader(self.blobs, record.blob_path, label, stats)
-        if reader.payload_sha256 != record.payload_sha256:
-            raise CorruptBlobError(self._misplaced(reader, record, label))
-        header = document_header(reader)
-        info = header.info
-        if (info.model_fingerprint, info.template_digest, info.level, info.context_length) != (
-            record.model_fingerprint, record.template_digest, record.level, record.context_length
-        ) or abs(info.ratio - record.ratio) > 1e-9:
-            raise CorruptBlobError(f"{label}: the blob does not describe the cache its row records")
-        prefix = None
-        if header.prefix == "shared":
-            if prefix_row is None:
-                raise CorruptBlobError(f"{label}: its shared template prefix is not in the store; run verify()")
-            prefix = self._load_prefix(prefix_row, "cpu")
-        return read_document(reader, ratio=ratio, level=level, prefix=prefix)
-
-    def _misplaced(self, reader: BlobReader, record: CacheRecord, label: str) -> str:
-        """A valid blob under the wrong row: say whose it is, when the store knows."""
-        with self._read() as session:
-            owner = session.execute(
-                sa.select(Segment.document_id, Segment.index).join(Cache, Cache.segment_id == Segment.id)
-                .where(Cache.payload_sha256 == reader.payload_sha256)
-            ).first()
-        whose = f"document {owner[0]!r} segment {owner[1]}'s cache" if owner else "a cache this store does not know"
-        return (f"{label}: its blob file {record.blob_path} holds {whose}, not the one its row records (files "
-                "swapped or restored from elsewhere?); refusing to answer from it. Run verify(), then delete and "
-                "re-add the affected documents")
-
     # -------------------------------------------------------------------------------------------- maintenance
 
     def verify(self, doc_ids: Iterable[str] | None = None) -> VerifyReport:
-        """Check every blob (or those of ``doc_ids``): present, same sha256 as recorded, valid header and
-        checksums, and describing the cache its row says. Problems are reported, nothing is changed."""
-        report = VerifyReport()
-        with self._read() as session:
-            stmt = sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id)
-            if doc_ids is not None:
-                ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
-                stmt = stmt.where(Segment.document_id.in_(ids))
-            prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
-            found = [(cache_record(c, s), prefixes.get(c.prefix_id), s.text)
-                     for c, s in session.execute(stmt.order_by(Cache.id))]
-        from .indexer import content_hash
-
-        bad_prefixes = {}
-        for row in {p.id: p for _, p, _ in found if p is not None}.values():
-            try:
-                if file_sha256(self.blobs, row.blob_path) != row.sha256:
-                    raise CorruptBlobError(f"the shared prefix of model {row.model_name!r} is corrupted (sha256)")
-                BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}").verify_payload()
-            except FileNotFoundError:
-                bad_prefixes[row.id] = f"the shared prefix of model {row.model_name!r} is missing"
-            except KVzipError as error:
-                bad_prefixes[row.id] = str(error)
-        for record, prefix_row, text in found:
-            report.checked += 1
-            label = self._label(record.document_id, record.segment_index)
-            try:
-                if prefix_row is not None and prefix_row.id in bad_prefixes:
-                    raise CorruptBlobError(f"{label}: {bad_prefixes[prefix_row.id]}")
-                if file_sha256(self.blobs, record.blob_path) != record.sha256:
-                    raise CorruptBlobError(f"{label} is corrupted: its sha256 differs from the one recorded")
-                reader = BlobReader(self.blobs, record.blob_path, label)
-                reader.verify_payload()
-                header = document_header(reader)
-                if header.segment_sha256 and header.segment_sha256 != content_hash(text):
-                    raise CorruptBlobError(f"{label}: the blob was built from another text than its segment's")
-                self._read_cache(record, prefix_row, None, None, ReadStats())
-            except FileNotFoundError:
-                report.problems.append(VerifyProblem(record.id, record.document_id, record.segment_index,
-                                                     record.blob_path, f"{label}: the blob is missing"))
-            except KVzipError as error:
-                report.problems.append(
-                    VerifyProblem(record.id, record.document_id, record.segment_index, record.blob_path, str(error))
-                )
-        return report
+        """Check every blob (or those of ``doc_ids``) and the shared prefixes they use: present, same sha256 as
+        recorded, valid header and checksums, built from its segment's text, describing the cache its row says.
+        Problems are reported, nothing is changed."""
+        return maintenance.verify(self, doc_ids)
 
     def gc(self, *, min_age_s: float = GC_MIN_AGE_S, dry_run: bool = False, now: bool = False) -> GCReport:
         """Remove blobs (and stale temp files) that no row points to and that are older than ``min_age_s``
         (default 600 s: younger ones may belong to an add still in progress in another process). ``now=True``
         is ``min_age_s=0``: only for a quiet store, where no other process is indexing. Reports rows whose blob is
-        missing in ``missing`` (``verify()`` says more). Works on a read-only database (it only reads rows) and on
-        a full disk."""
-        if now:
-            min_age_s = 0.0
-        if not dry_run:
-            self._require_writable()
-        report = GCReport()
-        with self._read() as session:
-            referenced = dict(session.execute(sa.select(Cache.blob_path, Cache.id)).all())
-            prefixes = set(session.scalars(sa.select(Prefix.blob_path)))
-        clock = time.time()
-        for relative, size, mtime in self.blobs.entries():
-            if relative in referenced or relative in prefixes:
-                continue
-            name = relative.rsplit("/", 1)[-1]
-            if not (name.endswith(".safetensors") or name.endswith(".tmp")):
-                continue  # not ours (the reserve included): never touch files we did not write
-            if clock - mtime < min_age_s:
-                continue
-            report.removed.append(relative)
-            report.freed_nbytes += size
-            if not dry_run:
-                self.blobs.delete(relative)
-        report.missing = sorted(cid for rel, cid in referenced.items() if not (self.blob_dir / rel).is_file())
-        if not dry_run:
-            self._keep_reserve()
-        return report
+        missing in ``missing`` (``verify()`` says more). Works on a full disk."""
+        return maintenance.collect_garbage(self, min_age_s=0.0 if now else min_age_s, dry_run=dry_run)
 
 
 def shutil_free(path: Path) -> int:
