@@ -432,10 +432,10 @@ class CacheStore:
     def _load_prefix(self, row: Prefix, device: str) -> PrefixKV:
         key = (row.payload_sha256, device)
         if key not in self._prefixes:
-            reader = BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}")
-            if reader.payload_sha256 != row.payload_sha256:
-                raise CorruptBlobError(f"{reader.where} holds another blob than its row records; run verify()")
-            prefix = read_prefix(reader)
+            with BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}") as reader:
+                if reader.payload_sha256 != row.payload_sha256:
+                    raise CorruptBlobError(f"{reader.where} holds another blob than its row records; run verify()")
+                prefix = read_prefix(reader)
             self._prefixes[key] = prefix if device == "cpu" else prefix.to(device)
         return self._prefixes[key]
 

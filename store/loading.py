@@ -89,22 +89,25 @@ def pick(
 
 
 def read_cache(store, record: CacheRecord, prefix_row: Prefix | None, ratio, level, stats) -> PackedCache:
+    """``record``'s cache at ``ratio``/``level``, its blob checked against the row (content hash, then what the
+    header describes) before anything else is read, the shared prefix joined."""
     label = store._label(record.document_id, record.segment_index)
-    reader = BlobReader(store.blobs, record.blob_path, label, stats)
-    if reader.payload_sha256 != record.payload_sha256:
-        raise CorruptBlobError(misplaced(store, reader, record, label))
-    header = document_header(reader)
-    info = header.info
-    if (info.model_fingerprint, info.template_digest, info.level, info.context_length) != (
-        record.model_fingerprint, record.template_digest, record.level, record.context_length
-    ) or abs(info.ratio - record.ratio) > 1e-9:
-        raise CorruptBlobError(f"{label}: the blob does not describe the cache its row records")
-    prefix = None
-    if header.prefix == "shared":
-        if prefix_row is None:
-            raise CorruptBlobError(f"{label}: its shared template prefix is not in the store; run verify()")
-        prefix = store._load_prefix(prefix_row, "cpu")
-    return read_document(reader, ratio=ratio, level=level, prefix=prefix)
+    with BlobReader(store.blobs, record.blob_path, label, stats) as reader:
+        if reader.payload_sha256 != record.payload_sha256:
+            raise CorruptBlobError(misplaced(store, reader, record, label))
+        header = document_header(reader)
+        info = header.info
+        if (info.model_fingerprint, info.template_digest, info.level, info.context_length) != (
+            record.model_fingerprint, record.template_digest, record.level, record.context_length
+        ) or abs(info.ratio - record.ratio) > 1e-9:
+            raise CorruptBlobError(f"{label}: the blob does not describe the cache its row records")
+        prefix = None
+        if header.prefix == "shared":
+            if prefix_row is None:
+                raise CorruptBlobError(f"{label}: its shared template prefix is not in the store; run verify()")
+            prefix = store._load_prefix(prefix_row, "cpu")
+        return read_document(reader, ratio=ratio, level=level, prefix=prefix)
+
 
 def misplaced(store, reader: BlobReader, record: CacheRecord, label: str) -> str:
     """A valid blob under the wrong row: say whose it is, when the store knows."""

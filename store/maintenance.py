@@ -34,7 +34,8 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
         try:
             if file_sha256(store.blobs, row.blob_path) != row.sha256:
                 raise CorruptBlobError(f"the shared prefix of model {row.model_name!r} is corrupted (sha256)")
-            BlobReader(store.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}").verify_payload()
+            with BlobReader(store.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}") as reader:
+                reader.verify_payload()
         except FileNotFoundError:
             bad_prefixes[row.id] = f"the shared prefix of model {row.model_name!r} is missing"
         except KVzipError as error:
@@ -47,9 +48,9 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
                 raise CorruptBlobError(f"{label}: {bad_prefixes[prefix_row.id]}")
             if file_sha256(store.blobs, record.blob_path) != record.sha256:
                 raise CorruptBlobError(f"{label} is corrupted: its sha256 differs from the one recorded")
-            reader = BlobReader(store.blobs, record.blob_path, label)
-            reader.verify_payload()
-            header = document_header(reader)
+            with BlobReader(store.blobs, record.blob_path, label) as reader:
+                reader.verify_payload()
+                header = document_header(reader)
             if header.segment_sha256 and header.segment_sha256 != content_hash(text):
                 raise CorruptBlobError(f"{label}: the blob was built from another text than its segment's")
             read_cache(store, record, prefix_row, None, None, ReadStats())
