@@ -453,6 +453,8 @@ class CacheStore:
         and documents whose metadata has all the given ``key: value`` pairs."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
+        if query is None:
+            return []
         check_query(query)
         with self._read() as session:
             conditions = []
