@@ -29,7 +29,7 @@ from kvzip_rag.errors import (
 
 from . import loading, maintenance
 from .backup import copy_folder_store
-from .blob import BlobReader, LocalBlobs, ReadStats, full_error, is_disk_full, new_blob_name
+from .blob import BlobBackend, BlobReader, LocalBlobs, ReadStats, full_error, is_disk_full, new_blob_name
 from .cachefile import check_loadable, encode_prefix, read_prefix
 from .filters import metadata_condition
 from .indexer import MAX_SEGMENTS, Indexer, Progress
@@ -75,7 +75,8 @@ class CacheStore:
 
     ``CacheStore(path)`` keeps ``index.sqlite`` and ``blobs/`` in the folder ``path`` (default: the user data dir,
     or ``$KVZIP_RAG_STORE``). ``CacheStore(url="postgresql+psycopg2://...", blob_dir=...)`` takes any SQLAlchemy URL;
-    blobs live on the local file system. ``cache_bytes`` bounds the in-memory LRU of loaded caches. A folder that
+    blobs live in the folder ``blob_dir``, or in any :class:`~kvzip_rag.store.blob.BlobBackend` given as
+    ``blobs=`` (an object store). ``cache_bytes`` bounds the in-memory LRU of loaded caches. A folder that
     cannot be written (a mounted snapshot) opens read-only (``read_only=None``, the default, decides by the file
     system); writes then raise ``StoreError``. Safe to use from several threads and processes at once.
     """
@@ -90,6 +91,7 @@ class CacheStore:
         engine_options: dict | None = None,
         read_only: bool | None = None,
         max_segments: int = MAX_SEGMENTS,
+        blobs: BlobBackend | None = None,
     ):
         database: Path | None = None
         if url is None:
@@ -112,12 +114,15 @@ class CacheStore:
             if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
                 database = Path(parsed.database).expanduser().resolve()
                 blob_dir = blob_dir or database.parent / BLOB_DIR_NAME
-            elif blob_dir is None:
+            elif blob_dir is None and blobs is None:
                 raise InvalidArgumentError(f"a store on {parsed.get_backend_name()} needs blob_dir= (a local folder)")
-        self.blob_dir = Path(blob_dir).expanduser().resolve()
+        if blobs is not None:  # another backend (object storage, ...): blob_dir is not used
+            blob_dir = None
+        self.blob_dir: Path | None = Path(blob_dir).expanduser().resolve() if blob_dir is not None else None
         if read_only is None:
             read_only = database is not None and database.exists() and not (
-                _writable(database) and _writable(database.parent) and _writable(self.blob_dir))
+                _writable(database) and _writable(database.parent)
+                and (self.blob_dir is None or _writable(self.blob_dir)))
         self.read_only = read_only
         self.max_segments = max_segments
         where = str(database or self.blob_dir)
@@ -125,12 +130,13 @@ class CacheStore:
             try:
                 if self.path is not None:
                     self.path.mkdir(parents=True, exist_ok=True)
-                self.blob_dir.mkdir(parents=True, exist_ok=True)
+                if self.blob_dir is not None:
+                    self.blob_dir.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 if is_disk_full(error):
                     raise full_error(where, None, error) from error
                 raise StoreError(f"cannot create the store at {where}: {error}") from error
-        self.blobs = LocalBlobs(self.blob_dir, create=False)
+        self.blobs: BlobBackend = blobs if blobs is not None else LocalBlobs(self.blob_dir, create=False)
         if url is None or (database is not None and read_only):
             url = f"sqlite:///{database}"
         self.url = url
@@ -162,7 +168,7 @@ class CacheStore:
         except OldStoreError as error:
             raise StoreError(rebuild.format(error)) from None
         except sa.exc.OperationalError as error:
-            if is_disk_full(error.orig or error, self.blob_dir if self.blob_dir.exists() else None):
+            if is_disk_full(error.orig or error, self._database.parent if self._database else None):
                 if self._release_reserve():
                     return self._open_schema(where)
                 raise full_error(where, None, error.orig or error) from None
@@ -176,8 +182,8 @@ class CacheStore:
         Used to make a persisted LlamaIndex folder self-contained; a crash at any step leaves no row in ``dest``
         that points at a missing blob. Only SQLite stores can be copied.
         """
-        if self._database is None:
-            raise InvalidArgumentError("only a folder (SQLite) store can be copied; this one is at a database URL")
+        if self._database is None or self.blob_dir is None:
+            raise InvalidArgumentError("only a folder (SQLite, local blobs) store can be copied")
         dest = Path(dest).resolve()
         if dest == self.path:
             return
@@ -196,7 +202,8 @@ class CacheStore:
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
-        return f"CacheStore(url={url!r}, blob_dir={str(self.blob_dir)!r}{', read_only=True' if self.read_only else ''})"
+        blobs = str(self.blob_dir) if self.blob_dir else type(self.blobs).__name__
+        return f"CacheStore(url={url!r}, blobs={blobs!r}{', read_only=True' if self.read_only else ''})"
 
     def indexer(self, model, **options) -> Indexer:
         """An :class:`~kvzip_rag.store.indexer.Indexer` compressing with ``model`` into this store."""
@@ -215,12 +222,16 @@ class CacheStore:
                              "read_only=True): it can be searched and loaded, not changed")
 
     def _where(self) -> str:
-        return str(self.path or self._database or self.blob_dir)
+        return str(self.path or self._database or self.blob_dir or self.url)
 
     def _label(self, document_id: str, segment_index: int) -> str:
         return f"document {document_id!r} segment {segment_index}"
 
     # ---------------------------------------------------------------------------------- full disks and blobs
+
+    def _disk(self) -> Path | None:
+        """A local folder on the disk that fills up (None when nothing is local)."""
+        return self.blob_dir or (self._database.parent if self._database else None)
 
     def _reserve(self) -> Path | None:
         """Beside the SQLite database (None for other databases, whose disk is not ours to manage)."""
@@ -232,7 +243,7 @@ class CacheStore:
         if reserve is None or self.read_only:
             return
         try:
-            if not reserve.exists() and shutil_free(self.blob_dir) > 8 * RESERVE_NBYTES:
+            if not reserve.exists() and shutil_free(reserve.parent) > 8 * RESERVE_NBYTES:
                 with reserve.open("wb") as handle:
                     handle.write(b"\0" * RESERVE_NBYTES)
         except OSError:
@@ -254,14 +265,14 @@ class CacheStore:
             return action()
         except (sa.exc.OperationalError, OSError) as error:
             cause = getattr(error, "orig", None) or error
-            if not is_disk_full(cause, self.blob_dir):
+            if not is_disk_full(cause, self._disk()):
                 raise
             if self._release_reserve():
                 try:
                     return action()
                 except (sa.exc.OperationalError, OSError) as again:
                     cause = getattr(again, "orig", None) or again
-                    if not is_disk_full(cause, self.blob_dir):
+                    if not is_disk_full(cause, self._disk()):
                         raise
             raise full_error(where, needed, cause) from None
 
@@ -269,7 +280,7 @@ class CacheStore:
         if isinstance(error, StoreFullError):
             return
         cause = getattr(error, "orig", None) or error
-        if isinstance(error, (sa.exc.OperationalError, OSError)) and is_disk_full(cause, self.blob_dir):
+        if isinstance(error, (sa.exc.OperationalError, OSError)) and is_disk_full(cause, self._disk()):
             raise full_error(self._where(), None, cause) from error
 
     def _put_blob(self, data: bytes) -> str:
@@ -280,8 +291,10 @@ class CacheStore:
 
     def _touch(self, names: list[str]) -> None:
         """Refresh blob mtimes right before the rows commit, so gc's age guard covers slow multi-segment adds."""
+        touch = getattr(self.blobs, "touch", None)  # optional: object stores keep their own times
         for name in names:
-            self.blobs.touch(name)
+            if touch is not None:
+                touch(name)
 
     def _remove_blobs(self, names: Iterable[str]) -> None:
         for name in names:

@@ -76,7 +76,8 @@ def collect_garbage(store, *, min_age_s: float, dry_run: bool = False) -> GCRepo
         referenced = dict(session.execute(sa.select(Cache.blob_path, Cache.id)).all())
         prefixes = set(session.scalars(sa.select(Prefix.blob_path)))
     clock = time.time()
-    for relative, size, mtime in store.blobs.entries():
+    entries = list(store.blobs.entries())
+    for relative, size, mtime in entries:
         if relative in referenced or relative in prefixes:
             continue
         name = relative.rsplit("/", 1)[-1]
@@ -88,7 +89,8 @@ def collect_garbage(store, *, min_age_s: float, dry_run: bool = False) -> GCRepo
         report.freed_nbytes += size
         if not dry_run:
             store.blobs.delete(relative)
-    report.missing = sorted(cid for rel, cid in referenced.items() if not (store.blob_dir / rel).is_file())
+    present = {name for name, _, _ in entries}
+    report.missing = sorted(cid for rel, cid in referenced.items() if rel not in present)
     if not dry_run:
         store._keep_reserve()
     return report
