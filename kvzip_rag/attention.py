@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .cache import PackedStates
+
 if TYPE_CHECKING:
     from .cache import PackedLayer
 
@@ -51,10 +53,10 @@ def kvzip_attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if kvzip_cache is not None:
+    if isinstance(key, PackedStates) or kvzip_cache is not None:
         if kwargs.get("softcap") is not None:
             raise NotImplementedError("attention logit soft-capping is not supported by the packed cache")
-        layer = kvzip_cache.layers[module.layer_idx]
+        layer = key.layer if isinstance(key, PackedStates) else kvzip_cache.layers[module.layer_idx]
         return packed_attention(query, layer, scaling), None
     if kvzip_prefill and query.device.type == "cpu" and not getattr(module, "sliding_window", None):
         cuts = getattr(kvzip_observer, "key_cuts", ())
@@ -135,82 +137,58 @@ def packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) 
     ``T - L + i`` and sees tail entries up to it; every packed entry precedes all queries in position.
     """
     if use_flash(query):
-        return _flash_packed_attention(query, layer, scaling)
+        return flash_packed_attention(query, layer, scaling)
     return torch_packed_attention(query, layer, scaling)
 
 
-def _query_positions(layer: "PackedLayer", length: int, device) -> torch.Tensor:
-    tail = layer.tail_length
-    return torch.arange(layer.base_length + tail - length, layer.base_length + tail, device=device)
-
-
 def torch_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
-    """Reference path: per kv head, one softmax over [its packed keys, the tail], no padding to a common length.
+    """CPU path: all heads at once over the layer's buffer as it is, no per-head loop and no copy.
 
-    Heads with equal budgets (ratio 1.0, uniform level, sliding layers) are computed as one batch; otherwise
-    head by head over each head's contiguous slice.
+    Every query head scores every buffer row in one GEMM and a mask keeps, per query, the rows of its own kv head
+    that precede it (positions; reserved rows sit at ``NO_POSITION``) and fall inside a sliding window. Decoding is
+    bound by reading the keys and values once, which this does; the scores of other heads' rows are the price of
+    having no loop (measured fastest of the options, see BENCHMARKS.md).
     """
     _, num_q_heads, length, head_dim = query.shape
-    num_kv = layer.num_heads
-    group = num_q_heads // num_kv
-    q = query[0].reshape(num_kv, group * length, head_dim)
-    tail_k, tail_v = layer.tail_keys[0], layer.tail_values[0]  # (Hkv, T, d)
-    tail = tail_k.shape[1]
-    q_pos = _query_positions(layer, length, query.device)
-    tail_pos = torch.arange(layer.base_length, layer.base_length + tail, device=query.device)
-    visible_tail = tail_pos[None, :] <= q_pos[:, None]  # (L, T)
-    window = layer.sliding_window
-    if window:
-        visible_tail &= tail_pos[None, :] > q_pos[:, None] - window
-    visible_tail = visible_tail.repeat(group, 1)  # rows ordered (group, L) like q
-
-    def attend(heads: slice, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Heads ``heads`` attending over their packed (h, c, d) entries and the tail."""
-        qh = q[heads]
-        packed_logits = (qh @ keys.transpose(1, 2)) * scaling
-        if window:
-            visible = (positions.to(query.device)[:, None, :] > q_pos[None, :, None] - window).repeat(1, group, 1)
-            packed_logits = packed_logits.masked_fill(~visible, float("-inf"))
-        tail_logits = ((qh @ tail_k[heads].transpose(1, 2)) * scaling).masked_fill(~visible_tail, float("-inf"))
-        weights = torch.softmax(torch.cat([packed_logits, tail_logits], dim=-1).float(), dim=-1).to(values.dtype)
-        count = keys.shape[1]
-        return weights[..., :count] @ values + weights[..., count:] @ tail_v[heads]
-
-    if layer.equal_count is not None:
-        shape = (num_kv, layer.equal_count, head_dim)
-        out = attend(slice(None), layer.keys.view(shape), layer.values.view(shape),
-                     layer.positions.view(num_kv, layer.equal_count))
-    else:
-        out = query.new_empty(num_kv, group * length, head_dim)
-        offsets = layer.offsets.tolist()
-        for head in range(num_kv):
-            start, end = offsets[head], offsets[head + 1]
-            out[head] = attend(slice(head, head + 1), layer.keys[None, start:end], layer.values[None, start:end],
-                               layer.positions[None, start:end])[0]
+    group = num_q_heads // layer.num_heads
+    row_heads, row_positions = layer.row_meta()
+    device = query.device
+    end = layer.base_length + layer.tail_length
+    query_heads = torch.arange(num_q_heads, device=device).repeat_interleave(length) // group
+    query_positions = torch.arange(end - length, end, device=device).repeat(num_q_heads)
+    visible = (row_heads[None, :] == query_heads[:, None]) & (row_positions[None, :] <= query_positions[:, None])
+    if layer.sliding_window:
+        visible &= row_positions[None, :] > query_positions[:, None] - layer.sliding_window
+    logits = torch.mm(query[0].reshape(num_q_heads * length, head_dim), layer.buffer_keys.T)
+    logits = logits.float().mul_(scaling).masked_fill_(~visible, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).to(layer.buffer_values.dtype)
+    out = torch.mm(weights, layer.buffer_values)  # (H * L, d)
     return out.reshape(num_q_heads, length, head_dim).transpose(0, 1).unsqueeze(0)
 
 
-def _flash_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
-    """CUDA path: each kv head is one sequence of a varlen batch (its group of query heads attends to it)."""
+def varlen_arguments(layer: "PackedLayer", length: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``cu_seqlens_q``, ``cu_seqlens_k`` and ``max_seqlen_k`` that make ``flash_attn_varlen_func`` read the
+    layer's buffer in place: each kv head's live rows are one sequence (its ``length`` queries), and the unused
+    rows reserved between two heads form an empty-query sequence that nothing attends to."""
+    starts = layer.starts
+    live = layer.live_lengths
+    cu_k = torch.stack([starts, starts + live], dim=1).flatten().to(torch.int32)
+    cu_q = (torch.arange(2 * layer.num_heads, dtype=torch.int32) + 1) // 2 * length
+    return cu_q.to(device, non_blocking=True), cu_k.to(device, non_blocking=True), int(live.max())
+
+
+def flash_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
+    """CUDA path: one ``flash_attn_varlen_func`` call over the buffer as it is (kv heads as the batch, each
+    with its group of query heads); see ``varlen_arguments``."""
     flash_attn_varlen_func = _flash_varlen()
     _, num_q_heads, length, head_dim = query.shape
     num_kv = layer.num_heads
     group = num_q_heads // num_kv
     q = query[0].reshape(num_kv, group, length, head_dim).permute(0, 2, 1, 3).reshape(num_kv * length, group, head_dim)
-    offsets = layer.offsets.tolist()
-    keys, values, lengths = [], [], []
-    for head in range(num_kv):
-        start, end = offsets[head], offsets[head + 1]
-        keys += [layer.keys[start:end], layer.tail_keys[0, head]]
-        values += [layer.values[start:end], layer.tail_values[0, head]]
-        lengths.append(end - start + layer.tail_length)
-    k = torch.cat(keys).unsqueeze(1)
-    v = torch.cat(values).unsqueeze(1)
-    cu_k = torch.zeros(num_kv + 1, dtype=torch.int32, device=query.device)
-    cu_k[1:] = torch.tensor(lengths, device=query.device).cumsum(0)
-    cu_q = torch.arange(0, (num_kv + 1) * length, length, dtype=torch.int32, device=query.device)
+    cu_q, cu_k, max_k = varlen_arguments(layer, length, query.device)
     window = (layer.sliding_window - 1, 0) if layer.sliding_window else (-1, -1)
     out = flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, length, max(lengths), softmax_scale=scaling, causal=True, window_size=window
+        q, layer.buffer_keys.unsqueeze(1), layer.buffer_values.unsqueeze(1), cu_q, cu_k, length, max_k,
+        softmax_scale=scaling, causal=True, window_size=window,
     )
     return out.reshape(num_kv, length, group, head_dim).permute(1, 0, 2, 3).reshape(length, num_q_heads, head_dim)[None]
