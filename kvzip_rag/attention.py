@@ -174,7 +174,8 @@ def varlen_arguments(layer: "PackedLayer", length: int, device) -> tuple[torch.T
     live = layer.live_lengths
     cu_k = torch.stack([starts, starts + live], dim=1).flatten().to(torch.int32)
     cu_q = (torch.arange(2 * layer.num_heads, dtype=torch.int32) + 1) // 2 * length
-    return cu_q.to(device, non_blocking=True), cu_k.to(device, non_blocking=True), int(live.max())
+    longest = max(int(live.max()), layer.room - layer.tail_length)  # over every sequence, reserved ones included
+    return cu_q.to(device, non_blocking=True), cu_k.to(device, non_blocking=True), longest
 
 
 def flash_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:

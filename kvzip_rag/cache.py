@@ -292,7 +292,9 @@ class PackedStates(torch.Tensor):
 
 
 class PackedCache(Cache):
-    """A compressed document cache. Pass it as ``past_key_values`` together with ``kvzip_cache=`` (see generate)."""
+    """A compressed document cache: the cache argument of a model loaded by ``load_model``/``wrap_model`` (whose
+    attention, ``"kvzip"``, reads the packed layout), e.g. ``KVzipModel.forward`` or ``model.generate``. Any other
+    attention raises ``PackedAttentionRequiredError`` rather than attend to the new tokens alone."""
 
     def __init__(self, layers: list[PackedLayer], info: CacheInfo):
         super().__init__(layers=layers)

@@ -68,9 +68,8 @@ def prefill(
     chunks = list(range(0, len(input_ids), chunk_size))
     with torch.inference_mode():
         for done, start in enumerate(chunks):
-            chunk = torch.tensor([input_ids[start : start + chunk_size]], device=model.device)
-            model.model(
-                chunk, past_key_values=cache, use_cache=True, logits_to_keep=1, kvzip_observer=observer,
+            model.forward(
+                input_ids[start : start + chunk_size], cache, logits_to_keep=1, kvzip_observer=observer,
                 kvzip_prefill=True,
             )
             if progress:

@@ -29,8 +29,8 @@ def full_cache_logits(model: kvzip_rag.KVzipModel, history: list[int], new_ids: 
     try:
         with torch.inference_mode():
             cache = DynamicCache(config=model.model.config)
-            model.model(torch.tensor([history]), past_key_values=cache, use_cache=True)
-            out = model.model(torch.tensor([new_ids]), past_key_values=cache, use_cache=True)
+            model.forward(history, cache)
+            out = model.forward(new_ids, cache)
     finally:
         model.model.set_attn_implementation(kvzip_rag.attention.ATTENTION_NAME)
     return out.logits[0]
@@ -38,7 +38,7 @@ def full_cache_logits(model: kvzip_rag.KVzipModel, history: list[int], new_ids: 
 
 def packed_logits(model: kvzip_rag.KVzipModel, cache: kvzip_rag.PackedCache, new_ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        out = model.model(torch.tensor([new_ids]), past_key_values=cache, use_cache=True, kvzip_cache=cache)
+        out = model.forward(new_ids, cache)
     return out.logits[0]
 
 

@@ -106,14 +106,7 @@ def run_without_caching(document: PrefilledDocument, input_ids: list[int], obser
     model = document.model
     try:
         with torch.inference_mode():
-            model.model(
-                torch.tensor([input_ids], device=model.device),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                kvzip_observer=observer,
-                kvzip_prefill=True,
-            )
+            model.forward(input_ids, cache, logits_to_keep=1, kvzip_observer=observer, kvzip_prefill=True)
     finally:
         for layer, (keys, values, cumulative) in zip(cache.layers, saved):
             layer.keys, layer.values = keys, values
