@@ -145,23 +145,27 @@ def torch_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: f
     """CPU path: all heads at once over the layer's buffer as it is, no per-head loop and no copy.
 
     Every query head scores every buffer row in one GEMM and a mask keeps, per query, the rows of its own kv head
-    that precede it (positions; reserved rows sit at ``NO_POSITION``) and fall inside a sliding window. Decoding is
-    bound by reading the keys and values once, which this does; the scores of other heads' rows are the price of
-    having no loop (measured fastest of the options, see BENCHMARKS.md).
+    that precede it (positions; reserved rows sit at ``NO_POSITION``) and fall inside a sliding window; a decoding
+    step uses the mask the layer maintains (``RowMeta.decode_bias``), added inside the GEMM. Decoding is bound by
+    reading the keys and values once, which this does; scoring other heads' rows is the price of having no loop.
+    Measured fastest of the options tried (per-head loop, per-head fused kernel on views, padded batch, nested
+    tensors): see BENCHMARKS.md.
     """
     _, num_q_heads, length, head_dim = query.shape
-    group = num_q_heads // layer.num_heads
-    row_heads, row_positions = layer.row_meta()
-    device = query.device
-    end = layer.base_length + layer.tail_length
-    query_heads = torch.arange(num_q_heads, device=device).repeat_interleave(length) // group
-    query_positions = torch.arange(end - length, end, device=device).repeat(num_q_heads)
-    visible = (row_heads[None, :] == query_heads[:, None]) & (row_positions[None, :] <= query_positions[:, None])
-    if layer.sliding_window:
-        visible &= row_positions[None, :] > query_positions[:, None] - layer.sliding_window
-    logits = torch.mm(query[0].reshape(num_q_heads * length, head_dim), layer.buffer_keys.T)
-    logits = logits.float().mul_(scaling).masked_fill_(~visible, float("-inf"))
-    weights = torch.softmax(logits, dim=-1).to(layer.buffer_values.dtype)
+    meta = layer.row_meta(num_q_heads)
+    q = query[0].reshape(num_q_heads * length, head_dim)
+    if length == 1 and not layer.sliding_window:  # decoding: the maintained mask, fused into the GEMM
+        logits = torch.addmm(meta.decode_bias, q, layer.buffer_keys.T, alpha=scaling)
+    else:
+        group = num_q_heads // layer.num_heads
+        end = layer.base_length + layer.tail_length
+        query_heads = torch.arange(num_q_heads, device=query.device).repeat_interleave(length) // group
+        query_positions = torch.arange(end - length, end, device=query.device).repeat(num_q_heads)
+        visible = (meta.heads[None, :] == query_heads[:, None]) & (meta.positions[None, :] <= query_positions[:, None])
+        if layer.sliding_window:
+            visible &= meta.positions[None, :] > query_positions[:, None] - layer.sliding_window
+        logits = torch.mm(q, layer.buffer_keys.T).mul_(scaling).masked_fill_(~visible, float("-inf"))
+    weights = torch.softmax(logits.float(), dim=-1).to(layer.buffer_values.dtype)
     out = torch.mm(weights, layer.buffer_values)  # (H * L, d)
     return out.reshape(num_q_heads, length, head_dim).transpose(0, 1).unsqueeze(0)
 

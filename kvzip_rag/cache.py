@@ -96,7 +96,7 @@ class PackedLayer(CacheLayerMixin):
         self.buffer_keys, self.buffer_values = keys, values
         self.room = 0
         self._tail = 0
-        self._row_meta: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._row_meta: RowMeta | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: a packed layer is built complete."""
@@ -176,8 +176,7 @@ class PackedLayer(CacheLayerMixin):
                 0, device_rows, value_states[0].reshape(heads * new, -1).to(self.buffer_values.dtype)
             )
             if self._row_meta is not None:
-                positions = torch.arange(self.base_length + self._tail, self.base_length + self._tail + new)
-                self._row_meta[1].index_copy_(0, device_rows, positions.repeat(heads).to(device_rows.device))
+                self._row_meta.written(rows.to(device_rows.device), self.base_length + self._tail)
         self._tail += new
         return PackedStates.mark(key_states, self), PackedStates.mark(value_states, self)
 
@@ -197,17 +196,20 @@ class PackedLayer(CacheLayerMixin):
         self.buffer_keys, self.buffer_values, self.room = keys, values, room
         self._row_meta = None
 
-    def row_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per buffer row, on the buffer's device: the kv head it belongs to, and its position (``NO_POSITION``
-        for reserved rows not written yet, so no query ever sees them). Built once per buffer, then kept current."""
-        if self._row_meta is None:
+    def row_meta(self, num_query_heads: int) -> "RowMeta":
+        """What the CPU attention needs beside the buffer (see ``RowMeta``); built once per buffer, then kept
+        current by ``update`` and ``crop``."""
+        if self._row_meta is None or self._row_meta.decode_bias.shape[0] != num_query_heads:
             heads = torch.repeat_interleave(torch.arange(self.num_heads), self.counts + self.room)
             positions = torch.full((len(heads),), NO_POSITION, dtype=torch.int64)
             positions[self._document_rows()] = self.positions.to(torch.int64).cpu()
             tail = self._rows(self.starts + self.counts, torch.full((self.num_heads,), self._tail))
             positions[tail] = torch.arange(self.base_length, self.base_length + self._tail).repeat(self.num_heads)
+            group = num_query_heads // self.num_heads
+            visible = (heads[None, :] == torch.arange(num_query_heads)[:, None] // group) & (positions != NO_POSITION)
+            bias = torch.zeros(visible.shape, dtype=self.buffer_keys.dtype).masked_fill_(~visible, float("-inf"))
             device = self.buffer_keys.device
-            self._row_meta = (heads.to(device), positions.to(device))
+            self._row_meta = RowMeta(heads.to(device), positions.to(device), bias.to(device))
         return self._row_meta
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -226,8 +228,7 @@ class PackedLayer(CacheLayerMixin):
         keep = max(self._tail + tokens_to_remove, 0) if tokens_to_remove < 0 else min(tokens_to_remove, self._tail)
         if self._row_meta is not None and keep < self._tail:
             dropped = self._rows(self.starts + self.counts + keep, torch.full((self.num_heads,), self._tail - keep))
-            with torch.inference_mode():
-                self._row_meta[1][dropped.to(self._row_meta[1].device)] = NO_POSITION
+            self._row_meta.dropped(dropped.to(self._row_meta.positions.device))
         self._tail = keep
 
     def reset(self) -> None:
@@ -265,6 +266,31 @@ class PackedLayer(CacheLayerMixin):
 
 
 NO_POSITION = torch.iinfo(torch.int64).max  # position of a reserved, unwritten row: after every query
+
+
+@dataclass
+class RowMeta:
+    """Per buffer row: its kv head and position (``NO_POSITION`` if reserved and unwritten); and the additive mask
+    of one decoding step, ``(query heads, rows)``: 0 where a query head's own kv head has a written row, -inf
+    elsewhere. A new token sees every written row of its head, so decoding needs no other mask."""
+
+    heads: torch.Tensor
+    positions: torch.Tensor
+    decode_bias: torch.Tensor
+
+    def written(self, rows: torch.Tensor, first_position: int) -> None:
+        """Rows ``rows`` (kv heads, new) now hold the tokens at ``first_position``, ``first_position + 1``, ..."""
+        num_kv, new = rows.shape
+        with torch.inference_mode():
+            positions = torch.arange(first_position, first_position + new, device=rows.device)
+            self.positions[rows.flatten()] = positions.repeat(num_kv)
+            group = self.decode_bias.shape[0] // num_kv
+            self.decode_bias.view(num_kv, group, -1)[torch.arange(num_kv, device=rows.device)[:, None], :, rows] = 0
+
+    def dropped(self, rows: torch.Tensor) -> None:
+        with torch.inference_mode():
+            self.positions[rows] = NO_POSITION
+            self.decode_bias[:, rows] = float("-inf")
 
 
 class PackedStates(torch.Tensor):

@@ -135,12 +135,13 @@ def test_decoding_grows_in_place_and_reset_keeps_the_buffer(smol_tokenizer):
     packed_logits(model, cache, question)
     buffer, room = layer.buffer_keys.data_ptr(), layer.room
     generated = []
-    logits = packed_logits(model, cache, question[-1:])  # question as 1 + len - 1 steps from here on
+    steps = [packed_logits(model, cache, question[-1:])[-1]]  # then one token at a time (the decoding mask)
     for _ in range(room - len(question) - 1):
-        generated.append(int(logits[-1].argmax()))
-        logits = packed_logits(model, cache, generated[-1:])
+        generated.append(int(steps[-1].argmax()))
+        steps.append(packed_logits(model, cache, generated[-1:])[-1])
     assert layer.buffer_keys.data_ptr() == buffer and layer.tail_length == room
     expected = masked_reference_logits(model, cache, question + question[-1:] + generated)  # same tokens
+    assert torch.allclose(torch.stack(steps), expected[len(question) :], atol=ATOL)
     cache.reset()
     assert layer.tail_length == 0 and layer.buffer_keys.data_ptr() == buffer
     again = packed_logits(model, cache, question + question[-1:] + generated)
