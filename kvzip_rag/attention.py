@@ -4,8 +4,8 @@ One registered function, ``"kvzip"``, serves every forward pass of a loaded mode
 
 - with ``kvzip_cache=<PackedCache>`` in the forward kwargs it attends over the packed layout, where every kv head
   is its own variable-length sequence (pure PyTorch on CPU, ``flash_attn_varlen_func`` on CUDA when installed);
-- with ``kvzip_observer=<callable>`` it also hands the post-RoPE queries and keys to the observer (scorers),
-  with the log-sum-exp of each key range when the split path below computed them;
+- with ``kvzip_observer=<AttentionObserver>`` it also hands the post-RoPE queries and keys to the observer
+  (scorers), with the log-sum-exp of each of the observer's key ranges when the split path below computed them;
 - with ``kvzip_prefill=True`` (our own batch-1, unpadded prefill and scoring passes) on CPU it splits attention into
   "all past keys" and "causal among the new tokens" and merges the two by log-sum-exp, which keeps PyTorch's
   fused flash kernel instead of the masked math path that materialises the (queries x keys) matrix;
@@ -15,6 +15,7 @@ One registered function, ``"kvzip"``, serves every forward pass of a loaded mode
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,22 @@ if TYPE_CHECKING:
     from .cache import PackedLayer
 
 ATTENTION_NAME = "kvzip"
+
+
+class AttentionObserver(ABC):
+    """What a scorer hands the attention (``kvzip_observer=``): called in every layer of the pass it observes."""
+
+    #: Past-key positions where the attention splits its softmax normalisers (CPU prefill path), so ``observe``
+    #: receives the log-sum-exp of each range between cuts and can renormalise over a subset for free.
+    key_cuts: tuple[int, ...] = ()
+
+    @abstractmethod
+    def observe(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+        lse_parts: dict[tuple[int, int], torch.Tensor] | None,
+    ) -> None:
+        """Post-RoPE ``query`` (1, H, L, d) and ``key`` (1, Hkv, S, d) of one layer; ``lse_parts`` maps key ranges
+        ``(start, end)`` to their log-sum-exp (1, H, L), or is None where the attention did not split."""
 
 
 def register_attention() -> None:
@@ -46,7 +63,7 @@ def kvzip_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     kvzip_cache=None,
-    kvzip_observer=None,
+    kvzip_observer: AttentionObserver | None = None,
     kvzip_prefill: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
@@ -59,13 +76,13 @@ def kvzip_attention_forward(
         layer = key.layer if isinstance(key, PackedStates) else kvzip_cache.layers[module.layer_idx]
         return packed_attention(query, layer, scaling), None
     if kvzip_prefill and query.device.type == "cpu" and not getattr(module, "sliding_window", None):
-        cuts = getattr(kvzip_observer, "key_cuts", ())
+        cuts = kvzip_observer.key_cuts if kvzip_observer is not None else ()
         out, lse_parts = causal_attention_with_past(query, key, value, scaling, cuts)
         if kvzip_observer is not None:
-            kvzip_observer(module, query, key, lse_parts)
+            kvzip_observer.observe(module, query, key, lse_parts)
         return out.transpose(1, 2), None
     if kvzip_observer is not None:
-        kvzip_observer(module, query, key, None)
+        kvzip_observer.observe(module, query, key, None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
