@@ -187,16 +187,16 @@ def torch_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: f
     return out.reshape(num_q_heads, length, head_dim).transpose(0, 1).unsqueeze(0)
 
 
-def varlen_arguments(layer: "PackedLayer", length: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def varlen_arguments(layer: "PackedLayer", length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``cu_seqlens_q``, ``cu_seqlens_k`` and ``max_seqlen_k`` that make ``flash_attn_varlen_func`` read the
     layer's buffer in place: each kv head's live rows are one sequence (its ``length`` queries), and the unused
     rows reserved between two heads form an empty-query sequence that nothing attends to."""
-    starts = layer.starts
-    live = layer.live_lengths
-    cu_k = torch.stack([starts, starts + live], dim=1).flatten().to(torch.int32)
-    cu_q = (torch.arange(2 * layer.num_heads, dtype=torch.int32) + 1) // 2 * length
-    longest = max(int(live.max()), layer.room - layer.tail_length)  # over every sequence, reserved ones included
-    return cu_q.to(device, non_blocking=True), cu_k.to(device, non_blocking=True), longest
+    starts, counts = layer.device_layout()  # already on the device: building these copies nothing from the host
+    cu_k = torch.stack([starts, starts + counts + layer.tail_length], dim=1).flatten().to(torch.int32)
+    cu_q = (torch.arange(2 * layer.num_heads, dtype=torch.int32, device=starts.device) + 1) // 2 * length
+    # over every sequence, the reserved ones included (host-side counts: no device sync)
+    longest = max(int(layer.live_lengths.max()), layer.room - layer.tail_length)
+    return cu_q, cu_k, longest
 
 
 def flash_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
@@ -207,7 +207,7 @@ def flash_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: f
     num_kv = layer.num_heads
     group = num_q_heads // num_kv
     q = query[0].reshape(num_kv, group, length, head_dim).permute(0, 2, 1, 3).reshape(num_kv * length, group, head_dim)
-    cu_q, cu_k, max_k = varlen_arguments(layer, length, query.device)
+    cu_q, cu_k, max_k = varlen_arguments(layer, length)
     window = (layer.sliding_window - 1, 0) if layer.sliding_window else (-1, -1)
     out = flash_attn_varlen_func(
         q, layer.buffer_keys.unsqueeze(1), layer.buffer_values.unsqueeze(1), cu_q, cu_k, length, max_k,

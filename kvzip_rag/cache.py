@@ -87,8 +87,6 @@ class PackedLayer(CacheLayerMixin):
         self.compressed = compressed
         self.sliding_window = sliding_window
         self.num_heads = len(self.offsets) - 1
-        counts = self.counts
-        self.equal_count = int(counts[0]) if bool((counts == counts[0]).all()) else None  # lets heads batch
         self._set_document(keys, values)
 
     def _set_document(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -96,7 +94,12 @@ class PackedLayer(CacheLayerMixin):
         self.buffer_keys, self.buffer_values = keys, values
         self.room = 0
         self._tail = 0
+        self._forget_derived()
+
+    def _forget_derived(self) -> None:
+        """Drop what is derived from the buffer's shape or device (rebuilt on first use)."""
         self._row_meta: RowMeta | None = None
+        self._device_layout: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: a packed layer is built complete."""
@@ -128,6 +131,13 @@ class PackedLayer(CacheLayerMixin):
 
     def _document_rows(self) -> torch.Tensor:
         return self._rows(self.starts, self.counts)
+
+    def device_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``starts`` and ``counts`` on the buffer's device (int64), so no step copies them from the host."""
+        if self._device_layout is None:
+            device = self.buffer_keys.device
+            self._device_layout = (self.starts.to(device), self.counts.to(device))
+        return self._device_layout
 
     # -- document entries (what is stored; no tail) ----------------------------------------------------------------
     @property
@@ -168,15 +178,16 @@ class PackedLayer(CacheLayerMixin):
         if self._tail + new > self.room:
             self._grow(self._tail + new)
         heads, dim = self.num_heads, key_states.shape[-1]
-        rows = (self.starts + self.counts + self._tail)[:, None] + torch.arange(new)  # (heads, new)
-        device_rows = rows.flatten().to(self.buffer_keys.device)
+        starts, counts = self.device_layout()
+        rows = (starts + counts + self._tail)[:, None] + torch.arange(new, device=starts.device)  # (heads, new)
+        device_rows = rows.flatten()
         with torch.inference_mode():  # buffers may be inference tensors (built under inference mode)
             self.buffer_keys.index_copy_(0, device_rows, key_states[0].reshape(heads * new, dim).to(self.buffer_keys.dtype))
             self.buffer_values.index_copy_(
                 0, device_rows, value_states[0].reshape(heads * new, -1).to(self.buffer_values.dtype)
             )
             if self._row_meta is not None:
-                self._row_meta.written(rows.to(device_rows.device), self.base_length + self._tail)
+                self._row_meta.written(rows, self.base_length + self._tail)
         self._tail += new
         return PackedStates.mark(key_states, self), PackedStates.mark(value_states, self)
 
@@ -194,7 +205,7 @@ class PackedLayer(CacheLayerMixin):
             keys.index_copy_(0, new_rows.to(device), self.buffer_keys[old_rows.to(device)])
             values.index_copy_(0, new_rows.to(device), self.buffer_values[old_rows.to(device)])
         self.buffer_keys, self.buffer_values, self.room = keys, values, room
-        self._row_meta = None
+        self._forget_derived()
 
     def row_meta(self, num_query_heads: int) -> "RowMeta":
         """What the CPU attention needs beside the buffer (see ``RowMeta``); built once per buffer, then kept
@@ -245,7 +256,7 @@ class PackedLayer(CacheLayerMixin):
         """Move (or cast) the buffers in place, tail included."""
         self.buffer_keys = self.buffer_keys.to(device=device, dtype=dtype)
         self.buffer_values = self.buffer_values.to(device=device, dtype=dtype)
-        self._row_meta = None
+        self._forget_derived()
         return self
 
     def head_slices(self, keep: torch.Tensor) -> list[slice]:

@@ -87,7 +87,7 @@ def test_cuda_path_arguments_match_torch_path(family, smol_tokenizer, monkeypatc
     on CPU with the reference kernel swapped in gives the torch path's logits, through tail regrowths."""
     model = build_tiny(family, smol_tokenizer, seed=3)
     cache = kvzip_rag.compress(model, " ".join([TEXT] * 2), ratio=0.3)
-    assert cache.layers[0].equal_count is None or family == "gemma3"  # pair level: unequal head budgets
+    assert len(set(cache.layers[-1].counts.tolist())) > 1  # pair level: unequal head budgets
     question = model.encode(model.template.question_text("Who built the harbour?"))
     steps = kvzip_rag.PackedLayer.MIN_ROOM + 8  # past the first reserved room: one regrowth mid-decoding
     expected = decode_logits(model, cache, question, steps)
