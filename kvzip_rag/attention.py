@@ -2,7 +2,8 @@
 
 One registered function, ``"kvzip"``, serves every forward pass of a loaded model:
 
-- with ``kvzip_cache=<PackedCache>`` in the forward kwargs it attends over the packed layout, where every kv head
+- with a ``PackedCache`` as the model's cache (its ``update`` hands the attention ``PackedStates``, tagged with the
+  layer; ``kvzip_cache=<PackedCache>`` is still accepted) it attends over the packed layout, where every kv head
   is its own variable-length sequence (pure PyTorch on CPU, ``flash_attn_varlen_func`` on CUDA when installed);
 - with ``kvzip_observer=<AttentionObserver>`` it also hands the post-RoPE queries and keys to the observer
   (scorers), with the log-sum-exp of each of the observer's key ranges when the split path below computed them;
