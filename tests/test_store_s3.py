@@ -11,6 +11,7 @@ from kvzip_rag.errors import CorruptBlobError
 from kvzip_rag.store import CacheStore
 from kvzip_rag.store.objects import ObstoreObjects
 
+from conftest import build_tiny
 from s3_server import s3_blob_url, s3_server  # noqa: F401  (fixtures)
 from test_store import HARBOUR, ORCHARD
 from test_store_postgres import postgres_url  # noqa: F401  (fixture)
@@ -21,14 +22,26 @@ def _same(a, b) -> bool:
                for x, y in zip(a.layers, b.layers))
 
 
-def test_store_on_postgresql_and_s3(postgres_url, s3_blob_url, tiny_llama):  # noqa: F811
+# ~2K tokens (as in issue 14) on a model wide enough (4 layers x 4 KV heads x 64) that keys and values, not the
+# blob header, make up the bytes: a head keeps ~600 rows at 0.3, ~200 at 0.1 (read in 32-row checksum blocks).
+LONG = " ".join(f"{HARBOUR} Crossing {i} is logged by warden number {7 * i + 3}." for i in range(16))
+
+
+@pytest.fixture(scope="module")
+def wide_model(smol_tokenizer):
+    return build_tiny("llama", smol_tokenizer, hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
+                      head_dim=64, num_hidden_layers=4, intermediate_size=256, max_position_embeddings=4096)
+
+
+def test_store_on_postgresql_and_s3(postgres_url, s3_blob_url, wide_model):  # noqa: F811
+    tiny_llama = wide_model
     store = CacheStore(url=postgres_url, blob_url=s3_blob_url, cache_bytes=0)
     try:
         assert isinstance(store.blobs, ObstoreObjects)
-        store.add_document(tiny_llama, HARBOUR, doc_id="harbour", ratio=0.3)
+        store.add_document(tiny_llama, LONG, doc_id="harbour", ratio=0.3)
         store.add_document(tiny_llama, ORCHARD, doc_id="orchard", ratio=0.3)
         assert store.search("When do ferries leave for Tessin?", k=1)[0].document_id == "harbour"
-        memory = kvzip_rag.compress(tiny_llama, HARBOUR, ratio=0.3)
+        memory = kvzip_rag.compress(tiny_llama, LONG, ratio=0.3)
         blob_bytes = store.caches_for("harbour")[0].nbytes
 
         store.blobs.counter.reset()

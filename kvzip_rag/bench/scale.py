@@ -105,7 +105,7 @@ class Filler:
 
     def _cache(self, segment_id: int) -> tuple:
         return (segment_id, segment_id, "synthetic", "f" * 16, "t" * 16, 0.3, "pair", "kvzip",
-                f"{segment_id % 256:02x}/{segment_id:032x}.safetensors", 1, 1, 1, 0, 0, "0" * 64)
+                f"{segment_id % 256:02x}/{segment_id:032x}.safetensors", 1, 1, 1, 0, 0, "0" * 64, "0" * 64)
 
     def _insert(self, rows: list[tuple]) -> None:
         raise NotImplementedError
@@ -135,8 +135,8 @@ class SQLiteFiller(Filler):
                             "VALUES (?,?,?,?,?,?,?)", seg_rows)
             cur.executemany(
                 "INSERT INTO caches (id, segment_id, model_name, model_fingerprint, template_digest, ratio, level, "
-                "scorer, blob_path, nbytes, kv_nbytes, full_nbytes, prefix_length, context_length, sha256, created) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "scorer, blob_path, nbytes, kv_nbytes, full_nbytes, prefix_length, context_length, sha256, "
+                "payload_sha256, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [self._cache(r[0]) + (now,) for r in seg_rows])
             cur.execute("COMMIT")
         finally:
@@ -181,7 +181,7 @@ class PostgresFiller(Filler):
                        iter(seg_rows))
             self._copy(cur, "caches", "id, segment_id, model_name, model_fingerprint, template_digest, ratio, level, "
                        "scorer, blob_path, nbytes, kv_nbytes, full_nbytes, prefix_length, context_length, sha256, "
-                       "created", (self._cache(r[0]) + (now,) for r in seg_rows))
+                       "payload_sha256, created", (self._cache(r[0]) + (now,) for r in seg_rows))
             raw.commit()
         finally:
             raw.close()
