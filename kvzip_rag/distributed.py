@@ -5,8 +5,8 @@
     ...                          model="smollm2-135m-instruct", address="auto")
 
 Each actor (one per GPU where the cluster has GPUs, else one per CPU, with one torch thread) loads the model once,
-then compresses documents and stores them through :meth:`CacheStore.add_document`, which writes the blobs first and
-the rows last in one transaction: a worker that dies mid-document leaves at most blobs no row points to (removed by
+then compresses documents and stores them through the store's :class:`~kvzip_rag.store.Indexer`, which writes the
+blobs first and the rows last in one transaction: a worker that dies mid-document leaves at most blobs no row points to (removed by
 ``CacheStore.gc``), never a row without its blob. The driver hands documents out one at a time (a slow document
 never holds up a whole shard), replaces a dead actor and retries its document up to ``max_retries`` times.
 Re-running the same job skips documents already stored with the same text and caches of this model and settings.
@@ -76,6 +76,7 @@ class IndexWorker:
         device = "cuda" if torch.cuda.is_available() else None
         self.model = model() if callable(model) else load_model(model, device=device, threads=threads)
         self.store = CacheStore(**store_options)
+        self.indexer = self.store.indexer(self.model)
         self.settings = settings
 
     def _stored(self, job: Job) -> bool:
@@ -96,9 +97,9 @@ class IndexWorker:
             if not self.settings.get("force") and self._stored(job):
                 status, error = "skipped", ""
             else:
-                self.store.add_document(self.model, job.text, doc_id=job.doc_id, metadata=job.metadata or None,
-                                        ratio=self.settings["ratio"], level=self.settings["level"],
-                                        scorer=self.settings["scorer"], force=self.settings.get("force", False))
+                self.indexer.add(job.text, doc_id=job.doc_id, metadata=job.metadata or None,
+                                 ratio=self.settings["ratio"], level=self.settings["level"],
+                                 scorer=self.settings["scorer"], force=self.settings.get("force", False))
                 status, error = "indexed", ""
         except KVzipError as failure:
             status, error = "failed", f"{type(failure).__name__}: {failure}"
