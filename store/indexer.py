@@ -39,7 +39,7 @@ def content_hash(text: str) -> str:
 def scorer_name(scorer, level: str) -> str:
     from kvzip_rag.compress import resolve_scorer
 
-    return "kvzip-head" if level == "head" else resolve_scorer(scorer).name
+    return resolve_scorer(scorer, level).name
 
 
 @dataclass(frozen=True)
