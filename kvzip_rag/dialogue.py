@@ -72,11 +72,11 @@ def fold_messages(messages: Iterable[tuple[str, str]]) -> Dialogue:
             turns[-1][1] = text if turns[-1][1] is None else "\n\n".join(filter(None, [turns[-1][1], text]))
         last_role = kind
     if not turns or turns[-1][1] is not None:
-        raise InvalidArgumentError("the conversation must end with a user message (the question to answer)")
+        raise InvalidArgumentError("the conversation must end with a human message (a user message: the question to answer)")
     if pending_system:
         turns[-1][0] = "\n\n".join([*pending_system, turns[-1][0]])
     if not turns[-1][0].strip():
-        raise InvalidArgumentError("the last user message is empty: there is no question to answer")
+        raise InvalidArgumentError("the last human (user) message is empty: there is no question to answer")
     return Dialogue(first_user or turns[0][0], [(q, a) for q, a in turns[:-1]], turns[-1][0])
 
 
