@@ -164,6 +164,8 @@ class CacheAnswer:
     full_nbytes: int
     kept_ratio: float
     target_tokens: int = 0  # the document tokens this cache holds (served from it, not re-read)
+    ratio: float | None = None  # the ratio and level the cache was loaded at
+    level: str | None = None
 
     doc_id = property(lambda self: self.target.doc_id)
     segment_index = property(lambda self: self.target.segment_index)
@@ -430,7 +432,8 @@ class QAService:
                     emit(piece)
         result = stream.result
         return CacheAnswer(target, result, pieces, is_refusal(result.text), load_s, nbytes, cache.nbytes,
-                           cache.full_nbytes, cache.kept_ratio, cache.info.base_length)
+                           cache.full_nbytes, cache.kept_ratio, cache.info.base_length,
+                           cache.info.ratio, cache.info.level)
 
     def _plan(self, question: str, k: int, doc_ids, targets) -> tuple[str, list[Target], float | None]:
         question = check_question(question)

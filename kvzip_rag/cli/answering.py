@@ -66,7 +66,6 @@ def ask(
     settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
                            threads=threads)
     question = check_question(question)
-    check_doc(settings, settings.open_store(), doc)
     qa = settings.service()
     routing = route(settings, qa, question, k, doc)
     stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens)
@@ -97,7 +96,7 @@ def _compression(answer) -> str:
     from .output import human_bytes
 
     read = "served from memory" if answer.bytes_loaded == 0 else f"{human_bytes(answer.bytes_loaded)} read from disk"
-    return (f"ratio {answer.kept_ratio:g} · KV {human_bytes(kept)} vs {human_bytes(full)} full "
+    return (f"ratio {answer.ratio:g} ({answer.level}) · KV {human_bytes(kept)} vs {human_bytes(full)} full "
             f"({full / max(kept, 1):.1f}x smaller) · {answer.target_tokens} context tokens · {read}")
 
 
@@ -121,8 +120,8 @@ def chat(
 
     settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
                            threads=threads)
-    check_doc(settings, settings.open_store(), doc)
     qa = settings.service()
+    check_doc(settings, qa.store, doc)
     session = ChatSession(qa, doc_ids=[doc] if doc else None, sampling={"max_new_tokens": max_tokens})
     interactive = sys.stdin.isatty()
     say("[dim]Ask a question; follow-ups stay in the same document. /reset starts over, exit or Ctrl-D quits.[/dim]")
