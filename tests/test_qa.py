@@ -282,3 +282,16 @@ def test_missing_extra_names_it():
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "pip install 'kvzip-rag[langchain]'" in run.stdout, run.stdout + run.stderr
+
+
+def test_progress_shows_names_and_calls_prefill_chunks_chunks():
+    from llama_index.core import Document
+
+    from kvzip_rag.cli.progress import IndexProgress
+    from kvzip_rag.integrations.llamaindex.index import STAGE_LABELS, document_label
+
+    read = Document(text="x", metadata={"file_name": "manual.md"})  # SimpleDirectoryReader: a UUID as doc_id
+    assert document_label(read) == "manual.md" and read.doc_id not in document_label(read)
+    assert document_label(Document(text="x", id_="\x1b[2Jid")) == "\\x1b[2Jid"
+    assert STAGE_LABELS["prefill"] == IndexProgress.STAGES["prefill"] == "prefill chunks"
+    assert IndexProgress.STAGES["compress"] == "segments"

@@ -5,6 +5,10 @@ not fit the model window); each segment gets one compressed cache. Nodes are ``T
 ``"{doc_id}:{segment_index}"``. Routing, loading and answering are the core service's
 (:class:`kvzip_rag.qa.QAService`, ``index.qa``), scoped to this index's documents; the engines in this package are
 thin LlamaIndex faces over it.
+
+Why this module is over 400 lines: llama-index-core's ``BaseIndex`` puts construction, document insertion and
+deletion, docstore bookkeeping, persistence hooks and the ``as_*`` factories on one class; the parts that are not
+methods of that class live in :mod:`.persistence` and :mod:`.nodes`, and answering lives in the core service.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks.base import CallbackManager
 from llama_index.core.chat_engine.types import BaseChatEngine, ChatMode
 from llama_index.core.indices.base import BaseIndex
@@ -571,7 +576,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
 
     # ------------------------------------------------------------------------------------- engines
 
-    def as_retriever(self, similarity_top_k: int = 1, **kwargs: Any) -> "KVzipIndexRetriever":
+    def as_retriever(self, similarity_top_k: int = 1, **kwargs: Any) -> BaseRetriever:
         """A LlamaIndex retriever returning one ``NodeWithScore`` per matching segment."""
         from .retriever import KVzipIndexRetriever
 

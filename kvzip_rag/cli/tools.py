@@ -89,8 +89,6 @@ def demo(
 
     Re-running it reuses the stored caches.
     """
-    import kvzip_rag
-
     settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
                          threads=threads)
     if docs is None:  # the repository's examples (editable install), else ./examples/docs
