@@ -153,3 +153,7 @@ def _remove_temp_store(store: "CacheStore", folder: str) -> None:
         store.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(folder))  # the shared root too, once no other temporary store is left
+        except OSError:
+            pass
