@@ -13,7 +13,6 @@ methods of that class live in :mod:`.persistence` and :mod:`.nodes`, and answeri
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from llama_index.core.schema import BaseNode, Document, NodeWithScore, TextNode
 from llama_index.core.storage.docstore.types import RefDocInfo
 from llama_index.core.storage.storage_context import DEFAULT_PERSIST_DIR, StorageContext
 
+from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.budget import check_ratio_level
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
 from kvzip_rag.models import KVzipModel, load_model
@@ -380,7 +380,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             self._insert(nodes)
 
     async def ainsert_nodes(self, nodes: Sequence[BaseNode], **insert_kwargs: Any) -> None:
-        await asyncio.to_thread(self.insert_nodes, nodes)
+        await run_in_thread(lambda: self.insert_nodes(nodes))
 
     def insert(self, document: Document, **insert_kwargs: Any) -> None:
         """Compress one document into the store (replacing this index's document of the same id)."""
@@ -389,7 +389,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             self._add_documents(documents, show_progress=self._show_progress)
 
     async def ainsert(self, document: Document, **insert_kwargs: Any) -> None:
-        await asyncio.to_thread(self.insert, document)
+        await run_in_thread(lambda: self.insert(document))
 
     def _add_documents(self, documents: Sequence[BaseNode], show_progress: bool = False) -> None:
         from tqdm.auto import tqdm
@@ -455,7 +455,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             self._storage_context.index_store.add_index_struct(struct)
 
     async def adelete_ref_doc(self, ref_doc_id: str, delete_from_docstore: bool = False, **delete_kwargs: Any) -> None:
-        await asyncio.to_thread(self.delete_ref_doc, ref_doc_id, delete_from_docstore)
+        await run_in_thread(lambda: self.delete_ref_doc(ref_doc_id, delete_from_docstore))
 
     def _delete_node(self, node_id: str, **delete_kwargs: Any) -> None:
         raise NotImplementedError(
