@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def run(args: list[str], tmp_path: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp_path), **env}
+    # torch's inductor cache dir (made when transformers imports torch._dynamo) is torch's, not the example's
+    environment = {**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp_path),
+                   "TORCHINDUCTOR_CACHE_DIR": str(tmp_path.parent / "torchinductor"), **env}
     for name in ("STORE", "DB", "MODEL", "RATIO", "LEVEL", "DEVICE"):  # the user's settings never leak in
         environment.pop(f"KVZIP_RAG_{name}", None)
     result = subprocess.run(args, cwd=ROOT, env=environment, capture_output=True, text=True,

@@ -47,7 +47,7 @@ def _cli_rate(store: Path, model: str, tokens: int) -> float:
 
 
 def run_contention(model_name: str | None = None, tokens: int = 16, log=print) -> dict:
-    """Rows of (interface, threads, load, tokens/s); ``load`` is ``idle`` or ``N busy``."""
+    """Rows of (interface, threads, load, tokens/s); ``load`` is ``no added load`` or ``+N busy`` processes."""
     import kvzip_rag
     from kvzip_rag.qa import QAService
     from kvzip_rag.runtime import apply_thread_policy
@@ -60,15 +60,15 @@ def run_contention(model_name: str | None = None, tokens: int = 16, log=print) -
         qa = QAService(folder, model)
         qa.store.add_document(model, TEXT, doc_id="harbour", ratio=0.3)
         qa.answer(QUESTION, max_new_tokens=2)  # warm up
-        for load in ("idle", f"{cores} busy"):
+        for load in ("no added load", f"+{cores} busy"):
             busy = []
-            if load != "idle":
+            if load != "no added load":
                 busy = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(cores)]
                 for process in busy:
                     process.start()
                 time.sleep(1.0)
             try:
-                policy = apply_thread_policy(model.device, None) if load == "idle" else 1
+                policy = apply_thread_policy(model.device, None) if load == "no added load" else 1
                 for label, threads in (("python api, torch default threads", cores),
                                        ("python api, library policy", policy)):
                     rate = _api_rate(qa, threads, tokens)
