@@ -58,6 +58,7 @@ class CacheAnswer:
     target_tokens: int = 0  # the document tokens this cache holds (served from it, not re-read)
     ratio: float | None = None  # the ratio and level the cache was loaded at
     level: str | None = None
+    also: tuple[Target, ...] = ()  # further segments whose caches were composed into this one (compose= strategies)
 
     doc_id = property(lambda self: self.target.doc_id)
     segment_index = property(lambda self: self.target.segment_index)
@@ -95,7 +96,7 @@ class QAResult:
     text = property(lambda self: self.best.text)
     cache_load_s = property(lambda self: sum(a.cache_load_s for a in self.answers))
     bytes_loaded = property(lambda self: sum(a.bytes_loaded for a in self.answers))
-    targets = property(lambda self: [a.target for a in self.answers])
+    targets = property(lambda self: [t for a in self.answers for t in (a.target, *a.also)])
 
     def metadata(self, retrieve_s: float | None = None) -> dict:
         """Totals over every cache answered (``cache_load_s``, ``bytes_loaded``), the chosen answer's figures, and
