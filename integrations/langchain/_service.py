@@ -36,7 +36,7 @@ def build_service(values: dict) -> QAService:
 
 # Segments a retriever handed out recently, by text: a chat model that finds them in a prompt answers from their
 # caches instead of re-reading them (the idiomatic {"context": retriever, ...} | prompt | chat_model chain).
-_RECENT: "OrderedDict[tuple[int, str], Target]" = OrderedDict()
+_RECENT: "OrderedDict[tuple[str, str], Target]" = OrderedDict()
 _RECENT_MAX = 512
 _RECENT_LOCK = threading.Lock()
 
@@ -45,7 +45,7 @@ def remember(service: QAService, target: Target) -> None:
     if len(target.text) < 40:  # too short to recognise reliably inside a prompt
         return
     with _RECENT_LOCK:
-        key = (id(service.store), target.text)
+        key = (service.store.url, target.text)
         _RECENT[key] = target
         _RECENT.move_to_end(key)
         while len(_RECENT) > _RECENT_MAX:
@@ -54,7 +54,7 @@ def remember(service: QAService, target: Target) -> None:
 
 def recall(service: QAService) -> list[Target]:
     with _RECENT_LOCK:
-        return [t for (store, _), t in _RECENT.items() if store == id(service.store)]
+        return [t for (store, _), t in _RECENT.items() if store == service.store.url]
 
 
 def segment_document(service: QAService, target: Target, record: Any = None) -> Document:
