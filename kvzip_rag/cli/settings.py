@@ -74,7 +74,8 @@ class Settings:
         """The core QA service over this store and model (loads the model unless given)."""
         from kvzip_rag.qa import QAService
 
-        return QAService(self.open_store(), model or self.load_model(), ratio=self.ratio, level=self.level)
+        model = model or self.load_model()  # the model first: its errors come before the store's
+        return QAService(self.open_store(), model, ratio=self.ratio, level=self.level)
 
     def describe_store(self) -> str:
         if self.db:
