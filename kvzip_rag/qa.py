@@ -29,12 +29,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .answers import CacheAnswer, QAResult, Target, choose_best, is_refusal
 from .composers import COMPOSERS, BestOfK, Composer, get_composer, register_composer
 from .errors import InvalidArgumentError, KVzipError, ModelMismatchError
+from .paths import default_store_path
 
 __all__ = [
     "COMPOSERS", "BestOfK", "CacheAnswer", "Composer", "EmptyIndexError", "QAResult", "QAService", "QAStream",
@@ -88,16 +88,6 @@ def check_sampling(sampling: dict) -> dict:
     return sampling
 
 
-def default_store_path() -> Path:
-    """``$KVZIP_RAG_STORE``, else ``store/`` in the user data dir."""
-    env = os.environ.get("KVZIP_RAG_STORE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("kvzip-rag")) / "store"
-
-
 def open_store(store: CacheStore | str | os.PathLike | None) -> CacheStore:
     """A ``CacheStore`` from itself, a folder, or ``None`` (the default store)."""
     from .store import CacheStore
@@ -113,9 +103,11 @@ def matching_cache(records: Iterable[Any], *, fingerprint: str | None = None, te
                    ratio: float | None = None, level: str | None = None) -> Any | None:
     """The stored cache record a model answers from: same model and template, the wanted level, the smallest ratio
     at or above the wanted one (a lower ratio loads from it); else any of that model's. None if there is none."""
+    from .budget import ratio_covers
+
     mine = [c for c in records if fingerprint is None
             or (c.model_fingerprint == fingerprint and c.template_digest == template_digest)]
-    usable = [c for c in mine if (ratio is None or c.ratio + 1e-9 >= ratio) and (level is None or c.level == level)]
+    usable = [c for c in mine if (ratio is None or ratio_covers(c.ratio, ratio)) and (level is None or c.level == level)]
     if not usable:
         usable = mine
     if not usable:

@@ -106,6 +106,7 @@ def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None
 
 def _index_one(store, kv_model, path: Path, name: str, text: str, ratio: float, level: str, force: bool,
                progress) -> list[str] | None:
+    from kvzip_rag.budget import same_ratio
     from kvzip_rag.qa import matching_cache
 
     before = store.get_document(name)
@@ -122,7 +123,7 @@ def _index_one(store, kv_model, path: Path, name: str, text: str, ratio: float, 
     caches = [matching_cache([c for c in record.caches if c.segment_index == s.index],
                              fingerprint=kv_model.fingerprint, template_digest=kv_model.template.digest,
                              ratio=ratio, level=level) for s in record.segments]
-    caches = [c for c in caches if c is not None and abs(c.ratio - ratio) < 1e-9]
+    caches = [c for c in caches if c is not None and same_ratio(c.ratio, ratio)]
     reused = bool(caches) and all(c.blob_path in before_blobs for c in caches)
     return [show(name), str(len(record.segments)), str(record.token_count),
             human_bytes(sum(c.kv_nbytes for c in caches)), human_bytes(sum(c.full_nbytes for c in caches)),
