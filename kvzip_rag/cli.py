@@ -978,5 +978,9 @@ def _single(function: Callable) -> typer.Typer:
     return sub
 
 
+from .cli_calibrate import calibrate  # noqa: E402  (its own module: kvzip-fast gate training)
+
+app.command("calibrate")(calibrate)
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -2,11 +2,12 @@
 
 from .base import PrefilledDocument, Scorer
 from .baselines import H2OScorer, KeyNormScorer, RandomScorer, SnapKVScorer
+from .fast import KVzipFastScorer
 from .kvzip import KVzipScorer
 
 SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (KVzipScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
+    cls.name: cls for cls in (KVzipScorer, KVzipFastScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
 }
 
 __all__ = ["SCORERS", "H2OScorer", "KVzipScorer", "KeyNormScorer", "PrefilledDocument", "RandomScorer", "Scorer",
-           "SnapKVScorer"]
+           "SnapKVScorer", "KVzipFastScorer"]
