@@ -49,6 +49,7 @@ class Preset:
     top_k: int = 3
     # fidelity task (kvzip_rag.bench.fidelity): teacher-forced passes on many SQuAD questions, F1 on a subset
     fidelity_questions: int = 300
+    fidelity_questions_per_doc: int = 15  # spread over many documents: the bootstrap resamples documents
     fidelity_f1_questions: int = 100
     fidelity_min_tokens: int = 500
     fidelity_max_tokens: int = 900
