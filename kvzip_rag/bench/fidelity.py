@@ -191,7 +191,7 @@ def _kvzip_twin(method: str) -> str:
     return "kvzip-pair@" + method.rsplit("@", 1)[1] if "@" in method else "full"
 
 
-def targets(table: dict, ratios) -> list[dict]:
+def targets(table: dict, ratios, scoring: dict) -> list[dict]:
     """The issue's fidelity targets, decided from the intervals (None when the run could not decide)."""
     out = []
 
@@ -199,6 +199,11 @@ def targets(table: dict, ratios) -> list[dict]:
         out.append({"target": name, "value": value, "threshold": threshold, "met": met, "measured": measured,
                     "n": n, "note": note})
 
+    cost = scoring.get(FAST, {})
+    add("kvzip-fast indexing: (prefill + scoring) / prefill <= 1.1", cost.get("overhead"), 1.1,
+        None if cost.get("overhead") is None else cost["overhead"] <= 1.1,
+        "(prefill + gate scoring) / prefill over the fidelity documents", cost.get("n_docs"),
+        f"KVzip on the same documents: {_f(scoring.get('kvzip', {}).get('overhead'))}")
     fast, kvzip = table.get(f"{FAST}@0.3", {}), table.get("kvzip-pair@0.3", {})
     diff = fast.get("nll_minus_kvzip")
     add("kvzip-fast at 0.3: gold NLL within 0.05 nats of KVzip's", diff, 0.05,
@@ -224,6 +229,10 @@ def targets(table: dict, ratios) -> list[dict]:
             None if d is None else abs(d) <= limit, f"NLL(kvzip-pair@{r:g}) - NLL(full)", entry.get("n"),
             f"paired 95% CI {_ci(entry.get('nll_minus_full_ci'))}")
     return out
+
+
+def _f(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _ci(ci) -> str:

@@ -262,5 +262,6 @@ def summarize(raw: dict, preset: Preset) -> dict:
         from . import fidelity
 
         summary["quality"]["fidelity"] = fidelity.summarize(raw["fidelity"])
-        summary["targets"] += fidelity.targets(summary["quality"]["fidelity"], preset.fidelity_ratios)
+        summary["targets"] += fidelity.targets(summary["quality"]["fidelity"], preset.fidelity_ratios,
+                                              summary["scoring"])
     return summary
