@@ -73,6 +73,10 @@ def compare(model, docs: list, ratio: float = 0.3) -> dict:
 
 
 def main() -> None:
+    # kvpress wraps every attention function registered when it is imported and calls it with ``dropout`` as the
+    # sixth positional argument, where ours takes ``scaling``: import it before our attention is registered.
+    import kvpress  # noqa: F401
+
     import kvzip_rag
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..errors import ModelMismatchError
 from .base import PrefilledDocument, Scorer
 from .kvzip import KVzipScorer
 
@@ -36,6 +37,7 @@ class KVzipFastScorer(Scorer):
             return KVzipScorer().score(document)
         gate.check_model(document.model)
         if gate.layers != document.compressed_layers:
-            raise ValueError(f"the gate covers layers {gate.layers}, the document {document.compressed_layers}")
+            raise ModelMismatchError(f"the gate covers layers {gate.layers}, the model compresses "
+                                     f"{document.compressed_layers}; recalibrate it")
         self.name = type(self).name
         return gate.predict([document.context_keys(layer) for layer in document.compressed_layers])
