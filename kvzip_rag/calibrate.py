@@ -27,7 +27,7 @@ TEXT_SUFFIXES = (".txt", ".md")
 LOG_FLOOR = 1e-8  # scores below this (underflowed attention) are all "never needed": same target
 
 
-def read_corpus(folder: Path, model: KVzipModel, segment_tokens: int = 1500, max_segments: int = 24) -> list[str]:
+def read_corpus(folder: Path, model: KVzipModel, segment_tokens: int = 1024, max_segments: int = 10) -> list[str]:
     """Cut the ``.txt``/``.md`` files under ``folder`` (sorted, recursively) into segments of ``segment_tokens``
     tokens, at most ``max_segments`` of them, taken round-robin over the files so every file contributes."""
     folder = Path(folder)

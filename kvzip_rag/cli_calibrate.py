@@ -13,8 +13,8 @@ def calibrate(
                                                       "documents you will evaluate on).")],
     model: Annotated[str | None, typer.Option("--model", help="Model alias, folder, .gguf or hub id "
                                                               "(default: the default model).")] = None,
-    segment_tokens: Annotated[int, typer.Option(help="Tokens per calibration segment.")] = 1500,
-    max_segments: Annotated[int, typer.Option(help="Most segments to score with KVzip (each ~3 prefills).")] = 24,
+    segment_tokens: Annotated[int, typer.Option(help="Tokens per calibration segment.")] = 1024,
+    max_segments: Annotated[int, typer.Option(help="Most segments to score with KVzip (each ~3 prefills).")] = 10,
     holdout: Annotated[int, typer.Option(help="Segments kept out of training to measure the gate.")] = 2,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
 ) -> None:

@@ -74,7 +74,7 @@ def teacher_forced(model, cache, question: str, gold: str) -> dict:
 
 
 def run_fidelity(bench) -> None:
-    p, model = bench.preset, bench.model
+    p = bench.preset
     record = {"rows": [], "gate": ensure_gate(bench), "f1_methods": []}
     bench.fidelity = record
     docs = bench_data.load_squad(bench.data_dir, bench.count, 10_000, p.fidelity_min_tokens,
@@ -227,7 +227,7 @@ def targets(table: dict, ratios, scoring: dict) -> list[dict]:
     add("kvzip-fast ahead of every non-KVzip scorer at every ratio <= 0.5 (non-overlapping 95% intervals)",
         verdicts, 0.0, met, "unpaired NLL intervals of kvzip-fast@r vs snapkv@r and h2o@r", fast.get("n"),
         "paired_margin_ci: 95% CI of NLL(best baseline) - NLL(kvzip-fast), same resampled documents; "
-        "kl_separated: KL(full || method) intervals do not overlap")
+        "kl_separated: KL(full ‖ method) intervals do not overlap")
     for r, limit in ((0.3, 0.05), (0.2, 0.1)):
         entry = kvzip if r == 0.3 else table.get(f"kvzip-pair@{r:g}", {})
         d = entry.get("nll_minus_full")
@@ -261,7 +261,7 @@ def markdown(summary: dict) -> list[str]:
                      f"{q['kl_from_full']:.3f} {_ci(q.get('kl_from_full_ci'), False)}",
                      f"{q['f1']:.3f} {_ci(q.get('f1_ci'), False)} (n={q['n_f1']})" if q.get("f1") is not None else "-"])
     header = ["method", "n", "gold NLL", "NLL - full (paired)", "first token = full's", "greedy agreement",
-              "KL(full || method)", "F1"]
+              "KL(full ‖ method)", "F1"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     return lines
