@@ -78,7 +78,8 @@ def run_fidelity(bench) -> None:
     record = {"rows": [], "gate": ensure_gate(bench), "f1_methods": []}
     bench.fidelity = record
     docs = bench_data.load_squad(bench.data_dir, bench.count, 10_000, p.fidelity_min_tokens,
-                                 min(p.fidelity_max_tokens, bench.max_context()), p.fidelity_questions_per_doc)
+                                 min(p.fidelity_max_tokens, bench.max_context()), p.fidelity_questions_per_doc,
+                                 p.fidelity_first_article)
     chosen, total = [], 0
     for doc in docs:
         if total >= p.fidelity_questions:

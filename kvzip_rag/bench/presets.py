@@ -49,6 +49,7 @@ class Preset:
     top_k: int = 3
     # fidelity task (kvzip_rag.bench.fidelity): teacher-forced passes on many SQuAD questions, F1 on a subset
     fidelity_questions: int = 300
+    fidelity_first_article: int = 0  # SQuAD article to start from (a later run can extend an earlier one)
     fidelity_questions_per_doc: int = 15  # spread over many documents: the bootstrap resamples documents
     fidelity_f1_questions: int = 100
     fidelity_min_tokens: int = 500
