@@ -64,8 +64,7 @@ def teacher_forced(model, cache, question: str, gold: str) -> dict:
     prompt, target = measure.question_ids(model, question), measure.gold_ids(model, gold)
     try:
         with torch.inference_mode():
-            out = model.model(torch.tensor([prompt + target], device=model.device), past_key_values=cache,
-                              use_cache=True, logits_to_keep=len(target) + 1, kvzip_cache=cache)
+            out = model.forward(prompt + target, cache, logits_to_keep=len(target) + 1)
     finally:
         cache.reset()
     logprobs = F.log_softmax(out.logits[0, :-1].float(), dim=-1)
