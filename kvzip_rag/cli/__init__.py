@@ -19,7 +19,7 @@ Modules: :mod:`.app` (the Typer app, global options), :mod:`.settings` (store, m
 :class:`kvzip_rag.qa.QAService`, as the LlamaIndex and LangChain adapters do.
 """
 
-from . import answering, indexing, store_commands, tools  # noqa: F401  (registers the commands)
+from . import answering, calibrate, indexing, store_commands, tools  # noqa: F401  (registers the commands)
 from .app import app
 from .files import collect_files, extract_text
 from .settings import CLIError, Settings
