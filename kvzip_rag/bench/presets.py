@@ -52,6 +52,20 @@ class Preset:
     scale_words: int = 100
     scale_queries: int = 200
     scale_ray_documents: int = 12
+    # fidelity task (kvzip_rag.bench.fidelity): teacher-forced passes on many SQuAD questions, F1 on a subset
+    fidelity_questions: int = 300
+    fidelity_first_article: int = 0  # SQuAD article to start from (a later run can extend an earlier one)
+    fidelity_questions_per_doc: int = 15  # spread over many documents: the bootstrap resamples documents
+    fidelity_f1_questions: int = 100
+    fidelity_min_tokens: int = 500
+    fidelity_max_tokens: int = 900
+    fidelity_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    fidelity_f1_ratios: tuple[float, ...] = (0.3,)
+    fidelity_baselines: tuple[str, ...] = ("snapkv", "h2o")
+    fidelity_max_new_tokens: int = 16
+    fidelity_budget_minutes: float | None = None
+    fidelity_calibration_tokens: int = 1024  # kvzip-fast gate calibration (Paul Graham essays) when none exists
+    fidelity_calibration_segments: int = 10
 
 
 PRESETS: dict[str, Preset] = {
