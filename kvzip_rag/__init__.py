@@ -7,6 +7,7 @@
 """
 
 from .cache import CacheInfo, PackedCache, PackedLayer
+from .compose import ComposedCache, compose
 from .compress import compress
 from .errors import (
     ContextTooLongError,
@@ -28,6 +29,7 @@ __all__ = [
     "ModelNotFoundError", "PackedCache", "PackedLayer", "answer", "compress", "load_model", "stream_answer",
     "wrap_model",
 ]
+__all__ += ["ComposedCache", "compose"]
 
 
 def __getattr__(name: str):

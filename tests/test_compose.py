@@ -211,3 +211,22 @@ def test_sequential_refuses_inexact_rope_variants(smol_tokenizer):
     with pytest.raises(InvalidArgumentError, match="yarn"):
         compose(model, caches, layout="sequential")
     compose(model, caches, layout="parallel")  # nothing is rotated there
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parallel", "sequential"])
+def test_real_model_answers_from_two_documents(default_model, layout):
+    """SmolLM2 answers this from both documents in one prompt (checked), and from neither document alone."""
+    model = default_model
+    documents = ["The museum opens at 9 am.\n", "The museum closes at 5 pm.\n"]
+    question = "When does the museum open and close?"
+    caches = [kvzip_rag.compress(model, text, ratio=1.0) for text in documents]
+
+    def both(text: str) -> bool:
+        return "9 am" in text and "5 pm" in text
+
+    assert not any(both(kvzip_rag.answer(model, c, question, max_new_tokens=24).text) for c in caches)
+    for ratio in (1.0, 0.3):
+        composed = compose(model, [c.at_ratio(ratio) if ratio < 1 else c for c in caches], layout=layout)
+        assert composed.composition.used == (0, 1)
+        assert both(kvzip_rag.answer(model, composed, question, max_new_tokens=24).text)
