@@ -375,6 +375,11 @@ class Bench:
             path.unlink()
         self.ttft.append(row)
 
+    def multidoc(self) -> None:
+        from .multidoc import run_multidoc
+
+        run_multidoc(self)
+
     # ------------------------------------------------------------------ whole run
     def run(self, tasks=("squad", "needle", "narrativeqa")) -> dict:
         self.mark_memory("model_load")
@@ -383,7 +388,8 @@ class Bench:
             head_scores(self.model)
             self.calibration_s = time.perf_counter() - start
         for task in tasks:
-            runner = {"squad": self.squad, "needle": self.needle, "narrativeqa": self.narrativeqa}[task]
+            runner = {"squad": self.squad, "needle": self.needle, "narrativeqa": self.narrativeqa,
+                      "multidoc": self.multidoc}[task]
             try:
                 runner()
             except FileNotFoundError as error:
