@@ -74,10 +74,10 @@ def bm25_rank(query: str, documents: list[str], k1: float = 1.5, b: float = 0.75
     return sorted(range(n), key=lambda i: -score(i))
 
 
-def load_hotpotqa(data_dir: Path, count: int) -> list[dict]:
+def load_hotpotqa(data_dir: Path, count: int, first: int = 0) -> list[dict]:
     path = data_dir / "hotpotqa" / "distractor-sample-0-49.jsonl"
     items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return items[:count]
+    return items[first : first + count]
 
 
 def paragraph_text(title: str, sentences: list[str]) -> str:
@@ -193,7 +193,7 @@ def _chunk_context(bench, text: str):
 
 def run_hotpotqa(bench) -> None:
     p = bench.preset
-    items = load_hotpotqa(bench.data_dir, p.multidoc_questions)
+    items = load_hotpotqa(bench.data_dir, p.multidoc_questions, p.multidoc_first)
     for n, item in enumerate(items):
         texts = [paragraph_text(title, sentences) for title, sentences in item["context"]]
         titles = [title for title, _ in item["context"]]
@@ -250,3 +250,30 @@ def run_multidoc(bench) -> None:
     if bench.preset.multidoc_needle_cases:
         run_needle(bench)
     bench.mark_memory("multidoc")
+
+
+def merge_runs(parts: list[Path], out_dir: Path) -> Path:
+    """One results.json (and results.md) from runs over disjoint question ranges (``multidoc_first``)."""
+    from .report import render
+
+    runs = [json.loads((Path(p) / "results.json").read_text()) for p in parts]
+    merged = dict(runs[0])
+    for key in ("rows", "documents", "variants", "indexing", "decode", "ttft", "disk"):
+        merged[key] = [item for run in runs for item in run.get(key, [])]
+    meta = dict(merged["meta"])
+    meta["preset"] = dict(meta["preset"], multidoc_first=0,
+                          multidoc_questions=sum(r["meta"]["preset"]["multidoc_questions"] for r in runs),
+                          multidoc_needle_cases=max(r["meta"]["preset"]["multidoc_needle_cases"] for r in runs))
+    meta["merged_from"] = [{"out": str(p), "command": r["meta"].get("command"), "duration_s": r["meta"]["duration_s"],
+                            "loadavg_at_end": r["meta"]["machine"].get("loadavg_at_end")} for p, r in zip(parts, runs)]
+    merged["meta"] = meta
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(merged, indent=1, default=str))
+    return render(out_dir / "results.json")
+
+
+if __name__ == "__main__":  # python -m kvzip_rag.bench.multidoc OUT_DIR RUN_DIR...
+    import sys
+
+    print(merge_runs([Path(p) for p in sys.argv[2:]], Path(sys.argv[1])))
