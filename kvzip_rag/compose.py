@@ -331,6 +331,8 @@ def _repair(model: KVzipModel, composed: ComposedCache, caches, parts, rotate, t
     prefix = composed.info.prefix_length
     for n, part in enumerate(parts[1:], start=1):
         ids = list(caches[part.source].info.input_ids[prefix : prefix + min(tokens, part.length)])
+        if len(ids) < min(tokens, part.length):
+            raise InvalidArgumentError(f"cache {part.source} stores no token ids (CacheInfo.input_ids): cannot repair")
         before = _compose(model, caches, list(parts[:n]), "sequential", part.start, rotate)
         with torch.inference_mode():
             packed_forward(model, before, ids)
