@@ -210,6 +210,8 @@ def run_hotpotqa(bench) -> None:
         for d in routed:
             d.unlink()
         bench.say(f"multidoc {n + 1}/{len(items)}: routed {routed_gold}/{len(gold_titles)} gold paragraphs")
+        if p.multidoc_checkpoint:
+            Path(p.multidoc_checkpoint).write_text(json.dumps({"rows": bench.rows}, default=str))
 
 
 def run_needle(bench) -> None:

@@ -50,6 +50,7 @@ class Preset:
     # multidoc (kvzip_rag/bench/multidoc.py): HotpotQA questions, documents routed per question, composed methods
     multidoc_questions: int = 50
     multidoc_first: int = 0  # first question index (to split a run over processes; see multidoc.merge_runs)
+    multidoc_checkpoint: str = ""  # a file the rows so far are written to after every question (long runs)
     multidoc_k: int = 4
     multidoc_ratios: tuple[float, ...] = (1.0, 0.3)
     multidoc_best_of_k_ratios: tuple[float, ...] = (0.3,)  # k answers each: the costliest method to run
