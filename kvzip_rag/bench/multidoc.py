@@ -255,19 +255,29 @@ def run_multidoc(bench) -> None:
 
 
 def merge_runs(parts: list[Path], out_dir: Path) -> Path:
-    """One results.json (and results.md) from runs over disjoint question ranges (``multidoc_first``)."""
+    """One results.json (and results.md) from runs over disjoint question ranges (``multidoc_first``). A part is a
+    run's output folder, or the checkpoint file of a run that did not finish (its rows only); at least one part
+    must be a finished run (its meta is kept)."""
     from .report import render
 
-    runs = [json.loads((Path(p) / "results.json").read_text()) for p in parts]
-    merged = dict(runs[0])
+    runs = []
+    for part in map(Path, parts):
+        finished = part / "results.json"
+        runs.append(json.loads(finished.read_text()) if finished.exists() else
+                    {"meta": None, **json.loads(part.read_text())})
+    base = next(r for r in runs if r["meta"] is not None)
+    merged = dict(base)
     for key in ("rows", "documents", "variants", "indexing", "decode", "ttft", "disk"):
         merged[key] = [item for run in runs for item in run.get(key, [])]
-    meta = dict(merged["meta"])
-    meta["preset"] = dict(meta["preset"], multidoc_first=0,
-                          multidoc_questions=sum(r["meta"]["preset"]["multidoc_questions"] for r in runs),
-                          multidoc_needle_cases=max(r["meta"]["preset"]["multidoc_needle_cases"] for r in runs))
-    meta["merged_from"] = [{"out": str(p), "command": r["meta"].get("command"), "duration_s": r["meta"]["duration_s"],
-                            "loadavg_at_end": r["meta"]["machine"].get("loadavg_at_end")} for p, r in zip(parts, runs)]
+    questions = {(r["task"], r["qid"]) for r in merged["rows"]}
+    meta = dict(base["meta"])
+    meta["preset"] = dict(meta["preset"], multidoc_first=0, multidoc_checkpoint="",
+                          multidoc_questions=sum(t == "multidoc" for t, _ in questions),
+                          multidoc_needle_cases=sum(t == "multidoc-needle" for t, _ in questions))
+    meta["merged_from"] = [{"part": str(p), "finished": r["meta"] is not None,
+                            "command": (r["meta"] or {}).get("command"), "duration_s": (r["meta"] or {}).get(
+                                "duration_s"), "loadavg_at_end": ((r["meta"] or {}).get("machine") or {}).get(
+                                "loadavg_at_end")} for p, r in zip(parts, runs)]
     merged["meta"] = meta
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
