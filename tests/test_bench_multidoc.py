@@ -66,3 +66,16 @@ def test_multidoc_smoke_run(tiny_llama, hotpot_data, tmp_path, k):
         assert all(len(r["used"]) == 2 and r["dropped"] == [] for r in rows)
     assert set(quality["multidoc-needle"]) == names
     assert "## Multi-document questions" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_multidoc_nll_only_run_skips_answers(tiny_llama, hotpot_data, tmp_path):
+    overrides = dict(multidoc_indices=(1,), multidoc_k=2, multidoc_ratios=(0.3,), multidoc_repair=0,
+                     multidoc_needle_cases=0, multidoc_nll_only=True, chunk_tokens=40, chunk_overlap=0)
+    results = run_bench("quick", data_dir=hotpot_data, out_dir=tmp_path / "out", loaded_model=tiny_llama,
+                        tasks=("multidoc",), embedding="hashing", preset_overrides=overrides, log=lambda m: None)
+    multidoc = results["summary"]["quality"]["multidoc"]
+    assert set(multidoc) == {"composed-parallel@0.3", "composed-sequential@0.3", "chunk-rag", "oracle"}
+    for entry in multidoc.values():
+        assert entry["n"] == 1 and entry["n_answered"] == 0 and entry["f1"] is None
+        assert entry["nll"] is not None and entry["ttft_s"] > 0
+    assert {r["qid"] for r in results["rows"]} == {"q2"}

@@ -131,6 +131,9 @@ def answer_question(bench, task: str, doc: bench_data.Document, question: bench_
     model, p = bench.model, bench.preset
     gold = question.answers[0]
     max_new = p.multidoc_max_new_tokens if task == "multidoc" else p.needle_max_new_tokens
+    if p.multidoc_nll_only:  # first token and gold NLL only: no answer to score, no best-of-k (it needs answers)
+        max_new = 1
+        start_row = len(bench.rows)
     for name, layout, repair, r in composed_methods(p):
         start = time.perf_counter()
         loaded = [d.load(model, r) for d in routed]
@@ -143,7 +146,7 @@ def answer_question(bench, task: str, doc: bench_data.Document, question: bench_
                       cache_bytes=composed.nbytes,
                       used=list(composed.composition.used), dropped=list(composed.composition.dropped),
                       composed_entries_ratio=composed.kept_ratio, **extra)
-    for r in p.multidoc_best_of_k_ratios:
+    for r in () if p.multidoc_nll_only else p.multidoc_best_of_k_ratios:
         start = time.perf_counter()
         best = None
         loaded_bytes = cache_bytes = 0
@@ -174,6 +177,10 @@ def answer_question(bench, task: str, doc: bench_data.Document, question: bench_
     ids += measure.question_ids(model, question.question)
     gen = measure.dense_answer(model, ids, max_new, gold=gold)
     bench.add_row(task, doc, question, "oracle", gen, prompt_tokens=len(ids), bytes_loaded=0, **extra)
+    if p.multidoc_nll_only:
+        for row in bench.rows[start_row:]:
+            row.update(answer=None, em=None, f1=None, contains=None, new_tokens=None, decode_s=None,
+                       s_per_token=None, nll_only=True)
 
 
 def _chunk_context(bench, text: str):
@@ -194,6 +201,8 @@ def _chunk_context(bench, text: str):
 def run_hotpotqa(bench) -> None:
     p = bench.preset
     items = load_hotpotqa(bench.data_dir, p.multidoc_questions, p.multidoc_first)
+    if p.multidoc_indices:
+        items = [item for i, item in enumerate(load_hotpotqa(bench.data_dir, 10**6)) if i in p.multidoc_indices]
     for n, item in enumerate(items):
         texts = [paragraph_text(title, sentences) for title, sentences in item["context"]]
         titles = [title for title, _ in item["context"]]

@@ -50,6 +50,8 @@ class Preset:
     # multidoc (kvzip_rag/bench/multidoc.py): HotpotQA questions, documents routed per question, composed methods
     multidoc_questions: int = 50
     multidoc_first: int = 0  # first question index (to split a run over processes; see multidoc.merge_runs)
+    multidoc_indices: tuple[int, ...] = ()  # explicit question indices (instead of first/questions)
+    multidoc_nll_only: bool = False  # time to first token and gold NLL only (cheap; F1/contains/best-of-k not run)
     multidoc_checkpoint: str = ""  # a file the rows so far are written to after every question (long runs)
     multidoc_k: int = 4
     multidoc_ratios: tuple[float, ...] = (1.0, 0.3)

@@ -52,6 +52,7 @@ def quality(rows: list[dict]) -> dict:
                 entry["bytes_loaded"] = mean(x.get("bytes_loaded") for x in items)
                 entry["cache_bytes"] = mean(x.get("cache_bytes") for x in items)
                 entry["routed_gold"] = mean(x.get("routed_gold") for x in items)
+                entry["n_answered"] = sum(x.get("f1") is not None for x in items)  # F1/contains are over these
             if any("both" in x for x in items):
                 entry["both"] = mean(x.get("both") for x in items)
             if task == "needle":
