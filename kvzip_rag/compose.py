@@ -155,6 +155,9 @@ def _check_inputs(model: KVzipModel, caches: Sequence[PackedCache], layout: str,
                 f"(fingerprint {cache.info.model_fingerprint})"
             )
         cache.info.check_model(model, where=f"cache {index}")
+        if cache.layers[0].keys.dtype != first.layers[0].keys.dtype:
+            raise InvalidArgumentError(f"cache {index} holds {cache.layers[0].keys.dtype} keys, cache 0 "
+                                       f"{first.layers[0].keys.dtype}: load the caches in one dtype")
         prefix = first.info.prefix_length
         if cache.info.input_ids[:prefix] != first.info.input_ids[:prefix]:
             raise ModelMismatchError(f"cache {index} was built after another prompt prefix than cache 0")
