@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from kvzip_rag.cache import PackedCache
-from kvzip_rag.compress import head_scores, pack, prefill_document
+from kvzip_rag.compress import pack, prefill_document
 from kvzip_rag.models import KVzipModel
 from kvzip_rag.scorers import SCORERS, Scorer
+from kvzip_rag.scorers.calibration import head_scores
 
 from . import data as bench_data
 from . import measure
@@ -117,10 +118,23 @@ def cut(base: PackedCache, variant: Variant) -> PackedCache:
 
 def _store():
     try:
-        from kvzip_rag.store.blob import read_blob, write_blob
+        from kvzip_rag.store.cachefile import read_cache, write_cache
     except ImportError:
         return None
-    return read_blob, write_blob
+
+    def read_blob(path, model):
+        cache = read_cache(path)
+        cache.info.check_model(model)
+        return cache
+
+    return read_blob, write_cache
+
+
+def stored_document_bytes(cache: PackedCache) -> int:
+    """Bytes of keys and values one document adds to a CacheStore (its template prefix is shared per model)."""
+    from kvzip_rag.store.cachefile import encode_document
+
+    return encode_document(cache, shared_prefix=True).kv_nbytes
 
 
 class Bench:
@@ -264,7 +278,9 @@ class Bench:
         self.disk.append({"task": task, "doc": doc.id, "method": variant.name, "ratio": variant.ratio,
                           "context_tokens": context_tokens, "file_bytes": result.nbytes,
                           "memory_bytes": cache.nbytes, "full_memory_bytes": cache.full_nbytes,
-                          "file_bytes_per_token": result.nbytes / context_tokens})
+                          "file_bytes_per_token": result.nbytes / context_tokens,
+                          "store_document_bytes": stored_document_bytes(cache),
+                          "store_vs_full_memory": stored_document_bytes(cache) / cache.full_nbytes})
         path.unlink()
 
     # ------------------------------------------------------------------ tasks
