@@ -340,12 +340,14 @@ def _repair(model: KVzipModel, composed: ComposedCache, caches, parts, rotate, t
         with torch.inference_mode():
             packed_forward(model, before, ids)
         for index, layer in enumerate(composed.layers):
-            fresh = before.layers[index]
             hit = ((layer.positions >= part.start) & (layer.positions < part.start + len(ids))).nonzero()[:, 0]
             if not len(hit):
                 continue
-            heads = torch.bucketize(hit, layer.offsets[1:], right=True)
-            steps = (layer.positions[hit] - part.start).to(torch.int64)
-            dev = hit.to(layer.keys.device)
-            layer.keys[dev] = fresh.tail_keys[0, heads.to(layer.keys.device), steps.to(layer.keys.device)]
-            layer.values[dev] = fresh.tail_values[0, heads.to(layer.keys.device), steps.to(layer.keys.device)]
+            fresh_keys, fresh_values = before.layers[index].tail_states()  # (1, heads, len(ids), head_dim)
+            heads = torch.bucketize(hit, layer.offsets[1:], right=True).to(fresh_keys.device)
+            steps = (layer.positions[hit] - part.start).to(torch.int64).to(fresh_keys.device)
+            keys, values = layer.keys.clone(), layer.values.clone()
+            dev = hit.to(keys.device)
+            keys[dev] = fresh_keys[0, heads, steps].to(keys.dtype)
+            values[dev] = fresh_values[0, heads, steps].to(values.dtype)
+            layer.keys, layer.values = keys, values
