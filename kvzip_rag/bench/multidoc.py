@@ -86,10 +86,11 @@ def paragraph_text(title: str, sentences: list[str]) -> str:
 
 
 class StoredDocument:
-    """A routed document: prefilled and KVzip-scored once, stored as a ratio-1.0 blob."""
+    """A routed document: prefilled and KVzip-scored once, stored as a standalone ratio-1.0 cache file (its prompt
+    prefix included: the store shares it between documents, so the bytes read here are an upper bound)."""
 
     def __init__(self, bench, text: str, name: str):
-        from kvzip_rag.store.blob import write_blob
+        from kvzip_rag.store.cachefile import write_cache
 
         model = bench.model
         start = time.perf_counter()
@@ -100,14 +101,16 @@ class StoredDocument:
         self.ids = list(cache.info.input_ids)
         self.prefix_length = cache.info.prefix_length
         self.path = Path(bench._tmp.name) / f"{name}.safetensors"
-        self.file_bytes = write_blob(cache, self.path).nbytes
+        self.file_bytes = write_cache(cache, self.path).nbytes
 
     def load(self, model, ratio: float) -> tuple[PackedCache, int]:
         """(cache at ``ratio``, bytes read from the blob)."""
-        from kvzip_rag.store.blob import ReadStats, read_blob
+        from kvzip_rag.store.blob import ReadStats
+        from kvzip_rag.store.cachefile import read_cache
 
         stats = ReadStats()
-        cache = read_blob(self.path, ratio=ratio if ratio < 1 else None, model=model, stats=stats)
+        cache = read_cache(self.path, ratio=ratio if ratio < 1 else None, stats=stats)
+        cache.info.check_model(model)
         return cache, stats.nbytes
 
     def unlink(self) -> None:
