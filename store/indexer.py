@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 
-from kvzip_rag.budget import check_ratio_level
+from kvzip_rag.budget import check_ratio_level, same_ratio
 from kvzip_rag.cache import PackedCache, PrefixKV
 from kvzip_rag.errors import InvalidArgumentError, KVzipError, ModelMismatchError
 
@@ -39,7 +39,7 @@ def content_hash(text: str) -> str:
 def scorer_name(scorer, level: str) -> str:
     from kvzip_rag.compress import resolve_scorer
 
-    return "kvzip-head" if level == "head" else resolve_scorer(scorer).name
+    return resolve_scorer(scorer, level).name
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class CacheKind:
     def matches(self, c: Cache | CacheRecord) -> bool:
         return (c.model_fingerprint, c.template_digest, c.level, c.scorer) == (
             self.fingerprint, self.template, self.level, self.scorer
-        ) and abs(c.ratio - self.ratio) < 1e-9
+        ) and same_ratio(c.ratio, self.ratio)
 
 
 class _Raced(Exception):

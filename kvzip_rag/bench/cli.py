@@ -14,8 +14,8 @@ import typer
 
 from .presets import get_preset, parse_overrides
 
-TASKS = ("squad", "needle", "narrativeqa")  # the default run
-EXTRA_TASKS = ("multidoc",)  # run only when asked for (--task multidoc)
+TASKS = ("squad", "needle", "narrativeqa")
+EXTRA_TASKS = ("fidelity", "multidoc")  # run only when asked for with --task
 
 
 def run_bench(
@@ -49,7 +49,7 @@ def run_bench(
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if threads:
         torch.set_num_threads(threads)
-    unknown = set(tasks) - set(TASKS + EXTRA_TASKS)
+    unknown = set(tasks) - set(TASKS) - set(EXTRA_TASKS)
     if unknown:
         raise typer.BadParameter(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS + EXTRA_TASKS)}")
     settings = get_preset(preset, **(preset_overrides or {}))
@@ -86,7 +86,9 @@ def bench(
     = Path("bench-out"),
     model: Annotated[str | None, typer.Option("--model", help="Model alias, folder, .gguf or hub id.")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="Run only this task (repeatable): squad, "
-                                                                  "needle, narrativeqa, multidoc.")] = None,
+                                                                  "needle, narrativeqa; fidelity, multidoc (only when named); or contention "
+                                                                  "(decode speed under a competing CPU load, Python API beside the "
+                                                                  "CLI).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "
                                                                 "(repeatable), e.g. --set squad_docs=2 "
@@ -112,6 +114,17 @@ def bench(
         get_preset("quick", **overrides)  # validate names before loading anything
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
+    if task and "contention" in task:  # a separate measurement: decode speed under a competing CPU load
+        import json
+
+        from .contention import markdown, run_contention
+
+        result = run_contention(model, log=lambda message: typer.echo(message, err=True))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "contention.json").write_text(json.dumps(result, indent=2))
+        (out / "contention.md").write_text(markdown(result))
+        typer.echo(markdown(result))
+        return
     try:
         run_bench(preset="full" if full else "quick", data_dir=data, out_dir=out, model=model,
                   tasks=tuple(task) if task else TASKS, threads=threads, preset_overrides=overrides)

@@ -35,6 +35,7 @@ from kvzip_rag.scorers import SCORERS, Scorer
 from kvzip_rag.scorers.calibration import head_scores
 
 from . import data as bench_data
+from .fidelity import run_fidelity
 from . import measure
 from .metrics import best_over, contains_gold, exact_match, f1_score, needle_hit
 from .presets import Preset
@@ -405,7 +406,8 @@ class Bench:
             self.calibration_s = time.perf_counter() - start
         for task in tasks:
             runner = {"squad": self.squad, "needle": self.needle, "narrativeqa": self.narrativeqa,
-                      "multidoc": self.multidoc}[task]
+                      "multidoc": self.multidoc,
+                      "fidelity": lambda: run_fidelity(self)}[task]
             try:
                 runner()
             except FileNotFoundError as error:
@@ -421,6 +423,8 @@ class Bench:
             "rows": self.rows, "documents": self.documents, "variants": self.variants, "indexing": self.indexing,
             "decode": self.decode, "ttft": self.ttft, "disk": self.disk,
         }
+        if getattr(self, "fidelity", None):
+            raw["fidelity"] = self.fidelity
         meta = {
             "preset": asdict(self.preset),
             "model": self.model.name,
