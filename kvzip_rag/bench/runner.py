@@ -392,6 +392,11 @@ class Bench:
             path.unlink()
         self.ttft.append(row)
 
+    def multidoc(self) -> None:
+        from .multidoc import run_multidoc
+
+        run_multidoc(self)
+
     # ------------------------------------------------------------------ whole run
     def run(self, tasks=("squad", "needle", "narrativeqa")) -> dict:
         self.mark_memory("model_load")
@@ -401,6 +406,7 @@ class Bench:
             self.calibration_s = time.perf_counter() - start
         for task in tasks:
             runner = {"squad": self.squad, "needle": self.needle, "narrativeqa": self.narrativeqa,
+                      "multidoc": self.multidoc,
                       "fidelity": lambda: run_fidelity(self)}[task]
             try:
                 runner()
