@@ -32,6 +32,7 @@ class CacheInfo:
     scorer: str
     full_nbytes: int
     input_ids: tuple[int, ...] = field(repr=False, default=())
+    kv_bits: int = 16  # 8 or 4: the entries went through quantization (kvzip_rag.quant), 16: as computed
 
     @property
     def base_length(self) -> int:
@@ -149,6 +150,7 @@ class PackedCache(Cache):
     def __init__(self, layers: list[PackedLayer], info: CacheInfo):
         super().__init__(layers=layers)
         self.info = info
+        self.quantized = None  # the QuantizedCache these layers were dequantized from (what a store writes)
 
     @property
     def compressed_layers(self) -> list[int]:
@@ -187,19 +189,30 @@ class PackedCache(Cache):
     def at_ratio(self, ratio: float, level: str | None = None) -> "PackedCache":
         """The cache this one would have been at a lower ``ratio``: top entries only, no re-scoring."""
         level = level or self.info.level
-        prefix = self.info.prefix_length
-        context_scores = [
-            [self.layers[i].scores[s.start + prefix : s.stop] for s in self.layers[i].head_slices(self.layers[i].counts)]
-            for i in self.compressed_layers
-        ]
-        budgets = allocate_budgets(context_scores, self.info.context_length, ratio, level)
-        layers = list(self.layers)
-        for row, i in enumerate(self.compressed_layers):
-            layers[i] = self.layers[i].truncated(budgets[row] + prefix)
-        return PackedCache(layers, replace(self.info, ratio=ratio, level=level))
+        keep = ratio_keep(self.layers, self.info, ratio, level)
+        layers = [layer.truncated(keep[i]) if i in keep else layer for i, layer in enumerate(self.layers)]
+        cache = PackedCache(layers, replace(self.info, ratio=ratio, level=level))
+        if self.quantized is not None:
+            cache.quantized = self.quantized.at_ratio(ratio, level)
+        return cache
 
     def to(self, device: torch.device | str) -> "PackedCache":
         for layer in self.layers:
             layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
             layer.tail_keys, layer.tail_values = layer.tail_keys.to(device), layer.tail_values.to(device)
         return self
+
+
+def ratio_keep(layers, info: CacheInfo, ratio: float, level: str) -> dict[int, torch.Tensor]:
+    """Entries to keep per head (prefix included) of every compressed layer at ``ratio``, from the stored scores:
+    the rule ``at_ratio`` applies to packed and quantized layers alike (``layers`` have offsets, scores, compressed)."""
+    prefix = info.prefix_length
+    compressed = [i for i, layer in enumerate(layers) if layer.compressed]
+    if not compressed:
+        return {}
+    context_scores = []
+    for i in compressed:
+        off = layers[i].offsets.tolist()
+        context_scores.append([layers[i].scores[a + prefix : z] for a, z in zip(off[:-1], off[1:])])
+    budgets = allocate_budgets(context_scores, info.context_length, ratio, level)
+    return {i: budgets[row] + prefix for row, i in enumerate(compressed)}
