@@ -108,7 +108,7 @@ def _max_logit_error(model, cache, quantized, question):
 
 
 def test_eight_bits_keep_next_token_logits(tiny_llama):
-    """8 bits: next-token logits within 0.02 of the unquantized cache's (tiny float32 model, logits of magnitude
+    """8 bits: next-token logits within 0.005 of the unquantized cache's (measured 6e-4; tiny float32 model, logits
     ~1); 4 bits move them more, so the check can fail."""
     cache = kvzip_rag.compress(tiny_llama, LONG_TEXT, ratio=0.5)
     question = tiny_llama.encode(tiny_llama.template.question_text("Who built the harbour?"))
@@ -116,7 +116,7 @@ def test_eight_bits_keep_next_token_logits(tiny_llama):
     four = quantize(cache, 4, full_rows=0).dequantize()
     error8 = _max_logit_error(tiny_llama, cache, eight, question)
     error4 = _max_logit_error(tiny_llama, cache, four, question)
-    assert 0 < error8 < 0.02
+    assert 0 < error8 < 0.005
     assert error4 > 4 * error8
 
 
