@@ -5,8 +5,9 @@ What is quantized, and why this way (KIVI, Liu et al. 2024: keys have outlier *c
 - keys per channel: one fp16 (scale, min) per channel for each group of ``key_group`` consecutive entries of a
   head; values per entry: one fp16 (scale, min) per group of ``value_group`` channels of that entry. Asymmetric
   (min-max) rounding to ``bits`` = 8 or 4; two 4-bit codes share a byte (even channel in the low nibble).
-- the first ``full_rows`` entries of every head stay in the cache dtype (the never-evicted prefix: chat template and
-  attention sink, plus the ``full_precision`` most important entries; see ``DEFAULT_FULL_PRECISION``).
+- the first ``full_rows`` entries of every head stay in the cache dtype: in compressed layers the never-evicted
+  prefix (chat template and attention sink), plus in every layer the ``full_precision`` most important entries
+  (see ``DEFAULT_FULL_PRECISION``).
 
 Entries in a head are best first (see cache.py), and key groups run along that order inside each head, so the
 cache at a lower ratio (a prefix of each head) needs only a prefix of each head's full-precision rows, code rows
@@ -265,16 +266,16 @@ class QuantizedLayer:
         total = int(self.counts.sum())
         keys = torch.empty(total, self.head_dim, dtype=self.dtype, device=device)
         values = torch.empty_like(keys)
-        full_rows = _row_index(self.offsets, torch.zeros_like(full), full).to(device)
-        code_rows = _row_index(self.offsets, full, quantized).to(device)
-        keys[full_rows] = self.full_keys.to(device, self.dtype)
-        values[full_rows] = self.full_values.to(device, self.dtype)
+        full_index = _row_index(self.offsets, torch.zeros_like(full), full).to(device)
+        code_index = _row_index(self.offsets, full, quantized).to(device)
+        keys[full_index] = self.full_keys.to(device, self.dtype)
+        values[full_index] = self.full_values.to(device, self.dtype)
         k = dequantize_keys(self.key_codes.to(device), self.key_scale.to(device), self.key_min.to(device), quantized,
                             self.spec, self.head_dim)
         v = dequantize_values(self.value_codes.to(device), self.value_scale.to(device), self.value_min.to(device),
                               self.spec, self.head_dim)
-        keys[code_rows] = k.to(self.dtype)
-        values[code_rows] = v.to(self.dtype)
+        keys[code_index] = k.to(self.dtype)
+        values[code_index] = v.to(self.dtype)
         return PackedLayer(keys, values, self.offsets, self.positions, self.scores, self.base_length, self.compressed,
                            self.sliding_window)
 
@@ -299,6 +300,23 @@ class QuantizedLayer:
             key_codes=take(self.key_codes, code_index), value_codes=take(self.value_codes, code_index),
             value_scale=take(self.value_scale, code_index), value_min=take(self.value_min, code_index),
             key_scale=take(self.key_scale, group_index), key_min=take(self.key_min, group_index),
+        )
+
+
+    def drop_prefix(self, prefix: int) -> "QuantizedLayer":
+        """Without the first ``prefix`` entries of each head (unquantized rows: the store keeps the template prefix
+        once per model, apart from the documents' own entries)."""
+        full, quantized = self.split()
+        if bool((full < prefix).any()):
+            raise ValueError("the prefix to drop is not entirely unquantized")
+        keep_full = full - prefix
+        rows = _row_index(_offsets(full), torch.full_like(full, prefix), keep_full)
+        entries = _row_index(self.offsets, torch.full_like(full, prefix), self.counts - prefix)
+        return replace(
+            self, full_rows=self.full_rows - prefix, offsets=_offsets(self.counts - prefix),
+            positions=self.positions[entries], scores=self.scores[entries],
+            full_keys=self.full_keys[rows.to(self.full_keys.device)],
+            full_values=self.full_values[rows.to(self.full_values.device)],
         )
 
 
@@ -361,9 +379,15 @@ def quantize(
     full_precision: int = DEFAULT_FULL_PRECISION,
     full_rows: int | None = None,
 ) -> QuantizedCache:
-    """Quantize a packed cache's entries to ``bits`` (8 or 4). The first ``prefix_length + full_precision`` entries
-    of every head (or exactly ``full_rows``, for experiments) stay unquantized. The cache's tail is not included."""
+    """Quantize a packed cache's entries to ``bits`` (8 or 4); the cache's tail is not included.
+
+    Unquantized: the never-evicted prefix of the compressed layers plus the first ``full_precision`` (most
+    important) entries of every head; ``full_rows`` instead sets the unquantized rows per head of every layer (for
+    experiments: ``full_rows=0`` quantizes the prefix too)."""
     spec = QuantSpec(check_bits(bits), key_group, value_group, full_precision)
-    rows = cache.info.prefix_length + full_precision if full_rows is None else int(full_rows)
-    info = replace(cache.info, kv_bits=spec.bits)
-    return QuantizedCache([quantize_layer(layer, spec, rows) for layer in cache.layers], info)
+    prefix = cache.info.prefix_length
+    layers = []
+    for layer in cache.layers:
+        rows = full_rows if full_rows is not None else full_precision + (prefix if layer.compressed else 0)
+        layers.append(quantize_layer(layer, spec, int(rows)))
+    return QuantizedCache(layers, replace(cache.info, kv_bits=spec.bits))

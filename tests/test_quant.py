@@ -196,3 +196,18 @@ def test_check_catches_inconsistent_layers(tiny_llama):
         with pytest.raises(ValueError):
             layer.check()
         setattr(layer, name, original)
+
+
+def test_dropping_the_prefix_keeps_the_documents_own_entries(tiny_llama):
+    cache = kvzip_rag.compress(tiny_llama, LONG_TEXT, ratio=0.4)
+    quantized = quantize(cache, 4)
+    prefix = cache.info.prefix_length
+    restored = quantized.dequantize()
+    for layer, whole in zip(quantized.layers, restored.layers):
+        body = layer.drop_prefix(prefix).dequantize()
+        assert torch.equal(body.counts, whole.counts - prefix)
+        rows = torch.cat([torch.arange(a + prefix, z) for a, z in zip(whole.offsets[:-1].tolist(), whole.offsets[1:].tolist())])
+        assert torch.equal(body.keys, whole.keys[rows]) and torch.equal(body.values, whole.values[rows])
+        assert torch.equal(body.positions, whole.positions[rows])
+    with pytest.raises(ValueError, match="not entirely unquantized"):
+        quantize(cache, 4, full_rows=2).layers[0].drop_prefix(prefix)
