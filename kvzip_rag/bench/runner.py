@@ -375,6 +375,11 @@ class Bench:
             path.unlink()
         self.ttft.append(row)
 
+    def quant_task(self) -> None:
+        from .quant import QuantTask
+
+        QuantTask(self).run()
+
     # ------------------------------------------------------------------ whole run
     def run(self, tasks=("squad", "needle", "narrativeqa")) -> dict:
         self.mark_memory("model_load")
@@ -383,7 +388,8 @@ class Bench:
             head_scores(self.model)
             self.calibration_s = time.perf_counter() - start
         for task in tasks:
-            runner = {"squad": self.squad, "needle": self.needle, "narrativeqa": self.narrativeqa}[task]
+            runner = {"squad": self.squad, "needle": self.needle, "narrativeqa": self.narrativeqa,
+                      "quant": self.quant_task}[task]
             try:
                 runner()
             except FileNotFoundError as error:
@@ -416,7 +422,8 @@ class Bench:
             "memory": self.memory,
             "machine": machine_info(),
         }
-        return {"meta": meta, "summary": summarize(raw, self.preset), **raw}
+        extra = {"quant": self.quant} if getattr(self, "quant", None) else {}
+        return {"meta": meta, "summary": summarize(raw, self.preset), **raw, **extra}
 
 
 def _main_ratio(preset: Preset) -> float:
