@@ -204,15 +204,169 @@ class PackedCache(Cache):
 
 
 def ratio_keep(layers, info: CacheInfo, ratio: float, level: str) -> dict[int, torch.Tensor]:
-    """Entries to keep per head (prefix included) of every compressed layer at ``ratio``, from the stored scores:
-    the rule ``at_ratio`` applies to packed and quantized layers alike (``layers`` have offsets, scores, compressed)."""
+    """Entries to keep per head (prefix included) of every compressed layer at ``ratio``: :func:`rows_at_ratio` on
+    the stored scores, for packed and quantized layers alike (``layers`` have offsets, scores and compressed)."""
     prefix = info.prefix_length
     compressed = [i for i, layer in enumerate(layers) if layer.compressed]
     if not compressed:
         return {}
-    context_scores = []
+    scores, offsets = [], []
     for i in compressed:
         off = layers[i].offsets.tolist()
-        context_scores.append([layers[i].scores[a + prefix : z] for a, z in zip(off[:-1], off[1:])])
-    budgets = allocate_budgets(context_scores, info.context_length, ratio, level)
-    return {i: budgets[row] + prefix for row, i in enumerate(compressed)}
+        rows = torch.cat([torch.arange(a + prefix, z) for a, z in zip(off[:-1], off[1:])])
+        scores.append(layers[i].scores[rows])
+        context_offsets = torch.zeros(len(off), dtype=torch.int64)
+        context_offsets[1:] = (layers[i].counts - prefix).cumsum(0)
+        offsets.append(context_offsets)
+    budgets = rows_at_ratio(scores, offsets, info.context_length, ratio, level)
+    return {i: budget + prefix for i, budget in zip(compressed, budgets)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Storage helpers (owned by the store work): the one CacheInfo constructor from stored fields, the shared template
+# prefix split from / joined to a document's cache, and how many rows of each head a lower ratio keeps.
+
+_INFO_TYPES = {
+    "model_name": str, "model_fingerprint": str, "template_digest": str, "prefix_length": int,
+    "context_length": int, "ratio": float, "level": str, "scorer": str, "full_nbytes": int,
+}
+
+
+def cache_info(fields, input_ids=()) -> CacheInfo:
+    """The one way to rebuild a ``CacheInfo`` from stored fields (a blob header's strings, a row's columns, a
+    dict): each field converted to its type, a missing one raising ``KeyError``, a malformed one ``ValueError``."""
+    get = fields.get if isinstance(fields, dict) else (lambda name: getattr(fields, name))
+    values = {}
+    for name, kind in _INFO_TYPES.items():
+        value = get(name)
+        if value is None:
+            raise KeyError(name)
+        values[name] = kind(value)
+    return CacheInfo(**values, input_ids=tuple(int(i) for i in input_ids))
+
+
+def info_fields(info: CacheInfo) -> dict[str, str]:
+    """``info`` as strings (``input_ids`` left out), the inverse of :func:`cache_info`."""
+    return {name: repr(float(getattr(info, name))) if kind is float else str(getattr(info, name))
+            for name, kind in _INFO_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class PrefixKV:
+    """Keys and values of the template prefix in the compressed layers.
+
+    Causal attention never lets the prefix see the document, so this is the same for every document of one model
+    and template: the store keeps it once and joins it to each document's body on load. ``keys[i]``/``values[i]``
+    belong to layer ``layers[i]``, ``(heads * prefix_length, head_dim)``, head after head, like ``PackedLayer``.
+    Sliding-window layers are not covered: their window may or may not still hold the prefix, so they stay whole
+    in the body.
+    """
+
+    model_fingerprint: str
+    template_digest: str
+    prefix_length: int
+    layers: tuple[int, ...]
+    keys: tuple[torch.Tensor, ...] = field(repr=False)
+    values: tuple[torch.Tensor, ...] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+    def to(self, device: torch.device | str) -> "PrefixKV":
+        return replace(self, keys=tuple(k.to(device) for k in self.keys), values=tuple(v.to(device) for v in self.values))
+
+    def matches(self, info: CacheInfo) -> bool:
+        return (self.model_fingerprint, self.template_digest, self.prefix_length) == (
+            info.model_fingerprint, info.template_digest, info.prefix_length)
+
+
+def _prefix_rows(layer: PackedLayer, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of every head's first ``prefix`` entries, and of the rest (the body)."""
+    starts, counts = layer.offsets[:-1], layer.counts
+    head_rows = [torch.arange(int(s), int(s) + int(c)) for s, c in zip(starts, counts)]
+    return torch.cat([r[:prefix] for r in head_rows]), torch.cat([r[prefix:] for r in head_rows])
+
+
+def _split_layer(layer: PackedLayer, prefix: int) -> tuple[torch.Tensor, torch.Tensor, PackedLayer]:
+    if bool((layer.counts < prefix).any()):
+        raise ValueError("a compressed layer keeps fewer entries than the prefix")
+    head_rows, body_rows = _prefix_rows(layer, prefix)
+    expected = torch.arange(prefix).repeat(layer.num_heads)
+    if not torch.equal(layer.positions[head_rows].to(torch.int64), expected):
+        raise ValueError("the first entries of a head are not the template prefix")
+    dev = layer.keys.device
+    offsets = torch.zeros_like(layer.offsets)
+    offsets[1:] = (layer.counts - prefix).cumsum(0)
+    body = PackedLayer(
+        layer.keys[body_rows.to(dev)], layer.values[body_rows.to(dev)], offsets, layer.positions[body_rows],
+        layer.scores[body_rows], layer.base_length, layer.compressed, layer.sliding_window,
+    )
+    return layer.keys[head_rows.to(dev)], layer.values[head_rows.to(dev)], body
+
+
+def split_prefix(cache: "PackedCache") -> tuple[PrefixKV, list[PackedLayer]]:
+    """The shared prefix and the document's own entries (compressed layers without their prefix rows, sliding
+    layers whole). ``join_prefix`` puts them back together exactly."""
+    info, keys, values, body, covered = cache.info, [], [], [], []
+    for index, layer in enumerate(cache.layers):
+        if not layer.compressed:
+            body.append(layer)
+            continue
+        k, v, rest = _split_layer(layer, info.prefix_length)
+        keys.append(k)
+        values.append(v)
+        body.append(rest)
+        covered.append(index)
+    prefix = PrefixKV(info.model_fingerprint, info.template_digest, info.prefix_length, tuple(covered),
+                      tuple(keys), tuple(values))
+    return prefix, body
+
+
+def join_prefix(prefix: PrefixKV, body: list[PackedLayer], info: CacheInfo) -> "PackedCache":
+    """A document's cache from the shared prefix and its body (the inverse of :func:`split_prefix`)."""
+    if not prefix.matches(info):
+        raise ModelMismatchError(
+            f"the shared prefix was built by model fingerprint {prefix.model_fingerprint}, template "
+            f"{prefix.template_digest}, {prefix.prefix_length} tokens; the document cache by "
+            f"{info.model_fingerprint}, {info.template_digest}, {info.prefix_length} tokens"
+        )
+    covered = dict(zip(prefix.layers, zip(prefix.keys, prefix.values)))
+    if sorted(covered) != [i for i, layer in enumerate(body) if layer.compressed]:
+        raise ModelMismatchError("the shared prefix does not cover the document cache's compressed layers")
+    p, layers = info.prefix_length, []
+    for index, layer in enumerate(body):
+        if index not in covered:
+            layers.append(layer)
+            continue
+        pk, pv = covered[index]
+        ks, vs, pos, sc = [], [], [], []
+        head_pos = torch.arange(p, dtype=layer.positions.dtype)
+        head_scores = torch.full((p,), float("inf"), dtype=layer.scores.dtype)
+        for h, (a, z) in enumerate(zip(layer.offsets[:-1].tolist(), layer.offsets[1:].tolist())):
+            ks += [pk[h * p : (h + 1) * p], layer.keys[a:z]]
+            vs += [pv[h * p : (h + 1) * p], layer.values[a:z]]
+            pos += [head_pos, layer.positions[a:z]]
+            sc += [head_scores, layer.scores[a:z]]
+        offsets = layer.offsets.clone()
+        offsets[1:] += p * torch.arange(1, layer.num_heads + 1)
+        layers.append(PackedLayer(torch.cat(ks), torch.cat(vs), offsets, torch.cat(pos), torch.cat(sc),
+                                  layer.base_length, True, layer.sliding_window))
+    return PackedCache(layers, info)
+
+
+def rows_at_ratio(
+    scores: list[torch.Tensor], offsets: list[torch.Tensor], context_length: int, ratio: float, level: str
+) -> list[torch.Tensor]:
+    """How many context rows of each head the compressed layers keep at ``ratio``/``level``, given each layer's
+    context-only (prefix removed) ``scores`` and head ``offsets``, best first per head: what ``at_ratio`` keeps."""
+    per_head = [[s[a:z] for a, z in zip(o[:-1].tolist(), o[1:].tolist())] for s, o in zip(scores, offsets)]
+    budgets = allocate_budgets(per_head, context_length, ratio, level)
+    return list(budgets.unbind(0))
+
+
+def packed_fresh(cache: "PackedCache") -> "PackedCache":
+    """A new cache sharing the (never mutated) packed tensors, with its own empty tails."""
+    layers = [PackedLayer(x.keys, x.values, x.offsets, x.positions, x.scores, x.base_length, x.compressed,
+                          x.sliding_window) for x in cache.layers]
+    return PackedCache(layers, cache.info)

@@ -796,6 +796,23 @@ def remove(
         console.print(f"removed [cyan]{escape(doc_id)}[/cyan]")
 
 
+@app.command("gc")
+@handle_errors
+def collect_garbage(
+    ctx: typer.Context,
+    now: Annotated[bool, typer.Option("--now", help="Also remove orphans younger than 10 minutes: only for a quiet "
+                                      "store, where no other process is indexing.")] = False,
+    store: StoreOpt = None, db: DbOpt = None,
+) -> None:
+    """Remove blob files no document points to (left by crashes or interrupted adds); works on a full disk."""
+    settings = _settings(ctx, store=store, db=db)
+    report = settings.open_store().gc(now=now)
+    console.print(f"removed {len(report.removed)} orphan blob(s), freed {human_bytes(report.freed_nbytes)}")
+    if report.missing:
+        console.print(f"[red]{len(report.missing)} cache(s) have lost their blob file; delete and re-add those "
+                      "documents[/red]")
+
+
 @app.command("inspect")
 @handle_errors
 def inspect_document(

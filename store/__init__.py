@@ -9,16 +9,21 @@
 
 Documents are split into segments that fit the model window; each segment gets one compressed cache per
 (model, template, ratio, level, scorer), stored as a self-describing safetensors blob (see :mod:`.blob`) under a
-generated name. Writes are ordered so that no row ever points at a missing or partial blob: blob (temp file, fsync,
-rename) first, then the rows in one transaction; a failed transaction removes its blobs, and :meth:`CacheStore.gc`
-removes blobs that a crash left without a row.
+generated name; the template prefix, identical for every document of a model and template, is stored once
+(``prefixes`` table) and joined on load. Writes are ordered so that no row ever points at a missing or partial
+blob: blob (temp file, fsync, rename) first, then the rows in one transaction; a failed transaction removes its
+blobs, and :meth:`CacheStore.gc` removes blobs that a crash left without a row. Modules: :mod:`.cache_store`
+(storage API), :mod:`.indexer` (segment -> compress -> store), :mod:`.blob` (checked bytes through a backend),
+:mod:`.cachefile` (cache <-> blob, ratio policy), :mod:`.schema`, :mod:`.records`, :mod:`.lru`, :mod:`.filters`,
+:mod:`.validate`, :mod:`.backup`.
 """
 
-from .blob import BlobHeader, ReadStats, read_blob, write_blob
-from .cache_store import (
-    DB_NAME,
+from .blob import FORMAT, BlobBackend, BlobReader, LocalBlobs, ReadStats
+from .cache_store import DB_NAME, GC_MIN_AGE_S, CacheStore
+from .cachefile import read_cache, read_cache_header, verify_cache, write_cache
+from .indexer import Indexer
+from .records import (
     CacheRecord,
-    CacheStore,
     DocumentRecord,
     GCReport,
     SearchHit,
@@ -29,7 +34,8 @@ from .cache_store import (
 from .segment import TextSegment, default_max_tokens, segment_document, split_text
 
 __all__ = [
-    "DB_NAME", "BlobHeader", "CacheRecord", "CacheStore", "DocumentRecord", "GCReport", "ReadStats", "SearchHit",
-    "SegmentRecord", "TextSegment", "VerifyProblem", "VerifyReport", "default_max_tokens", "read_blob",
-    "segment_document", "split_text", "write_blob",
+    "DB_NAME", "FORMAT", "GC_MIN_AGE_S", "BlobBackend", "BlobReader", "CacheRecord", "CacheStore", "DocumentRecord",
+    "GCReport", "Indexer", "LocalBlobs", "ReadStats", "SearchHit", "SegmentRecord", "TextSegment", "VerifyProblem",
+    "VerifyReport", "default_max_tokens", "read_cache", "read_cache_header", "segment_document", "split_text",
+    "verify_cache", "write_cache",
 ]

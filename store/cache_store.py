@@ -1,263 +1,76 @@
-"""CacheStore: documents, segments and compressed caches as SQL rows plus one safetensors blob per cache."""
+"""CacheStore: documents, segments and compressed caches as SQL rows plus one blob per cache (storage only).
+
+Compression lives in :mod:`.indexer` (``add_document``/``recompress`` delegate to an ``Indexer``), blob bytes in
+:mod:`.blob`, the cache <-> blob mapping and ratio policy in :mod:`.cachefile`, metadata filters in
+:mod:`.filters`, copying in :mod:`.backup`. This module is over 400 lines because it is the store's whole public
+API (documents, search, loading, verify/gc/copy) with the failure handling each call needs.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
-import shutil
-import sqlite3
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Iterable
 from pathlib import Path
 
 import sqlalchemy as sa
 import torch
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from kvzip_rag.budget import check_ratio_level
-from kvzip_rag.cache import PackedCache, PackedLayer
+from kvzip_rag.cache import PackedCache, PrefixKV, cache_info, packed_fresh
 from kvzip_rag.errors import (
     CorruptBlobError,
-    EmptyDocumentError,
+    DocumentNotFoundError,
     InvalidArgumentError,
     KVzipError,
     ModelMismatchError,
+    StoreError,
+    StoreFullError,
 )
 
-from .blob import (
-    ReadStats,
-    check_model,
-    fsync_dir,
-    new_blob_name,
-    read_blob,
-    verify_blob,
-    write_blob,
+from .backup import copy_folder_store
+from .blob import BlobReader, LocalBlobs, ReadStats, file_sha256, full_error, is_disk_full, new_blob_name
+from .cachefile import check_loadable, document_header, encode_prefix, read_document, read_prefix
+from .filters import metadata_condition
+from .indexer import MAX_SEGMENTS, Indexer, Progress
+from .lru import CacheLRU
+from .records import (
+    CacheRecord,
+    DocumentRecord,
+    GCReport,
+    SearchHit,
+    SegmentRecord,
+    VerifyProblem,
+    VerifyReport,
+    cache_record,
+    document_record,
 )
-from .schema import Cache, Document, Segment, create_schema, make_engine, search_segments, writer
-from .segment import segment_document
-
+from .schema import (
+    Cache,
+    Document,
+    OldStoreError,
+    Prefix,
+    Segment,
+    create_schema,
+    make_engine,
+    schema_state,
+    search_method,
+    search_segments,
+    writer,
+)
+from .validate import check_query
 
 DB_NAME = "index.sqlite"
 BLOB_DIR_NAME = "blobs"
+RESERVE_NAME = ".kvzip-reserve"  # freed when the disk is full so that deletes (which write to the WAL) still work
+RESERVE_NBYTES = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
-Progress = Callable[[str, int, int], None]
+GC_MIN_AGE_S = 600.0
 
 
-# ----------------------------------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class SegmentRecord:
-    id: int
-    document_id: str
-    index: int
-    text: str
-    token_count: int
-    char_start: int
-    char_end: int
-
-
-@dataclass(frozen=True)
-class CacheRecord:
-    id: int
-    document_id: str
-    segment_id: int
-    segment_index: int
-    model_name: str
-    model_fingerprint: str
-    template_digest: str
-    ratio: float
-    level: str
-    scorer: str
-    blob_path: str  # relative to the store's blob dir
-    nbytes: int  # size of the blob file
-    kv_nbytes: int  # keys + values inside it
-    full_nbytes: int  # the uncompressed cache of the same tokens
-    prefix_length: int
-    context_length: int
-    sha256: str
-    created: datetime
-
-
-@dataclass(frozen=True)
-class DocumentRecord:
-    id: str
-    content_hash: str
-    text: str = field(repr=False)
-    metadata: dict
-    created: datetime
-    segments: tuple[SegmentRecord, ...] = field(repr=False)
-    caches: tuple[CacheRecord, ...] = field(repr=False)
-
-    @property
-    def token_count(self) -> int:
-        return sum(s.token_count for s in self.segments)
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    document_id: str
-    segment_id: int
-    segment_index: int
-    score: float  # higher is better (BM25 on SQLite, ts_rank on PostgreSQL, matched terms elsewhere)
-    text: str = field(repr=False)
-    metadata: dict = field(repr=False)
-
-
-@dataclass(frozen=True)
-class VerifyProblem:
-    cache_id: int
-    document_id: str
-    segment_index: int
-    blob_path: str
-    error: str
-
-
-@dataclass
-class VerifyReport:
-    checked: int = 0
-    problems: list[VerifyProblem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-@dataclass
-class GCReport:
-    removed: list[str] = field(default_factory=list)  # blob-dir relative paths of orphan blobs / temp files
-    freed_nbytes: int = 0
-    missing: list[int] = field(default_factory=list)  # cache ids whose blob is gone (see verify())
-
-
-def _segment_record(s: Segment) -> SegmentRecord:
-    return SegmentRecord(s.id, s.document_id, s.index, s.text, s.token_count, s.char_start, s.char_end)
-
-
-def _cache_record(c: Cache, segment: Segment) -> CacheRecord:
-    return CacheRecord(
-        id=c.id, document_id=segment.document_id, segment_id=segment.id, segment_index=segment.index,
-        model_name=c.model_name, model_fingerprint=c.model_fingerprint, template_digest=c.template_digest,
-        ratio=c.ratio, level=c.level, scorer=c.scorer, blob_path=c.blob_path, nbytes=c.nbytes,
-        kv_nbytes=c.kv_nbytes, full_nbytes=c.full_nbytes, prefix_length=c.prefix_length,
-        context_length=c.context_length, sha256=c.sha256, created=c.created,
-    )
-
-
-def _document_record(d: Document) -> DocumentRecord:
-    segments = sorted(d.segments, key=lambda s: s.index)
-    return DocumentRecord(
-        id=d.id, content_hash=d.content_hash, text=d.text, metadata=dict(d.meta or {}), created=d.created,
-        segments=tuple(_segment_record(s) for s in segments),
-        caches=tuple(_cache_record(c, s) for s in segments for c in sorted(s.caches, key=lambda c: c.id)),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------- helpers
-
-
-@dataclass(frozen=True)
-class _Kind:
-    """What distinguishes two caches of the same segment."""
-
-    fingerprint: str
-    template: str
-    ratio: float
-    level: str
-    scorer: str
-
-    def matches(self, c: Cache) -> bool:
-        return (c.model_fingerprint, c.template_digest, c.level, c.scorer) == (
-            self.fingerprint, self.template, self.level, self.scorer
-        ) and abs(c.ratio - self.ratio) < 1e-9
-
-
-def _scorer_name(scorer, level: str) -> str:
-    from kvzip_rag.compress import resolve_scorer
-
-    return "kvzip-head" if level == "head" else resolve_scorer(scorer).name
-
-
-def _content_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _check_doc_id(doc_id) -> str:
-    if not isinstance(doc_id, str) or not doc_id or len(doc_id) > 255 or "\x00" in doc_id:
-        raise InvalidArgumentError(f"a document id is a non-empty string of at most 255 characters, got {doc_id!r}")
-    return doc_id
-
-
-def _check_metadata(metadata) -> dict:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
-        raise InvalidArgumentError("metadata must be a dict with string keys")
-    try:
-        return json.loads(json.dumps(metadata, allow_nan=False))
-    except (TypeError, ValueError) as error:
-        raise InvalidArgumentError(f"metadata must be JSON-serialisable: {error}") from error
-
-
-_SQLITE_SAFE_KEY = re.compile(r"[A-Za-z0-9_\- ]{1,200}")
-
-
-def _fresh(cache: PackedCache) -> PackedCache:
-    """A new PackedCache sharing the (never mutated) packed tensors, with its own empty tails."""
-    layers = [
-        PackedLayer(x.keys, x.values, x.offsets, x.positions, x.scores, x.base_length, x.compressed, x.sliding_window)
-        for x in cache.layers
-    ]
-    return PackedCache(layers, cache.info)
-
-
-class _LRU:
-    """Loaded caches by key, evicted least-recently-used first beyond a byte budget (thread-safe)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max(0, int(max_bytes))
-        self.items: OrderedDict[tuple, PackedCache] = OrderedDict()
-        self.nbytes = 0
-        self.lock = threading.Lock()
-
-    def get(self, key):
-        with self.lock:
-            cache = self.items.get(key)
-            if cache is not None:
-                self.items.move_to_end(key)
-            return cache
-
-    def put(self, key, cache: PackedCache) -> None:
-        size = cache.nbytes
-        with self.lock:
-            if key in self.items or size > self.max_bytes:
-                return
-            self.items[key] = cache
-            self.nbytes += size
-            while self.nbytes > self.max_bytes:
-                _, old = self.items.popitem(last=False)
-                self.nbytes -= old.nbytes
-
-    def drop(self, cache_ids: Iterable[int]) -> None:
-        ids = set(cache_ids)
-        with self.lock:
-            for key in [k for k in self.items if k[0] in ids]:
-                self.nbytes -= self.items.pop(key).nbytes
-
-    def clear(self) -> None:
-        with self.lock:
-            self.items.clear()
-            self.nbytes = 0
-
-
-# ----------------------------------------------------------------------------------------------------- the store
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK) if path.exists() else _writable(path.parent) if path.parent != path else False
 
 
 class CacheStore:
@@ -265,8 +78,9 @@ class CacheStore:
 
     ``CacheStore(path)`` keeps ``index.sqlite`` and ``blobs/`` in the folder ``path`` (default: the user data dir,
     or ``$KVZIP_RAG_STORE``). ``CacheStore(url="postgresql+psycopg2://...", blob_dir=...)`` takes any SQLAlchemy URL;
-    blobs always live on the local file system. ``cache_bytes`` bounds the in-memory LRU of loaded caches.
-    Safe to use from several threads and processes at once.
+    blobs live on the local file system. ``cache_bytes`` bounds the in-memory LRU of loaded caches. A folder that
+    cannot be written (a mounted snapshot) opens read-only (``read_only=None``, the default, decides by the file
+    system); writes then raise ``StoreError``. Safe to use from several threads and processes at once.
     """
 
     def __init__(
@@ -277,7 +91,10 @@ class CacheStore:
         blob_dir: str | os.PathLike | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         engine_options: dict | None = None,
+        read_only: bool | None = None,
+        max_segments: int = MAX_SEGMENTS,
     ):
+        database: Path | None = None
         if url is None:
             if path is None:
                 env = os.environ.get("KVZIP_RAG_STORE")
@@ -288,29 +105,71 @@ class CacheStore:
 
                     path = Path(platformdirs.user_data_dir("kvzip-rag")) / "store"
             self.path: Path | None = Path(path).expanduser().resolve()
-            self.path.mkdir(parents=True, exist_ok=True)
-            url = f"sqlite:///{self.path / DB_NAME}"
+            database = self.path / DB_NAME
             blob_dir = blob_dir or self.path / BLOB_DIR_NAME
         else:
             if path is not None:
                 raise InvalidArgumentError("give either a store folder (path) or a database url, not both")
             self.path = None
-            if blob_dir is None:
-                database = sa.engine.make_url(url)
-                if database.get_backend_name() == "sqlite" and database.database not in (None, "", ":memory:"):
-                    blob_dir = Path(database.database).expanduser().resolve().parent / BLOB_DIR_NAME
-                else:
-                    raise InvalidArgumentError(
-                        f"a store on {database.get_backend_name()} needs blob_dir= (a local folder)"
-                    )
+            parsed = sa.engine.make_url(url)
+            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+                database = Path(parsed.database).expanduser().resolve()
+                blob_dir = blob_dir or database.parent / BLOB_DIR_NAME
+            elif blob_dir is None:
+                raise InvalidArgumentError(f"a store on {parsed.get_backend_name()} needs blob_dir= (a local folder)")
         self.blob_dir = Path(blob_dir).expanduser().resolve()
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        if read_only is None:
+            read_only = database is not None and database.exists() and not (
+                _writable(database) and _writable(database.parent) and _writable(self.blob_dir))
+        self.read_only = read_only
+        self.max_segments = max_segments
+        where = str(database or self.blob_dir)
+        if not read_only:
+            try:
+                if self.path is not None:
+                    self.path.mkdir(parents=True, exist_ok=True)
+                self.blob_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                if is_disk_full(error):
+                    raise full_error(where, None, error) from error
+                raise StoreError(f"cannot create the store at {where}: {error}") from error
+        self.blobs = LocalBlobs(self.blob_dir, create=False)
+        if url is None or (database is not None and read_only):
+            url = f"sqlite:///{database}"
         self.url = url
-        self.engine = make_engine(url, **(engine_options or {}))
+        self._database = database
+        self.engine = make_engine(url, read_only=read_only, **(engine_options or {}))
         self._writer = writer(self.engine)
-        self.search_method = create_schema(self.engine)  # "fts5", "postgres" or "terms"
-        self._lru = _LRU(cache_bytes)
+        self.search_method = self._open_schema(where)  # "fts5", "postgres" or "terms"
+        self._lru = CacheLRU(cache_bytes)
+        self._prefixes: dict[tuple[str, str], PrefixKV] = {}  # (payload_sha256, device): small, kept for good
         self.last_read_nbytes = 0  # bytes read from disk by the latest load_cache (0 when served from memory)
+        if not read_only:
+            self._keep_reserve()
+
+    def _open_schema(self, where: str) -> str:
+        """Check the schema with a read; create it only when missing (a full disk can still open a store)."""
+        rebuild = (f"the store at {where} was written by an older kvzip-rag ({{}}); this version stores the "
+                   "template prefix once per model (blob format kvzip-rag/2) and cannot read it. Rebuild it: index "
+                   "the documents again into a new folder (kvzip-rag --store NEW index FILES), then delete the old one")
+        try:
+            with self.engine.connect() as connection:
+                state = schema_state(connection)
+            if state is None and not self.read_only:
+                return self._retry_full(lambda: create_schema(self.engine), where)
+            if state is None:
+                raise StoreError(f"{where} holds no kvzip-rag store (and it is read-only, so none can be created)")
+            if state != "2":
+                raise OldStoreError(f"schema version {state}")
+            return search_method(self.engine)
+        except OldStoreError as error:
+            raise StoreError(rebuild.format(error)) from None
+        except sa.exc.OperationalError as error:
+            if is_disk_full(error.orig or error, self.blob_dir if self.blob_dir.exists() else None):
+                if self._release_reserve():
+                    return self._open_schema(where)
+                raise full_error(where, None, error.orig or error) from None
+            raise StoreError(f"cannot open the store at {where}: {error.orig or error}") from None
 
     # -------------------------------------------------------------------------------------------- plumbing
 
@@ -318,14 +177,18 @@ class CacheStore:
         """Copy this folder store into ``dest`` (a consistent database snapshot plus hard-linked blobs).
 
         Used to make a persisted LlamaIndex folder self-contained; a crash at any step leaves no row in ``dest``
-        that points at a missing blob. Only folder (SQLite) stores can be copied.
+        that points at a missing blob. Only SQLite stores can be copied.
         """
-        if self.path is None:
+        if self._database is None:
             raise InvalidArgumentError("only a folder (SQLite) store can be copied; this one is at a database URL")
-        _copy_store(self, Path(dest))
+        dest = Path(dest).resolve()
+        if dest == self.path:
+            return
+        copy_folder_store(self._database, self.blob_dir, dest, DB_NAME, BLOB_DIR_NAME)
 
     def close(self) -> None:
         self._lru.clear()
+        self._prefixes.clear()
         self.engine.dispose()
 
     def __enter__(self) -> "CacheStore":
@@ -336,7 +199,12 @@ class CacheStore:
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
-        return f"CacheStore(url={url!r}, blob_dir={str(self.blob_dir)!r})"
+        return f"CacheStore(url={url!r}, blob_dir={str(self.blob_dir)!r}{', read_only=True' if self.read_only else ''})"
+
+    def indexer(self, model, **options) -> Indexer:
+        """An :class:`~kvzip_rag.store.indexer.Indexer` compressing with ``model`` into this store."""
+        options.setdefault("max_segments", self.max_segments)
+        return Indexer(model, self, **options)
 
     def _read(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -344,26 +212,88 @@ class CacheStore:
     def _write(self) -> Session:
         return Session(self._writer, expire_on_commit=False)
 
-    def _blob(self, relative: str) -> Path:
-        path = (self.blob_dir / relative).resolve()
-        if self.blob_dir not in path.parents:  # rows are ours, but never follow one outside the blob dir
-            raise CorruptBlobError(f"blob path {relative!r} points outside the blob folder; refusing it")
-        return path
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"the store at {self._where()} is open read-only (a read-only folder or "
+                             "read_only=True): it can be searched and loaded, not changed")
+
+    def _where(self) -> str:
+        return str(self.path or self._database or self.blob_dir)
 
     def _label(self, document_id: str, segment_index: int) -> str:
         return f"document {document_id!r} segment {segment_index}"
 
-    def _remove_blobs(self, relatives: Iterable[str]) -> None:
-        dirs = set()
-        for relative in relatives:
-            try:
-                path = self._blob(relative)
-                path.unlink()
-                dirs.add(path.parent)
-            except (FileNotFoundError, CorruptBlobError):
-                pass
-        for directory in dirs:
-            fsync_dir(directory)
+    # ---------------------------------------------------------------------------------- full disks and blobs
+
+    def _reserve(self) -> Path | None:
+        """Beside the SQLite database (None for other databases, whose disk is not ours to manage)."""
+        return self._database.parent / RESERVE_NAME if self._database is not None else None
+
+    def _keep_reserve(self) -> None:
+        """A small file that a full disk gives back, so deletes (which append to the WAL) can free space."""
+        reserve = self._reserve()
+        if reserve is None or self.read_only:
+            return
+        try:
+            if not reserve.exists() and shutil_free(self.blob_dir) > 8 * RESERVE_NBYTES:
+                with reserve.open("wb") as handle:
+                    handle.write(b"\0" * RESERVE_NBYTES)
+        except OSError:
+            reserve.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        reserve = self._reserve()
+        if reserve is None:
+            return False
+        try:
+            reserve.unlink()
+            return True
+        except OSError:
+            return False
+
+    def _retry_full(self, action, where: str, needed: int | None = None):
+        """Run ``action``; on a full disk free the reserve and retry once, else ``StoreFullError``."""
+        try:
+            return action()
+        except (sa.exc.OperationalError, OSError) as error:
+            cause = getattr(error, "orig", None) or error
+            if not is_disk_full(cause, self.blob_dir):
+                raise
+            if self._release_reserve():
+                try:
+                    return action()
+                except (sa.exc.OperationalError, OSError) as again:
+                    cause = getattr(again, "orig", None) or again
+                    if not is_disk_full(cause, self.blob_dir):
+                        raise
+            raise full_error(where, needed, cause) from None
+
+    def _raise_if_full(self, error: BaseException) -> None:
+        if isinstance(error, StoreFullError):
+            return
+        cause = getattr(error, "orig", None) or error
+        if isinstance(error, (sa.exc.OperationalError, OSError)) and is_disk_full(cause, self.blob_dir):
+            raise full_error(self._where(), None, cause) from error
+
+    def _put_blob(self, data: bytes) -> str:
+        self._require_writable()
+        name = new_blob_name()
+        self.blobs.write(name, data)
+        return name
+
+    def _touch(self, names: list[str]) -> None:
+        """Refresh blob mtimes right before the rows commit, so gc's age guard covers slow multi-segment adds."""
+        for name in names:
+            self.blobs.touch(name)
+
+    def _remove_blobs(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.blobs.delete(name)
+
+    def _forget(self, blobs: list[tuple[str, str]]) -> None:
+        """Drop replaced caches (``(payload_sha256, blob_path)``) from memory, then their blobs."""
+        self._lru.drop(p for p, _ in blobs)
+        self._remove_blobs(n for _, n in blobs)
 
     # -------------------------------------------------------------------------------------------- documents
 
@@ -382,11 +312,20 @@ class CacheStore:
         )
         return session.scalars(stmt).first()
 
+    def _prefix_sizes(self, session: Session) -> dict[int, int]:
+        return dict(session.execute(sa.select(Prefix.id, Prefix.kv_nbytes)).all())
+
     def get_document(self, doc_id: str) -> DocumentRecord | None:
         """The document with its segments and caches, or None."""
         with self._read() as session:
             document = self._load_document(session, doc_id)
-            return _document_record(document) if document else None
+            return document_record(document, self._prefix_sizes(session)) if document else None
+
+    def _document_or_raise(self, doc_id: str) -> DocumentRecord:
+        record = self.get_document(doc_id)
+        if record is None:
+            raise DocumentNotFoundError(f"no document {doc_id!r} in the store at {self._where()}")
+        return record
 
     def list_documents(
         self, *, metadata: dict | None = None, limit: int | None = None, offset: int = 0
@@ -395,25 +334,35 @@ class CacheStore:
         all the given ``key: value`` pairs."""
         with self._read() as session:
             stmt = sa.select(Document).options(selectinload(Document.segments).selectinload(Segment.caches))
-            condition = self._metadata_condition(session, metadata)
+            condition = metadata_condition(session, metadata)
             if condition is not None:
                 stmt = stmt.where(condition)
             stmt = stmt.order_by(Document.created, Document.id).offset(offset)
             if limit is not None:
                 stmt = stmt.limit(limit)
-            return [_document_record(d) for d in session.scalars(stmt)]
+            sizes = self._prefix_sizes(session)
+            return [document_record(d, sizes) for d in session.scalars(stmt)]
 
     def delete_document(self, doc_id: str) -> bool:
-        """Remove the document's rows, then its blobs. False if there was no such document."""
-        with self._write() as session, session.begin():
-            document = self._load_document(session, doc_id)
-            if document is None:
-                return False
-            caches = [(c.id, c.blob_path) for s in document.segments for c in s.caches]
-            session.delete(document)
+        """Remove the document's rows, then its blobs. False if there was no such document. Works on a full disk
+        (the store's reserve file is given back for the database's journal)."""
+        self._require_writable()
+
+        def delete():
+            with self._write() as session, session.begin():
+                document = self._load_document(session, doc_id)
+                if document is None:
+                    return None
+                caches = [(c.payload_sha256, c.blob_path) for s in document.segments for c in s.caches]
+                session.delete(document)
+            return caches
+
+        caches = self._retry_full(delete, self._where())
+        if caches is None:
+            return False
         # Rows first: a crash here leaves orphan blobs (gc removes them), never rows without blobs.
-        self._lru.drop(c for c, _ in caches)
-        self._remove_blobs(p for _, p in caches)
+        self._forget(caches)
+        self._keep_reserve()
         return True
 
     def add_document(
@@ -435,197 +384,65 @@ class CacheStore:
         ``doc_id`` defaults to a hash of the text. Re-adding the same text under the same id is a no-op when caches
         of this model, template, ratio, level and scorer already exist (only metadata given here is updated);
         missing caches are added. ``force=True`` recompresses them, and is required to replace a document whose id
-        exists with other text. ``max_segment_tokens`` defaults to ``default_max_tokens(model)``.
+        exists with other text. ``max_segment_tokens`` defaults to ``default_max_tokens(model)``. ``progress`` gets
+        ``("segment", done, total)`` over segments (and the engine's ``prefill``/``score`` stages within one).
         """
-        if not isinstance(text, str) or not text.strip():
-            raise EmptyDocumentError("the document is empty or whitespace only; there is nothing to compress")
-        check_ratio_level(ratio, level)
-        kind = _Kind(model.fingerprint, model.template.digest, float(ratio), level, _scorer_name(scorer, level))
-        content_hash = _content_hash(text)
-        doc_id = _check_doc_id(doc_id) if doc_id is not None else content_hash[:32]
-        meta = _check_metadata(metadata) if metadata is not None else None
-        with self._read() as session:
-            existing = self._load_document(session, doc_id)
-            existing = _document_record(existing) if existing else None
-        if existing is not None and existing.content_hash == content_hash:
-            return self._ensure_caches(existing, model, kind, scorer, force=force, metadata=meta, progress=progress)
-        if existing is not None and not force:
-            raise InvalidArgumentError(
-                f"document {doc_id!r} already exists with different text; delete it first or pass force=True to "
-                "replace it"
-            )
-        pieces = segment_document(model, text, max_segment_tokens)
-        written: list[str] = []
-        try:
-            caches = []
-            for index, piece in enumerate(pieces):
-                caches.append(self._compress_one(model, piece.text, kind, scorer, written, progress))
-                if progress:
-                    progress("compress", index + 1, len(pieces))
-            self._touch(written)
-            with self._write() as session, session.begin():
-                old = self._load_document(session, doc_id)
-                old_blobs = []
-                if old is not None:  # stored by another writer since we looked
-                    if not force:
-                        if old.content_hash == content_hash:
-                            raise _Raced()
-                        raise InvalidArgumentError(
-                            f"document {doc_id!r} already exists with different text; delete it first or pass "
-                            "force=True to replace it"
-                        )
-                    old_blobs = [(c.id, c.blob_path) for s in old.segments for c in s.caches]
-                    session.delete(old)
-                    session.flush()
-                document = Document(id=doc_id, content_hash=content_hash, text=text, meta=meta or {})
-                for index, (piece, cache_row) in enumerate(zip(pieces, caches)):
-                    segment = Segment(index=index, text=piece.text, token_count=piece.token_count,
-                                      char_start=piece.char_start, char_end=piece.char_end)
-                    segment.caches.append(cache_row)
-                    document.segments.append(segment)
-                session.add(document)
-        except _Raced:
-            self._remove_blobs(written)
-            return self.add_document(model, text, doc_id=doc_id, metadata=metadata, ratio=ratio, level=level,
-                                     scorer=scorer, force=False, max_segment_tokens=max_segment_tokens)
-        except IntegrityError:
-            self._remove_blobs(written)
-            if force:
-                raise
-            # Another process added this id meanwhile: same text -> their caches serve us; other text -> error.
-            return self.add_document(model, text, doc_id=doc_id, metadata=metadata, ratio=ratio, level=level,
-                                     scorer=scorer, force=False, max_segment_tokens=max_segment_tokens)
-        except BaseException:
-            self._remove_blobs(written)
-            raise
-        if old_blobs:
-            self._lru.drop(c for c, _ in old_blobs)
-            self._remove_blobs(p for _, p in old_blobs)
-        return self.get_document(doc_id)
-
-    def _touch(self, relatives: list[str]) -> None:
-        """Refresh blob mtimes right before the rows commit, so gc's age guard covers slow multi-segment adds."""
-        now = time.time()
-        for relative in relatives:
-            os.utime(self._blob(relative), (now, now))
-
-    def _compress_one(
-        self, model, text: str, kind: _Kind, scorer, written: list[str], progress: Progress | None = None
-    ) -> Cache:
-        """Compress one segment and write its blob; returns the (unsaved) row."""
-        from kvzip_rag.compress import compress
-
-        cache = compress(model, text, ratio=kind.ratio, level=kind.level, scorer=scorer, progress=progress)
-        name = new_blob_name()
-        relative = f"{name[:2]}/{name}"
-        path = self.blob_dir / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        result = write_blob(cache, path)
-        written.append(relative)
-        info = cache.info
-        return Cache(
-            model_name=info.model_name, model_fingerprint=info.model_fingerprint,
-            template_digest=info.template_digest, ratio=kind.ratio, level=kind.level, scorer=info.scorer,
-            blob_path=relative, nbytes=result.nbytes, kv_nbytes=result.kv_nbytes, full_nbytes=info.full_nbytes,
-            prefix_length=info.prefix_length, context_length=info.context_length, sha256=result.sha256,
+        return self.indexer(model, max_segment_tokens=max_segment_tokens).add(
+            text, doc_id=doc_id, metadata=metadata, ratio=ratio, level=level, scorer=scorer, force=force,
+            progress=progress,
         )
 
-    def _ensure_caches(
-        self, document: DocumentRecord, model, kind: _Kind, scorer, *, force: bool, metadata: dict | None,
-        progress: Progress | None, drop_others: bool = False,
-    ) -> DocumentRecord:
-        """Add (or with ``force`` replace) the caches of ``kind`` for every segment of an existing document."""
-        have = {c.segment_id: c for c in document.caches if _matches_record(kind, c)}
-        todo = [s for s in document.segments if force or s.id not in have]
-        others = [c for c in document.caches
-                  if c.model_fingerprint == kind.fingerprint and not _matches_record(kind, c)]
-        if not todo and (metadata is None or metadata == document.metadata) and not (drop_others and others):
-            return document  # the no-op
-        written: list[str] = []
-        replaced: list[tuple[int, str]] = []
-        try:
-            rows = {}
-            for done, segment in enumerate(todo):
-                rows[segment.id] = self._compress_one(model, segment.text, kind, scorer, written, progress)
-                if progress:
-                    progress("compress", done + 1, len(todo))
-            self._touch(written)
-            with self._write() as session, session.begin():
-                current = self._load_document(session, document.id)
-                if current is None or current.content_hash != document.content_hash:
-                    raise KVzipError(f"document {document.id!r} was deleted or replaced while it was being compressed")
-                if metadata is not None:
-                    current.meta = metadata
-                for segment in current.segments:
-                    row = rows.get(segment.id)
-                    for cache in list(segment.caches):
-                        same = kind.matches(cache)
-                        if (same and row is not None) or (drop_others and not same
-                                                           and cache.model_fingerprint == kind.fingerprint):
-                            replaced.append((cache.id, cache.blob_path))
-                            segment.caches.remove(cache)
-                    session.flush()
-                    if row is not None:
-                        segment.caches.append(row)
-        except IntegrityError:
-            # A concurrent add stored the same kind of cache first: theirs is as good as ours.
-            self._remove_blobs(written)
-            return self.get_document(document.id)
-        except BaseException:
-            self._remove_blobs(written)
-            raise
-        self._lru.drop(c for c, _ in replaced)
-        self._remove_blobs(p for _, p in replaced)
-        return self.get_document(document.id)
-
     def recompress(
-        self,
-        doc_id: str,
-        model,
-        *,
-        ratio: float = 0.3,
-        level: str = "pair",
-        scorer: str = "kvzip",
-        replace: bool = False,
-        progress: Progress | None = None,
+        self, doc_id: str, model, *, ratio: float = 0.3, level: str = "pair", scorer: str = "kvzip",
+        replace: bool = False, progress: Progress | None = None,
     ) -> DocumentRecord:
         """(Re)build the caches of ``doc_id`` for ``model`` at ``ratio``/``level``/``scorer``.
 
         Caches of that kind are rebuilt; other caches are kept unless ``replace=True``, which removes this model's
         caches at other ratios, levels or scorers (other models' caches are always kept).
         """
-        check_ratio_level(ratio, level)
+        return self.indexer(model).recompress(doc_id, ratio=ratio, level=level, scorer=scorer, replace=replace,
+                                              progress=progress)
+
+    # -------------------------------------------------------------------------------------------- the prefix
+
+    def _ensure_prefix(self, prefix: PrefixKV, model_name: str) -> tuple[int, PrefixKV]:
+        """The stored prefix of ``prefix``'s model and template (storing ``prefix`` if there is none yet)."""
+        key = (Prefix.model_fingerprint == prefix.model_fingerprint, Prefix.template_digest == prefix.template_digest)
         with self._read() as session:
-            document = self._load_document(session, doc_id)
-            if document is None:
-                raise KeyError(f"no document {doc_id!r} in this store")
-            record = _document_record(document)
-        kind = _Kind(model.fingerprint, model.template.digest, float(ratio), level, _scorer_name(scorer, level))
-        return self._ensure_caches(record, model, kind, scorer, force=True, metadata=None, progress=progress,
-                                   drop_others=replace)
+            row = session.scalars(sa.select(Prefix).where(*key)).first()
+        if row is None:
+            blob = encode_prefix(prefix, model_name)
+            name = self._put_blob(blob.data)
+            try:
+                with self._write() as session, session.begin():
+                    session.add(Prefix(
+                        model_name=model_name, model_fingerprint=prefix.model_fingerprint,
+                        template_digest=prefix.template_digest, prefix_length=prefix.prefix_length,
+                        blob_path=name, nbytes=len(blob.data), kv_nbytes=prefix.nbytes, sha256=blob.sha256,
+                        payload_sha256=blob.payload_sha256,
+                    ))
+            except sa.exc.IntegrityError:  # another writer stored it first: use theirs
+                self._remove_blobs([name])
+            except BaseException as error:
+                self._remove_blobs([name])
+                self._raise_if_full(error)
+                raise
+            with self._read() as session:
+                row = session.scalars(sa.select(Prefix).where(*key)).one()
+        return row.id, self._load_prefix(row, "cpu")
+
+    def _load_prefix(self, row: Prefix, device: str) -> PrefixKV:
+        key = (row.payload_sha256, device)
+        if key not in self._prefixes:
+            reader = BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}")
+            if reader.payload_sha256 != row.payload_sha256:
+                raise CorruptBlobError(f"{reader.where} holds another blob than its row records; run verify()")
+            prefix = read_prefix(reader)
+            self._prefixes[key] = prefix if device == "cpu" else prefix.to(device)
+        return self._prefixes[key]
 
     # -------------------------------------------------------------------------------------------- search
-
-    def _metadata_condition(self, session: Session, metadata: dict | None):
-        """SQL condition on Document for ``metadata`` equality; keys SQL cannot address safely go through Python."""
-        if not metadata:
-            return None
-        metadata = _check_metadata(metadata)
-        dialect = session.get_bind().dialect.name
-        conditions, in_python = [], {}
-        for key, value in metadata.items():
-            condition = _sql_json_equals(dialect, key, value)
-            if condition is None:
-                in_python[key] = value
-            else:
-                conditions.append(condition)
-        if in_python:
-            ids = [
-                doc_id for doc_id, meta in session.execute(sa.select(Document.id, Document.meta))
-                if isinstance(meta, dict) and all(k in meta and meta[k] == v for k, v in in_python.items())
-            ]
-            conditions.append(Document.id.in_(ids))
-        return sa.and_(*conditions)
 
     def search(
         self,
@@ -637,14 +454,15 @@ class CacheStore:
     ) -> list[SearchHit]:
         """The ``k`` segments that best match ``query`` (full-text, best first), optionally only within ``doc_ids``
         and documents whose metadata has all the given ``key: value`` pairs."""
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
+        check_query(query)
         with self._read() as session:
             conditions = []
             if doc_ids is not None:
                 ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
                 conditions.append(Segment.document_id.in_(ids))
-            condition = self._metadata_condition(session, metadata)
+            condition = metadata_condition(session, metadata)
             if condition is not None:
                 conditions.append(condition)
             where = sa.and_(*conditions) if conditions else None
@@ -668,7 +486,8 @@ class CacheStore:
     # -------------------------------------------------------------------------------------------- caches
 
     def caches_for(self, doc_id: str, model=None, *, segment: int | None = None) -> list[CacheRecord]:
-        """Stored caches of a document (of one segment index, of one model's fingerprint and template)."""
+        """Stored caches of a document (of one segment index, of one model's fingerprint and template); empty for
+        a document that is not stored."""
         with self._read() as session:
             stmt = sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id).where(
                 Segment.document_id == doc_id
@@ -680,47 +499,47 @@ class CacheStore:
                     Cache.model_fingerprint == model.fingerprint, Cache.template_digest == model.template.digest
                 )
             stmt = stmt.order_by(Segment.index, Cache.ratio.desc(), Cache.id)
-            return [_cache_record(c, s) for c, s in session.execute(stmt)]
+            sizes = self._prefix_sizes(session)
+            return [cache_record(c, s, sizes.get(c.prefix_id, 0)) for c, s in session.execute(stmt)]
 
-    def _resolve(self, target, segment: int) -> tuple[int | None, int | None, str | None, int | None]:
-        """(cache_id, segment_id, document_id, segment_index) from whatever load_cache was given."""
-        if isinstance(target, CacheRecord):
-            return target.id, None, None, None
+    def _segment_for(self, session: Session, target, segment: int) -> Segment:
         if isinstance(target, (SearchHit, SegmentRecord)):
-            return None, target.segment_id if isinstance(target, SearchHit) else target.id, None, None
-        if isinstance(target, bool):
-            raise InvalidArgumentError(f"cannot load a cache from {target!r}")
-        if isinstance(target, int):
-            return target, None, None, None
-        if isinstance(target, str):
-            return None, None, target, segment
-        raise InvalidArgumentError(
-            "load_cache takes a document id (with segment=), a SearchHit, a SegmentRecord, a CacheRecord or a cache id"
-        )
+            stmt = sa.select(Segment).where(Segment.id == (target.segment_id if isinstance(target, SearchHit)
+                                                            else target.id))
+        elif isinstance(target, str):
+            stmt = sa.select(Segment).where(Segment.document_id == target, Segment.index == segment)
+        else:
+            raise InvalidArgumentError(
+                "load_cache takes a document id (with segment=), a SearchHit, a SegmentRecord, a CacheRecord or a "
+                "cache id"
+            )
+        found = session.scalars(stmt.options(selectinload(Segment.caches))).first()
+        if found is None:
+            doc_id = target if isinstance(target, str) else target.document_id
+            if session.get(Document, doc_id) is None:
+                raise DocumentNotFoundError(f"no document {doc_id!r} in the store at {self._where()}")
+            raise DocumentNotFoundError(f"document {doc_id!r} has no segment {segment} (it was re-added?)")
+        return found
 
-    def _pick(self, model, target, segment: int, ratio: float | None, level: str | None) -> CacheRecord:
-        cache_id, segment_id, doc_id, segment_index = self._resolve(target, segment)
+    def _pick(self, model, target, segment: int, ratio: float | None, level: str | None) -> tuple[CacheRecord, Prefix | None]:
         with self._read() as session:
-            if cache_id is not None:
+            if isinstance(target, CacheRecord) or (isinstance(target, int) and not isinstance(target, bool)):
+                cache_id = target.id if isinstance(target, CacheRecord) else target
                 found = session.execute(
                     sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id).where(Cache.id == cache_id)
                 ).first()
                 if found is None:
-                    raise KeyError(f"no cache {cache_id} in this store")
-                record = _cache_record(*found)
-                check_model(_as_info(record), model, self._label(record.document_id, record.segment_index))
-                return record
-            stmt = sa.select(Segment)
-            if segment_id is not None:
-                stmt = stmt.where(Segment.id == segment_id)
-            else:
-                stmt = stmt.where(Segment.document_id == doc_id, Segment.index == segment_index)
-            seg = session.scalars(stmt.options(selectinload(Segment.caches))).first()
-            if seg is None:
-                if doc_id is not None and session.get(Document, doc_id) is None:
-                    raise KeyError(f"no document {doc_id!r} in this store")
-                raise KeyError(f"no such segment ({target!r}, segment {segment})")
-            records = [_cache_record(c, seg) for c in seg.caches]
+                    raise DocumentNotFoundError(f"no cache {cache_id} in the store at {self._where()} (deleted?)")
+                record = cache_record(*found)
+                if isinstance(target, CacheRecord) and target.payload_sha256 not in ("", record.payload_sha256):
+                    raise DocumentNotFoundError(f"cache {cache_id} was replaced since it was listed; list it again")
+                cache_info(record).check_model(model, self._label(record.document_id, record.segment_index))
+                prefix_id = found[0].prefix_id
+                return record, session.get(Prefix, prefix_id) if prefix_id is not None else None
+            seg = self._segment_for(session, target, segment)
+            records = [cache_record(c, seg) for c in seg.caches]
+            prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
+            rows = {c.id: c for c in seg.caches}
         label = self._label(seg.document_id, seg.index)
         mine = [c for c in records if c.model_fingerprint == model.fingerprint
                 and c.template_digest == model.template.digest]
@@ -731,12 +550,12 @@ class CacheStore:
                     f"{label} has caches built by {built} only, none by model {model.name!r} "
                     f"(fingerprint {model.fingerprint}) with its current template; call recompress() for this model"
                 )
-            raise KeyError(f"{label} has no cache")
+            raise DocumentNotFoundError(f"{label} has no cache")
         usable = []
         for c in mine:
-            if ratio is not None and c.ratio + 1e-12 < ratio:
-                continue
-            if level is not None and level != c.level and (c.ratio < 1.0 or "head" in (level, c.level)):
+            try:
+                check_loadable(cache_info(c), ratio, level, label)
+            except InvalidArgumentError:
                 continue
             usable.append(c)
         if not usable:
@@ -746,9 +565,10 @@ class CacheStore:
                 "(a cache loads at any lower ratio of its own level): recompress() it"
             )
         if ratio is None:  # the best stored cache
-            return max(usable, key=lambda c: (c.level == (level or c.level), c.ratio, c.id))
-        # the smallest stored cache that can serve the ratio: fewest bytes to read
-        return min(usable, key=lambda c: (c.level != (level or c.level), c.ratio, -c.id))
+            best = max(usable, key=lambda c: (c.level == (level or c.level), c.ratio, c.id))
+        else:  # the smallest stored cache that can serve the ratio: fewest bytes to read
+            best = min(usable, key=lambda c: (c.level != (level or c.level), c.ratio, -c.id))
+        return best, prefixes.get(rows[best.id].prefix_id)
 
     def load_cache(
         self,
@@ -764,27 +584,56 @@ class CacheStore:
 
         ``target``: a document id (with ``segment=`` index), a ``SearchHit``, a ``SegmentRecord``, a ``CacheRecord``
         or a cache id. ``ratio`` below the stored one reads only the kept entries (equal to ``at_ratio``). Every call
-        returns a new object, so conversations never share tails; repeated loads are served from an in-memory LRU.
+        returns a new object, so conversations never share tails; repeated loads are served from an in-memory LRU
+        keyed by the blob's content hash. The blob is checked against its row on every read (``CorruptBlobError``
+        when a valid blob lies under another document's row). A missing document: ``DocumentNotFoundError``.
         """
         if ratio is not None or level is not None:
             check_ratio_level(ratio if ratio is not None else 1.0, level or "pair")
-        record = self._pick(model, target, segment, ratio, level)
-        device = torch.device(device) if device is not None else model.device
-        ratio = record.ratio if ratio is None else float(ratio)
-        level = level or record.level
-        key = (record.id, ratio, level, str(device))
-        cached = self._lru.get(key)
+        record, prefix_row = self._pick(model, target, segment, ratio, level)
+        device = str(torch.device(device) if device is not None else model.device)
+        ratio, level = check_loadable(cache_info(record), ratio, level, self._label(record.document_id,
+                                                                                       record.segment_index))
+        key = (record.payload_sha256, ratio, level, device)
+        cached = self._lru.get(key, record.payload_sha256)
         if cached is not None:
             self.last_read_nbytes = 0
-            return _fresh(cached)
+            return packed_fresh(cached)
         stats = ReadStats()
-        cache = read_blob(
-            self._blob(record.blob_path), ratio=ratio, level=level, model=model, device=device,
-            label=self._label(record.document_id, record.segment_index), stats=stats,
-        )
+        cache = self._read_cache(record, prefix_row, ratio, level, stats).to(device)
         self.last_read_nbytes = stats.nbytes
-        self._lru.put(key, cache)
-        return _fresh(cache)
+        self._lru.put(key, record.payload_sha256, cache)
+        return packed_fresh(cache)
+
+    def _read_cache(self, record: CacheRecord, prefix_row: Prefix | None, ratio, level, stats) -> PackedCache:
+        label = self._label(record.document_id, record.segment_index)
+        reader = BlobReader(self.blobs, record.blob_path, label, stats)
+        if reader.payload_sha256 != record.payload_sha256:
+            raise CorruptBlobError(self._misplaced(reader, record, label))
+        header = document_header(reader)
+        info = header.info
+        if (info.model_fingerprint, info.template_digest, info.level, info.context_length) != (
+            record.model_fingerprint, record.template_digest, record.level, record.context_length
+        ) or abs(info.ratio - record.ratio) > 1e-9:
+            raise CorruptBlobError(f"{label}: the blob does not describe the cache its row records")
+        prefix = None
+        if header.prefix == "shared":
+            if prefix_row is None:
+                raise CorruptBlobError(f"{label}: its shared template prefix is not in the store; run verify()")
+            prefix = self._load_prefix(prefix_row, "cpu")
+        return read_document(reader, ratio=ratio, level=level, prefix=prefix)
+
+    def _misplaced(self, reader: BlobReader, record: CacheRecord, label: str) -> str:
+        """A valid blob under the wrong row: say whose it is, when the store knows."""
+        with self._read() as session:
+            owner = session.execute(
+                sa.select(Segment.document_id, Segment.index).join(Cache, Cache.segment_id == Segment.id)
+                .where(Cache.payload_sha256 == reader.payload_sha256)
+            ).first()
+        whose = f"document {owner[0]!r} segment {owner[1]}'s cache" if owner else "a cache this store does not know"
+        return (f"{label}: its blob file {record.blob_path} holds {whose}, not the one its row records (files "
+                "swapped or restored from elsewhere?); refusing to answer from it. Run verify(), then delete and "
+                "re-add the affected documents")
 
     # -------------------------------------------------------------------------------------------- maintenance
 
@@ -797,157 +646,81 @@ class CacheStore:
             if doc_ids is not None:
                 ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
                 stmt = stmt.where(Segment.document_id.in_(ids))
-            records = [_cache_record(c, s) for c, s in session.execute(stmt.order_by(Cache.id))]
-        for record in records:
+            prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
+            found = [(cache_record(c, s), prefixes.get(c.prefix_id), s.text)
+                     for c, s in session.execute(stmt.order_by(Cache.id))]
+        from .indexer import content_hash
+
+        bad_prefixes = {}
+        for row in {p.id: p for _, p, _ in found if p is not None}.values():
+            try:
+                if file_sha256(self.blobs, row.blob_path) != row.sha256:
+                    raise CorruptBlobError(f"the shared prefix of model {row.model_name!r} is corrupted (sha256)")
+                BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}").verify_payload()
+            except FileNotFoundError:
+                bad_prefixes[row.id] = f"the shared prefix of model {row.model_name!r} is missing"
+            except KVzipError as error:
+                bad_prefixes[row.id] = str(error)
+        for record, prefix_row, text in found:
             report.checked += 1
             label = self._label(record.document_id, record.segment_index)
             try:
-                header = verify_blob(self._blob(record.blob_path), record.sha256, label)
-                info = header.info
-                if (info.model_fingerprint, info.template_digest, info.level, info.context_length) != (
-                    record.model_fingerprint, record.template_digest, record.level, record.context_length
-                ) or abs(info.ratio - record.ratio) > 1e-9:
-                    raise CorruptBlobError(f"{label}: the blob does not describe the cache its row records")
+                if prefix_row is not None and prefix_row.id in bad_prefixes:
+                    raise CorruptBlobError(f"{label}: {bad_prefixes[prefix_row.id]}")
+                if file_sha256(self.blobs, record.blob_path) != record.sha256:
+                    raise CorruptBlobError(f"{label} is corrupted: its sha256 differs from the one recorded")
+                reader = BlobReader(self.blobs, record.blob_path, label)
+                reader.verify_payload()
+                header = document_header(reader)
+                if header.segment_sha256 and header.segment_sha256 != content_hash(text):
+                    raise CorruptBlobError(f"{label}: the blob was built from another text than its segment's")
+                self._read_cache(record, prefix_row, None, None, ReadStats())
+            except FileNotFoundError:
+                report.problems.append(VerifyProblem(record.id, record.document_id, record.segment_index,
+                                                     record.blob_path, f"{label}: the blob is missing"))
             except KVzipError as error:
                 report.problems.append(
                     VerifyProblem(record.id, record.document_id, record.segment_index, record.blob_path, str(error))
                 )
         return report
 
-    def gc(self, *, min_age_s: float = 600.0, dry_run: bool = False) -> GCReport:
+    def gc(self, *, min_age_s: float = GC_MIN_AGE_S, dry_run: bool = False, now: bool = False) -> GCReport:
         """Remove blobs (and stale temp files) that no row points to and that are older than ``min_age_s``
-        (younger ones may belong to an add still in progress in another process). Reports rows whose blob is
-        missing in ``missing`` (``verify()`` says more)."""
+        (default 600 s: younger ones may belong to an add still in progress in another process). ``now=True``
+        is ``min_age_s=0``: only for a quiet store, where no other process is indexing. Reports rows whose blob is
+        missing in ``missing`` (``verify()`` says more). Works on a read-only database (it only reads rows) and on
+        a full disk."""
+        if now:
+            min_age_s = 0.0
+        if not dry_run:
+            self._require_writable()
         report = GCReport()
         with self._read() as session:
             referenced = dict(session.execute(sa.select(Cache.blob_path, Cache.id)).all())
-        now = time.time()
-        for path in sorted(self.blob_dir.rglob("*")):
-            if not path.is_file():
+            prefixes = set(session.scalars(sa.select(Prefix.blob_path)))
+        clock = time.time()
+        for relative, size, mtime in self.blobs.entries():
+            if relative in referenced or relative in prefixes:
                 continue
-            relative = path.relative_to(self.blob_dir).as_posix()
-            if relative in referenced:
-                continue
-            if not (path.name.endswith(".safetensors") or path.name.endswith(".tmp")):
-                continue  # not ours: never touch files we did not write
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            if now - stat.st_mtime < min_age_s:
+            name = relative.rsplit("/", 1)[-1]
+            if not (name.endswith(".safetensors") or name.endswith(".tmp")):
+                continue  # not ours (the reserve included): never touch files we did not write
+            if clock - mtime < min_age_s:
                 continue
             report.removed.append(relative)
-            report.freed_nbytes += stat.st_size
+            report.freed_nbytes += size
             if not dry_run:
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+                self.blobs.delete(relative)
         report.missing = sorted(cid for rel, cid in referenced.items() if not (self.blob_dir / rel).is_file())
+        if not dry_run:
+            self._keep_reserve()
         return report
 
 
-class _Raced(Exception):
-    """Another writer stored the same document between our check and our transaction."""
+def shutil_free(path: Path) -> int:
+    import shutil
 
-
-def _matches_record(kind: _Kind, c: CacheRecord) -> bool:
-    return (c.model_fingerprint, c.template_digest, c.level, c.scorer) == (
-        kind.fingerprint, kind.template, kind.level, kind.scorer
-    ) and abs(c.ratio - kind.ratio) < 1e-9
-
-
-def _as_info(record: CacheRecord):
-    from kvzip_rag.cache import CacheInfo
-
-    return CacheInfo(record.model_name, record.model_fingerprint, record.template_digest, record.prefix_length,
-                     record.context_length, record.ratio, record.level, record.scorer, record.full_nbytes)
-
-
-def _sql_json_equals(dialect: str, key: str, value):
-    """``metadata[key] == value`` in SQL with the JSON type checked, or None when SQL can't say it safely."""
-    if isinstance(value, (dict, list)):
-        return None
-    if dialect == "sqlite":
-        if not _SQLITE_SAFE_KEY.fullmatch(key):
-            return None  # SQLite JSON paths cannot quote every key: let Python compare
-        path = f'$."{key}"'
-        kind = sa.func.json_type(Document.meta, path)
-        extract = sa.func.json_extract(Document.meta, path)
-        if value is None:
-            return kind == "null"
-        if isinstance(value, bool):
-            return kind == ("true" if value else "false")
-        if isinstance(value, int):
-            return sa.and_(kind.in_(["integer", "real"]), extract == value)
-        if isinstance(value, float):
-            return sa.and_(kind.in_(["integer", "real"]), extract == value)
-        return sa.and_(kind == "text", extract == value)
-    if dialect == "postgresql":
-        element = Document.meta[key]
-        kind = sa.func.json_typeof(element)
-        if value is None:
-            return kind == "null"
-        if isinstance(value, bool):
-            return sa.and_(kind == "boolean", element.as_string() == ("true" if value else "false"))
-        if isinstance(value, (int, float)):  # CASE: never cast a non-number (PostgreSQL would raise)
-            return sa.case((kind == "number", element.as_float()), else_=None) == float(value)
-        return sa.and_(kind == "string", element.as_string() == value)
-    return None
-
-
-# ------------------------------------------------------------------------------------------ copying a store
-
-def _sqlite_backup(source: Path, target: Path) -> None:
-    """A consistent snapshot of ``source`` written into ``target`` (works while others use either database)."""
-    src = sqlite3.connect(str(source), timeout=30)
     try:
-        dst = sqlite3.connect(str(target), timeout=30)
-        try:
-            src.backup(dst)
-        finally:
-            dst.close()
-    finally:
-        src.close()
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(target.name + ".part")
-    try:
-        os.link(source, temp)
+        return shutil.disk_usage(path).free
     except OSError:
-        shutil.copy2(source, temp)
-    os.replace(temp, target)
-
-
-def _copy_store(store: CacheStore, dest: Path) -> None:
-    """Copy a folder store into ``dest``: database snapshot to a staging file, referenced blobs (hard links: blobs
-    are immutable), then the snapshot into place, then blobs no row references are removed. A crash at any step
-    leaves no row in ``dest`` that points at a missing blob."""
-    dest = dest.resolve()
-    if store.path is not None and dest == store.path:
-        return
-    dest.mkdir(parents=True, exist_ok=True)
-    staging = dest / (DB_NAME + ".staging")
-    staging.unlink(missing_ok=True)
-    _sqlite_backup(store.path / DB_NAME, staging)
-    connection = sqlite3.connect(str(staging))
-    try:
-        referenced = {row[0] for row in connection.execute("SELECT blob_path FROM caches")}
-    finally:
-        connection.close()
-    blob_root = dest / BLOB_DIR_NAME
-    for relative in sorted(referenced):
-        source = (store.blob_dir / relative).resolve()
-        target = (blob_root / relative).resolve()
-        if store.blob_dir not in source.parents or blob_root not in target.parents:
-            raise KVzipError(f"refusing to copy blob path {relative!r}: it points outside the blob folder")
-        if target.exists() and target.stat().st_size == source.stat().st_size:
-            continue
-        _link_or_copy(source, target)
-    _sqlite_backup(staging, dest / DB_NAME)
-    staging.unlink(missing_ok=True)
-    for path in blob_root.rglob("*.safetensors"):
-        if path.relative_to(blob_root).as_posix() not in referenced:
-            path.unlink(missing_ok=True)
+        return 0

@@ -66,6 +66,7 @@ class Cache(Base):
             "segment_id", "model_fingerprint", "template_digest", "ratio", "level", "scorer", name="uq_cache_kind"
         ),
         sa.Index("ix_cache_model", "model_fingerprint", "template_digest"),
+        {"sqlite_autoincrement": True},  # ids are never reused, even after deletes
     )
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
@@ -82,24 +83,72 @@ class Cache(Base):
     full_nbytes: Mapped[int] = mapped_column(sa.BigInteger)  # the uncompressed cache of the same tokens
     prefix_length: Mapped[int] = mapped_column(sa.Integer)
     context_length: Mapped[int] = mapped_column(sa.Integer)
-    sha256: Mapped[str] = mapped_column(sa.String(64))
+    sha256: Mapped[str] = mapped_column(sa.String(64))  # of the whole blob file (verify)
+    payload_sha256: Mapped[str] = mapped_column(sa.String(64))  # of its tensors, as in its header (every load)
+    prefix_id: Mapped[int | None] = mapped_column(sa.ForeignKey("prefixes.id"), nullable=True)
     created: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
 
     segment: Mapped[Segment] = relationship(back_populates="caches")
 
 
+class Prefix(Base):
+    """The template prefix's keys and values, stored once per (model fingerprint, template digest)."""
+
+    __tablename__ = "prefixes"
+    __table_args__ = (
+        sa.UniqueConstraint("model_fingerprint", "template_digest", name="uq_prefix_model"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(sa.String(255))
+    model_fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    template_digest: Mapped[str] = mapped_column(sa.String(64))
+    prefix_length: Mapped[int] = mapped_column(sa.Integer)
+    blob_path: Mapped[str] = mapped_column(sa.String(255), unique=True)
+    nbytes: Mapped[int] = mapped_column(sa.BigInteger)
+    kv_nbytes: Mapped[int] = mapped_column(sa.BigInteger)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    payload_sha256: Mapped[str] = mapped_column(sa.String(64))
+    created: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class StoreInfo(Base):
+    """Key/value facts about the store itself: ``schema_version``."""
+
+    __tablename__ = "store_info"
+
+    key: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(sa.String(255))
+
+
+SCHEMA_VERSION = "2"  # 2: shared template prefix (prefixes table), blob format kvzip-rag/2, payload hash per row
+
+
 # ---------------------------------------------------------------------------------------------------------- engine
 
 
-def make_engine(url: str, **kwargs) -> Engine:
-    """An engine with the pragmas and transaction modes the store relies on."""
+def make_engine(url: str, *, read_only: bool = False, **kwargs) -> Engine:
+    """An engine with the pragmas and transaction modes the store relies on. ``read_only`` opens a SQLite file
+    with ``mode=ro`` (and ``immutable=1`` where its folder cannot be written, e.g. a mounted snapshot, since SQLite
+    could not create its shared-memory file there)."""
+    parsed = sa.engine.make_url(url)
+    if read_only and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        import os
+        import sqlite3
+        from pathlib import Path
+
+        database = Path(parsed.database).expanduser().resolve()
+        immutable = "&immutable=1" if not os.access(database.parent, os.W_OK) else ""
+        target = f"file:{database}?mode=ro{immutable}"
+        kwargs.setdefault("creator", lambda: sqlite3.connect(target, uri=True, check_same_thread=False))
     engine = sa.create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, read_only)
     return engine
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, read_only: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
         # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit BEGIN is DEFERRED and too late).
@@ -107,7 +156,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys = ON")
-        if engine.url.database not in (None, "", ":memory:"):
+        if engine.url.database not in (None, "", ":memory:") and not read_only:
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
@@ -143,15 +192,49 @@ _POSTGRES_FTS = [
 ]
 
 
+class OldStoreError(Exception):
+    """The database was written by an older kvzip-rag (message: what it holds)."""
+
+
+def schema_state(connection) -> str | None:
+    """None for an empty database, the schema version otherwise (``"1"`` for a store from before versions)."""
+    tables = set(sa.inspect(connection).get_table_names())
+    if "documents" not in tables and "caches" not in tables:
+        return None
+    if "store_info" not in tables:
+        return "1"
+    row = connection.execute(sa.select(StoreInfo.value).where(StoreInfo.key == "schema_version")).first()
+    return row[0] if row else "1"
+
+
+def search_method(engine: Engine) -> str:
+    """The search this database supports, without writing anything (for read-only stores)."""
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        return "postgres"
+    if dialect != "sqlite":
+        return "terms"
+    with engine.connect() as conn:
+        found = conn.exec_driver_sql(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'segments_fts'"
+        ).first()
+    return "fts5" if found else "terms"
+
+
 def create_schema(engine: Engine) -> str:
     """Create tables and the full-text index if missing (idempotent, safe to race from several processes).
 
     Returns the search method this database supports: ``"fts5"``, ``"postgres"`` or ``"terms"`` (the fallback,
-    also used on a SQLite built without FTS5).
+    also used on a SQLite built without FTS5). Raises :class:`OldStoreError` for a store of an older schema.
     """
     dialect = engine.dialect.name
     with writer(engine).begin() as connection:
+        state = schema_state(connection)
+        if state not in (None, SCHEMA_VERSION):
+            raise OldStoreError(f"schema version {state}, this kvzip-rag writes version {SCHEMA_VERSION}")
         Base.metadata.create_all(connection)
+        if state is None:
+            connection.execute(sa.insert(StoreInfo).values(key="schema_version", value=SCHEMA_VERSION))
         if dialect == "postgresql":
             for statement in _POSTGRES_FTS:
                 connection.exec_driver_sql(statement)

@@ -37,7 +37,14 @@ def blob_files(store: CacheStore) -> set[str]:
 
 
 def row_paths(store: CacheStore) -> set[str]:
-    return {c.blob_path for d in store.list_documents() for c in d.caches}
+    """Blobs the rows point at: every cache's, and the shared template prefix of each model that has caches."""
+    import sqlalchemy as sa
+
+    from kvzip_rag.store.schema import Prefix
+
+    with store.engine.connect() as connection:
+        prefixes = set(connection.execute(sa.select(Prefix.blob_path)).scalars())
+    return {c.blob_path for d in store.list_documents() for c in d.caches} | prefixes
 
 
 @pytest.fixture
@@ -62,7 +69,9 @@ def test_loaded_cache_reproduces_the_in_memory_logits(store, tiny_llama):
     loaded.reset()
     assert kvzip_rag.answer(tiny_llama, loaded, "When do ferries leave?", max_new_tokens=8).token_ids == \
         kvzip_rag.answer(tiny_llama, memory, "When do ferries leave?", max_new_tokens=8).token_ids
-    assert record.caches[0].kv_nbytes == memory.nbytes and record.caches[0].full_nbytes == memory.full_nbytes
+    # The template prefix is stored once per model and template: a document's own bytes exclude it.
+    cache = record.caches[0]
+    assert cache.kv_nbytes + cache.prefix_nbytes == memory.nbytes and cache.full_nbytes == memory.full_nbytes
 
 
 def test_lower_ratio_load_equals_at_ratio_and_reads_fewer_bytes(store, tiny_llama):
@@ -223,7 +232,7 @@ def test_blob_swapped_for_another_models_blob_is_refused(store, tiny_llama, smol
     mine = store.blob_dir / store.caches_for("mine")[0].blob_path
     theirs = store.blob_dir / store.caches_for("theirs")[0].blob_path
     mine.write_bytes(theirs.read_bytes())
-    with pytest.raises(ModelMismatchError, match="document 'mine'"):
+    with pytest.raises(CorruptBlobError, match="document 'mine'.*document 'theirs'"):
         store.load_cache("mine", tiny_llama)
     assert [p.document_id for p in store.verify().problems] == ["mine"]
 
@@ -297,7 +306,8 @@ def test_failed_writes_leave_no_row_and_no_blob(store, tiny_llama, monkeypatch):
         patch.setattr(Session, "flush", failing_flush)
         with pytest.raises(RuntimeError, match="simulated"):
             store.add_document(tiny_llama, HARBOUR + " More.", doc_id="h", ratio=0.3, max_segment_tokens=40)
-    assert store.get_document("h") is None and blob_files(store) == set()
+    # Only the shared template prefix (committed on its own, before the document) stays.
+    assert store.get_document("h") is None and blob_files(store) == row_paths(store) and len(row_paths(store)) == 1
     store.add_document(tiny_llama, HARBOUR, doc_id="h", ratio=0.3)
     assert store.verify().ok
 

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 import kvzip_rag
 from kvzip_rag.errors import CorruptBlobError, InvalidArgumentError, ModelMismatchError
-from kvzip_rag.store.blob import FORMAT, ReadStats, read_blob, read_blob_header, verify_blob, write_blob
+from kvzip_rag.store.blob import FORMAT, ReadStats
+from kvzip_rag.store.cachefile import read_cache, read_cache_header, verify_cache, write_cache
 
 from conftest import build_tiny
 
@@ -51,15 +52,16 @@ def next_token_logits(model, cache, question: str) -> torch.Tensor:
 def test_round_trip_reproduces_the_in_memory_cache(family, smol_tokenizer, tmp_path):
     model = build_tiny(family, smol_tokenizer)
     cache = kvzip_rag.compress(model, TEXT, ratio=0.4)
-    result = write_blob(cache, tmp_path / "c.safetensors")
+    result = write_cache(cache, tmp_path / "c.safetensors")
     assert result.nbytes == (tmp_path / "c.safetensors").stat().st_size
-    loaded = read_blob(tmp_path / "c.safetensors", model=model)
+    loaded = read_cache(tmp_path / "c.safetensors")
+    loaded.info.check_model(model)
     assert_same_cache(cache, loaded)
     assert torch.equal(next_token_logits(model, cache, "Who built the harbour?"),
                        next_token_logits(model, loaded, "Who built the harbour?"))
     assert kvzip_rag.answer(model, loaded, "Who built it?", max_new_tokens=6).token_ids == \
         kvzip_rag.answer(model, cache, "Who built it?", max_new_tokens=6).token_ids
-    header = read_blob_header(tmp_path / "c.safetensors")
+    header = read_cache_header(tmp_path / "c.safetensors")
     assert header.metadata["format"] == FORMAT
     assert set(header.versions) == {"torch", "transformers", "kvzip_rag"}
     assert header.compressed == tuple(layer.compressed for layer in cache.layers)
@@ -70,23 +72,23 @@ def test_bfloat16_round_trip(tiny_llama, tmp_path):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.to(torch.bfloat16), layer.values.to(torch.bfloat16)
-    write_blob(cache, tmp_path / "c.safetensors")
-    loaded = read_blob(tmp_path / "c.safetensors")
+    write_cache(cache, tmp_path / "c.safetensors")
+    loaded = read_cache(tmp_path / "c.safetensors")
     assert_same_cache(cache, loaded)
-    assert read_blob_header(tmp_path / "c.safetensors").dtype == "bfloat16"
+    assert read_cache_header(tmp_path / "c.safetensors").dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("level", ["pair", "uniform", "head"])
 def test_lower_ratio_reads_only_the_kept_prefix(level, tiny_llama, tmp_path):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.8, level=level)
     path = tmp_path / "c.safetensors"
-    write_blob(cache, path)
+    write_cache(cache, path)
     full = ReadStats()
-    assert_same_cache(cache, read_blob(path, stats=full))
+    assert_same_cache(cache, read_cache(path, stats=full))
     previous = full.nbytes
     for ratio in (0.5, 0.2, 0.05):
         stats = ReadStats()
-        loaded = read_blob(path, ratio=ratio, stats=stats)
+        loaded = read_cache(path, ratio=ratio, stats=stats)
         assert_same_cache(cache.at_ratio(ratio), loaded)
         # Compressing at that ratio directly keeps exactly the same entries (same scores, no re-scoring).
         direct = kvzip_rag.compress(tiny_llama, TEXT, ratio=ratio, level=level)
@@ -103,29 +105,29 @@ def test_lower_ratio_reads_only_the_kept_prefix(level, tiny_llama, tmp_path):
 
 def test_level_change_only_from_ratio_one(tiny_llama, tmp_path):
     full = kvzip_rag.compress(tiny_llama, TEXT, ratio=1.0)
-    write_blob(full, tmp_path / "full.safetensors")
-    derived = read_blob(tmp_path / "full.safetensors", ratio=0.3, level="uniform")
+    write_cache(full, tmp_path / "full.safetensors")
+    derived = read_cache(tmp_path / "full.safetensors", ratio=0.3, level="uniform")
     assert_same_cache(full.at_ratio(0.3, "uniform"), derived)
     with pytest.raises(InvalidArgumentError, match="head"):
-        read_blob(tmp_path / "full.safetensors", ratio=0.3, level="head")
+        read_cache(tmp_path / "full.safetensors", ratio=0.3, level="head")
     part = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
-    write_blob(part, tmp_path / "part.safetensors")
+    write_cache(part, tmp_path / "part.safetensors")
     with pytest.raises(InvalidArgumentError, match="ratio 0.5"):
-        read_blob(tmp_path / "part.safetensors", ratio=0.3, level="uniform")
+        read_cache(tmp_path / "part.safetensors", ratio=0.3, level="uniform")
     with pytest.raises(InvalidArgumentError, match="up to"):
-        read_blob(tmp_path / "part.safetensors", ratio=0.7)
+        read_cache(tmp_path / "part.safetensors", ratio=0.7)
 
 
 def test_blob_of_another_model_or_template_is_refused(tiny_llama, smol_tokenizer, tmp_path):
     other = build_tiny("llama", smol_tokenizer, seed=1)
-    write_blob(kvzip_rag.compress(other, TEXT, ratio=0.3), tmp_path / "c.safetensors")
+    write_cache(kvzip_rag.compress(other, TEXT, ratio=0.3), tmp_path / "c.safetensors")
     with pytest.raises(ModelMismatchError, match="fingerprint"):
-        read_blob(tmp_path / "c.safetensors", model=tiny_llama, label="document 'x' segment 0")
+        read_cache(tmp_path / "c.safetensors").info.check_model(tiny_llama, "document 'x' segment 0")
     from dataclasses import replace
 
     retemplated = replace(other, template=replace(other.template, question_lead="\nQ: "))
     with pytest.raises(ModelMismatchError, match="template"):
-        read_blob(tmp_path / "c.safetensors", model=retemplated)
+        read_cache(tmp_path / "c.safetensors").info.check_model(retemplated)
 
 
 def _flip(path, position: int, bit: int) -> None:
@@ -137,7 +139,7 @@ def _flip(path, position: int, bit: int) -> None:
 def test_every_sampled_bit_flip_is_caught(tiny_llama, tmp_path):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
     path = tmp_path / "c.safetensors"
-    original = write_blob(cache, path)
+    original = write_cache(cache, path)
     data = path.read_bytes()
     header_end = 8 + int.from_bytes(data[:8], "little")
     rng = random.Random(0)
@@ -146,48 +148,48 @@ def test_every_sampled_bit_flip_is_caught(tiny_llama, tmp_path):
         path.write_bytes(data)
         _flip(path, position, rng.randrange(8))
         with pytest.raises(CorruptBlobError, match="document 'doc-7'") as caught:
-            read_blob(path, label="document 'doc-7' segment 0")
+            read_cache(path, label="document 'doc-7' segment 0")
         assert "blob c.safetensors" in str(caught.value)
         with pytest.raises(CorruptBlobError):
-            verify_blob(path, label="document 'doc-7' segment 0")
+            verify_cache(path, label="document 'doc-7' segment 0")
     path.write_bytes(data)
-    assert verify_blob(path, original.sha256).info.ratio == 0.5
+    assert verify_cache(path).info.ratio == 0.5 and original.blob.payload_sha256 in data.decode("latin-1")
 
 
 def test_truncated_blobs_are_caught(tiny_llama, tmp_path):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
     path = tmp_path / "c.safetensors"
-    write_blob(cache, path)
+    write_cache(cache, path)
     data = path.read_bytes()
     for length in (0, 3, 8, 100, len(data) // 2, len(data) - 1):
         path.write_bytes(data[:length])
         with pytest.raises(CorruptBlobError, match="document 'manual'"):
-            read_blob(path, label="document 'manual' segment 2")
+            read_cache(path, label="document 'manual' segment 2")
     path.unlink()
     with pytest.raises(CorruptBlobError, match="missing"):
-        read_blob(path, label="document 'manual' segment 2")
+        read_cache(path, label="document 'manual' segment 2")
 
 
 def test_foreign_files_are_refused(tmp_path):
     save_file({"weight": torch.zeros(3, 3)}, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CorruptBlobError, match="not a kvzip-rag blob"):
-        read_blob(tmp_path / "model.safetensors")
+        read_cache(tmp_path / "model.safetensors")
     save_file({"weight": torch.zeros(3)}, tmp_path / "future.safetensors", metadata={"format": "kvzip-rag/9"})
     with pytest.raises(CorruptBlobError, match="kvzip-rag/9"):
-        read_blob(tmp_path / "future.safetensors")
+        read_cache(tmp_path / "future.safetensors")
     (tmp_path / "random.bin").write_bytes(random.Random(1).randbytes(5000))
     with pytest.raises(CorruptBlobError):
-        read_blob(tmp_path / "random.bin")
+        read_cache(tmp_path / "random.bin")
     (tmp_path / "json.bin").write_bytes(json.dumps({"a": 1}).encode())
     with pytest.raises(CorruptBlobError):
-        read_blob(tmp_path / "json.bin")
+        read_cache(tmp_path / "json.bin")
 
 
 def test_header_that_lies_consistently_is_caught(tiny_llama, tmp_path):
     """An edited header (valid JSON, digest not updated) is refused: the header carries its own checksum."""
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
     path = tmp_path / "c.safetensors"
-    write_blob(cache, path)
+    write_cache(cache, path)
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
@@ -196,7 +198,7 @@ def test_header_that_lies_consistently_is_caught(tiny_llama, tmp_path):
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
     with pytest.raises(CorruptBlobError, match="header checksum"):
-        read_blob(path)
+        read_cache(path)
 
 
 def test_no_pickle_in_the_store_package():

@@ -117,10 +117,23 @@ def cut(base: PackedCache, variant: Variant) -> PackedCache:
 
 def _store():
     try:
-        from kvzip_rag.store.blob import read_blob, write_blob
+        from kvzip_rag.store.cachefile import read_cache, write_cache
     except ImportError:
         return None
-    return read_blob, write_blob
+
+    def read_blob(path, model):
+        cache = read_cache(path)
+        cache.info.check_model(model)
+        return cache
+
+    return read_blob, write_cache
+
+
+def stored_document_bytes(cache: PackedCache) -> int:
+    """Bytes of keys and values one document adds to a CacheStore (its template prefix is shared per model)."""
+    from kvzip_rag.store.cachefile import encode_document
+
+    return encode_document(cache, shared_prefix=True).kv_nbytes
 
 
 class Bench:
@@ -264,7 +277,9 @@ class Bench:
         self.disk.append({"task": task, "doc": doc.id, "method": variant.name, "ratio": variant.ratio,
                           "context_tokens": context_tokens, "file_bytes": result.nbytes,
                           "memory_bytes": cache.nbytes, "full_memory_bytes": cache.full_nbytes,
-                          "file_bytes_per_token": result.nbytes / context_tokens})
+                          "file_bytes_per_token": result.nbytes / context_tokens,
+                          "store_document_bytes": stored_document_bytes(cache),
+                          "store_vs_full_memory": stored_document_bytes(cache) / cache.full_nbytes})
         path.unlink()
 
     # ------------------------------------------------------------------ tasks

@@ -1,0 +1,302 @@
+"""Compressed caches as blobs: which tensors a document cache and the shared template prefix are stored as, and
+how a document cache is read back at its stored ratio or any lower one.
+
+A document blob (``kind=document``) holds the document's own entries (:func:`kvzip_rag.cache.split_prefix`):
+per layer ``k.{l}``/``v.{l}`` (rows grouped by head, best first), ``pos.{l}``, ``score.{l}``, ``off.{l}``, and
+``input_ids``. The template prefix is either ``shared`` (a ``kind=prefix`` blob stored once per model and
+template, joined on load) or ``inline`` (``pk.{l}``/``pv.{l}`` in the same file: a standalone cache file).
+
+Because every head's entries are best first, the cache at a lower ratio is the first rows of each head: the reader
+reads the (small) scores, asks :func:`kvzip_rag.cache.rows_at_ratio` how many rows each head keeps, and reads only
+those rows. The ratio/level policy (what a stored cache can be loaded as) is :func:`check_loadable`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from kvzip_rag.budget import check_ratio_level
+from kvzip_rag.cache import (
+    CacheInfo,
+    PackedCache,
+    PackedLayer,
+    PrefixKV,
+    cache_info,
+    info_fields,
+    join_prefix,
+    rows_at_ratio,
+    split_prefix,
+)
+from kvzip_rag.errors import CorruptBlobError, InvalidArgumentError, ModelMismatchError
+
+from .blob import BlobReader, EncodedBlob, ReadStats, atomic_write, encode_blob, local_reader
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import kvzip_rag
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "kvzip_rag": kvzip_rag.__version__}
+
+
+def _heads(offsets: torch.Tensor) -> list[int]:
+    return [int(x) for x in offsets.tolist()]
+
+
+def _prefix_tensors(prefix: PrefixKV) -> tuple[dict, dict]:
+    tensors, groups = {}, {}
+    heads = [k.shape[0] // max(prefix.prefix_length, 1) for k in prefix.keys]
+    for layer, k, v, h in zip(prefix.layers, prefix.keys, prefix.values, heads):
+        tensors[f"pk.{layer}"], tensors[f"pv.{layer}"] = k, v
+        groups[f"pk.{layer}"] = groups[f"pv.{layer}"] = [i * prefix.prefix_length for i in range(h + 1)]
+    return tensors, groups
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class EncodedCache:
+    blob: EncodedBlob
+    kv_nbytes: int  # keys + values of the document's own entries (the prefix excluded when shared)
+    prefix: PrefixKV  # the prefix split off (stored elsewhere when shared)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the blob."""
+        return len(self.blob.data)
+
+    @property
+    def sha256(self) -> str:
+        return self.blob.sha256
+
+
+def encode_document(cache: PackedCache, *, shared_prefix: bool, segment_sha256: str = "") -> EncodedCache:
+    """A document cache's blob; ``shared_prefix=False`` makes a standalone file (prefix inline)."""
+    dtypes = {layer.keys.dtype for layer in cache.layers}
+    if len(dtypes) != 1:
+        raise InvalidArgumentError(f"all layers of a cache must share one dtype to be stored, got {sorted(map(str, dtypes))}")
+    prefix, body = split_prefix(cache)
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[str, list[int]] = {}
+    kv_nbytes = 0
+    for index, layer in enumerate(body):
+        tensors[f"k.{index}"], tensors[f"v.{index}"] = layer.keys, layer.values
+        groups[f"k.{index}"] = groups[f"v.{index}"] = _heads(layer.offsets)
+        kv_nbytes += layer.keys.nbytes + layer.values.nbytes
+        tensors[f"pos.{index}"] = layer.positions.to(torch.int32)
+        tensors[f"score.{index}"] = layer.scores.to(torch.float32)
+        tensors[f"off.{index}"] = layer.offsets.to(torch.int64)
+    tensors["input_ids"] = torch.tensor(list(cache.info.input_ids), dtype=torch.int32)
+    if not shared_prefix:
+        extra, extra_groups = _prefix_tensors(prefix)
+        tensors.update(extra)
+        groups.update(extra_groups)
+    metadata = {
+        "kind": "document",
+        **info_fields(cache.info),
+        "prefix": "shared" if shared_prefix else "inline",
+        "prefix_layers": json.dumps(list(prefix.layers)),
+        "dtype": str(dtypes.pop()).removeprefix("torch."),
+        "num_layers": str(len(body)),
+        "compressed": json.dumps([bool(layer.compressed) for layer in body]),
+        "sliding_window": json.dumps([layer.sliding_window for layer in body]),
+        "versions": json.dumps(_versions(), sort_keys=True),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "segment_sha256": segment_sha256,
+    }
+    return EncodedCache(encode_blob(tensors, metadata, groups), kv_nbytes, prefix)
+
+
+def encode_prefix(prefix: PrefixKV, model_name: str) -> EncodedBlob:
+    tensors, groups = _prefix_tensors(prefix)
+    metadata = {
+        "kind": "prefix", "model_name": model_name, "model_fingerprint": prefix.model_fingerprint,
+        "template_digest": prefix.template_digest, "prefix_length": str(prefix.prefix_length),
+        "prefix_layers": json.dumps(list(prefix.layers)),
+        "versions": json.dumps(_versions(), sort_keys=True),
+    }
+    return encode_blob(tensors, metadata, groups)
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class DocumentHeader:
+    """What a document blob's header says (its ``info`` has no input ids: they are a tensor)."""
+
+    info: CacheInfo
+    prefix: str  # "shared" or "inline"
+    prefix_layers: tuple[int, ...]
+    dtype: str
+    num_layers: int
+    compressed: tuple[bool, ...]
+    sliding_window: tuple[int | None, ...]
+    versions: dict
+    created: str
+    segment_sha256: str
+    payload_sha256: str
+    header_nbytes: int
+    metadata: dict
+
+
+def document_header(reader: BlobReader) -> DocumentHeader:
+    meta = reader.metadata
+    if meta.get("kind") != "document":
+        raise reader.fail(f"it holds a {meta.get('kind')!r}, not a document cache")
+    try:
+        header = DocumentHeader(
+            info=cache_info(meta), prefix=meta["prefix"], prefix_layers=tuple(json.loads(meta["prefix_layers"])),
+            dtype=meta["dtype"], num_layers=int(meta["num_layers"]),
+            compressed=tuple(bool(x) for x in json.loads(meta["compressed"])),
+            sliding_window=tuple(None if x is None else int(x) for x in json.loads(meta["sliding_window"])),
+            versions=json.loads(meta["versions"]), created=meta.get("created", ""),
+            segment_sha256=meta.get("segment_sha256", ""), payload_sha256=reader.payload_sha256,
+            header_nbytes=reader.data_start, metadata=meta,
+        )
+    except (KeyError, ValueError, TypeError) as error:
+        raise reader.fail(f"incomplete header ({type(error).__name__}: {error})") from None
+    n = header.num_layers
+    expected = {"input_ids"} | {f"{p}.{i}" for i in range(n) for p in ("k", "v", "pos", "score", "off")}
+    if header.prefix == "inline":
+        expected |= {f"{p}.{i}" for i in header.prefix_layers for p in ("pk", "pv")}
+    if set(reader.tensors) != expected or len(header.compressed) != n or len(header.sliding_window) != n \
+            or header.prefix not in ("shared", "inline") \
+            or list(header.prefix_layers) != [i for i in range(n) if header.compressed[i]]:
+        raise reader.fail("its tensors do not match its header")
+    if header.dtype not in _DTYPES:
+        raise reader.fail(f"unknown dtype {header.dtype!r}")
+    return header
+
+
+def read_prefix(reader: BlobReader) -> PrefixKV:
+    """The shared prefix stored in a ``kind=prefix`` blob (or inline in a standalone document blob)."""
+    meta = reader.metadata
+    try:
+        layers = tuple(int(i) for i in json.loads(meta["prefix_layers"]))
+        prefix = PrefixKV(meta["model_fingerprint"], meta["template_digest"], int(meta["prefix_length"]), layers,
+                          tuple(reader.tensor(f"pk.{i}") for i in layers), tuple(reader.tensor(f"pv.{i}") for i in layers))
+    except (KeyError, ValueError, TypeError) as error:
+        raise reader.fail(f"incomplete prefix header ({type(error).__name__}: {error})") from None
+    for k, v in zip(prefix.keys, prefix.values):
+        if k.shape != v.shape or k.dim() != 2 or k.shape[0] % max(prefix.prefix_length, 1):
+            raise reader.fail("prefix keys/values do not match the prefix length")
+    return prefix
+
+
+def check_loadable(stored: CacheInfo, ratio: float | None, level: str | None, where: str) -> tuple[float, str]:
+    """The (ratio, level) a cache stored as ``stored`` loads at: any lower ratio of its own level; another level
+    only from ratio 1.0 (and never to or from ``"head"``). ``InvalidArgumentError`` otherwise."""
+    ratio = stored.ratio if ratio is None else float(ratio)
+    level = level or stored.level
+    check_ratio_level(ratio, level)
+    if ratio > stored.ratio + 1e-12:
+        raise InvalidArgumentError(
+            f"{where} is stored at ratio {stored.ratio}; it can load at any ratio up to that, not {ratio} "
+            "(recompress the document at a higher ratio)"
+        )
+    if level != stored.level and (stored.ratio < 1.0 or "head" in (level, stored.level)):
+        raise InvalidArgumentError(
+            f"{where} is stored at level {stored.level!r}, ratio {stored.ratio}; another level can only be derived "
+            "from a cache stored at ratio 1.0 (and never to or from 'head'): recompress instead"
+        )
+    return ratio, level
+
+
+def read_document(
+    reader: BlobReader, *, ratio: float | None = None, level: str | None = None, prefix: PrefixKV | None = None
+) -> PackedCache:
+    """The document cache in ``reader`` at ``ratio``/``level`` (default: as stored), reading only the rows kept.
+
+    ``prefix`` is the shared prefix for a ``shared`` blob (ignored for ``inline`` ones)."""
+    header = document_header(reader)
+    stored = header.info
+    ratio, level = check_loadable(stored, ratio, level, reader.where)
+    base = stored.base_length
+    input_ids = reader.tensor("input_ids")
+    if input_ids.numel() != base:
+        raise reader.fail("input_ids do not match the prefix and context lengths")
+    offsets, positions, scores = [], [], []
+    for index in range(header.num_layers):
+        off = reader.tensor(f"off.{index}").to(torch.int64)
+        pos, sc = reader.tensor(f"pos.{index}"), reader.tensor(f"score.{index}")
+        counts = off[1:] - off[:-1]
+        if off.dim() != 1 or off.numel() < 2 or int(off[0]) != 0 or bool((counts < 0).any()) \
+                or pos.numel() != int(off[-1]) or sc.numel() != int(off[-1]) \
+                or _heads(off) != reader.groups.get(f"k.{index}") or _heads(off) != reader.groups.get(f"v.{index}"):
+            raise reader.fail(f"inconsistent head offsets in layer {index}")
+        offsets.append(off)
+        positions.append(pos)
+        scores.append(sc)
+    compressed = [i for i in range(header.num_layers) if header.compressed[i]]
+    keep = {i: offsets[i][1:] - offsets[i][:-1] for i in range(header.num_layers)}
+    if compressed and (ratio < stored.ratio or level != stored.level):
+        budgets = rows_at_ratio([scores[i] for i in compressed], [offsets[i] for i in compressed],
+                                stored.context_length, ratio, level)
+        keep.update(zip(compressed, budgets))
+    layers = []
+    for index in range(header.num_layers):
+        counts = keep[index]
+        keys = reader.rows(f"k.{index}", counts.tolist())
+        values = reader.rows(f"v.{index}", counts.tolist())
+        new_offsets = torch.zeros_like(offsets[index])
+        new_offsets[1:] = counts.cumsum(0)
+        if not torch.equal(counts, offsets[index][1:] - offsets[index][:-1]):
+            rows = torch.cat([torch.arange(a, a + int(k)) for a, k in zip(offsets[index][:-1].tolist(), counts)])
+            pos, sc = positions[index][rows], scores[index][rows]
+        else:
+            pos, sc = positions[index], scores[index]
+        if keys.dtype != _DTYPES[header.dtype] or keys.shape != values.shape or keys.dim() != 2:
+            raise reader.fail(f"keys/values of layer {index} do not match the header")
+        layers.append(PackedLayer(keys, values, new_offsets, pos, sc, base, header.compressed[index],
+                                  header.sliding_window[index]))
+    if header.prefix == "inline":
+        prefix = read_prefix(reader)
+    elif prefix is None:
+        raise InvalidArgumentError(f"{reader.where} shares its template prefix: load it through its CacheStore")
+    info = replace(header.info, ratio=ratio, level=level, input_ids=tuple(input_ids.tolist()))
+    try:
+        return join_prefix(prefix, layers, info)
+    except ModelMismatchError as error:
+        raise CorruptBlobError(f"{reader.where}: {error}") from None
+
+
+# ------------------------------------------------------------------------------------------ standalone cache files
+
+
+def write_cache(cache: PackedCache, path: str | os.PathLike) -> EncodedCache:
+    """Write ``cache`` (its tail, if any, is not stored) as one standalone file, atomically."""
+    encoded = encode_document(cache, shared_prefix=False)
+    atomic_write(Path(path), encoded.blob.data)
+    return encoded
+
+
+def read_cache(
+    path: str | os.PathLike, *, ratio: float | None = None, level: str | None = None, label: str | None = None,
+    stats: ReadStats | None = None,
+) -> PackedCache:
+    """A standalone cache file at its stored ratio or any lower ``ratio`` (equal to ``at_ratio``; only the kept
+    rows are read, see ``stats.nbytes``). Check the model yourself: ``cache.info.check_model(model)``."""
+    return read_document(local_reader(path, label, stats), ratio=ratio, level=level)
+
+
+def read_cache_header(path: str | os.PathLike, label: str | None = None) -> DocumentHeader:
+    return document_header(local_reader(path, label))
+
+
+def verify_cache(path: str | os.PathLike, label: str | None = None) -> DocumentHeader:
+    """Check everything in a standalone cache file: header, payload sha256, every block and the structure."""
+    reader = local_reader(path, label)
+    reader.verify_payload()
+    read_document(reader)
+    return document_header(reader)

@@ -1,0 +1,90 @@
+"""Checks on what users hand the store (ids, text, metadata, filters, questions): our errors, never a traceback
+from deep inside JSON, SQLite or a tokenizer."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError
+
+MAX_METADATA_DEPTH = 32
+MAX_UNBROKEN_CHARS = 20_000  # longest run without whitespace or sentence end that segmentation accepts
+_INT64 = 1 << 63
+_UNBROKEN = re.compile(r"[^\s.!?\u3002\uff01\uff1f]{%d,}" % (MAX_UNBROKEN_CHARS + 1))
+
+
+def _check_unicode(value: str, what: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidArgumentError(
+            f"{what} contains a lone surrogate ({value[error.start:error.end]!r} at position {error.start}): it is "
+            "not valid Unicode text; decode the source with errors='replace' or fix it"
+        ) from None
+
+
+def check_doc_id(doc_id) -> str:
+    if not isinstance(doc_id, str) or not doc_id or len(doc_id) > 255 or "\x00" in doc_id:
+        raise InvalidArgumentError(f"a document id is a non-empty string of at most 255 characters, got {doc_id!r}")
+    _check_unicode(doc_id, "the document id")
+    return doc_id
+
+
+def check_text(text) -> str:
+    """A document text: not empty, valid Unicode, and segmentable (no absurdly long unbroken run)."""
+    if not isinstance(text, str) or not text.strip():
+        raise EmptyDocumentError("the document is empty or whitespace only; there is nothing to compress")
+    _check_unicode(text, "the document text")
+    run = _UNBROKEN.search(text)
+    if run is not None:
+        raise InvalidArgumentError(
+            f"the document has {len(run.group()):,} characters without a space or sentence end (from character "
+            f"{run.start():,}): it "
+            f"cannot be segmented into sensible pieces (limit {MAX_UNBROKEN_CHARS:,}); is it binary, base64 or "
+            "minified data? Convert it to text first"
+        )
+    return text
+
+
+def check_query(query) -> str:
+    if not isinstance(query, str):
+        raise InvalidArgumentError(f"a search query is a string, got {type(query).__name__}")
+    _check_unicode(query, "the question")
+    return query
+
+
+def _walk(value, depth: int, where: str) -> None:
+    if depth > MAX_METADATA_DEPTH:
+        raise InvalidArgumentError(f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels (at {where})")
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int):
+        if not -_INT64 <= value < _INT64:
+            raise InvalidArgumentError(f"metadata integer at {where} does not fit 64 bits; store it as a string")
+    elif isinstance(value, str):
+        _check_unicode(value, f"metadata at {where}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidArgumentError(f"metadata keys must be strings, got {key!r} at {where}")
+            _check_unicode(key, f"a metadata key at {where}")
+            _walk(item, depth + 1, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _walk(item, depth + 1, f"{where}[{index}]")
+    elif not isinstance(value, float):
+        raise InvalidArgumentError(f"metadata must be JSON-serialisable: {type(value).__name__} at {where}")
+
+
+def check_metadata(metadata) -> dict:
+    """A JSON-safe copy of ``metadata`` (a dict with string keys), or ``InvalidArgumentError`` saying why not."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidArgumentError("metadata must be a dict with string keys")
+    _walk(metadata, 0, "metadata")
+    try:
+        return json.loads(json.dumps(metadata, allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as error:
+        raise InvalidArgumentError(f"metadata must be JSON-serialisable: {error}") from None
