@@ -242,7 +242,8 @@ def cache_info(fields, input_ids=()) -> CacheInfo:
         if value is None:
             raise KeyError(name)
         values[name] = kind(value)
-    return CacheInfo(**values, input_ids=tuple(int(i) for i in input_ids))
+    bits = fields.get("kv_bits") if isinstance(fields, dict) else getattr(fields, "kv_bits", None)
+    return CacheInfo(**values, input_ids=tuple(int(i) for i in input_ids), kv_bits=int(bits) if bits else 16)
 
 
 def info_fields(info: CacheInfo) -> dict[str, str]:

@@ -12,6 +12,7 @@ from .budget import allocate_budgets, check_ratio_level
 from .cache import CacheInfo, PackedCache, PackedLayer
 from .errors import ContextTooLongError, EmptyDocumentError, InvalidArgumentError
 from .models import KVzipModel, cache_dir
+from .quant import check_bits, quantize
 from .scorers import SCORERS, KVzipScorer, PrefilledDocument, Scorer
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -121,13 +122,17 @@ def compress(
     scorer: str | Scorer = "kvzip",
     prefill_chunk: int = 2048,
     progress: Progress | None = None,
+    kv_bits: int = 16,
 ) -> PackedCache:
     """Prefill ``text`` once, score its KV pairs, keep the top ``ratio`` of them and pack what is kept.
 
     ``level``: ``"pair"`` (global top-k, non-uniform head budgets), ``"uniform"`` (top-k per head) or ``"head"``
     (whole heads by a context-independent score; no per-document scoring pass).
+    ``kv_bits``: 16 keeps the cache dtype; 8 or 4 quantize the kept entries (``kvzip_rag.quant``): the returned
+    cache holds them dequantized, exactly as a store will load them, and its ``quantized`` is what gets stored.
     """
     check_ratio_level(ratio, level)
+    check_bits(kv_bits)
     scorer = resolve_scorer(scorer)
     if level == "head":
         document = prefill_document(model, text, prefill_chunk, progress=progress)
@@ -140,7 +145,8 @@ def compress(
             scorer.progress = lambda done, total: progress("score", done, total)
         scores = scorer.score(document)
         scorer_name = scorer.name
-    return pack(document, scores, ratio, level, scorer_name)
+    cache = pack(document, scores, ratio, level, scorer_name)
+    return cache if kv_bits == 16 else quantize(cache, kv_bits).dequantize()
 
 
 def pack(document: PrefilledDocument, scores: torch.Tensor, ratio: float, level: str, scorer: str) -> PackedCache:

@@ -320,6 +320,33 @@ class QuantizedLayer:
         )
 
 
+    def add_prefix(self, keys: torch.Tensor, values: torch.Tensor, prefix: int) -> "QuantizedLayer":
+        """The inverse of :meth:`drop_prefix`: ``keys``/``values`` (``heads * prefix`` rows, head after head) become
+        the first, unquantized, entries of every head (positions ``0..prefix-1``, infinite scores)."""
+        full, _ = self.split()
+        heads = len(full)
+        joined_full = full + prefix
+        head_start = _offsets(joined_full)[:-1]
+        prefix_rows = (head_start[:, None] + torch.arange(prefix)).reshape(-1)
+        body_rows = _row_index(_offsets(joined_full), torch.full_like(full, prefix), full)
+        device = self.full_keys.device
+        full_keys = self.full_keys.new_empty(int(joined_full.sum()), self.head_dim)
+        full_values = torch.empty_like(full_keys)
+        full_keys[prefix_rows.to(device)], full_values[prefix_rows.to(device)] = keys.to(device), values.to(device)
+        full_keys[body_rows.to(device)], full_values[body_rows.to(device)] = self.full_keys, self.full_values
+        counts = self.counts + prefix
+        entry_start = _offsets(counts)[:-1]
+        positions = torch.empty(int(counts.sum()), dtype=self.positions.dtype)
+        scores = torch.empty(int(counts.sum()), dtype=self.scores.dtype)
+        new_prefix = (entry_start[:, None] + torch.arange(prefix)).reshape(-1)
+        body_entries = _row_index(_offsets(counts), torch.full_like(full, prefix), self.counts)
+        positions[new_prefix] = torch.arange(prefix, dtype=positions.dtype).repeat(heads)
+        scores[new_prefix] = float("inf")
+        positions[body_entries], scores[body_entries] = self.positions, self.scores
+        return replace(self, full_rows=self.full_rows + prefix, offsets=_offsets(counts), positions=positions,
+                       scores=scores, full_keys=full_keys, full_values=full_values)
+
+
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
     offsets[1:] = counts.cumsum(0)

@@ -211,3 +211,16 @@ def test_dropping_the_prefix_keeps_the_documents_own_entries(tiny_llama):
         assert torch.equal(body.positions, whole.positions[rows])
     with pytest.raises(ValueError, match="not entirely unquantized"):
         quantize(cache, 4, full_rows=2).layers[0].drop_prefix(prefix)
+
+
+def test_adding_the_prefix_back_restores_the_layer(tiny_llama):
+    cache = kvzip_rag.compress(tiny_llama, LONG_TEXT, ratio=0.4)
+    quantized = quantize(cache, 8, full_precision=2)
+    prefix = cache.info.prefix_length
+    for layer in quantized.layers:
+        full, _ = layer.split()
+        rows = torch.cat([torch.arange(a, a + prefix) for a in torch.cumsum(full, 0).sub(full).tolist()])
+        joined = layer.drop_prefix(prefix).add_prefix(layer.full_keys[rows], layer.full_values[rows], prefix)
+        for name in ("offsets", "positions", "scores", "full_keys", "full_values", "key_codes", "key_scale"):
+            assert torch.equal(getattr(joined, name), getattr(layer, name)), name
+        assert joined.full_rows == layer.full_rows
