@@ -29,8 +29,8 @@ from .cache import CacheInfo, PackedCache, PackedLayer, ratio_keep
 from .errors import InvalidArgumentError
 
 KV_BITS = (16, 8, 4)  # 16: not quantized (the cache dtype as computed, float32 or bfloat16/float16)
-DEFAULT_KEY_GROUP = 32  # entries per key scale group (measured: see BENCHMARKS.md, "Quantized caches")
-DEFAULT_VALUE_GROUP = 32  # channels per value scale group
+DEFAULT_KEY_GROUP = 16  # entries per key scale group (measured: see BENCHMARKS.md, "Quantized caches")
+DEFAULT_VALUE_GROUP = 64  # channels per value scale group (the whole head for head_dim 64)
 DEFAULT_FULL_PRECISION = 0  # important entries per head kept unquantized beyond the prefix (measured: no gain)
 SCALE_DTYPE = torch.float16
 
