@@ -134,3 +134,58 @@ def test_quantizing_after_compress_is_what_gets_stored(caches, tmp_path):
     assert_same_cache(restored, read_cache(tmp_path / "q.safetensors"))
     backend = LocalBlobs(tmp_path)
     assert BlobReader(backend, "q.safetensors").metadata["kv_bits"] == "8"
+
+
+def test_store_keeps_quantized_caches_and_reports_bits(smol_tokenizer, tmp_path):
+    from kvzip_rag.store import CacheStore
+
+    model = build_tiny("llama", smol_tokenizer)
+    expected = kvzip_rag.compress(model, TEXT, ratio=0.5, kv_bits=4)
+    with CacheStore(tmp_path / "store") as store:
+        record = store.add_document(model, TEXT, doc_id="doc", ratio=0.5, kv_bits=4)
+        (cache_record,) = record.caches
+        assert cache_record.kv_bits == 4
+        assert cache_record.kv_nbytes < 0.5 * store.add_document(model, TEXT + " More.", doc_id="plain",
+                                                                  ratio=0.5).caches[0].kv_nbytes
+        assert cache_record.kept_fraction < 0.2  # 4 bits at ratio 0.5, prefix shared (tiny model, head_dim 16)
+        loaded = store.load_cache("doc", model)
+        assert loaded.info.kv_bits == 4
+        for a, b in zip(expected.layers, loaded.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        low = store.load_cache("doc", model, ratio=0.2)
+        for a, b in zip(expected.at_ratio(0.2).layers, low.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert store.verify().ok
+        # the same ratio/level/scorer with other bits replaces the cache (one per kind and segment)
+        again = store.add_document(model, TEXT, doc_id="doc", ratio=0.5, kv_bits=8)
+        assert [c.kv_bits for c in again.caches] == [8]
+        assert store.load_cache("doc", model).info.kv_bits == 8
+        assert store.add_document(model, TEXT, doc_id="doc", ratio=0.5, kv_bits=8).caches == again.caches  # no-op
+
+
+def test_a_store_from_before_kv_bits_gets_the_column(smol_tokenizer, tmp_path):
+    import sqlite3
+
+    from kvzip_rag.store import CacheStore
+
+    model = build_tiny("llama", smol_tokenizer)
+    with CacheStore(tmp_path / "store") as store:
+        store.add_document(model, TEXT, doc_id="doc", ratio=0.5)
+    connection = sqlite3.connect(tmp_path / "store" / "index.sqlite")
+    connection.execute("ALTER TABLE caches DROP COLUMN kv_bits")
+    connection.commit()
+    connection.close()
+    with CacheStore(tmp_path / "store") as store:
+        assert [c.kv_bits for c in store.get_document("doc").caches] == [16]
+        assert store.load_cache("doc", model).info.kv_bits == 16
+
+
+def test_unknown_kv_bits_are_refused_by_the_store(smol_tokenizer, tmp_path):
+    from kvzip_rag.errors import InvalidArgumentError
+    from kvzip_rag.store import CacheStore
+
+    model = build_tiny("llama", smol_tokenizer)
+    with CacheStore(tmp_path / "store") as store:
+        with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4"):
+            store.add_document(model, TEXT, doc_id="doc", kv_bits=3)
+        assert len(store) == 0
