@@ -141,7 +141,9 @@ def quantize_keys(x: torch.Tensor, counts: torch.Tensor, spec: QuantSpec):
 
 def dequantize_keys(codes, scale, minimum, counts: torch.Tensor, spec: QuantSpec, head_dim: int) -> torch.Tensor:
     group_of_row = key_group_index(counts, spec.key_group).to(codes.device)
-    return _decode(codes, spec, head_dim) * scale[group_of_row].float() + minimum[group_of_row].float()
+    rows_scale = scale.float().index_select(0, group_of_row)
+    rows_min = minimum.float().index_select(0, group_of_row)
+    return torch.addcmul(rows_min, _decode(codes, spec, head_dim), rows_scale)
 
 
 def quantize_values(x: torch.Tensor, spec: QuantSpec):
@@ -160,7 +162,7 @@ def dequantize_values(codes, scale, minimum, spec: QuantSpec, head_dim: int) -> 
     rows = codes.shape[0]
     group = spec.value_group_for(head_dim)
     x = _decode(codes, spec, head_dim).reshape(rows, head_dim // group, group)
-    return (x * scale[..., None].float() + minimum[..., None].float()).reshape(rows, head_dim)
+    return torch.addcmul(minimum.float()[..., None], x, scale.float()[..., None]).reshape(rows, head_dim)
 
 
 def group_counts(counts: torch.Tensor, key_group: int) -> torch.Tensor:
@@ -263,19 +265,22 @@ class QuantizedLayer:
         """The packed layer, every row in the cache dtype, in one vectorised pass."""
         full, quantized = self.split()
         device = torch.device(device) if device is not None else self.full_keys.device
-        total = int(self.counts.sum())
-        keys = torch.empty(total, self.head_dim, dtype=self.dtype, device=device)
-        values = torch.empty_like(keys)
-        full_index = _row_index(self.offsets, torch.zeros_like(full), full).to(device)
-        code_index = _row_index(self.offsets, full, quantized).to(device)
-        keys[full_index] = self.full_keys.to(device, self.dtype)
-        values[full_index] = self.full_values.to(device, self.dtype)
         k = dequantize_keys(self.key_codes.to(device), self.key_scale.to(device), self.key_min.to(device), quantized,
-                            self.spec, self.head_dim)
+                            self.spec, self.head_dim).to(self.dtype)
         v = dequantize_values(self.value_codes.to(device), self.value_scale.to(device), self.value_min.to(device),
-                              self.spec, self.head_dim)
-        keys[code_index] = k.to(self.dtype)
-        values[code_index] = v.to(self.dtype)
+                              self.spec, self.head_dim).to(self.dtype)
+        if int(full.sum()) == 0:  # nothing unquantized (a store's document body): already in row order
+            keys, values = k, v
+        else:
+            total = int(self.counts.sum())
+            keys = torch.empty(total, self.head_dim, dtype=self.dtype, device=device)
+            values = torch.empty_like(keys)
+            full_index = _row_index(self.offsets, torch.zeros_like(full), full).to(device)
+            code_index = _row_index(self.offsets, full, quantized).to(device)
+            keys.index_copy_(0, full_index, self.full_keys.to(device, self.dtype))
+            values.index_copy_(0, full_index, self.full_values.to(device, self.dtype))
+            keys.index_copy_(0, code_index, k)
+            values.index_copy_(0, code_index, v)
         return PackedLayer(keys, values, self.offsets, self.positions, self.scores, self.base_length, self.compressed,
                            self.sliding_window)
 
