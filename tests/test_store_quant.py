@@ -13,6 +13,7 @@ from kvzip_rag.store.blob import BlobReader, LocalBlobs, ReadStats, encode_blob,
 from kvzip_rag.store.cachefile import encode_document, read_cache, read_cache_header, verify_cache, write_cache
 
 from conftest import build_tiny
+from test_cli import cli, docs, tiny_model_dir  # noqa: F401 (fixtures)
 from test_store_blob import TEXT, assert_same_cache
 
 
@@ -189,3 +190,16 @@ def test_unknown_kv_bits_are_refused_by_the_store(smol_tokenizer, tmp_path):
         with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4"):
             store.add_document(model, TEXT, doc_id="doc", kv_bits=3)
         assert len(store) == 0
+
+
+def test_cli_index_kv_bits_and_ls(cli, docs):
+    result = cli("index", str(docs / "harbour.txt"), "--kv-bits", "4")
+    assert result.exit_code == 0, result.output
+    listing = cli("ls")
+    assert listing.exit_code == 0 and "bits" in listing.stdout
+    row = next(line for line in listing.stdout.splitlines() if "harbour.txt" in line)
+    assert "0.3 pair" in row and " 4 " in row
+    answer = cli("ask", "Who built the harbour of Velmora?", "--max-tokens", "4", "--ratio", "0.2")
+    assert answer.exit_code == 0, answer.output
+    refused = cli("index", str(docs / "harbour.txt"), "--kv-bits", "3")
+    assert refused.exit_code != 0 and "--kv-bits takes 16, 8 or 4" in refused.output
