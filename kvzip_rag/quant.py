@@ -72,8 +72,10 @@ class QuantSpec:
         return head_dim if self.bits == 8 else (head_dim + 1) // 2
 
     def value_group_for(self, head_dim: int) -> int:
-        """The value group actually used: ``value_group`` when it divides ``head_dim``, else the whole head_dim."""
-        return self.value_group if head_dim % self.value_group == 0 else head_dim
+        """The value group actually used: ``value_group`` when it divides ``head_dim`` (and is even at 4 bits, so
+        nibble pairs never straddle groups), else the whole head_dim."""
+        fits = head_dim % self.value_group == 0 and (self.bits == 8 or self.value_group % 2 == 0)
+        return self.value_group if fits else head_dim
 
 
 # --------------------------------------------------------------------------------------------- tensor kernels
@@ -115,7 +117,7 @@ def _encode(x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, spec: Q
 def _decode(codes: torch.Tensor, spec: QuantSpec, head_dim: int) -> torch.Tensor:
     """float32 code values (rows, head_dim) from stored codes."""
     if spec.bits == 4:
-        codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1)[:, :head_dim]
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], 2 * codes.shape[1])[:, :head_dim]
     return codes.float()
 
 
@@ -154,7 +156,8 @@ def quantize_values(x: torch.Tensor, spec: QuantSpec):
     xf = x.float().reshape(rows, dim // group, group)
     scale, minimum = affine_params(xf.amin(-1), xf.amax(-1), spec.levels) if rows else (
         xf.new_zeros(0, dim // group, dtype=SCALE_DTYPE), xf.new_zeros(0, dim // group, dtype=SCALE_DTYPE))
-    codes = _encode(xf, scale[..., None], minimum[..., None], spec).reshape(rows, -1)
+    codes = _encode(xf, scale[..., None], minimum[..., None], spec)
+    codes = codes.reshape(rows, codes.shape[1] * codes.shape[2])
     return codes, scale, minimum
 
 

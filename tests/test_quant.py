@@ -224,3 +224,18 @@ def test_adding_the_prefix_back_restores_the_layer(tiny_llama):
         for name in ("offsets", "positions", "scores", "full_keys", "full_values", "key_codes", "key_scale"):
             assert torch.equal(getattr(joined, name), getattr(layer, name)), name
         assert joined.full_rows == layer.full_rows
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_layers_with_nothing_to_quantize(bits, tiny_llama):
+    """A layer whose heads keep only the (unquantized) prefix: empty codes and scales, still a valid layer."""
+    cache = kvzip_rag.compress(tiny_llama, LONG_TEXT, ratio=0.5)
+    keep = {i: torch.full((layer.num_heads,), cache.info.prefix_length) for i, layer in enumerate(cache.layers)}
+    keep[1] = keep[1] + 5
+    layers = [layer.truncated(keep[i]) for i, layer in enumerate(cache.layers)]
+    bare = kvzip_rag.PackedCache(layers, cache.info)
+    quantized = quantize(bare, bits)
+    assert quantized.layers[0].key_codes.shape[0] == 0
+    restored = quantized.dequantize()
+    assert torch.equal(restored.layers[0].keys, bare.layers[0].keys)
+    assert quantized.at_ratio(0.01).dequantize().layers[0].keys.shape == bare.layers[0].keys.shape
