@@ -631,7 +631,9 @@ class CacheStore:
             if prefix_row is None:
                 raise CorruptBlobError(f"{label}: its shared template prefix is not in the store; run verify()")
             prefix = self._load_prefix(prefix_row, "cpu")
-        return read_document(reader, ratio=ratio, level=level, prefix=prefix)
+        cache = read_document(reader, ratio=ratio, level=level, prefix=prefix)
+        cache.quantized = None  # the memory cache holds the dequantized form only (faster first token on a hit)
+        return cache
 
     def _misplaced(self, reader: BlobReader, record: CacheRecord, label: str) -> str:
         """A valid blob under the wrong row: say whose it is, when the store knows."""
