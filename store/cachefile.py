@@ -34,7 +34,6 @@ from kvzip_rag.cache import (
     split_prefix,
 )
 from kvzip_rag.errors import CorruptBlobError, InvalidArgumentError, ModelMismatchError
-
 from kvzip_rag.quant import QuantizedCache, QuantizedLayer
 
 from .blob import BlobReader, EncodedBlob, ReadStats, atomic_write, encode_blob, local_reader
