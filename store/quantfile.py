@@ -1,12 +1,14 @@
 """Quantized document caches (``kv_bits`` 8 or 4) inside a document blob: tensor names, row groups, header fields,
 and reading back only the rows a ratio keeps.
 
-Per layer ``l`` of the document's own entries (the shared template prefix is stored apart, unquantized)::
+Per layer ``l`` of the document's own entries (the shared template prefix is stored apart, unquantized), three
+tensors, so a load makes as few range reads as an unquantized blob's ``k``/``v``::
 
-    fk.{l}, fv.{l}   unquantized leading rows of each head (the ``full_precision`` most important entries)
-    qk.{l}, qv.{l}   uint8 codes of the other entries (4 bits: two per byte)
-    ks.{l}, km.{l}   fp16 key scale / min, one row per group of ``key_group`` consecutive entries of a head
-    vs.{l}, vm.{l}   fp16 value scale / min, one row per quantized entry
+    f.{l}   (rows, 2, head_dim) cache dtype: keys and values of each head's unquantized leading entries
+            (the ``full_precision`` most important ones)
+    q.{l}   (rows, bytes) uint8, one row per quantized entry: key codes | value codes | value scales | value mins
+            (codes: 4 bits two per byte; scales and mins: fp16 bytes)
+    g.{l}   (groups, 2, head_dim) fp16: key scale and min of each group of ``key_group`` consecutive entries
 
 Every tensor is row-grouped by head, so the blob's block checksums cover codes and scales alike and a lower ratio
 reads the first rows of each head's group of every tensor (``kvzip_rag.quant`` keeps groups prefix-aligned).
@@ -19,29 +21,36 @@ import json
 
 import torch
 
-from kvzip_rag.quant import KV_BITS, QuantizedLayer, QuantSpec, group_counts, split_counts
+from kvzip_rag.quant import KV_BITS, SCALE_DTYPE, QuantizedLayer, QuantSpec, group_counts, split_counts
 
 from .blob import BlobReader
 
-TENSORS = ("fk", "fv", "qk", "qv", "ks", "km", "vs", "vm")
+TENSORS = ("f", "q", "g")
 
 
 def _offsets(counts: torch.Tensor) -> list[int]:
     return [0, *(int(x) for x in counts.cumsum(0).tolist())]
 
 
+def _row_groups(layer_counts: torch.Tensor, full_rows: int, key_group: int) -> dict[str, list[int]]:
+    full, quantized = split_counts(layer_counts, full_rows)
+    return {"f": _offsets(full), "q": _offsets(quantized), "g": _offsets(group_counts(quantized, key_group))}
+
+
+def _fp16_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(torch.uint8)
+
+
 def quantized_tensors(index: int, layer: QuantizedLayer) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     """The tensors and row groups of one quantized layer (its positions, scores and offsets excluded)."""
-    full, quantized = layer.split()
-    rows = {"f": _offsets(full), "q": _offsets(quantized), "g": _offsets(group_counts(quantized, layer.spec.key_group))}
+    rows = _row_groups(layer.counts, layer.full_rows, layer.spec.key_group)
     tensors = {
-        f"fk.{index}": layer.full_keys, f"fv.{index}": layer.full_values,
-        f"qk.{index}": layer.key_codes, f"qv.{index}": layer.value_codes,
-        f"ks.{index}": layer.key_scale, f"km.{index}": layer.key_min,
-        f"vs.{index}": layer.value_scale, f"vm.{index}": layer.value_min,
+        f"f.{index}": torch.stack([layer.full_keys, layer.full_values], dim=1),
+        f"q.{index}": torch.cat([layer.key_codes, layer.value_codes, _fp16_bytes(layer.value_scale),
+                                 _fp16_bytes(layer.value_min)], dim=1),
+        f"g.{index}": torch.stack([layer.key_scale, layer.key_min], dim=1),
     }
-    groups = {name: rows["f" if name[0] == "f" else "g" if name[0] == "k" else "q"] for name in tensors}
-    return tensors, groups
+    return tensors, {name: rows[name.split(".")[0]] for name in tensors}
 
 
 def quant_metadata(layers: list[QuantizedLayer]) -> dict[str, str]:
@@ -83,28 +92,31 @@ def read_layer(
 ) -> QuantizedLayer:
     """The first ``keep[h]`` entries of every head of quantized layer ``index``. Only the rows and key groups those
     entries need are read; each block read is checked, and the shapes and scales too."""
-    counts = offsets[1:] - offsets[:-1]
-    full, quantized = split_counts(counts, full_rows)
-    expected = {"f": _offsets(full), "q": _offsets(quantized), "g": _offsets(group_counts(quantized, spec.key_group))}
+    expected = _row_groups(offsets[1:] - offsets[:-1], full_rows, spec.key_group)
     for name in TENSORS:
-        if reader.groups.get(f"{name}.{index}") != expected["f" if name[0] == "f" else "g" if name[0] == "k" else "q"]:
+        if reader.groups.get(f"{name}.{index}") != expected[name]:
             raise reader.fail(f"row groups of {name}.{index} do not match the head offsets")
     keep_full, keep_q = split_counts(keep, full_rows)
-    full_keep, q_keep = keep_full.tolist(), keep_q.tolist()
-    group_keep = group_counts(keep_q, spec.key_group).tolist()
+    full = reader.rows(f"f.{index}", keep_full.tolist())
+    entries = reader.rows(f"q.{index}", keep_q.tolist())
+    groups = reader.rows(f"g.{index}", group_counts(keep_q, spec.key_group).tolist())
+    width = spec.code_width(head_dim)
+    value_groups = head_dim // spec.value_group_for(head_dim)
+    if full.dim() != 3 or full.shape[1:] != (2, head_dim) or entries.dim() != 2 \
+            or entries.shape[1] != 2 * width + 4 * value_groups or groups.dim() != 3 or groups.shape[1:] != (2, head_dim) \
+            or groups.dtype != SCALE_DTYPE or full.dtype != dtype or entries.dtype != torch.uint8:
+        raise reader.fail(f"quantized tensors of layer {index} do not match the header")
+    fp16 = lambda a, z: entries[:, a:z].contiguous().view(SCALE_DTYPE)  # noqa: E731
     new_offsets = torch.zeros_like(offsets)
     new_offsets[1:] = keep.cumsum(0)
     layer = QuantizedLayer(
         spec=spec, full_rows=full_rows, dtype=dtype, head_dim=head_dim, offsets=new_offsets,
-        positions=positions, scores=scores,
-        full_keys=reader.rows(f"fk.{index}", full_keep), full_values=reader.rows(f"fv.{index}", full_keep),
-        key_codes=reader.rows(f"qk.{index}", q_keep), value_codes=reader.rows(f"qv.{index}", q_keep),
-        key_scale=reader.rows(f"ks.{index}", group_keep), key_min=reader.rows(f"km.{index}", group_keep),
-        value_scale=reader.rows(f"vs.{index}", q_keep), value_min=reader.rows(f"vm.{index}", q_keep),
+        positions=positions, scores=scores, full_keys=full[:, 0], full_values=full[:, 1],
+        key_codes=entries[:, :width], value_codes=entries[:, width : 2 * width],
+        value_scale=fp16(2 * width, 2 * width + 2 * value_groups), value_min=fp16(2 * width + 2 * value_groups, None),
+        key_scale=groups[:, 0], key_min=groups[:, 1],
         base_length=base_length, compressed=compressed, sliding_window=sliding_window,
     )
-    if layer.full_keys.dtype != dtype:
-        raise reader.fail(f"unquantized rows of layer {index} are not {dtype}")
     try:
         layer.check()
     except ValueError as error:
