@@ -2,10 +2,11 @@
 
 One registered function, ``"kvzip"``, serves every forward pass of a loaded model:
 
-- with ``kvzip_cache=<PackedCache>`` in the forward kwargs it attends over the packed layout, where every kv head
+- with a ``PackedCache`` as the model's cache (its ``update`` hands the attention ``PackedStates``, tagged with the
+  layer; ``kvzip_cache=<PackedCache>`` is still accepted) it attends over the packed layout, where every kv head
   is its own variable-length sequence (pure PyTorch on CPU, ``flash_attn_varlen_func`` on CUDA when installed);
-- with ``kvzip_observer=<callable>`` it also hands the post-RoPE queries and keys to the observer (scorers),
-  with the log-sum-exp of each key range when the split path below computed them;
+- with ``kvzip_observer=<AttentionObserver>`` it also hands the post-RoPE queries and keys to the observer
+  (scorers), with the log-sum-exp of each of the observer's key ranges when the split path below computed them;
 - with ``kvzip_prefill=True`` (our own batch-1, unpadded prefill and scoring passes) on CPU it splits attention into
   "all past keys" and "causal among the new tokens" and merges the two by log-sum-exp, which keeps PyTorch's
   fused flash kernel instead of the masked math path that materialises the (queries x keys) matrix;
@@ -15,15 +16,34 @@ One registered function, ``"kvzip"``, serves every forward pass of a loaded mode
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
 
+from .cache import PackedStates
+
 if TYPE_CHECKING:
     from .cache import PackedLayer
 
 ATTENTION_NAME = "kvzip"
+
+
+class AttentionObserver(ABC):
+    """What a scorer hands the attention (``kvzip_observer=``): called in every layer of the pass it observes."""
+
+    #: Past-key positions where the attention splits its softmax normalisers (CPU prefill path), so ``observe``
+    #: receives the log-sum-exp of each range between cuts and can renormalise over a subset for free.
+    key_cuts: tuple[int, ...] = ()
+
+    @abstractmethod
+    def observe(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+        lse_parts: dict[tuple[int, int], torch.Tensor] | None,
+    ) -> None:
+        """Post-RoPE ``query`` (1, H, L, d) and ``key`` (1, Hkv, S, d) of one layer; ``lse_parts`` maps key ranges
+        ``(start, end)`` to their log-sum-exp (1, H, L), or is None where the attention did not split."""
 
 
 def register_attention() -> None:
@@ -44,26 +64,26 @@ def kvzip_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     kvzip_cache=None,
-    kvzip_observer=None,
+    kvzip_observer: AttentionObserver | None = None,
     kvzip_prefill: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if kvzip_cache is not None:
+    if isinstance(key, PackedStates) or kvzip_cache is not None:
         if kwargs.get("softcap") is not None:
             raise NotImplementedError("attention logit soft-capping is not supported by the packed cache")
-        layer = kvzip_cache.layers[module.layer_idx]
+        layer = key.layer if isinstance(key, PackedStates) else kvzip_cache.layers[module.layer_idx]
         return packed_attention(query, layer, scaling), None
     if kvzip_prefill and query.device.type == "cpu" and not getattr(module, "sliding_window", None):
-        cuts = getattr(kvzip_observer, "key_cuts", ())
+        cuts = kvzip_observer.key_cuts if kvzip_observer is not None else ()
         out, lse_parts = causal_attention_with_past(query, key, value, scaling, cuts)
         if kvzip_observer is not None:
-            kvzip_observer(module, query, key, lse_parts)
+            kvzip_observer.observe(module, query, key, lse_parts)
         return out.transpose(1, 2), None
     if kvzip_observer is not None:
-        kvzip_observer(module, query, key, None)
+        kvzip_observer.observe(module, query, key, None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -135,82 +155,63 @@ def packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) 
     ``T - L + i`` and sees tail entries up to it; every packed entry precedes all queries in position.
     """
     if use_flash(query):
-        return _flash_packed_attention(query, layer, scaling)
+        return flash_packed_attention(query, layer, scaling)
     return torch_packed_attention(query, layer, scaling)
 
 
-def _query_positions(layer: "PackedLayer", length: int, device) -> torch.Tensor:
-    tail = layer.tail_length
-    return torch.arange(layer.base_length + tail - length, layer.base_length + tail, device=device)
-
-
 def torch_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
-    """Reference path: per kv head, one softmax over [its packed keys, the tail], no padding to a common length.
+    """CPU path: all heads at once over the layer's buffer as it is, no per-head loop and no copy.
 
-    Heads with equal budgets (ratio 1.0, uniform level, sliding layers) are computed as one batch; otherwise
-    head by head over each head's contiguous slice.
+    Every query head scores every buffer row in one GEMM and a mask keeps, per query, the rows of its own kv head
+    that precede it (positions; reserved rows sit at ``NO_POSITION``) and fall inside a sliding window; a decoding
+    step uses the mask the layer maintains (``RowMeta.decode_bias``), added inside the GEMM. Decoding is bound by
+    reading the keys and values once, which this does; scoring other heads' rows is the price of having no loop.
+    Measured fastest of the options tried (per-head loop, per-head fused kernel on views, padded batch, nested
+    tensors): see BENCHMARKS.md.
     """
     _, num_q_heads, length, head_dim = query.shape
-    num_kv = layer.num_heads
-    group = num_q_heads // num_kv
-    q = query[0].reshape(num_kv, group * length, head_dim)
-    tail_k, tail_v = layer.tail_keys[0], layer.tail_values[0]  # (Hkv, T, d)
-    tail = tail_k.shape[1]
-    q_pos = _query_positions(layer, length, query.device)
-    tail_pos = torch.arange(layer.base_length, layer.base_length + tail, device=query.device)
-    visible_tail = tail_pos[None, :] <= q_pos[:, None]  # (L, T)
-    window = layer.sliding_window
-    if window:
-        visible_tail &= tail_pos[None, :] > q_pos[:, None] - window
-    visible_tail = visible_tail.repeat(group, 1)  # rows ordered (group, L) like q
-
-    def attend(heads: slice, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Heads ``heads`` attending over their packed (h, c, d) entries and the tail."""
-        qh = q[heads]
-        packed_logits = (qh @ keys.transpose(1, 2)) * scaling
-        if window:
-            visible = (positions.to(query.device)[:, None, :] > q_pos[None, :, None] - window).repeat(1, group, 1)
-            packed_logits = packed_logits.masked_fill(~visible, float("-inf"))
-        tail_logits = ((qh @ tail_k[heads].transpose(1, 2)) * scaling).masked_fill(~visible_tail, float("-inf"))
-        weights = torch.softmax(torch.cat([packed_logits, tail_logits], dim=-1).float(), dim=-1).to(values.dtype)
-        count = keys.shape[1]
-        return weights[..., :count] @ values + weights[..., count:] @ tail_v[heads]
-
-    if layer.equal_count is not None:
-        shape = (num_kv, layer.equal_count, head_dim)
-        out = attend(slice(None), layer.keys.view(shape), layer.values.view(shape),
-                     layer.positions.view(num_kv, layer.equal_count))
+    meta = layer.row_meta(num_q_heads)
+    q = query[0].reshape(num_q_heads * length, head_dim)
+    if length == 1 and not layer.sliding_window:  # decoding: the maintained mask, fused into the GEMM
+        logits = torch.addmm(meta.decode_bias, q, layer.buffer_keys.T, alpha=scaling)
     else:
-        out = query.new_empty(num_kv, group * length, head_dim)
-        offsets = layer.offsets.tolist()
-        for head in range(num_kv):
-            start, end = offsets[head], offsets[head + 1]
-            out[head] = attend(slice(head, head + 1), layer.keys[None, start:end], layer.values[None, start:end],
-                               layer.positions[None, start:end])[0]
+        group = num_q_heads // layer.num_heads
+        end = layer.base_length + layer.tail_length
+        query_heads = torch.arange(num_q_heads, device=query.device).repeat_interleave(length) // group
+        query_positions = torch.arange(end - length, end, device=query.device).repeat(num_q_heads)
+        visible = (meta.heads[None, :] == query_heads[:, None]) & (meta.positions[None, :] <= query_positions[:, None])
+        if layer.sliding_window:
+            visible &= meta.positions[None, :] > query_positions[:, None] - layer.sliding_window
+        logits = torch.mm(q, layer.buffer_keys.T).mul_(scaling).masked_fill_(~visible, float("-inf"))
+    weights = torch.softmax(logits.float(), dim=-1).to(layer.buffer_values.dtype)
+    out = torch.mm(weights, layer.buffer_values)  # (H * L, d)
     return out.reshape(num_q_heads, length, head_dim).transpose(0, 1).unsqueeze(0)
 
 
-def _flash_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
-    """CUDA path: each kv head is one sequence of a varlen batch (its group of query heads attends to it)."""
+def varlen_arguments(layer: "PackedLayer", length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``cu_seqlens_q``, ``cu_seqlens_k`` and ``max_seqlen_k`` that make ``flash_attn_varlen_func`` read the
+    layer's buffer in place: each kv head's live rows are one sequence (its ``length`` queries), and the unused
+    rows reserved between two heads form an empty-query sequence that nothing attends to."""
+    starts, counts = layer.device_layout()  # already on the device: building these copies nothing from the host
+    cu_k = torch.stack([starts, starts + counts + layer.tail_length], dim=1).flatten().to(torch.int32)
+    cu_q = (torch.arange(2 * layer.num_heads, dtype=torch.int32, device=starts.device) + 1) // 2 * length
+    # over every sequence, the reserved ones included (host-side counts: no device sync)
+    longest = max(int(layer.live_lengths.max()), layer.room - layer.tail_length)
+    return cu_q, cu_k, longest
+
+
+def flash_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
+    """CUDA path: one ``flash_attn_varlen_func`` call over the buffer as it is (kv heads as the batch, each
+    with its group of query heads); see ``varlen_arguments``."""
     flash_attn_varlen_func = _flash_varlen()
     _, num_q_heads, length, head_dim = query.shape
     num_kv = layer.num_heads
     group = num_q_heads // num_kv
     q = query[0].reshape(num_kv, group, length, head_dim).permute(0, 2, 1, 3).reshape(num_kv * length, group, head_dim)
-    offsets = layer.offsets.tolist()
-    keys, values, lengths = [], [], []
-    for head in range(num_kv):
-        start, end = offsets[head], offsets[head + 1]
-        keys += [layer.keys[start:end], layer.tail_keys[0, head]]
-        values += [layer.values[start:end], layer.tail_values[0, head]]
-        lengths.append(end - start + layer.tail_length)
-    k = torch.cat(keys).unsqueeze(1)
-    v = torch.cat(values).unsqueeze(1)
-    cu_k = torch.zeros(num_kv + 1, dtype=torch.int32, device=query.device)
-    cu_k[1:] = torch.tensor(lengths, device=query.device).cumsum(0)
-    cu_q = torch.arange(0, (num_kv + 1) * length, length, dtype=torch.int32, device=query.device)
+    cu_q, cu_k, max_k = varlen_arguments(layer, length)
     window = (layer.sliding_window - 1, 0) if layer.sliding_window else (-1, -1)
     out = flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, length, max(lengths), softmax_scale=scaling, causal=True, window_size=window
+        q, layer.buffer_keys.unsqueeze(1), layer.buffer_values.unsqueeze(1), cu_q, cu_k, length, max_k,
+        softmax_scale=scaling, causal=True, window_size=window,
     )
     return out.reshape(num_kv, length, group, head_dim).permute(1, 0, 2, 3).reshape(length, num_q_heads, head_dim)[None]

@@ -4,7 +4,8 @@ Per layer, the kept entries of all kv heads live in one flat ``(N, head_dim)`` a
 head after head; ``offsets`` (``num_heads + 1``) delimit the heads. Inside a head, entries are ordered by
 descending importance (the never-evicted prefix first), with their original positions and scores beside them, so
 a prefix of each head's slice is exactly the cache at a lower ratio. Tokens appended later (questions, answers)
-go to a dense per-head *tail* that ``reset()`` drops, bringing the cache back to the compressed document.
+go to a per-head *tail* written in reserved rows right after that head's entries (see ``PackedLayer``), which
+``reset()`` forgets, bringing the cache back to the compressed document.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .budget import allocate_budgets
-from .errors import ModelMismatchError
+from .errors import ModelMismatchError, PackedAttentionRequiredError
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,18 @@ class CacheInfo:
 
 
 class PackedLayer(CacheLayerMixin):
-    """One layer of a packed cache (see the module docstring for the layout)."""
+    """One layer of a packed cache (see the module docstring for the layout).
+
+    Storage grows in place: one flat buffer per layer holds, for every kv head, its packed entries followed by
+    ``room`` reserved rows where that head's tail is written. Head ``h``'s live rows are therefore one contiguous
+    range ``[start_h, start_h + count_h + tail)``, which both attention paths read as they are (no per-token copy).
+    When the tail outgrows the room the buffer is rebuilt with geometrically more room (amortised O(1) appends);
+    ``reset()`` only forgets the tail.
+    """
 
     is_sliding = False
     is_croppable = True
+    MIN_ROOM = 32  # tail rows reserved per head at the first append: a question fits without a regrowth
 
     def __init__(
         self,
@@ -71,81 +80,259 @@ class PackedLayer(CacheLayerMixin):
         compressed: bool,
         sliding_window: int | None = None,
     ):
-        super().__init__()
-        self.keys, self.values = keys, values
+        # CacheLayerMixin.__init__ would assign keys/values = None; this layer is built complete instead.
+        self.is_initialized = True
         self.offsets = offsets.to(torch.int64).cpu()
         self.positions, self.scores = positions, scores
         self.base_length = base_length
         self.compressed = compressed
         self.sliding_window = sliding_window
         self.num_heads = len(self.offsets) - 1
-        counts = self.counts
-        self.equal_count = int(counts[0]) if bool((counts == counts[0]).all()) else None  # lets heads batch
-        self.is_initialized = True
-        self.tail_keys = keys.new_zeros(1, self.num_heads, 0, keys.shape[-1])
-        self.tail_values = values.new_zeros(1, self.num_heads, 0, values.shape[-1])
+        self._set_document(keys, values)
+
+    def _set_document(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Adopt the packed document entries as the buffer itself (no copy, no room, empty tail)."""
+        self.buffer_keys, self.buffer_values = keys, values
+        self.room = 0
+        self._tail = 0
+        self._forget_derived()
+
+    def _forget_derived(self) -> None:
+        """Drop what is derived from the buffer's shape or device (rebuilt on first use)."""
+        self._row_meta: RowMeta | None = None
+        self._device_layout: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: a packed layer is built complete."""
 
-    @property
-    def tail_length(self) -> int:
-        return self.tail_keys.shape[2]
-
+    # -- layout ------------------------------------------------------------------------------------------------
     @property
     def counts(self) -> torch.Tensor:
         """Entries per kv head (prefix included)."""
         return self.offsets[1:] - self.offsets[:-1]
 
+    @property
+    def starts(self) -> torch.Tensor:
+        """First buffer row of each head's region (cpu int64); regions are ``count_h + room`` rows long."""
+        return self.offsets[:-1] + torch.arange(self.num_heads) * self.room
+
+    @property
+    def tail_length(self) -> int:
+        return self._tail
+
+    @property
+    def live_lengths(self) -> torch.Tensor:
+        """Rows each head attends to now: its packed entries plus the tail (cpu int64)."""
+        return self.counts + self._tail
+
+    def _rows(self, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Buffer rows ``[starts[h], starts[h] + lengths[h])`` of every head, concatenated (cpu int64)."""
+        return torch.repeat_interleave(starts - torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]]), lengths) \
+            + torch.arange(int(lengths.sum()))
+
+    def _document_rows(self) -> torch.Tensor:
+        return self._rows(self.starts, self.counts)
+
+    def device_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``starts`` and ``counts`` on the buffer's device (int64), so no step copies them from the host."""
+        if self._device_layout is None:
+            device = self.buffer_keys.device
+            self._device_layout = (self.starts.to(device), self.counts.to(device))
+        return self._device_layout
+
+    # -- document entries (what is stored; no tail) ----------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor:
+        """The packed document keys ``(N, head_dim)``, head after head (a view when no tail room is reserved)."""
+        if self.room == 0:
+            return self.buffer_keys
+        return self.buffer_keys[self._document_rows().to(self.buffer_keys.device)]
+
+    @keys.setter
+    def keys(self, keys: torch.Tensor) -> None:
+        """Replace the document keys (same rows: a dtype or device change); drops the tail."""
+        self._set_document(keys, self.values)
+
+    @property
+    def values(self) -> torch.Tensor:
+        if self.room == 0:
+            return self.buffer_values
+        return self.buffer_values[self._document_rows().to(self.buffer_values.device)]
+
+    @values.setter
+    def values(self, values: torch.Tensor) -> None:
+        self._set_document(self.keys, values)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the document's keys and values (the tail and its reserved room not counted)."""
+        rows = int(self.offsets[-1])
+        return rows * (self.buffer_keys[0].nbytes + self.buffer_values[0].nbytes) if rows else 0
+
+    # -- tail --------------------------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new tokens into every head's room, then hand attention a marker of this layer (see
+        ``PackedStates``): only the packed attention can use it; any other attention gets a clear error."""
         if key_states.shape[0] != 1:
             raise ValueError("the packed cache answers one sequence at a time (batch size 1)")
-        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=2)
-        self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
-        return self.tail_keys, self.tail_values
+        new = key_states.shape[2]
+        if self._tail + new > self.room:
+            self._grow(self._tail + new)
+        heads, dim = self.num_heads, key_states.shape[-1]
+        starts, counts = self.device_layout()
+        rows = (starts + counts + self._tail)[:, None] + torch.arange(new, device=starts.device)  # (heads, new)
+        device_rows = rows.flatten()
+        with torch.inference_mode():  # buffers may be inference tensors (built under inference mode)
+            self.buffer_keys.index_copy_(0, device_rows, key_states[0].reshape(heads * new, dim).to(self.buffer_keys.dtype))
+            self.buffer_values.index_copy_(
+                0, device_rows, value_states[0].reshape(heads * new, -1).to(self.buffer_values.dtype)
+            )
+            if self._row_meta is not None:
+                self._row_meta.written(rows, self.base_length + self._tail)
+        self._tail += new
+        return PackedStates.mark(key_states, self), PackedStates.mark(value_states, self)
+
+    def _grow(self, needed: int) -> None:
+        """Rebuild the buffer with room for at least ``needed`` tail rows per head (geometric growth)."""
+        room = max(needed, 2 * self.room, self.MIN_ROOM)
+        old_rows = self._rows(self.starts, self.live_lengths)
+        new_starts = self.offsets[:-1] + torch.arange(self.num_heads) * room
+        new_rows = self._rows(new_starts, self.live_lengths)
+        total = int(self.offsets[-1]) + self.num_heads * room
+        with torch.inference_mode():
+            device = self.buffer_keys.device
+            keys = self.buffer_keys.new_zeros(total, self.buffer_keys.shape[-1])
+            values = self.buffer_values.new_zeros(total, self.buffer_values.shape[-1])
+            keys.index_copy_(0, new_rows.to(device), self.buffer_keys[old_rows.to(device)])
+            values.index_copy_(0, new_rows.to(device), self.buffer_values[old_rows.to(device)])
+        self.buffer_keys, self.buffer_values, self.room = keys, values, room
+        self._forget_derived()
+
+    def row_meta(self, num_query_heads: int) -> "RowMeta":
+        """What the CPU attention needs beside the buffer (see ``RowMeta``); built once per buffer, then kept
+        current by ``update`` and ``crop``."""
+        if self._row_meta is None or self._row_meta.decode_bias.shape[0] != num_query_heads:
+            heads = torch.repeat_interleave(torch.arange(self.num_heads), self.counts + self.room)
+            positions = torch.full((len(heads),), NO_POSITION, dtype=torch.int64)
+            positions[self._document_rows()] = self.positions.to(torch.int64).cpu()
+            tail = self._rows(self.starts + self.counts, torch.full((self.num_heads,), self._tail))
+            positions[tail] = torch.arange(self.base_length, self.base_length + self._tail).repeat(self.num_heads)
+            group = num_query_heads // self.num_heads
+            visible = (heads[None, :] == torch.arange(num_query_heads)[:, None] // group) & (positions != NO_POSITION)
+            bias = torch.zeros(visible.shape, dtype=self.buffer_keys.dtype).masked_fill_(~visible, float("-inf"))
+            device = self.buffer_keys.device
+            self._row_meta = RowMeta(heads.to(device), positions.to(device), bias.to(device))
+        return self._row_meta
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Masks are built by transformers but unused by the packed attention; keep them tail-sized and cheap.
-        return self.tail_length + query_length, self.base_length
+        return self._tail + query_length, self.base_length
 
     def get_seq_length(self) -> int:
-        return self.base_length + self.tail_length
+        return self.base_length + self._tail
 
     def get_max_length(self) -> int:
         return -1
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` tail tokens (the packed document itself is never cropped)."""
-        keep = max(self.tail_length + tokens_to_remove, 0) if tokens_to_remove < 0 else tokens_to_remove
-        self.tail_keys = self.tail_keys[:, :, :keep]
-        self.tail_values = self.tail_values[:, :, :keep]
+        """Keep the first ``tokens_to_remove`` tail tokens, or drop the last ``-tokens_to_remove`` (transformers'
+        convention); the packed document itself is never cropped."""
+        keep = max(self._tail + tokens_to_remove, 0) if tokens_to_remove < 0 else min(tokens_to_remove, self._tail)
+        if self._row_meta is not None and keep < self._tail:
+            dropped = self._rows(self.starts + self.counts + keep, torch.full((self.num_heads,), self._tail - keep))
+            self._row_meta.dropped(dropped.to(self._row_meta.positions.device))
+        self._tail = keep
 
     def reset(self) -> None:
         self.crop(0)
 
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+    def tail_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The appended tokens' keys and values, ``(1, heads, tail, head_dim)`` each (a copy; for inspection)."""
+        rows = self._rows(self.starts + self.counts, torch.full((self.num_heads,), self._tail))
+        rows = rows.to(self.buffer_keys.device)
+        shape = (1, self.num_heads, self._tail, -1)
+        return self.buffer_keys[rows].reshape(shape), self.buffer_values[rows].reshape(shape)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PackedLayer":
+        """Move (or cast) the buffers in place, tail included."""
+        self.buffer_keys = self.buffer_keys.to(device=device, dtype=dtype)
+        self.buffer_values = self.buffer_values.to(device=device, dtype=dtype)
+        self._forget_derived()
+        return self
 
     def head_slices(self, keep: torch.Tensor) -> list[slice]:
-        """Slices of the first ``keep[h]`` entries of every head."""
+        """Slices of the first ``keep[h]`` document entries of every head, in ``keys``/``positions`` indexing."""
         starts = self.offsets[:-1].tolist()
         return [slice(s, s + int(k)) for s, k in zip(starts, keep.tolist())]
 
     def truncated(self, keep: torch.Tensor) -> "PackedLayer":
-        """A new layer with only the first ``keep[h]`` entries of each head."""
+        """A new layer with only the first ``keep[h]`` entries of each head (and no tail)."""
         index = torch.cat([torch.arange(s.start, s.stop) for s in self.head_slices(keep)])
         offsets = torch.zeros(self.num_heads + 1, dtype=torch.int64)
         offsets[1:] = keep.cumsum(0)
-        dev = self.keys.device
+        keys, values = self.keys, self.values
         return PackedLayer(
-            self.keys[index.to(dev)], self.values[index.to(dev)], offsets, self.positions[index], self.scores[index],
-            self.base_length, self.compressed, self.sliding_window,
+            keys[index.to(keys.device)], values[index.to(values.device)], offsets, self.positions[index],
+            self.scores[index], self.base_length, self.compressed, self.sliding_window,
+        )
+
+
+NO_POSITION = torch.iinfo(torch.int64).max  # position of a reserved, unwritten row: after every query
+
+
+@dataclass
+class RowMeta:
+    """Per buffer row: its kv head and position (``NO_POSITION`` if reserved and unwritten); and the additive mask
+    of one decoding step, ``(query heads, rows)``: 0 where a query head's own kv head has a written row, -inf
+    elsewhere. A new token sees every written row of its head, so decoding needs no other mask."""
+
+    heads: torch.Tensor
+    positions: torch.Tensor
+    decode_bias: torch.Tensor
+
+    def written(self, rows: torch.Tensor, first_position: int) -> None:
+        """Rows ``rows`` (kv heads, new) now hold the tokens at ``first_position``, ``first_position + 1``, ..."""
+        num_kv, new = rows.shape
+        with torch.inference_mode():
+            positions = torch.arange(first_position, first_position + new, device=rows.device)
+            self.positions[rows.flatten()] = positions.repeat(num_kv)
+            group = self.decode_bias.shape[0] // num_kv
+            self.decode_bias.view(num_kv, group, -1)[torch.arange(num_kv, device=rows.device)[:, None], :, rows] = 0
+
+    def dropped(self, rows: torch.Tensor) -> None:
+        with torch.inference_mode():
+            self.positions[rows] = NO_POSITION
+            self.decode_bias[:, rows] = float("-inf")
+
+
+class PackedStates(torch.Tensor):
+    """What ``PackedLayer.update`` returns: the new tokens' states, tagged with their layer.
+
+    The packed attention reads the layer from the tag. Any other attention (SDPA, eager, flash) would attend to the
+    new tokens alone and answer nonsense, so every torch operation on this tensor raises a clear error instead.
+    """
+
+    layer: "PackedLayer"
+
+    @staticmethod
+    def mark(states: torch.Tensor, layer: "PackedLayer") -> "PackedStates":
+        marked = states.as_subclass(PackedStates)
+        marked.layer = layer
+        return marked
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise PackedAttentionRequiredError(
+            "a PackedCache was used without the packed attention: load the model with kvzip_rag.load_model() or "
+            "wrap_model() (attention implementation 'kvzip'), and answer with kvzip_rag.answer() or pass "
+            "kvzip_cache=<the cache> to the model call"
         )
 
 
 class PackedCache(Cache):
-    """A compressed document cache. Pass it as ``past_key_values`` together with ``kvzip_cache=`` (see generate)."""
+    """A compressed document cache: the cache argument of a model loaded by ``load_model``/``wrap_model`` (whose
+    attention, ``"kvzip"``, reads the packed layout), e.g. ``KVzipModel.forward`` or ``model.generate``. Any other
+    attention raises ``PackedAttentionRequiredError`` rather than attend to the new tokens alone."""
 
     def __init__(self, layers: list[PackedLayer], info: CacheInfo):
         super().__init__(layers=layers)
@@ -198,8 +385,7 @@ class PackedCache(Cache):
 
     def to(self, device: torch.device | str) -> "PackedCache":
         for layer in self.layers:
-            layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
-            layer.tail_keys, layer.tail_values = layer.tail_keys.to(device), layer.tail_values.to(device)
+            layer.to(device)
         return self
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import torch
@@ -11,24 +10,11 @@ from transformers import DynamicCache
 from .budget import allocate_budgets, check_ratio_level
 from .cache import CacheInfo, PackedCache, PackedLayer
 from .errors import ContextTooLongError, EmptyDocumentError, InvalidArgumentError
-from .models import KVzipModel, cache_dir
+from .models import KVzipModel
 from .quant import check_bits, quantize
 from .scorers import SCORERS, KVzipScorer, PrefilledDocument, Scorer
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-CALIBRATION_TEXT = """\
-The lighthouse keeper of Skerry Point kept a ledger for forty-one years. Each morning he wrote the wind, the
-height of the swell, the ships he saw and the birds that came to the lamp. In the winter of 1887 a schooner named
-the Margaret Hale ran aground on the northern reef; the keeper rowed out three times and brought back eleven
-sailors, and the ledger records only "wind NE, heavy sea, eleven saved, one lost, the cook". His daughter Ellen
-took over the lamp in 1903, when the old man's eyes failed. She replaced the oil burner with a mantle lamp, which
-tripled the range of the light to twenty-two nautical miles, and she taught herself Morse code from a manual
-left by a telegraph engineer. In 1921 the light was automated and Ellen moved to the village, where she opened a
-small school for the children of fishermen. The ledgers, sixty-three volumes in all, are now kept in the county
-archive, where historians use them to study storms, shipping routes and the migration of seabirds. The entry for
-12 March 1912 is the most quoted: "Fog all day. Heard the horn of a steamer but never saw her. Gulls quiet."
-"""
 
 
 def compressed_layer_indices(model: KVzipModel) -> list[int]:
@@ -37,12 +23,13 @@ def compressed_layer_indices(model: KVzipModel) -> list[int]:
     return [i for i, kind in enumerate(layer_types) if kind != "sliding_attention"]
 
 
-def resolve_scorer(scorer: str | Scorer) -> Scorer:
-    if isinstance(scorer, Scorer):
-        return scorer
-    if scorer not in SCORERS:
-        raise InvalidArgumentError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
-    return SCORERS[scorer]()
+def resolve_scorer(scorer: str | Scorer, level: str | None = None) -> Scorer:
+    """The scorer named (or given), as it scores at ``level`` (KVzip at ``"head"`` level: ``HeadScorer``)."""
+    if not isinstance(scorer, Scorer):
+        if scorer not in SCORERS:
+            raise InvalidArgumentError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+        scorer = SCORERS[scorer]()
+    return scorer if level is None else scorer.for_level(level)
 
 
 def tokenize_document(model: KVzipModel, text: str) -> tuple[list[int], list[int]]:
@@ -69,9 +56,8 @@ def prefill(
     chunks = list(range(0, len(input_ids), chunk_size))
     with torch.inference_mode():
         for done, start in enumerate(chunks):
-            chunk = torch.tensor([input_ids[start : start + chunk_size]], device=model.device)
-            model.model(
-                chunk, past_key_values=cache, use_cache=True, logits_to_keep=1, kvzip_observer=observer,
+            model.forward(
+                input_ids[start : start + chunk_size], cache, logits_to_keep=1, kvzip_observer=observer,
                 kvzip_prefill=True,
             )
             if progress:
@@ -92,28 +78,6 @@ def prefill_document(
     return PrefilledDocument(model, cache, prefix_ids, context_ids, layers)
 
 
-_HEAD_SCORES: dict[str, torch.Tensor] = {}
-
-
-def head_scores(model: KVzipModel) -> torch.Tensor:
-    """Context-independent head importance (max KVzip score over a calibration text), once per model.
-
-    Kept in memory and in the cache dir, keyed by the model fingerprint.
-    """
-    if model.fingerprint in _HEAD_SCORES:
-        return _HEAD_SCORES[model.fingerprint]
-    path = cache_dir() / "head_scores" / f"{model.fingerprint}.json"
-    if path.exists():
-        scores = torch.tensor(json.loads(path.read_text()))
-    else:
-        document = prefill_document(model, CALIBRATION_TEXT)
-        scores = KVzipScorer().score(document).amax(dim=-1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(scores.tolist()))
-    _HEAD_SCORES[model.fingerprint] = scores
-    return scores
-
-
 def compress(
     model: KVzipModel,
     text: str,
@@ -127,25 +91,18 @@ def compress(
     """Prefill ``text`` once, score its KV pairs, keep the top ``ratio`` of them and pack what is kept.
 
     ``level``: ``"pair"`` (global top-k, non-uniform head budgets), ``"uniform"`` (top-k per head) or ``"head"``
-    (whole heads by a context-independent score; no per-document scoring pass).
+    (whole heads by a context-independent score, ``HeadScorer``: no per-document scoring pass).
     ``kv_bits``: 16 keeps the cache dtype; 8 or 4 quantize the kept entries (``kvzip_rag.quant``): the returned
     cache holds them dequantized, exactly as a store will load them, and its ``quantized`` is what gets stored.
     """
     check_ratio_level(ratio, level)
     check_bits(kv_bits)
-    scorer = resolve_scorer(scorer)
-    if level == "head":
-        document = prefill_document(model, text, prefill_chunk, progress=progress)
-        per_head = head_scores(model)
-        scores = per_head[:, :, None].expand(-1, -1, document.context_length).contiguous()
-        scorer_name = "kvzip-head"
-    else:
-        document = prefill_document(model, text, prefill_chunk, scorer, progress)
-        if isinstance(scorer, KVzipScorer) and progress:
-            scorer.progress = lambda done, total: progress("score", done, total)
-        scores = scorer.score(document)
-        scorer_name = scorer.name
-    cache = pack(document, scores, ratio, level, scorer_name)
+    scorer = resolve_scorer(scorer, level)
+    document = prefill_document(model, text, prefill_chunk, scorer, progress)
+    if isinstance(scorer, KVzipScorer) and progress:
+        scorer.progress = lambda done, total: progress("score", done, total)
+    scores = scorer.score(document)
+    cache = pack(document, scores, ratio, level, scorer.name)
     return cache if kv_bits == 16 else quantize(cache, kv_bits).dequantize()
 
 

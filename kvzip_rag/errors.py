@@ -44,3 +44,7 @@ class StoreError(KVzipError):
 
 class StoreFullError(StoreError, OSError):
     """The disk holding the store is full: the message names the path and the space needed; nothing was lost."""
+
+
+class PackedAttentionRequiredError(KVzipError, RuntimeError):
+    """A packed cache reached an attention that cannot read it (it would attend to the new tokens alone)."""

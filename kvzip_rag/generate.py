@@ -50,10 +50,7 @@ class Answer:
 
 def packed_forward(model: KVzipModel, cache: PackedCache, ids: list[int], all_logits: bool = False) -> torch.Tensor:
     """Append ``ids`` to the cache's tail; the next-token logits of the last id (of every id with ``all_logits``)."""
-    out = model.model(
-        torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
-        logits_to_keep=0 if all_logits else 1, kvzip_cache=cache,
-    )
+    out = model.forward(ids, cache, logits_to_keep=0 if all_logits else 1)
     return out.logits[0] if all_logits else out.logits[0, -1]
 
 

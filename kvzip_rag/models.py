@@ -8,9 +8,11 @@ transformers, and saved once as a safetensors folder in the user cache dir so la
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +20,9 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -127,6 +131,17 @@ class KVzipModel:
     def context_limit(self) -> int:
         """Most prefix + context tokens a cache may hold, leaving room for questions and answers."""
         return self.max_positions - ANSWER_RESERVE
+
+    @cached_property
+    def cache_argument(self) -> str:
+        """The forward's keyword for the KV cache: ``cache`` where transformers renamed it (passing
+        ``past_key_values`` there warns on every call), ``past_key_values`` in earlier 5.x releases."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def forward(self, input_ids: list[int], cache, **kwargs):
+        """Run token ids through the model on top of ``cache`` (appending to it), the way this transformers wants."""
+        ids = torch.tensor([input_ids], device=self.device)
+        return self.model(ids, use_cache=True, **{self.cache_argument: cache}, **kwargs)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a piece of the prompt; special tokens in the template text are parsed, none are added."""
@@ -270,6 +285,23 @@ def resolve_model_path(name_or_path: str) -> tuple[str, Path | str]:
     return name_or_path, name_or_path
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached now; decided in seconds, so an offline machine does not spend
+    a minute in the hub client's retries. ``HF_HUB_OFFLINE=1`` means no; behind an HTTPS proxy we cannot tell
+    cheaply and assume yes."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -294,14 +326,18 @@ def load_model(
     dtype = dtype or _default_dtype(device)
     register_attention()
     name, source = resolve_model_path(name_or_path)
+    # A hub id: without a reachable hub, look only in the local Hugging Face cache (fails in seconds, not a minute).
+    local_only = isinstance(source, str) and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=ATTENTION_NAME, local_files_only=local_only
+        )
     except (OSError, ValueError) as error:
+        where = "the local Hugging Face cache (the hub is unreachable)" if local_only else "the Hugging Face hub"
         raise ModelNotFoundError(
             f"could not load model {name_or_path!r}: tried the built-in aliases ({', '.join(sorted(ALIASES))}), "
-            f"a local folder or .gguf file, and the Hugging Face hub id {str(source)!r} (offline or unknown?). "
-            f"Cause: {error}"
+            f"a local folder or .gguf file, and the id {str(source)!r} in {where}. Cause: {error}"
         ) from error
     model.to(device).eval()
     return wrap_model(model, tokenizer, name=name, threads=threads)

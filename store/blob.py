@@ -59,17 +59,26 @@ class ReadStats:
 # ------------------------------------------------------------------------------------------------------- backends
 
 
+class RangeReader(Protocol):
+    """One blob opened for byte-range reads (a file handle, an object-store object)."""
+
+    size: int
+
+    def read(self, start: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class BlobBackend(Protocol):
     """Where blob bytes live. Names are generated (never from user input), ``"ab/abcdef….safetensors"``."""
 
-    def read_range(self, name: str, start: int, length: int) -> bytes: ...
+    def open(self, name: str) -> RangeReader:
+        """``FileNotFoundError`` when there is no such blob."""
 
     def write(self, name: str, data: bytes) -> None:
         """Store ``data`` whole and atomically (readers see the old object, none, or all of ``data``)."""
 
     def delete(self, name: str) -> None: ...
-
-    def size(self, name: str) -> int: ...
 
     def entries(self) -> Iterator[tuple[str, int, float]]:
         """``(name, size, mtime)`` of every object, temp files included (for gc)."""
@@ -119,13 +128,8 @@ class LocalBlobs:
     def describe(self, name: str) -> str:
         return str(self.root / name)
 
-    def read_range(self, name: str, start: int, length: int) -> bytes:
-        with self.path(name).open("rb") as handle:
-            handle.seek(start)
-            return handle.read(length)
-
-    def size(self, name: str) -> int:
-        return self.path(name).stat().st_size
+    def open(self, name: str) -> "_LocalRange":
+        return _LocalRange(self.path(name))
 
     def write(self, name: str, data: bytes) -> None:
         path = self.path(name)
@@ -159,6 +163,27 @@ class LocalBlobs:
             os.utime(self.path(name))
         except OSError:
             pass
+
+
+class _LocalRange:
+    def __init__(self, path: Path):
+        self.fd = -1
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self.size = os.fstat(self.fd).st_size
+
+    def read(self, start: int, length: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(self.fd, length, start)
+        os.lseek(self.fd, start, os.SEEK_SET)
+        return os.read(self.fd, length)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        self.close()
 
 
 def fsync_dir(directory: Path) -> None:
@@ -285,8 +310,9 @@ class BlobReader:
         self.stats = stats if stats is not None else ReadStats()
         self.where = f"{label} (blob {Path(name).name})" if label else f"blob {backend.describe(name)}"
         try:
-            self.size = backend.size(name)
-            head = backend.read_range(name, 0, min(self.size, _HEAD_GUESS))
+            self.handle = backend.open(name)
+            self.size = self.handle.size
+            head = self.handle.read(0, min(self.size, _HEAD_GUESS))
         except (FileNotFoundError, NotADirectoryError):
             raise CorruptBlobError(f"{self.where} is missing; run verify() / gc() or re-add the document") from None
         except OSError as error:
@@ -346,9 +372,18 @@ class BlobReader:
     def fail(self, what: str) -> CorruptBlobError:
         return CorruptBlobError(f"{self.where} is corrupted: {what}; delete and re-add the document")
 
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> "BlobReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _range(self, start: int, length: int) -> bytes:
         try:
-            data = self.backend.read_range(self.name, start, length)
+            data = self.handle.read(start, length)
         except OSError as error:
             raise CorruptBlobError(f"{self.where} cannot be read: {error}") from error
         if len(data) != length:
@@ -427,17 +462,20 @@ def local_reader(path: str | os.PathLike, label: str | None = None, stats: ReadS
 
 
 def file_sha256(backend: BlobBackend, name: str) -> str:
-    digest, position, size = hashlib.sha256(), 0, backend.size(name)
-    while position < size:
-        chunk = backend.read_range(name, position, min(1 << 20, size - position))
-        if not chunk:
-            break
-        digest.update(chunk)
-        position += len(chunk)
+    digest, position, reader = hashlib.sha256(), 0, backend.open(name)
+    try:
+        while position < reader.size:
+            chunk = reader.read(position, min(1 << 20, reader.size - position))
+            if not chunk:
+                break
+            digest.update(chunk)
+            position += len(chunk)
+    finally:
+        reader.close()
     return digest.hexdigest()
 
 
 __all__ = [
-    "BLOCK_ROWS", "FORMAT", "BlobBackend", "BlobReader", "EncodedBlob", "LocalBlobs", "ReadStats", "atomic_write",
+    "BLOCK_ROWS", "FORMAT", "BlobBackend", "BlobReader", "RangeReader", "EncodedBlob", "LocalBlobs", "ReadStats", "atomic_write",
     "encode_blob", "file_sha256", "fsync_dir", "full_error", "is_disk_full", "local_reader", "new_blob_name",
 ]

@@ -2,14 +2,14 @@
 
 Compression lives in :mod:`.indexer` (``add_document``/``recompress`` delegate to an ``Indexer``), blob bytes in
 :mod:`.blob`, the cache <-> blob mapping and ratio policy in :mod:`.cachefile`, metadata filters in
-:mod:`.filters`, copying in :mod:`.backup`. This module is over 400 lines because it is the store's whole public
-API (documents, search, loading, verify/gc/copy) with the failure handling each call needs.
+:mod:`.filters`, copying in :mod:`.backup`. Choosing and reading a cache for a question is in
+:mod:`.loading`, verify/gc in :mod:`.maintenance`. Over 400 lines because it is the store's whole public API
+(documents, search, loading, verify/gc/copy) plus the full-disk and read-only handling every write shares.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,15 +23,14 @@ from kvzip_rag.errors import (
     CorruptBlobError,
     DocumentNotFoundError,
     InvalidArgumentError,
-    KVzipError,
-    ModelMismatchError,
     StoreError,
     StoreFullError,
 )
 
+from . import loading, maintenance
 from .backup import copy_folder_store
-from .blob import BlobReader, LocalBlobs, ReadStats, file_sha256, full_error, is_disk_full, new_blob_name
-from .cachefile import check_loadable, document_header, encode_prefix, read_document, read_prefix
+from .blob import BlobBackend, BlobReader, LocalBlobs, ReadStats, full_error, is_disk_full, new_blob_name
+from .cachefile import check_loadable, encode_prefix, read_prefix
 from .filters import metadata_condition
 from .indexer import MAX_SEGMENTS, Indexer, Progress
 from .lru import CacheLRU
@@ -40,8 +39,6 @@ from .records import (
     DocumentRecord,
     GCReport,
     SearchHit,
-    SegmentRecord,
-    VerifyProblem,
     VerifyReport,
     cache_record,
     document_record,
@@ -80,7 +77,8 @@ class CacheStore:
 
     ``CacheStore(path)`` keeps ``index.sqlite`` and ``blobs/`` in the folder ``path`` (default: the user data dir,
     or ``$KVZIP_RAG_STORE``). ``CacheStore(url="postgresql+psycopg2://...", blob_dir=...)`` takes any SQLAlchemy URL;
-    blobs live on the local file system. ``cache_bytes`` bounds the in-memory LRU of loaded caches. A folder that
+    blobs live in the folder ``blob_dir``, or in any :class:`~kvzip_rag.store.blob.BlobBackend` given as
+    ``blobs=`` (an object store). ``cache_bytes`` bounds the in-memory LRU of loaded caches. A folder that
     cannot be written (a mounted snapshot) opens read-only (``read_only=None``, the default, decides by the file
     system); writes then raise ``StoreError``. Safe to use from several threads and processes at once.
     """
@@ -95,6 +93,7 @@ class CacheStore:
         engine_options: dict | None = None,
         read_only: bool | None = None,
         max_segments: int = MAX_SEGMENTS,
+        blobs: BlobBackend | None = None,
     ):
         database: Path | None = None
         if url is None:
@@ -117,12 +116,15 @@ class CacheStore:
             if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
                 database = Path(parsed.database).expanduser().resolve()
                 blob_dir = blob_dir or database.parent / BLOB_DIR_NAME
-            elif blob_dir is None:
+            elif blob_dir is None and blobs is None:
                 raise InvalidArgumentError(f"a store on {parsed.get_backend_name()} needs blob_dir= (a local folder)")
-        self.blob_dir = Path(blob_dir).expanduser().resolve()
+        if blobs is not None:  # another backend (object storage, ...): blob_dir is not used
+            blob_dir = None
+        self.blob_dir: Path | None = Path(blob_dir).expanduser().resolve() if blob_dir is not None else None
         if read_only is None:
             read_only = database is not None and database.exists() and not (
-                _writable(database) and _writable(database.parent) and _writable(self.blob_dir))
+                _writable(database) and _writable(database.parent)
+                and (self.blob_dir is None or _writable(self.blob_dir)))
         self.read_only = read_only
         self.max_segments = max_segments
         where = str(database or self.blob_dir)
@@ -130,12 +132,13 @@ class CacheStore:
             try:
                 if self.path is not None:
                     self.path.mkdir(parents=True, exist_ok=True)
-                self.blob_dir.mkdir(parents=True, exist_ok=True)
+                if self.blob_dir is not None:
+                    self.blob_dir.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 if is_disk_full(error):
                     raise full_error(where, None, error) from error
                 raise StoreError(f"cannot create the store at {where}: {error}") from error
-        self.blobs = LocalBlobs(self.blob_dir, create=False)
+        self.blobs: BlobBackend = blobs if blobs is not None else LocalBlobs(self.blob_dir, create=False)
         if url is None or (database is not None and read_only):
             url = f"sqlite:///{database}"
         self.url = url
@@ -172,7 +175,7 @@ class CacheStore:
         except OldStoreError as error:
             raise StoreError(rebuild.format(error)) from None
         except sa.exc.OperationalError as error:
-            if is_disk_full(error.orig or error, self.blob_dir if self.blob_dir.exists() else None):
+            if is_disk_full(error.orig or error, self._database.parent if self._database else None):
                 if self._release_reserve():
                     return self._open_schema(where)
                 raise full_error(where, None, error.orig or error) from None
@@ -186,8 +189,8 @@ class CacheStore:
         Used to make a persisted LlamaIndex folder self-contained; a crash at any step leaves no row in ``dest``
         that points at a missing blob. Only SQLite stores can be copied.
         """
-        if self._database is None:
-            raise InvalidArgumentError("only a folder (SQLite) store can be copied; this one is at a database URL")
+        if self._database is None or self.blob_dir is None:
+            raise InvalidArgumentError("only a folder (SQLite, local blobs) store can be copied")
         dest = Path(dest).resolve()
         if dest == self.path:
             return
@@ -206,7 +209,8 @@ class CacheStore:
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
-        return f"CacheStore(url={url!r}, blob_dir={str(self.blob_dir)!r}{', read_only=True' if self.read_only else ''})"
+        blobs = str(self.blob_dir) if self.blob_dir else type(self.blobs).__name__
+        return f"CacheStore(url={url!r}, blobs={blobs!r}{', read_only=True' if self.read_only else ''})"
 
     def indexer(self, model, **options) -> Indexer:
         """An :class:`~kvzip_rag.store.indexer.Indexer` compressing with ``model`` into this store."""
@@ -225,12 +229,16 @@ class CacheStore:
                              "read_only=True): it can be searched and loaded, not changed")
 
     def _where(self) -> str:
-        return str(self.path or self._database or self.blob_dir)
+        return str(self.path or self._database or self.blob_dir or self.url)
 
     def _label(self, document_id: str, segment_index: int) -> str:
         return f"document {document_id!r} segment {segment_index}"
 
     # ---------------------------------------------------------------------------------- full disks and blobs
+
+    def _disk(self) -> Path | None:
+        """A local folder on the disk that fills up (None when nothing is local)."""
+        return self.blob_dir or (self._database.parent if self._database else None)
 
     def _reserve(self) -> Path | None:
         """Beside the SQLite database (None for other databases, whose disk is not ours to manage)."""
@@ -242,7 +250,7 @@ class CacheStore:
         if reserve is None or self.read_only:
             return
         try:
-            if not reserve.exists() and shutil_free(self.blob_dir) > 8 * RESERVE_NBYTES:
+            if not reserve.exists() and shutil_free(reserve.parent) > 8 * RESERVE_NBYTES:
                 with reserve.open("wb") as handle:
                     handle.write(b"\0" * RESERVE_NBYTES)
         except OSError:
@@ -264,14 +272,14 @@ class CacheStore:
             return action()
         except (sa.exc.OperationalError, OSError) as error:
             cause = getattr(error, "orig", None) or error
-            if not is_disk_full(cause, self.blob_dir):
+            if not is_disk_full(cause, self._disk()):
                 raise
             if self._release_reserve():
                 try:
                     return action()
                 except (sa.exc.OperationalError, OSError) as again:
                     cause = getattr(again, "orig", None) or again
-                    if not is_disk_full(cause, self.blob_dir):
+                    if not is_disk_full(cause, self._disk()):
                         raise
             raise full_error(where, needed, cause) from None
 
@@ -279,7 +287,7 @@ class CacheStore:
         if isinstance(error, StoreFullError):
             return
         cause = getattr(error, "orig", None) or error
-        if isinstance(error, (sa.exc.OperationalError, OSError)) and is_disk_full(cause, self.blob_dir):
+        if isinstance(error, (sa.exc.OperationalError, OSError)) and is_disk_full(cause, self._disk()):
             raise full_error(self._where(), None, cause) from error
 
     def _put_blob(self, data: bytes) -> str:
@@ -290,8 +298,10 @@ class CacheStore:
 
     def _touch(self, names: list[str]) -> None:
         """Refresh blob mtimes right before the rows commit, so gc's age guard covers slow multi-segment adds."""
+        touch = getattr(self.blobs, "touch", None)  # optional: object stores keep their own times
         for name in names:
-            self.blobs.touch(name)
+            if touch is not None:
+                touch(name)
 
     def _remove_blobs(self, names: Iterable[str]) -> None:
         for name in names:
@@ -445,10 +455,10 @@ class CacheStore:
     def _load_prefix(self, row: Prefix, device: str) -> PrefixKV:
         key = (row.payload_sha256, device)
         if key not in self._prefixes:
-            reader = BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}")
-            if reader.payload_sha256 != row.payload_sha256:
-                raise CorruptBlobError(f"{reader.where} holds another blob than its row records; run verify()")
-            prefix = read_prefix(reader)
+            with BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}") as reader:
+                if reader.payload_sha256 != row.payload_sha256:
+                    raise CorruptBlobError(f"{reader.where} holds another blob than its row records; run verify()")
+                prefix = read_prefix(reader)
             self._prefixes[key] = prefix if device == "cpu" else prefix.to(device)
         return self._prefixes[key]
 
@@ -466,6 +476,8 @@ class CacheStore:
         and documents whose metadata has all the given ``key: value`` pairs."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
+        if query is None:
+            return []
         check_query(query)
         with self._read() as session:
             conditions = []
@@ -512,74 +524,6 @@ class CacheStore:
             sizes = self._prefix_sizes(session)
             return [cache_record(c, s, sizes.get(c.prefix_id, 0)) for c, s in session.execute(stmt)]
 
-    def _segment_for(self, session: Session, target, segment: int) -> Segment:
-        if isinstance(target, (SearchHit, SegmentRecord)):
-            stmt = sa.select(Segment).where(Segment.id == (target.segment_id if isinstance(target, SearchHit)
-                                                            else target.id))
-        elif isinstance(target, str):
-            stmt = sa.select(Segment).where(Segment.document_id == target, Segment.index == segment)
-        else:
-            raise InvalidArgumentError(
-                "load_cache takes a document id (with segment=), a SearchHit, a SegmentRecord, a CacheRecord or a "
-                "cache id"
-            )
-        found = session.scalars(stmt.options(selectinload(Segment.caches))).first()
-        if found is None:
-            doc_id = target if isinstance(target, str) else target.document_id
-            if session.get(Document, doc_id) is None:
-                raise DocumentNotFoundError(f"no document {doc_id!r} in the store at {self._where()}")
-            raise DocumentNotFoundError(f"document {doc_id!r} has no segment {segment} (it was re-added?)")
-        return found
-
-    def _pick(self, model, target, segment: int, ratio: float | None, level: str | None) -> tuple[CacheRecord, Prefix | None]:
-        with self._read() as session:
-            if isinstance(target, CacheRecord) or (isinstance(target, int) and not isinstance(target, bool)):
-                cache_id = target.id if isinstance(target, CacheRecord) else target
-                found = session.execute(
-                    sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id).where(Cache.id == cache_id)
-                ).first()
-                if found is None:
-                    raise DocumentNotFoundError(f"no cache {cache_id} in the store at {self._where()} (deleted?)")
-                record = cache_record(*found)
-                if isinstance(target, CacheRecord) and target.payload_sha256 not in ("", record.payload_sha256):
-                    raise DocumentNotFoundError(f"cache {cache_id} was replaced since it was listed; list it again")
-                cache_info(record).check_model(model, self._label(record.document_id, record.segment_index))
-                prefix_id = found[0].prefix_id
-                return record, session.get(Prefix, prefix_id) if prefix_id is not None else None
-            seg = self._segment_for(session, target, segment)
-            records = [cache_record(c, seg) for c in seg.caches]
-            prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
-            rows = {c.id: c for c in seg.caches}
-        label = self._label(seg.document_id, seg.index)
-        mine = [c for c in records if c.model_fingerprint == model.fingerprint
-                and c.template_digest == model.template.digest]
-        if not mine:
-            if records:
-                built = ", ".join(sorted({f"{c.model_name} ({c.model_fingerprint})" for c in records}))
-                raise ModelMismatchError(
-                    f"{label} has caches built by {built} only, none by model {model.name!r} "
-                    f"(fingerprint {model.fingerprint}) with its current template; call recompress() for this model"
-                )
-            raise DocumentNotFoundError(f"{label} has no cache")
-        usable = []
-        for c in mine:
-            try:
-                check_loadable(cache_info(c), ratio, level, label)
-            except InvalidArgumentError:
-                continue
-            usable.append(c)
-        if not usable:
-            stored = ", ".join(f"ratio {c.ratio} level {c.level}" for c in mine)
-            raise InvalidArgumentError(
-                f"{label} is stored at {stored}; it cannot load at ratio {ratio} level {level or 'as stored'} "
-                "(a cache loads at any lower ratio of its own level): recompress() it"
-            )
-        if ratio is None:  # the best stored cache
-            best = max(usable, key=lambda c: (c.level == (level or c.level), c.ratio, c.id))
-        else:  # the smallest stored cache that can serve the ratio: fewest bytes to read
-            best = min(usable, key=lambda c: (c.level != (level or c.level), c.ratio, -c.id))
-        return best, prefixes.get(rows[best.id].prefix_id)
-
     def load_cache(
         self,
         target,
@@ -600,7 +544,7 @@ class CacheStore:
         """
         if ratio is not None or level is not None:
             check_ratio_level(ratio if ratio is not None else 1.0, level or "pair")
-        record, prefix_row = self._pick(model, target, segment, ratio, level)
+        record, prefix_row = loading.pick(self, model, target, segment, ratio, level)
         device = str(torch.device(device) if device is not None else model.device)
         ratio, level = check_loadable(cache_info(record), ratio, level, self._label(record.document_id,
                                                                                        record.segment_index))
@@ -610,123 +554,25 @@ class CacheStore:
             self.last_read_nbytes = 0
             return packed_fresh(cached)
         stats = ReadStats()
-        cache = self._read_cache(record, prefix_row, ratio, level, stats).to(device)
+        cache = loading.read_cache(self, record, prefix_row, ratio, level, stats).to(device)
         self.last_read_nbytes = stats.nbytes
         self._lru.put(key, record.payload_sha256, cache)
         return packed_fresh(cache)
 
-    def _read_cache(self, record: CacheRecord, prefix_row: Prefix | None, ratio, level, stats) -> PackedCache:
-        label = self._label(record.document_id, record.segment_index)
-        reader = BlobReader(self.blobs, record.blob_path, label, stats)
-        if reader.payload_sha256 != record.payload_sha256:
-            raise CorruptBlobError(self._misplaced(reader, record, label))
-        header = document_header(reader)
-        info = header.info
-        if (info.model_fingerprint, info.template_digest, info.level, info.context_length) != (
-            record.model_fingerprint, record.template_digest, record.level, record.context_length
-        ) or abs(info.ratio - record.ratio) > 1e-9:
-            raise CorruptBlobError(f"{label}: the blob does not describe the cache its row records")
-        prefix = None
-        if header.prefix == "shared":
-            if prefix_row is None:
-                raise CorruptBlobError(f"{label}: its shared template prefix is not in the store; run verify()")
-            prefix = self._load_prefix(prefix_row, "cpu")
-        cache = read_document(reader, ratio=ratio, level=level, prefix=prefix)
-        cache.quantized = None  # the memory cache holds the dequantized form only (faster first token on a hit)
-        return cache
-
-    def _misplaced(self, reader: BlobReader, record: CacheRecord, label: str) -> str:
-        """A valid blob under the wrong row: say whose it is, when the store knows."""
-        with self._read() as session:
-            owner = session.execute(
-                sa.select(Segment.document_id, Segment.index).join(Cache, Cache.segment_id == Segment.id)
-                .where(Cache.payload_sha256 == reader.payload_sha256)
-            ).first()
-        whose = f"document {owner[0]!r} segment {owner[1]}'s cache" if owner else "a cache this store does not know"
-        return (f"{label}: its blob file {record.blob_path} holds {whose}, not the one its row records (files "
-                "swapped or restored from elsewhere?); refusing to answer from it. Run verify(), then delete and "
-                "re-add the affected documents")
-
     # -------------------------------------------------------------------------------------------- maintenance
 
     def verify(self, doc_ids: Iterable[str] | None = None) -> VerifyReport:
-        """Check every blob (or those of ``doc_ids``): present, same sha256 as recorded, valid header and
-        checksums, and describing the cache its row says. Problems are reported, nothing is changed."""
-        report = VerifyReport()
-        with self._read() as session:
-            stmt = sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id)
-            if doc_ids is not None:
-                ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
-                stmt = stmt.where(Segment.document_id.in_(ids))
-            prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
-            found = [(cache_record(c, s), prefixes.get(c.prefix_id), s.text)
-                     for c, s in session.execute(stmt.order_by(Cache.id))]
-        from .indexer import content_hash
-
-        bad_prefixes = {}
-        for row in {p.id: p for _, p, _ in found if p is not None}.values():
-            try:
-                if file_sha256(self.blobs, row.blob_path) != row.sha256:
-                    raise CorruptBlobError(f"the shared prefix of model {row.model_name!r} is corrupted (sha256)")
-                BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}").verify_payload()
-            except FileNotFoundError:
-                bad_prefixes[row.id] = f"the shared prefix of model {row.model_name!r} is missing"
-            except KVzipError as error:
-                bad_prefixes[row.id] = str(error)
-        for record, prefix_row, text in found:
-            report.checked += 1
-            label = self._label(record.document_id, record.segment_index)
-            try:
-                if prefix_row is not None and prefix_row.id in bad_prefixes:
-                    raise CorruptBlobError(f"{label}: {bad_prefixes[prefix_row.id]}")
-                if file_sha256(self.blobs, record.blob_path) != record.sha256:
-                    raise CorruptBlobError(f"{label} is corrupted: its sha256 differs from the one recorded")
-                reader = BlobReader(self.blobs, record.blob_path, label)
-                reader.verify_payload()
-                header = document_header(reader)
-                if header.segment_sha256 and header.segment_sha256 != content_hash(text):
-                    raise CorruptBlobError(f"{label}: the blob was built from another text than its segment's")
-                self._read_cache(record, prefix_row, None, None, ReadStats())
-            except FileNotFoundError:
-                report.problems.append(VerifyProblem(record.id, record.document_id, record.segment_index,
-                                                     record.blob_path, f"{label}: the blob is missing"))
-            except KVzipError as error:
-                report.problems.append(
-                    VerifyProblem(record.id, record.document_id, record.segment_index, record.blob_path, str(error))
-                )
-        return report
+        """Check every blob (or those of ``doc_ids``) and the shared prefixes they use: present, same sha256 as
+        recorded, valid header and checksums, built from its segment's text, describing the cache its row says.
+        Problems are reported, nothing is changed."""
+        return maintenance.verify(self, doc_ids)
 
     def gc(self, *, min_age_s: float = GC_MIN_AGE_S, dry_run: bool = False, now: bool = False) -> GCReport:
         """Remove blobs (and stale temp files) that no row points to and that are older than ``min_age_s``
         (default 600 s: younger ones may belong to an add still in progress in another process). ``now=True``
         is ``min_age_s=0``: only for a quiet store, where no other process is indexing. Reports rows whose blob is
-        missing in ``missing`` (``verify()`` says more). Works on a read-only database (it only reads rows) and on
-        a full disk."""
-        if now:
-            min_age_s = 0.0
-        if not dry_run:
-            self._require_writable()
-        report = GCReport()
-        with self._read() as session:
-            referenced = dict(session.execute(sa.select(Cache.blob_path, Cache.id)).all())
-            prefixes = set(session.scalars(sa.select(Prefix.blob_path)))
-        clock = time.time()
-        for relative, size, mtime in self.blobs.entries():
-            if relative in referenced or relative in prefixes:
-                continue
-            name = relative.rsplit("/", 1)[-1]
-            if not (name.endswith(".safetensors") or name.endswith(".tmp")):
-                continue  # not ours (the reserve included): never touch files we did not write
-            if clock - mtime < min_age_s:
-                continue
-            report.removed.append(relative)
-            report.freed_nbytes += size
-            if not dry_run:
-                self.blobs.delete(relative)
-        report.missing = sorted(cid for rel, cid in referenced.items() if not (self.blob_dir / rel).is_file())
-        if not dry_run:
-            self._keep_reserve()
-        return report
+        missing in ``missing`` (``verify()`` says more). Works on a full disk."""
+        return maintenance.collect_garbage(self, min_age_s=0.0 if now else min_age_s, dry_run=dry_run)
 
 
 def shutil_free(path: Path) -> int:

@@ -325,16 +325,18 @@ def read_cache(
 ) -> PackedCache:
     """A standalone cache file at its stored ratio or any lower ``ratio`` (equal to ``at_ratio``; only the kept
     rows are read, see ``stats.nbytes``). Check the model yourself: ``cache.info.check_model(model)``."""
-    return read_document(local_reader(path, label, stats), ratio=ratio, level=level)
+    with local_reader(path, label, stats) as reader:
+        return read_document(reader, ratio=ratio, level=level)
 
 
 def read_cache_header(path: str | os.PathLike, label: str | None = None) -> DocumentHeader:
-    return document_header(local_reader(path, label))
+    with local_reader(path, label) as reader:
+        return document_header(reader)
 
 
 def verify_cache(path: str | os.PathLike, label: str | None = None) -> DocumentHeader:
     """Check everything in a standalone cache file: header, payload sha256, every block and the structure."""
-    reader = local_reader(path, label)
-    reader.verify_payload()
-    read_document(reader)
-    return document_header(reader)
+    with local_reader(path, label) as reader:
+        reader.verify_payload()
+        read_document(reader)
+        return document_header(reader)

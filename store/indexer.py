@@ -235,7 +235,9 @@ class Indexer:
 
     def _check_room(self, needed: int) -> None:
         """Refuse before writing the remaining segments when they cannot fit (plus 5% and 1 MiB of slack)."""
-        root = self.store.blob_dir
+        root = self.store._disk()
+        if root is None:
+            return
         try:
             free = shutil.disk_usage(root).free
         except OSError:

@@ -249,7 +249,11 @@ def create_schema(engine: Engine) -> str:
             raise OldStoreError(f"schema version {state}, this kvzip-rag writes version {SCHEMA_VERSION}")
         Base.metadata.create_all(connection)
         if state is None:
-            connection.execute(sa.insert(StoreInfo).values(key="schema_version", value=SCHEMA_VERSION))
+            try:  # two processes creating one PostgreSQL store at once: the second finds the first's row
+                with connection.begin_nested():
+                    connection.execute(sa.insert(StoreInfo).values(key="schema_version", value=SCHEMA_VERSION))
+            except sa.exc.IntegrityError:
+                pass
         if dialect == "postgresql":
             for statement in _POSTGRES_FTS:
                 connection.exec_driver_sql(statement)

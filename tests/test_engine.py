@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import kvzip_rag
-from kvzip_rag.compress import compressed_layer_indices, prefill_document
+from kvzip_rag.compress import compressed_layer_indices, prefill, prefill_document
 from kvzip_rag.scorers import KVzipScorer
 
 from conftest import build_tiny
@@ -29,8 +29,8 @@ def full_cache_logits(model: kvzip_rag.KVzipModel, history: list[int], new_ids: 
     try:
         with torch.inference_mode():
             cache = DynamicCache(config=model.model.config)
-            model.model(torch.tensor([history]), past_key_values=cache, use_cache=True)
-            out = model.model(torch.tensor([new_ids]), past_key_values=cache, use_cache=True)
+            model.forward(history, cache)
+            out = model.forward(new_ids, cache)
     finally:
         model.model.set_attn_implementation(kvzip_rag.attention.ATTENTION_NAME)
     return out.logits[0]
@@ -38,7 +38,7 @@ def full_cache_logits(model: kvzip_rag.KVzipModel, history: list[int], new_ids: 
 
 def packed_logits(model: kvzip_rag.KVzipModel, cache: kvzip_rag.PackedCache, new_ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        out = model.model(torch.tensor([new_ids]), past_key_values=cache, use_cache=True, kvzip_cache=cache)
+        out = model.forward(new_ids, cache)
     return out.logits[0]
 
 
@@ -206,6 +206,51 @@ def test_uniform_and_head_levels(tiny_llama):
     heads = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5, level="head").head_budgets()
     assert set(heads.flatten().tolist()) <= {0, n}
     assert (heads == n).sum().item() == round(0.5 * heads.numel())
+
+
+def test_head_level_is_its_own_scorer(tiny_llama):
+    """Head level ranks by ``HeadScorer`` (calibrated once per model, constant per head); scorers refuse levels
+    they do not rank at, by name."""
+    from kvzip_rag.compress import resolve_scorer
+    from kvzip_rag.errors import InvalidArgumentError
+    from kvzip_rag.scorers import HeadScorer, SnapKVScorer
+    from kvzip_rag.scorers.calibration import head_scores
+
+    assert isinstance(resolve_scorer("kvzip", "head"), HeadScorer)
+    assert isinstance(resolve_scorer("kvzip-head", "head"), HeadScorer)
+    cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5, level="head", scorer=HeadScorer())
+    assert cache.info.scorer == "kvzip-head" and cache.info.level == "head"
+    document = prefill_document(tiny_llama, TEXT)
+    scores = HeadScorer().score(document)
+    assert torch.equal(scores[:, :, 0], head_scores(tiny_llama)) and (scores == scores[:, :, :1]).all()
+    with pytest.raises(InvalidArgumentError, match="kvzip-head"):
+        kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5, level="pair", scorer="kvzip-head")
+    with pytest.raises(InvalidArgumentError, match="snapkv"):
+        kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5, level="head", scorer=SnapKVScorer())
+
+
+def test_observers_follow_the_attention_protocol(tiny_llama):
+    """Scorers hand the attention an ``AttentionObserver``: it is called through ``observe`` in every layer and
+    receives the log-sum-exp of exactly the key ranges its ``key_cuts`` ask for."""
+    from kvzip_rag.attention import AttentionObserver
+    from kvzip_rag.scorers import H2OScorer
+
+    class Recorder(AttentionObserver):
+        key_cuts = (5, 9)
+
+        def __init__(self):
+            self.seen = []
+
+        def observe(self, module, query, key, lse_parts):
+            self.seen.append((module.layer_idx, sorted(lse_parts)))
+
+    recorder = Recorder()
+    ids = tiny_llama.encode(TEXT)[:16]
+    prefill(tiny_llama, ids, chunk_size=12, observer=recorder)
+    layers = tiny_llama.config.num_hidden_layers
+    assert [layer for layer, _ in recorder.seen] == list(range(layers)) * 2
+    assert recorder.seen[-1][1] == [(0, 5), (5, 9), (9, 12), (12, 16)]  # second chunk: 12 past keys, 4 new
+    assert isinstance(H2OScorer().prefill_observer(20, 4, [0, 1]), AttentionObserver)
 
 
 def test_at_ratio_equals_compressing_at_that_ratio(tiny_llama):

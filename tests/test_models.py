@@ -113,3 +113,34 @@ def test_local_gguf_file_converts_to_the_same_model(default_model, tmp_path):
     gguf = _assemble_gguf(ALIASES["smollm2-135m-instruct"], tmp_path)
     loaded = kvzip_rag.load_model(str(gguf))
     assert loaded.fingerprint == default_model.fingerprint
+
+
+def test_unreachable_hub_fails_in_seconds(monkeypatch):
+    """A hub id with no reachable hub looks only in the local cache: our error at once, not a minute of retries
+    (``.invalid`` never resolves, so this holds with or without network)."""
+    import time
+
+    from kvzip_rag.models import hub_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.kvzip-rag.invalid")
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    assert not hub_reachable()
+    start = time.perf_counter()
+    with pytest.raises(kvzip_rag.ModelNotFoundError, match="unreachable") as error:
+        kvzip_rag.load_model("no-such-org/no-such-model-kvzip")
+    assert "no-such-org/no-such-model-kvzip" in str(error.value)
+    assert time.perf_counter() - start < 20  # the hub client's retries took ~55 s before
+
+
+def test_answering_reaches_the_user_without_warnings(tiny_llama):
+    """No FutureWarning (``past_key_values`` renamed ``cache``) nor any other warning from compress and answer."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache = kvzip_rag.compress(tiny_llama, "The harbour of Velmora was built in 1731 by Ansel Brask.", ratio=0.5)
+        kvzip_rag.answer(tiny_llama, cache, "Who built the harbour?", max_new_tokens=4)
+        conversation = kvzip_rag.Conversation(tiny_llama, cache)
+        conversation.ask("Who built it?", max_new_tokens=3)
+        conversation.add_turn("When?", "In 1731.")

@@ -92,10 +92,22 @@ def bench(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "
                                                                 "(repeatable), e.g. --set squad_docs=2 "
                                                                 "--set 'needle_cases=((4096, 0.5),)'.")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="quick, full, or gpu: CUDA bf16 decode latency vs "
+                                                               "context length (needs --model <local folder>).")]
+    = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="gpu preset: longest context (default: "
+                                                                       "the model's window).")] = None,
 ) -> None:
     """Benchmark KVzip against the full cache, other scorers, re-prefilling and chunk retrieval."""
     if quick and full:
         raise typer.BadParameter("choose one of --quick and --full")
+    if preset == "gpu":
+        _gpu(model, data, out, max_length)
+        return
+    if preset is not None:
+        if preset not in ("quick", "full") or (quick and preset != "quick") or (full and preset != "full"):
+            raise typer.BadParameter(f"--preset is one of quick, full, gpu (and agrees with --quick/--full), got {preset!r}")
+        quick, full = preset == "quick", preset == "full"
     try:
         overrides = parse_overrides(set_)
         get_preset("quick", **overrides)  # validate names before loading anything
@@ -105,6 +117,21 @@ def bench(
         run_bench(preset="full" if full else "quick", data_dir=data, out_dir=out, model=model,
                   tasks=tuple(task) if task else TASKS, threads=threads, preset_overrides=overrides)
     except FileNotFoundError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+
+
+def _gpu(model: str | None, data: Path | None, out: Path, max_length: int | None) -> None:
+    from .data import default_data_dir
+    from .gpu import GPUUnavailableError, run_gpu_bench
+
+    command = "kvzip-rag bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else ""
+    try:
+        if model is None:
+            raise FileNotFoundError("the gpu preset needs --model <local model folder> (it never downloads)")
+        run_gpu_bench(Path(model), Path(data) if data else default_data_dir(), out, max_length=max_length,
+                      command=command, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except (GPUUnavailableError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
 

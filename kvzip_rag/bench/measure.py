@@ -52,8 +52,7 @@ def dense_prefill(model: KVzipModel, ids: list[int], chunk: int = 2048) -> tuple
     logits = None
     with torch.inference_mode():
         for start in range(0, len(ids), chunk):
-            piece = torch.tensor([ids[start : start + chunk]], device=model.device)
-            logits = model.model(piece, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            logits = model.forward(ids[start : start + chunk], cache, logits_to_keep=1).logits[0, -1]
     return cache, logits
 
 
@@ -65,8 +64,7 @@ def _crop_to(cache: DynamicCache, length: int) -> None:
 
 
 def _dense_step(model: KVzipModel, cache: DynamicCache, ids: list[int], keep_all: bool = False) -> torch.Tensor:
-    out = model.model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
-                      logits_to_keep=0 if keep_all else 1)
+    out = model.forward(ids, cache, logits_to_keep=0 if keep_all else 1)
     return out.logits[0] if keep_all else out.logits[0, -1]
 
 

@@ -145,9 +145,10 @@ def markdown(results: dict, command: str | None = None) -> str:
     lines += _table(["task", "method", "docs", "memory / full", "memory bytes per context token"], rows) + [""]
     if summary["bytes"]["disk"]:
         rows = [[d["doc"], f"`{d['method']}`", str(d["context_tokens"]), _f(d["file_bytes_per_token"], 0),
-                 _f(d["file_vs_full_memory"]), _f(d["file_vs_memory"])] for d in summary["bytes"]["disk"]]
+                 _f(d["file_vs_full_memory"]), _f(d["file_vs_memory"]), _f(d.get("store_vs_full_memory"))]
+                for d in summary["bytes"]["disk"]]
         lines += _table(["document", "method", "context tokens", "file bytes per token", "file / full in memory",
-                         "file / same cache in memory"], rows) + [""]
+                         "file / same cache in memory", "in a CacheStore / full (prefix shared)"], rows) + [""]
 
     mem = meta["memory"]
     lines += ["### Memory", "", "Peak resident set size of the benchmark process after each phase (MiB; one process "

@@ -2,11 +2,12 @@
 
 from .base import PrefilledDocument, Scorer
 from .baselines import H2OScorer, KeyNormScorer, RandomScorer, SnapKVScorer
+from .head import HeadScorer
 from .kvzip import KVzipScorer
 
 SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (KVzipScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
+    cls.name: cls for cls in (KVzipScorer, HeadScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
 }
 
-__all__ = ["SCORERS", "H2OScorer", "KVzipScorer", "KeyNormScorer", "PrefilledDocument", "RandomScorer", "Scorer",
-           "SnapKVScorer"]
+__all__ = ["SCORERS", "H2OScorer", "HeadScorer", "KVzipScorer", "KeyNormScorer", "PrefilledDocument",
+           "RandomScorer", "Scorer", "SnapKVScorer"]

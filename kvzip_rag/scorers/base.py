@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
+from ..attention import AttentionObserver
+from ..errors import InvalidArgumentError
 from ..models import KVzipModel
-
-# (attention module, post-RoPE queries, keys, per-key-range log-sum-exps or None); see kvzip_rag.attention
-Observer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict | None], None]
 
 
 @dataclass
@@ -50,8 +48,19 @@ class Scorer(ABC):
     """Scores every context KV pair; higher means keep. One small class per method (kvpress style)."""
 
     name: str = "scorer"
+    levels: tuple[str, ...] = ("pair", "uniform")  # eviction levels these scores make sense for
 
-    def prefill_observer(self, document_length: int, prefix_length: int, layers: list[int]) -> Observer | None:
+    def for_level(self, level: str) -> "Scorer":
+        """The scorer that ranks at ``level``: this one, or an error naming the levels it supports."""
+        if level not in self.levels:
+            raise InvalidArgumentError(
+                f"scorer {self.name!r} ranks at level {' or '.join(map(repr, self.levels))}, not {level!r}"
+            )
+        return self
+
+    def prefill_observer(
+        self, document_length: int, prefix_length: int, layers: list[int]
+    ) -> AttentionObserver | None:
         """An observer to run during prefill (for scorers that need the context's own attention), or None."""
         return None
 

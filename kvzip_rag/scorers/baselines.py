@@ -5,36 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Observer, PrefilledDocument, Scorer, causal_softmax, grouped_queries
+from ..attention import AttentionObserver
+from .base import PrefilledDocument, Scorer, causal_softmax, grouped_queries
 
 
 class _PrefillAttentionScorer(Scorer):
     """Shared machinery: accumulate attention the context's own queries give to context keys during prefill."""
 
-    def prefill_observer(self, document_length: int, prefix_length: int, layers: list[int]) -> Observer:
+    def prefill_observer(self, document_length: int, prefix_length: int, layers: list[int]) -> AttentionObserver:
         self._sums = {layer: torch.zeros(0) for layer in layers}
         self._prefix, self._length = prefix_length, document_length
-
-        def observe(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, lse_parts=None) -> None:
-            if module.layer_idx not in self._sums:
-                return
-            key_len, q_len = key.shape[2], query.shape[2]
-            query_pos = torch.arange(key_len - q_len, key_len, device=query.device)
-            selected = self.select_queries(query_pos)
-            if not selected.any():
-                return
-            queries = grouped_queries(module, query)[:, :, selected]
-            key_pos = torch.arange(key_len, device=query.device)
-            weights = causal_softmax((queries @ key[0].unsqueeze(1).transpose(-1, -2)) * module.scaling,
-                                     query_pos[selected], key_pos)
-            total = weights.sum(dim=(1, 2)).cpu()  # (kv_heads, key_len)
-            acc = self._sums[module.layer_idx]
-            if acc.numel() == 0:
-                acc = torch.zeros(total.shape[0], self._length)
-            acc[:, :key_len] += total
-            self._sums[module.layer_idx] = acc
-
-        return observe
+        return _AttentionSums(self)
 
     def select_queries(self, positions: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(positions, dtype=torch.bool)
@@ -45,6 +26,33 @@ class _PrefillAttentionScorer(Scorer):
 
     def postprocess(self, scores: torch.Tensor) -> torch.Tensor:
         return scores
+
+
+class _AttentionSums(AttentionObserver):
+    """Adds each prefill chunk's attention (from the scorer's selected queries) into the scorer's per-layer sums."""
+
+    def __init__(self, scorer: _PrefillAttentionScorer):
+        self.scorer = scorer
+
+    def observe(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, lse_parts=None) -> None:
+        sums = self.scorer._sums
+        if module.layer_idx not in sums:
+            return
+        key_len, q_len = key.shape[2], query.shape[2]
+        query_pos = torch.arange(key_len - q_len, key_len, device=query.device)
+        selected = self.scorer.select_queries(query_pos)
+        if not selected.any():
+            return
+        queries = grouped_queries(module, query)[:, :, selected]
+        key_pos = torch.arange(key_len, device=query.device)
+        weights = causal_softmax((queries @ key[0].unsqueeze(1).transpose(-1, -2)) * module.scaling,
+                                 query_pos[selected], key_pos)
+        total = weights.sum(dim=(1, 2)).cpu()  # (kv_heads, key_len)
+        acc = sums[module.layer_idx]
+        if acc.numel() == 0:
+            acc = torch.zeros(total.shape[0], self.scorer._length)
+        acc[:, :key_len] += total
+        sums[module.layer_idx] = acc
 
 
 class H2OScorer(_PrefillAttentionScorer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import expand_kv, flash_cpu
+from ..attention import AttentionObserver, expand_kv, flash_cpu
 from .base import PrefilledDocument, Scorer, grouped_queries
 
 FIRST_REPEAT = "\n\nRepeat the previous context exactly."
@@ -27,6 +27,14 @@ class KVzipScorer(Scorer):
         self.tail_tokens = tail_tokens
         self.progress = progress
 
+    def for_level(self, level: str) -> Scorer:
+        """At ``"head"`` level KVzip ranks whole heads by calibrated, context-independent scores."""
+        if level == "head":
+            from .head import HeadScorer  # head level is built on this scorer
+
+            return HeadScorer()
+        return super().for_level(level)
+
     def repeat_ids(self, document: PrefilledDocument, start: int, end: int) -> list[int]:
         model, ctx = document.model, document.context_ids
         if start == 0:
@@ -48,7 +56,7 @@ class KVzipScorer(Scorer):
         return scores
 
 
-class _RepeatObserver:
+class _RepeatObserver(AttentionObserver):
     """Computes the restricted-softmax scores of one repeat chunk, layer by layer, as the forward pass runs."""
 
     def __init__(self, document: PrefilledDocument, start: int, end: int, out: torch.Tensor):
@@ -72,7 +80,7 @@ class _RepeatObserver:
             flash_lse(query, expand_kv(key[:, :, self.base :], heads), True, scaling),
         )
 
-    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, lse_parts=None) -> None:
+    def observe(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, lse_parts=None) -> None:
         row = self.rows.get(module.layer_idx)
         if row is None:
             return
@@ -106,14 +114,7 @@ def run_without_caching(document: PrefilledDocument, input_ids: list[int], obser
     model = document.model
     try:
         with torch.inference_mode():
-            model.model(
-                torch.tensor([input_ids], device=model.device),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                kvzip_observer=observer,
-                kvzip_prefill=True,
-            )
+            model.forward(input_ids, cache, logits_to_keep=1, kvzip_observer=observer, kvzip_prefill=True)
     finally:
         for layer, (keys, values, cumulative) in zip(cache.layers, saved):
             layer.keys, layer.values = keys, values

@@ -1,0 +1,96 @@
+"""Store maintenance: ``verify`` (every byte of every blob, against its row) and ``gc`` (orphan blobs)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import sqlalchemy as sa
+
+from kvzip_rag.errors import CorruptBlobError, KVzipError
+
+from .blob import BlobReader, ReadStats, file_sha256
+from .cachefile import document_header
+from .indexer import content_hash
+from .loading import read_cache
+from .records import GCReport, VerifyProblem, VerifyReport, cache_record
+from .schema import Cache, Prefix, Segment
+
+
+def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
+    """Check every blob (or those of ``doc_ids``): present, same sha256 as recorded, valid header and
+    checksums, and describing the cache its row says. Problems are reported, nothing is changed."""
+    report = VerifyReport()
+    with store._read() as session:
+        stmt = sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id)
+        if doc_ids is not None:
+            ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+            stmt = stmt.where(Segment.document_id.in_(ids))
+        prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
+        found = [(cache_record(c, s), prefixes.get(c.prefix_id), s.text)
+                 for c, s in session.execute(stmt.order_by(Cache.id))]
+    bad_prefixes = {}
+    for row in {p.id: p for _, p, _ in found if p is not None}.values():
+        try:
+            if file_sha256(store.blobs, row.blob_path) != row.sha256:
+                raise CorruptBlobError(f"the shared prefix of model {row.model_name!r} is corrupted (sha256)")
+            with BlobReader(store.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}") as reader:
+                reader.verify_payload()
+        except FileNotFoundError:
+            bad_prefixes[row.id] = f"the shared prefix of model {row.model_name!r} is missing"
+        except KVzipError as error:
+            bad_prefixes[row.id] = str(error)
+    for record, prefix_row, text in found:
+        report.checked += 1
+        label = store._label(record.document_id, record.segment_index)
+        try:
+            if prefix_row is not None and prefix_row.id in bad_prefixes:
+                raise CorruptBlobError(f"{label}: {bad_prefixes[prefix_row.id]}")
+            if file_sha256(store.blobs, record.blob_path) != record.sha256:
+                raise CorruptBlobError(f"{label} is corrupted: its sha256 differs from the one recorded")
+            with BlobReader(store.blobs, record.blob_path, label) as reader:
+                reader.verify_payload()
+                header = document_header(reader)
+            if header.segment_sha256 and header.segment_sha256 != content_hash(text):
+                raise CorruptBlobError(f"{label}: the blob was built from another text than its segment's")
+            read_cache(store, record, prefix_row, None, None, ReadStats())
+        except FileNotFoundError:
+            report.problems.append(VerifyProblem(record.id, record.document_id, record.segment_index,
+                                                 record.blob_path, f"{label}: the blob is missing"))
+        except KVzipError as error:
+            report.problems.append(
+                VerifyProblem(record.id, record.document_id, record.segment_index, record.blob_path, str(error))
+            )
+    return report
+
+def collect_garbage(store, *, min_age_s: float, dry_run: bool = False) -> GCReport:
+    """Remove blobs (and stale temp files) that no row points to and that are older than ``min_age_s``
+    (default 600 s: younger ones may belong to an add still in progress in another process). ``now=True``
+    is ``min_age_s=0``: only for a quiet store, where no other process is indexing. Reports rows whose blob is
+    missing in ``missing`` (``verify()`` says more). Works on a read-only database (it only reads rows) and on
+    a full disk."""
+    if not dry_run:
+        store._require_writable()
+    report = GCReport()
+    with store._read() as session:
+        referenced = dict(session.execute(sa.select(Cache.blob_path, Cache.id)).all())
+        prefixes = set(session.scalars(sa.select(Prefix.blob_path)))
+    clock = time.time()
+    entries = list(store.blobs.entries())
+    for relative, size, mtime in entries:
+        if relative in referenced or relative in prefixes:
+            continue
+        name = relative.rsplit("/", 1)[-1]
+        if not (name.endswith(".safetensors") or name.endswith(".tmp")):
+            continue  # not ours (the reserve included): never touch files we did not write
+        if clock - mtime < min_age_s:
+            continue
+        report.removed.append(relative)
+        report.freed_nbytes += size
+        if not dry_run:
+            store.blobs.delete(relative)
+    present = {name for name, _, _ in entries}
+    report.missing = sorted(cid for rel, cid in referenced.items() if rel not in present)
+    if not dry_run:
+        store._keep_reserve()
+    return report
