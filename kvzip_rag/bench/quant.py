@@ -222,6 +222,9 @@ def summarize(rows: list[dict], variants_: list[dict], disk: list[dict], ttft: l
     nll16 = {(r["doc"], r["qid"], r.get("ratio")): r["nll"] for r in squad if r.get("kv_bits") == 16}
     points = sorted({(r["method"], r.get("ratio"), r.get("kv_bits")) for r in squad + needle},
                     key=lambda x: (-(x[1] or 0), -(x[2] or 0)))
+    # the questions every point has an NLL for: the only fair comparison across ratios
+    measured = [{(r["doc"], r["qid"]) for r in by(squad, m) if r["nll"] is not None} for m, _, _ in points]
+    common = set.intersection(*measured) if measured and all(measured) else set()
     table = []
     for method, ratio, bits in points:
         items = by(squad, method)
@@ -231,6 +234,7 @@ def summarize(rows: list[dict], variants_: list[dict], disk: list[dict], ttft: l
         table.append({
             "method": method, "ratio": ratio, "kv_bits": bits, "n_nll": len([r for r in items if r["nll"] is not None]),
             "nll": mean(r["nll"] for r in items), "nll_minus_16bit": mean(deltas) if bits != 16 else None,
+            "n_common": len(common), "nll_common": mean(r["nll"] for r in items if (r["doc"], r["qid"]) in common),
             "nll_minus_16bit_se": stderr(deltas) if bits != 16 else None,
             "n_f1": len([r for r in items if r["f1"] is not None]), "f1": mean(r["f1"] for r in items),
             "needle_hit": mean(r["hit"] for r in by(needle, method)), "n_needle": len(by(needle, method)),
@@ -247,12 +251,13 @@ def markdown(results: dict) -> list[str]:
     if not quant:
         return []
     lines = ["", "## Quantized caches (task quant)", "",
-             "| method | ratio | bits | n NLL | gold NLL | NLL - 16 bit (se) | n F1 | F1 | needle | store blob / full "
-             "| standalone file / full |", "|" + "---|" * 11]
+             "| method | ratio | bits | n NLL | gold NLL | NLL - 16 bit (se) | NLL, questions common to all points "
+             "| n F1 | F1 | needle | store blob / full | standalone file / full |", "|" + "---|" * 12]
     f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for p in quant["pareto"]:
         delta = "-" if p["nll_minus_16bit"] is None else f"{p['nll_minus_16bit']:+.4f} ({f(p['nll_minus_16bit_se'], 4)})"
-        lines.append(f"| {p['method']} | {p['ratio']:g} | {p['kv_bits']} | {p['n_nll']} | {f(p['nll'])} | {delta} | "
+        common = f"{f(p['nll_common'])} (n = {p['n_common']})"
+        lines.append(f"| {p['method']} | {p['ratio']:g} | {p['kv_bits']} | {p['n_nll']} | {f(p['nll'])} | {delta} | {common} | "
                      f"{p['n_f1']} | {f(p['f1'])} | {f(p['needle_hit'], 2)} ({p['n_needle']}) | "
                      f"{f(p['file_vs_full'], 4)} | {f(p['standalone_file_vs_full'], 4)} |")
     if quant["ttft"]:
@@ -277,7 +282,7 @@ def plot(results: dict, out_dir: Path) -> Path | None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for bits, marker in ((16, "o"), (8, "s"), (4, "^")):
-        points = sorted((p["file_vs_full"], p["nll"], p["f1"], p["ratio"]) for p in quant["pareto"]
+        points = sorted((p["file_vs_full"], p["nll_common"], p["f1"], p["ratio"]) for p in quant["pareto"]
                         if p["kv_bits"] == bits and p["method"] != "full" and p["file_vs_full"] is not None)
         if not points:
             continue
@@ -288,13 +293,15 @@ def plot(results: dict, out_dir: Path) -> Path | None:
                 ax.annotate(f"{r:g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     full = next((p for p in quant["pareto"] if p["method"] == "full"), None)
     if full:
-        axes[0].axhline(full["nll"], color="k", linestyle="--", label="full cache")
+        axes[0].axhline(full["nll_common"], color="k", linestyle="--", label="full cache")
         if full["f1"] is not None:
             axes[1].axhline(full["f1"], color="k", linestyle="--", label="full cache")
-    for ax, label in ((axes[0], "mean gold NLL (lower is better)"), (axes[1], "F1")):
-        ax.set(xscale="log", xlabel="blob bytes / full cache bytes (log)", ylabel=label)
+    n = quant["pareto"][0]["n_common"]
+    for ax, label in ((axes[0], f"mean gold NLL, {n} common questions (lower: better)"),
+                      (axes[1], "F1")):
+        ax.set(xlabel="store blob bytes / full cache bytes", ylabel=label, xlim=(0, None))
         ax.legend(fontsize=8)
-    axes[0].set_title("SQuAD: quality vs bytes, ratio x bits (labels: ratio)")
+    axes[0].set_title("SQuAD: quality vs bytes, ratio x bits (labels: ratio)", fontsize=10)
     fig.tight_layout()
     path = out_dir / "quant.png"
     fig.savefig(path, dpi=110)
