@@ -40,6 +40,7 @@ def test_quant_task_rows_pareto_and_report(tiny_llama, tiny_data, tmp_path):  # 
     ttft = stored["quant"]["ttft"]
     assert [t["kv_bits"] for t in ttft] == [16, 8, 4] and ttft[2]["file_bytes"] < ttft[0]["file_bytes"]
     assert ttft[2]["quantized_in_memory_first_token_s"] > 0
+    assert all(t["cold_load_s"] is None or t["cold_load_s"] > 0 for t in ttft)
     md = (out / "results.md").read_text()
     assert "## Quantized caches (task quant)" in md and "kvzip-pair-int4@0.1" in md
     assert (out / "quant.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
