@@ -102,9 +102,9 @@ def read_layer(
     groups = reader.rows(f"g.{index}", group_counts(keep_q, spec.key_group).tolist())
     width = spec.code_width(head_dim)
     value_groups = head_dim // spec.value_group_for(head_dim)
-    if full.dim() != 3 or full.shape[1:] != (2, head_dim) or entries.dim() != 2 \
-            or entries.shape[1] != 2 * width + 4 * value_groups or groups.dim() != 3 or groups.shape[1:] != (2, head_dim) \
-            or groups.dtype != SCALE_DTYPE or full.dtype != dtype or entries.dtype != torch.uint8:
+    if full.dim() != 3 or full.shape[1:] != (2, head_dim) or full.dtype != dtype \
+            or entries.dim() != 2 or entries.shape[1] != 2 * width + 4 * value_groups or entries.dtype != torch.uint8 \
+            or groups.dim() != 3 or groups.shape[1:] != (2, head_dim) or groups.dtype != SCALE_DTYPE:
         raise reader.fail(f"quantized tensors of layer {index} do not match the header")
     fp16 = lambda a, z: entries[:, a:z].contiguous().view(SCALE_DTYPE)  # noqa: E731
     new_offsets = torch.zeros_like(offsets)

@@ -136,7 +136,8 @@ def test_structure_and_full_precision_rows_survive(tiny_llama):
             assert torch.equal(before.keys[start : start + keep], after.keys[start : start + keep])
             assert torch.equal(before.values[start : start + keep], after.values[start : start + keep])
             if count > full_rows:
-                assert not torch.equal(before.keys[start + keep : start + count], after.keys[start + keep : start + count])
+                rest = slice(start + keep, start + count)
+                assert not torch.equal(before.keys[rest], after.keys[rest])
 
 
 @pytest.mark.parametrize("level", ["pair", "uniform"])
@@ -206,7 +207,8 @@ def test_dropping_the_prefix_keeps_the_documents_own_entries(tiny_llama):
     for layer, whole in zip(quantized.layers, restored.layers):
         body = layer.drop_prefix(prefix).dequantize()
         assert torch.equal(body.counts, whole.counts - prefix)
-        rows = torch.cat([torch.arange(a + prefix, z) for a, z in zip(whole.offsets[:-1].tolist(), whole.offsets[1:].tolist())])
+        bounds = zip(whole.offsets[:-1].tolist(), whole.offsets[1:].tolist())
+        rows = torch.cat([torch.arange(a + prefix, z) for a, z in bounds])
         assert torch.equal(body.keys, whole.keys[rows]) and torch.equal(body.values, whole.values[rows])
         assert torch.equal(body.positions, whole.positions[rows])
     with pytest.raises(ValueError, match="not entirely unquantized"):

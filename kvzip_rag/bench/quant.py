@@ -276,7 +276,8 @@ def markdown(results: dict) -> list[str]:
              "| n F1 | F1 | needle | store blob / full | standalone file / full |", "|" + "---|" * 12]
     f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for p in quant["pareto"]:
-        delta = "-" if p["nll_minus_16bit"] is None else f"{p['nll_minus_16bit']:+.4f} ({f(p['nll_minus_16bit_se'], 4)})"
+        delta = "-" if p["nll_minus_16bit"] is None else \
+            f"{p['nll_minus_16bit']:+.4f} ({f(p['nll_minus_16bit_se'], 4)})"
         common = f"{f(p['nll_common'])} (n = {p['n_common']})"
         lines.append(f"| {p['method']} | {p['ratio']:g} | {p['kv_bits']} | {p['n_nll']} | {f(p['nll'])} | {delta} | "
                      f"{common} | "
