@@ -20,6 +20,7 @@ them.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -147,6 +148,7 @@ class QuantTask:
             base, full = self.prepared(text)
             bench.say(f"quant-needle {doc_id}: {base.info.context_length} tokens")
             grid = [("full", 1.0, 16, full), *variants(base, p.quant_needle_ratios)]
+            timed = []
             for method, ratio, bits, cache in grid:
                 self.record_bytes("quant-needle", doc.id, method, ratio, bits, cache, base.info.context_length)
                 gen = measure.packed_answer(model, cache, question.question, p.needle_max_new_tokens,
@@ -154,47 +156,56 @@ class QuantTask:
                 row = bench.add_row("quant-needle", doc, question, method, gen, kv_bits=bits, ratio=ratio)
                 row["hit"] = needle_hit(gen.text)
                 if doc_id == ttft_doc and ratio == _main(p.quant_needle_ratios):
-                    self.measure_ttft(doc_id, method, ratio, bits, cache)
+                    timed.append((method, ratio, bits, cache))
+            if timed:
+                self.measure_ttft(doc_id, timed)
 
-    def measure_ttft(self, doc_id: str, method: str, ratio: float, bits: int, cache) -> None:
-        """Stored blob -> first token, per bit width; and from memory with the quantized vs dequantized form."""
+    def measure_ttft(self, doc_id: str, timed: list) -> None:
+        """Stored blob -> first token per bit width, and from memory holding the quantized vs the dequantized
+        form. The bit widths take turns inside every repeat, so a change in the machine's load hits them alike."""
         from kvzip_rag.store.cachefile import read_cache, write_cache
 
-        p, model = self.preset, self.model
-        question = bench_data.NEEDLE_QUESTION
-        path = Path(self.bench._tmp.name) / f"quant-ttft-{bits}.safetensors"
-        written = write_cache(cache, path)
-        stored, loads, cold, dequant, in_memory = [], [], [], [], []
-        for _ in range(p.ttft_repeats):
+        model, question = self.model, bench_data.NEEDLE_QUESTION
+        paths = {bits: Path(self.bench._tmp.name) / f"quant-ttft-{bits}.safetensors" for _, _, bits, _ in timed}
+        sizes = {bits: len(write_cache(cache, paths[bits]).blob.data) for _, _, bits, cache in timed}
+        times = {bits: {"stored": [], "load": [], "cold": [], "memory": [], "quantized_memory": []}
+                 for _, _, bits, _ in timed}
+
+        def clock(action) -> float:
             start = time.perf_counter()
-            loaded = read_cache(path)
-            loaded_at = time.perf_counter()
-            measure.first_token(model, loaded, question)
-            stored.append(time.perf_counter() - start)
-            loads.append(loaded_at - start)
-            del loaded
-            if _evict_from_page_cache(path):  # the same read from the disk itself
+            action()
+            return time.perf_counter() - start
+
+        for _ in range(self.preset.ttft_repeats):
+            for _, _, bits, cache in timed:
+                t, path = times[bits], paths[bits]
                 start = time.perf_counter()
-                read_cache(path)
-                cold.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            measure.first_token(model, cache, question)
-            in_memory.append(time.perf_counter() - start)
-            if cache.quantized is not None:
-                start = time.perf_counter()
-                measure.first_token(model, cache.quantized.dequantize(), question)
-                dequant.append(time.perf_counter() - start)
-        self.ttft.append({
-            "doc": doc_id, "context_tokens": cache.info.context_length, "method": method, "ratio": ratio,
-            "kv_bits": bits, "file_bytes": len(written.blob.data), "load_s": min(loads),
-            "cold_load_s": min(cold) if cold else None,
-            "stored_first_token_s": min(stored), "in_memory_first_token_s": min(in_memory),
-            "quantized_in_memory_first_token_s": min(dequant) if dequant else None,
-            "memory_bytes_dequantized": cache.nbytes,
-            "memory_bytes_quantized": cache.quantized.nbytes if cache.quantized is not None else cache.nbytes,
-            "note": "page cache warm (the blob was just written); best of repeats; standalone file (prefix inline)",
-        })
-        path.unlink()
+                loaded = read_cache(path)
+                t["load"].append(time.perf_counter() - start)
+                measure.first_token(model, loaded, question)
+                t["stored"].append(time.perf_counter() - start)
+                del loaded
+                if _evict_from_page_cache(path):  # the same read from the disk itself
+                    t["cold"].append(clock(lambda: read_cache(path)))
+                t["memory"].append(clock(lambda: measure.first_token(model, cache, question)))
+                if cache.quantized is not None:
+                    t["quantized_memory"].append(clock(
+                        lambda: measure.first_token(model, cache.quantized.dequantize(), question)))
+        best = lambda values: min(values) if values else None  # noqa: E731
+        for method, ratio, bits, cache in timed:
+            t = times[bits]
+            self.ttft.append({
+                "doc": doc_id, "context_tokens": cache.info.context_length, "method": method, "ratio": ratio,
+                "kv_bits": bits, "file_bytes": sizes[bits], "load_s": best(t["load"]), "cold_load_s": best(t["cold"]),
+                "stored_first_token_s": best(t["stored"]), "in_memory_first_token_s": best(t["memory"]),
+                "quantized_in_memory_first_token_s": best(t["quantized_memory"]),
+                "median_load_s": statistics.median(t["load"]), "repeats": len(t["load"]),
+                "memory_bytes_dequantized": cache.nbytes,
+                "memory_bytes_quantized": cache.quantized.nbytes if cache.quantized is not None else cache.nbytes,
+                "note": "best of repeats, bit widths interleaved; standalone file (prefix inline); load_s with the "
+                        "file in the page cache, cold_load_s after evicting its pages",
+            })
+            paths[bits].unlink()
 
     def run(self) -> None:
         for part in (self.squad, self.needle):
@@ -316,7 +327,7 @@ def plot(results: dict, out_dir: Path) -> Path | None:
             for x, y, r in pts:
                 ax.annotate(f"{r:g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     full = next((p for p in quant["pareto"] if p["method"] == "full"), None)
-    if full:
+    if full and full["nll_common"] is not None:
         axes[0].axhline(full["nll_common"], color="k", linestyle="--", label="full cache")
         if full["f1"] is not None:
             axes[1].axhline(full["f1"], color="k", linestyle="--", label="full cache")
