@@ -1,84 +1,76 @@
-"""LangChain LCEL: a question-answering chain whose "LLM context" is a KVzip-compressed KV cache.
+"""LangChain LCEL over KVzip-compressed KV caches, with no LlamaIndex involved.
 
     python examples/langchain_chain.py
 
-The sample documents are compressed once into a ``KVzipIndex`` (temporary store). Then:
+The sample documents are compressed once into a store (a temporary folder here). Then:
 
-1. ``create_kvzip_qa_chain(index)`` is a Runnable: question in, ``{"answer", "sources"}`` out; ``.pick("answer")
-   | StrOutputParser()`` streams just the text.
-2. It composes with other Runnables: a prompt template rewrites a topic into a question before it reaches the chain.
-3. ``KVzipRetriever`` and ``ChatKVzip`` are a plain LangChain retriever and chat model, here wired by hand.
+1. The idiomatic RAG chain ``{"context": retriever, "question": RunnablePassthrough()} | prompt | chat_model``:
+   ``ChatKVzip`` recognises the retrieved segments inside the prompt and answers from *their caches* (it does not
+   re-read their text); ``response_metadata["cached_documents"]`` says so.
+2. ``create_kvzip_qa_chain(qa)``: question in, ``{"answer", "sources"}`` out; ``.pick("answer") |
+   StrOutputParser()`` streams the text; it composes with prompts, ``itemgetter``, ``batch``.
+3. ``ChatKVzip`` as a chat model for follow-up turns (the history is replayed after the same compressed document).
 """
 
 from __future__ import annotations
 
+import tempfile
 from operator import itemgetter
 from pathlib import Path
 
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import PromptTemplate
-from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
-from llama_index.core import Document
+from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
+from langchain_core.runnables import RunnablePassthrough
 
-from kvzip_rag import KVzipIndex
 from kvzip_rag.integrations.langchain import ChatKVzip, KVzipRetriever, create_kvzip_qa_chain
+from kvzip_rag.qa import QAService
 
 DOCS = Path(__file__).resolve().parent / "docs"
 
 
-def load_index() -> KVzipIndex:
-    documents = [
-        Document(text=path.read_text(), doc_id=path.name, metadata={"file_name": path.name})
-        for path in sorted(DOCS.iterdir()) if path.suffix in (".md", ".txt")
-    ]
-    return KVzipIndex.from_documents(documents, ratio=0.3)
-
-
 def main() -> None:
-    index = load_index()
+    with tempfile.TemporaryDirectory() as folder:
+        qa = QAService(folder)  # the store; the default model loads on first use (threads: by load)
+        for path in sorted(DOCS.iterdir()):
+            if path.suffix in (".md", ".txt"):
+                qa.store.add_document(qa.model, path.read_text(), doc_id=path.name, ratio=0.3)
+        run(qa)
 
-    # 1. The ready QA chain, and its answer streamed through StrOutputParser.
-    qa = create_kvzip_qa_chain(index, max_new_tokens=48)
-    result = qa.invoke({"question": "Who was the engineer of the stone bridge over the River Alder?"})
-    print("A:", result["answer"])
+
+def run(qa: QAService) -> None:
+    retriever = KVzipRetriever(qa=qa, k=2)
+    chat = ChatKVzip(qa=qa, max_tokens=48)
+
+    # 1. The idiomatic chain: retrieved Documents go into the prompt, the chat model answers from their caches.
+    prompt = ChatPromptTemplate.from_template("Answer from the context only.\n\n{context}\n\nQuestion: {question}")
+    rag = {"context": retriever, "question": RunnablePassthrough()} | prompt | chat
+    message = rag.invoke("How long is the warranty of the Corvo S2?")
+    print("A:", message.content)
+    print("   answered from", message.response_metadata["cached_documents"], "cached segment(s);",
+          message.usage_metadata["input_token_details"]["cache_read"], "input tokens served from caches")
+
+    # 2. The ready QA chain, its answer streamed through StrOutputParser, and composition.
+    chain = create_kvzip_qa_chain(qa, max_new_tokens=48)
+    result = chain.invoke({"question": "Who was the engineer of the stone bridge over the River Alder?"})
+    print("\nA:", result["answer"])
     print("   sources:", [doc.metadata["doc_id"] for doc in result["sources"]])
-
-    answer_text = qa.pick("answer") | StrOutputParser()
-    print("\nstreamed: ", end="", flush=True)
-    for piece in answer_text.stream("How much water does the tank of the Corvo S2 hold?"):
+    print("streamed: ", end="", flush=True)
+    for piece in (chain.pick("answer") | StrOutputParser()).stream("How much water does the Corvo S2 tank hold?"):
         print(piece, end="", flush=True)
     print()
-
-    # 2. Composition: a prompt template feeds the chain, itemgetter keeps the answer; batch runs several inputs.
     about = PromptTemplate.from_template("At what temperature are the {item} baked?")
-    chain = about | qa | itemgetter("answer")
-    print("\nprompt | chain:", chain.invoke({"item": "saffron buns"}))
-    # RunnablePassthrough keeps the input next to the answer.
-    with_answer = RunnablePassthrough.assign(answer=qa | itemgetter("answer"))
+    print("prompt | chain:", (about | chain | itemgetter("answer")).invoke({"item": "saffron buns"}))
+    with_answer = RunnablePassthrough.assign(answer=chain | itemgetter("answer"))
     for row in with_answer.batch([{"question": "Who founded the town of Wrenfield?"},
                                   {"question": "How long does the lemon barley soup simmer?"}]):
         print(f"batch: {row}")
 
-    # 3. The retriever and the chat model as separate LCEL pieces.
-    retriever = KVzipRetriever(index=index, k=2)
-    chat = ChatKVzip(index=index, max_tokens=48)
-    to_messages = RunnableLambda(lambda x: [HumanMessage(x["question"])])
-    rag = RunnableParallel(
-        sources=itemgetter("question") | retriever,
-        answer=to_messages | chat | StrOutputParser(),
-    )
-    out = rag.invoke({"question": "How long is the warranty of the Corvo S2?"})
-    print(f"\nchat model: {out['answer']}")
-    print("   retrieved:", [(doc.metadata["doc_id"], round(doc.metadata["score"], 2)) for doc in out["sources"]])
-
-    # A follow-up turn: the history is replayed after the same compressed document.
-    follow_up = chat.invoke([
-        HumanMessage("How long is the warranty of the Corvo S2?"),
-        AIMessage(out["answer"]),
-        HumanMessage("Does the warranty cover damage caused by limescale?"),
-    ])
-    print(f"follow-up: {follow_up.content}")
+    # 3. A conversation: the history is replayed after the same compressed document.
+    first = chat.invoke("How long is the warranty of the Corvo S2?")
+    follow_up = chat.invoke([HumanMessage("How long is the warranty of the Corvo S2?"), AIMessage(first.content),
+                             HumanMessage("Does the warranty cover damage caused by limescale?")])
+    print(f"\nchat: {first.content}\nfollow-up: {follow_up.content}")
 
 
 if __name__ == "__main__":

@@ -4,36 +4,52 @@
     >>> model = kvzip_rag.load_model()                 # SmolLM2-135M-Instruct, converted once from its GGUF
     >>> cache = kvzip_rag.compress(model, text, ratio=0.3)
     >>> kvzip_rag.answer(model, cache, "Who wrote it?").text
+
+Names are imported on first use, so ``import kvzip_rag`` (and CLI commands that need no model, such as ``ls``)
+does not import torch or transformers.
 """
 
-from .cache import CacheInfo, PackedCache, PackedLayer
-from .compress import compress
-from .errors import (
-    ContextTooLongError,
-    CorruptBlobError,
-    EmptyDocumentError,
-    InvalidArgumentError,
-    KVzipError,
-    ModelMismatchError,
-    ModelNotFoundError,
-)
-from .generate import Answer, AnswerStream, Conversation, answer, stream_answer
-from .models import DEFAULT_MODEL, KVzipModel, load_model, wrap_model
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_MODEL", "Answer", "AnswerStream", "CacheInfo", "ContextTooLongError", "Conversation", "CorruptBlobError",
-    "EmptyDocumentError", "InvalidArgumentError", "KVzipError", "KVzipModel", "ModelMismatchError",
-    "ModelNotFoundError", "PackedCache", "PackedLayer", "answer", "compress", "load_model", "stream_answer",
-    "wrap_model",
-]
+_EXPORTS = {
+    "CacheInfo": "cache", "PackedCache": "cache", "PackedLayer": "cache",
+    "compress": "compress",
+    "ContextTooLongError": "errors", "CorruptBlobError": "errors", "DocumentNotFoundError": "errors",
+    "EmptyDocumentError": "errors", "InvalidArgumentError": "errors", "KVzipError": "errors",
+    "ModelMismatchError": "errors", "ModelNotFoundError": "errors", "StoreError": "errors",
+    "StoreFullError": "errors",
+    "Answer": "generate", "AnswerStream": "generate", "Conversation": "generate", "answer": "generate",
+    "stream_answer": "generate",
+    "DEFAULT_MODEL": "models", "KVzipModel": "models", "load_model": "models", "wrap_model": "models",
+    "QAService": "qa",
+    "KVzipIndex": "integrations.llamaindex",
+}
+
+__all__ = sorted(n for n in _EXPORTS if n != "KVzipIndex")
 
 
 def __getattr__(name: str):
-    """``from kvzip_rag import KVzipIndex`` without importing LlamaIndex for users who never touch it."""
-    if name == "KVzipIndex":
-        from .integrations.llamaindex import KVzipIndex
+    """Import an exported name on first use (``KVzipIndex`` without importing LlamaIndex before it is needed)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvzip_rag' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    if name != "compress":
+        globals()[name] = value
+    return value
 
-        return KVzipIndex
-    raise AttributeError(f"module 'kvzip_rag' has no attribute {name!r}")
+
+class _Package(types.ModuleType):
+    """``kvzip_rag.compress`` is the function; importing the submodule of the same name must not replace it."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "compress" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

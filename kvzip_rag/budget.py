@@ -13,6 +13,16 @@ import torch
 from .errors import InvalidArgumentError
 
 LEVELS = ("pair", "uniform", "head")
+RATIO_TOLERANCE = 1e-9  # ratios are stored as floats: two within this are the same ratio
+
+
+def same_ratio(a: float, b: float) -> bool:
+    return abs(a - b) <= RATIO_TOLERANCE
+
+
+def ratio_covers(stored: float, wanted: float) -> bool:
+    """A cache stored at ``stored`` can load at ``wanted`` (any lower ratio is a prefix of each head)."""
+    return wanted <= stored + RATIO_TOLERANCE
 
 
 def check_ratio_level(ratio: float, level: str) -> None:

@@ -26,6 +26,7 @@ from kvzip_rag.errors import (
     StoreError,
     StoreFullError,
 )
+from kvzip_rag.paths import default_store_path
 
 from . import loading, maintenance
 from .backup import copy_folder_store
@@ -98,13 +99,7 @@ class CacheStore:
         database: Path | None = None
         if url is None:
             if path is None:
-                env = os.environ.get("KVZIP_RAG_STORE")
-                if env:
-                    path = env
-                else:
-                    import platformdirs
-
-                    path = Path(platformdirs.user_data_dir("kvzip-rag")) / "store"
+                path = default_store_path()
             self.path: Path | None = Path(path).expanduser().resolve()
             database = self.path / DB_NAME
             blob_dir = blob_dir or self.path / BLOB_DIR_NAME

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kvzip_rag.budget import check_ratio_level
+from kvzip_rag.budget import check_ratio_level, ratio_covers
 from kvzip_rag.cache import (
     CacheInfo,
     PackedCache,
@@ -221,7 +221,7 @@ def check_loadable(stored: CacheInfo, ratio: float | None, level: str | None, wh
     ratio = stored.ratio if ratio is None else float(ratio)
     level = level or stored.level
     check_ratio_level(ratio, level)
-    if ratio > stored.ratio + 1e-12:
+    if not ratio_covers(stored.ratio, ratio):
         raise InvalidArgumentError(
             f"{where} is stored at ratio {stored.ratio}; it can load at any ratio up to that, not {ratio} "
             "(recompress the document at a higher ratio)"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 
-from kvzip_rag.budget import check_ratio_level
+from kvzip_rag.budget import check_ratio_level, same_ratio
 from kvzip_rag.cache import PackedCache, PrefixKV
 from kvzip_rag.errors import InvalidArgumentError, KVzipError, ModelMismatchError
 from kvzip_rag.quant import check_bits
@@ -40,7 +40,7 @@ def content_hash(text: str) -> str:
 def scorer_name(scorer, level: str) -> str:
     from kvzip_rag.compress import resolve_scorer
 
-    return "kvzip-head" if level == "head" else resolve_scorer(scorer).name
+    return resolve_scorer(scorer, level).name
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class CacheKind:
         """Same model, template, ratio, level and scorer: a segment holds one such cache, whatever its bits."""
         return (c.model_fingerprint, c.template_digest, c.level, c.scorer) == (
             self.fingerprint, self.template, self.level, self.scorer
-        ) and abs(c.ratio - self.ratio) < 1e-9
+        ) and same_ratio(c.ratio, self.ratio)
 
     def matches(self, c: Cache | CacheRecord) -> bool:
         return self.same_slot(c) and (c.kv_bits or 16) == self.kv_bits

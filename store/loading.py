@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
+from kvzip_rag.budget import same_ratio
 from kvzip_rag.cache import PackedCache, cache_info
 from kvzip_rag.errors import CorruptBlobError, DocumentNotFoundError, InvalidArgumentError, ModelMismatchError
 
@@ -99,7 +100,7 @@ def read_cache(store, record: CacheRecord, prefix_row: Prefix | None, ratio, lev
         info = header.info
         if (info.model_fingerprint, info.template_digest, info.level, info.context_length) != (
             record.model_fingerprint, record.template_digest, record.level, record.context_length
-        ) or abs(info.ratio - record.ratio) > 1e-9:
+        ) or not same_ratio(info.ratio, record.ratio):
             raise CorruptBlobError(f"{label}: the blob does not describe the cache its row records")
         prefix = None
         if header.prefix == "shared":

@@ -28,7 +28,7 @@ def index(smol_tokenizer, tmp_path_factory):
 
 
 def test_retriever_documents_carry_segment_cache_and_document_metadata(index):
-    docs = KVzipRetriever(index=index, k=4).invoke("Who built the harbour of Velmora?")
+    docs = KVzipRetriever(qa=index, k=4).invoke("Who built the harbour of Velmora?")
     assert docs and len(docs) <= 4
     assert docs[0].metadata["doc_id"] == "harbour"  # the best match first
     for doc in docs:
@@ -43,7 +43,7 @@ def test_retriever_documents_carry_segment_cache_and_document_metadata(index):
 
 
 def test_retriever_per_call_k_doc_ids_and_async(index):
-    retriever = KVzipRetriever(index=index, k=3)
+    retriever = KVzipRetriever(qa=index, k=3)
     assert len(retriever.invoke("harbour", k=1)) == 1
     only = retriever.invoke("harbour", doc_ids=["orchard", "regatta"])
     assert {d.metadata["doc_id"] for d in only} == {"orchard", "regatta"}
@@ -57,7 +57,7 @@ def test_retriever_per_call_k_doc_ids_and_async(index):
 
 
 def test_chat_declares_missing_features_clearly(index):
-    chat = ChatKVzip(index=index)
+    chat = ChatKVzip(qa=index)
     with pytest.raises(NotImplementedError, match="tool calling"):
         chat.bind_tools([])
     with pytest.raises(NotImplementedError, match="structured output"):
@@ -78,7 +78,7 @@ def test_chat_declares_missing_features_clearly(index):
 
 
 def test_chat_routes_streams_and_reports_usage(index):
-    chat = ChatKVzip(index=index, max_new_tokens=6)
+    chat = ChatKVzip(qa=index, max_new_tokens=6)
     chunks = list(chat.stream("Who built the harbour of Velmora?"))
     assert len([c for c in chunks if c.content]) >= 2  # token by token
     full = chunks[0]
@@ -99,14 +99,14 @@ def test_chat_routes_streams_and_reports_usage(index):
 
 
 def test_chat_bound_documents_and_fallback(index):
-    bound = ChatKVzip(index=index, doc_ids=["orchard"], max_new_tokens=3)
+    bound = ChatKVzip(qa=index, doc_ids=["orchard"], max_new_tokens=3)
     assert bound.invoke("Who built the harbour?").response_metadata["doc_ids"] == ["orchard"]
-    unmatched = ChatKVzip(index=index, max_new_tokens=3).invoke("xylophone quantum zebra")
+    unmatched = ChatKVzip(qa=index, max_new_tokens=3).invoke("xylophone quantum zebra")
     assert unmatched.response_metadata["routing"] == "fallback" and unmatched.content
 
 
 def test_system_messages_are_folded_into_the_first_question(index):
-    chat = ChatKVzip(index=index, max_new_tokens=6)
+    chat = ChatKVzip(qa=index, max_new_tokens=6)
     folded = chat.invoke([SystemMessage("Answer in one word."), HumanMessage("Who built the harbour?")])
     manual = chat.invoke("Answer in one word.\n\nWho built the harbour?")
     assert folded.content == manual.content
@@ -114,20 +114,20 @@ def test_system_messages_are_folded_into_the_first_question(index):
 
 
 def test_follow_up_turns_reuse_the_conversation_cache(index):
-    chat = ChatKVzip(index=index, max_new_tokens=6)
+    chat = ChatKVzip(qa=index, max_new_tokens=6)
     first = chat.invoke("Who built the harbour?")
     history = [HumanMessage("Who built the harbour?"), first, HumanMessage("In which year?")]
     reused = chat.invoke(history)
     assert reused.response_metadata["reused_conversation"] is True
     assert reused.usage_metadata["input_token_details"]["cache_read"] > reused.response_metadata["document_tokens"]
-    replayed = ChatKVzip(index=index, max_new_tokens=6, reuse_conversations=0).invoke(history)
+    replayed = ChatKVzip(qa=index, max_new_tokens=6, reuse_conversations=0).invoke(history)
     assert replayed.response_metadata["reused_conversation"] is False
     assert replayed.content == reused.content  # replaying the turn gives the same cache tail
     assert replayed.usage_metadata["input_tokens"] == reused.usage_metadata["input_tokens"]
 
 
 def test_async_stream_stopped_early_releases_the_index_lock(index):
-    chat = ChatKVzip(index=index, max_new_tokens=50)
+    chat = ChatKVzip(qa=index, max_new_tokens=50)
 
     async def first_chunk():
         stream = chat.astream("Who built the harbour?")

@@ -17,6 +17,8 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 import kvzip_rag
 from kvzip_rag.integrations.langchain import ChatKVzip, KVzipRetriever
+from kvzip_rag.qa import QAService
+from kvzip_rag.store import CacheStore
 
 DOCUMENTS = {
     "harbour": (
@@ -50,15 +52,12 @@ def tiny_model(tokenizer) -> kvzip_rag.KVzipModel:
     return kvzip_rag.wrap_model(LlamaForCausalLM(config), tokenizer, name="tiny")
 
 
-def build_index(model, documents: dict[str, str], path):
-    """A KVzipIndex over ``documents`` (id -> text), stored under ``path``."""
-    from llama_index.core import Document as LlamaDocument
-
-    from kvzip_rag.integrations.llamaindex import KVzipIndex
-    from kvzip_rag.store import CacheStore
-
-    docs = [LlamaDocument(text=text, id_=doc_id, metadata={"topic": doc_id}) for doc_id, text in documents.items()]
-    return KVzipIndex.from_documents(docs, model=model, store=CacheStore(path))
+def build_index(model, documents: dict[str, str], path) -> QAService:
+    """A QA service over a store holding ``documents`` (id -> text) under ``path`` (no LlamaIndex involved)."""
+    store = CacheStore(path)
+    for doc_id, text in documents.items():
+        store.add_document(model, text, doc_id=doc_id, metadata={"topic": doc_id}, ratio=0.3)
+    return QAService(store, model, ratio=0.3)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,7 +75,7 @@ class TestKVzipRetrieverStandard(RetrieversIntegrationTests):
 
     @property
     def retriever_constructor_params(self) -> dict:
-        return {"index": _STATE["index"], "k": 2}
+        return {"qa": _STATE["index"], "k": 2}
 
     @property
     def retriever_query_example(self) -> str:
@@ -93,7 +92,7 @@ class _ChatKVzipConfig:
 
     @property
     def chat_model_params(self) -> dict:
-        return {"index": _STATE["index"], "max_new_tokens": 8}
+        return {"qa": _STATE["index"], "max_new_tokens": 8}
 
     @property
     def has_tool_calling(self) -> bool:

@@ -226,11 +226,12 @@ def test_top_k_answers_each_cache_and_keeps_the_best(index):
 def test_refusals_rank_below_real_answers():
     assert is_refusal("") and is_refusal("The context does not mention it.") and is_refusal("I don't know.")
     assert not is_refusal("Ellen Hale built it in 1887.")
-    from kvzip_rag.integrations.llamaindex import CacheAnswer, _choose
+    from kvzip_rag.qa import CacheAnswer, Target
+    from kvzip_rag.qa import choose_best as _choose
 
     def fake(text, logprob):
-        answer = kvzip_rag.Answer(text, [1], 1, 0.0, 0.0, "stop")
-        return CacheAnswer("d", 0, "d:0", 1.0, answer, [text], logprob, is_refusal(text), 0.0, 0, 1, 1, 0.3)
+        answer = kvzip_rag.Answer(text, [1], 1, 0.0, 0.0, "stop", mean_logprob=logprob)
+        return CacheAnswer(Target("d", 0, 1.0), answer, [text], is_refusal(text), 0.0, 0, 1, 1, 0.3)
 
     assert _choose([fake("Not mentioned in the context.", -0.1), fake("In 1887.", -2.0)]) == 1
     assert _choose([fake("In 1887.", -2.0), fake("In 1888.", -0.5)]) == 1

@@ -43,7 +43,7 @@ def next_token_logits(model, cache, question: str) -> torch.Tensor:
     ids = model.encode(model.template.question_text(question))
     cache.reset()
     with torch.inference_mode():
-        out = model.model(torch.tensor([ids]), past_key_values=cache, use_cache=True, kvzip_cache=cache)
+        out = model.forward(ids, cache)
     cache.reset()
     return out.logits[0, -1]
 

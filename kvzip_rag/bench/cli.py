@@ -15,7 +15,7 @@ import typer
 from .presets import get_preset, parse_overrides
 
 TASKS = ("squad", "needle", "narrativeqa")
-EXTRA_TASKS = ("quant",)  # run only when named with --task
+EXTRA_TASKS = ("fidelity", "quant")  # run only when asked for with --task
 
 
 def run_bench(
@@ -86,8 +86,9 @@ def bench(
     = Path("bench-out"),
     model: Annotated[str | None, typer.Option("--model", help="Model alias, folder, .gguf or hub id.")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="Run only this task (repeatable): squad, "
-                                                                  "needle, narrativeqa; quant (quantized caches) "
-                                                                  "runs only when named.")] = None,
+                                                                  "needle, narrativeqa; fidelity and quant (only when named); or contention "
+                                                                  "(decode speed under a competing CPU load, Python API beside the "
+                                                                  "CLI).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "
                                                                 "(repeatable), e.g. --set squad_docs=2 "
@@ -113,6 +114,17 @@ def bench(
         get_preset("quick", **overrides)  # validate names before loading anything
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
+    if task and "contention" in task:  # a separate measurement: decode speed under a competing CPU load
+        import json
+
+        from .contention import markdown, run_contention
+
+        result = run_contention(model, log=lambda message: typer.echo(message, err=True))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "contention.json").write_text(json.dumps(result, indent=2))
+        (out / "contention.md").write_text(markdown(result))
+        typer.echo(markdown(result))
+        return
     try:
         run_bench(preset="full" if full else "quick", data_dir=data, out_dir=out, model=model,
                   tasks=tuple(task) if task else TASKS, threads=threads, preset_overrides=overrides)

@@ -47,6 +47,20 @@ class Preset:
     chunk_tokens: int = 128  # chunk retrieval: chunk size in LLM tokens, overlap, chunks retrieved
     chunk_overlap: int = 16
     top_k: int = 3
+    # fidelity task (kvzip_rag.bench.fidelity): teacher-forced passes on many SQuAD questions, F1 on a subset
+    fidelity_questions: int = 300
+    fidelity_first_article: int = 0  # SQuAD article to start from (a later run can extend an earlier one)
+    fidelity_questions_per_doc: int = 15  # spread over many documents: the bootstrap resamples documents
+    fidelity_f1_questions: int = 100
+    fidelity_min_tokens: int = 500
+    fidelity_max_tokens: int = 900
+    fidelity_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    fidelity_f1_ratios: tuple[float, ...] = (0.3,)
+    fidelity_baselines: tuple[str, ...] = ("snapkv", "h2o")
+    fidelity_max_new_tokens: int = 16
+    fidelity_budget_minutes: float | None = None
+    fidelity_calibration_tokens: int = 1024  # kvzip-fast gate calibration (Paul Graham essays) when none exists
+    fidelity_calibration_segments: int = 10
     # task "quant" (quantized caches, bench/quant.py): SQuAD NLL for every ratio x {16, 8, 4} bits, answers (F1) at
     # quant_answer_ratios, needle hits at quant_needle_ratios; the stored-cache TTFT at ttft_length
     quant_squad_docs: int = 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import fidelity
 from .summary import parse_method
 
 PLOT_FAMILIES = ("kvzip-pair", "kvzip-uniform", "kvzip-head", "snapkv", "h2o", "keynorm", "random")
@@ -74,6 +75,7 @@ def markdown(results: dict, command: str | None = None) -> str:
 
     quality = summary["quality"]
     memory = summary["bytes"]["memory"]
+    lines += fidelity.markdown(summary)
     for task, title in (("squad", "SQuAD (one compressed cache per document, all its questions)"),
                         ("narrativeqa", "NarrativeQA summaries")):
         if task not in quality:

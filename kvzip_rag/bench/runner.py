@@ -35,6 +35,7 @@ from kvzip_rag.scorers import SCORERS, Scorer
 from kvzip_rag.scorers.calibration import head_scores
 
 from . import data as bench_data
+from .fidelity import run_fidelity
 from . import measure
 from .metrics import best_over, contains_gold, exact_match, f1_score, needle_hit
 from .presets import Preset
@@ -405,7 +406,7 @@ class Bench:
             self.calibration_s = time.perf_counter() - start
         for task in tasks:
             runner = {"squad": self.squad, "needle": self.needle, "narrativeqa": self.narrativeqa,
-                      "quant": self.quant_task}[task]
+                      "fidelity": lambda: run_fidelity(self), "quant": self.quant_task}[task]
             try:
                 runner()
             except FileNotFoundError as error:
@@ -421,6 +422,10 @@ class Bench:
             "rows": self.rows, "documents": self.documents, "variants": self.variants, "indexing": self.indexing,
             "decode": self.decode, "ttft": self.ttft, "disk": self.disk,
         }
+        if getattr(self, "fidelity", None):
+            raw["fidelity"] = self.fidelity
+        if getattr(self, "quant", None):
+            raw["quant"] = self.quant
         meta = {
             "preset": asdict(self.preset),
             "model": self.model.name,
@@ -438,8 +443,7 @@ class Bench:
             "memory": self.memory,
             "machine": machine_info(),
         }
-        extra = {"quant": self.quant} if getattr(self, "quant", None) else {}
-        return {"meta": meta, "summary": summarize(raw, self.preset), **raw, **extra}
+        return {"meta": meta, "summary": summarize(raw, self.preset), **raw}
 
 
 def _main_ratio(preset: Preset) -> float:

@@ -258,4 +258,10 @@ def summarize(raw: dict, preset: Preset) -> dict:
         },
     }
     summary["targets"] = targets(summary, preset)
+    if raw.get("fidelity"):
+        from . import fidelity
+
+        summary["quality"]["fidelity"] = fidelity.summarize(raw["fidelity"])
+        summary["targets"] += fidelity.targets(summary["quality"]["fidelity"], preset.fidelity_ratios,
+                                              summary["scoring"])
     return summary

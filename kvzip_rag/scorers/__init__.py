@@ -2,12 +2,14 @@
 
 from .base import PrefilledDocument, Scorer
 from .baselines import H2OScorer, KeyNormScorer, RandomScorer, SnapKVScorer
+from .fast import KVzipFastScorer
 from .head import HeadScorer
 from .kvzip import KVzipScorer
 
 SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (KVzipScorer, HeadScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
+    cls.name: cls
+    for cls in (KVzipScorer, HeadScorer, KVzipFastScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
 }
 
 __all__ = ["SCORERS", "H2OScorer", "HeadScorer", "KVzipScorer", "KeyNormScorer", "PrefilledDocument",
-           "RandomScorer", "Scorer", "SnapKVScorer"]
+           "RandomScorer", "Scorer", "SnapKVScorer", "KVzipFastScorer"]

@@ -1,0 +1,117 @@
+"""``create_kvzip_qa_chain``: question in, ``{"answer", "sources"}`` out, as a langchain-core ``RunnableGenerator``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.documents import Document
+from langchain_core.messages import BaseMessage
+from langchain_core.prompt_values import PromptValue
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator
+from langchain_core.runnables.utils import AddableDict
+
+from kvzip_rag.qa import QAResult, QAService, check_k, check_question, check_sampling
+
+from ._service import build_service, target_of
+from .chat_models import _text_of
+from .retrievers import KVzipRetriever
+
+
+def _question_of(value: Any) -> str:
+    """The question in a chain input: a string, ``{"question": ...}``, a prompt value or a message."""
+    if isinstance(value, dict):
+        for key in ("question", "query", "input"):
+            if key in value:
+                return _question_of(value[key])
+        raise ValueError('a KVzip QA chain input is a question string or a dict with a "question" key')
+    if isinstance(value, PromptValue):
+        return value.to_string()
+    if isinstance(value, BaseMessage):
+        return _text_of(value)
+    if isinstance(value, str):
+        return value
+    raise ValueError(f'a KVzip QA chain input is a question string or a dict with a "question" key, got {value!r}')
+
+
+
+
+def _annotated(sources: list[Document], result: QAResult | None) -> list[Document]:
+    """With several sources, each one's own answer and whether it was chosen (as the LlamaIndex engine does)."""
+    if result is None or len(result.answers) < 2:
+        return sources
+    by_key = {(a.doc_id, a.segment_index): a for a in result.answers}
+    out = []
+    for doc in sources:
+        found = by_key.get((doc.metadata["doc_id"], doc.metadata["segment_index"]))
+        if found is None:
+            out.append(doc)
+            continue
+        extra = {"answer": found.text, "mean_logprob": found.mean_logprob, "refusal": found.refusal,
+                 "chosen": found is result.best}
+        out.append(Document(page_content=doc.page_content, metadata={**doc.metadata, **extra}, id=doc.id))
+    return out
+
+
+def _merge(value: Any, chunk: Any) -> Any:
+    if value is None:
+        return chunk
+    try:
+        return value + chunk
+    except TypeError:
+        return chunk
+
+
+def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, store: Any = None, model: Any = None,
+                          threads: int | None = None, **sampling: Any) -> Runnable:
+    """A ready question-answering Runnable over compressed caches.
+
+    ``qa``: a :class:`kvzip_rag.qa.QAService` (shared with other adapters), or a store folder / ``CacheStore``
+    (then ``model=`` and ``threads=`` build the service), or anything carrying ``.qa`` (a ``KVzipIndex``).
+    Input: a question string, ``{"question": ...}`` (``"query"``/``"input"`` too), a prompt value or a message.
+    Output: ``{"answer": str, "sources": list[Document]}``: ``sources`` are the ``k`` segments
+    :class:`KVzipRetriever` returns, ``answer`` comes from their caches through the service (``k > 1``: best of
+    k; each source then carries its own ``answer``, ``mean_logprob``, ``refusal`` and ``chosen``). ``sampling``:
+    ``max_new_tokens`` (or ``max_tokens``), ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``.
+
+    ``stream``/``astream`` yield ``{"answer": piece}`` as tokens are generated (``k > 1``: once the best answer
+    is chosen), then ``{"sources": [...]}``; ``invoke``/``batch``/``ainvoke`` return the dict. It composes like
+    any Runnable: ``chain.pick("answer") | StrOutputParser()``, ``{"question": RunnablePassthrough()} | chain``.
+    """
+    if isinstance(qa, QAService) or hasattr(qa, "qa"):
+        service = build_service({"qa": qa if isinstance(qa, QAService) else None,
+                                 "index": None if isinstance(qa, QAService) else qa})
+    else:
+        service = build_service({"store": store if store is not None else qa, "model": model, "threads": threads})
+    check_k(k)
+    sampling = check_sampling(sampling)
+    retriever = KVzipRetriever(qa=service, k=k)
+
+    def start(value: Any, config: RunnableConfig) -> tuple[list[Document], Any]:
+        question = check_question(_question_of(value))
+        sources = retriever.invoke(question, config)
+        return sources, service.stream(question, targets=[target_of(d) for d in sources], **sampling)
+
+    def answer(inputs: Iterator[Any], config: RunnableConfig) -> Iterator[AddableDict]:
+        value = None
+        for chunk in inputs:  # one value, or the chunks of a streamed upstream value
+            value = _merge(value, chunk)
+        sources, stream = start(value, config)
+        yield AddableDict(answer="")  # the answer key comes first, even for an empty answer
+        for piece in stream:
+            yield AddableDict(answer=piece)
+        yield AddableDict(sources=_annotated(sources, stream.result))
+
+    async def aanswer(inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[AddableDict]:
+        from kvzip_rag.bridge import run_in_thread
+
+        value = None
+        async for chunk in inputs:
+            value = _merge(value, chunk)
+        sources, stream = await run_in_thread(lambda: start(value, config))
+        yield AddableDict(answer="")
+        async for piece in stream:
+            yield AddableDict(answer=piece)
+        yield AddableDict(sources=_annotated(sources, stream.result))
+
+    return RunnableGenerator(answer, aanswer, name="KVzipQAChain")

@@ -1,0 +1,331 @@
+"""``ChatKVzip``: a LangChain chat model answering from compressed document caches (core service + dialogue)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+
+from kvzip_rag.bridge import apush_in_thread
+from kvzip_rag.dialogue import ChatSession, fold_messages
+from kvzip_rag.errors import InvalidArgumentError
+from kvzip_rag.qa import QAService, Target
+
+from ._service import build_service, recall
+
+
+def _text_of(message: BaseMessage) -> str:
+    """The text of a message; refuses images, audio and files (this model reads text only)."""
+    content = message.content
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") in ("text", "text-plain"):
+            parts.append(str(block.get("text", "")))
+        elif isinstance(block, dict) and block.get("type") in ("reasoning", "thinking"):
+            continue
+        else:
+            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+            raise NotImplementedError(
+                f"ChatKVzip reads text only; a {kind!r} content block was given (images, audio and files are not "
+                "supported)"
+            )
+    return "".join(parts)
+
+
+def _check_no_tools(message: BaseMessage) -> None:
+    if message.type == "tool" or getattr(message, "tool_calls", None) or getattr(message, "invalid_tool_calls", None):
+        raise NotImplementedError(
+            "ChatKVzip does not support tool calling: it answers questions from compressed document caches; "
+            "remove tool calls and tool messages from the conversation"
+        )
+
+
+class ChatKVzip(BaseChatModel):
+    """A chat model that answers from compressed document caches.
+
+    Built from ``store=`` (a folder or ``CacheStore``) and ``model=`` (a ``KVzipModel``, alias or path; loaded on
+    first use with ``threads=``), or from ``qa=`` (a shared :class:`kvzip_rag.qa.QAService`).
+
+    **Retrieved Documents in the prompt** (the idiomatic ``{"context": retriever, "question": RunnablePassthrough()}
+    | prompt | chat_model`` chain): segments a :class:`KVzipRetriever` over the same store returned are recognised
+    in the last message (as text or as ``Document(...)`` reprs), cut out of the prompt, and the rest of the prompt
+    (instructions + question) is answered from *their caches* (best of them, as ``create_kvzip_qa_chain`` does)
+    instead of re-reading their text; ``response_metadata["cached_documents"]`` says how many.
+
+    **Otherwise** the conversation is appended after a compressed document, as the engine's follow-up turns are.
+    The segment is chosen by the *first* human message with the service's routing (full-text search; restricted to
+    ``doc_ids`` when bound; when nothing matches, the first segment, with ``response_metadata["routing"] ==
+    "fallback"``), so every call with the same conversation uses the same cache. Earlier turns are replayed into a
+    ``kvzip_rag.Conversation``; when the history is exactly a conversation this instance just answered, that
+    conversation's cache is reused instead (``reuse_conversations`` most recent ones are kept; nothing recomputed).
+
+    Messages: system messages are folded into the next human message as a leading paragraph (the model's own system
+    prompt is part of the cache's fixed prefix and cannot change); consecutive messages of one role are joined with
+    a blank line; message ``name`` fields are ignored. Text only: tool calling, structured output and image, audio
+    or file inputs are not supported (``bind_tools`` and ``with_structured_output`` raise ``NotImplementedError``,
+    so do tool messages and non-text content blocks).
+
+    ``stream``/``astream`` yield tokens as they are generated. Every answer carries ``usage_metadata``
+    (``input_tokens`` = document tokens + earlier turns + question, of which the tokens served from a cache are
+    ``input_token_details["cache_read"]``) and ``response_metadata``: ``model_name``, ``finish_reason``,
+    ``doc_ids``, ``cache_ids``, ``segment_index``, ``routing``, ``route_score``, ``ratio``, ``level``,
+    ``kept_ratio``, ``cache_bytes``, ``full_cache_bytes``, ``bytes_loaded`` (read from disk), ``document_tokens``,
+    ``reused_conversation`` and timings ``retrieve_s``, ``cache_load_s``, ``replay_s``, ``ttft_s``, ``decode_s``.
+
+    Sampling: greedy when ``temperature=0`` (default); ``max_new_tokens`` (alias ``max_tokens``), ``top_k``,
+    ``top_p``, ``seed`` and ``stop`` as in ``kvzip_rag.answer``; each can also be given per call, as can
+    ``doc_ids``. A per-call ``model`` argument naming another model is refused (the caches belong to one model).
+    """
+
+    qa: Any = Field(default=None, exclude=True, repr=False)
+    store: Any = Field(default=None, exclude=True, repr=False)
+    model: Any = Field(default=None, exclude=True, repr=False)
+    index: Any = Field(default=None, exclude=True, repr=False)
+    threads: int | None = None
+    ratio: float | None = None
+    level: str | None = None
+    doc_ids: list[str] | None = None
+    max_new_tokens: int = Field(default=128, alias="max_tokens", ge=1)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    streaming: bool = False
+    """Use the streaming path even for ``invoke`` (callbacks then receive tokens)."""
+    reuse_conversations: int = 4
+    """How many finished conversations to keep (with their caches) for follow-up calls; 0 disables reuse."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
+
+    _sessions: OrderedDict = PrivateAttr(default_factory=OrderedDict)
+
+    @model_validator(mode="after")
+    def _service(self) -> "ChatKVzip":
+        if not isinstance(self.qa, QAService):
+            self.qa = build_service({"qa": self.qa, "store": self.store, "model": self.model, "index": self.index,
+                                     "threads": self.threads, "ratio": self.ratio, "level": self.level})
+        return self
+
+    # ------------------------------------------------------------------------------------------ identity
+
+    @property
+    def model_name(self) -> str:
+        return self.qa.model.name
+
+    @property
+    def _llm_type(self) -> str:
+        return "kvzip"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "doc_ids": self.doc_ids,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="kvzip",
+            ls_model_name=kwargs["model"] if isinstance(kwargs.get("model"), str) else self.model_name,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+        )
+        max_tokens = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_new_tokens))
+        if isinstance(max_tokens, int):
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = list(stop or self.stop)
+        return params
+
+    # ------------------------------------------------------------------------------------- unsupported
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Not supported: ChatKVzip answers from compressed document caches and cannot call tools."""
+        raise NotImplementedError(
+            "ChatKVzip does not support tool calling: it answers questions from compressed document caches with a "
+            "small local model that has no tool-calling format. Use KVzipRetriever or create_kvzip_qa_chain as a tool "
+            "of another chat model instead."
+        )
+
+    def with_structured_output(self, schema: Any, *, include_raw: bool = False, **kwargs: Any) -> Runnable:
+        """Not supported: ChatKVzip has no constrained decoding or tool calling to produce structured output."""
+        raise NotImplementedError(
+            "ChatKVzip does not support structured output (no tool calling, JSON mode or constrained decoding); "
+            "parse its text answer with an output parser instead"
+        )
+
+    # ------------------------------------------------------------------------------------------ options
+
+    def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]:
+        """(sampling options for the engine, bound doc_ids) from the fields and the call's kwargs."""
+        kwargs = dict(kwargs)
+        for key in ("tools", "tool_choice", "functions", "function_call", "response_format"):
+            if kwargs.get(key):
+                raise NotImplementedError(
+                    f"ChatKVzip does not support {key!r}: no tool calling or structured output (see bind_tools)"
+                )
+            kwargs.pop(key, None)
+        requested = kwargs.pop("model", None)
+        if requested is not None and requested != self.model_name:
+            raise InvalidArgumentError(
+                f"ChatKVzip answers with the store's model {self.model_name!r}; its caches cannot be used by model "
+                f"{requested!r} (index the documents with that model instead)"
+            )
+        if "max_tokens" in kwargs:
+            kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
+        options = {
+            "max_new_tokens": kwargs.pop("max_new_tokens", self.max_new_tokens),
+            "temperature": kwargs.pop("temperature", self.temperature),
+            "top_k": kwargs.pop("top_k", self.top_k),
+            "top_p": kwargs.pop("top_p", self.top_p),
+            "seed": kwargs.pop("seed", self.seed),
+        }
+        stops = [s for s in (stop if stop is not None else (self.stop or [])) if s]
+        options["stop"] = tuple(stops)
+        doc_ids = kwargs.pop("doc_ids", self.doc_ids)
+        for ignored in ("stream", "ls_structured_output_format", "structured_output_format"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise TypeError(f"ChatKVzip got unexpected arguments: {', '.join(sorted(kwargs))}")
+        return options, doc_ids
+
+    # -------------------------------------------------------------------------------------- answering
+
+    def _session_key(self, target: Target, turns: Sequence[tuple[str, str]]) -> tuple:
+        return (target.doc_id, target.segment_index, tuple((q.strip(), a.strip()) for q, a in turns))
+
+    def _chunks(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict, emit) -> None:
+        """Emit the answer's text pieces as generated (``AIMessageChunk``), then one chunk with usage and
+        response metadata."""
+        roles = []
+        for message in messages:
+            _check_no_tools(message)
+            role = message.role if isinstance(message, ChatMessage) else message.type
+            roles.append((role, _text_of(message)))
+        dialogue = fold_messages(roles)
+        options, doc_ids = self._options(stop, kwargs)
+        piece = lambda text: emit(ChatGenerationChunk(message=AIMessageChunk(content=text)))  # noqa: E731
+        start = time.perf_counter()
+        cached = _cached_segments(self.qa, dialogue.question) if not dialogue.turns else None
+        if cached is not None:
+            targets, question = cached
+            result = self.qa.answer(question, targets=targets, _emit=piece, **options)
+            best = result.best
+            document_tokens = best.target_tokens
+            info = result.metadata(time.perf_counter() - start)
+            usage_in = best.answer.prompt_tokens + document_tokens
+            turn_answer, target = best.answer, best.target
+            extra = {"cached_documents": len(targets), "reused_conversation": False, "replay_s": 0.0}
+            cached_read = document_tokens
+        else:
+            routing_start = time.perf_counter()
+            target = self.qa.route(dialogue.route_query, 1, doc_ids).targets[0]
+            routed = time.perf_counter()
+            key = self._session_key(target, dialogue.turns)
+            session = self._sessions.pop(key, None) if self.reuse_conversations else None
+            reused = session is not None
+            if session is None:
+                session = ChatSession(self.qa, sampling=options)
+                session.targets = [target]
+            tail = session.conversation.cache.tail_length if reused else 0
+            turn = session.ask(dialogue.question, history=[] if reused else dialogue.turns, emit=piece, **options)
+            if self.reuse_conversations and (not options["stop"] or turn.answer.finish_reason == "length"):
+                # the cache tail holds exactly this conversation (no stop string cut the answer): keep it
+                self._sessions[self._session_key(target, session.conversation.turns)] = session
+                while len(self._sessions) > self.reuse_conversations:
+                    self._sessions.popitem(last=False)
+            info = turn.info
+            turn_answer = turn.answer
+            document_tokens = session.conversation.cache.info.base_length
+            cached_read = document_tokens + tail
+            usage_in = document_tokens + tail + turn.replayed_tokens + turn_answer.prompt_tokens
+            extra = {"reused_conversation": reused, "retrieve_s": routed - routing_start,
+                     "replay_s": info.get("replay_s", 0.0)}
+        output_tokens = len(turn_answer.token_ids)
+        usage = UsageMetadata(input_tokens=usage_in, output_tokens=output_tokens,
+                              total_tokens=usage_in + output_tokens, input_token_details={"cache_read": cached_read})
+        metadata = {
+            "model_name": self.qa.model.name, "model_provider": "kvzip", "finish_reason": turn_answer.finish_reason,
+            "doc_ids": [target.doc_id], "cache_ids": [target.metadata.get("cache_id")],
+            "segment_index": target.segment_index, "routing": target.routing, "route_score": target.score,
+            "ratio": info.get("ratio"), "level": info.get("level"), "kept_ratio": info.get("kept_ratio"),
+            "cache_bytes": info.get("cache_bytes"), "full_cache_bytes": info.get("full_bytes"),
+            "bytes_loaded": info.get("bytes_loaded"), "document_tokens": document_tokens,
+            "retrieve_s": info.get("retrieve_s"), "cache_load_s": info.get("cache_load_s"),
+            "ttft_s": turn_answer.time_to_first_token_s, "decode_s": turn_answer.decode_s, **extra,
+        }
+        emit(ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata,
+                                                        chunk_position="last")))
+
+    def _iter_chunks(self, messages, stop, kwargs) -> Iterator[ChatGenerationChunk]:
+        out: list = []
+        self._chunks(messages, stop, kwargs, out.append)
+        return iter(out)
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        text, usage, metadata = "", None, {}
+        for chunk in self._iter_chunks(messages, stop, kwargs):
+            text += chunk.message.content
+            usage = chunk.message.usage_metadata or usage
+            metadata.update(chunk.message.response_metadata)
+        message = AIMessage(content=text, usage_metadata=usage, response_metadata=metadata)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        from kvzip_rag.bridge import run_in_thread
+
+        return await run_in_thread(lambda: self._generate(messages, stop, None, **kwargs))
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        from kvzip_rag.bridge import push_in_thread
+
+        yield from push_in_thread(lambda emit: self._chunks(messages, stop, kwargs, emit), name="kvzip-chat")
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        async for chunk in apush_in_thread(lambda emit: self._chunks(messages, stop, kwargs, emit),
+                                           name="kvzip-chat"):
+            yield chunk
+
+
+def _cached_segments(service: QAService, text: str) -> tuple[list[Target], str] | None:
+    """Segments a KVzipRetriever handed out that this prompt re-sends (raw or as a ``Document(...)`` repr): their
+    targets and the prompt with them cut out, so the answer comes from their caches, not from re-reading them."""
+    found, rest = [], text
+    for target in recall(service):
+        for form in (target.text, repr(target.text)[1:-1]):
+            if form and form in rest:
+                rest = rest.replace(form, "")
+                if target not in found:
+                    found.append(target)
+    if not found:
+        return None
+    rest = re.sub(r"Document\((?:[^()]|\([^()]*\))*?page_content=(''|\"\")\)(, )?", "", rest)
+    rest = re.sub(r"\[\s*\]", "", rest)
+    rest = re.sub(r"\n{3,}", "\n\n", rest).strip()
+    return found, rest or text

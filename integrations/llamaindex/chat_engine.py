@@ -1,0 +1,150 @@
+"""The chat engine of a KVzipIndex: a :class:`kvzip_rag.dialogue.ChatSession` with LlamaIndex's chat types."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List, Optional
+
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole
+from llama_index.core.chat_engine.types import AgentChatResponse, BaseChatEngine, StreamingAgentChatResponse
+from llama_index.core.schema import NodeWithScore
+
+from kvzip_rag.bridge import apush_in_thread, push_in_thread, run_in_thread
+from kvzip_rag.dialogue import ChatSession, fold_messages
+from kvzip_rag.qa import check_question
+
+from .nodes import annotate
+
+if TYPE_CHECKING:
+    from kvzip_rag.generate import Conversation
+
+    from .index import KVzipIndex
+
+
+def _role(message: ChatMessage) -> str:
+    return message.role.value if hasattr(message.role, "value") else str(message.role)
+
+
+class KVzipChatEngine(BaseChatEngine):
+    """Follow-up questions about one document, answered from its compressed cache.
+
+    The first message is routed (``similarity_top_k`` caches; with more than one, the cache whose answer wins, as
+    in the query engine) and the conversation then stays in that cache (:class:`kvzip_rag.Conversation`).
+    ``reset()`` drops the turns and the next message is routed afresh. Passing ``chat_history`` replaces the
+    conversation with that history (folded by :func:`kvzip_rag.dialogue.fold_messages`: system messages lead the
+    next user message; routed by its first user message, then replayed into the cache). Responses carry the routed
+    ``source_nodes`` and timing metadata.
+    """
+
+    def __init__(self, index: "KVzipIndex", similarity_top_k: int = 1, **sampling: Any) -> None:
+        self._index = index
+        self._session = ChatSession(index.qa, k=similarity_top_k, sampling=sampling)
+        self._source_nodes: List[NodeWithScore] = []
+        self._history: List[ChatMessage] = []
+        self._pairs: list[tuple[str, str]] = []
+        self._pending: list[tuple[str, str]] = []
+
+    @property
+    def index(self) -> "KVzipIndex":
+        return self._index
+
+    @property
+    def conversation(self) -> Optional["Conversation"]:
+        """The live conversation (None before the first message and after ``reset()``)."""
+        return self._session.conversation
+
+    @property
+    def chat_history(self) -> List[ChatMessage]:
+        return list(self._history)
+
+    def reset(self) -> None:
+        with self._index.lock:
+            self._session.reset()
+            self._source_nodes, self._history, self._pairs, self._pending = [], [], [], []
+
+    def _prepare(self, message: str, chat_history: Optional[List[ChatMessage]]) -> str:
+        """Check, adopt a given history and route (retrieval only); runs before any generation starts."""
+        check_question(message, "message")
+        self._index._require_documents()
+        question = message
+        if chat_history is not None:
+            dialogue = fold_messages([(_role(m), m.content or "") for m in chat_history] + [("user", message)])
+            question = dialogue.question
+            if dialogue.turns != self._pairs:
+                self.reset()
+                self._pending = dialogue.turns
+        if not self._session.targets:
+            self._session.route(self._pending[0][0] if self._pending else question)
+            self._source_nodes = self._index.target_nodes(self._session.targets)
+        return question
+
+    def _turn(self, message: str, emit=None) -> dict:
+        with self._index.lock:
+            turn = self._session.ask(message, history=self._pending, emit=emit)
+            if self._pending:
+                self._pairs = list(self._pending)
+                self._history = [m for q, a in self._pending for m in (
+                    ChatMessage(role=MessageRole.USER, content=q), ChatMessage(role=MessageRole.ASSISTANT, content=a))]
+                self._pending = []
+            if turn.result is not None:
+                self._source_nodes = annotate(turn.result, self._source_nodes)
+            self._pairs.append((message, turn.answer.text))
+            self._history += [ChatMessage(role=MessageRole.USER, content=message),
+                              ChatMessage(role=MessageRole.ASSISTANT, content=turn.answer.text)]
+            return {"text": turn.answer.text, **turn.info}
+
+    def chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AgentChatResponse:
+        with self._index.lock:
+            question = self._prepare(message, chat_history)
+            info = self._turn(question)
+        text = info.pop("text")
+        return AgentChatResponse(response=text, source_nodes=list(self._source_nodes), metadata=info)
+
+    async def achat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AgentChatResponse:
+        return await run_in_thread(lambda: self.chat(message, chat_history))
+
+    def _locked_prepare(self, message: str, chat_history: Optional[List[ChatMessage]]) -> str:
+        with self._index.lock:
+            return self._prepare(message, chat_history)
+
+    def _streaming_response(self, question: str, asynchronous: bool) -> StreamingAgentChatResponse:
+        metadata: dict = {}
+
+        def work(emit) -> None:
+            info = self._turn(question, emit)
+            info.pop("text")
+            metadata.update(info)
+
+        response = StreamingAgentChatResponse(source_nodes=list(self._source_nodes), is_writing_to_memory=False)
+        response.metadata = metadata  # filled in when the stream ends
+
+        def delta(text: str, piece: str) -> ChatResponse:
+            return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece)
+
+        if asynchronous:
+            async def achat_stream():
+                text = ""
+                async for piece in apush_in_thread(work, name="kvzip-chat"):
+                    text += piece
+                    yield delta(text, piece)
+                response.source_nodes[:] = self._source_nodes
+
+            response.achat_stream = achat_stream()
+        else:
+            def chat_stream():
+                text = ""
+                for piece in push_in_thread(work, name="kvzip-chat"):
+                    text += piece
+                    yield delta(text, piece)
+                response.source_nodes[:] = self._source_nodes
+
+            response.chat_stream = chat_stream()
+        return response
+
+    def stream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
+                    ) -> StreamingAgentChatResponse:
+        return self._streaming_response(self._locked_prepare(message, chat_history), asynchronous=False)
+
+    async def astream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
+                           ) -> StreamingAgentChatResponse:
+        question = await run_in_thread(lambda: self._locked_prepare(message, chat_history))
+        return self._streaming_response(question, asynchronous=True)

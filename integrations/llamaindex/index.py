@@ -1,0 +1,616 @@
+"""KVzipIndex: a LlamaIndex ``BaseIndex`` whose "embedding" of a document is its KVzip-compressed KV cache.
+
+Each LlamaIndex ``Document`` is added whole to a :class:`kvzip_rag.store.CacheStore` (segmented only where it does
+not fit the model window); each segment gets one compressed cache. Nodes are ``TextNode`` s, one per segment, id
+``"{doc_id}:{segment_index}"``. Routing, loading and answering are the core service's
+(:class:`kvzip_rag.qa.QAService`, ``index.qa``), scoped to this index's documents; the engines in this package are
+thin LlamaIndex faces over it.
+
+Why this module is over 400 lines: llama-index-core's ``BaseIndex`` puts construction, document insertion and
+deletion, docstore bookkeeping, persistence hooks and the ``as_*`` factories on one class; the parts that are not
+methods of that class live in :mod:`.persistence` and :mod:`.nodes`, and answering lives in the core service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.base_retriever import BaseRetriever
+from llama_index.core.callbacks.base import CallbackManager
+from llama_index.core.chat_engine.types import BaseChatEngine, ChatMode
+from llama_index.core.indices.base import BaseIndex
+from llama_index.core.schema import BaseNode, Document, NodeWithScore, TextNode
+from llama_index.core.storage.docstore.types import RefDocInfo
+from llama_index.core.storage.storage_context import DEFAULT_PERSIST_DIR, StorageContext
+
+from kvzip_rag.bridge import run_in_thread
+from kvzip_rag.budget import check_ratio_level
+from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
+from kvzip_rag.models import KVzipModel, load_model
+from kvzip_rag.qa import (
+    EmptyIndexError,
+    QAResult,
+    QAService,
+    QAStream,
+    Routing,
+    Target,
+    check_k,
+    check_model_matches,
+    check_question,
+)
+from kvzip_rag.store import DB_NAME, CacheStore
+
+from .nodes import segment_node, targets_of
+from .persistence import (
+    STORE_DIRNAME,
+    KVzipIndexStore,
+    KVzipIndexStruct,
+    check_local_fs,
+    make_temp_store,
+    upgrade_index_store,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _doc_text(document: BaseNode) -> str:
+    text = getattr(document, "text", None)
+    if text is None:
+        text = document.get_content()
+    return text
+
+
+def _clean_metadata(metadata: Optional[dict]) -> dict:
+    """Document metadata as the store keeps it: JSON, with anything else (dates, paths...) turned into strings."""
+    return json.loads(json.dumps(dict(metadata or {}), default=str))
+
+
+
+
+STAGE_LABELS = {"prefill": "prefill chunks", "score": "scoring chunks", "compress": "segments"}
+
+
+def document_label(document: BaseNode) -> str:
+    """What a progress bar calls a document: its file name when a reader recorded one, else its id."""
+    meta = document.metadata or {}
+    name = meta.get("file_name") or meta.get("file_path") or meta.get("source") or document.doc_id
+    from kvzip_rag.text import safe_text
+
+    return safe_text(str(name))[:60]
+
+
+def _group_nodes(nodes: Sequence[BaseNode]) -> list[Document]:
+    """Nodes handed to the index directly: the nodes of one source document are joined back (in the given order)
+    and compressed as one document; a node without a source is a document of its own."""
+    groups: dict[str, list[BaseNode]] = {}
+    for node in nodes:
+        groups.setdefault(node.ref_doc_id or node.node_id, []).append(node)
+    documents = []
+    for doc_id, members in groups.items():
+        if len(members) == 1 and isinstance(members[0], Document):
+            documents.append(members[0])
+            continue
+        text = "\n\n".join(_doc_text(m) for m in members)
+        documents.append(Document(id_=doc_id, text=text, metadata=dict(members[0].metadata)))
+    return documents
+
+
+class KVzipIndex(BaseIndex[KVzipIndexStruct]):
+    """A LlamaIndex index over KVzip-compressed KV caches (see the module docstring).
+
+    Args:
+        model: a :class:`kvzip_rag.KVzipModel`, or a model alias / folder / ``.gguf`` / hub id loaded on first use
+            (default: the model that built a loaded index, else :func:`kvzip_rag.load_model`'s default).
+        ratio: fraction of KV pairs kept, in (0, 1] (default 0.3; a loaded index keeps its own unless given, and
+            a lower one loads the stored caches at that ratio without re-scoring).
+        level: ``"pair"`` (default), ``"uniform"`` or ``"head"``.
+        store: a :class:`kvzip_rag.store.CacheStore` or a folder for one. Default: a fresh temporary folder,
+            removed when the index is garbage collected (persist the index to keep its caches).
+        persist_dir: where a loaded index's ``kvzip_store`` copy is looked up.
+        threads: CPU threads for a model this index loads (:mod:`kvzip_rag.runtime`; also applied to a given
+            model; default ``$KVZIP_RAG_THREADS``, else by load average).
+    """
+
+    index_struct_cls = KVzipIndexStruct
+
+    def __init__(
+        self,
+        nodes: Optional[Sequence[BaseNode]] = None,
+        objects: Optional[Sequence[Any]] = None,
+        index_struct: Optional[KVzipIndexStruct] = None,
+        storage_context: Optional[StorageContext] = None,
+        callback_manager: Optional[CallbackManager] = None,
+        transformations: Optional[list] = None,
+        show_progress: bool = False,
+        *,
+        model: KVzipModel | str | os.PathLike | None = None,
+        ratio: Optional[float] = None,
+        level: Optional[str] = None,
+        store: CacheStore | str | os.PathLike | None = None,
+        persist_dir: str | os.PathLike | None = None,
+        threads: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
+        if objects:
+            raise InvalidArgumentError("KVzipIndex indexes documents, not objects")
+        if model is not None and not isinstance(model, (KVzipModel, str, os.PathLike)):
+            raise InvalidArgumentError(
+                "model must be a kvzip_rag.KVzipModel (see kvzip_rag.load_model / wrap_model) or a model name/path, "
+                f"got {type(model).__name__}"
+            )
+        if index_struct is not None and not isinstance(index_struct, KVzipIndexStruct):
+            raise InvalidArgumentError(f"KVzipIndex needs a KVzipIndexStruct, got {type(index_struct).__name__}")
+        self.lock = threading.RLock()  # held around every use of the model
+        self._model_arg = model
+        self._model: Optional[KVzipModel] = model if isinstance(model, KVzipModel) else None  # given
+        if ratio is None:
+            ratio = index_struct.ratio if index_struct is not None else 0.3
+        if level is None:
+            level = index_struct.level if index_struct is not None else "pair"
+        check_ratio_level(ratio, level)
+        self._ratio, self._level = float(ratio), level
+        self._store = self._open_store(store, index_struct, persist_dir)
+        self._qa = QAService(self._store, self._model, ratio=self._ratio, level=self._level, threads=threads,
+                             scope=lambda: self.doc_ids, lock=self.lock, model_loader=self._load_model)
+        self._threads = self._qa.threads
+        storage_context = storage_context or StorageContext.from_defaults(index_store=KVzipIndexStore())
+        upgrade_index_store(storage_context)
+        if index_struct is None and nodes is None:
+            nodes = []
+        super().__init__(
+            nodes=nodes, index_struct=index_struct, storage_context=storage_context,
+            callback_manager=callback_manager, transformations=transformations, show_progress=show_progress,
+            **kwargs,
+        )
+        if index_struct is not None:
+            index_struct.ratio, index_struct.level = self._ratio, self._level
+        if isinstance(self._storage_context.index_store, KVzipIndexStore):
+            self._storage_context.index_store._register(self)
+        if self._model is not None:
+            self._check_model(self._model)
+
+    # ------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_documents(  # type: ignore[override]
+        cls,
+        documents: Sequence[Document],
+        storage_context: Optional[StorageContext] = None,
+        show_progress: bool = False,
+        callback_manager: Optional[CallbackManager] = None,
+        transformations: Optional[list] = None,
+        *,
+        model: KVzipModel | str | os.PathLike | None = None,
+        ratio: float = 0.3,
+        level: str = "pair",
+        store: CacheStore | str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> "KVzipIndex":
+        """Compress every document (whole: segmented only where it exceeds the model window) into the store.
+
+        The document's ``doc_id`` is its id in the store and its metadata is kept with it. ``transformations`` are
+        accepted for signature compatibility and ignored (no chunking). All documents are checked before any is
+        compressed: an empty list or a whitespace-only document raises at once.
+        """
+        documents = cls._checked_documents(documents)
+        index = cls(
+            nodes=[], storage_context=storage_context, callback_manager=callback_manager,
+            transformations=transformations, show_progress=show_progress, model=model, ratio=ratio, level=level,
+            store=store, **kwargs,
+        )  # threads= travels in kwargs
+        with index._callback_manager.as_trace("index_construction"):
+            index._add_documents(documents, show_progress=show_progress)
+        return index
+
+    @classmethod
+    def load(
+        cls,
+        persist_dir: str | os.PathLike = DEFAULT_PERSIST_DIR,
+        model: KVzipModel | str | os.PathLike | None = None,
+        *,
+        index_id: Optional[str] = None,
+        store: CacheStore | str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> "KVzipIndex":
+        """The index persisted in ``persist_dir`` (by ``persist`` or ``storage_context.persist``), caches as stored.
+
+        ``model`` defaults to the one that built the index (when it was loaded by alias or path). ``index_id``
+        picks one index when the folder holds several.
+        """
+        folder = Path(persist_dir)
+        if not (folder / "index_store.json").is_file():
+            raise InvalidArgumentError(f"{folder} holds no persisted index (no index_store.json)")
+        storage_context = StorageContext.from_defaults(persist_dir=str(folder))
+        structs = [s for s in storage_context.index_store.index_structs() if isinstance(s, KVzipIndexStruct)]
+        if index_id is not None:
+            structs = [s for s in structs if s.index_id == index_id]
+        if not structs:
+            raise InvalidArgumentError(
+                f"no KVzipIndex{' with id ' + repr(index_id) if index_id else ''} persisted in {folder}"
+            )
+        if len(structs) > 1:
+            raise InvalidArgumentError(
+                f"{folder} holds {len(structs)} KVzip indexes ({', '.join(s.index_id for s in structs)}); pass index_id="
+            )
+        return cls(index_struct=structs[0], storage_context=storage_context, model=model, store=store,
+                   persist_dir=folder, **kwargs)
+
+    @staticmethod
+    def _checked_documents(documents: Iterable[BaseNode]) -> list[BaseNode]:
+        if documents is None or isinstance(documents, (str, bytes, BaseNode)):
+            raise InvalidArgumentError("from_documents takes a list of LlamaIndex Documents")
+        documents = list(documents)
+        if not documents:
+            raise InvalidArgumentError("from_documents got an empty document list; there is nothing to index")
+        texts: dict[str, str] = {}
+        for position, document in enumerate(documents):
+            if not isinstance(document, BaseNode):
+                raise InvalidArgumentError(
+                    f"document {position} is a {type(document).__name__}, not a LlamaIndex Document"
+                )
+            text = _doc_text(document)
+            if not isinstance(text, str) or not text.strip():
+                raise EmptyDocumentError(
+                    f"document {document.doc_id!r} (position {position}) is empty or whitespace only; "
+                    "there is nothing to compress: drop it or give it text"
+                )
+            if texts.setdefault(document.doc_id, text) != text:
+                raise InvalidArgumentError(
+                    f"two documents share the id {document.doc_id!r} with different text; give them distinct ids"
+                )
+        return documents
+
+    def _open_store(self, store, struct: Optional[KVzipIndexStruct], persist_dir) -> CacheStore:
+        if isinstance(store, CacheStore):
+            return store
+        if store is not None:
+            if not isinstance(store, (str, os.PathLike)):
+                raise InvalidArgumentError(
+                    f"store must be a kvzip_rag.store.CacheStore or a folder, got {type(store).__name__}"
+                )
+            return CacheStore(store)
+        if struct is not None and (struct.store_dir or struct.store_path or struct.store_url):
+            tried = []
+            candidates = []
+            if persist_dir is not None and struct.store_dir:
+                candidates.append(Path(persist_dir) / struct.store_dir)
+            if struct.store_path:
+                candidates.append(Path(struct.store_path))
+            for folder in candidates:
+                tried.append(str(folder))
+                if (folder / DB_NAME).is_file():
+                    return CacheStore(folder)
+            if struct.store_url:
+                if "***" in struct.store_url:
+                    raise KVzipError(
+                        "this index's cache store is on a database whose password is not persisted: pass "
+                        "store=CacheStore(url=..., blob_dir=...) to load it"
+                    )
+                return CacheStore(url=struct.store_url, blob_dir=struct.blob_dir)
+            raise KVzipError(
+                f"cannot find this index's cache store (looked in {', '.join(tried) or 'nothing'}): pass "
+                "persist_dir= (the folder it was persisted to) or store="
+            )
+        return make_temp_store(self)
+
+    # ------------------------------------------------------------------------------------- properties
+
+    @property
+    def store(self) -> CacheStore:
+        return self._store
+
+    @property
+    def ratio(self) -> float:
+        return self._ratio
+
+    @property
+    def level(self) -> str:
+        return self._level
+
+    @property
+    def doc_ids(self) -> List[str]:
+        return self._index_struct.doc_ids
+
+    @property
+    def kvzip_model(self) -> KVzipModel:
+        """The model, loaded on first use (see the class docstring for what ``model=None`` means)."""
+        return self._qa.model
+
+    @property
+    def model(self) -> KVzipModel:
+        """Alias of :attr:`kvzip_model`."""
+        return self.kvzip_model
+
+    def _load_model(self) -> KVzipModel:
+        spec = self._model_arg
+        recorded = self._index_struct.model_name if getattr(self, "_index_struct", None) is not None else None
+        if spec is None and recorded:
+            try:
+                model = load_model(recorded, threads=self._threads)
+            except ModelNotFoundError as error:
+                raise ModelNotFoundError(
+                    f"this index was built with model {recorded!r}, which cannot be loaded by that name: pass "
+                    f"model= (a KVzipModel or the model's path). Cause: {error}"
+                ) from error
+        else:
+            model = load_model(os.fspath(spec) if spec is not None else None, threads=self._threads)
+        self._check_model(model)
+        return model
+
+    def _check_model(self, model: KVzipModel) -> None:
+        struct = getattr(self, "_index_struct", None)
+        if struct is None or not struct.model_fingerprint:
+            return
+        check_model_matches(model, struct.model_fingerprint, struct.template_digest, struct.model_name)
+
+    @property
+    def ref_doc_info(self) -> Dict[str, RefDocInfo]:
+        """Each document id with its node ids (one per segment) and the document's own metadata."""
+        info = {}
+        for doc_id, node_ids in self._index_struct.node_ids.items():
+            record = self._store.get_document(doc_id)
+            info[doc_id] = RefDocInfo(node_ids=list(node_ids), metadata=dict(record.metadata) if record else {})
+        return info
+
+    # ------------------------------------------------------------------------------------- adding documents
+
+    def build_index_from_nodes(self, nodes: Sequence[BaseNode], **build_kwargs: Any) -> KVzipIndexStruct:
+        # Not BaseIndex's version: the docstore gets our per-segment nodes, not the nodes handed in.
+        return self._build_index_from_nodes(nodes, **build_kwargs)
+
+    def _build_index_from_nodes(self, nodes: Sequence[BaseNode], **build_kwargs: Any) -> KVzipIndexStruct:
+        self._index_struct = KVzipIndexStruct(ratio=self._ratio, level=self._level)
+        if nodes:
+            self._add_documents(_group_nodes(nodes), show_progress=self._show_progress)
+        return self._index_struct
+
+    def _insert(self, nodes: Sequence[BaseNode], **insert_kwargs: Any) -> None:
+        self._add_documents(_group_nodes(nodes), show_progress=self._show_progress)
+
+    def insert_nodes(self, nodes: Sequence[BaseNode], **insert_kwargs: Any) -> None:
+        """Nodes of one source document are joined back and compressed as that document."""
+        with self._callback_manager.as_trace("insert_nodes"):
+            self._insert(nodes)
+
+    async def ainsert_nodes(self, nodes: Sequence[BaseNode], **insert_kwargs: Any) -> None:
+        await run_in_thread(lambda: self.insert_nodes(nodes))
+
+    def insert(self, document: Document, **insert_kwargs: Any) -> None:
+        """Compress one document into the store (replacing this index's document of the same id)."""
+        documents = self._checked_documents([document])
+        with self._callback_manager.as_trace("insert"):
+            self._add_documents(documents, show_progress=self._show_progress)
+
+    async def ainsert(self, document: Document, **insert_kwargs: Any) -> None:
+        await run_in_thread(lambda: self.insert(document))
+
+    def _add_documents(self, documents: Sequence[BaseNode], show_progress: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(documents), desc="Compressing documents", unit="doc", disable=not show_progress) as bar:
+            for document in documents:
+                name = document_label(document)
+
+                def progress(stage: str, done: int, total: int) -> None:
+                    if total > 1:
+                        bar.set_postfix_str(f"{name}: {STAGE_LABELS.get(stage, stage)} {done}/{total}")
+
+                bar.set_postfix_str(name)
+                self._add_document(document, progress if show_progress else None)
+                bar.update(1)
+
+    def _add_document(self, document: BaseNode, progress=None) -> List[TextNode]:
+        text = _doc_text(document)
+        if not isinstance(text, str) or not text.strip():
+            raise EmptyDocumentError(f"document {document.doc_id!r} is empty or whitespace only; nothing to compress")
+        doc_id = document.doc_id
+        metadata = _clean_metadata(document.metadata)
+        struct = self._index_struct
+        model = self.kvzip_model
+        with self.lock:
+            if not struct.model_fingerprint:
+                struct.model_name = model.name
+                struct.model_fingerprint = model.fingerprint
+                struct.template_digest = model.template.digest
+            existing = self._store.get_document(doc_id)
+            mine = doc_id in struct.node_ids
+            force = existing is not None and mine and existing.text != text
+            record = self._store.add_document(
+                model, text, doc_id=doc_id, metadata=metadata, ratio=self._ratio, level=self._level, force=force,
+                progress=progress,
+            )
+            for old in struct.node_ids.get(doc_id, []):
+                self.docstore.delete_document(old, raise_error=False)
+            nodes = [self._segment_node(record.id, segment.index, segment.text, record.metadata, record=record)
+                     for segment in record.segments]
+            self.docstore.add_documents(nodes, allow_update=True)
+            self.docstore.set_document_hash(doc_id, document.hash)
+            struct.node_ids[doc_id] = [n.node_id for n in nodes]
+            self._storage_context.index_store.add_index_struct(struct)
+        return nodes
+
+    # ------------------------------------------------------------------------------------- removing documents
+
+    def delete_ref_doc(self, ref_doc_id: str, delete_from_docstore: bool = False, **delete_kwargs: Any) -> None:
+        """Remove a document: its store rows and cache blobs, its nodes and its docstore entries (always: the nodes
+        would point at caches that no longer exist; ``delete_from_docstore`` is accepted for compatibility).
+        Note that the document is removed from the store, i.e. also for other indexes sharing that store."""
+        struct = self._index_struct
+        if ref_doc_id not in struct.node_ids:
+            logger.warning(f"ref_doc_id {ref_doc_id} not found, nothing deleted.")
+            return
+        with self.lock:
+            self._store.delete_document(ref_doc_id)
+            node_ids = struct.node_ids.pop(ref_doc_id)
+            for node_id in node_ids:
+                self.docstore.delete_document(node_id, raise_error=False)
+            self.docstore.delete_ref_doc(ref_doc_id, raise_error=False)
+            self._storage_context.index_store.add_index_struct(struct)
+
+    async def adelete_ref_doc(self, ref_doc_id: str, delete_from_docstore: bool = False, **delete_kwargs: Any) -> None:
+        await run_in_thread(lambda: self.delete_ref_doc(ref_doc_id, delete_from_docstore))
+
+    def _delete_node(self, node_id: str, **delete_kwargs: Any) -> None:
+        raise NotImplementedError(
+            "a KVzipIndex stores whole documents (one compressed cache per segment): delete documents with "
+            "delete_ref_doc(doc_id)"
+        )
+
+    # ------------------------------------------------------------------------------------- persistence
+
+    def persist(self, persist_dir: str | os.PathLike = DEFAULT_PERSIST_DIR, fs=None, **kwargs: Any) -> None:
+        """``storage_context.persist(persist_dir)`` plus a copy of the cache store in ``persist_dir/kvzip_store``
+        (a store on another database is referenced instead)."""
+        check_local_fs(fs)
+        if not isinstance(self._storage_context.index_store, KVzipIndexStore):
+            self._export_store(os.path.abspath(os.fspath(persist_dir)), {})
+        self._storage_context.persist(persist_dir=persist_dir, fs=fs, **kwargs)
+
+    def _export_store(self, persist_dir: str, exported: dict[str, str]) -> None:
+        struct = self._index_struct
+        with self.lock:
+            store = self._store
+            if store.path is None:
+                struct.store_dir = struct.store_path = None
+                struct.store_url = store.engine.url.render_as_string(hide_password=True)
+                struct.blob_dir = str(store.blob_dir)
+            else:
+                key = str(store.path)
+                name = exported.get(key)
+                if name is None:
+                    taken = set(exported.values())
+                    name = STORE_DIRNAME
+                    number = 2
+                    while name in taken:
+                        name, number = f"{STORE_DIRNAME}-{number}", number + 1
+                    store.copy_to(Path(persist_dir) / name)
+                    exported[key] = name
+                struct.store_dir = name
+                struct.store_path = str((Path(persist_dir) / name).resolve())
+                struct.store_url = struct.blob_dir = None
+            self._storage_context.index_store.add_index_struct(struct)
+
+    # ------------------------------------------------------------------------------------- retrieval
+
+    # ------------------------------------------------------------------------------------- routing and answers
+
+    @property
+    def qa(self) -> QAService:
+        """The core service answering for this index (routes only to this index's documents)."""
+        return self._qa
+
+    def _require_documents(self) -> None:
+        if not self._index_struct.node_ids:
+            raise EmptyIndexError(
+                "this index holds no documents: add some with KVzipIndex.from_documents(...) or index.insert(...) "
+                "before asking questions"
+            )
+
+    def route(self, query: str, k: int = 1, doc_ids: Optional[Sequence[str]] = None) -> Routing:
+        """The service's routing over this index (or ``doc_ids`` among its documents)."""
+        self._require_documents()
+        check_question(query, "query")
+        check_k(k, "k (similarity_top_k)")
+        if doc_ids is not None:
+            wanted = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+            missing = [d for d in wanted if d not in self._index_struct.node_ids]
+            if missing or not wanted:
+                raise InvalidArgumentError(f"doc_ids must name documents of this index; unknown: {missing or wanted}")
+            doc_ids = wanted
+        return self._qa.route(query, k, doc_ids)
+
+    def retrieve_hits(self, query: str, k: int = 1, doc_ids: Optional[Sequence[str]] = None) -> List[Target]:
+        """The ``k`` segments that best match ``query`` (best first; the fallback's first segments score 0.0)."""
+        return self.route(query, k, doc_ids).targets
+
+    def _segment_node(self, doc_id: str, segment_index: int, text: str, doc_metadata: dict, record=None,
+                      routing: Optional[str] = None) -> TextNode:
+        from kvzip_rag.qa import matching_cache
+
+        struct = self._index_struct
+        caches = record.caches if record is not None else self._store.caches_for(doc_id, segment=segment_index)
+        cache = matching_cache([c for c in caches if c.segment_index == segment_index],
+                               fingerprint=struct.model_fingerprint, template_digest=struct.template_digest,
+                               ratio=self._ratio, level=self._level)
+        return segment_node(doc_id, segment_index, text, doc_metadata, cache, self._ratio, self._level,
+                            self._model.name if self._model is not None else struct.model_name, routing)
+
+    def target_nodes(self, targets: Sequence[Target]) -> List[NodeWithScore]:
+        """LlamaIndex nodes (with scores) for routed targets."""
+        records: dict[str, Any] = {}
+        out = []
+        for target in targets:
+            if target.doc_id not in records:
+                records[target.doc_id] = self._store.get_document(target.doc_id)
+            node = self._segment_node(target.doc_id, target.segment_index, target.text, dict(target.metadata),
+                                      record=records[target.doc_id],
+                                      routing="fallback" if target.routing == "fallback" else None)
+            out.append(NodeWithScore(node=node, score=float(target.score or 0.0)))
+        return out
+
+    def retrieve_nodes(self, query: str, k: int = 1, doc_ids: Optional[Sequence[str]] = None) -> List[NodeWithScore]:
+        """:meth:`retrieve_hits` as LlamaIndex nodes (what the retriever returns)."""
+        return self.target_nodes(self.route(query, k, doc_ids).targets)
+
+    def answer_hits(self, question: str, hits: Sequence[Any], **sampling: Any) -> QAResult:
+        """Answer from the cache of each hit (NodeWithScores, SearchHits or ``(doc_id, segment)`` pairs) with the
+        service's composition (best-of-k); runs in the calling thread, behind the lock."""
+        self._require_documents()
+        return self._qa.answer(question, targets=targets_of(hits), **sampling)
+
+    def stream_hits(self, question: str, hits: Sequence[Any], **sampling: Any) -> QAStream:
+        """Like :meth:`answer_hits`, as a stream of text pieces (``for`` or ``async for``; worker thread)."""
+        self._require_documents()
+        return self._qa.stream(question, targets=targets_of(hits), **sampling)
+
+    def load_hit_cache(self, hit: Any):
+        """``(PackedCache, seconds, bytes read)`` for one hit (a fresh cache object; use it under ``index.lock``)."""
+        return self._qa.load(targets_of([hit])[0])
+
+    # ------------------------------------------------------------------------------------- engines
+
+    def as_retriever(self, similarity_top_k: int = 1, **kwargs: Any) -> BaseRetriever:
+        """A LlamaIndex retriever returning one ``NodeWithScore`` per matching segment."""
+        from .retriever import KVzipIndexRetriever
+
+        return KVzipIndexRetriever(self, similarity_top_k=similarity_top_k,
+                                   callback_manager=kwargs.get("callback_manager") or self._callback_manager,
+                                   verbose=kwargs.get("verbose", False))
+
+    def as_query_engine(self, llm: Any = None, streaming: bool = False, similarity_top_k: int = 1,
+                        max_new_tokens: int = 128, **kwargs: Any) -> BaseQueryEngine:
+        """A :class:`KVzipQueryEngine` answering from the compressed caches (``**kwargs``: sampling options,
+        ``node_postprocessors``, ``response_mode`` (see the engine), ``callback_manager``).
+
+        Passing ``llm=`` instead builds LlamaIndex's standard ``RetrieverQueryEngine`` over this index's retriever
+        (the segment texts are then given to that LLM as context; the caches are not used)."""
+        if llm is not None:
+            return super().as_query_engine(llm=llm, streaming=streaming, similarity_top_k=similarity_top_k, **kwargs)
+        from .query_engine import KVzipQueryEngine
+
+        return KVzipQueryEngine(self, similarity_top_k=similarity_top_k, streaming=streaming,
+                                max_new_tokens=max_new_tokens, **kwargs)
+
+    def as_chat_engine(self, chat_mode: Any = None, llm: Any = None, similarity_top_k: int = 1,
+                       max_new_tokens: int = 128, **kwargs: Any) -> BaseChatEngine:
+        """A :class:`KVzipChatEngine` (follow-ups answered from the cache the first message was routed to).
+
+        ``llm=`` (with a LlamaIndex ``chat_mode``) builds LlamaIndex's own chat engines over this index instead."""
+        if llm is not None:
+            return super().as_chat_engine(chat_mode=chat_mode or ChatMode.BEST, llm=llm,
+                                          similarity_top_k=similarity_top_k, **kwargs)
+        if chat_mode not in (None, "kvzip", ChatMode.BEST, ChatMode.BEST.value):
+            raise InvalidArgumentError(
+                f"chat_mode={chat_mode!r} needs an external LLM (pass llm=, e.g. KVzipLLM(index.kvzip_model)); without one "
+                "the KVzip chat engine answers from the compressed caches"
+            )
+        from .chat_engine import KVzipChatEngine
+
+        return KVzipChatEngine(self, similarity_top_k=similarity_top_k, max_new_tokens=max_new_tokens, **kwargs)

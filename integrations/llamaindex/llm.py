@@ -1,0 +1,128 @@
+"""``KVzipLLM``: a LlamaIndex LLM over the local model, so LlamaIndex's own engines work offline.
+
+    >>> from llama_index.core import Settings
+    >>> from kvzip_rag.integrations.llamaindex import KVzipLLM
+    >>> Settings.llm = KVzipLLM(index.kvzip_model)       # or KVzipLLM("smollm2", threads=1)
+
+``RouterQueryEngine``, ``SubQuestionQueryEngine``, ``RetrieverQueryEngine.from_args`` and the condense-question
+chat engine then use the local model instead of reaching for OpenAI. These prompts carry their own text (no
+document cache), so this LLM reads the whole prompt with the model's chat template; the KVzip engines keep
+answering questions about documents from the compressed caches. Completion, chat, streaming and async are
+LlamaIndex's ``CustomLLM`` machinery (with its callback and instrumentation events); a lock serialises model use
+(pass ``lock=index.lock`` to share the index's).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
+
+import torch
+from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from pydantic import PrivateAttr
+
+from kvzip_rag.generate import SamplingOptions, _pick
+from kvzip_rag.models import KVzipModel, load_model
+
+
+def _chat_prompt(model: KVzipModel, messages: Sequence[dict]) -> str:
+    """Messages in the model's own chat template (base models without one: plain ``role: text`` lines)."""
+    tokenizer = model.tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    body = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    return f"{body}\n\nassistant:"
+
+
+class KVzipLLM(CustomLLM):
+    """A LlamaIndex ``CustomLLM`` generating with a :class:`kvzip_rag.KVzipModel` (greedy unless ``temperature``)."""
+
+    model_name: str = "kvzip"
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    context_window: int = 2048
+
+    _model: KVzipModel = PrivateAttr()
+    _lock: Any = PrivateAttr()
+
+    def __init__(self, model: KVzipModel | str | os.PathLike | None = None, *, threads: Optional[int] = None,
+                 lock: Any = None, **kwargs: Any) -> None:
+        loaded = model if isinstance(model, KVzipModel) else load_model(
+            os.fspath(model) if model is not None else None, threads=threads)
+        if isinstance(model, KVzipModel) and threads is not None:
+            from kvzip_rag.runtime import apply_thread_policy
+
+            apply_thread_policy(loaded.device, threads)
+        kwargs.setdefault("messages_to_prompt", lambda messages: _chat_prompt(loaded, [
+            {"role": getattr(m.role, "value", str(m.role)), "content": m.content or ""} for m in messages]))
+        kwargs.setdefault("completion_to_prompt", lambda text: _chat_prompt(loaded, [{"role": "user",
+                                                                                      "content": text}]))
+        kwargs.setdefault("model_name", loaded.name)
+        kwargs.setdefault("context_window", loaded.max_positions)
+        super().__init__(**kwargs)
+        self._model = loaded
+        self._lock = lock or threading.RLock()
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=self.context_window, num_output=self.max_new_tokens,
+                           model_name=self.model_name, is_chat_model=False)
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def _generate(self, prompt: str, formatted: bool, **kwargs: Any) -> Iterator[tuple[str, str, int, int]]:
+        """(delta, text so far, prompt tokens, answer tokens), token by token, over a plain (uncompressed) cache."""
+        from transformers import DynamicCache
+
+        model = self._model
+        text_in = prompt if formatted else self.completion_to_prompt(prompt)
+        ids = model.tokenizer(text_in, add_special_tokens=False)["input_ids"]
+        limit = min(int(kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_new_tokens))),
+                    max(1, model.max_positions - len(ids)))
+        options = SamplingOptions(max_new_tokens=limit, temperature=kwargs.get("temperature", self.temperature),
+                                  top_p=self.top_p)
+        generator = torch.Generator(device=model.device).manual_seed(0) if options.temperature > 0 else None
+        stops = model.stop_token_ids
+        with self._lock, torch.inference_mode():
+            cache = DynamicCache(config=model.model.config)
+            logits = model.model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
+                                 logits_to_keep=1).logits[0, -1]
+            out: list[int] = []
+            text = ""
+            for _ in range(limit):
+                token = _pick(logits, options, generator)
+                if token in stops:
+                    break
+                out.append(token)
+                decoded = model.tokenizer.decode(out, skip_special_tokens=True)
+                delta, text = decoded[len(text):], decoded
+                yield delta, text, len(ids), len(out)
+                logits = model.model(torch.tensor([[token]], device=model.device), past_key_values=cache,
+                                     use_cache=True, logits_to_keep=1).logits[0, -1]
+            if not out:
+                yield "", "", len(ids), 0
+
+    @staticmethod
+    def _raw(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        text, prompt_tokens, answer_tokens = "", 0, 0
+        for _, text, prompt_tokens, answer_tokens in self._generate(prompt, formatted, **kwargs):
+            pass
+        return CompletionResponse(text=text.strip(), raw=self._raw(prompt_tokens, answer_tokens))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        def gen() -> CompletionResponseGen:
+            for delta, text, prompt_tokens, answer_tokens in self._generate(prompt, formatted, **kwargs):
+                yield CompletionResponse(text=text, delta=delta, raw=self._raw(prompt_tokens, answer_tokens))
+
+        return gen()

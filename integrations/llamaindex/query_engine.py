@@ -1,0 +1,152 @@
+"""The query engine of a KVzipIndex: retrieve, post-process, answer from the compressed caches (core service)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, List, Optional
+
+from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.response.schema import RESPONSE_TYPE, AsyncStreamingResponse, Response, StreamingResponse
+from llama_index.core.callbacks.base import CallbackManager
+from llama_index.core.schema import NodeWithScore, QueryBundle
+
+from kvzip_rag.bridge import run_in_thread
+from kvzip_rag.errors import InvalidArgumentError
+from kvzip_rag.qa import check_sampling
+
+from .nodes import annotate, targets_of
+from .tracing import Trace
+
+if TYPE_CHECKING:
+    from .index import KVzipIndex
+    from .retriever import KVzipIndexRetriever
+
+# response_mode values that make sense without a synthesizer over text (the caches answer, not a prompt of text)
+_ACCEPTED_MODES = {None, "no_text"}
+
+
+def _mode_name(mode: Any) -> Optional[str]:
+    return getattr(mode, "value", mode)
+
+
+class KVzipQueryEngine(BaseQueryEngine):
+    """Retrieve the segment(s), load their compressed caches and answer from them (``index.qa``).
+
+    ``query``/``aquery`` return a ``Response`` (``StreamingResponse`` / ``AsyncStreamingResponse`` with
+    ``streaming=True``) with ``source_nodes`` and metadata (``retrieve_s``, ``cache_load_s``, ``ttft_s``,
+    ``decode_s``, ``bytes_loaded``, ``ratio``, ``kept_ratio``, token counts, ``answers``...; a streaming response's
+    metadata is filled in when the stream ends). ``similarity_top_k > 1``: best-of-k (the service's composition).
+
+    ``node_postprocessors`` run on the routed nodes before any cache is loaded (a postprocessor that drops a node
+    drops its cache). ``response_mode``: ``"no_text"`` returns the routed nodes without generating; the text
+    synthesis modes (``compact``, ``refine``, ``tree_summarize``...) are refused: they pack retrieved text into an
+    LLM prompt, and this engine never re-reads text (use ``index.as_query_engine(llm=...)`` for them).
+    """
+
+    def __init__(self, index: "KVzipIndex", similarity_top_k: int = 1, streaming: bool = False,
+                 callback_manager: Optional[CallbackManager] = None,
+                 node_postprocessors: Optional[Sequence[Any]] = None, response_mode: Any = None,
+                 **sampling: Any) -> None:
+        mode = _mode_name(response_mode)
+        if mode not in _ACCEPTED_MODES:
+            raise InvalidArgumentError(
+                f"response_mode={mode!r} does not apply to a KVzip query engine: that mode puts the retrieved text "
+                "into an LLM prompt, while this engine answers from each routed segment's compressed KV cache "
+                "(no text is re-read; similarity_top_k > 1 keeps the best answer). Drop response_mode (or use "
+                "'no_text' for retrieval only), or pass llm= to get LlamaIndex's synthesizer over the segment texts"
+            )
+        self._index = index
+        self._sampling = check_sampling(sampling)
+        self._retriever = index.as_retriever(similarity_top_k=similarity_top_k)
+        self._streaming = streaming
+        self._no_text = mode == "no_text"
+        self._postprocessors = list(node_postprocessors or [])
+        super().__init__(callback_manager=callback_manager or index._callback_manager)
+
+    @property
+    def index(self) -> "KVzipIndex":
+        return self._index
+
+    @property
+    def retriever(self) -> "KVzipIndexRetriever":
+        return self._retriever
+
+    def _get_prompt_modules(self) -> dict:
+        return {}
+
+    def retrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
+        nodes = self._retriever.retrieve(query_bundle)
+        for postprocessor in self._postprocessors:
+            nodes = postprocessor.postprocess_nodes(nodes, query_bundle=query_bundle)
+        return nodes
+
+    def synthesize(self, query_bundle: QueryBundle, nodes: List[NodeWithScore],
+                   additional_source_nodes: Optional[Sequence[NodeWithScore]] = None) -> RESPONSE_TYPE:
+        """Answer from the caches of ``nodes`` (KVzipIndex nodes); additional source nodes are attached as is."""
+        return self._respond(query_bundle.query_str, nodes, None, additional_source_nodes, asynchronous=False)
+
+    async def asynthesize(self, query_bundle: QueryBundle, nodes: List[NodeWithScore],
+                          additional_source_nodes: Optional[Sequence[NodeWithScore]] = None) -> RESPONSE_TYPE:
+        return await self._arespond(query_bundle.query_str, nodes, None, additional_source_nodes)
+
+    def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        start = time.perf_counter()
+        nodes = self.retrieve(query_bundle)
+        return self._respond(query_bundle.query_str, nodes, time.perf_counter() - start, None, asynchronous=False)
+
+    async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        start = time.perf_counter()
+        nodes = await run_in_thread(lambda: self.retrieve(query_bundle))
+        return await self._arespond(query_bundle.query_str, nodes, time.perf_counter() - start, None)
+
+    def _respond(self, question: str, nodes: List[NodeWithScore], retrieve_s: Optional[float],
+                 extra: Optional[Sequence[NodeWithScore]], asynchronous: bool) -> RESPONSE_TYPE:
+        extra = list(extra or [])
+        if self._no_text or not nodes:
+            return Response(None if self._no_text else "Empty Response", source_nodes=list(nodes) + extra,
+                            metadata={"retrieve_s": retrieve_s})
+        index = self._index
+        model = {"model_name": index.kvzip_model.name, "class_name": "KVzipQueryEngine"}
+        trace = Trace(self.callback_manager, question, model).start()
+        if not self._streaming:
+            try:
+                result = index.answer_hits(question, nodes, **self._sampling)
+            except BaseException as error:
+                trace.fail(error)
+                raise
+            response = Response(result.text, source_nodes=annotate(result, nodes) + extra,
+                                metadata=result.metadata(retrieve_s))
+            trace.end(result.text, result, response)
+            return response
+        stream = index.qa.stream(question, targets=targets_of(nodes), **self._sampling)
+        metadata: dict = {"retrieve_s": retrieve_s, "ratio": index.ratio, "level": index.level}
+        source_nodes: list = list(nodes) + extra
+
+        def finish(response) -> None:
+            if stream.result is not None:
+                metadata.update(stream.result.metadata(retrieve_s))
+                source_nodes[: len(nodes)] = annotate(stream.result, nodes)
+                trace.end(stream.result.text, stream.result, response)
+
+        if asynchronous:
+            async def agen():
+                async for piece in stream:
+                    yield piece
+                finish(response)
+
+            response = AsyncStreamingResponse(response_gen=agen(), source_nodes=source_nodes, metadata=metadata)
+            return response
+
+        def gen():
+            yield from stream
+            finish(response)
+
+        response = StreamingResponse(response_gen=gen(), source_nodes=source_nodes, metadata=metadata)
+        return response
+
+    async def _arespond(self, question: str, nodes: List[NodeWithScore], retrieve_s: Optional[float],
+                        extra: Optional[Sequence[NodeWithScore]]) -> RESPONSE_TYPE:
+        if self._streaming:
+            return self._respond(question, nodes, retrieve_s, extra, asynchronous=True)
+        return await run_in_thread(lambda: self._respond(question, nodes, retrieve_s, extra, False))

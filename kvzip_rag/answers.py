@@ -1,0 +1,126 @@
+"""What an answer from compressed caches is: routed targets, each cache's answer, the composed result."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .generate import Answer
+
+
+_REFUSAL = re.compile(
+    r"\b(i (do not|don't|cannot|can't|could not|couldn't) (know|find|answer|say|determine|tell)"
+    r"|not (mentioned|stated|specified|provided|given|available|included|found|clear)"
+    r"|no (information|mention|answer)"
+    r"|(context|text|passage|document|article) (does not|doesn't|did not|didn't)"
+    r"|unable to (answer|determine|find|say)|cannot be (determined|answered)|unanswerable|insufficient information)\b",
+    re.IGNORECASE,
+)
+
+
+def is_refusal(text: str) -> bool:
+    """True for an empty answer or one saying the context does not tell (ranked last by best-of-k)."""
+    return not text.strip() or bool(_REFUSAL.search(text))
+
+
+@dataclass(frozen=True)
+class Target:
+    """One routed segment: where its cache is, its retrieval score and text."""
+
+    doc_id: str
+    segment_index: int
+    score: float | None = None
+    text: str = field(default="", repr=False, compare=False)
+    metadata: dict = field(default_factory=dict, repr=False, compare=False)  # the document's own metadata
+    routing: str = "search"  # "search" (full-text match) or "fallback" (nothing matched: the first segments)
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.doc_id}:{self.segment_index}"
+
+
+@dataclass
+class CacheAnswer:
+    """The answer one cache gave, and what it cost."""
+
+    target: Target
+    answer: Answer
+    pieces: list[str] = field(repr=False)
+    refusal: bool
+    cache_load_s: float
+    bytes_loaded: int  # read from disk (0 when served from the store's in-memory LRU)
+    cache_nbytes: int
+    full_nbytes: int
+    kept_ratio: float
+    target_tokens: int = 0  # the document tokens this cache holds (served from it, not re-read)
+    ratio: float | None = None  # the ratio and level the cache was loaded at
+    level: str | None = None
+    also: tuple[Target, ...] = ()  # further segments whose caches were composed into this one (compose= strategies)
+
+    doc_id = property(lambda self: self.target.doc_id)
+    segment_index = property(lambda self: self.target.segment_index)
+    node_id = property(lambda self: self.target.node_id)
+    score = property(lambda self: self.target.score)
+    text = property(lambda self: self.answer.text)
+    mean_logprob = property(lambda self: self.answer.mean_logprob)
+
+    def as_dict(self) -> dict:
+        return {
+            "node_id": self.node_id, "doc_id": self.doc_id, "segment_index": self.segment_index,
+            "score": self.score, "answer": self.text, "mean_logprob": self.mean_logprob, "refusal": self.refusal,
+            "cache_load_s": self.cache_load_s, "bytes_loaded": self.bytes_loaded, "cache_bytes": self.cache_nbytes,
+            "full_bytes": self.full_nbytes, "kept_ratio": self.kept_ratio,
+            "ttft_s": self.answer.time_to_first_token_s, "decode_s": self.answer.decode_s,
+            "answer_tokens": len(self.answer.token_ids), "prompt_tokens": self.answer.prompt_tokens,
+            "finish_reason": self.answer.finish_reason,
+        }
+
+
+@dataclass
+class QAResult:
+    """The answer to one question from one or more caches, with every candidate and what it cost."""
+
+    question: str
+    answers: list[CacheAnswer]
+    chosen: int  # index into ``answers``
+    strategy: str
+    ratio: float | None
+    level: str | None
+    generate_s: float
+    retrieve_s: float | None = None
+
+    best = property(lambda self: self.answers[self.chosen])
+    text = property(lambda self: self.best.text)
+    cache_load_s = property(lambda self: sum(a.cache_load_s for a in self.answers))
+    bytes_loaded = property(lambda self: sum(a.bytes_loaded for a in self.answers))
+    targets = property(lambda self: [t for a in self.answers for t in (a.target, *a.also)])
+
+    def metadata(self, retrieve_s: float | None = None) -> dict:
+        """Totals over every cache answered (``cache_load_s``, ``bytes_loaded``), the chosen answer's figures, and
+        ``answers`` with every candidate."""
+        best = self.best
+        return {
+            "retrieve_s": self.retrieve_s if retrieve_s is None else retrieve_s,
+            "cache_load_s": self.cache_load_s, "ttft_s": best.answer.time_to_first_token_s,
+            "decode_s": best.answer.decode_s, "generate_s": self.generate_s, "bytes_loaded": self.bytes_loaded,
+            "cache_bytes": best.cache_nbytes, "full_bytes": best.full_nbytes,
+            "ratio": self.ratio if self.ratio is not None else best.kept_ratio, "level": self.level,
+            "kept_ratio": best.kept_ratio, "answer_tokens": len(best.answer.token_ids),
+            "prompt_tokens": best.answer.prompt_tokens, "finish_reason": best.answer.finish_reason,
+            "chosen_node_id": best.node_id,
+            "strategy": "single" if len(self.answers) == 1 else self.strategy,
+            "answers": [a.as_dict() for a in self.answers],
+        }
+
+
+def choose_best(answers: Sequence[CacheAnswer]) -> int:
+    """Non-refusals first, then the highest mean log-probability, then the better retrieval rank."""
+    def key(item):
+        position, a = item
+        logprob = a.mean_logprob if a.mean_logprob is not None else float("-inf")
+        return (not a.refusal, logprob, -position)
+
+    return max(enumerate(answers), key=key)[0]

@@ -1,0 +1,267 @@
+"""The ``fidelity`` task: how close each compressed cache stays to the full cache, on hundreds of SQuAD questions.
+
+Per question and method, ONE teacher-forced forward pass of ``question + gold answer`` through the packed cache
+gives: the gold answer's NLL (mean -log p per token), the first answer token (greedy) and whether it matches the
+full cache's, the fraction of gold positions whose greedy next token matches the full cache's, and the KL divergence
+of the full cache's next-token distribution from the method's (mean over those positions). F1 of a greedy answer
+is measured on a subset (decoding costs a pass per token). Every mean comes with a 95% bootstrap interval that
+resamples *documents* (the questions of one document share a cache, so they are not independent), and the
+differences to the full cache and to KVzip pair level at the same ratio are paired (same resamples).
+
+Methods: ``full``, ``kvzip-{pair,uniform,head}@r``, ``kvzip-fast@r`` (pair level, the learned gate of
+:mod:`kvzip_rag.gate`; calibrated on the Paul Graham essays first when the model has none) and the query-agnostic
+baselines (``snapkv@r``, ``h2o@r`` at the baseline level). Results: ``raw["fidelity"]`` and
+``summary.quality.fidelity``; the scoring cost of every scorer, ``kvzip-fast`` included, joins ``summary.scoring``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as bench_data
+from . import measure
+from .metrics import best_over, f1_score
+
+FAST = "kvzip-fast"
+
+
+def grid(ratios, levels, baselines, baseline_level):
+    from .runner import Variant, variant_grid
+
+    out = variant_grid(ratios, levels, baselines, baseline_level)
+    out += [Variant(f"{FAST}@{r:g}", FAST, "pair", r) for r in ratios]
+    return out
+
+
+def ensure_gate(bench) -> dict:
+    """The model's gate, calibrated on the essays (never on SQuAD) when missing; returns what was done."""
+    from kvzip_rag.calibrate import calibrate, read_corpus
+    from kvzip_rag.gate import find_gate, gate_path
+
+    gate = find_gate(bench.model)
+    if gate is not None:
+        return {"calibrated_now": False, **gate.meta}
+    p = bench.preset
+    bench.say("kvzip-fast: no gate for this model; calibrating on the Paul Graham essays")
+    texts = read_corpus(bench.data_dir / "paul_graham_essays", bench.model, p.fidelity_calibration_tokens,
+                        p.fidelity_calibration_segments)
+    gate = calibrate(bench.model, texts, progress=lambda done, total: bench.say(f"calibration {done}/{total}"))
+    gate.save(gate_path(bench.model))
+    return {"calibrated_now": True, **gate.meta}
+
+
+def teacher_forced(model, cache, question: str, gold: str) -> dict:
+    """Log-probabilities at the answer positions (the first answer token, then after each gold token).
+
+    The LM head runs only where needed (``logits_to_keep``): on a 135M model it is a fifth of the pass."""
+    cache.reset()
+    prompt, target = measure.question_ids(model, question), measure.gold_ids(model, gold)
+    try:
+        with torch.inference_mode():
+            out = model.forward(prompt + target, cache, logits_to_keep=len(target) + 1)
+    finally:
+        cache.reset()
+    logprobs = F.log_softmax(out.logits[0, :-1].float(), dim=-1)
+    nll = float(F.nll_loss(logprobs, torch.tensor(target, device=logprobs.device)))
+    return {"logprobs": logprobs.cpu(), "nll": nll, "greedy": logprobs.argmax(-1).cpu()}
+
+
+def run_fidelity(bench) -> None:
+    p = bench.preset
+    record = {"rows": [], "gate": ensure_gate(bench), "f1_methods": []}
+    bench.fidelity = record
+    docs = bench_data.load_squad(bench.data_dir, bench.count, 10_000, p.fidelity_min_tokens,
+                                 min(p.fidelity_max_tokens, bench.max_context()), p.fidelity_questions_per_doc,
+                                 p.fidelity_first_article)
+    chosen, total = [], 0
+    for doc in docs:
+        if total >= p.fidelity_questions:
+            break
+        doc.questions = doc.questions[: p.fidelity_questions - total]
+        chosen.append(doc)
+        total += len(doc.questions)
+    variants = grid(p.fidelity_ratios, p.levels, p.fidelity_baselines, p.baseline_level)
+    f1_methods = ["full"] + [v.name for v in variants if v.ratio in p.fidelity_f1_ratios]
+    record["f1_methods"] = f1_methods
+    answered, start = 0, time.perf_counter()
+    for doc in chosen:
+        budget = p.fidelity_budget_minutes
+        if budget is not None and time.perf_counter() - start > budget * 60:
+            bench.skipped.setdefault("fidelity_over_budget", []).append(doc.id)
+            continue
+        answered = run_document(bench, doc, variants, f1_methods, answered, record["rows"])
+    bench.mark_memory("fidelity")
+
+
+def run_document(bench, doc, variants, f1_methods, answered: int, rows: list) -> int:
+    """Every method on one document; returns the running count of questions answered for F1."""
+    from .runner import PreparedDocument, cut
+
+    p, model = bench.preset, bench.model
+    prep = PreparedDocument(model, doc.text, p.prefill_repeats)
+    cost = {"task": "fidelity", "doc": doc.id, "context_tokens": prep.context_length, "prefill_s": prep.prefill_s,
+            "scoring_s": {}}
+    bench.say(f"fidelity {doc.id}: {prep.context_length} tokens, {len(doc.questions)} questions x "
+              f"{len(variants)} methods")
+    # F1 on the first questions of every document (spread like the rest), up to fidelity_f1_questions in all
+    per_doc = math.ceil(p.fidelity_f1_questions * p.fidelity_questions_per_doc / max(p.fidelity_questions, 1))
+    f1_questions = {q.id for q in doc.questions[: min(per_doc, max(0, p.fidelity_f1_questions - answered))]}
+    reference: dict[str, dict] = {}
+    for source in dict.fromkeys(v.source for v in variants):
+        base, scoring_s = prep.base(source)
+        if source not in ("full", "kvzip-head"):
+            cost["scoring_s"][source] = scoring_s
+        for variant in (v for v in variants if v.source == source):
+            cache = cut(base, variant)
+            for question in doc.questions:
+                out = teacher_forced(model, cache, question.question, question.answers[0])
+                full = reference.setdefault(question.id, out)  # "full" runs first
+                kl = F.kl_div(out["logprobs"], full["logprobs"], log_target=True, reduction="none").sum(-1)
+                row = {"doc": doc.id, "qid": question.id, "method": variant.name, "nll": out["nll"],
+                       "first_token_match": float(out["greedy"][0] == full["greedy"][0]),
+                       "token_agreement": float((out["greedy"] == full["greedy"]).float().mean()),
+                       "kl_from_full": float(kl.mean()), "f1": None, "answer": None}
+                if question.id in f1_questions and variant.name in f1_methods:
+                    gen = measure.packed_answer(model, cache, question.question, p.fidelity_max_new_tokens)
+                    row["answer"], row["f1"] = gen.text, best_over(f1_score, gen.text, question.answers)
+                rows.append(row)
+            del cache
+        del base
+    bench.documents.append(cost)
+    return answered + len(f1_questions)
+
+
+# ---------------------------------------------------------------- summary with bootstrap intervals
+
+METRICS = ("nll", "first_token_match", "token_agreement", "kl_from_full", "f1")
+
+
+def _cluster_means(values: dict[str, list[float]], resamples: np.ndarray, docs: list[str]) -> np.ndarray:
+    """Question-weighted mean of each bootstrap resample of documents."""
+    sums = np.array([sum(values[d]) if d in values else 0.0 for d in docs])
+    counts = np.array([len(values.get(d, ())) for d in docs], dtype=float)
+    return (sums[resamples].sum(1)) / np.maximum(counts[resamples].sum(1), 1)
+
+
+def summarize(record: dict, ratios_le: float = 0.5, samples: int = 2000, seed: int = 0) -> dict:
+    """{method: {metric: mean, metric_ci: [lo, hi], nll_minus_full(_ci), nll_minus_kvzip(_ci), n, n_f1}}."""
+    rows = record["rows"]
+    docs = sorted({r["doc"] for r in rows})
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(0, len(docs), size=(samples, len(docs)))
+    per = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # method -> metric -> doc -> values
+    by_question = defaultdict(dict)  # (method) -> qid -> nll
+    for r in rows:
+        for metric in METRICS:
+            if r[metric] is not None:
+                per[r["method"]][metric][r["doc"]].append(r[metric])
+        by_question[r["method"]][r["qid"]] = (r["doc"], r["nll"])
+    boot_nll = {m: _cluster_means(per[m]["nll"], resamples, docs) for m in per}
+    out = {}
+    for method, metrics in per.items():
+        entry: dict = {"n": sum(len(v) for v in metrics["nll"].values()),
+                       "n_f1": sum(len(v) for v in metrics["f1"].values())}
+        for metric in METRICS:
+            values = [x for v in metrics[metric].values() for x in v]
+            if not values:
+                continue
+            entry[metric] = float(np.mean(values))
+            boot = boot_nll[method] if metric == "nll" else _cluster_means(metrics[metric], resamples, docs)
+            entry[f"{metric}_ci"] = [float(x) for x in np.percentile(boot, [2.5, 97.5])]
+        for name, other in (("full", "full"), ("kvzip", _twin(method, "kvzip-pair")), ("fast", _twin(method, FAST))):
+            if other in per and other != method:
+                diff = boot_nll[method] - boot_nll[other]
+                entry[f"nll_minus_{name}"] = entry["nll"] - float(np.mean(
+                    [x for v in per[other]["nll"].values() for x in v]))
+                entry[f"nll_minus_{name}_ci"] = [float(x) for x in np.percentile(diff, [2.5, 97.5])]
+        out[method] = entry
+    from .summary import method_order
+
+    return dict(sorted(out.items(), key=lambda kv: method_order(kv[0])))
+
+
+def _twin(method: str, family: str) -> str:
+    """``family`` at the same ratio (KVzip pair level: what kvzip-fast must match; kvzip-fast: what the baselines
+    are compared with, paired)."""
+    return f"{family}@" + method.rsplit("@", 1)[1] if "@" in method else "full"
+
+
+def targets(table: dict, ratios, scoring: dict) -> list[dict]:
+    """The issue's fidelity targets, decided from the intervals (None when the run could not decide)."""
+    out = []
+
+    def add(name, value, threshold, met, measured, n=None, note=""):
+        out.append({"target": name, "value": value, "threshold": threshold, "met": met, "measured": measured,
+                    "n": n, "note": note})
+
+    cost = scoring.get(FAST, {})
+    add("kvzip-fast indexing: (prefill + scoring) / prefill <= 1.1", cost.get("overhead"), 1.1,
+        None if cost.get("overhead") is None else cost["overhead"] <= 1.1,
+        "(prefill + gate scoring) / prefill over the fidelity documents", cost.get("n_docs"),
+        f"KVzip on the same documents: {_f(scoring.get('kvzip', {}).get('overhead'))}")
+    fast, kvzip = table.get(f"{FAST}@0.3", {}), table.get("kvzip-pair@0.3", {})
+    diff = fast.get("nll_minus_kvzip")
+    add("kvzip-fast at 0.3: gold NLL within 0.05 nats of KVzip's", diff, 0.05,
+        None if diff is None else abs(diff) <= 0.05, "NLL(kvzip-fast@0.3) - NLL(kvzip-pair@0.3)", fast.get("n"),
+        f"paired 95% CI {_ci(fast.get('nll_minus_kvzip_ci'))}")
+    verdicts, met = [], None
+    for r in sorted(x for x in ratios if x <= 0.5):
+        mine = table.get(f"{FAST}@{r:g}", {})
+        others = {m: v for m, v in table.items() if m.endswith(f"@{r:g}") and not m.startswith("kvzip")}
+        if not mine.get("nll_ci") or not others:
+            continue
+        best = min(others, key=lambda m: others[m]["nll"])
+        separated = all(mine["nll_ci"][1] < v["nll_ci"][0] for v in others.values())
+        verdicts.append({
+            "ratio": r, "vs": best, "margin": others[best]["nll"] - mine["nll"], "separated": separated,
+            "paired_margin_ci": others[best].get("nll_minus_fast_ci"),
+            "kl_separated": all(mine["kl_from_full_ci"][1] < v["kl_from_full_ci"][0] for v in others.values()),
+        })
+        met = separated if met is None else met and separated
+    add("kvzip-fast ahead of every non-KVzip scorer at every ratio <= 0.5 (non-overlapping 95% intervals)",
+        verdicts, 0.0, met, "unpaired NLL intervals of kvzip-fast@r vs snapkv@r and h2o@r", fast.get("n"),
+        "paired_margin_ci: 95% CI of NLL(best baseline) - NLL(kvzip-fast), same resampled documents; "
+        "kl_separated: KL(full ‖ method) intervals do not overlap")
+    for r, limit in ((0.3, 0.05), (0.2, 0.1)):
+        entry = kvzip if r == 0.3 else table.get(f"kvzip-pair@{r:g}", {})
+        d = entry.get("nll_minus_full")
+        add(f"KVzip at {r:g}: gold NLL within {limit:g} nats of the full cache", d, limit,
+            None if d is None else abs(d) <= limit, f"NLL(kvzip-pair@{r:g}) - NLL(full)", entry.get("n"),
+            f"paired 95% CI {_ci(entry.get('nll_minus_full_ci'))}")
+    return out
+
+
+def _f(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _ci(ci, signed: bool = True) -> str:
+    if not ci:
+        return "n/a"
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def markdown(summary: dict) -> list[str]:
+    table = summary["quality"].get("fidelity")
+    if not table:
+        return []
+    lines = ["## Fidelity (SQuAD, teacher-forced, one pass per question; 95% document-bootstrap intervals)", ""]
+    rows = []
+    for method, q in table.items():
+        rows.append([f"`{method}`", str(q["n"]), f"{q['nll']:.3f} {_ci(q.get('nll_ci'), False)}",
+                     f"{q.get('nll_minus_full', 0):+.3f} {_ci(q.get('nll_minus_full_ci'))}",
+                     f"{q['first_token_match']:.3f} {_ci(q.get('first_token_match_ci'), False)}",
+                     f"{q['token_agreement']:.3f} {_ci(q.get('token_agreement_ci'), False)}",
+                     f"{q['kl_from_full']:.3f} {_ci(q.get('kl_from_full_ci'), False)}",
+                     f"{q['f1']:.3f} {_ci(q.get('f1_ci'), False)} (n={q['n_f1']})" if q.get("f1") is not None else "-"])
+    header = ["method", "n", "gold NLL", "NLL - full (paired)", "first token = full's", "greedy agreement",
+              "KL(full ‖ method)", "F1"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    return lines

@@ -1,0 +1,135 @@
+"""``kvzip-rag index``: files and folders into compressed caches; one bad file never stops the others."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kvzip_rag.errors import KVzipError
+from kvzip_rag.text import safe_path
+
+from .app import app, settings_of
+from .files import collect_files, extract_text
+from .output import console, human_bytes, note, print_table, problem, show
+from .progress import IndexProgress
+from .settings import (
+    CLIError,
+    DbOpt,
+    DeviceOpt,
+    LevelOpt,
+    ModelOpt,
+    RatioOpt,
+    Settings,
+    StoreOpt,
+    ThreadsOpt,
+    handle_errors,
+)
+
+DEFAULT_RATIO = 0.3
+DEFAULT_LEVEL = "pair"
+
+
+@app.command()
+@handle_errors
+def index(
+    ctx: typer.Context,
+    paths: Annotated[list[Path], typer.Argument(help="Files and folders (.txt, .md, .html, .htm, .pdf).",
+                                                show_default=False)],
+    doc_id: Annotated[str | None, typer.Option("--id", help="Document id (one file only). Default: the file's "
+                                                            "path relative to the folder given, or its name.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompress documents already stored, and replace a "
+                                                        "document whose id exists with other text.")] = False,
+    kv_bits: Annotated[int, typer.Option("--kv-bits", help="16: keep the model's dtype; 8 or 4: quantize the kept "
+                                                           "keys and values (about 3x / 5x smaller blobs).")] = 16,
+    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, ratio: RatioOpt = None,
+    level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
+) -> None:
+    """Prefill, score and compress documents into the store (long files are split into segments)."""
+    if kv_bits not in (16, 8, 4):
+        raise typer.BadParameter(f"--kv-bits takes 16, 8 or 4, got {kv_bits}")
+    settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
+                           threads=threads)
+    index_paths(settings, paths, doc_id=doc_id, force=force, kv_bits=kv_bits)
+
+
+def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None, force: bool = False,
+                kv_bits: int = 16) -> None:
+    """Index files and folders; a file that cannot be read or compressed is reported and the others go on
+    (exit code 1 at the end if any failed)."""
+    files, failed = collect_files(paths)
+    if doc_id is not None and len(files) + len(failed) != 1:
+        raise CLIError(f"--id names one document, but {len(files) + len(failed)} files were given")
+    if doc_id is not None and failed:  # one file whose name is not a valid id: --id gives it one
+        files, failed = [(failed[0], doc_id)], []
+    texts = []
+    for path, name in files:
+        try:
+            text = extract_text(path)
+        except (CLIError, OSError, UnicodeError) as error:
+            problem(f"{path}: {error}")
+            failed.append(path)
+            continue
+        if not text.strip():
+            note(f"skipping {path}: no text in it")
+            continue
+        texts.append((path, doc_id or name, text))
+    if not texts:
+        if failed:
+            raise CLIError(f"{len(failed)} file(s) could not be indexed (see above)")
+        raise CLIError("the given files hold no text: nothing to index")
+    kv_model = settings.load_model()
+    store = settings.open_store()
+    ratio, level = settings.ratio or DEFAULT_RATIO, settings.level or DEFAULT_LEVEL
+    table = Table(title=f"Indexed into {show(settings.describe_store())}", title_justify="left")
+    for column in ("document", "segments", "tokens", "kept KV", "full KV", "time"):
+        table.add_column(column, justify="left" if column == "document" else "right")
+    start_all = time.perf_counter()
+    with IndexProgress(len(texts), scoring=level != "head") as bars:
+        for path, name, text in texts:
+            bars.start_document(name)
+            try:
+                row = _index_one(store, kv_model, path, name, text, ratio, level, force, bars.callback, kv_bits)
+            except (KVzipError, OSError) as error:
+                problem(f"{path}: {error}")
+                row = None
+            bars.finish_document()
+            if row is None:
+                failed.append(path)
+            else:
+                table.add_row(*row)
+    if table.row_count:
+        print_table(table)
+        console.print(f"[dim]{table.row_count} document(s) at ratio {ratio:g} ({level}) in "
+                      f"{time.perf_counter() - start_all:.1f}s[/dim]")
+    if failed:
+        raise CLIError(f"{len(failed)} file(s) could not be indexed (see above)")
+
+
+def _index_one(store, kv_model, path: Path, name: str, text: str, ratio: float, level: str, force: bool,
+               progress, kv_bits: int = 16) -> list[str] | None:
+    from kvzip_rag.budget import same_ratio
+    from kvzip_rag.qa import matching_cache
+
+    before = store.get_document(name)
+    if before is not None and before.text != text and not force:
+        problem(f"{path}: document {name!r} is already stored with other text; pass --force to replace it "
+                "or --id to store it under another id")
+        return None
+    before_blobs = {c.blob_path for c in before.caches} if before is not None else set()
+    start = time.perf_counter()
+    record = store.add_document(kv_model, text, doc_id=name, metadata={"source": safe_path(path.resolve()),
+                                                                       "file": safe_path(path.name)},
+                                ratio=ratio, level=level, force=force, progress=progress, kv_bits=kv_bits)
+    elapsed = time.perf_counter() - start
+    caches = [matching_cache([c for c in record.caches if c.segment_index == s.index],
+                             fingerprint=kv_model.fingerprint, template_digest=kv_model.template.digest,
+                             ratio=ratio, level=level) for s in record.segments]
+    caches = [c for c in caches if c is not None and same_ratio(c.ratio, ratio)]
+    reused = bool(caches) and all(c.blob_path in before_blobs for c in caches)
+    return [show(name), str(len(record.segments)), str(record.token_count),
+            human_bytes(sum(c.kv_nbytes for c in caches)), human_bytes(sum(c.full_nbytes for c in caches)),
+            "reused" if reused else f"{elapsed:.1f}s"]

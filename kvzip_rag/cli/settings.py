@@ -1,0 +1,207 @@
+"""Global options, the store and model they name, and the error boundary of every command (one red line)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvzip_rag.errors import KVzipError
+
+from .output import fail, say, show
+
+
+class CLIError(Exception):
+    """A problem the user can fix (bad path, unknown id...): one red line, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Settings:
+    """Global options; a command's own options override them."""
+
+    store: Path | None = None
+    db: str | None = None
+    model: str | None = None
+    ratio: float | None = None
+    level: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    _store: object = field(default=None, repr=False)
+
+    def merged(self, **overrides) -> Settings:
+        values = {k: getattr(self, k) for k in ("store", "db", "model", "ratio", "level", "device", "threads")}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return Settings(**values)
+
+    def load_model(self, name: str | None = None):
+        return load_model_cached(name or self.model, self.device, self.threads)
+
+    def open_store(self):
+        if self._store is None:
+            from kvzip_rag.qa import default_store_path
+            from kvzip_rag.store import CacheStore
+
+            try:
+                if self.db:  # rows in that database, blobs in the store folder
+                    self._store = CacheStore(url=self.db, blob_dir=(self.store or default_store_path()) / "blobs")
+                else:
+                    self._store = CacheStore(self.store or default_store_path())
+            except KVzipError:
+                raise
+            except ModuleNotFoundError as error:  # the database driver
+                raise CLIError(
+                    f"cannot open the store at {self.describe_store()}: the database driver {error.name!r} is not "
+                    "installed (for PostgreSQL: pip install 'kvzip-rag[postgres]' and a postgresql+psycopg2:// URL)"
+                ) from error
+            except Exception as error:  # SQLAlchemy / OS errors: say where, not a traceback
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                raise CLIError(
+                    f"cannot open the store at {self.describe_store()}: {type(error).__name__}: {first_line}"
+                ) from error
+        return self._store
+
+    def service(self, model=None):
+        """The core QA service over this store and model (loads the model unless given)."""
+        from kvzip_rag.qa import QAService
+
+        model = model or self.load_model()  # the model first: its errors come before the store's
+        return QAService(self.open_store(), model, ratio=self.ratio, level=self.level)
+
+    def describe_store(self) -> str:
+        if self.db:
+            from sqlalchemy.engine import make_url
+
+            return make_url(self.db).render_as_string(hide_password=True)
+        from kvzip_rag.qa import default_store_path
+
+        return str(self.store or default_store_path())
+
+
+_MODELS: dict[tuple, object] = {}
+
+
+def load_model_cached(name: str | None, device: str | None, threads: int | None):
+    """Load a model once per process (``chat`` and tests call commands repeatedly), with the thread policy."""
+    import kvzip_rag
+    from kvzip_rag.runtime import apply_thread_policy
+
+    from .output import err_console
+
+    key = (name or os.environ.get("KVZIP_RAG_MODEL") or kvzip_rag.DEFAULT_MODEL, device)
+    if key not in _MODELS:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # our own spinner says what is happening
+        with err_console.status(f"Loading model {show(key[0])}…", spinner="dots"):
+            start = time.perf_counter()
+            _MODELS[key] = kvzip_rag.load_model(key[0], device=device, threads=threads)
+        loaded = _MODELS[key]
+        count = apply_thread_policy(loaded.device, threads)
+        threads_note = f", {count} thread{'s' if count > 1 else ''}" if loaded.device.type == "cpu" else ""
+        say(f"[dim]model {show(loaded.name)} on {loaded.device}{threads_note} "
+            f"loaded in {time.perf_counter() - start:.1f}s[/dim]")
+    else:
+        apply_thread_policy(_MODELS[key].device, threads)
+    return _MODELS[key]
+
+
+def _parse_ratio(value: str | None) -> float | None:
+    from kvzip_rag.budget import check_ratio_level
+
+    if value is None or value == "":
+        return None
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number; the ratio is the fraction of KV pairs kept, e.g. 0.3")
+    try:
+        check_ratio_level(ratio, "pair")
+    except KVzipError as error:
+        raise typer.BadParameter(str(error)) from None
+    return ratio
+
+
+def _check_level(value: str | None) -> str | None:
+    from kvzip_rag.budget import check_ratio_level
+
+    if value is not None:
+        try:
+            check_ratio_level(1.0, value)
+        except KVzipError as error:
+            raise typer.BadParameter(str(error)) from None
+    return value
+
+
+# Shared option types: accepted before the command (global) and after it (per command).
+StoreOpt = Annotated[Path | None, typer.Option(
+    "--store", envvar="KVZIP_RAG_STORE", file_okay=False,
+    help="Store folder (SQLite file + blobs). Default: the user data dir.", show_default=False)]
+DbOpt = Annotated[str | None, typer.Option(
+    "--db", envvar="KVZIP_RAG_DB", help="SQLAlchemy URL of another database (blobs stay under --store).",
+    show_default=False)]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", envvar="KVZIP_RAG_MODEL",
+    help="Model alias (smollm2-135m-instruct, gemma3-270m), local folder, .gguf file or hub id.", show_default=False)]
+RatioOpt = Annotated[str | None, typer.Option(
+    "--ratio", envvar="KVZIP_RAG_RATIO", callback=_parse_ratio, metavar="RATIO",
+    help="Fraction of KV pairs kept (0, 1]. index: 0.3; ask/chat: as stored (a lower ratio reads fewer bytes).",
+    show_default=False)]
+LevelOpt = Annotated[str | None, typer.Option(
+    "--level", envvar="KVZIP_RAG_LEVEL", callback=_check_level,
+    help="Eviction level: pair (default), uniform or head.", show_default=False)]
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", envvar="KVZIP_RAG_DEVICE", help="cpu, cuda, cuda:1… Default: cuda when available.",
+    show_default=False)]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", envvar="KVZIP_RAG_THREADS", min=1,
+    help="CPU threads for torch (default: torch's, lowered to the cores the load average leaves free).",
+    show_default=False)]
+
+
+def for_cli(message: str) -> str:
+    """Library messages that name a Python call, told as the CLI command that does it."""
+    if "recompress()" in message:
+        message = message.replace("call recompress() for this model", "re-index it with this model: kvzip-rag "
+                                  "index PATH --force --model MODEL")
+        message = message.replace("recompress() it", "re-index it at that ratio and level: kvzip-rag index PATH "
+                                  "--force --ratio RATIO --level LEVEL (or ask at the stored ratio or lower)")
+    return message
+
+
+def handle_errors(function: Callable) -> Callable:
+    """Every error a user can act on (ours, OS and database errors) becomes one red line and exit code 1."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except CLIError as error:
+            fail(str(error), error.code)
+        except KVzipError as error:  # DocumentNotFoundError, StoreError, StoreFullError, ...
+            fail(for_cli(str(error)), 1)
+        except KeyError as error:  # a store that still raises a bare KeyError for a missing document
+            fail(error.args[0] if error.args and isinstance(error.args[0], str) else str(error), 1)
+        except OSError as error:  # full disk, permissions, missing files
+            where = f": {error.filename}" if getattr(error, "filename", None) else ""
+            fail(f"{error.strerror or error}{where}", 1)
+        except KeyboardInterrupt:
+            say("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130)
+        except Exception as error:
+            if type(error).__module__.startswith("sqlalchemy"):  # the database refused (disk full, locked, gone)
+                fail(f"the store's database failed: {type(error).__name__}: {error}", 1)
+            raise
+
+    return wrapper

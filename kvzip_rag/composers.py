@@ -1,0 +1,66 @@
+"""Composition strategies: how the caches routed for one question make one answer, chosen by name.
+
+``"best-of-k"`` is the default. A strategy that answers once from several caches joined together (e.g. by a
+``compose_caches(caches, layout=...)``) subclasses :class:`Composer`, sets ``name`` and is registered with
+:func:`register_composer`; ``QAService(compose=name)`` or ``service.answer(..., compose=name)`` then uses it,
+and every interface (CLI, LlamaIndex, LangChain) gets it through the service.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+from .answers import QAResult, Target, choose_best
+from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .qa import QAService
+
+
+
+class Composer:
+    """How routed caches make one answer. ``answer`` runs under the service's lock, in the calling thread; it calls
+    ``emit(piece)`` with the text pieces of the answer it returns, as early as it can."""
+
+    name: ClassVar[str]
+
+    def answer(self, service: QAService, question: str, targets: list[Target], sampling: dict,
+               emit: Callable[[str], None] | None) -> QAResult:
+        raise NotImplementedError
+
+
+class BestOfK(Composer):
+    """Each cache answers on its own (caches are never concatenated); the best answer is kept (:func:`choose_best`).
+    One target streams live; several stream the winner's pieces once all are generated."""
+
+    name = "best-of-k"
+
+    def answer(self, service, question, targets, sampling, emit):
+        start = time.perf_counter()
+        live = emit if len(targets) == 1 else None
+        answers = [service.answer_one(question, target, sampling, live) for target in targets]
+        chosen = choose_best(answers) if len(answers) > 1 else 0
+        if emit is not None and live is None:
+            for piece in answers[chosen].pieces:
+                emit(piece)
+        return QAResult(question, answers, chosen, "best-mean-logprob", service.ratio, service.level,
+                        time.perf_counter() - start)
+
+
+COMPOSERS: dict[str, type[Composer]] = {BestOfK.name: BestOfK}
+
+
+def register_composer(cls: type[Composer]) -> type[Composer]:
+    """Make a composition strategy available as ``compose=cls.name`` (usable as a class decorator)."""
+    COMPOSERS[cls.name] = cls
+    return cls
+
+
+def get_composer(compose: str | Composer) -> Composer:
+    if isinstance(compose, Composer):
+        return compose
+    if compose not in COMPOSERS:
+        raise InvalidArgumentError(f"unknown compose={compose!r}; choose one of {', '.join(sorted(COMPOSERS))}")
+    return COMPOSERS[compose]()

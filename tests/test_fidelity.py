@@ -1,0 +1,73 @@
+"""The benchmark's fidelity task: a smoke run on a tiny model and tiny data, its one-pass measurements against the
+plain NLL reference, and the document bootstrap on rows whose answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvzip_rag.bench import measure
+from kvzip_rag.bench.cli import run_bench
+from kvzip_rag.bench.fidelity import summarize, teacher_forced
+from kvzip_rag.compress import compress
+from test_bench import tiny_data  # noqa: F401  (fixture)
+
+
+def test_teacher_forced_matches_the_nll_reference(tiny_llama):
+    cache = compress(tiny_llama, "The harbour of Velmora was built in 1731 by the engineer Ansel Brask.", ratio=0.5)
+    out = teacher_forced(tiny_llama, cache, "Who built the harbour?", "Ansel Brask")
+    assert out["nll"] == pytest.approx(measure.packed_nll(tiny_llama, cache, "Who built the harbour?", "Ansel Brask"),
+                                       rel=1e-5)
+    assert out["logprobs"].shape[0] == len(measure.gold_ids(tiny_llama, "Ansel Brask"))
+    first = measure.first_token(tiny_llama, cache, "Who built the harbour?")
+    assert int(out["greedy"][0]) == first
+
+
+def test_bootstrap_intervals_and_paired_differences():
+    rows = []
+    for d in range(6):
+        for q in range(5):
+            base = 2.0 + 0.3 * d + 0.05 * q  # documents differ a lot; the method adds exactly 0.25 everywhere
+            for method, shift in (("full", 0.0), ("kvzip-pair@0.3", 0.25), ("snapkv@0.3", 1.0)):
+                rows.append({"doc": f"d{d}", "qid": f"d{d}q{q}", "method": method, "nll": base + shift,
+                             "first_token_match": 1.0, "token_agreement": 1.0, "kl_from_full": shift, "f1": None,
+                             "answer": None})
+    table = summarize({"rows": rows})
+    kvzip = table["kvzip-pair@0.3"]
+    assert kvzip["n"] == 30 and kvzip["n_f1"] == 0 and "f1" not in kvzip
+    assert kvzip["nll_minus_full"] == pytest.approx(0.25)
+    assert kvzip["nll_minus_full_ci"] == pytest.approx([0.25, 0.25])  # paired: the document spread cancels
+    lo, hi = kvzip["nll_ci"]
+    assert lo < kvzip["nll"] < hi and hi - lo > 0.3  # unpaired: it does not
+    assert table["snapkv@0.3"]["nll_minus_kvzip"] == pytest.approx(0.75)
+    assert list(table) == ["full", "kvzip-pair@0.3", "snapkv@0.3"]
+
+
+def test_fidelity_smoke_run(tiny_llama, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("KVZIP_RAG_CACHE", str(tmp_path / "cache"))  # no gate yet: calibrated on the essays
+    out = tmp_path / "out"
+    overrides = dict(fidelity_questions=6, fidelity_f1_questions=3, fidelity_min_tokens=100, fidelity_max_tokens=400,
+                     fidelity_ratios=(0.3, 0.5), fidelity_max_new_tokens=3, fidelity_calibration_tokens=120,
+                     fidelity_calibration_segments=4)
+    results = run_bench("quick", data_dir=tiny_data, out_dir=out, loaded_model=tiny_llama, embedding="hashing",
+                        tasks=("fidelity",), preset_overrides=overrides, log=lambda message: None)
+    stored = json.loads((out / "results.json").read_text())
+    table = stored["summary"]["quality"]["fidelity"]
+    expected = {"full", "kvzip-pair@0.3", "kvzip-uniform@0.5", "kvzip-head@0.3", "kvzip-fast@0.3", "kvzip-fast@0.5",
+                "snapkv@0.3", "h2o@0.5"}
+    assert expected <= set(table)
+    assert all(table[m]["n"] == 6 for m in expected)
+    assert table["full"]["first_token_match"] == 1.0 and table["full"]["token_agreement"] == 1.0
+    assert table["full"]["kl_from_full"] == pytest.approx(0.0, abs=1e-6)
+    assert table["kvzip-fast@0.3"]["n_f1"] == 3 and table["kvzip-pair@0.5"]["n_f1"] == 0
+    for method in expected:
+        lo, hi = table[method]["nll_ci"]
+        assert lo <= table[method]["nll"] <= hi
+    assert "nll_minus_kvzip_ci" in table["kvzip-fast@0.3"]
+    assert results["fidelity"]["gate"]["calibrated_now"] is True
+    scoring = stored["summary"]["scoring"]
+    assert {"kvzip", "kvzip-fast", "snapkv", "h2o"} <= set(scoring) and scoring["kvzip-fast"]["overhead"] > 0
+    names = [t["target"] for t in stored["summary"]["targets"]]
+    assert any(n.startswith("kvzip-fast at 0.3") for n in names)
+    assert "## Fidelity" in (out / "results.md").read_text()
