@@ -15,7 +15,7 @@ import typer
 from .presets import get_preset, parse_overrides
 
 TASKS = ("squad", "needle", "narrativeqa")
-EXTRA_TASKS = ("fidelity", "multidoc")  # run only when asked for with --task
+EXTRA_TASKS = ("fidelity", "multidoc", "quant")  # run only when asked for with --task
 
 
 def run_bench(
@@ -86,7 +86,8 @@ def bench(
     = Path("bench-out"),
     model: Annotated[str | None, typer.Option("--model", help="Model alias, folder, .gguf or hub id.")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="Run only this task (repeatable): squad, "
-                                                                  "needle, narrativeqa; fidelity, multidoc (only when named); or contention "
+                                                                  "needle, narrativeqa; fidelity, multidoc, quant (only when named); "
+                                                                  "or contention "
                                                                   "(decode speed under a competing CPU load, Python API beside the "
                                                                   "CLI).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,

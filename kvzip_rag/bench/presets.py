@@ -75,6 +75,17 @@ class Preset:
     fidelity_budget_minutes: float | None = None
     fidelity_calibration_tokens: int = 1024  # kvzip-fast gate calibration (Paul Graham essays) when none exists
     fidelity_calibration_segments: int = 10
+    # task "quant" (quantized caches, bench/quant.py): SQuAD NLL for every ratio x {16, 8, 4} bits, answers (F1) at
+    # quant_answer_ratios, needle hits at quant_needle_ratios; the stored-cache TTFT at ttft_length
+    quant_squad_docs: int = 2
+    quant_squad_questions: int = 5  # NLL at ratio 0.3 and full
+    quant_grid_questions: int = 2  # NLL at the other quant_ratios
+    quant_answer_questions: int = 2  # greedy answers (F1) at quant_answer_ratios and full
+    quant_first_article: int = 0
+    quant_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    quant_answer_ratios: tuple[float, ...] = (0.3,)
+    quant_needle_cases: tuple[tuple[int, float], ...] = ((2048, 0.5),)
+    quant_needle_ratios: tuple[float, ...] = (0.3,)
 
 
 PRESETS: dict[str, Preset] = {

@@ -172,7 +172,9 @@ def markdown(results: dict, command: str | None = None) -> str:
                      for k, v in mem.items() if k.startswith("peak_rss")]) + [""]
     lines += ["## Plots", "", "![SQuAD quality vs ratio](squad_quality.png)", "", "![Needle](needle.png)", "",
               "![Decode latency](decode_latency.png)", "", "![Time to first token](ttft.png)", ""]
-    return "\n".join(lines)
+    from .quant import markdown as quant_markdown
+
+    return "\n".join(lines + quant_markdown(results))
 
 
 def plots(results: dict, out_dir: Path) -> list[Path]:
@@ -267,7 +269,9 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     ax.set(xlabel="ms (log scale)", title="Time to first token")
     fig.tight_layout()
     written.append(_save(fig, out_dir / "ttft.png"))
-    return written
+    from .quant import plot as quant_plot
+
+    return written + [p for p in [quant_plot(results, out_dir)] if p]
 
 
 def _save(fig, path: Path) -> Path:
