@@ -78,8 +78,9 @@ class CacheStore:
 
     ``CacheStore(path)`` keeps ``index.sqlite`` and ``blobs/`` in the folder ``path`` (default: the user data dir,
     or ``$KVZIP_RAG_STORE``). ``CacheStore(url="postgresql+psycopg2://...", blob_dir=...)`` takes any SQLAlchemy URL;
-    blobs live in the folder ``blob_dir``, or in any :class:`~kvzip_rag.store.blob.BlobBackend` given as
-    ``blobs=`` (an object store). ``cache_bytes`` bounds the in-memory LRU of loaded caches. A folder that
+    blobs live in the folder ``blob_dir``, at ``blob_url`` (``s3://bucket/prefix`` through obstore, credentials
+    from its usual environment; or ``file:///folder``), or in any :class:`~kvzip_rag.store.blob.BlobBackend` given
+    as ``blobs=``. ``cache_bytes`` bounds the in-memory LRU of loaded caches. A folder that
     cannot be written (a mounted snapshot) opens read-only (``read_only=None``, the default, decides by the file
     system); writes then raise ``StoreError``. Safe to use from several threads and processes at once.
     """
@@ -95,7 +96,18 @@ class CacheStore:
         read_only: bool | None = None,
         max_segments: int = MAX_SEGMENTS,
         blobs: BlobBackend | None = None,
+        blob_url: str | None = None,
     ):
+        if blob_url is not None:  # a folder (path or file://) or an object store (s3://bucket/prefix)
+            if blobs is not None or blob_dir is not None:
+                raise InvalidArgumentError("give one of blob_url=, blob_dir= and blobs=")
+            from .objects import open_objects
+
+            backend = open_objects(blob_url)
+            if isinstance(backend, LocalBlobs):
+                blob_dir = backend.root
+            else:
+                blobs = backend
         database: Path | None = None
         if url is None:
             if path is None:

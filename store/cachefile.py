@@ -248,9 +248,11 @@ def read_document(
     if input_ids.numel() != base:
         raise reader.fail("input_ids do not match the prefix and context lengths")
     offsets, positions, scores = [], [], []
+    names = [f"{kind}.{i}" for i in range(header.num_layers) for kind in ("off", "pos", "score")]
+    small = iter(reader.read_tensors(names))  # one round of requests for all layers (object stores)
     for index in range(header.num_layers):
-        off = reader.tensor(f"off.{index}").to(torch.int64)
-        pos, sc = reader.tensor(f"pos.{index}"), reader.tensor(f"score.{index}")
+        off = next(small).to(torch.int64)
+        pos, sc = next(small), next(small)
         counts = off[1:] - off[:-1]
         if off.dim() != 1 or off.numel() < 2 or int(off[0]) != 0 or bool((counts < 0).any()) \
                 or pos.numel() != int(off[-1]) or sc.numel() != int(off[-1]) or (not header.quant and (
@@ -266,6 +268,10 @@ def read_document(
                                 stored.context_length, ratio, level)
         keep.update(zip(compressed, budgets))
     layers = []
+    # unquantized keys and values of all layers in one round of requests (object stores); quantized layers read
+    # their codes and scales in read_layer
+    kv = None if header.quant else iter(reader.rows_many([(f"{kind}.{i}", keep[i].tolist())
+                                                          for i in range(header.num_layers) for kind in ("k", "v")]))
     for index in range(header.num_layers):
         counts = keep[index]
         new_offsets = torch.zeros_like(offsets[index])
@@ -281,8 +287,7 @@ def read_document(
                                      offsets[index], counts, pos, sc, base, header.compressed[index],
                                      header.sliding_window[index]))
             continue
-        keys = reader.rows(f"k.{index}", counts.tolist())
-        values = reader.rows(f"v.{index}", counts.tolist())
+        keys, values = next(kv), next(kv)
         if keys.dtype != _DTYPES[header.dtype] or keys.shape != values.shape or keys.dim() != 2:
             raise reader.fail(f"keys/values of layer {index} do not match the header")
         layers.append(PackedLayer(keys, values, new_offsets, pos, sc, base, header.compressed[index],

@@ -15,7 +15,7 @@ import typer
 from .presets import get_preset, parse_overrides
 
 TASKS = ("squad", "needle", "narrativeqa")
-EXTRA_TASKS = ("fidelity", "multidoc", "quant")  # run only when asked for with --task
+EXTRA_TASKS = ("fidelity", "multidoc", "quant", "scale")  # run only when asked for with --task
 
 
 def run_bench(
@@ -58,6 +58,13 @@ def run_bench(
         raise FileNotFoundError(f"benchmark data folder {data_dir} not found (set --data or KVZIP_RAG_DATA)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if "scale" in tasks:
+        from .scale import run_scale_task
+
+        scale = run_scale_task(settings, data_dir, out_dir, model, loaded_model, log)
+        tasks = tuple(t for t in tasks if t != "scale")
+        if not tasks:
+            return {"scale": scale}
     start = time.perf_counter()
     kv_model = loaded_model or kvzip_rag.load_model(model)
     log(f"model {kv_model.name} loaded in {time.perf_counter() - start:.1f}s; preset {settings.name}; "
@@ -89,7 +96,8 @@ def bench(
                                                                   "needle, narrativeqa; fidelity, multidoc, quant (only when named); "
                                                                   "or contention "
                                                                   "(decode speed under a competing CPU load, Python API beside the "
-                                                                  "CLI).")] = None,
+                                                                  "CLI); or scale (10^6 segments, S3, Ray; only when named).")]
+    = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "
                                                                 "(repeatable), e.g. --set squad_docs=2 "

@@ -61,6 +61,11 @@ class Preset:
     multidoc_needle_cases: int = 2  # cross-segment needle: two facts in different segments of one essay
     multidoc_segments: int = 6
     multidoc_segment_tokens: int = 300
+    # --task scale (kvzip_rag/bench/scale.py): synthetic segments per database size, routing queries, Ray documents
+    scale_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    scale_words: int = 100
+    scale_queries: int = 200
+    scale_ray_documents: int = 12
     # fidelity task (kvzip_rag.bench.fidelity): teacher-forced passes on many SQuAD questions, F1 on a subset
     fidelity_questions: int = 300
     fidelity_first_article: int = 0  # SQuAD article to start from (a later run can extend an earlier one)
@@ -97,6 +102,7 @@ PRESETS: dict[str, Preset] = {
         nqa_docs=1, nqa_questions=3, nqa_ratios=(0.3,), nqa_max_tokens=900,
         ttft_length=2048, decode_steps=8, ttft_repeats=2,
         multidoc_questions=4, multidoc_needle_cases=1,
+        scale_sizes=(10_000,), scale_queries=50, scale_ray_documents=4,
     ),
     "full": Preset(
         name="full",

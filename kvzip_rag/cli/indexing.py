@@ -47,19 +47,53 @@ def index(
                                                            "keys and values (about 3x / 5x smaller blobs).")] = 16,
     store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, ratio: RatioOpt = None,
     level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Compress on a Ray cluster (kvzip-rag[ray]): one worker per "
+                                                    "GPU, else per CPU; $RAY_ADDRESS or a local cluster.")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="The Ray cluster to join (auto, "
+                                                                         "ray://head:10001); implies --ray.")] = None,
 ) -> None:
     """Prefill, score and compress documents into the store (long files are split into segments)."""
     if kv_bits not in (16, 8, 4):
         raise typer.BadParameter(f"--kv-bits takes 16, 8 or 4, got {kv_bits}")
+    if kv_bits != 16 and (ray or ray_address):
+        raise typer.BadParameter("--kv-bits is not yet passed to Ray workers; index quantized caches without --ray")
     settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
                            threads=threads)
-    index_paths(settings, paths, doc_id=doc_id, force=force, kv_bits=kv_bits)
+    if ray or ray_address:
+        index_paths_on_ray(settings, paths, ray_address, doc_id=doc_id, force=force)
+    else:
+        index_paths(settings, paths, doc_id=doc_id, force=force, kv_bits=kv_bits)
 
 
-def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None, force: bool = False,
-                kv_bits: int = 16) -> None:
-    """Index files and folders; a file that cannot be read or compressed is reported and the others go on
-    (exit code 1 at the end if any failed)."""
+def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | None, doc_id: str | None = None,
+                       force: bool = False) -> None:
+    """Index files and folders with kvzip_rag.distributed (a worker that dies has its document retried)."""
+    from kvzip_rag.distributed import index_documents
+    from kvzip_rag.paths import default_store_path
+
+    texts, failed = read_texts(paths, doc_id)
+    if settings.db:
+        where = {"store_url": settings.db, "blob_dir": (settings.store or default_store_path()) / "blobs"}
+    else:
+        where = {"store_path": settings.store or default_store_path()}
+    ratio, level = settings.ratio or DEFAULT_RATIO, settings.level or DEFAULT_LEVEL
+    report = index_documents(
+        [(name, text, {"source": safe_path(path.resolve()), "file": safe_path(path.name)})
+         for path, name, text in texts],
+        model=settings.model, ratio=ratio, level=level, force=force, address=address, threads=settings.threads or 1,
+        **where,
+    )
+    for name, error in report.failed.items():
+        problem(f"{name}: {error}")
+    console.print(f"[dim]{len(report.indexed)} indexed, {len(report.skipped)} already stored, "
+                  f"{len(report.failed)} failed, {report.retries} retried on {report.workers} Ray worker(s), "
+                  f"into {show(settings.describe_store())}[/dim]")
+    if failed or report.failed:
+        raise CLIError(f"{len(failed) + len(report.failed)} file(s) could not be indexed (see above)")
+
+
+def read_texts(paths: list[Path], doc_id: str | None = None) -> tuple[list[tuple[Path, str, str]], list[Path]]:
+    """``(path, document id, text)`` of every readable file with text, and the files that could not be read."""
     files, failed = collect_files(paths)
     if doc_id is not None and len(files) + len(failed) != 1:
         raise CLIError(f"--id names one document, but {len(files) + len(failed)} files were given")
@@ -81,6 +115,14 @@ def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None
         if failed:
             raise CLIError(f"{len(failed)} file(s) could not be indexed (see above)")
         raise CLIError("the given files hold no text: nothing to index")
+    return texts, failed
+
+
+def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None, force: bool = False,
+                kv_bits: int = 16) -> None:
+    """Index files and folders; a file that cannot be read or compressed is reported and the others go on
+    (exit code 1 at the end if any failed)."""
+    texts, failed = read_texts(paths, doc_id)
     kv_model = settings.load_model()
     store = settings.open_store()
     ratio, level = settings.ratio or DEFAULT_RATIO, settings.level or DEFAULT_LEVEL

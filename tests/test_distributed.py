@@ -1,0 +1,114 @@
+"""Distributed indexing on a real local Ray cluster (2 worker CPUs) with a tiny random-weight model.
+
+One job indexes a few documents while one worker is killed mid-compression (its document is retried on a fresh
+worker); the store must then hold every document with loadable caches equal to in-process compression, no row
+without its blob, and a second run must skip everything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import kvzip_rag
+from kvzip_rag.store import CacheStore
+
+from conftest import build_tiny
+from test_cli import tiny_model_dir  # noqa: F401  (fixture: a tiny model saved as a folder)
+from test_store import HARBOUR, ORCHARD
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'kvzip-rag[ray]')")
+from kvzip_rag.distributed import index_documents  # noqa: E402
+
+DOCS = [(f"doc-{i}", f"{text} Note number {i}: the {word} ledger is kept in room {100 + i}.")
+        for i, (text, word) in enumerate([(HARBOUR, "blue"), (ORCHARD, "green"), (HARBOUR, "red"),
+                                          (ORCHARD, "amber"), (HARBOUR, "grey"), (ORCHARD, "white")])]
+
+
+class TinyModel:
+    """Builds the tiny test model inside a worker; with ``die_marker``, the first worker to run its
+    ``die_on_call``-th forward pass creates the marker and exits hard (as a killed or crashed process would)."""
+
+    def __init__(self, die_marker: str | None = None, die_on_call: int = 0):
+        self.die_marker, self.die_on_call = die_marker, die_on_call
+
+    def __call__(self):
+        from transformers import AutoTokenizer
+
+        from kvzip_rag.models import DEFAULT_MODEL, resolve_model_path
+
+        model = build_tiny("llama", AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL)[1]))
+        if self.die_marker:
+            calls = [0]
+
+            def maybe_die(_module, _args):
+                calls[0] += 1
+                if calls[0] == self.die_on_call:
+                    try:  # O_EXCL: exactly one worker of the cluster wins the right to die
+                        os.close(os.open(self.die_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    except FileExistsError:
+                        return
+                    os._exit(1)
+
+            model.model.register_forward_pre_hook(maybe_die)
+        return model
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(default_model):  # the converted SmolLM2 folder (tokenizer) must exist before workers start
+    if ray.is_initialized():
+        ray.shutdown()
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_ray_index_retries_dead_worker_and_skips_stored(ray_cluster, tmp_path, tiny_llama):
+    marker = tmp_path / "died"
+    report = index_documents(DOCS, store_path=tmp_path / "store", model=TinyModel(str(marker), die_on_call=3),
+                             workers=2, ratio=0.4, progress=False)
+    assert marker.exists(), "the fault was never injected"
+    assert report.ok and report.retries == 1 and report.workers == 2
+    assert sorted(report.indexed) == [d for d, _ in DOCS] and report.skipped == []
+
+    with CacheStore(tmp_path / "store") as store:
+        assert len(store) == len(DOCS) and store.verify().ok  # no row points at a missing or partial blob
+        for doc_id, text in DOCS[:2]:
+            assert store.get_document(doc_id).text == text
+            loaded = store.load_cache(doc_id, tiny_llama)  # same weights: the fingerprint check passes
+            expected = kvzip_rag.compress(tiny_llama, text, ratio=0.4)
+            assert all((a.keys == b.keys).all() and (a.values == b.values).all()
+                       for a, b in zip(loaded.layers, expected.layers))
+        store.gc(min_age_s=0)  # blobs the killed worker wrote without rows, if any
+        assert store.gc(min_age_s=0, dry_run=True).removed == [] and store.verify().ok
+        referenced = {c.blob_path for d in store.list_documents() for c in d.caches}
+        assert all((store.blob_dir / name).is_file() for name in referenced)
+
+    again = index_documents(DOCS, store_path=tmp_path / "store", model=TinyModel(), workers=1, ratio=0.4,
+                            progress=False)
+    assert sorted(again.skipped) == [d for d, _ in DOCS] and again.indexed == [] and again.ok
+
+
+def test_cli_index_on_ray(ray_cluster, tmp_path, tiny_model_dir):
+    """``kvzip-rag index --ray``: every worker loads the model folder; the document lands, then is skipped."""
+    from typer.testing import CliRunner
+
+    from kvzip_rag.cli import app
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "harbour.txt").write_text(HARBOUR)
+    args = ["--store", str(tmp_path / "store"), "--model", str(tiny_model_dir), "index", "--ray",
+            str(tmp_path / "docs")]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "1 indexed, 0 already stored, 0 failed" in first.output
+    with CacheStore(tmp_path / "store") as store:
+        assert [d.id for d in store.list_documents()] == ["harbour.txt"] and store.verify().ok
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0 and "0 indexed, 1 already stored" in second.output, second.output
