@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CacheInfo": "cache", "PackedCache": "cache", "PackedLayer": "cache",
-    "compress": "compress",
+    "compress": "compress", "ComposedCache": "compose", "compose": "compose",
     "ContextTooLongError": "errors", "CorruptBlobError": "errors", "DocumentNotFoundError": "errors",
     "EmptyDocumentError": "errors", "InvalidArgumentError": "errors", "KVzipError": "errors",
     "ModelMismatchError": "errors", "ModelNotFoundError": "errors", "StoreError": "errors",
@@ -30,6 +30,7 @@ _EXPORTS = {
 }
 
 __all__ = sorted(n for n in _EXPORTS if n != "KVzipIndex")
+_SAME_NAME_AS_MODULE = ("compress", "compose")
 
 
 def __getattr__(name: str):
@@ -38,16 +39,17 @@ def __getattr__(name: str):
     if module is None:
         raise AttributeError(f"module 'kvzip_rag' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    if name != "compress":
+    if name not in _SAME_NAME_AS_MODULE:
         globals()[name] = value
     return value
 
 
 class _Package(types.ModuleType):
-    """``kvzip_rag.compress`` is the function; importing the submodule of the same name must not replace it."""
+    """``kvzip_rag.compress`` and ``kvzip_rag.compose`` are the functions; importing the submodules of the same names
+    must not replace them."""
 
     def __setattr__(self, name: str, value) -> None:
-        if name == "compress" and isinstance(value, types.ModuleType):
+        if name in _SAME_NAME_AS_MODULE and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
 

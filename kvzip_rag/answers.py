@@ -59,6 +59,7 @@ class CacheAnswer:
     ratio: float | None = None  # the ratio and level the cache was loaded at
     level: str | None = None
     also: tuple[Target, ...] = ()  # further segments whose caches were composed into this one (compose= strategies)
+    dropped: tuple[Target, ...] = ()  # routed segments left out of the composition: the window was full
 
     doc_id = property(lambda self: self.target.doc_id)
     segment_index = property(lambda self: self.target.segment_index)
@@ -111,7 +112,9 @@ class QAResult:
             "kept_ratio": best.kept_ratio, "answer_tokens": len(best.answer.token_ids),
             "prompt_tokens": best.answer.prompt_tokens, "finish_reason": best.answer.finish_reason,
             "chosen_node_id": best.node_id,
-            "strategy": "single" if len(self.answers) == 1 else self.strategy,
+            "strategy": "single" if len(self.answers) == 1 and not best.also else self.strategy,
+            "composed_node_ids": [t.node_id for t in (best.target, *best.also)],
+            "dropped_node_ids": [t.node_id for t in best.dropped],
             "answers": [a.as_dict() for a in self.answers],
         }
 

@@ -33,6 +33,7 @@ class CacheInfo:
     scorer: str
     full_nbytes: int
     input_ids: tuple[int, ...] = field(repr=False, default=())
+    kv_bits: int = 16  # 8 or 4: the entries went through quantization (kvzip_rag.quant), 16: as computed
 
     @property
     def base_length(self) -> int:
@@ -336,6 +337,7 @@ class PackedCache(Cache):
     def __init__(self, layers: list[PackedLayer], info: CacheInfo):
         super().__init__(layers=layers)
         self.info = info
+        self.quantized = None  # the QuantizedCache these layers were dequantized from (what a store writes)
 
     @property
     def compressed_layers(self) -> list[int]:
@@ -374,21 +376,36 @@ class PackedCache(Cache):
     def at_ratio(self, ratio: float, level: str | None = None) -> "PackedCache":
         """The cache this one would have been at a lower ``ratio``: top entries only, no re-scoring."""
         level = level or self.info.level
-        prefix = self.info.prefix_length
-        context_scores = [
-            [self.layers[i].scores[s.start + prefix : s.stop] for s in self.layers[i].head_slices(self.layers[i].counts)]
-            for i in self.compressed_layers
-        ]
-        budgets = allocate_budgets(context_scores, self.info.context_length, ratio, level)
-        layers = list(self.layers)
-        for row, i in enumerate(self.compressed_layers):
-            layers[i] = self.layers[i].truncated(budgets[row] + prefix)
-        return PackedCache(layers, replace(self.info, ratio=ratio, level=level))
+        keep = ratio_keep(self.layers, self.info, ratio, level)
+        layers = [layer.truncated(keep[i]) if i in keep else layer for i, layer in enumerate(self.layers)]
+        cache = PackedCache(layers, replace(self.info, ratio=ratio, level=level))
+        if self.quantized is not None:
+            cache.quantized = self.quantized.at_ratio(ratio, level)
+        return cache
 
     def to(self, device: torch.device | str) -> "PackedCache":
         for layer in self.layers:
             layer.to(device)
         return self
+
+
+def ratio_keep(layers, info: CacheInfo, ratio: float, level: str) -> dict[int, torch.Tensor]:
+    """Entries to keep per head (prefix included) of every compressed layer at ``ratio``: :func:`rows_at_ratio` on
+    the stored scores, for packed and quantized layers alike (``layers`` have offsets, scores and compressed)."""
+    prefix = info.prefix_length
+    compressed = [i for i, layer in enumerate(layers) if layer.compressed]
+    if not compressed:
+        return {}
+    scores, offsets = [], []
+    for i in compressed:
+        off = layers[i].offsets.tolist()
+        rows = torch.cat([torch.arange(a + prefix, z) for a, z in zip(off[:-1], off[1:])])
+        scores.append(layers[i].scores[rows])
+        context_offsets = torch.zeros(len(off), dtype=torch.int64)
+        context_offsets[1:] = (layers[i].counts - prefix).cumsum(0)
+        offsets.append(context_offsets)
+    budgets = rows_at_ratio(scores, offsets, info.context_length, ratio, level)
+    return {i: budget + prefix for i, budget in zip(compressed, budgets)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -411,7 +428,8 @@ def cache_info(fields, input_ids=()) -> CacheInfo:
         if value is None:
             raise KeyError(name)
         values[name] = kind(value)
-    return CacheInfo(**values, input_ids=tuple(int(i) for i in input_ids))
+    bits = fields.get("kv_bits") if isinstance(fields, dict) else getattr(fields, "kv_bits", None)
+    return CacheInfo(**values, input_ids=tuple(int(i) for i in input_ids), kv_bits=int(bits) if bits else 16)
 
 
 def info_fields(info: CacheInfo) -> dict[str, str]:

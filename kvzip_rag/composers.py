@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
-from .answers import QAResult, Target, choose_best
+from .answers import CacheAnswer, QAResult, Target, choose_best, is_refusal
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -49,7 +49,55 @@ class BestOfK(Composer):
                         time.perf_counter() - start)
 
 
-COMPOSERS: dict[str, type[Composer]] = {BestOfK.name: BestOfK}
+class Composed(Composer):
+    """One answer from the routed caches joined into one cache (:func:`kvzip_rag.compose.compose`), so evidence
+    spread over several documents or segments is seen together. Nothing is re-prefilled. Caches that do not fit the
+    model's window are dropped, lowest-routed first, and reported as ``dropped``."""
+
+    layout: ClassVar[str]
+
+    def answer(self, service, question, targets, sampling, emit):
+        from .compose import compose
+        from .generate import stream_answer
+
+        start = time.perf_counter()
+        with service.lock:
+            loaded = [service.load(target) for target in targets]
+            composed = compose(service.model, [cache for cache, _, _ in loaded], layout=self.layout)
+            stream = stream_answer(service.model, composed, question, **sampling)
+            pieces = []
+            for piece in stream:
+                pieces.append(piece)
+                if emit is not None:
+                    emit(piece)
+        used = [targets[i] for i in composed.composition.used]
+        first = loaded[composed.composition.used[0]][0].info
+        result = stream.result
+        answer = CacheAnswer(
+            used[0], result, pieces, is_refusal(result.text),
+            sum(seconds for _, seconds, _ in loaded), sum(nbytes for _, _, nbytes in loaded), composed.nbytes,
+            sum(loaded[i][0].full_nbytes for i in composed.composition.used), composed.kept_ratio,
+            sum(part.length for part in composed.composition.parts), first.ratio, first.level,
+            also=tuple(used[1:]), dropped=tuple(targets[i] for i in composed.composition.dropped),
+        )
+        return QAResult(question, [answer], 0, f"composed-{self.layout}", service.ratio, service.level,
+                        time.perf_counter() - start)
+
+
+class Parallel(Composed):
+    """Every document keeps the positions it was encoded at (APE-style); measured best on HotpotQA (BENCHMARKS.md)."""
+
+    name = layout = "parallel"
+
+
+class Sequential(Composed):
+    """Documents one after another, keys re-rotated by their offset."""
+
+    name = layout = "sequential"
+
+
+COMPOSERS: dict[str, type[Composer]] = {c.name: c for c in (BestOfK, Parallel, Sequential)}
+DEFAULT_COMPOSE = BestOfK.name  # the interfaces still list one source per answer; see issue 15
 
 
 def register_composer(cls: type[Composer]) -> type[Composer]:

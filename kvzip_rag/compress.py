@@ -11,6 +11,7 @@ from .budget import allocate_budgets, check_ratio_level
 from .cache import CacheInfo, PackedCache, PackedLayer
 from .errors import ContextTooLongError, EmptyDocumentError, InvalidArgumentError
 from .models import KVzipModel
+from .quant import check_bits, quantize
 from .scorers import SCORERS, KVzipScorer, PrefilledDocument, Scorer
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -85,19 +86,24 @@ def compress(
     scorer: str | Scorer = "kvzip",
     prefill_chunk: int = 2048,
     progress: Progress | None = None,
+    kv_bits: int = 16,
 ) -> PackedCache:
     """Prefill ``text`` once, score its KV pairs, keep the top ``ratio`` of them and pack what is kept.
 
     ``level``: ``"pair"`` (global top-k, non-uniform head budgets), ``"uniform"`` (top-k per head) or ``"head"``
     (whole heads by a context-independent score, ``HeadScorer``: no per-document scoring pass).
+    ``kv_bits``: 16 keeps the cache dtype; 8 or 4 quantize the kept entries (``kvzip_rag.quant``): the returned
+    cache holds them dequantized, exactly as a store will load them, and its ``quantized`` is what gets stored.
     """
     check_ratio_level(ratio, level)
+    check_bits(kv_bits)
     scorer = resolve_scorer(scorer, level)
     document = prefill_document(model, text, prefill_chunk, scorer, progress)
     if isinstance(scorer, KVzipScorer) and progress:
         scorer.progress = lambda done, total: progress("score", done, total)
     scores = scorer.score(document)
-    return pack(document, scores, ratio, level, scorer.name)
+    cache = pack(document, scores, ratio, level, scorer.name)
+    return cache if kv_bits == 16 else quantize(cache, kv_bits).dequantize()
 
 
 def pack(document: PrefilledDocument, scores: torch.Tensor, ratio: float, level: str, scorer: str) -> PackedCache:

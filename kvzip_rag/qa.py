@@ -13,9 +13,11 @@ One place for each rule:
 * **Loading** (:meth:`QAService.load`): through the store's LRU, at the service's ``ratio``/``level`` (a lower
   ratio than stored reads only the slices it keeps; ``None`` = as stored).
 * **Composition** (:mod:`kvzip_rag.composers`, chosen by name with ``compose=``): how routed caches make one answer.
-  ``"best-of-k"`` (default): every cache answers on its own, refusals rank below real answers, then the highest
-  mean token log-probability, then the better retrieval rank. New strategies (e.g. answering once from several
-  caches joined by ``compose_caches``) subclass :class:`Composer` and call :func:`register_composer`.
+  ``"parallel"`` and ``"sequential"``: the routed caches joined into one cache that answers once
+  (:mod:`kvzip_rag.compose`; documents that do not fit the window are dropped and reported); ``"best-of-k"``
+  (default): every
+  cache answers on its own, refusals rank below real answers, then the highest mean token log-probability, then
+  the better retrieval rank. New strategies subclass :class:`Composer` and call :func:`register_composer`.
 * **One model lock** (``service.lock``, an ``RLock``) around every use of the model, and **one bridge** to worker
   threads (:mod:`kvzip_rag.bridge`) for streaming and async.
 * **Argument checks**: :func:`check_question`, :func:`check_k`, :func:`check_sampling`; the conversation window
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .answers import CacheAnswer, QAResult, Target, choose_best, is_refusal
-from .composers import COMPOSERS, BestOfK, Composer, get_composer, register_composer
+from .composers import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, get_composer, register_composer
 from .errors import InvalidArgumentError, KVzipError, ModelMismatchError
 from .paths import default_store_path
 
@@ -142,7 +144,7 @@ class QAService:
     def __init__(self, store: CacheStore | str | os.PathLike | None = None,
                  model: KVzipModel | str | os.PathLike | None = None, *, ratio: float | None = None,
                  level: str | None = None, threads: int | None = None, device: str | None = None,
-                 compose: str | Composer = "best-of-k", scope: Callable[[], list[str]] | None = None,
+                 compose: str | Composer = DEFAULT_COMPOSE, scope: Callable[[], list[str]] | None = None,
                  lock: threading.RLock | None = None,
                  model_loader: Callable[[], KVzipModel] | None = None) -> None:
         from .budget import check_ratio_level

@@ -34,7 +34,8 @@ from safetensors.torch import save as st_save
 
 from kvzip_rag.errors import CorruptBlobError, InvalidArgumentError, StoreFullError
 
-FORMAT = "kvzip-rag/2"
+FORMAT = "kvzip-rag/3"  # 3: quantized document caches (kv_bits); 2 is read too (it is 3 with 16 bits only)
+READABLE_FORMATS = ("kvzip-rag/2", FORMAT)
 BLOCK_ROWS = 32  # rows per checksum block inside a row group; a lower-ratio load reads whole blocks, so this is
 # how much each head's ranged read is rounded up (128 made a 0.1 load of a 0.3 2K-token blob read ~44% of it)
 _DIGEST_HEX = 32  # 128-bit truncated sha256 per block: detection of corruption, not a signature
@@ -336,11 +337,12 @@ class BlobReader:
             raise CorruptBlobError(f"{self.where} is not a readable blob (truncated or altered?)") from None
         metadata = header.get("__metadata__") or {}
         fmt = metadata.get("format") if isinstance(metadata, dict) else None
-        if fmt != FORMAT:
+        if fmt not in READABLE_FORMATS:
             if isinstance(fmt, str) and fmt.startswith("kvzip-rag/"):
                 raise CorruptBlobError(
-                    f"{self.where} has format {fmt!r}; this kvzip-rag reads {FORMAT!r}: rebuild the store "
-                    "(index the documents again into a new folder)"
+                    f"{self.where} has format {fmt!r}; this kvzip-rag reads {' and '.join(READABLE_FORMATS)}: an "
+                    "older blob: rebuild the store (index the documents again into a new folder); a newer one: "
+                    "upgrade kvzip-rag"
                 )
             raise CorruptBlobError(f"{self.where} is not a kvzip-rag blob (no {FORMAT!r} format tag in its header)")
         try:

@@ -50,7 +50,9 @@ from .schema import (
     OldStoreError,
     Prefix,
     Segment,
+    add_kv_bits,
     create_schema,
+    lacks_kv_bits,
     make_engine,
     schema_state,
     search_method,
@@ -171,6 +173,11 @@ class CacheStore:
                 raise StoreError(f"{where} holds no kvzip-rag store (and it is read-only, so none can be created)")
             if state != "2":
                 raise OldStoreError(f"schema version {state}")
+            if lacks_kv_bits(self.engine):
+                if self.read_only:
+                    raise StoreError(f"the store at {where} predates quantized caches; open it once writable to "
+                                     "upgrade it (one column is added)")
+                self._retry_full(lambda: add_kv_bits(self.engine), where)
             return search_method(self.engine)
         except OldStoreError as error:
             raise StoreError(rebuild.format(error)) from None
@@ -395,6 +402,7 @@ class CacheStore:
         force: bool = False,
         max_segment_tokens: int | None = None,
         progress: Progress | None = None,
+        kv_bits: int = 16,
     ) -> DocumentRecord:
         """Segment, compress and store ``text``; returns the stored document.
 
@@ -403,15 +411,17 @@ class CacheStore:
         missing caches are added. ``force=True`` recompresses them, and is required to replace a document whose id
         exists with other text. ``max_segment_tokens`` defaults to ``default_max_tokens(model)``. ``progress`` gets
         ``("segment", done, total)`` over segments (and the engine's ``prefill``/``score`` stages within one).
+        ``kv_bits`` 8 or 4 stores the caches quantized (``kvzip_rag.quant``); a segment keeps one cache per ratio,
+        level and scorer, so adding it again with other ``kv_bits`` replaces that cache.
         """
         return self.indexer(model, max_segment_tokens=max_segment_tokens).add(
             text, doc_id=doc_id, metadata=metadata, ratio=ratio, level=level, scorer=scorer, force=force,
-            progress=progress,
+            progress=progress, kv_bits=kv_bits,
         )
 
     def recompress(
         self, doc_id: str, model, *, ratio: float = 0.3, level: str = "pair", scorer: str = "kvzip",
-        replace: bool = False, progress: Progress | None = None,
+        replace: bool = False, progress: Progress | None = None, kv_bits: int = 16,
     ) -> DocumentRecord:
         """(Re)build the caches of ``doc_id`` for ``model`` at ``ratio``/``level``/``scorer``.
 
@@ -419,7 +429,7 @@ class CacheStore:
         caches at other ratios, levels or scorers (other models' caches are always kept).
         """
         return self.indexer(model).recompress(doc_id, ratio=ratio, level=level, scorer=scorer, replace=replace,
-                                              progress=progress)
+                                              progress=progress, kv_bits=kv_bits)
 
     # -------------------------------------------------------------------------------------------- the prefix
 

@@ -34,8 +34,11 @@ from kvzip_rag.cache import (
     split_prefix,
 )
 from kvzip_rag.errors import CorruptBlobError, InvalidArgumentError, ModelMismatchError
+from kvzip_rag.quant import QuantizedCache, QuantizedLayer
 
 from .blob import BlobReader, EncodedBlob, ReadStats, atomic_write, encode_blob, local_reader
+from .quantfile import TENSORS as QUANT_TENSORS
+from .quantfile import quant_metadata, quantized_tensors, read_layer, read_spec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -89,10 +92,19 @@ def encode_document(cache: PackedCache, *, shared_prefix: bool, segment_sha256: 
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, list[int]] = {}
     kv_nbytes = 0
+    quantized = None
+    if cache.quantized is not None:  # stored as quantized (kvzip_rag.quant), without the shared prefix rows
+        quantized = [q.drop_prefix(cache.info.prefix_length) if q.compressed else q for q in cache.quantized.layers]
     for index, layer in enumerate(body):
-        tensors[f"k.{index}"], tensors[f"v.{index}"] = layer.keys, layer.values
-        groups[f"k.{index}"] = groups[f"v.{index}"] = _heads(layer.offsets)
-        kv_nbytes += layer.keys.nbytes + layer.values.nbytes
+        if quantized is None:
+            tensors[f"k.{index}"], tensors[f"v.{index}"] = layer.keys, layer.values
+            groups[f"k.{index}"] = groups[f"v.{index}"] = _heads(layer.offsets)
+            kv_nbytes += layer.keys.nbytes + layer.values.nbytes
+        else:
+            extra, extra_groups = quantized_tensors(index, quantized[index])
+            tensors.update(extra)
+            groups.update(extra_groups)
+            kv_nbytes += quantized[index].nbytes
         tensors[f"pos.{index}"] = layer.positions.to(torch.int32)
         tensors[f"score.{index}"] = layer.scores.to(torch.float32)
         tensors[f"off.{index}"] = layer.offsets.to(torch.int64)
@@ -113,6 +125,7 @@ def encode_document(cache: PackedCache, *, shared_prefix: bool, segment_sha256: 
         "versions": json.dumps(_versions(), sort_keys=True),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "segment_sha256": segment_sha256,
+        **(quant_metadata(quantized) if quantized is not None else {"kv_bits": "16"}),
     }
     return EncodedCache(encode_blob(tensors, metadata, groups), kv_nbytes, prefix)
 
@@ -148,6 +161,11 @@ class DocumentHeader:
     payload_sha256: str
     header_nbytes: int
     metadata: dict
+    quant: tuple | None = None  # (QuantSpec, full rows per layer, head_dim per layer) of a kv_bits 8/4 blob
+
+    @property
+    def kv_bits(self) -> int:
+        return self.quant[0].bits if self.quant else 16
 
 
 def document_header(reader: BlobReader) -> DocumentHeader:
@@ -167,7 +185,10 @@ def document_header(reader: BlobReader) -> DocumentHeader:
     except (KeyError, ValueError, TypeError) as error:
         raise reader.fail(f"incomplete header ({type(error).__name__}: {error})") from None
     n = header.num_layers
-    expected = {"input_ids"} | {f"{p}.{i}" for i in range(n) for p in ("k", "v", "pos", "score", "off")}
+    quant = read_spec(reader, n)
+    header = replace(header, quant=quant, info=replace(header.info, kv_bits=quant[0].bits if quant else 16))
+    kv = QUANT_TENSORS if quant else ("k", "v")
+    expected = {"input_ids"} | {f"{p}.{i}" for i in range(n) for p in (*kv, "pos", "score", "off")}
     if header.prefix == "inline":
         expected |= {f"{p}.{i}" for i in header.prefix_layers for p in ("pk", "pv")}
     if set(reader.tensors) != expected or len(header.compressed) != n or len(header.sliding_window) != n \
@@ -234,8 +255,8 @@ def read_document(
         pos, sc = next(small), next(small)
         counts = off[1:] - off[:-1]
         if off.dim() != 1 or off.numel() < 2 or int(off[0]) != 0 or bool((counts < 0).any()) \
-                or pos.numel() != int(off[-1]) or sc.numel() != int(off[-1]) \
-                or _heads(off) != reader.groups.get(f"k.{index}") or _heads(off) != reader.groups.get(f"v.{index}"):
+                or pos.numel() != int(off[-1]) or sc.numel() != int(off[-1]) or (not header.quant and (
+                    _heads(off) != reader.groups.get(f"k.{index}") or _heads(off) != reader.groups.get(f"v.{index}"))):
             raise reader.fail(f"inconsistent head offsets in layer {index}")
         offsets.append(off)
         positions.append(pos)
@@ -247,11 +268,12 @@ def read_document(
                                 stored.context_length, ratio, level)
         keep.update(zip(compressed, budgets))
     layers = []
-    kv = iter(reader.rows_many([(f"{kind}.{i}", keep[i].tolist()) for i in range(header.num_layers)
-                                for kind in ("k", "v")]))
+    # unquantized keys and values of all layers in one round of requests (object stores); quantized layers read
+    # their codes and scales in read_layer
+    kv = None if header.quant else iter(reader.rows_many([(f"{kind}.{i}", keep[i].tolist())
+                                                          for i in range(header.num_layers) for kind in ("k", "v")]))
     for index in range(header.num_layers):
         counts = keep[index]
-        keys, values = next(kv), next(kv)
         new_offsets = torch.zeros_like(offsets[index])
         new_offsets[1:] = counts.cumsum(0)
         if not torch.equal(counts, offsets[index][1:] - offsets[index][:-1]):
@@ -259,6 +281,13 @@ def read_document(
             pos, sc = positions[index][rows], scores[index][rows]
         else:
             pos, sc = positions[index], scores[index]
+        if header.quant:
+            spec, full_rows, head_dims = header.quant
+            layers.append(read_layer(reader, index, spec, full_rows[index], head_dims[index], _DTYPES[header.dtype],
+                                     offsets[index], counts, pos, sc, base, header.compressed[index],
+                                     header.sliding_window[index]))
+            continue
+        keys, values = next(kv), next(kv)
         if keys.dtype != _DTYPES[header.dtype] or keys.shape != values.shape or keys.dim() != 2:
             raise reader.fail(f"keys/values of layer {index} do not match the header")
         layers.append(PackedLayer(keys, values, new_offsets, pos, sc, base, header.compressed[index],
@@ -269,9 +298,20 @@ def read_document(
         raise InvalidArgumentError(f"{reader.where} shares its template prefix: load it through its CacheStore")
     info = replace(header.info, ratio=ratio, level=level, input_ids=tuple(input_ids.tolist()))
     try:
+        if header.quant:
+            return _join_quantized(prefix, layers, info).dequantize()
         return join_prefix(prefix, layers, info)
     except ModelMismatchError as error:
         raise CorruptBlobError(f"{reader.where}: {error}") from None
+
+
+def _join_quantized(prefix: PrefixKV, body: list[QuantizedLayer], info: CacheInfo) -> QuantizedCache:
+    """The quantized cache with the (unquantized) template prefix back in front of every compressed layer."""
+    if not prefix.matches(info) or list(prefix.layers) != [i for i, q in enumerate(body) if q.compressed]:
+        raise ModelMismatchError("the template prefix does not belong to this document cache")
+    covered = dict(zip(prefix.layers, zip(prefix.keys, prefix.values)))
+    layers = [q.add_prefix(*covered[i], info.prefix_length) if i in covered else q for i, q in enumerate(body)]
+    return QuantizedCache(layers, info)
 
 
 # ------------------------------------------------------------------------------------------ standalone cache files

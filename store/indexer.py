@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from kvzip_rag.budget import check_ratio_level, same_ratio
 from kvzip_rag.cache import PackedCache, PrefixKV
 from kvzip_rag.errors import InvalidArgumentError, KVzipError, ModelMismatchError
+from kvzip_rag.quant import check_bits
 
 from .blob import full_error
 from .cachefile import encode_document
@@ -51,11 +52,16 @@ class CacheKind:
     ratio: float
     level: str
     scorer: str
+    kv_bits: int = 16
 
-    def matches(self, c: Cache | CacheRecord) -> bool:
+    def same_slot(self, c: Cache | CacheRecord) -> bool:
+        """Same model, template, ratio, level and scorer: a segment holds one such cache, whatever its bits."""
         return (c.model_fingerprint, c.template_digest, c.level, c.scorer) == (
             self.fingerprint, self.template, self.level, self.scorer
         ) and same_ratio(c.ratio, self.ratio)
+
+    def matches(self, c: Cache | CacheRecord) -> bool:
+        return self.same_slot(c) and (c.kv_bits or 16) == self.kv_bits
 
 
 class _Raced(Exception):
@@ -70,20 +76,21 @@ class Indexer:
         self.max_segment_tokens = max_segment_tokens
         self.max_segments = max_segments
 
-    def kind(self, ratio: float, level: str, scorer) -> CacheKind:
+    def kind(self, ratio: float, level: str, scorer, kv_bits: int = 16) -> CacheKind:
         check_ratio_level(ratio, level)
         return CacheKind(self.model.fingerprint, self.model.template.digest, float(ratio), level,
-                         scorer_name(scorer, level))
+                         scorer_name(scorer, level), check_bits(kv_bits))
 
     # ---------------------------------------------------------------------------------------------- adding
 
     def add(
         self, text: str, *, doc_id: str | None = None, metadata: dict | None = None, ratio: float = 0.3,
         level: str = "pair", scorer="kvzip", force: bool = False, progress: Progress | None = None,
+        kv_bits: int = 16,
     ) -> DocumentRecord:
         """See :meth:`CacheStore.add_document`."""
         text = check_text(text)
-        kind = self.kind(ratio, level, scorer)
+        kind = self.kind(ratio, level, scorer, kv_bits)
         digest = content_hash(text)
         doc_id = check_doc_id(doc_id) if doc_id is not None else digest[:32]
         meta = check_metadata(metadata) if metadata is not None else None
@@ -110,14 +117,14 @@ class Indexer:
         except _Raced:
             self.store._remove_blobs(written)
             return self.add(text, doc_id=doc_id, metadata=metadata, ratio=ratio, level=level, scorer=scorer,
-                            progress=progress)
+                            progress=progress, kv_bits=kv_bits)
         except IntegrityError:
             self.store._remove_blobs(written)
             if force:
                 raise
             # Another process added this id meanwhile: same text -> their caches serve us; other text -> error.
             return self.add(text, doc_id=doc_id, metadata=metadata, ratio=ratio, level=level, scorer=scorer,
-                            progress=progress)
+                            progress=progress, kv_bits=kv_bits)
         except BaseException as error:
             self.store._remove_blobs(written)
             self.store._raise_if_full(error)
@@ -151,10 +158,10 @@ class Indexer:
 
     def recompress(
         self, doc_id: str, *, ratio: float = 0.3, level: str = "pair", scorer="kvzip", replace: bool = False,
-        progress: Progress | None = None,
+        progress: Progress | None = None, kv_bits: int = 16,
     ) -> DocumentRecord:
         """See :meth:`CacheStore.recompress`."""
-        kind = self.kind(ratio, level, scorer)
+        kind = self.kind(ratio, level, scorer, kv_bits)
         self.store._require_writable()
         record = self.store._document_or_raise(doc_id)
         return self._ensure(record, kind, scorer, force=True, metadata=None, progress=progress, drop_others=replace)
@@ -185,7 +192,7 @@ class Indexer:
                 for segment in current.segments:
                     row = rows.get(segment.id)
                     for cache in list(segment.caches):
-                        same = kind.matches(cache)
+                        same = kind.same_slot(cache)  # the one cache of this ratio/level/scorer, any kv_bits
                         if (same and row is not None) or (drop_others and not same
                                                            and cache.model_fingerprint == kind.fingerprint):
                             replaced.append((cache.payload_sha256, cache.blob_path))
@@ -216,7 +223,8 @@ class Indexer:
         if progress:
             progress("segment", 0, len(texts))
         for index, text in enumerate(texts):
-            cache = compress(self.model, text, ratio=kind.ratio, level=kind.level, scorer=scorer, progress=progress)
+            cache = compress(self.model, text, ratio=kind.ratio, level=kind.level, scorer=scorer, progress=progress,
+                             kv_bits=kind.kv_bits)
             rows.append(self._store_one(cache, kind, text, written))
             if index == 0 and len(texts) > 1:
                 self._check_room(rows[0].nbytes * (len(texts) - 1))
@@ -247,7 +255,7 @@ class Indexer:
         return Cache(
             model_name=info.model_name, model_fingerprint=info.model_fingerprint,
             template_digest=info.template_digest, ratio=kind.ratio, level=kind.level, scorer=info.scorer,
-            blob_path=name, nbytes=len(encoded.blob.data), kv_nbytes=encoded.kv_nbytes,
+            kv_bits=kind.kv_bits, blob_path=name, nbytes=len(encoded.blob.data), kv_nbytes=encoded.kv_nbytes,
             full_nbytes=info.full_nbytes, prefix_length=info.prefix_length, context_length=info.context_length,
             sha256=encoded.blob.sha256, payload_sha256=encoded.blob.payload_sha256, prefix_id=prefix_id,
         )

@@ -107,7 +107,9 @@ def read_cache(store, record: CacheRecord, prefix_row: Prefix | None, ratio, lev
             if prefix_row is None:
                 raise CorruptBlobError(f"{label}: its shared template prefix is not in the store; run verify()")
             prefix = store._load_prefix(prefix_row, "cpu")
-        return read_document(reader, ratio=ratio, level=level, prefix=prefix)
+        cache = read_document(reader, ratio=ratio, level=level, prefix=prefix)
+    cache.quantized = None  # the memory cache holds the dequantized form only (faster first token on a hit)
+    return cache
 
 
 def misplaced(store, reader: BlobReader, record: CacheRecord, label: str) -> str:

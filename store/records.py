@@ -41,6 +41,7 @@ class CacheRecord:
     created: datetime
     payload_sha256: str = ""  # of the blob's tensors: binds the blob to this row
     prefix_nbytes: int = 0  # keys + values of the shared prefix (stored once per model and template)
+    kv_bits: int = 16  # 16: the cache dtype; 8 or 4: quantized keys and values (kvzip_rag.quant)
 
     @property
     def kept_fraction(self) -> float:
@@ -111,7 +112,7 @@ def cache_record(c: Cache, segment: Segment, prefix_nbytes: int = 0) -> CacheRec
         ratio=c.ratio, level=c.level, scorer=c.scorer, blob_path=c.blob_path, nbytes=c.nbytes,
         kv_nbytes=c.kv_nbytes, full_nbytes=c.full_nbytes, prefix_length=c.prefix_length,
         context_length=c.context_length, sha256=c.sha256, created=c.created, payload_sha256=c.payload_sha256,
-        prefix_nbytes=prefix_nbytes,
+        prefix_nbytes=prefix_nbytes, kv_bits=c.kv_bits if c.kv_bits is not None else 16,
     )
 
 

@@ -77,6 +77,8 @@ class Cache(Base):
     ratio: Mapped[float] = mapped_column(sa.Float)
     level: Mapped[str] = mapped_column(sa.String(16))
     scorer: Mapped[str] = mapped_column(sa.String(64))
+    # 16: the cache dtype; 8/4: quantized (one cache per ratio/level/scorer: another kv_bits replaces it)
+    kv_bits: Mapped[int] = mapped_column(sa.Integer, default=16, server_default="16")
     blob_path: Mapped[str] = mapped_column(sa.String(255), unique=True)  # relative to the blob dir
     nbytes: Mapped[int] = mapped_column(sa.BigInteger)  # file size
     kv_nbytes: Mapped[int] = mapped_column(sa.BigInteger)  # keys + values inside
@@ -212,6 +214,19 @@ def schema_state(connection) -> str | None:
         return "1"
     row = connection.execute(sa.select(StoreInfo.value).where(StoreInfo.key == "schema_version")).first()
     return row[0] if row else "1"
+
+
+def lacks_kv_bits(engine: Engine) -> bool:
+    """A version-2 store written before quantized caches (no ``caches.kv_bits``): see :func:`add_kv_bits`."""
+    with engine.connect() as connection:
+        return "kv_bits" not in {c["name"] for c in sa.inspect(connection).get_columns("caches")}
+
+
+def add_kv_bits(engine: Engine) -> None:
+    """Every cache of a store from before quantized caches is 16-bit: add the column with that default."""
+    with writer(engine).begin() as connection:
+        if "kv_bits" not in {c["name"] for c in sa.inspect(connection).get_columns("caches")}:
+            connection.exec_driver_sql("ALTER TABLE caches ADD COLUMN kv_bits INTEGER NOT NULL DEFAULT 16")
 
 
 def search_method(engine: Engine) -> str:

@@ -295,3 +295,21 @@ def test_progress_shows_names_and_calls_prefill_chunks_chunks():
     assert document_label(Document(text="x", id_="\x1b[2Jid")) == "\\x1b[2Jid"
     assert STAGE_LABELS["prefill"] == IndexProgress.STAGES["prefill"] == "prefill chunks"
     assert IndexProgress.STAGES["compress"] == "segments"
+
+
+def test_composed_strategy_answers_once_from_all_routed_caches(filled, tiny):  # noqa: F811
+    """compose="parallel" joins the k routed caches into one: one answer, every routed segment its source, and the
+    same text as composing the loaded caches by hand."""
+    from kvzip_rag import answer
+    from kvzip_rag.compose import compose
+    from kvzip_rag.qa import QAService
+
+    store, _ = filled
+    service = QAService(store, tiny, compose="parallel")
+    result = service.answer(QUESTION, k=3, max_new_tokens=6)
+    routed = service.route(QUESTION, 3).targets
+    assert len(result.answers) == 1 and result.targets == routed
+    meta = result.metadata()
+    assert meta["strategy"] == "composed-parallel" and len(meta["composed_node_ids"]) == 3
+    by_hand = compose(tiny, [service.load(t)[0] for t in routed], layout="parallel")
+    assert result.text == answer(tiny, by_hand, QUESTION, max_new_tokens=6).text

@@ -15,7 +15,7 @@ import typer
 from .presets import get_preset, parse_overrides
 
 TASKS = ("squad", "needle", "narrativeqa")
-EXTRA_TASKS = ("fidelity", "scale")  # run only when asked for with --task (scale: kvzip_rag/bench/scale.py)
+EXTRA_TASKS = ("fidelity", "multidoc", "quant", "scale")  # run only when asked for with --task
 
 
 def run_bench(
@@ -93,7 +93,8 @@ def bench(
     = Path("bench-out"),
     model: Annotated[str | None, typer.Option("--model", help="Model alias, folder, .gguf or hub id.")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="Run only this task (repeatable): squad, "
-                                                                  "needle, narrativeqa; fidelity (only when named); or contention "
+                                                                  "needle, narrativeqa; fidelity, multidoc, quant (only when named); "
+                                                                  "or contention "
                                                                   "(decode speed under a competing CPU load, Python API beside the "
                                                                   "CLI); or scale (10^6 segments, S3, Ray; only when named).")]
     = None,

@@ -47,6 +47,20 @@ class Preset:
     chunk_tokens: int = 128  # chunk retrieval: chunk size in LLM tokens, overlap, chunks retrieved
     chunk_overlap: int = 16
     top_k: int = 3
+    # multidoc (kvzip_rag/bench/multidoc.py): HotpotQA questions, documents routed per question, composed methods
+    multidoc_questions: int = 50
+    multidoc_first: int = 0  # first question index (to split a run over processes; see multidoc.merge_runs)
+    multidoc_indices: tuple[int, ...] = ()  # explicit question indices (instead of first/questions)
+    multidoc_nll_only: bool = False  # time to first token and gold NLL only (cheap; F1/contains/best-of-k not run)
+    multidoc_checkpoint: str = ""  # a file the rows so far are written to after every question (long runs)
+    multidoc_k: int = 4
+    multidoc_ratios: tuple[float, ...] = (1.0, 0.3)
+    multidoc_best_of_k_ratios: tuple[float, ...] = (0.3,)  # k answers each: the costliest method to run
+    multidoc_max_new_tokens: int = 12  # HotpotQA answers are a name, a date or yes/no
+    multidoc_repair: int = 16  # tokens recomputed per document (composed-sequential-repair); 0: no repair methods
+    multidoc_needle_cases: int = 2  # cross-segment needle: two facts in different segments of one essay
+    multidoc_segments: int = 6
+    multidoc_segment_tokens: int = 300
     # --task scale (kvzip_rag/bench/scale.py): synthetic segments per database size, routing queries, Ray documents
     scale_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     scale_words: int = 100
@@ -66,6 +80,17 @@ class Preset:
     fidelity_budget_minutes: float | None = None
     fidelity_calibration_tokens: int = 1024  # kvzip-fast gate calibration (Paul Graham essays) when none exists
     fidelity_calibration_segments: int = 10
+    # task "quant" (quantized caches, bench/quant.py): SQuAD NLL for every ratio x {16, 8, 4} bits, answers (F1) at
+    # quant_answer_ratios, needle hits at quant_needle_ratios; the stored-cache TTFT at ttft_length
+    quant_squad_docs: int = 2
+    quant_squad_questions: int = 5  # NLL at ratio 0.3 and full
+    quant_grid_questions: int = 2  # NLL at the other quant_ratios
+    quant_answer_questions: int = 2  # greedy answers (F1) at quant_answer_ratios and full
+    quant_first_article: int = 0
+    quant_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    quant_answer_ratios: tuple[float, ...] = (0.3,)
+    quant_needle_cases: tuple[tuple[int, float], ...] = ((2048, 0.5),)
+    quant_needle_ratios: tuple[float, ...] = (0.3,)
 
 
 PRESETS: dict[str, Preset] = {
@@ -76,6 +101,7 @@ PRESETS: dict[str, Preset] = {
         needle_cases=((1024, 0.5), (2048, 0.5)), needle_ratios=(0.3,), needle_extra_ratios=(),
         nqa_docs=1, nqa_questions=3, nqa_ratios=(0.3,), nqa_max_tokens=900,
         ttft_length=2048, decode_steps=8, ttft_repeats=2,
+        multidoc_questions=4, multidoc_needle_cases=1,
         scale_sizes=(10_000,), scale_queries=50, scale_ray_documents=4,
     ),
     "full": Preset(

@@ -93,6 +93,18 @@ def markdown(results: dict, command: str | None = None) -> str:
         lines += _table(["method", "n", "EM", "F1 ± se", "F1/full", "contains", "agree F1 w/ full", "NLL",
                          "NLL - full", "TTFT ms", "TTFT/reprefill", "ms/token", "bytes/full"], rows) + [""]
 
+    for task, title in (("multidoc", "Multi-document questions (HotpotQA distractor, composed caches)"),
+                        ("multidoc-needle", "Cross-segment needle (two facts in two segments of one essay)")):
+        if task in quality:
+            lines += [f"## {title}", ""]
+            rows = [[f"`{m}`", str(q["n"]) + (f" ({q['n_answered']} answered)" if q.get("n_answered") not in
+                                                (None, q["n"]) else ""), _f(q["f1"]), _f(q.get("f1_vs_oracle"), 2), _f(q["contains"]),
+                     _f(q.get("both"), 2), _f(q["nll"]), _f(q.get("nll_minus_oracle")), _ms(q["ttft_s"]),
+                     _f(q.get("ttft_speedup_vs_oracle"), 1), _f((q.get("bytes_loaded") or 0) / 1e6, 2),
+                     _f((q.get("cache_bytes") or 0) / 1e6, 2), _f(q.get("routed_gold"), 2)] for m, q in quality[task].items()]
+            lines += _table(["method", "n", "F1", "F1/oracle", "contains", "both facts", "NLL", "NLL - oracle",
+                             "TTFT ms", "oracle TTFT / TTFT", "MB read", "MB in memory", "gold docs routed"], rows) + [""]
+
     if "needle" in quality:
         needle = quality["needle"]
         lengths = sorted({n for q in needle.values() for n in q.get("hit_by_length", {})})
@@ -160,7 +172,9 @@ def markdown(results: dict, command: str | None = None) -> str:
                      for k, v in mem.items() if k.startswith("peak_rss")]) + [""]
     lines += ["## Plots", "", "![SQuAD quality vs ratio](squad_quality.png)", "", "![Needle](needle.png)", "",
               "![Decode latency](decode_latency.png)", "", "![Time to first token](ttft.png)", ""]
-    return "\n".join(lines)
+    from .quant import markdown as quant_markdown
+
+    return "\n".join(lines + quant_markdown(results))
 
 
 def plots(results: dict, out_dir: Path) -> list[Path]:
@@ -255,7 +269,9 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     ax.set(xlabel="ms (log scale)", title="Time to first token")
     fig.tight_layout()
     written.append(_save(fig, out_dir / "ttft.png"))
-    return written
+    from .quant import plot as quant_plot
+
+    return written + [p for p in [quant_plot(results, out_dir)] if p]
 
 
 def _save(fig, path: Path) -> Path:

@@ -392,6 +392,16 @@ class Bench:
             path.unlink()
         self.ttft.append(row)
 
+    def multidoc(self) -> None:
+        from .multidoc import run_multidoc
+
+        run_multidoc(self)
+
+    def quant_task(self) -> None:
+        from .quant import QuantTask
+
+        QuantTask(self).run()
+
     # ------------------------------------------------------------------ whole run
     def run(self, tasks=("squad", "needle", "narrativeqa")) -> dict:
         self.mark_memory("model_load")
@@ -401,6 +411,7 @@ class Bench:
             self.calibration_s = time.perf_counter() - start
         for task in tasks:
             runner = {"squad": self.squad, "needle": self.needle, "narrativeqa": self.narrativeqa,
+                      "multidoc": self.multidoc, "quant": self.quant_task,
                       "fidelity": lambda: run_fidelity(self)}[task]
             try:
                 runner()
@@ -419,6 +430,8 @@ class Bench:
         }
         if getattr(self, "fidelity", None):
             raw["fidelity"] = self.fidelity
+        if getattr(self, "quant", None):
+            raw["quant"] = self.quant
         meta = {
             "preset": asdict(self.preset),
             "model": self.model.name,

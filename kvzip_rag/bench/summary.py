@@ -48,6 +48,13 @@ def quality(rows: list[dict]) -> dict:
                 "ttft_s": median(x["ttft_s"] for x in items), "s_per_token": median(x["s_per_token"] for x in items),
                 "new_tokens": mean(x["new_tokens"] for x in items),
             }
+            if any("bytes_loaded" in x for x in items):  # multidoc: cache bytes read per question, routing recall
+                entry["bytes_loaded"] = mean(x.get("bytes_loaded") for x in items)
+                entry["cache_bytes"] = mean(x.get("cache_bytes") for x in items)
+                entry["routed_gold"] = mean(x.get("routed_gold") for x in items)
+                entry["n_answered"] = sum(x.get("f1") is not None for x in items)  # F1/contains are over these
+            if any("both" in x for x in items):
+                entry["both"] = mean(x.get("both") for x in items)
             if task == "needle":
                 entry["hit"] = mean(x["hit"] for x in items)
                 by_length = defaultdict(list)
@@ -64,6 +71,12 @@ def quality(rows: list[dict]) -> dict:
             entry["ttft_vs_reprefill"] = ratio(entry["ttft_s"], reprefill.get("ttft_s"))
             if task == "needle":
                 entry["hit_vs_full"] = ratio(entry["hit"], full.get("hit"))
+            if "oracle" in table:  # multidoc: everything against re-prefilling the routed documents together
+                oracle = table["oracle"]
+                entry["f1_vs_oracle"] = ratio(entry["f1"], oracle["f1"])
+                entry["nll_minus_oracle"] = None if entry["nll"] is None or oracle["nll"] is None else \
+                    entry["nll"] - oracle["nll"]
+                entry["ttft_speedup_vs_oracle"] = ratio(oracle["ttft_s"], entry["ttft_s"])
         out[task] = dict(sorted(table.items(), key=lambda kv: method_order(kv[0])))
     return out
 

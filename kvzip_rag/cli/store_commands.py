@@ -26,20 +26,22 @@ def list_documents(ctx: typer.Context, store: StoreOpt = None, db: DbOpt = None)
         return
     table = Table(title=f"{len(records)} document(s) in {show(settings.describe_store())}", title_justify="left")
     table.add_column("doc id", style="cyan", overflow="fold")
-    for column in ("segments", "tokens", "ratio", "bytes", "full bytes", "model"):
+    for column in ("segments", "tokens", "ratio", "bits", "bytes", "full bytes", "model"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for record in records:
         kinds: dict[tuple, list] = {}
         for cache in record.caches:
             kinds.setdefault((cache.model_name, cache.ratio, cache.level), []).append(cache)
         if not kinds:
-            table.add_row(show(record.id), str(len(record.segments)), str(record.token_count), "-", "-", "-", "-")
+            table.add_row(show(record.id), str(len(record.segments)), str(record.token_count), "-", "-", "-", "-",
+                          "-")
         for (model_name, ratio, level), caches in sorted(kinds.items()):
+            bits = "/".join(str(b) for b in sorted({c.kv_bits for c in caches}, reverse=True))
             kept = sum(c.kv_nbytes for c in caches)
             full = sum(c.full_nbytes for c in caches)
             table.add_row(
                 show(record.id), str(len(record.segments)), str(record.token_count),
-                f"{ratio:g} {show(level)}", human_bytes(kept), f"{human_bytes(full)} ({full / max(kept, 1):.1f}x)",
+                f"{ratio:g} {show(level)}", bits, human_bytes(kept), f"{human_bytes(full)} ({full / max(kept, 1):.1f}x)",
                 show(_short_model_name(model_name)),
             )
     print_table(table)

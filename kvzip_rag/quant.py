@@ -1,0 +1,431 @@
+"""Quantized packed caches: KVzip eviction and KIVI-style int8/int4 together.
+
+What is quantized, and why this way (KIVI, Liu et al. 2024: keys have outlier *channels*, values do not):
+
+- keys per channel: one fp16 (scale, min) per channel for each group of ``key_group`` consecutive entries of a
+  head; values per entry: one fp16 (scale, min) per group of ``value_group`` channels of that entry. Asymmetric
+  (min-max) rounding to ``bits`` = 8 or 4; two 4-bit codes share a byte (even channel in the low nibble).
+- the first ``full_rows`` entries of every head stay in the cache dtype: in compressed layers the never-evicted
+  prefix (chat template and attention sink: quantizing it raised the mean |NLL change| at 4 bits from 0.095 to
+  0.135 nats, and a store keeps it once per model anyway), plus in every layer the ``full_precision`` most
+  important entries (see ``DEFAULT_FULL_PRECISION``).
+
+Entries in a head are best first (see cache.py), and key groups run along that order inside each head, so the
+cache at a lower ratio (a prefix of each head) needs only a prefix of each head's full-precision rows, code rows
+and key groups: ``QuantizedLayer.truncated(keep)`` takes those prefixes, and dequantizing it equals truncating the
+dequantized layer exactly (a group's scale depends only on its own entries). Everything is vectorised over heads
+and entries; the only Python loop is over layers.
+
+Rounding guarantees ``|x - dequantize(quantize(x))| <= scale / 2`` per element (up to float32 arithmetic): the
+fp16 min is rounded down and the fp16 scale up, so every value lies inside the representable range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .cache import CacheInfo, PackedCache, PackedLayer, ratio_keep
+from .errors import InvalidArgumentError
+
+KV_BITS = (16, 8, 4)  # 16: not quantized (the cache dtype as computed, float32 or bfloat16/float16)
+DEFAULT_KEY_GROUP = 16  # entries per key scale group (measured: see BENCHMARKS.md, "Quantized caches")
+DEFAULT_VALUE_GROUP = 64  # channels per value scale group (the whole head for head_dim 64)
+# important entries per head kept unquantized beyond the prefix: 16 lowered the mean |NLL change| at 4 bits from
+# 0.095 to 0.082 nats for ~18% more bytes (SQuAD, n = 96), about what smaller key groups give for less: off
+DEFAULT_FULL_PRECISION = 0
+SCALE_DTYPE = torch.float16
+
+
+def check_bits(bits) -> int:
+    """The bit width as an int, or a clear error for anything but 16, 8 and 4."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in KV_BITS:
+        raise InvalidArgumentError(
+            f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (16 = not quantized), got {bits!r}"
+        )
+    return bits
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a cache is quantized; all of it is stored in the blob header."""
+
+    bits: int
+    key_group: int = DEFAULT_KEY_GROUP
+    value_group: int = DEFAULT_VALUE_GROUP
+    full_precision: int = DEFAULT_FULL_PRECISION
+
+    def __post_init__(self) -> None:
+        if check_bits(self.bits) == 16:
+            raise InvalidArgumentError("a QuantSpec describes 8- or 4-bit caches; 16 bits is the plain PackedCache")
+        for name in ("key_group", "value_group"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.full_precision, bool) or not isinstance(self.full_precision, int) or self.full_precision < 0:
+            raise InvalidArgumentError(f"full_precision must be an int >= 0, got {self.full_precision!r}")
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    def code_width(self, head_dim: int) -> int:
+        """Bytes per entry of a code row."""
+        return head_dim if self.bits == 8 else (head_dim + 1) // 2
+
+    def value_group_for(self, head_dim: int) -> int:
+        """The value group actually used: ``value_group`` when it divides ``head_dim`` (and is even at 4 bits, so
+        nibble pairs never straddle groups), else the whole head_dim."""
+        fits = head_dim % self.value_group == 0 and (self.bits == 8 or self.value_group % 2 == 0)
+        return self.value_group if fits else head_dim
+
+
+# --------------------------------------------------------------------------------------------- tensor kernels
+
+
+def _fp16_down(x: torch.Tensor) -> torch.Tensor:
+    """The largest float16 <= x (float32 in, float16 out)."""
+    h = x.to(SCALE_DTYPE)
+    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, float("-inf"))), h)
+
+
+def _fp16_up(x: torch.Tensor) -> torch.Tensor:
+    h = x.to(SCALE_DTYPE)
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+
+
+def affine_params(low: torch.Tensor, high: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, min) covering [low, high] with ``levels`` steps: min rounded down, scale rounded up."""
+    minimum = _fp16_down(low.float())
+    scale = _fp16_up((high.float() - minimum.float()) / levels)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: every code is 0
+    if not (torch.isfinite(minimum).all() and torch.isfinite(scale).all()):
+        raise InvalidArgumentError(
+            "the cache holds values beyond the float16 range of quantization scales; store it with kv_bits=16"
+        )
+    return scale, minimum
+
+
+def _encode(x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """uint8 codes of ``x`` (rows, channels) given per-element broadcastable scale/min; 4-bit packed in pairs."""
+    codes = ((x.float() - minimum.float()) / scale.float()).round_().clamp_(0, spec.levels).to(torch.uint8)
+    if spec.bits == 4:
+        if codes.shape[-1] % 2:
+            codes = torch.nn.functional.pad(codes, (0, 1))
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes.contiguous()
+
+
+def _decode(codes: torch.Tensor, spec: QuantSpec, head_dim: int) -> torch.Tensor:
+    """float32 code values (rows, head_dim) from stored codes."""
+    if spec.bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], 2 * codes.shape[1])[:, :head_dim]
+    return codes.float()
+
+
+def _segments(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For per-head row counts: (head of each row, index of each row inside its head)."""
+    heads = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    return heads, torch.arange(int(counts.sum())) - starts[heads]
+
+
+def quantize_keys(x: torch.Tensor, counts: torch.Tensor, spec: QuantSpec):
+    """Per-channel quantization of key rows (head after head, ``counts`` rows each) in groups of ``key_group``
+    consecutive rows of a head. Returns (codes, scale, min), scale/min of shape (groups, head_dim)."""
+    group_of_row = key_group_index(counts, spec.key_group)
+    groups = int(group_counts(counts, spec.key_group).sum())
+    index = group_of_row[:, None].expand(-1, x.shape[1])
+    xf = x.float()
+    low = xf.new_full((groups, x.shape[1]), float("inf")).scatter_reduce(0, index, xf, "amin")
+    high = xf.new_full((groups, x.shape[1]), float("-inf")).scatter_reduce(0, index, xf, "amax")
+    scale, minimum = affine_params(low, high, spec.levels)
+    return _encode(xf, scale[group_of_row], minimum[group_of_row], spec), scale, minimum
+
+
+def dequantize_keys(codes, scale, minimum, counts: torch.Tensor, spec: QuantSpec, head_dim: int) -> torch.Tensor:
+    group_of_row = key_group_index(counts, spec.key_group).to(codes.device)
+    rows_scale = scale.float().index_select(0, group_of_row)
+    rows_min = minimum.float().index_select(0, group_of_row)
+    return torch.addcmul(rows_min, _decode(codes, spec, head_dim), rows_scale)
+
+
+def quantize_values(x: torch.Tensor, spec: QuantSpec):
+    """Per-entry quantization of value rows in groups of channels. Returns (codes, scale, min), scale/min of shape
+    (rows, head_dim / value_group)."""
+    rows, dim = x.shape
+    group = spec.value_group_for(dim)
+    xf = x.float().reshape(rows, dim // group, group)
+    scale, minimum = affine_params(xf.amin(-1), xf.amax(-1), spec.levels) if rows else (
+        xf.new_zeros(0, dim // group, dtype=SCALE_DTYPE), xf.new_zeros(0, dim // group, dtype=SCALE_DTYPE))
+    codes = _encode(xf, scale[..., None], minimum[..., None], spec)
+    codes = codes.reshape(rows, codes.shape[1] * codes.shape[2])
+    return codes, scale, minimum
+
+
+def dequantize_values(codes, scale, minimum, spec: QuantSpec, head_dim: int) -> torch.Tensor:
+    rows = codes.shape[0]
+    group = spec.value_group_for(head_dim)
+    x = _decode(codes, spec, head_dim).reshape(rows, head_dim // group, group)
+    return torch.addcmul(minimum.float()[..., None], x, scale.float()[..., None]).reshape(rows, head_dim)
+
+
+def group_counts(counts: torch.Tensor, key_group: int) -> torch.Tensor:
+    """Key groups per head for ``counts`` quantized rows per head (the last one may be partial)."""
+    return (counts + key_group - 1) // key_group
+
+
+def key_group_index(counts: torch.Tensor, key_group: int) -> torch.Tensor:
+    """The key group of every quantized row (global group index, head after head)."""
+    heads, local = _segments(counts)
+    groups = group_counts(counts, key_group)
+    return (torch.cumsum(groups, 0) - groups)[heads] + local // key_group
+
+
+def split_counts(counts: torch.Tensor, full_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full-precision rows, quantized rows) per head: the first ``full_rows`` entries of a head stay unquantized."""
+    full = counts.clamp(max=full_rows)
+    return full, counts - full
+
+
+def _row_index(offsets: torch.Tensor, skip: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+    """Rows ``offsets[h] + skip[h] + j`` for j < take[h], head after head."""
+    heads, local = _segments(take)
+    return offsets[:-1][heads] + skip[heads] + local
+
+
+# --------------------------------------------------------------------------------------------- layers and caches
+
+
+@dataclass
+class QuantizedLayer:
+    """One layer of a quantized packed cache: unquantized leading rows + codes and scales of the rest.
+
+    Row order (per tensor, head after head) follows the packed layer's: ``full_keys``/``full_values`` hold each head's
+    first ``min(count, full_rows)`` entries, ``key_codes``/``value_codes`` the remaining entries,
+    ``key_scale``/``key_min`` one row per key group, ``value_scale``/``value_min`` one row per quantized entry.
+    """
+
+    spec: QuantSpec
+    full_rows: int
+    dtype: torch.dtype
+    head_dim: int
+    offsets: torch.Tensor  # int64 (heads + 1), as in PackedLayer: all entries of a head
+    positions: torch.Tensor
+    scores: torch.Tensor
+    full_keys: torch.Tensor
+    full_values: torch.Tensor
+    key_codes: torch.Tensor
+    key_scale: torch.Tensor
+    key_min: torch.Tensor
+    value_codes: torch.Tensor
+    value_scale: torch.Tensor
+    value_min: torch.Tensor
+    base_length: int
+    compressed: bool
+    sliding_window: int | None = None
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_counts(self.counts, self.full_rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values as stored: unquantized rows, codes and scales."""
+        return sum(t.nbytes for t in (self.full_keys, self.full_values, self.key_codes, self.key_scale, self.key_min,
+                                      self.value_codes, self.value_scale, self.value_min))
+
+    def check(self) -> None:
+        """ValueError unless every tensor has the shape the offsets, ``full_rows`` and spec imply (a blob reader
+        turns it into CorruptBlobError)."""
+        full, quantized = self.split()
+        rows_full, rows_q = int(full.sum()), int(quantized.sum())
+        groups = int(group_counts(quantized, self.spec.key_group).sum())
+        width = self.spec.code_width(self.head_dim)
+        value_groups = self.head_dim // self.spec.value_group_for(self.head_dim)
+        expected = {
+            "full_keys": (rows_full, self.head_dim), "full_values": (rows_full, self.head_dim),
+            "key_codes": (rows_q, width), "value_codes": (rows_q, width),
+            "key_scale": (groups, self.head_dim), "key_min": (groups, self.head_dim),
+            "value_scale": (rows_q, value_groups), "value_min": (rows_q, value_groups),
+        }
+        for name, shape in expected.items():
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+        for name in ("key_codes", "value_codes"):
+            if getattr(self, name).dtype != torch.uint8:
+                raise ValueError(f"{name} must be uint8")
+        for name in ("key_scale", "key_min", "value_scale", "value_min"):
+            tensor = getattr(self, name)
+            if tensor.dtype != SCALE_DTYPE or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name} must be finite float16")
+        if bool((self.key_scale <= 0).any()) or bool((self.value_scale <= 0).any()):
+            raise ValueError("quantization scales must be positive")
+
+    def dequantize(self, device: torch.device | str | None = None) -> PackedLayer:
+        """The packed layer, every row in the cache dtype, in one vectorised pass."""
+        full, quantized = self.split()
+        device = torch.device(device) if device is not None else self.full_keys.device
+        k = dequantize_keys(self.key_codes.to(device), self.key_scale.to(device), self.key_min.to(device), quantized,
+                            self.spec, self.head_dim).to(self.dtype)
+        v = dequantize_values(self.value_codes.to(device), self.value_scale.to(device), self.value_min.to(device),
+                              self.spec, self.head_dim).to(self.dtype)
+        if int(full.sum()) == 0:  # nothing unquantized (a store's document body): already in row order
+            keys, values = k, v
+        else:
+            total = int(self.counts.sum())
+            keys = torch.empty(total, self.head_dim, dtype=self.dtype, device=device)
+            values = torch.empty_like(keys)
+            full_index = _row_index(self.offsets, torch.zeros_like(full), full).to(device)
+            code_index = _row_index(self.offsets, full, quantized).to(device)
+            keys.index_copy_(0, full_index, self.full_keys.to(device, self.dtype))
+            values.index_copy_(0, full_index, self.full_values.to(device, self.dtype))
+            keys.index_copy_(0, code_index, k)
+            values.index_copy_(0, code_index, v)
+        return PackedLayer(keys, values, self.offsets, self.positions, self.scores, self.base_length, self.compressed,
+                           self.sliding_window)
+
+    def truncated(self, keep: torch.Tensor) -> "QuantizedLayer":
+        """The first ``keep[h]`` entries of every head: prefixes of the full rows, code rows and key groups."""
+        keep = keep.to(torch.int64)
+        full, quantized = self.split()
+        keep_full, keep_q = split_counts(keep, self.full_rows)
+        zero = torch.zeros_like(full)
+        offsets = torch.zeros_like(self.offsets)
+        offsets[1:] = keep.cumsum(0)
+        full_offsets, code_offsets, group_offsets = (_offsets(c) for c in (
+            full, quantized, group_counts(quantized, self.spec.key_group)))
+        full_index = _row_index(full_offsets, zero, keep_full)
+        code_index = _row_index(code_offsets, zero, keep_q)
+        group_index = _row_index(group_offsets, zero, group_counts(keep_q, self.spec.key_group))
+        entry_index = _row_index(self.offsets, zero, keep)
+        take = lambda t, i: t[i.to(t.device)]  # noqa: E731
+        return replace(
+            self, offsets=offsets, positions=self.positions[entry_index], scores=self.scores[entry_index],
+            full_keys=take(self.full_keys, full_index), full_values=take(self.full_values, full_index),
+            key_codes=take(self.key_codes, code_index), value_codes=take(self.value_codes, code_index),
+            value_scale=take(self.value_scale, code_index), value_min=take(self.value_min, code_index),
+            key_scale=take(self.key_scale, group_index), key_min=take(self.key_min, group_index),
+        )
+
+
+    def drop_prefix(self, prefix: int) -> "QuantizedLayer":
+        """Without the first ``prefix`` entries of each head (unquantized rows: the store keeps the template prefix
+        once per model, apart from the documents' own entries)."""
+        full, quantized = self.split()
+        if bool((full < prefix).any()):
+            raise ValueError("the prefix to drop is not entirely unquantized")
+        keep_full = full - prefix
+        rows = _row_index(_offsets(full), torch.full_like(full, prefix), keep_full)
+        entries = _row_index(self.offsets, torch.full_like(full, prefix), self.counts - prefix)
+        return replace(
+            self, full_rows=self.full_rows - prefix, offsets=_offsets(self.counts - prefix),
+            positions=self.positions[entries], scores=self.scores[entries],
+            full_keys=self.full_keys[rows.to(self.full_keys.device)],
+            full_values=self.full_values[rows.to(self.full_values.device)],
+        )
+
+
+    def add_prefix(self, keys: torch.Tensor, values: torch.Tensor, prefix: int) -> "QuantizedLayer":
+        """The inverse of :meth:`drop_prefix`: ``keys``/``values`` (``heads * prefix`` rows, head after head) become
+        the first, unquantized, entries of every head (positions ``0..prefix-1``, infinite scores)."""
+        full, _ = self.split()
+        heads = len(full)
+        joined_full = full + prefix
+        head_start = _offsets(joined_full)[:-1]
+        prefix_rows = (head_start[:, None] + torch.arange(prefix)).reshape(-1)
+        body_rows = _row_index(_offsets(joined_full), torch.full_like(full, prefix), full)
+        device = self.full_keys.device
+        full_keys = self.full_keys.new_empty(int(joined_full.sum()), self.head_dim)
+        full_values = torch.empty_like(full_keys)
+        full_keys[prefix_rows.to(device)], full_values[prefix_rows.to(device)] = keys.to(device), values.to(device)
+        full_keys[body_rows.to(device)], full_values[body_rows.to(device)] = self.full_keys, self.full_values
+        counts = self.counts + prefix
+        entry_start = _offsets(counts)[:-1]
+        positions = torch.empty(int(counts.sum()), dtype=self.positions.dtype)
+        scores = torch.empty(int(counts.sum()), dtype=self.scores.dtype)
+        new_prefix = (entry_start[:, None] + torch.arange(prefix)).reshape(-1)
+        body_entries = _row_index(_offsets(counts), torch.full_like(full, prefix), self.counts)
+        positions[new_prefix] = torch.arange(prefix, dtype=positions.dtype).repeat(heads)
+        scores[new_prefix] = float("inf")
+        positions[body_entries], scores[body_entries] = self.positions, self.scores
+        return replace(self, full_rows=self.full_rows + prefix, offsets=_offsets(counts), positions=positions,
+                       scores=scores, full_keys=full_keys, full_values=full_values)
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0)
+    return offsets
+
+
+def quantize_layer(layer: PackedLayer, spec: QuantSpec, full_rows: int) -> QuantizedLayer:
+    counts = layer.counts
+    full, quantized = split_counts(counts, full_rows)
+    full_index = _row_index(layer.offsets, torch.zeros_like(full), full).to(layer.keys.device)
+    code_index = _row_index(layer.offsets, full, quantized).to(layer.keys.device)
+    key_codes, key_scale, key_min = quantize_keys(layer.keys[code_index], quantized, spec)
+    value_codes, value_scale, value_min = quantize_values(layer.values[code_index], spec)
+    return QuantizedLayer(
+        spec=spec, full_rows=full_rows, dtype=layer.keys.dtype, head_dim=layer.keys.shape[1], offsets=layer.offsets,
+        positions=layer.positions, scores=layer.scores,
+        full_keys=layer.keys[full_index], full_values=layer.values[full_index],
+        key_codes=key_codes, key_scale=key_scale, key_min=key_min,
+        value_codes=value_codes, value_scale=value_scale, value_min=value_min,
+        base_length=layer.base_length, compressed=layer.compressed, sliding_window=layer.sliding_window,
+    )
+
+
+@dataclass
+class QuantizedCache:
+    """A packed cache with its context entries quantized: what is stored, and what the memory cache may hold."""
+
+    layers: list[QuantizedLayer]
+    info: CacheInfo
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.layers[0].spec
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def dequantize(self, device: torch.device | str | None = None) -> PackedCache:
+        cache = PackedCache([layer.dequantize(device) for layer in self.layers], self.info)
+        cache.quantized = self
+        return cache
+
+    def at_ratio(self, ratio: float, level: str | None = None) -> "QuantizedCache":
+        """The quantized cache at a lower ``ratio``: the same budgets as ``PackedCache.at_ratio``."""
+        level = level or self.info.level
+        keep = ratio_keep(self.layers, self.info, ratio, level)
+        layers = [layer.truncated(keep[i]) if i in keep else layer for i, layer in enumerate(self.layers)]
+        return QuantizedCache(layers, replace(self.info, ratio=ratio, level=level))
+
+
+def quantize(
+    cache: PackedCache,
+    bits: int,
+    key_group: int = DEFAULT_KEY_GROUP,
+    value_group: int = DEFAULT_VALUE_GROUP,
+    full_precision: int = DEFAULT_FULL_PRECISION,
+    full_rows: int | None = None,
+) -> QuantizedCache:
+    """Quantize a packed cache's entries to ``bits`` (8 or 4); the cache's tail is not included.
+
+    Unquantized: the never-evicted prefix of the compressed layers plus the first ``full_precision`` (most
+    important) entries of every head; ``full_rows`` instead sets the unquantized rows per head of every layer (for
+    experiments: ``full_rows=0`` quantizes the prefix too)."""
+    spec = QuantSpec(check_bits(bits), key_group, value_group, full_precision)
+    prefix = cache.info.prefix_length
+    layers = []
+    for layer in cache.layers:
+        rows = full_rows if full_rows is not None else full_precision + (prefix if layer.compressed else 0)
+        layers.append(quantize_layer(layer, spec, int(rows)))
+    return QuantizedCache(layers, replace(cache.info, kv_bits=spec.bits))
