@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ def measure_length(model: KVzipModel, text: str, ratio: float, steps: int, quest
     del document
     scorer = KVzipScorer()
     scored_s, scored = _timed(device, lambda: prefill_document(model, text, scorer=scorer))
-    score_s, scores = _timed(device, lambda: scorer.score(scored))
+    score_s, scores = _timed(device, partial(scorer.score, scored))
     full = pack(scored, scores, 1.0, "pair", scorer.name)
     del scored
     low = full.at_ratio(ratio)
