@@ -15,7 +15,6 @@ Ray is an optional extra: ``pip install 'kvzip-rag[ray]'``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections import deque
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidArgumentError, KVzipError
+from .extras import require
 
 @dataclass(frozen=True)
 class Job:
@@ -52,15 +52,16 @@ class IndexReport:
 
 
 def _require_ray():
-    try:
-        import ray
-    except ImportError as error:
-        raise InvalidArgumentError("distributed indexing needs Ray: pip install 'kvzip-rag[ray]'") from error
+    require("ray", "ray", "distributed indexing")
+    import ray
+
     return ray
 
 
 def _content_id(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    from .store.indexer import content_hash
+
+    return content_hash(text)[:32]
 
 
 class IndexWorker:

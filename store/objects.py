@@ -25,6 +25,7 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from kvzip_rag.errors import InvalidArgumentError
+from kvzip_rag.extras import require
 
 from .blob import BlobBackend, LocalBlobs
 
@@ -73,11 +74,10 @@ class ObstoreObjects:
     """Any store obstore opens from a URL (``s3://bucket/prefix``; also ``gs://``, ``az://``), keys under its prefix."""
 
     def __init__(self, url: str, **options):
-        try:
-            import obstore
-            from obstore.store import from_url
-        except ImportError as error:
-            raise InvalidArgumentError(f"blob storage at {url!r} needs obstore: pip install 'kvzip-rag[s3]'") from error
+        require("obstore", "s3", f"blob storage at {url!r}")
+        import obstore
+        from obstore.store import from_url
+
         self._obstore = obstore
         self.url = url
         self.store = from_url(url, **options)
