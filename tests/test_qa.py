@@ -313,3 +313,19 @@ def test_composed_strategy_answers_once_from_all_routed_caches(filled, tiny):  #
     assert meta["strategy"] == "composed-parallel" and len(meta["composed_node_ids"]) == 3
     by_hand = compose(tiny, [service.load(t)[0] for t in routed], layout="parallel")
     assert result.text == answer(tiny, by_hand, QUESTION, max_new_tokens=6).text
+
+
+def test_cli_ask_compose_parallel_answers_once_from_all_k(filled, tiny, tiny_model_dir):  # noqa: F811
+    """``ask --k 3 --compose parallel`` lists the 3 routed segments as the sources of one answer, the service's; an
+    unknown strategy is one clear error."""
+    from kvzip_rag.qa import QAService
+
+    store, _ = filled
+    base = ["--store", str(store), "--model", str(tiny_model_dir), "ask", QUESTION, "--k", "3", "--max-tokens", "6"]
+    cli = CliRunner(env=WIDE).invoke(app, [*base, "--compose", "parallel"])
+    assert cli.exit_code == 0, cli.output
+    expected = QAService(store, tiny, compose="parallel").answer(QUESTION, k=3, max_new_tokens=6)
+    assert _cli_sources(cli.stderr) == [t.doc_id for t in expected.targets] and len(expected.targets) == 3
+    assert "← answer" not in cli.stderr and cli.stdout.strip() == expected.text.strip()
+    bad = CliRunner(env=WIDE).invoke(app, [*base, "--compose", "bogus"])
+    assert bad.exit_code == 1 and "unknown compose='bogus'" in bad.output and "Traceback" not in bad.output

@@ -57,6 +57,9 @@ def ask(
     k: Annotated[int, typer.Option("--k", min=1, help="Segments to retrieve; each one's cache answers and the best "
                                                       "answer is kept (as similarity_top_k / k).")] = 1,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens in the answer.")] = 128,
+    compose: Annotated[str, typer.Option("--compose", help="With --k > 1: best-of-k (each cache answers, the best "
+                                                           "is kept), or parallel / sequential (the k caches joined "
+                                                           "into one that answers once).")] = "best-of-k",
     store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, ratio: RatioOpt = None,
     level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
@@ -68,15 +71,14 @@ def ask(
     question = check_question(question)
     qa = settings.service()
     routing = route(settings, qa, question, k, doc)
-    stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens)
+    stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens, compose=compose)
     stream_to_console(stream)
     print_footer(stream.result, routing)
 
 
 def print_footer(result, routing) -> None:
     lines = ["[bold]sources[/bold]"]
-    for answer in result.answers:
-        target = answer.target
+    for answer, target in ((a, t) for a in result.answers for t in (a.target, *a.also)):
         chosen = " [green]← answer[/green]" if len(result.answers) > 1 and answer is result.best else ""
         if target.routing == "fallback":
             lines.append(f"[cyan]{show(target.doc_id)}[/cyan] segment {target.segment_index} (no word of the "
@@ -86,6 +88,9 @@ def print_footer(result, routing) -> None:
         lines.append(f"[cyan]{show(target.doc_id)}[/cyan] segment {target.segment_index} (score "
                      f"{target.score:.2f}): [dim]{show(snippet)}…[/dim]{chosen}")
     best = result.best
+    if best.dropped:
+        lines.append("[yellow]left out (the model's window was full):[/yellow] "
+                     + ", ".join(f"{show(t.doc_id)} segment {t.segment_index}" for t in best.dropped))
     lines.append("[bold]timings[/bold]      " + answer_figures(best.answer, result.cache_load_s, routing.seconds))
     lines.append("[bold]compression[/bold]  " + _compression(best))
     say("\n".join(lines), soft_wrap=True)
