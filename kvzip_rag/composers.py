@@ -58,21 +58,14 @@ class Composed(Composer):
 
     def answer(self, service, question, targets, sampling, emit):
         from .compose import compose
-        from .generate import stream_answer
 
         start = time.perf_counter()
         with service.lock:
             loaded = [service.load(target) for target in targets]
             composed = compose(service.model, [cache for cache, _, _ in loaded], layout=self.layout)
-            stream = stream_answer(service.model, composed, question, **sampling)
-            pieces = []
-            for piece in stream:
-                pieces.append(piece)
-                if emit is not None:
-                    emit(piece)
+            result, pieces = service.generate(composed, question, sampling, emit)
         used = [targets[i] for i in composed.composition.used]
         first = loaded[composed.composition.used[0]][0].info
-        result = stream.result
         answer = CacheAnswer(
             used[0], result, pieces, is_refusal(result.text),
             sum(seconds for _, seconds, _ in loaded), sum(nbytes for _, _, nbytes in loaded), composed.nbytes,

@@ -252,20 +252,26 @@ class QAService:
 
     # -------------------------------------------------------------------------------------- answering
 
-    def answer_one(self, question: str, target: Target, sampling: dict,
-                   emit: Callable[[str], None] | None = None) -> CacheAnswer:
-        """One cache's answer (a composer's building block); takes the lock."""
+    def generate(self, cache, question: str, sampling: dict,
+                 emit: Callable[[str], None] | None = None) -> tuple[Any, list[str]]:
+        """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock."""
         from .generate import stream_answer
 
         with self.lock:
-            cache, load_s, nbytes = self.load(target)
             stream = stream_answer(self.model, cache, question, **sampling)
             pieces = []
             for piece in stream:
                 pieces.append(piece)
                 if emit is not None:
                     emit(piece)
-        result = stream.result
+        return stream.result, pieces
+
+    def answer_one(self, question: str, target: Target, sampling: dict,
+                   emit: Callable[[str], None] | None = None) -> CacheAnswer:
+        """One cache's answer (a composer's building block); takes the lock."""
+        with self.lock:
+            cache, load_s, nbytes = self.load(target)
+            result, pieces = self.generate(cache, question, sampling, emit)
         return CacheAnswer(target, result, pieces, is_refusal(result.text), load_s, nbytes, cache.nbytes,
                            cache.full_nbytes, cache.kept_ratio, cache.info.base_length,
                            cache.info.ratio, cache.info.level)
