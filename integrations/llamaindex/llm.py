@@ -90,8 +90,7 @@ class KVzipLLM(CustomLLM):
         stops = model.stop_token_ids
         with self._lock, torch.inference_mode():
             cache = DynamicCache(config=model.model.config)
-            logits = model.model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
-                                 logits_to_keep=1).logits[0, -1]
+            logits = model.forward(ids, cache, logits_to_keep=1).logits[0, -1]
             out: list[int] = []
             text = ""
             for _ in range(limit):
@@ -102,8 +101,7 @@ class KVzipLLM(CustomLLM):
                 decoded = model.tokenizer.decode(out, skip_special_tokens=True)
                 delta, text = decoded[len(text):], decoded
                 yield delta, text, len(ids), len(out)
-                logits = model.model(torch.tensor([[token]], device=model.device), past_key_values=cache,
-                                     use_cache=True, logits_to_keep=1).logits[0, -1]
+                logits = model.forward([token], cache, logits_to_keep=1).logits[0, -1]
             if not out:
                 yield "", "", len(ids), 0
 
