@@ -15,6 +15,7 @@ from kvzip_rag.store.blob import FORMAT, ReadStats
 from kvzip_rag.store.cachefile import read_cache, read_cache_header, verify_cache, write_cache
 
 from conftest import build_tiny
+from test_store_guarantees import same_layers
 
 TEXT = " ".join(
     [
@@ -30,13 +31,8 @@ TEXT = " ".join(
 
 def assert_same_cache(a: kvzip_rag.PackedCache, b: kvzip_rag.PackedCache) -> None:
     assert a.info == b.info
-    assert len(a.layers) == len(b.layers)
-    for x, y in zip(a.layers, b.layers):
-        for name in ("keys", "values", "offsets", "positions", "scores"):
-            tx, ty = getattr(x, name), getattr(y, name)
-            assert tx.dtype == ty.dtype and torch.equal(tx, ty), name
-        assert (x.compressed, x.sliding_window, x.base_length) == (y.compressed, y.sliding_window, y.base_length)
-        assert y.tail_length == 0
+    same_layers(a, b)
+    assert all(y.tail_length == 0 for y in b.layers)
 
 
 def next_token_logits(model, cache, question: str) -> torch.Tensor:
