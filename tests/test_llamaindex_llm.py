@@ -1,20 +1,25 @@
 """KVzipLLM: LlamaIndex's own engines (RetrieverQueryEngine.from_args, condense-question chat, RouterQueryEngine,
-SubQuestionQueryEngine) run offline over the local model via ``Settings.llm`` (no OpenAI package involved)."""
+SubQuestionQueryEngine with KVzipQuestionGenerator) run offline over the local model via ``Settings.llm`` (no OpenAI
+package involved)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from llama_index.core import Document, Settings
 from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
 from llama_index.core.chat_engine import CondenseQuestionChatEngine
-from llama_index.core.llms import ChatMessage
+from llama_index.core.llms import ChatMessage, MockLLM
+from llama_index.core.prompts import PromptTemplate
 from llama_index.core.query_engine import RetrieverQueryEngine, RouterQueryEngine, SubQuestionQueryEngine
-from llama_index.core.question_gen import LLMQuestionGenerator
-from llama_index.core.tools import QueryEngineTool
+from llama_index.core.schema import QueryBundle
+from llama_index.core.tools import QueryEngineTool, ToolMetadata
 
-from kvzip_rag.integrations.llamaindex import KVzipIndex, KVzipLLM
+from kvzip_rag.errors import InvalidArgumentError
+from kvzip_rag.integrations.llamaindex import KVzipIndex, KVzipLLM, KVzipQuestionGenerator
+from kvzip_rag.integrations.llamaindex.question_gen import TOOL_CONTEXT, split_questions
 
 HARBOUR = "The harbour of Velmora was built in 1731 by the engineer Ansel Brask."
 BAKERY = "The bakery on Mill Street opens at six in the morning and sells rye bread."
@@ -64,7 +69,7 @@ def test_retriever_query_engine_from_args_and_condense_question_chat(tiny_llama,
 
 
 @pytest.mark.slow
-def test_router_and_sub_question_engines_with_the_default_model(default_model, tmp_path, llm_settings):
+def test_router_and_sub_question_engines_with_the_default_model(default_model, tmp_path, llm_settings, caplog):
     llm_settings.llm = KVzipLLM(default_model, max_new_tokens=96)
     sea = KVzipIndex.from_documents([Document(text=HARBOUR, id_="harbour")], model=default_model,
                                     store=tmp_path / "sea")
@@ -82,13 +87,49 @@ def test_router_and_sub_question_engines_with_the_default_model(default_model, t
     # tool answered from its compressed cache.
     assert response.metadata["selector_result"].selections and "ttft_s" in response.metadata
     assert response.source_nodes[0].node.ref_doc_id in ("bakery", "harbour")
-    # LlamaIndex picks an OpenAI question generator unless told otherwise; with LLMQuestionGenerator the
-    # engine runs offline. Whether a 135M model writes the JSON that generator parses is the model's limit.
-    engine = SubQuestionQueryEngine.from_defaults(query_engine_tools=tools, use_async=False,
-                                                  question_gen=LLMQuestionGenerator.from_defaults())
-    try:
-        answer = engine.query("When does the bakery open, and who built the harbour?")
-    except ValueError as error:
-        assert "JSON" in str(error)  # not an import error: the model ran and its output was not JSON
-        pytest.xfail(f"SmolLM2-135M does not write the sub-question JSON: {error}")
+    # SubQuestionQueryEngine over the same LLM: the question is split into its two questions, and each is routed
+    # by likelihood to the tool whose description it matches.
+    question = "When does the bakery open, and who built the harbour?"
+    generator = KVzipQuestionGenerator(llm_settings.llm)
+    subs = generator.generate([tool.metadata for tool in tools], QueryBundle(question))
+    by_tool = {sub.tool_name: sub.sub_question.lower() for sub in subs}
+    assert len(subs) == 2 and "harbour" in by_tool["sea"] and "bakery" in by_tool["town"], subs
+    engine = SubQuestionQueryEngine.from_defaults(query_engine_tools=tools, question_gen=generator, use_async=False)
+    answer = engine.query(question)
     assert answer.response
+    assert {n.node.ref_doc_id for n in answer.source_nodes} >= {"harbour", "bakery"}  # both caches answered
+    # A split that is not a list of questions is not trusted: the question is asked as written, with a warning.
+    words = KVzipQuestionGenerator(llm_settings.llm, prompt=PromptTemplate("Write one word about: {query_str}"))
+    with caplog.at_level(logging.WARNING):
+        asked = words.generate([tool.metadata for tool in tools], QueryBundle(question))
+    assert [sub.sub_question for sub in asked] == [question] and "asking it as written" in caplog.text
+
+
+def test_split_questions_accepts_only_lists_of_questions():
+    assert split_questions("Who built it?\n\n  When did it open? \nWho built it?") == ["Who built it?",
+                                                                                      "When did it open?"]
+    for text in ("Who built it?", "", "Who built it?\nWhen did it", "Who built it?\nThe harbour.",
+                 '[{"sub_question": "Who built it?"}]'):
+        assert split_questions(text) is None, text
+
+
+def test_question_generator_routes_by_likelihood_on_the_given_llm(tiny_llama):
+    llm = KVzipLLM(tiny_llama, max_new_tokens=8)
+    lp = llm.logprob("The harbour was built", " in 1731 by Ansel")
+    assert lp < 0 and lp == pytest.approx(llm.logprob("The harbour was built", " in 1731")
+                                          + llm.logprob("The harbour was built in 1731", " by Ansel"), abs=1e-3)
+    with pytest.raises(InvalidArgumentError, match="non-empty"):
+        llm.logprob("", " text")
+    generator = KVzipQuestionGenerator(llm, max_tokens=24)
+    tools = [ToolMetadata(name="sea", description="Questions about the harbour"),
+             ToolMetadata(name="town", description="Questions about the bakery")]
+    subs = generator.generate(tools, QueryBundle("Who built the harbour?"))
+    assert subs and all(sub.tool_name in ("sea", "town") and sub.sub_question.endswith("?") for sub in subs)
+    for sub in subs:  # each question went to the tool under which the model finds it more likely
+        scores = {t.name: llm.logprob(TOOL_CONTEXT.format(description=t.description), " " + sub.sub_question)
+                  for t in tools}
+        assert scores[sub.tool_name] == max(scores.values())
+    assert asyncio.run(generator.agenerate(tools, QueryBundle("Who built the harbour?"))) == subs
+    assert generator.generate([], QueryBundle("Who built the harbour?")) == []
+    with pytest.raises(InvalidArgumentError, match="KVzipLLM"):
+        KVzipQuestionGenerator(MockLLM())

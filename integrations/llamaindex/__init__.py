@@ -9,7 +9,8 @@
     >>> index = KVzipIndex.load("storage/")                                 # no recompression
 
 Modules: :mod:`.index` (``KVzipIndex``), :mod:`.retriever`, :mod:`.query_engine`, :mod:`.chat_engine`,
-:mod:`.llm` (``KVzipLLM``, a LlamaIndex LLM over the local model, for ``Settings.llm``), :mod:`.persistence`
+:mod:`.llm` (``KVzipLLM``, a LlamaIndex LLM over the local model, for ``Settings.llm``), :mod:`.question_gen`
+(``KVzipQuestionGenerator``, sub-questions for ``SubQuestionQueryEngine``), :mod:`.persistence`
 (index struct, index store, temporary stores), :mod:`.nodes`, :mod:`.tracing`. Routing, loading, best-of-k and
 conversations are the core service's (:mod:`kvzip_rag.qa`, :mod:`kvzip_rag.dialogue`).
 
@@ -40,16 +41,21 @@ HitsAnswer = QAResult  # the name before the core service existed
 
 __all__ = [
     "CacheAnswer", "EmptyIndexError", "HitsAnswer", "KVzipChatEngine", "KVzipIndex", "KVzipIndexRetriever",
-    "KVzipIndexStore", "KVzipIndexStruct", "KVzipLLM", "KVzipQueryEngine", "QAResult", "STORE_DIRNAME",
-    "choose_best", "is_refusal",
+    "KVzipIndexStore", "KVzipIndexStruct", "KVzipLLM", "KVzipQueryEngine", "KVzipQuestionGenerator", "QAResult",
+    "STORE_DIRNAME", "choose_best", "is_refusal",
 ]
 
 
 def __getattr__(name: str):
+    """The model-side classes import torch: only when asked for."""
     if name == "KVzipLLM":
         from .llm import KVzipLLM
 
         return KVzipLLM
+    if name == "KVzipQuestionGenerator":
+        from .question_gen import KVzipQuestionGenerator
+
+        return KVzipQuestionGenerator
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -9,7 +9,8 @@ chat engine then use the local model instead of reaching for OpenAI. These promp
 document cache), so this LLM reads the whole prompt with the model's chat template; the KVzip engines keep
 answering questions about documents from the compressed caches. Completion, chat, streaming and async are
 LlamaIndex's ``CustomLLM`` machinery (with its callback and instrumentation events); a lock serialises model use
-(pass ``lock=index.lock`` to share the index's).
+(pass ``lock=index.lock`` to share the index's). ``SubQuestionQueryEngine`` needs a question generator that this
+small model can drive: :class:`~.question_gen.KVzipQuestionGenerator`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import PrivateAttr
 
+from kvzip_rag.errors import ContextTooLongError, InvalidArgumentError
 from kvzip_rag.generate import SamplingOptions, _pick
 from kvzip_rag.models import KVzipModel, load_model
 
@@ -104,6 +106,24 @@ class KVzipLLM(CustomLLM):
                 logits = model.forward([token], cache, logits_to_keep=1).logits[0, -1]
             if not out:
                 yield "", "", len(ids), 0
+
+    def logprob(self, context: str, continuation: str) -> float:
+        """log p(``continuation`` | ``context``) under the model, both raw text (no chat template). Choosing
+        between options by their likelihood is what a small model does reliably, where writing its choice out (as
+        JSON, or a tool's name) it often does not; :class:`~.question_gen.KVzipQuestionGenerator` routes by it."""
+        from transformers import DynamicCache
+
+        model = self._model
+        head, tail = model.encode(context), model.encode(continuation)
+        if not head or not tail:
+            raise InvalidArgumentError("logprob() needs a non-empty context and continuation")
+        if len(head) + len(tail) > model.max_positions:
+            raise ContextTooLongError(f"logprob(): {len(head) + len(tail)} tokens do not fit the model's "
+                                      f"{model.max_positions} positions")
+        with self._lock, torch.inference_mode():
+            logits = model.forward(head + tail, DynamicCache(config=model.model.config)).logits[0]
+            scores = torch.log_softmax(logits[len(head) - 1 : -1].float(), dim=-1)
+            return scores.gather(1, torch.tensor(tail, device=scores.device)[:, None]).sum().item()
 
     @staticmethod
     def _raw(prompt_tokens: int, completion_tokens: int) -> dict:
