@@ -8,9 +8,12 @@ at r' < r keeps exactly the entries compressing at r' would keep.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # the ratio rules are used by the store's catalogue (ls, rm, gc), which must not import torch
+    import torch
 
 LEVELS = ("pair", "uniform", "head")
 RATIO_TOLERANCE = 1e-9  # ratios are stored as floats: two within this are the same ratio
@@ -41,6 +44,8 @@ def allocate_budgets(
     - ``uniform``: the top ratio * context_length entries of every head.
     - ``head``: whole heads, ranked by their (constant) head score, keep the top ratio * heads.
     """
+    import torch
+
     check_ratio_level(ratio, level)
     num_layers, num_heads = len(scores), len(scores[0])
     available = torch.tensor([[len(s) for s in layer] for layer in scores], dtype=torch.int64)

@@ -16,12 +16,15 @@ blobs, and :meth:`CacheStore.gc` removes blobs that a crash left without a row. 
 (storage API), :mod:`.indexer` (segment -> compress -> store), :mod:`.blob` (checked bytes through a backend),
 :mod:`.cachefile` (cache <-> blob, ratio policy), :mod:`.schema`, :mod:`.records`, :mod:`.lru`, :mod:`.filters`,
 :mod:`.validate`, :mod:`.backup`.
+
+The cache codec and the indexer (which import torch) are imported on first use: a store opened to list, search,
+delete or gc never imports torch or transformers (``kvzip-rag ls`` starts fast).
 """
+
+import importlib
 
 from .blob import FORMAT, BlobBackend, BlobReader, LocalBlobs, ReadStats
 from .cache_store import DB_NAME, GC_MIN_AGE_S, CacheStore
-from .cachefile import read_cache, read_cache_header, verify_cache, write_cache
-from .indexer import Indexer
 from .records import (
     CacheRecord,
     DocumentRecord,
@@ -39,3 +42,16 @@ __all__ = [
     "VerifyReport", "default_max_tokens", "read_cache", "read_cache_header", "segment_document", "split_text",
     "verify_cache", "write_cache",
 ]
+
+_LAZY = {"read_cache": "cachefile", "read_cache_header": "cachefile", "verify_cache": "cachefile",
+         "write_cache": "cachefile", "Indexer": "indexer"}
+
+
+def __getattr__(name: str):
+    """PEP 562: the torch-importing names, on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

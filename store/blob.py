@@ -26,11 +26,9 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Protocol
-
-import torch
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Protocol
 
 from kvzip_rag.errors import CorruptBlobError, InvalidArgumentError, StoreFullError
 
@@ -42,10 +40,18 @@ _DIGEST_HEX = 32  # 128-bit truncated sha256 per block: detection of corruption,
 _HEAD_GUESS = 1 << 16  # first read: enough for most headers in one range request
 MAX_HEADER = 100 << 20
 
-_ST_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64, "I32": torch.int32,
-    "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8,
-}
+if TYPE_CHECKING:  # torch only where tensors are read or written: the backends serve ls/rm/gc, which must start fast
+    import torch
+
+
+@cache
+def _st_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {
+        "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64, "I32": torch.int32,
+        "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8,
+    }
 
 
 @dataclass
@@ -234,6 +240,8 @@ def _digest(data: bytes | memoryview) -> str:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    import torch
+
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
@@ -265,6 +273,8 @@ def encode_blob(
 ) -> EncodedBlob:
     """The bytes of a blob. ``groups[name]`` are row-group offsets of a 2-D tensor (e.g. heads): its rows are
     check-summed in blocks inside each group, so the first rows of every group can be read and checked alone."""
+    from safetensors.torch import save as st_save
+
     groups = groups or {}
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     checksums: dict[str, list] = {}
@@ -294,7 +304,7 @@ def encode_blob(
 
 
 def _st_name(dtype: torch.dtype) -> str:
-    for name, value in _ST_DTYPES.items():
+    for name, value in _st_dtypes().items():
         if value == dtype:
             return name
     raise InvalidArgumentError(f"tensors of dtype {dtype} cannot be stored")
@@ -358,7 +368,7 @@ class BlobReader:
             for name, entry in header.items():
                 if name == "__metadata__":
                     continue
-                dtype, shape = _ST_DTYPES[entry["dtype"]], [int(x) for x in entry["shape"]]
+                dtype, shape = _st_dtypes()[entry["dtype"]], [int(x) for x in entry["shape"]]
                 a, z = (int(x) for x in entry["data_offsets"])
                 if z - a != math.prod(shape) * dtype.itemsize or a < 0 or self.data_start + z > self.size:
                     raise self.fail(f"tensor {name!r} does not fit the file (truncated?)")
@@ -414,6 +424,8 @@ class BlobReader:
         return list(self._entry(name)[1])
 
     def _decode(self, data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        import torch
+
         self.stats.nbytes += len(data)
         self.stats.tensors += 1
         if not data:
@@ -438,6 +450,8 @@ class BlobReader:
     def rows_many(self, requests: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
         """:meth:`rows` of several tensors, all ranges fetched in one call (one round of concurrent requests on
         an object store instead of one per tensor)."""
+        import torch
+
         plans, ranges = [], []
         for name, keep in requests:
             dtype, shape, a, z = self._entry(name)

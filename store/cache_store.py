@@ -5,6 +5,9 @@ Compression lives in :mod:`.indexer` (``add_document``/``recompress`` delegate t
 :mod:`.filters`, copying in :mod:`.backup`. Choosing and reading a cache for a question is in
 :mod:`.loading`, verify/gc in :mod:`.maintenance`. Over 400 lines because it is the store's whole public API
 (documents, search, loading, verify/gc/copy) plus the full-disk and read-only handling every write shares.
+
+torch (and the cache, indexing and loading modules that need it) is imported only by the methods that compress,
+load or verify caches: opening a store to list, search, delete or gc does not (``kvzip-rag ls`` starts fast).
 """
 
 from __future__ import annotations
@@ -12,13 +15,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-import torch
 from sqlalchemy.orm import Session, selectinload
 
 from kvzip_rag.budget import check_ratio_level
-from kvzip_rag.cache import PackedCache, PrefixKV, cache_info, packed_fresh
 from kvzip_rag.errors import (
     CorruptBlobError,
     DocumentNotFoundError,
@@ -28,12 +30,10 @@ from kvzip_rag.errors import (
 )
 from kvzip_rag.paths import default_store_path
 
-from . import loading, maintenance
+from . import maintenance
 from .backup import copy_folder_store
 from .blob import BlobBackend, BlobReader, LocalBlobs, ReadStats, full_error, is_disk_full, new_blob_name
-from .cachefile import check_loadable, encode_prefix, read_prefix
 from .filters import metadata_condition
-from .indexer import MAX_SEGMENTS, Indexer, Progress
 from .lru import CacheLRU
 from .records import (
     CacheRecord,
@@ -59,7 +59,15 @@ from .schema import (
     search_segments,
     writer,
 )
+from .segment import MAX_SEGMENTS
 from .validate import check_query
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvzip_rag.cache import PackedCache, PrefixKV
+
+    from .indexer import Indexer, Progress
 
 DB_NAME = "index.sqlite"
 BLOB_DIR_NAME = "blobs"
@@ -221,6 +229,8 @@ class CacheStore:
 
     def indexer(self, model, **options) -> Indexer:
         """An :class:`~kvzip_rag.store.indexer.Indexer` compressing with ``model`` into this store."""
+        from .indexer import Indexer
+
         options.setdefault("max_segments", self.max_segments)
         return Indexer(model, self, **options)
 
@@ -435,6 +445,8 @@ class CacheStore:
 
     def _ensure_prefix(self, prefix: PrefixKV, model_name: str) -> tuple[int, PrefixKV]:
         """The stored prefix of ``prefix``'s model and template (storing ``prefix`` if there is none yet)."""
+        from .cachefile import encode_prefix
+
         key = (Prefix.model_fingerprint == prefix.model_fingerprint, Prefix.template_digest == prefix.template_digest)
         with self._read() as session:
             row = session.scalars(sa.select(Prefix).where(*key)).first()
@@ -460,6 +472,8 @@ class CacheStore:
         return row.id, self._load_prefix(row, "cpu")
 
     def _load_prefix(self, row: Prefix, device: str) -> PrefixKV:
+        from .cachefile import read_prefix
+
         key = (row.payload_sha256, device)
         if key not in self._prefixes:
             with BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}") as reader:
@@ -549,6 +563,13 @@ class CacheStore:
         keyed by the blob's content hash. The blob is checked against its row on every read (``CorruptBlobError``
         when a valid blob lies under another document's row). A missing document: ``DocumentNotFoundError``.
         """
+        import torch
+
+        from kvzip_rag.cache import cache_info, packed_fresh
+
+        from . import loading
+        from .cachefile import check_loadable
+
         if ratio is not None or level is not None:
             check_ratio_level(ratio if ratio is not None else 1.0, level or "pair")
         record, prefix_row = loading.pick(self, model, target, segment, ratio, level)

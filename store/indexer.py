@@ -25,11 +25,10 @@ from .blob import full_error
 from .cachefile import encode_document
 from .records import CacheRecord, DocumentRecord
 from .schema import Cache, Document, Segment
-from .segment import segment_document
+from .segment import MAX_SEGMENTS, segment_document
 from .validate import check_doc_id, check_metadata, check_text
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-MAX_SEGMENTS = 1024  # per document: ~4M tokens at the default segment size
 PREFIX_TOLERANCE = 1e-2  # relative L2 difference between a document's own prefix KV and the stored one
 
 

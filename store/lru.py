@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
-from kvzip_rag.cache import PackedCache
+if TYPE_CHECKING:  # a store opened only to list or delete must not import torch
+    from kvzip_rag.cache import PackedCache
 
 
 class CacheLRU:

@@ -10,9 +10,6 @@ import sqlalchemy as sa
 from kvzip_rag.errors import CorruptBlobError, KVzipError
 
 from .blob import BlobReader, ReadStats, file_sha256
-from .cachefile import document_header
-from .indexer import content_hash
-from .loading import read_cache
 from .records import GCReport, VerifyProblem, VerifyReport, cache_record
 from .schema import Cache, Prefix, Segment
 
@@ -20,6 +17,10 @@ from .schema import Cache, Prefix, Segment
 def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
     """Check every blob (or those of ``doc_ids``): present, same sha256 as recorded, valid header and
     checksums, and describing the cache its row says. Problems are reported, nothing is changed."""
+    from .cachefile import document_header  # these import torch: gc (below) must not
+    from .indexer import content_hash
+    from .loading import read_cache
+
     report = VerifyReport()
     with store._read() as session:
         stmt = sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError
 
 MAX_SEGMENT_TOKENS = 4096
+MAX_SEGMENTS = 1024  # per document: ~4M tokens at the default segment size
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 _SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*(?=\s|$)")
