@@ -126,6 +126,23 @@ def test_follow_up_turns_reuse_the_conversation_cache(index):
     assert replayed.usage_metadata["input_tokens"] == reused.usage_metadata["input_tokens"]
 
 
+def test_a_follow_up_about_another_document_brings_it_into_the_conversation(index):
+    chat = ChatKVzip(qa=index, max_new_tokens=6)
+    first = chat.invoke("Who built the harbour?")
+    assert first.response_metadata["node_ids"] == ["harbour:0"] and first.response_metadata["cache_change"] == "new"
+    history = [HumanMessage("Who built the harbour?"), first, HumanMessage("When is the cider pressed?")]
+    follow = chat.invoke(history)
+    meta = follow.response_metadata
+    assert meta["reused_conversation"] is True and meta["cache_change"] == "recomposed"
+    assert meta["doc_ids"] == ["orchard", "harbour"] and meta["routed_node_ids"] == ["orchard:0"]
+    assert meta["routing"] == "search" and meta["dropped"] == []
+    # without the kept conversation the history is routed turn by turn and replayed: the same cache and answer
+    replayed = ChatKVzip(qa=index, max_new_tokens=6, reuse_conversations=0).invoke(history)
+    assert replayed.response_metadata["cache_change"] == "new"
+    assert replayed.response_metadata["doc_ids"] == ["orchard", "harbour"] and replayed.content == follow.content
+    assert replayed.usage_metadata == follow.usage_metadata
+
+
 def test_async_stream_stopped_early_releases_the_index_lock(index):
     chat = ChatKVzip(qa=index, max_new_tokens=50)
 
@@ -225,3 +242,28 @@ def test_lcel_chain_answers_squad_questions_with_the_default_model(default_model
     answer_only = chain.pick("answer") | StrOutputParser()
     pieces = list(answer_only.stream(questions[0]["question"]))
     assert len(pieces) >= 3 and "".join(pieces) == outputs[0]["answer"]
+
+
+@pytest.mark.slow
+def test_a_chat_follows_its_topic_to_another_document_with_the_default_model(default_model, tmp_path):
+    """Asked about the orchard, then about the bridge: the second answer comes from the bridge's document (the
+    conversation's cache stayed on the orchard's, the model does not know the colour)."""
+    import kvzip_rag
+
+    index = build_index(default_model, {
+        "apple": "Apples ripen in the orchard of Brindle Farm every September. The oldest tree of the orchard was "
+                 "planted by Mara Venn.",
+        "bridge": "The Tallow Bridge crosses the river Esk. The town council painted the Tallow Bridge green in 1990.",
+    }, tmp_path)
+    chat = ChatKVzip(qa=index, max_new_tokens=24)
+    orchard, bridge = "Who planted the oldest tree of the orchard?", "What colour is the Tallow Bridge?"
+    first = chat.invoke(orchard)
+    assert "Venn" in first.content and first.response_metadata["doc_ids"] == ["apple"]
+    second = chat.invoke([HumanMessage(orchard), first, HumanMessage(bridge)])
+    print(f"{orchard!r} -> {first.content!r}; {bridge!r} -> {second.content!r}")
+    assert "green" in second.content.lower()
+    assert second.response_metadata["doc_ids"] == ["bridge", "apple"]
+    assert second.response_metadata["cache_change"] == "recomposed"
+    stayed = kvzip_rag.Conversation(default_model, index.load(("apple", 0))[0])
+    stayed.add_turn(orchard, first.content)
+    assert "green" not in stayed.ask(bridge, max_new_tokens=24).text.lower()

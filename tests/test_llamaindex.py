@@ -453,14 +453,39 @@ def test_chat_streaming_and_async(fresh_index):
     assert len(chat.chat_history) == 2
 
 
-def test_chat_top_k_continues_in_the_winning_cache(fresh_index):
+def test_chat_top_k_composes_the_routed_caches(fresh_index, tiny_llama):
+    from kvzip_rag.compose import compose
+
     chat = fresh_index.as_chat_engine(similarity_top_k=2, max_new_tokens=6)
     first = chat.chat("When does the harbour bakery open?")
-    chosen = [n for n in first.source_nodes if n.node.metadata["chosen"]]
-    assert len(first.source_nodes) == 2 and len(chosen) == 1
-    assert chosen[0].node.metadata["answer"] == first.response
+    routed = [n.node.node_id for n in first.source_nodes]
+    assert len(routed) == 2 and first.metadata["node_ids"] == routed and first.metadata["cache_change"] == "new"
+    # one answer from the two routed caches composed (parallel), as by hand
+    composed = compose(tiny_llama, [fresh_index.qa.load((n.split(":")[0], 0))[0] for n in routed])
+    assert kvzip_rag.Conversation(tiny_llama, composed).ask("When does the harbour bakery open?",
+                                                            max_new_tokens=6).text == first.response
     chat.chat("And on Sundays?")
     assert chat.conversation.turns[0] == ("When does the harbour bakery open?", first.response)
+
+
+def test_chat_follows_the_topic_and_says_which_documents_each_turn_used(fresh_index):
+    chat = fresh_index.as_chat_engine(max_new_tokens=6)
+    first = chat.chat("Who built the harbour?")
+    assert first.metadata["node_ids"] == ["harbour:0"] and first.metadata["cache_change"] == "new"
+    stream = chat.stream_chat("When does the bakery open?")  # another document: composed into the conversation
+    assert [n.node.node_id for n in stream.source_nodes] == ["bakery:0", "harbour:0"]  # known before streaming
+    text = "".join(stream.response_gen)
+    meta = stream.metadata
+    assert text and meta["doc_ids"] == ["bakery", "harbour"] and meta["routed_node_ids"] == ["bakery:0"]
+    assert meta["cache_change"] == "recomposed" and meta["dropped"] == [] and meta["turns"] == 2
+    vague = chat.chat("xylophone quantum zebra?")  # matches no word: stays with the conversation's documents
+    assert vague.metadata["routing"] == "fallback" and vague.metadata["cache_change"] == "kept"
+    assert [n.node.node_id for n in vague.source_nodes] == ["bakery:0", "harbour:0"]
+    # a given history is routed turn by turn: its documents and the new question's
+    history = [ChatMessage(role=MessageRole.USER, content="Who built the harbour?"),
+               ChatMessage(role=MessageRole.ASSISTANT, content=first.response)]
+    other = fresh_index.as_chat_engine(max_new_tokens=6).chat("When does the bakery open?", chat_history=history)
+    assert other.metadata["doc_ids"] == ["bakery", "harbour"] and other.response == text.strip()
 
 
 # ----------------------------------------------------------------------------------------------- bad input

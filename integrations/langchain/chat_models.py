@@ -67,12 +67,15 @@ class ChatKVzip(BaseChatModel):
     (instructions + question) is answered from *their caches* (best of them, as ``create_kvzip_qa_chain`` does)
     instead of re-reading their text; ``response_metadata["cached_documents"]`` says how many.
 
-    **Otherwise** the conversation is appended after a compressed document, as the engine's follow-up turns are.
-    The segment is chosen by the *first* human message with the service's routing (full-text search; restricted to
-    ``doc_ids`` when bound; when nothing matches, the first segment, with ``response_metadata["routing"] ==
-    "fallback"``), so every call with the same conversation uses the same cache. Earlier turns are replayed into a
-    ``kvzip_rag.Conversation``; when the history is exactly a conversation this instance just answered, that
-    conversation's cache is reused instead (``reuse_conversations`` most recent ones are kept; nothing recomputed).
+    **Otherwise** the conversation is appended after compressed documents, as the engine's follow-up turns are
+    (:class:`kvzip_rag.dialogue.ChatSession`). Every human message is routed with the service's routing (full-text
+    search; restricted to ``doc_ids`` when bound): the last one's documents are in the cache it is answered from,
+    beside the documents earlier messages were routed to (composed; the least recently routed are dropped when the
+    window cannot hold them), and a message that matches no word keeps the documents before it (the first one gets
+    the first segment, with ``response_metadata["routing"] == "fallback"``). Earlier turns are replayed into that
+    cache; when the history is exactly a conversation this instance just answered, that conversation's cache is
+    continued instead (``reuse_conversations`` most recent ones are kept; rebuilt only when the new message needs
+    another document).
 
     Messages: system messages are folded into the next human message as a leading paragraph (the model's own system
     prompt is part of the cache's fixed prefix and cannot change); consecutive messages of one role are joined with
@@ -83,7 +86,9 @@ class ChatKVzip(BaseChatModel):
     ``stream``/``astream`` yield tokens as they are generated. Every answer carries ``usage_metadata``
     (``input_tokens`` = document tokens + earlier turns + question, of which the tokens served from a cache are
     ``input_token_details["cache_read"]``) and ``response_metadata``: ``model_name``, ``finish_reason``,
-    ``doc_ids``, ``cache_ids``, ``segment_index``, ``routing``, ``route_score``, ``ratio``, ``level``,
+    ``doc_ids`` and ``node_ids`` (the documents this answer used, most recently routed first), ``cache_ids``,
+    ``segment_index``, ``routed_node_ids``, ``routing``, ``route_score``, ``cache_change`` (``new``, ``kept``,
+    ``recomposed`` or ``switched``), ``dropped`` (documents left out, with the reason), ``ratio``, ``level``,
     ``kept_ratio``, ``cache_bytes``, ``full_cache_bytes``, ``bytes_loaded`` (read from disk), ``document_tokens``,
     ``reused_conversation`` and timings ``retrieve_s``, ``cache_load_s``, ``replay_s``, ``ttft_s``, ``decode_s``.
 
@@ -212,8 +217,8 @@ class ChatKVzip(BaseChatModel):
 
     # -------------------------------------------------------------------------------------- answering
 
-    def _session_key(self, target: Target, turns: Sequence[tuple[str, str]]) -> tuple:
-        return (target.doc_id, target.segment_index, tuple((q.strip(), a.strip()) for q, a in turns))
+    def _session_key(self, doc_ids: Sequence[str] | None, turns: Sequence[tuple[str, str]]) -> tuple:
+        return (tuple(doc_ids) if doc_ids is not None else None, tuple((q.strip(), a.strip()) for q, a in turns))
 
     def _chunks(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict, emit) -> None:
         """Emit the answer's text pieces as generated (``AIMessageChunk``), then one chunk with usage and
@@ -239,29 +244,32 @@ class ChatKVzip(BaseChatModel):
             extra = {"cached_documents": len(targets), "reused_conversation": False, "replay_s": 0.0}
             cached_read = document_tokens
         else:
-            routing_start = time.perf_counter()
-            target = self.qa.route(dialogue.route_query, 1, doc_ids).targets[0]
-            routed = time.perf_counter()
-            key = self._session_key(target, dialogue.turns)
+            key = self._session_key(doc_ids, dialogue.turns)
             session = self._sessions.pop(key, None) if self.reuse_conversations else None
             reused = session is not None
             if session is None:
-                session = ChatSession(self.qa, sampling=options)
-                session.targets = [target]
-            tail = session.conversation.cache.tail_length if reused else 0
-            turn = session.ask(dialogue.question, history=[] if reused else dialogue.turns, emit=piece, **options)
+                session = ChatSession(self.qa, doc_ids=doc_ids, sampling=options)
+            history = [] if reused else dialogue.turns
+            routing_start = time.perf_counter()
+            plan = session.plan(dialogue.question, history)
+            routed = time.perf_counter()
+            turn = session.ask(dialogue.question, history=history, emit=piece, plan=plan, **options)
             if self.reuse_conversations and (not options["stop"] or turn.answer.finish_reason == "length"):
                 # the cache tail holds exactly this conversation (no stop string cut the answer): keep it
-                self._sessions[self._session_key(target, session.conversation.turns)] = session
+                self._sessions[self._session_key(doc_ids, session.conversation.turns)] = session
                 while len(self._sessions) > self.reuse_conversations:
                     self._sessions.popitem(last=False)
             info = turn.info
-            turn_answer = turn.answer
+            turn_answer, target = turn.answer, turn.documents[0]
             document_tokens = session.conversation.cache.info.base_length
-            cached_read = document_tokens + tail
-            usage_in = document_tokens + tail + turn.replayed_tokens + turn_answer.prompt_tokens
+            cached_read = turn.cached_tokens
+            usage_in = turn.cached_tokens + turn.replayed_tokens + turn_answer.prompt_tokens
             extra = {"reused_conversation": reused, "retrieve_s": routed - routing_start,
-                     "replay_s": info.get("replay_s", 0.0)}
+                     "replay_s": info["replay_s"], "doc_ids": info["doc_ids"], "node_ids": info["node_ids"],
+                     "cache_ids": [t.metadata.get("cache_id") for t in turn.documents],
+                     "routed_node_ids": info["routed_node_ids"], "routing": info["routing"],
+                     "route_score": turn.routed[0].score if turn.routed else None,
+                     "cache_change": info["cache_change"], "dropped": info["dropped"]}
         output_tokens = len(turn_answer.token_ids)
         usage = UsageMetadata(input_tokens=usage_in, output_tokens=output_tokens,
                               total_tokens=usage_in + output_tokens, input_token_details={"cache_read": cached_read})

@@ -600,7 +600,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
 
     def as_chat_engine(self, chat_mode: Any = None, llm: Any = None, similarity_top_k: int = 1,
                        max_new_tokens: int = 128, **kwargs: Any) -> BaseChatEngine:
-        """A :class:`KVzipChatEngine` (follow-ups answered from the cache the first message was routed to).
+        """A :class:`KVzipChatEngine` (every message routed; the conversation's cache composed over its documents).
 
         ``llm=`` (with a LlamaIndex ``chat_mode``) builds LlamaIndex's own chat engines over this index instead."""
         if llm is not None:
