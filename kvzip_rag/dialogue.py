@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ContextTooLongError, InvalidArgumentError
-from .qa import QAResult, QAService, Target, check_k, check_question, check_sampling
+from .qa import QAResult, QAService, Target, check_k, check_question, check_sampling, get_composer
 
 if TYPE_CHECKING:
     from .generate import Answer, Conversation
@@ -94,7 +94,7 @@ def check_window(model, cache, question: str, max_new_tokens: int, first_turn: b
 
 @dataclass
 class Turn:
-    """One answered turn: the engine's answer, figures for response metadata, and the best-of-k result if any."""
+    """One answered turn: the engine's answer, figures for response metadata, and the several-cache result if any."""
 
     answer: Answer
     info: dict
@@ -106,7 +106,8 @@ class Turn:
 
 @dataclass
 class ChatSession:
-    """A conversation with the cache its first question is routed to (``k`` > 1: the cache whose answer wins).
+    """A conversation with the cache its first question is routed to (``k`` > 1: the first message is answered by
+    the service's composition, or ``compose``, and the conversation continues in the first cache that answer used).
 
     ``ask(question, history=...)``: when no conversation is live, ``history`` ((question, answer) pairs) is
     replayed into the routed cache first. ``reset()`` goes back to the compressed document and routes afresh.
@@ -116,6 +117,7 @@ class ChatSession:
     k: int = 1
     doc_ids: Sequence[str] | None = None
     sampling: dict = field(default_factory=dict)
+    compose: str | None = None  # how several routed caches answer the first message (None: the service's)
     targets: list[Target] = field(default_factory=list)
     fallback: bool = False
     conversation: Conversation | None = None
@@ -123,6 +125,8 @@ class ChatSession:
     def __post_init__(self) -> None:
         check_k(self.k)
         self.sampling = check_sampling(self.sampling)
+        if self.compose is not None:
+            get_composer(self.compose)  # an unknown name is refused here, before any message
 
     def reset(self) -> None:
         with self.service.lock:
@@ -177,12 +181,13 @@ class ChatSession:
             return Turn(result, info, None, target, cached, replayed)
 
     def _best_of_k(self, question: str, options: dict, emit) -> Turn:
-        """First message with several routed caches: best-of-k, then the conversation continues in the winner."""
+        """First message with several routed caches: the composition answers it, then the conversation continues in
+        the first cache the answer used (best-of-k: the winner's)."""
         from .generate import Conversation
 
         service = self.service
         start = time.perf_counter()
-        result = service.answer(question, targets=self.targets, _emit=emit, **options)
+        result = service.answer(question, targets=self.targets, compose=self.compose, _emit=emit, **options)
         best = result.best
         cache, load_s, nbytes = service.load(best.target)
         self.conversation = Conversation(service.model, cache)

@@ -20,7 +20,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 from kvzip_rag.bridge import apush_in_thread
 from kvzip_rag.dialogue import ChatSession, fold_messages
 from kvzip_rag.errors import InvalidArgumentError
-from kvzip_rag.qa import QAService, Target
+from kvzip_rag.qa import QAService, Target, get_composer
 
 from ._service import build_service, recall
 
@@ -64,8 +64,12 @@ class ChatKVzip(BaseChatModel):
     **Retrieved Documents in the prompt** (the idiomatic ``{"context": retriever, "question": RunnablePassthrough()}
     | prompt | chat_model`` chain): segments a :class:`KVzipRetriever` over the same store returned are recognised
     in the last message (as text or as ``Document(...)`` reprs), cut out of the prompt, and the rest of the prompt
-    (instructions + question) is answered from *their caches* (best of them, as ``create_kvzip_qa_chain`` does)
-    instead of re-reading their text; ``response_metadata["cached_documents"]`` says how many.
+    (instructions + question) is answered from *their caches* (as ``create_kvzip_qa_chain`` does)
+    instead of re-reading their text; ``response_metadata["cached_documents"]`` says how many. Several segments
+    make one answer by ``compose`` (default: the service's, ``"parallel"``: joined into one cache; ``"best-of-k"``:
+    the best of their answers; per call too, e.g. ``chat_model.bind(compose="best-of-k")``), and
+    ``response_metadata`` names it (``compose``, ``strategy``) with the segments used (``doc_ids``,
+    ``composed_node_ids``) and those the model's window could not take (``dropped_node_ids``).
 
     **Otherwise** the conversation is appended after a compressed document, as the engine's follow-up turns are.
     The segment is chosen by the *first* human message with the service's routing (full-text search; restricted to
@@ -89,7 +93,8 @@ class ChatKVzip(BaseChatModel):
 
     Sampling: greedy when ``temperature=0`` (default); ``max_new_tokens`` (alias ``max_tokens``), ``top_k``,
     ``top_p``, ``seed`` and ``stop`` as in ``kvzip_rag.answer``; each can also be given per call, as can
-    ``doc_ids``. A per-call ``model`` argument naming another model is refused (the caches belong to one model).
+    ``doc_ids`` and ``compose``. A per-call ``model`` argument naming another model is refused (the caches belong
+    to one model).
     """
 
     qa: Any = Field(default=None, exclude=True, repr=False)
@@ -100,6 +105,8 @@ class ChatKVzip(BaseChatModel):
     ratio: float | None = None
     level: str | None = None
     doc_ids: list[str] | None = None
+    compose: str | None = None
+    """How several retrieved segments in a prompt make one answer (None: the service's, ``"parallel"``)."""
     max_new_tokens: int = Field(default=128, alias="max_tokens", ge=1)
     temperature: float = 0.0
     top_k: int = 0
@@ -120,6 +127,8 @@ class ChatKVzip(BaseChatModel):
         if not isinstance(self.qa, QAService):
             self.qa = build_service({"qa": self.qa, "store": self.store, "model": self.model, "index": self.index,
                                      "threads": self.threads, "ratio": self.ratio, "level": self.level})
+        if self.compose is not None:
+            get_composer(self.compose)  # an unknown name is refused when the model is built
         return self
 
     # ------------------------------------------------------------------------------------------ identity
@@ -177,8 +186,9 @@ class ChatKVzip(BaseChatModel):
 
     # ------------------------------------------------------------------------------------------ options
 
-    def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]:
-        """(sampling options for the engine, bound doc_ids) from the fields and the call's kwargs."""
+    def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None,
+                                                                               str | None]:
+        """(sampling options for the engine, bound doc_ids, compose) from the fields and the call's kwargs."""
         kwargs = dict(kwargs)
         for key in ("tools", "tool_choice", "functions", "function_call", "response_format"):
             if kwargs.get(key):
@@ -204,11 +214,14 @@ class ChatKVzip(BaseChatModel):
         stops = [s for s in (stop if stop is not None else (self.stop or [])) if s]
         options["stop"] = tuple(stops)
         doc_ids = kwargs.pop("doc_ids", self.doc_ids)
+        compose = kwargs.pop("compose", self.compose)
+        if compose is not None:
+            get_composer(compose)
         for ignored in ("stream", "ls_structured_output_format", "structured_output_format"):
             kwargs.pop(ignored, None)
         if kwargs:
             raise TypeError(f"ChatKVzip got unexpected arguments: {', '.join(sorted(kwargs))}")
-        return options, doc_ids
+        return options, doc_ids, compose
 
     # -------------------------------------------------------------------------------------- answering
 
@@ -224,23 +237,27 @@ class ChatKVzip(BaseChatModel):
             role = message.role if isinstance(message, ChatMessage) else message.type
             roles.append((role, _text_of(message)))
         dialogue = fold_messages(roles)
-        options, doc_ids = self._options(stop, kwargs)
+        options, doc_ids, compose = self._options(stop, kwargs)
         piece = lambda text: emit(ChatGenerationChunk(message=AIMessageChunk(content=text)))  # noqa: E731
         start = time.perf_counter()
         cached = _cached_segments(self.qa, dialogue.question) if not dialogue.turns else None
         if cached is not None:
             targets, question = cached
-            result = self.qa.answer(question, targets=targets, _emit=piece, **options)
+            result = self.qa.answer(question, targets=targets, compose=compose, _emit=piece, **options)
             best = result.best
+            used = result.used
             document_tokens = best.target_tokens
             info = result.metadata(time.perf_counter() - start)
             usage_in = best.answer.prompt_tokens + document_tokens
             turn_answer, target = best.answer, best.target
-            extra = {"cached_documents": len(targets), "reused_conversation": False, "replay_s": 0.0}
+            extra = {"cached_documents": len(targets), "reused_conversation": False, "replay_s": 0.0,
+                     "compose": result.compose, "strategy": info["strategy"],
+                     "composed_node_ids": info["composed_node_ids"], "dropped_node_ids": info["dropped_node_ids"]}
             cached_read = document_tokens
         else:
             routing_start = time.perf_counter()
             target = self.qa.route(dialogue.route_query, 1, doc_ids).targets[0]
+            used = [target]
             routed = time.perf_counter()
             key = self._session_key(target, dialogue.turns)
             session = self._sessions.pop(key, None) if self.reuse_conversations else None
@@ -267,7 +284,7 @@ class ChatKVzip(BaseChatModel):
                               total_tokens=usage_in + output_tokens, input_token_details={"cache_read": cached_read})
         metadata = {
             "model_name": self.qa.model.name, "model_provider": "kvzip", "finish_reason": turn_answer.finish_reason,
-            "doc_ids": [target.doc_id], "cache_ids": [target.metadata.get("cache_id")],
+            "doc_ids": [t.doc_id for t in used], "cache_ids": [t.metadata.get("cache_id") for t in used],
             "segment_index": target.segment_index, "routing": target.routing, "route_score": target.score,
             "ratio": info.get("ratio"), "level": info.get("level"), "kept_ratio": info.get("kept_ratio"),
             "cache_bytes": info.get("cache_bytes"), "full_cache_bytes": info.get("full_bytes"),

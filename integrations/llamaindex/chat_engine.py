@@ -27,17 +27,19 @@ def _role(message: ChatMessage) -> str:
 class KVzipChatEngine(BaseChatEngine):
     """Follow-up questions about one document, answered from its compressed cache.
 
-    The first message is routed (``similarity_top_k`` caches; with more than one, the cache whose answer wins, as
-    in the query engine) and the conversation then stays in that cache (:class:`kvzip_rag.Conversation`).
+    The first message is routed (``similarity_top_k`` caches; with more than one they answer it as in the query
+    engine, by ``compose``, and the conversation continues in the first cache the answer used) and the conversation
+    then stays in that cache (:class:`kvzip_rag.Conversation`).
     ``reset()`` drops the turns and the next message is routed afresh. Passing ``chat_history`` replaces the
     conversation with that history (folded by :func:`kvzip_rag.dialogue.fold_messages`: system messages lead the
     next user message; routed by its first user message, then replayed into the cache). Responses carry the routed
     ``source_nodes`` and timing metadata.
     """
 
-    def __init__(self, index: "KVzipIndex", similarity_top_k: int = 1, **sampling: Any) -> None:
+    def __init__(self, index: "KVzipIndex", similarity_top_k: int = 1, compose: Optional[str] = None,
+                 **sampling: Any) -> None:
         self._index = index
-        self._session = ChatSession(index.qa, k=similarity_top_k, sampling=sampling)
+        self._session = ChatSession(index.qa, k=similarity_top_k, sampling=sampling, compose=compose)
         self._source_nodes: List[NodeWithScore] = []
         self._history: List[ChatMessage] = []
         self._pairs: list[tuple[str, str]] = []
