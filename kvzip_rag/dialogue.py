@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ContextTooLongError, InvalidArgumentError
-from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_question, check_sampling
+from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_question, check_sampling, get_composer
 
 if TYPE_CHECKING:
     from .cache import PackedCache
@@ -168,6 +168,7 @@ class ChatSession:
     doc_ids: Sequence[str] | None = None
     sampling: dict = field(default_factory=dict)
     max_documents: int = 4
+    compose: str | None = None  # the layout of the conversation's cache (None: the service's; see ``layout``)
     documents: list[Target] = field(default_factory=list)  # those of the live conversation's cache
     conversation: Conversation | None = None
     _version: int = field(default=0, init=False, repr=False)
@@ -176,12 +177,17 @@ class ChatSession:
         check_k(self.k)
         check_k(self.max_documents, "max_documents")
         self.sampling = check_sampling(self.sampling)
+        if self.compose is not None and not hasattr(get_composer(self.compose), "layout"):
+            raise InvalidArgumentError(
+                f"compose={self.compose!r} answers from separate caches; a conversation continues in one cache: "
+                "use compose='parallel' or 'sequential'")
 
     @property
     def layout(self) -> str:
-        """The service's layout when its strategy composes caches, else ``parallel`` (a conversation continues in
-        one cache, so best-of-k's separate answers have nothing to continue in)."""
-        return getattr(self.service.composer, "layout", "parallel")
+        """``compose``'s layout, else the service's when its strategy composes caches, else ``parallel`` (a
+        conversation continues in one cache, so best-of-k's separate answers have nothing to continue in)."""
+        composer = get_composer(self.compose) if self.compose is not None else self.service.composer
+        return getattr(composer, "layout", "parallel")
 
     def reset(self) -> None:
         with self.service.lock:

@@ -143,6 +143,19 @@ def test_a_follow_up_about_another_document_brings_it_into_the_conversation(inde
     assert replayed.usage_metadata == follow.usage_metadata
 
 
+def test_a_conversation_lays_out_its_documents_by_compose(index):
+    history = [HumanMessage("Who built the harbour?"), AIMessage("Ida."), HumanMessage("When is the cider pressed?")]
+    default = ChatKVzip(qa=index, max_new_tokens=6).invoke(history)
+    sequential = ChatKVzip(qa=index, max_new_tokens=6).bind(compose="sequential").invoke(history)
+    assert default.response_metadata["compose"] == "parallel"
+    assert sequential.response_metadata["compose"] == "sequential"
+    assert sequential.response_metadata["doc_ids"] == default.response_metadata["doc_ids"] == ["orchard", "harbour"]
+    assert sequential.response_metadata["cache_change"] == "new"
+    # best-of-k answers retrieved segments separately; a conversation still needs one cache: parallel
+    best = ChatKVzip(qa=index, max_new_tokens=6, compose="best-of-k").invoke(history)
+    assert best.response_metadata["compose"] == "parallel" and best.content == default.content
+
+
 def test_async_stream_stopped_early_releases_the_index_lock(index):
     chat = ChatKVzip(qa=index, max_new_tokens=50)
 
@@ -172,9 +185,11 @@ def test_qa_chain_invoke_batch_stream_async_and_composition(index):
     assert set(out) == {"answer", "sources"} and out["answer"]
     assert len(out["sources"]) == 2 and all(isinstance(d, Document) for d in out["sources"])
     assert out["sources"][0].metadata["doc_id"] == "harbour"
-    # k > 1: every source's cache answered; the index kept the best answer and says which.
-    assert sum(d.metadata["chosen"] for d in out["sources"]) == 1
-    assert next(d for d in out["sources"] if d.metadata["chosen"]).metadata["answer"] == out["answer"]
+    # k > 1: by default one answer from both caches joined (parallel), every source marked as composed.
+    assert all(d.metadata["composed"] is True and "chosen" not in d.metadata for d in out["sources"])
+    targets = [(d.metadata["doc_id"], d.metadata["segment_index"]) for d in out["sources"]]
+    assert out["answer"] == index.answer("Who built the harbour?", targets=targets, compose="parallel",
+                                         max_new_tokens=5).text
     assert chain.invoke({"question": "Who built the harbour?"}) == out
     assert chain.batch(["Who built the harbour?", {"question": "apples and cider"}])[0] == out
     assert asyncio.run(chain.ainvoke("Who built the harbour?")) == out
@@ -201,6 +216,29 @@ def test_qa_chain_invoke_batch_stream_async_and_composition(index):
     assert with_question.invoke({"question": "Who built the harbour?"}).endswith(out["answer"])
     with pytest.raises(ValueError, match="question"):
         chain.invoke({"topic": "harbour"})
+
+
+def test_qa_chain_compose_by_name_when_built_and_per_call(index):
+    """best-of-k stays selectable (constructor, or one call's ``configurable``); a bad name is a clear error."""
+    question = "Who built the harbour?"
+    best = create_kvzip_qa_chain(index, k=2, compose="best-of-k", max_new_tokens=5).invoke(question)
+    # each source's cache answered on its own; the best answer was kept, and each source says which
+    assert sum(d.metadata["chosen"] for d in best["sources"]) == 1
+    assert next(d for d in best["sources"] if d.metadata["chosen"]).metadata["answer"] == best["answer"]
+    assert all("composed" not in d.metadata for d in best["sources"])
+    chain = create_kvzip_qa_chain(index, k=2, max_new_tokens=5)
+    assert chain.invoke(question, config={"configurable": {"compose": "best-of-k"}}) == best
+    sequential = chain.invoke(question, config={"configurable": {"compose": "sequential"}})
+    targets = [(d.metadata["doc_id"], d.metadata["segment_index"]) for d in sequential["sources"]]
+    assert sequential["answer"] == index.answer(question, targets=targets, compose="sequential",
+                                                max_new_tokens=5).text
+    with pytest.raises(ValueError, match="unknown compose='bogus'; choose one of .*best-of-k.*parallel"):
+        create_kvzip_qa_chain(index, k=2, compose="bogus")
+    with pytest.raises(ValueError, match="unknown compose='bogus'"):
+        chain.invoke(question, config={"configurable": {"compose": "bogus"}})
+    one = create_kvzip_qa_chain(index, k=1, max_new_tokens=5).invoke(question)  # k == 1: unchanged, no marks
+    assert len(one["sources"]) == 1 and set(one["sources"][0].metadata) == set(best["sources"][0].metadata) - {
+        "answer", "mean_logprob", "refusal", "chosen"}
 
 
 # -------------------------------------------------------------------------------- real model on SQuAD

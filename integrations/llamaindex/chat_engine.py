@@ -29,16 +29,18 @@ class KVzipChatEngine(BaseChatEngine):
     conversation's cache, or matching no word ("tell me more"), continue in it (:class:`kvzip_rag.Conversation`);
     one about another document rebuilds the cache with that document composed beside the conversation's earlier
     ones (the least recently routed are dropped when they do not fit) and the earlier turns replayed into it.
-    ``reset()`` drops the turns and documents. Passing ``chat_history`` replaces the conversation with that history
+    ``compose="parallel"|"sequential"`` picks the layout of the composed cache (default: the index's when it
+    composes, else parallel; ``"best-of-k"`` is refused: a conversation continues in one cache). ``reset()`` drops the turns and documents. Passing ``chat_history`` replaces the conversation with that history
     (folded by :func:`kvzip_rag.dialogue.fold_messages`: system messages lead the next user message; its questions
     routed in order, its turns replayed into the cache). Responses carry the turn's documents as ``source_nodes``
     and, in ``metadata``, ``node_ids``/``doc_ids`` (the documents the turn used), ``routed_node_ids``, ``routing``,
     ``cache_change`` (``new``, ``kept``, ``recomposed`` or ``switched``), ``dropped`` (with reasons) and timings.
     """
 
-    def __init__(self, index: "KVzipIndex", similarity_top_k: int = 1, **sampling: Any) -> None:
+    def __init__(self, index: "KVzipIndex", similarity_top_k: int = 1, compose: Optional[str] = None,
+                 **sampling: Any) -> None:
         self._index = index
-        self._session = ChatSession(index.qa, k=similarity_top_k, sampling=sampling)
+        self._session = ChatSession(index.qa, k=similarity_top_k, sampling=sampling, compose=compose)
         self._source_nodes: List[NodeWithScore] = []
         self._history: List[ChatMessage] = []
         self._pairs: list[tuple[str, str]] = []

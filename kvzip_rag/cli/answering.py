@@ -1,7 +1,8 @@
 """``kvzip-rag ask`` and ``chat``: the core QA service (:mod:`kvzip_rag.qa`) with streaming to the terminal.
 
-``ask --k N`` does what ``similarity_top_k=N`` and LangChain's ``k=N`` do: every routed cache answers and the best
-answer is kept (best-of-k); ``--k 1`` streams tokens live.
+``ask --k N`` does what ``similarity_top_k=N`` and LangChain's ``k=N`` do: the N routed caches are joined into one
+that answers once (``--compose``, default parallel; best-of-k keeps the best of N answers); ``--k 1`` answers from
+the one cache. Tokens stream live (best-of-k: once the best answer is chosen).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import sys
 from typing import Annotated
 
 import typer
+
+from kvzip_rag.composers import DEFAULT_COMPOSE
 
 from .app import app, settings_of
 from .output import answer_figures, compression_line, console, say, show, stream_to_console
@@ -59,12 +62,12 @@ def ask(
     ctx: typer.Context,
     question: Annotated[str, typer.Argument(help="The question.", show_default=False)],
     doc: Annotated[str | None, typer.Option("--doc", help="Answer from this document only.")] = None,
-    k: Annotated[int, typer.Option("--k", min=1, help="Segments to retrieve; each one's cache answers and the best "
-                                                      "answer is kept (as similarity_top_k / k).")] = 1,
+    k: Annotated[int, typer.Option("--k", min=1, help="Segments to retrieve; their caches make one answer (see "
+                                                      "--compose; as similarity_top_k / k).")] = 1,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens in the answer.")] = 128,
-    compose: Annotated[str, typer.Option("--compose", help="With --k > 1: best-of-k (each cache answers, the best "
-                                                           "is kept), or parallel / sequential (the k caches joined "
-                                                           "into one that answers once).")] = "best-of-k",
+    compose: Annotated[str, typer.Option("--compose", help="With --k > 1: parallel or sequential (the k caches "
+                                                           "joined into one that answers once), or best-of-k (each "
+                                                           "cache answers, the best is kept).")] = DEFAULT_COMPOSE,
     store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, ratio: RatioOpt = None,
     level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
@@ -82,20 +85,28 @@ def ask(
 
 
 def print_footer(result, routing) -> None:
-    lines = ["[bold]sources[/bold]"]
-    for answer, target in ((a, t) for a in result.answers for t in (a.target, *a.also)):
-        chosen = " [green]← answer[/green]" if len(result.answers) > 1 and answer is result.best else ""
+    """Every routed segment, in routing order, marked with what it did for the answer (``source_metadata``)."""
+    roles = result.source_metadata()
+    if result.composed:
+        how = f" [dim]({show(result.compose)}: one answer from {len(result.used)} caches joined)[/dim]"
+    elif len(result.answers) > 1:
+        how = f" [dim](best of {len(result.answers)}: each cache answered, the marked answer was kept)[/dim]"
+    else:
+        how = ""
+    lines = [f"[bold]sources[/bold]{how}"]
+    for target in routing.targets:
+        role = roles.get(target.node_id, {})
+        mark = (" [green]← answer[/green]" if role.get("chosen") and len(result.answers) > 1
+                else " [yellow]← left out: the model's window was full[/yellow]" if role.get("composed") is False
+                else "")
         if target.routing == "fallback":
             lines.append(f"[cyan]{show(target.doc_id)}[/cyan] segment {target.segment_index} (no word of the "
-                         f"question matched; answered from the first segment){chosen}")
+                         f"question matched: taken in document order){mark}")
             continue
         snippet = " ".join(target.text.split())[:90]
         lines.append(f"[cyan]{show(target.doc_id)}[/cyan] segment {target.segment_index} (score "
-                     f"{target.score:.2f}): [dim]{show(snippet)}…[/dim]{chosen}")
+                     f"{target.score:.2f}): [dim]{show(snippet)}…[/dim]{mark}")
     best = result.best
-    if best.dropped:
-        lines.append("[yellow]left out (the model's window was full):[/yellow] "
-                     + ", ".join(f"{show(t.doc_id)} segment {t.segment_index}" for t in best.dropped))
     lines.append("[bold]timings[/bold]      " + answer_figures(best.answer, result.cache_load_s, routing.seconds))
     lines.append("[bold]compression[/bold]  " + _compression(best))
     say("\n".join(lines), soft_wrap=True)
