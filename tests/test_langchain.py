@@ -37,6 +37,7 @@ def test_retriever_documents_carry_segment_cache_and_document_metadata(index):
         assert meta["topic"] == meta["doc_id"]  # the document's own metadata
         assert isinstance(meta["cache_id"], int) and meta["segment_index"] == 0
         assert 0 < meta["ratio"] <= 1 and 0 < meta["bytes"] < meta["full_bytes"]
+        assert meta["kv_bits"] == 16
         assert isinstance(meta["score"], float)
     scores = [d.metadata["score"] for d in docs]
     assert scores == sorted(scores, reverse=True)
@@ -305,3 +306,24 @@ def test_a_chat_follows_its_topic_to_another_document_with_the_default_model(def
     stayed = kvzip_rag.Conversation(default_model, index.load(("apple", 0))[0])
     stayed.add_turn(orchard, first.content)
     assert "green" not in stayed.ask(bridge, max_new_tokens=24).text.lower()
+
+
+def test_quantized_store_serves_the_adapters(smol_tokenizer, tmp_path):
+    """A store built with ``kv_bits=4``: the retriever reports the bits and fewer bytes than a 16-bit store, and the
+    QA chain answers from the 4-bit caches exactly as the service does."""
+    from kvzip_rag.qa import QAService
+    from kvzip_rag.store import CacheStore
+
+    model = tiny_model(smol_tokenizer)
+    plain = build_index(model, DOCUMENTS, tmp_path / "plain")
+    store = CacheStore(tmp_path / "q4")
+    for doc_id, text in DOCUMENTS.items():
+        store.add_document(model, text, doc_id=doc_id, metadata={"topic": doc_id}, ratio=0.3, kv_bits=4)
+    qa = QAService(store, model, ratio=0.3)
+    question = "Who built the harbour of Velmora?"
+    quantized, = KVzipRetriever(qa=qa, k=1).invoke(question)
+    unquantized, = KVzipRetriever(qa=plain, k=1).invoke(question)
+    assert quantized.metadata["kv_bits"] == 4 and quantized.metadata["doc_id"] == "harbour"
+    assert quantized.metadata["bytes"] < 0.5 * unquantized.metadata["bytes"]
+    expected = qa.answer(question, max_new_tokens=6).text
+    assert create_kvzip_qa_chain(qa, k=1, max_new_tokens=6).invoke(question)["answer"] == expected

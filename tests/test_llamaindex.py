@@ -718,3 +718,27 @@ def test_end_to_end_squad_with_the_default_model(default_model, squad, tmp_path,
     follow = chat.chat(questions[1][1])
     print(f"chat: {question!r} -> {first.response!r}; follow-up {questions[1][1]!r} -> {follow.response!r}")
     assert follow.response and len(chat.chat_history) == 4 and len(chat.conversation.turns) == 2
+
+
+def test_from_documents_stores_quantized_caches_and_keeps_the_bits(tiny_llama, tmp_path):
+    """``kv_bits=`` reaches the store (each cache equals ``compress(kv_bits=4)``), is persisted with the index and
+    applies to documents inserted after loading; an unknown width is refused before anything is compressed."""
+    import torch
+
+    index = KVzipIndex.from_documents(documents(), model=tiny_llama, store=tmp_path / "store", kv_bits=4)
+    assert index.kv_bits == 4
+    for doc_id, text in DOCS.items():
+        assert [c.kv_bits for c in index.store.get_document(doc_id).caches] == [4]
+    loaded = index.store.load_cache("harbour", tiny_llama)
+    expected = kvzip_rag.compress(tiny_llama, DOCS["harbour"], ratio=0.3, kv_bits=4)
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+               for a, b in zip(loaded.layers, expected.layers))
+    response = index.as_query_engine(**SHORT).query("Who built the harbour?")
+    assert response.source_nodes[0].node.metadata["kv_bits"] == 4 and response.metadata["ratio"] == 0.3
+    index.persist(tmp_path / "persisted")
+    again = KVzipIndex.load(tmp_path / "persisted", model=tiny_llama)
+    assert again.kv_bits == 4
+    again.insert(Document(text="The museum displays whale bones and old ship models.", doc_id="museum"))
+    assert [c.kv_bits for c in again.store.get_document("museum").caches] == [4]
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="kv_bits must be one of"):
+        KVzipIndex.from_documents(documents(), model=tiny_llama, store=tmp_path / "other", kv_bits=3)

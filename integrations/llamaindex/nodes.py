@@ -12,7 +12,7 @@ from kvzip_rag.qa import QAResult, Target, as_target
 
 # Node metadata keys written by the index (hidden from embedding models and LLM prompts).
 TECHNICAL_KEYS = [
-    "doc_id", "cache_id", "segment_index", "ratio", "level", "bytes", "full_bytes", "model", "routing", "answer",
+    "doc_id", "cache_id", "segment_index", "ratio", "level", "bytes", "full_bytes", "kv_bits", "model", "routing", "answer",
     "mean_logprob", "refusal", "chosen", "composed",
 ]
 
@@ -29,6 +29,7 @@ def segment_node(doc_id: str, segment_index: int, text: str, doc_metadata: dict,
         "level": level,
         "bytes": cache.kv_nbytes if cache else None,
         "full_bytes": cache.full_nbytes if cache else None,
+        "kv_bits": cache.kv_bits if cache else None,
         "model": cache.model_name if cache else model_name,
     }
     if routing:
