@@ -58,6 +58,20 @@ def _require_ray():
     return ray
 
 
+def init_ray(address: str | None = None, **options):
+    """Connect to the Ray cluster at ``address``, or start a local one whose workers run at normal priority.
+
+    Ray starts its workers at niceness 15, so on a shared machine indexing on Ray yielded to every other process
+    (2 workers got ~0.5 core each beside one niced job) where plain indexing runs at 0. ``RAY_worker_niceness`` set
+    by the user wins.
+    """
+    ray = _require_ray()
+    if address is None:
+        os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, **options)
+    return ray
+
+
 def _content_id(text: str) -> str:
     from .store.indexer import content_hash
 
@@ -84,10 +98,9 @@ class IndexWorker:
         record = self.store.get_document(job.doc_id)
         if record is None or record.text != job.text:
             return False
-        kind = (self.model.fingerprint, self.model.template.digest, self.settings["level"])
-        have = {c.segment_id for c in record.caches
-                if (c.model_fingerprint, c.template_digest, c.level) == kind
-                and abs(c.ratio - self.settings["ratio"]) < 1e-9}
+        kind = self.indexer.kind(self.settings["ratio"], self.settings["level"], self.settings["scorer"],
+                                 self.settings["kv_bits"])
+        have = {c.segment_id for c in record.caches if kind.matches(c)}
         return bool(record.segments) and all(s.id in have for s in record.segments)
 
     def index(self, job: Job) -> tuple[str, str, str, float, float]:
@@ -100,7 +113,8 @@ class IndexWorker:
             else:
                 self.indexer.add(job.text, doc_id=job.doc_id, metadata=job.metadata or None,
                                  ratio=self.settings["ratio"], level=self.settings["level"],
-                                 scorer=self.settings["scorer"], force=self.settings.get("force", False))
+                                 scorer=self.settings["scorer"], force=self.settings.get("force", False),
+                                 kv_bits=self.settings["kv_bits"])
                 status, error = "indexed", ""
         except KVzipError as failure:
             status, error = "failed", f"{type(failure).__name__}: {failure}"
@@ -141,6 +155,7 @@ def index_documents(
     level: str = "pair",
     scorer: str = "kvzip",
     force: bool = False,
+    kv_bits: int = 16,
     address: str | None = None,
     workers: int | None = None,
     threads: int = 1,
@@ -155,13 +170,16 @@ def index_documents(
     worker can reach) or ``store_path`` (a folder store on a file system they share), with the blobs in
     ``blob_url`` (``s3://bucket/prefix``; credentials from each worker's environment) or ``blob_dir``.
     ``model``: an alias/path for :func:`kvzip_rag.load_model`, or a picklable zero-argument callable returning a
-    ``KVzipModel`` (e.g. a custom or test model). ``address``: a running cluster (``"auto"`` or ``ray://...``);
+    ``KVzipModel`` (e.g. a custom or test model). ``kv_bits`` 8 or 4 stores quantized caches (as
+    ``CacheStore.add_document``); a document stored with other bits is indexed again. ``address``: a running cluster (``"auto"`` or ``ray://...``);
     None starts a local one. ``workers`` defaults to one per GPU, else one per CPU of the cluster.
     """
     from kvzip_rag.budget import check_ratio_level
+    from kvzip_rag.quant import check_bits
 
     ray = _require_ray()
     check_ratio_level(ratio, level)
+    check_bits(kv_bits)
     jobs = _as_jobs(documents)
     if (store_url is None) == (store_path is None):
         raise InvalidArgumentError("give the store as store_url= (a database URL) or store_path= (a folder)")
@@ -170,12 +188,12 @@ def index_documents(
         store_options["blob_dir"] = os.fspath(blob_dir)
     if blob_url is not None:
         store_options["blob_url"] = blob_url
-    settings = {"ratio": float(ratio), "level": level, "scorer": scorer, "force": force}
+    settings = {"ratio": float(ratio), "level": level, "scorer": scorer, "force": force, "kv_bits": kv_bits}
     report = IndexReport()
     if not jobs:
         return report
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, **(ray_init or {}))
+        init_ray(address, **(ray_init or {}))
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     per_actor = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}

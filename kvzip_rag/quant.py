@@ -13,8 +13,9 @@ What is quantized, and why this way (KIVI, Liu et al. 2024: keys have outlier *c
 Entries in a head are best first (see cache.py), and key groups run along that order inside each head, so the
 cache at a lower ratio (a prefix of each head) needs only a prefix of each head's full-precision rows, code rows
 and key groups: ``QuantizedLayer.truncated(keep)`` takes those prefixes, and dequantizing it equals truncating the
-dequantized layer exactly (a group's scale depends only on its own entries). Everything is vectorised over heads
-and entries; the only Python loop is over layers.
+dequantized layer exactly (a group's scale depends only on its own entries). Quantizing and truncating are
+vectorised over heads and entries; dequantizing loops over heads (a few whole-tensor operations each, written in
+place into the packed layer's buffers: cheaper than building row index tensors for a load's few dozen heads).
 
 Rounding guarantees ``|x - dequantize(quantize(x))| <= scale / 2`` per element (up to float32 arithmetic): the
 fp16 min is rounded down and the fp16 scale up, so every value lies inside the representable range.
@@ -22,6 +23,7 @@ fp16 min is rounded down and the fp16 scale up, so every value lies inside the r
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -117,11 +119,21 @@ def _encode(x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, spec: Q
     return codes.contiguous()
 
 
-def _decode(codes: torch.Tensor, spec: QuantSpec, head_dim: int) -> torch.Tensor:
-    """float32 code values (rows, head_dim) from stored codes."""
-    if spec.bits == 4:
-        codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], 2 * codes.shape[1])[:, :head_dim]
-    return codes.float()
+def unpack_codes(codes: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """uint8 codes (rows, head_dim) from stored code rows (4 bits: two per byte, the even channel in the low
+    nibble), without a per-element interleaving copy: see :func:`spread_nibbles`."""
+    if bits == 8:
+        return codes
+    return spread_nibbles(codes, sys.byteorder).view(torch.uint8)[:, :head_dim]
+
+
+def spread_nibbles(codes: torch.Tensor, byteorder: str) -> torch.Tensor:
+    """Every byte ``hl`` widened to an int16 word whose two bytes in memory are ``0l, 0h`` (``0x0h0l`` on a
+    ``"little"``-endian machine, ``0x0l0h`` on a ``"big"`` one): one shift, or and mask over the whole tensor."""
+    words = codes.to(torch.int16)
+    if byteorder == "little":
+        return words.bitwise_or_(words << 4).bitwise_and_(0x0F0F)
+    return (words << 8).bitwise_or_(words >> 4).bitwise_and_(0x0F0F)
 
 
 def _segments(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,11 +156,44 @@ def quantize_keys(x: torch.Tensor, counts: torch.Tensor, spec: QuantSpec):
     return _encode(xf, scale[group_of_row], minimum[group_of_row], spec), scale, minimum
 
 
-def dequantize_keys(codes, scale, minimum, counts: torch.Tensor, spec: QuantSpec, head_dim: int) -> torch.Tensor:
-    group_of_row = key_group_index(counts, spec.key_group).to(codes.device)
-    rows_scale = scale.float().index_select(0, group_of_row)
-    rows_min = minimum.float().index_select(0, group_of_row)
-    return torch.addcmul(rows_min, _decode(codes, spec, head_dim), rows_scale)
+def dequantize_keys(
+    codes, scale, minimum, counts, spec: QuantSpec, head_dim: int, out: torch.Tensor | None = None,
+    starts: list[int] | None = None,
+) -> torch.Tensor:
+    """Key rows from codes and per-(group, channel) scales: ``min + code * scale`` (float32 arithmetic). Head ``h``'s
+    ``counts[h]`` rows go to ``out[starts[h]:]`` (default: a new float32 tensor, heads one after another): the codes
+    are converted in place there, then each head's whole key groups are one broadcast ``addcmul`` written in place,
+    its partial last group another."""
+    counts = [int(c) for c in counts]
+    out, starts = _output(out, starts, counts, head_dim, codes.device)
+    size = spec.key_group
+    groups = [-(-count // size) for count in counts]
+    heads = zip(starts, counts, unpack_codes(codes, spec.bits, head_dim).split(counts),
+                scale.float().split(groups), minimum.float().split(groups))
+    for start, count, head_codes, head_scale, head_min in heads:
+        if not count:
+            continue
+        dest = out.narrow(0, start, count)
+        dest.copy_(head_codes)  # codes are small ints: exact in every float dtype
+        whole = count // size
+        if whole:
+            blocks = dest.narrow(0, 0, whole * size).view(whole, size, head_dim)
+            torch.addcmul(head_min[:whole, None], blocks, head_scale[:whole, None], out=blocks)
+        if count > whole * size:
+            rest = dest.narrow(0, whole * size, count - whole * size)
+            torch.addcmul(head_min[whole], rest, head_scale[whole], out=rest)
+    return out
+
+
+def _output(out, starts, counts: list[int], head_dim: int, device) -> tuple[torch.Tensor, list[int]]:
+    """The destination and each head's first row in it: by default a new float32 tensor, heads one after another."""
+    if out is None:
+        out = torch.empty(sum(counts), head_dim, device=device)
+    if starts is None:
+        starts = [0]
+        for count in counts[:-1]:
+            starts.append(starts[-1] + count)
+    return out, starts
 
 
 def quantize_values(x: torch.Tensor, spec: QuantSpec):
@@ -164,11 +209,26 @@ def quantize_values(x: torch.Tensor, spec: QuantSpec):
     return codes, scale, minimum
 
 
-def dequantize_values(codes, scale, minimum, spec: QuantSpec, head_dim: int) -> torch.Tensor:
-    rows = codes.shape[0]
+def dequantize_values(
+    codes, scale, minimum, spec: QuantSpec, head_dim: int, out: torch.Tensor | None = None,
+    counts: list[int] | None = None, starts: list[int] | None = None,
+) -> torch.Tensor:
+    """Value rows from codes and per-(row, channel group) scales: ``min + code * scale`` (float32 arithmetic),
+    converted in place, then one broadcast ``addcmul`` per head written in place. Rows as in
+    :func:`dequantize_keys` (default: all rows, in order, into a new float32 tensor)."""
+    counts = [codes.shape[0]] if counts is None else [int(c) for c in counts]
+    out, starts = _output(out, starts, counts, head_dim, codes.device)
     group = spec.value_group_for(head_dim)
-    x = _decode(codes, spec, head_dim).reshape(rows, head_dim // group, group)
-    return torch.addcmul(minimum.float()[..., None], x, scale.float()[..., None]).reshape(rows, head_dim)
+    heads = zip(starts, counts, unpack_codes(codes, spec.bits, head_dim).split(counts),
+                scale.float()[..., None].split(counts), minimum.float()[..., None].split(counts))
+    for start, count, head_codes, head_scale, head_min in heads:
+        if not count:
+            continue
+        dest = out.narrow(0, start, count)
+        dest.copy_(head_codes)
+        blocks = dest.view(count, head_dim // group, group)
+        torch.addcmul(head_min, blocks, head_scale, out=blocks)
+    return out
 
 
 def group_counts(counts: torch.Tensor, key_group: int) -> torch.Tensor:
@@ -193,6 +253,24 @@ def _row_index(offsets: torch.Tensor, skip: torch.Tensor, take: torch.Tensor) ->
     """Rows ``offsets[h] + skip[h] + j`` for j < take[h], head after head."""
     heads, local = _segments(take)
     return offsets[:-1][heads] + skip[heads] + local
+
+
+# float16 bits: exponent all ones = inf or nan. Checked as int16, one reduction each (float16 arithmetic is slow on
+# CPUs, and these run for every layer of every load)
+_FP16_EXPONENT = 0x7C00
+
+
+def _finite_positive(scale: torch.Tensor) -> bool:
+    """Every float16 in ``scale`` is finite and > 0: as int16, in (0, 0x7C00) (the sign bit makes negatives < 0)."""
+    if not scale.numel():
+        return True
+    low, high = torch.aminmax(scale.view(torch.int16))
+    return int(low) > 0 and int(high) < _FP16_EXPONENT
+
+
+def _finite(values: torch.Tensor) -> bool:
+    """Every float16 in ``values`` is finite: its bits without the sign are below the all-ones exponent."""
+    return not values.numel() or int((values.view(torch.int16) & 0x7FFF).max()) < _FP16_EXPONENT
 
 
 # --------------------------------------------------------------------------------------------- layers and caches
@@ -242,9 +320,11 @@ class QuantizedLayer:
     def check(self) -> None:
         """ValueError unless every tensor has the shape the offsets, ``full_rows`` and spec imply (a blob reader
         turns it into CorruptBlobError)."""
-        full, quantized = self.split()
-        rows_full, rows_q = int(full.sum()), int(quantized.sum())
-        groups = int(group_counts(quantized, self.spec.key_group).sum())
+        counts = self.counts.tolist()
+        full = [min(count, self.full_rows) for count in counts]
+        rows_full = sum(full)
+        rows_q = sum(counts) - rows_full
+        groups = sum(-(-(count - f) // self.spec.key_group) for count, f in zip(counts, full))
         width = self.spec.code_width(self.head_dim)
         value_groups = self.head_dim // self.spec.value_group_for(self.head_dim)
         expected = {
@@ -261,32 +341,33 @@ class QuantizedLayer:
             if getattr(self, name).dtype != torch.uint8:
                 raise ValueError(f"{name} must be uint8")
         for name in ("key_scale", "key_min", "value_scale", "value_min"):
-            tensor = getattr(self, name)
-            if tensor.dtype != SCALE_DTYPE or not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{name} must be finite float16")
-        if bool((self.key_scale <= 0).any()) or bool((self.value_scale <= 0).any()):
-            raise ValueError("quantization scales must be positive")
+            if getattr(self, name).dtype != SCALE_DTYPE:
+                raise ValueError(f"{name} must be float16")
+        if not (_finite_positive(self.key_scale) and _finite_positive(self.value_scale)):
+            raise ValueError("quantization scales must be finite and positive")
+        if not (_finite(self.key_min) and _finite(self.value_min)):
+            raise ValueError("quantization minimums must be finite")
 
     def dequantize(self, device: torch.device | str | None = None) -> PackedLayer:
-        """The packed layer, every row in the cache dtype, in one vectorised pass."""
-        full, quantized = self.split()
+        """The packed layer, every row in the cache dtype: codes are dequantized straight into the layer's buffers
+        (a loop over heads, each a few whole-tensor operations; no index tensors, no intermediate copies)."""
         device = torch.device(device) if device is not None else self.full_keys.device
-        k = dequantize_keys(self.key_codes.to(device), self.key_scale.to(device), self.key_min.to(device), quantized,
-                            self.spec, self.head_dim).to(self.dtype)
-        v = dequantize_values(self.value_codes.to(device), self.value_scale.to(device), self.value_min.to(device),
-                              self.spec, self.head_dim).to(self.dtype)
-        if int(full.sum()) == 0:  # nothing unquantized (a store's document body): already in row order
-            keys, values = k, v
-        else:
-            total = int(self.counts.sum())
-            keys = torch.empty(total, self.head_dim, dtype=self.dtype, device=device)
-            values = torch.empty_like(keys)
-            full_index = _row_index(self.offsets, torch.zeros_like(full), full).to(device)
-            code_index = _row_index(self.offsets, full, quantized).to(device)
-            keys.index_copy_(0, full_index, self.full_keys.to(device, self.dtype))
-            values.index_copy_(0, full_index, self.full_values.to(device, self.dtype))
-            keys.index_copy_(0, code_index, k)
-            values.index_copy_(0, code_index, v)
+        counts = self.counts.tolist()
+        full = [min(count, self.full_rows) for count in counts]
+        quantized = [count - f for count, f in zip(counts, full)]
+        starts = self.offsets[:-1].tolist()
+        keys = torch.empty(sum(counts), self.head_dim, dtype=self.dtype, device=device)
+        values = torch.empty_like(keys)
+        for start, count, head_keys, head_values in zip(starts, full, self.full_keys.split(full),
+                                                         self.full_values.split(full)):
+            if count:  # the head's unquantized leading rows
+                keys.narrow(0, start, count).copy_(head_keys)
+                values.narrow(0, start, count).copy_(head_values)
+        code_starts = [start + f for start, f in zip(starts, full)]
+        dequantize_keys(self.key_codes.to(device), self.key_scale.to(device), self.key_min.to(device), quantized,
+                        self.spec, self.head_dim, out=keys, starts=code_starts)
+        dequantize_values(self.value_codes.to(device), self.value_scale.to(device), self.value_min.to(device),
+                          self.spec, self.head_dim, out=values, counts=quantized, starts=code_starts)
         return PackedLayer(keys, values, self.offsets, self.positions, self.scores, self.base_length, self.compressed,
                            self.sliding_window)
 
@@ -335,27 +416,23 @@ class QuantizedLayer:
         """The inverse of :meth:`drop_prefix`: ``keys``/``values`` (``heads * prefix`` rows, head after head) become
         the first, unquantized, entries of every head (positions ``0..prefix-1``, infinite scores)."""
         full, _ = self.split()
-        heads = len(full)
-        joined_full = full + prefix
-        head_start = _offsets(joined_full)[:-1]
-        prefix_rows = (head_start[:, None] + torch.arange(prefix)).reshape(-1)
-        body_rows = _row_index(_offsets(joined_full), torch.full_like(full, prefix), full)
         device = self.full_keys.device
-        full_keys = self.full_keys.new_empty(int(joined_full.sum()), self.head_dim)
-        full_values = torch.empty_like(full_keys)
-        full_keys[prefix_rows.to(device)], full_values[prefix_rows.to(device)] = keys.to(device), values.to(device)
-        full_keys[body_rows.to(device)], full_values[body_rows.to(device)] = self.full_keys, self.full_values
-        counts = self.counts + prefix
-        entry_start = _offsets(counts)[:-1]
-        positions = torch.empty(int(counts.sum()), dtype=self.positions.dtype)
-        scores = torch.empty(int(counts.sum()), dtype=self.scores.dtype)
-        new_prefix = (entry_start[:, None] + torch.arange(prefix)).reshape(-1)
-        body_entries = _row_index(_offsets(counts), torch.full_like(full, prefix), self.counts)
-        positions[new_prefix] = torch.arange(prefix, dtype=positions.dtype).repeat(heads)
-        scores[new_prefix] = float("inf")
-        positions[body_entries], scores[body_entries] = self.positions, self.scores
-        return replace(self, full_rows=self.full_rows + prefix, offsets=_offsets(counts), positions=positions,
-                       scores=scores, full_keys=full_keys, full_values=full_values)
+        keys, values = keys.to(device), values.to(device)
+        prefix_positions = torch.arange(prefix, dtype=self.positions.dtype)
+        prefix_scores = torch.full((prefix,), float("inf"), dtype=self.scores.dtype)
+        parts: dict[str, list[torch.Tensor]] = {"k": [], "v": [], "pos": [], "score": []}
+        row = 0
+        for head, (f, start, stop) in enumerate(zip(full.tolist(), self.offsets[:-1].tolist(),
+                                                     self.offsets[1:].tolist())):
+            parts["k"] += [keys[head * prefix : (head + 1) * prefix], self.full_keys[row : row + f]]
+            parts["v"] += [values[head * prefix : (head + 1) * prefix], self.full_values[row : row + f]]
+            parts["pos"] += [prefix_positions, self.positions[start:stop]]
+            parts["score"] += [prefix_scores, self.scores[start:stop]]
+            row += f
+        joined = {name: torch.cat(tensors) for name, tensors in parts.items()}
+        return replace(self, full_rows=self.full_rows + prefix, offsets=_offsets(self.counts + prefix),
+                       positions=joined["pos"], scores=joined["score"], full_keys=joined["k"],
+                       full_values=joined["v"])
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:

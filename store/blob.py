@@ -423,14 +423,15 @@ class BlobReader:
     def shape(self, name: str) -> list[int]:
         return list(self._entry(name)[1])
 
-    def _decode(self, data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    def _decode(self, data: bytes | bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        """A tensor over ``data`` (a ``bytearray`` is used as it is: the tensor owns it from here)."""
         import torch
 
         self.stats.nbytes += len(data)
         self.stats.tensors += 1
         if not data:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+        return torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=dtype).reshape(shape)
 
     def tensor(self, name: str) -> torch.Tensor:
         """A whole tensor, checked (grouped tensors block by block)."""
@@ -473,14 +474,17 @@ class BlobReader:
         datas = iter(self._ranges(ranges))
         out = []
         for name, dtype, shape, row, blocks, digests, wanted, spans in plans:
-            pieces = []
+            total = sum(count for _, count, _ in wanted)
+            joined = bytearray(total * row)  # each kept row is copied once
+            at = 0
             for (group, count, needed), (first, _) in zip(wanted, spans):
-                data = next(datas)
+                data = memoryview(next(datas))
                 for b, (x, y) in enumerate(blocks[group][:needed]):
                     if _digest(data[(x - first) * row : (y - first) * row]) != digests[group][b]:
                         raise self.fail(f"checksum mismatch in tensor {name!r} (group {group}, rows {x}-{y})")
-                pieces.append(self._decode(data[: count * row], dtype, [count, *shape[1:]]))
-            out.append(torch.cat(pieces) if pieces else torch.empty([0, *shape[1:]], dtype=dtype))
+                joined[at : at + count * row] = data[: count * row]
+                at += count * row
+            out.append(self._decode(joined, dtype, [total, *shape[1:]]))
         return out
 
     def read_tensors(self, names: list[str]) -> list[torch.Tensor]:

@@ -38,7 +38,7 @@ from kvzip_rag.quant import QuantizedCache, QuantizedLayer
 
 from .blob import BlobReader, EncodedBlob, ReadStats, atomic_write, encode_blob, local_reader
 from .quantfile import TENSORS as QUANT_TENSORS
-from .quantfile import quant_metadata, quantized_tensors, read_layer, read_spec
+from .quantfile import layer_requests, quant_metadata, quantized_tensors, read_layer, read_spec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -268,28 +268,31 @@ def read_document(
                                 stored.context_length, ratio, level)
         keep.update(zip(compressed, budgets))
     layers = []
-    # unquantized keys and values of all layers in one round of requests (object stores); quantized layers read
-    # their codes and scales in read_layer
-    kv = None if header.quant else iter(reader.rows_many([(f"{kind}.{i}", keep[i].tolist())
-                                                          for i in range(header.num_layers) for kind in ("k", "v")]))
+    # keys and values (or codes and scales) of all layers in one round of requests (object stores)
+    if header.quant:
+        spec, full_rows, head_dims = header.quant
+        requests = [r for i in range(header.num_layers)
+                    for r in layer_requests(reader, i, spec, full_rows[i], offsets[i], keep[i])]
+    else:
+        requests = [(f"{kind}.{i}", keep[i].tolist()) for i in range(header.num_layers) for kind in ("k", "v")]
+    read = iter(reader.rows_many(requests))
     for index in range(header.num_layers):
         counts = keep[index]
-        new_offsets = torch.zeros_like(offsets[index])
-        new_offsets[1:] = counts.cumsum(0)
         if not torch.equal(counts, offsets[index][1:] - offsets[index][:-1]):
             rows = torch.cat([torch.arange(a, a + int(k)) for a, k in zip(offsets[index][:-1].tolist(), counts)])
             pos, sc = positions[index][rows], scores[index][rows]
         else:
             pos, sc = positions[index], scores[index]
         if header.quant:
-            spec, full_rows, head_dims = header.quant
-            layers.append(read_layer(reader, index, spec, full_rows[index], head_dims[index], _DTYPES[header.dtype],
-                                     offsets[index], counts, pos, sc, base, header.compressed[index],
-                                     header.sliding_window[index]))
+            layers.append(read_layer(reader, index, [next(read) for _ in QUANT_TENSORS], spec, full_rows[index],
+                                     head_dims[index], _DTYPES[header.dtype], counts, pos, sc, base,
+                                     header.compressed[index], header.sliding_window[index]))
             continue
-        keys, values = next(kv), next(kv)
+        keys, values = next(read), next(read)
         if keys.dtype != _DTYPES[header.dtype] or keys.shape != values.shape or keys.dim() != 2:
             raise reader.fail(f"keys/values of layer {index} do not match the header")
+        new_offsets = torch.zeros_like(offsets[index])
+        new_offsets[1:] = counts.cumsum(0)
         layers.append(PackedLayer(keys, values, new_offsets, pos, sc, base, header.compressed[index],
                                   header.sliding_window[index]))
     if header.prefix == "inline":

@@ -85,21 +85,28 @@ def read_spec(reader: BlobReader, num_layers: int) -> tuple[QuantSpec, list[int]
     return spec, full_rows, head_dims
 
 
-def read_layer(
-    reader: BlobReader, index: int, spec: QuantSpec, full_rows: int, head_dim: int, dtype: torch.dtype,
-    offsets: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor, base_length: int,
-    compressed: bool, sliding_window: int | None,
-) -> QuantizedLayer:
-    """The first ``keep[h]`` entries of every head of quantized layer ``index``. Only the rows and key groups those
-    entries need are read; each block read is checked, and the shapes and scales too."""
+def layer_requests(
+    reader: BlobReader, index: int, spec: QuantSpec, full_rows: int, offsets: torch.Tensor, keep: torch.Tensor
+) -> list[tuple[str, list[int]]]:
+    """The ``rows_many`` requests for the first ``keep[h]`` entries of every head of quantized layer ``index``:
+    only the rows and key groups those entries need (the row groups are checked against the head offsets first)."""
     expected = _row_groups(offsets[1:] - offsets[:-1], full_rows, spec.key_group)
     for name in TENSORS:
         if reader.groups.get(f"{name}.{index}") != expected[name]:
             raise reader.fail(f"row groups of {name}.{index} do not match the head offsets")
     keep_full, keep_q = split_counts(keep, full_rows)
-    full = reader.rows(f"f.{index}", keep_full.tolist())
-    entries = reader.rows(f"q.{index}", keep_q.tolist())
-    groups = reader.rows(f"g.{index}", group_counts(keep_q, spec.key_group).tolist())
+    return [(f"f.{index}", keep_full.tolist()), (f"q.{index}", keep_q.tolist()),
+            (f"g.{index}", group_counts(keep_q, spec.key_group).tolist())]
+
+
+def read_layer(
+    reader: BlobReader, index: int, tensors: list[torch.Tensor], spec: QuantSpec, full_rows: int, head_dim: int,
+    dtype: torch.dtype, keep: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor, base_length: int,
+    compressed: bool, sliding_window: int | None,
+) -> QuantizedLayer:
+    """Quantized layer ``index`` from the tensors :func:`layer_requests` asked for (each block read was checked);
+    the shapes and scales are checked too."""
+    full, entries, groups = tensors
     width = spec.code_width(head_dim)
     value_groups = head_dim // spec.value_group_for(head_dim)
     if full.dim() != 3 or full.shape[1:] != (2, head_dim) or full.dtype != dtype \
@@ -107,7 +114,7 @@ def read_layer(
             or groups.dim() != 3 or groups.shape[1:] != (2, head_dim) or groups.dtype != SCALE_DTYPE:
         raise reader.fail(f"quantized tensors of layer {index} do not match the header")
     fp16 = lambda a, z: entries[:, a:z].contiguous().view(SCALE_DTYPE)  # noqa: E731
-    new_offsets = torch.zeros_like(offsets)
+    new_offsets = torch.zeros(len(keep) + 1, dtype=torch.int64)
     new_offsets[1:] = keep.cumsum(0)
     layer = QuantizedLayer(
         spec=spec, full_rows=full_rows, dtype=dtype, head_dim=head_dim, offsets=new_offsets,

@@ -8,6 +8,7 @@ import torch
 import kvzip_rag
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.quant import (
+    QuantizedLayer,
     QuantSpec,
     check_bits,
     dequantize_keys,
@@ -16,6 +17,7 @@ from kvzip_rag.quant import (
     quantize,
     quantize_keys,
     quantize_values,
+    spread_nibbles,
 )
 
 from test_engine import TEXT, packed_logits
@@ -189,7 +191,14 @@ def test_check_catches_inconsistent_layers(tiny_llama):
         ("key_scale", layer.key_scale[:-1]),
         ("value_codes", layer.value_codes[:, :-1]),
         ("value_min", torch.full_like(layer.value_min, float("nan"))),
+        ("key_min", torch.where(torch.arange(layer.key_min.numel()).view_as(layer.key_min) == 3,
+                                float("-inf"), layer.key_min)),
         ("key_scale", -layer.key_scale),
+        ("key_scale", torch.where(torch.arange(layer.key_scale.numel()).view_as(layer.key_scale) == 5,
+                                  float("inf"), layer.key_scale)),
+        ("value_scale", torch.where(torch.arange(layer.value_scale.numel()).view_as(layer.value_scale) == 2,
+                                    0.0, layer.value_scale)),
+        ("value_scale", layer.value_scale.float()),
         ("key_codes", layer.key_codes.to(torch.int16)),
     ]:
         original = getattr(layer, name)
@@ -241,3 +250,70 @@ def test_layers_with_nothing_to_quantize(bits, tiny_llama):
     restored = quantized.dequantize()
     assert torch.equal(restored.layers[0].keys, bare.layers[0].keys)
     assert quantized.at_ratio(0.01).dequantize().layers[0].keys.shape == bare.layers[0].keys.shape
+
+
+# --------------------------------------------------------------------------------------------- the fast dequantization
+
+
+def _plain_dequantize(layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain reference for ``QuantizedLayer.dequantize``: nibbles unpacked with ``stack``, every quantized row
+    given its own scale and min rows (Python loops over heads and rows), ``min + code * scale`` in float32 with one
+    ``addcmul`` over the whole layer, cast to the cache dtype, rows placed one by one."""
+    def unpack(codes):
+        if layer.spec.bits == 8:
+            return codes.float()
+        pairs = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
+        return pairs[:, : layer.head_dim].float()
+
+    counts = layer.counts.tolist()
+    full = [min(c, layer.full_rows) for c in counts]
+    key_rows, value_rows, group, row = [], [], 0, 0
+    value_group = layer.spec.value_group_for(layer.head_dim)
+    for count, f in zip(counts, full):
+        for j in range(count - f):
+            key_rows.append(group + j // layer.spec.key_group)
+            value_rows.append(row + j)
+        group += -(-(count - f) // layer.spec.key_group)
+        row += count - f
+    k_scale, k_min = layer.key_scale.float()[key_rows], layer.key_min.float()[key_rows]
+    v_scale = layer.value_scale.float()[value_rows].repeat_interleave(value_group, dim=1)
+    v_min = layer.value_min.float()[value_rows].repeat_interleave(value_group, dim=1)
+    k = torch.addcmul(k_min, unpack(layer.key_codes), k_scale).to(layer.dtype)
+    v = torch.addcmul(v_min, unpack(layer.value_codes), v_scale).to(layer.dtype)
+    keys = torch.empty(sum(counts), layer.head_dim, dtype=layer.dtype)
+    values = torch.empty_like(keys)
+    out_row, full_row, code_row = 0, 0, 0
+    for count, f in zip(counts, full):
+        for j in range(count):
+            source = (layer.full_keys, layer.full_values, full_row) if j < f else (k, v, code_row)
+            keys[out_row], values[out_row] = source[0][source[2]], source[1][source[2]]
+            out_row += 1
+            full_row, code_row = (full_row + 1, code_row) if j < f else (full_row, code_row + 1)
+    return keys, values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fast_dequantization_equals_the_plain_reference_exactly(bits, dtype, tiny_llama):
+    """Bit for bit (the same float32 ``min + code * scale``, then one rounding to the cache dtype), with uneven
+    heads, partial key groups, unquantized leading rows and value groups smaller than the head."""
+    cache = kvzip_rag.compress(tiny_llama, LONG_TEXT, ratio=0.4)
+    for layer in cache.layers:
+        layer._set_document(layer.keys.to(dtype), layer.values.to(dtype))
+    for options in ({"full_precision": 3, "key_group": 5}, {"full_rows": 0, "value_group": 8}):
+        for layer in quantize(cache, bits, **options).layers:
+            keys, values = _plain_dequantize(layer)
+            fast = layer.dequantize()
+            assert fast.keys.dtype == dtype
+            assert torch.equal(fast.keys, keys) and torch.equal(fast.values, values)
+
+
+def test_nibbles_spread_for_either_byte_order():
+    """Both byte orders' word layouts: on this machine the other order's words hold the nibbles swapped."""
+    import sys
+
+    codes = torch.tensor([[0x21, 0xF0, 0x0F]], dtype=torch.uint8)
+    native = spread_nibbles(codes, sys.byteorder).view(torch.uint8)
+    other = spread_nibbles(codes, "big" if sys.byteorder == "little" else "little").view(torch.uint8)
+    assert native.tolist() == [[1, 2, 0, 15, 15, 0]]
+    assert other.tolist() == [[2, 1, 15, 0, 0, 15]]

@@ -108,7 +108,7 @@ def test_scales_that_lie_consistently_are_caught(caches, tmp_path):
     own = ("format", "block_rows", "groups", "checksums", "payload_sha256", "header_sha256")
     metadata = {k: v for k, v in reader.metadata.items() if k not in own}
     (tmp_path / "bad.safetensors").write_bytes(encode_blob(tensors, metadata, reader.groups).data)
-    with pytest.raises(CorruptBlobError, match="scales must be positive"):
+    with pytest.raises(CorruptBlobError, match="scales must be finite and positive"):
         read_cache(tmp_path / "bad.safetensors")
     _reencode(path, tmp_path / "groups.safetensors", key_group="7")
     with pytest.raises(CorruptBlobError, match="do not match"):

@@ -74,6 +74,7 @@ def segment_document(service: QAService, target: Target, record: Any = None) -> 
         "level": service.level or (cache.level if cache else None),
         "bytes": cache.kv_nbytes if cache else None,
         "full_bytes": cache.full_nbytes if cache else None,
+        "kv_bits": cache.kv_bits if cache else None,
         "model": cache.model_name if cache else None,
         "score": float(target.score or 0.0),
         "routing": target.routing,

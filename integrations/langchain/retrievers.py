@@ -26,7 +26,7 @@ class KVzipRetriever(BaseRetriever):
 
     ``page_content`` is the segment text; ``id`` is ``"{doc_id}:{segment_index}"``; ``metadata`` holds the
     document's own metadata plus ``doc_id``, ``segment_index``, ``cache_id``, ``ratio``, ``level``, ``bytes``,
-    ``full_bytes``, ``model``, ``score`` and ``routing``. ``k`` and ``doc_ids`` can be given per call. A
+    ``full_bytes``, ``kv_bits``, ``model``, ``score`` and ``routing``. ``k`` and ``doc_ids`` can be given per call. A
     :class:`ChatKVzip` over the same store that receives these Documents inside a prompt answers from their caches.
     """
 

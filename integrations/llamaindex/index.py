@@ -34,7 +34,9 @@ from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.budget import check_ratio_level
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
 from kvzip_rag.models import KVzipModel, load_model
+from kvzip_rag.quant import check_bits
 from kvzip_rag.qa import (
+    Composer,
     EmptyIndexError,
     QAResult,
     QAService,
@@ -102,6 +104,12 @@ def _group_nodes(nodes: Sequence[BaseNode]) -> list[Document]:
     return documents
 
 
+def _check_no_compose(kwargs: dict) -> None:
+    if "compose" in kwargs:
+        raise InvalidArgumentError("compose= applies to the KVzip engines (answers from the caches); with llm= the "
+                                   "segment texts are given to that LLM instead: drop one of the two")
+
+
 class KVzipIndex(BaseIndex[KVzipIndexStruct]):
     """A LlamaIndex index over KVzip-compressed KV caches (see the module docstring).
 
@@ -111,6 +119,9 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         ratio: fraction of KV pairs kept, in (0, 1] (default 0.3; a loaded index keeps its own unless given, and
             a lower one loads the stored caches at that ratio without re-scoring).
         level: ``"pair"`` (default), ``"uniform"`` or ``"head"``.
+        kv_bits: 16 (default; a loaded index keeps its own unless given) keeps the model's dtype; 8 or 4 store the
+            caches quantized (:mod:`kvzip_rag.quant`: about 3x / 5x smaller blobs). Applies to documents added from
+            here on.
         store: a :class:`kvzip_rag.store.CacheStore` or a folder for one. Default: a fresh temporary folder,
             removed when the index is garbage collected (persist the index to keep its caches).
         persist_dir: where a loaded index's ``kvzip_store`` copy is looked up.
@@ -133,6 +144,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         model: KVzipModel | str | os.PathLike | None = None,
         ratio: Optional[float] = None,
         level: Optional[str] = None,
+        kv_bits: Optional[int] = None,
         store: CacheStore | str | os.PathLike | None = None,
         persist_dir: str | os.PathLike | None = None,
         threads: Optional[int] = None,
@@ -156,6 +168,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             level = index_struct.level if index_struct is not None else "pair"
         check_ratio_level(ratio, level)
         self._ratio, self._level = float(ratio), level
+        self._kv_bits = check_bits(kv_bits if kv_bits is not None
+                                   else index_struct.kv_bits if index_struct is not None else 16)
         self._store = self._open_store(store, index_struct, persist_dir)
         self._qa = QAService(self._store, self._model, ratio=self._ratio, level=self._level, threads=threads,
                              scope=lambda: self.doc_ids, lock=self.lock, model_loader=self._load_model)
@@ -170,7 +184,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             **kwargs,
         )
         if index_struct is not None:
-            index_struct.ratio, index_struct.level = self._ratio, self._level
+            index_struct.ratio, index_struct.level, index_struct.kv_bits = self._ratio, self._level, self._kv_bits
         if isinstance(self._storage_context.index_store, KVzipIndexStore):
             self._storage_context.index_store._register(self)
         if self._model is not None:
@@ -190,6 +204,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         model: KVzipModel | str | os.PathLike | None = None,
         ratio: float = 0.3,
         level: str = "pair",
+        kv_bits: int = 16,
         store: CacheStore | str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> "KVzipIndex":
@@ -197,13 +212,14 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
 
         The document's ``doc_id`` is its id in the store and its metadata is kept with it. ``transformations`` are
         accepted for signature compatibility and ignored (no chunking). All documents are checked before any is
-        compressed: an empty list or a whitespace-only document raises at once.
+        compressed: an empty list or a whitespace-only document raises at once. ``kv_bits`` 8 or 4 stores the caches
+        quantized (see the class).
         """
         documents = cls._checked_documents(documents)
         index = cls(
             nodes=[], storage_context=storage_context, callback_manager=callback_manager,
             transformations=transformations, show_progress=show_progress, model=model, ratio=ratio, level=level,
-            store=store, **kwargs,
+            kv_bits=kv_bits, store=store, **kwargs,
         )  # threads= travels in kwargs
         with index._callback_manager.as_trace("index_construction"):
             index._add_documents(documents, show_progress=show_progress)
@@ -311,6 +327,11 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         return self._ratio
 
     @property
+    def kv_bits(self) -> int:
+        """The bits documents added to this index are stored with (16: not quantized)."""
+        return self._kv_bits
+
+    @property
     def level(self) -> str:
         return self._level
 
@@ -366,7 +387,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         return self._build_index_from_nodes(nodes, **build_kwargs)
 
     def _build_index_from_nodes(self, nodes: Sequence[BaseNode], **build_kwargs: Any) -> KVzipIndexStruct:
-        self._index_struct = KVzipIndexStruct(ratio=self._ratio, level=self._level)
+        self._index_struct = KVzipIndexStruct(ratio=self._ratio, level=self._level, kv_bits=self._kv_bits)
         if nodes:
             self._add_documents(_group_nodes(nodes), show_progress=self._show_progress)
         return self._index_struct
@@ -424,7 +445,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             force = existing is not None and mine and existing.text != text
             record = self._store.add_document(
                 model, text, doc_id=doc_id, metadata=metadata, ratio=self._ratio, level=self._level, force=force,
-                progress=progress,
+                progress=progress, kv_bits=self._kv_bits,
             )
             for old in struct.node_ids.get(doc_id, []):
                 self.docstore.delete_document(old, raise_error=False)
@@ -559,16 +580,18 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         """:meth:`retrieve_hits` as LlamaIndex nodes (what the retriever returns)."""
         return self.target_nodes(self.route(query, k, doc_ids).targets)
 
-    def answer_hits(self, question: str, hits: Sequence[Any], **sampling: Any) -> QAResult:
-        """Answer from the cache of each hit (NodeWithScores, SearchHits or ``(doc_id, segment)`` pairs) with the
-        service's composition (best-of-k); runs in the calling thread, behind the lock."""
+    def answer_hits(self, question: str, hits: Sequence[Any], compose: str | Composer | None = None,
+                    **sampling: Any) -> QAResult:
+        """Answer from the caches of the hits (NodeWithScores, SearchHits or ``(doc_id, segment)`` pairs) with
+        ``compose`` (default: the service's, ``"parallel"``); runs in the calling thread, behind the lock."""
         self._require_documents()
-        return self._qa.answer(question, targets=targets_of(hits), **sampling)
+        return self._qa.answer(question, targets=targets_of(hits), compose=compose, **sampling)
 
-    def stream_hits(self, question: str, hits: Sequence[Any], **sampling: Any) -> QAStream:
+    def stream_hits(self, question: str, hits: Sequence[Any], compose: str | Composer | None = None,
+                    **sampling: Any) -> QAStream:
         """Like :meth:`answer_hits`, as a stream of text pieces (``for`` or ``async for``; worker thread)."""
         self._require_documents()
-        return self._qa.stream(question, targets=targets_of(hits), **sampling)
+        return self._qa.stream(question, targets=targets_of(hits), compose=compose, **sampling)
 
     def load_hit_cache(self, hit: Any):
         """``(PackedCache, seconds, bytes read)`` for one hit (a fresh cache object; use it under ``index.lock``)."""
@@ -586,12 +609,14 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
 
     def as_query_engine(self, llm: Any = None, streaming: bool = False, similarity_top_k: int = 1,
                         max_new_tokens: int = 128, **kwargs: Any) -> BaseQueryEngine:
-        """A :class:`KVzipQueryEngine` answering from the compressed caches (``**kwargs``: sampling options,
+        """A :class:`KVzipQueryEngine` answering from the compressed caches (``**kwargs``: ``compose`` (how
+        ``similarity_top_k > 1`` caches make one answer; default ``"parallel"``), sampling options,
         ``node_postprocessors``, ``response_mode`` (see the engine), ``callback_manager``).
 
         Passing ``llm=`` instead builds LlamaIndex's standard ``RetrieverQueryEngine`` over this index's retriever
         (the segment texts are then given to that LLM as context; the caches are not used)."""
         if llm is not None:
+            _check_no_compose(kwargs)
             return super().as_query_engine(llm=llm, streaming=streaming, similarity_top_k=similarity_top_k, **kwargs)
         from .query_engine import KVzipQueryEngine
 
@@ -600,10 +625,12 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
 
     def as_chat_engine(self, chat_mode: Any = None, llm: Any = None, similarity_top_k: int = 1,
                        max_new_tokens: int = 128, **kwargs: Any) -> BaseChatEngine:
-        """A :class:`KVzipChatEngine` (follow-ups answered from the cache the first message was routed to).
+        """A :class:`KVzipChatEngine` (every message routed; the conversation's cache composed over its documents,
+        laid out by ``compose="parallel"|"sequential"``).
 
         ``llm=`` (with a LlamaIndex ``chat_mode``) builds LlamaIndex's own chat engines over this index instead."""
         if llm is not None:
+            _check_no_compose(kwargs)
             return super().as_chat_engine(chat_mode=chat_mode or ChatMode.BEST, llm=llm,
                                           similarity_top_k=similarity_top_k, **kwargs)
         if chat_mode not in (None, "kvzip", ChatMode.BEST, ChatMode.BEST.value):

@@ -49,6 +49,7 @@ class KVzipIndexStruct(IndexStruct):
     node_ids: Dict[str, List[str]] = field(default_factory=dict)
     ratio: float = 0.3
     level: str = "pair"
+    kv_bits: int = 16  # of the caches this index adds (8 or 4: quantized)
     model_name: Optional[str] = None
     model_fingerprint: Optional[str] = None
     template_digest: Optional[str] = None

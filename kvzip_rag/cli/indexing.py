@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from kvzip_rag.errors import KVzipError
+from kvzip_rag.quant import KV_BITS
 from kvzip_rag.text import safe_path
 
 from .app import app, settings_of
@@ -53,20 +54,19 @@ def index(
                                                                          "ray://head:10001); implies --ray.")] = None,
 ) -> None:
     """Prefill, score and compress documents into the store (long files are split into segments)."""
-    if kv_bits not in (16, 8, 4):
-        raise typer.BadParameter(f"--kv-bits takes 16, 8 or 4, got {kv_bits}")
-    if kv_bits != 16 and (ray or ray_address):
-        raise typer.BadParameter("--kv-bits is not yet passed to Ray workers; index quantized caches without --ray")
+    if kv_bits not in KV_BITS:
+        raise typer.BadParameter(f"--kv-bits takes {', '.join(map(str, KV_BITS[:-1]))} or {KV_BITS[-1]}, "
+                                 f"got {kv_bits}")
     settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
                            threads=threads)
     if ray or ray_address:
-        index_paths_on_ray(settings, paths, ray_address, doc_id=doc_id, force=force)
+        index_paths_on_ray(settings, paths, ray_address, doc_id=doc_id, force=force, kv_bits=kv_bits)
     else:
         index_paths(settings, paths, doc_id=doc_id, force=force, kv_bits=kv_bits)
 
 
 def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | None, doc_id: str | None = None,
-                       force: bool = False) -> None:
+                       force: bool = False, kv_bits: int = 16) -> None:
     """Index files and folders with kvzip_rag.distributed (a worker that dies has its document retried)."""
     from kvzip_rag.distributed import index_documents
     from kvzip_rag.paths import default_store_path
@@ -80,7 +80,8 @@ def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | Non
     report = index_documents(
         [(name, text, {"source": safe_path(path.resolve()), "file": safe_path(path.name)})
          for path, name, text in texts],
-        model=settings.model, ratio=ratio, level=level, force=force, address=address, threads=settings.threads or 1,
+        model=settings.model, ratio=ratio, level=level, force=force, kv_bits=kv_bits, address=address,
+        threads=settings.threads or 1,
         **where,
     )
     for name, error in report.failed.items():
