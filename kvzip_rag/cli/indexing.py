@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from kvzip_rag.errors import KVzipError
-from kvzip_rag.quant import KV_BITS
 from kvzip_rag.text import safe_path
 
 from .app import app, settings_of
@@ -54,6 +53,8 @@ def index(
                                                                          "ray://head:10001); implies --ray.")] = None,
 ) -> None:
     """Prefill, score and compress documents into the store (long files are split into segments)."""
+    from kvzip_rag.quant import KV_BITS  # imports torch: not at module level (ls, rm, gc must start fast)
+
     if kv_bits not in KV_BITS:
         raise typer.BadParameter(f"--kv-bits takes {', '.join(map(str, KV_BITS[:-1]))} or {KV_BITS[-1]}, "
                                  f"got {kv_bits}")
