@@ -26,7 +26,7 @@ $kvzip_rag ask "How much water does the tank of the Corvo S2 hold?" --max-tokens
 step kvzip-rag ask "Who founded the town of Wrenfield?" --ratio 0.15   # load fewer KV pairs than stored
 $kvzip_rag ask "Who founded the town of Wrenfield?" --ratio 0.15 --max-tokens 48
 
-step 'printf "...\n...\n" | kvzip-rag chat'    # follow-up questions stay in the same compressed cache
+step 'printf "...\n...\n" | kvzip-rag chat'    # a conversation; the footer names the documents used
 printf 'How long is the warranty of the Corvo S2?\nDoes it cover damage caused by limescale?\nexit\n' \
     | $kvzip_rag chat --max-tokens 40
 

@@ -9,7 +9,8 @@ The sample documents are compressed once into a store (a temporary folder here).
    re-read their text); ``response_metadata["cached_documents"]`` says so.
 2. ``create_kvzip_qa_chain(qa)``: question in, ``{"answer", "sources"}`` out; ``.pick("answer") |
    StrOutputParser()`` streams the text; it composes with prompts, ``itemgetter``, ``batch``.
-3. ``ChatKVzip`` as a chat model for follow-up turns (the history is replayed after the same compressed document).
+3. ``ChatKVzip`` as a chat model for follow-up turns (every message is routed; the history is replayed into the
+   cache of the documents its messages were routed to, ``response_metadata["doc_ids"]`` names them).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def run(qa: QAService) -> None:
                                   {"question": "How long does the lemon barley soup simmer?"}]):
         print(f"batch: {row}")
 
-    # 3. A conversation: the history is replayed after the same compressed document.
+    # 3. A conversation: the history is replayed into the cache of the documents its messages were routed to.
     first = chat.invoke("How long is the warranty of the Corvo S2?")
     follow_up = chat.invoke([HumanMessage("How long is the warranty of the Corvo S2?"), AIMessage(first.content),
                              HumanMessage("Does the warranty cover damage caused by limescale?")])

@@ -47,11 +47,14 @@ def main() -> None:
         print(piece, end="", flush=True)
     print(f"\n   source {stream.source_nodes[0].metadata['file_name']}")
 
-    # 4. Chat: the first message picks the document; follow-ups stay in its cache.
+    # 4. Chat: every message is routed; follow-ups on the same topic continue in the conversation's cache, another
+    #    topic brings its document in (composed beside the earlier ones). source_nodes: the documents a turn used.
     chat_engine = index.as_chat_engine(max_new_tokens=48)
     for message in ("How long is the warranty of the Corvo S2?", "Does it cover damage caused by limescale?"):
         print(f"\nyou:   {message}")
-        print(f"kvzip: {chat_engine.chat(message).response}")
+        reply = chat_engine.chat(message)
+        sources = ", ".join(n.metadata["file_name"] for n in reply.source_nodes)
+        print(f"kvzip: {reply.response}\n       (from {sources})")
     chat_engine.reset()
 
     # 5. Persist and load in a fresh index object: no recompression.

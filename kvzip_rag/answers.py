@@ -92,16 +92,33 @@ class QAResult:
     level: str | None
     generate_s: float
     retrieve_s: float | None = None
+    compose: str | None = None  # the name of the composition strategy that answered (set by the service)
 
     best = property(lambda self: self.answers[self.chosen])
     text = property(lambda self: self.best.text)
     cache_load_s = property(lambda self: sum(a.cache_load_s for a in self.answers))
     bytes_loaded = property(lambda self: sum(a.bytes_loaded for a in self.answers))
     targets = property(lambda self: [t for a in self.answers for t in (a.target, *a.also)])
+    used = property(lambda self: [self.best.target, *self.best.also])  # the caches the answer was generated from
+    dropped = property(lambda self: list(self.best.dropped))  # routed, left out of the composition (window full)
+    # one answer from several routed caches joined (some may have been dropped), rather than one answer per cache
+    composed = property(lambda self: len(self.answers) == 1 and bool(self.best.also or self.best.dropped))
+
+    def source_metadata(self) -> dict[str, dict]:
+        """What each routed segment did for this answer, by node id: every interface attaches it to its sources.
+
+        Composed: ``composed`` is True for the segments joined into the cache that answered, False for those the
+        model's window could not take. Otherwise (best-of-k, one cache): each segment's own ``answer``,
+        ``mean_logprob``, ``refusal``, and ``chosen`` for the one whose answer was kept."""
+        if self.composed:
+            return {**{t.node_id: {"composed": True} for t in self.used},
+                    **{t.node_id: {"composed": False} for t in self.dropped}}
+        return {a.node_id: {"answer": a.text, "mean_logprob": a.mean_logprob, "refusal": a.refusal,
+                            "chosen": n == self.chosen} for n, a in enumerate(self.answers)}
 
     def metadata(self, retrieve_s: float | None = None) -> dict:
-        """Totals over every cache answered (``cache_load_s``, ``bytes_loaded``), the chosen answer's figures, and
-        ``answers`` with every candidate."""
+        """Totals over every cache answered (``cache_load_s``, ``bytes_loaded``), the chosen answer's figures, the
+        strategy, the segments composed and dropped, and ``answers`` with every candidate."""
         best = self.best
         return {
             "retrieve_s": self.retrieve_s if retrieve_s is None else retrieve_s,
@@ -111,10 +128,10 @@ class QAResult:
             "ratio": self.ratio if self.ratio is not None else best.kept_ratio, "level": self.level,
             "kept_ratio": best.kept_ratio, "answer_tokens": len(best.answer.token_ids),
             "prompt_tokens": best.answer.prompt_tokens, "finish_reason": best.answer.finish_reason,
-            "chosen_node_id": best.node_id,
-            "strategy": "single" if len(self.answers) == 1 and not best.also else self.strategy,
-            "composed_node_ids": [t.node_id for t in (best.target, *best.also)],
-            "dropped_node_ids": [t.node_id for t in best.dropped],
+            "chosen_node_id": best.node_id, "compose": self.compose,
+            "strategy": self.strategy if self.composed or len(self.answers) > 1 else "single",
+            "composed_node_ids": [t.node_id for t in self.used],
+            "dropped_node_ids": [t.node_id for t in self.dropped],
             "answers": [a.as_dict() for a in self.answers],
         }
 

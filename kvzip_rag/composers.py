@@ -1,9 +1,12 @@
 """Composition strategies: how the caches routed for one question make one answer, chosen by name.
 
-``"best-of-k"`` is the default. A strategy that answers once from several caches joined together (e.g. by a
-``compose_caches(caches, layout=...)``) subclasses :class:`Composer`, sets ``name`` and is registered with
-:func:`register_composer`; ``QAService(compose=name)`` or ``service.answer(..., compose=name)`` then uses it,
-and every interface (CLI, LlamaIndex, LangChain) gets it through the service.
+``"parallel"`` is the default for every interface (``QAService``, ``kvzip-rag ask --k``, LlamaIndex
+``similarity_top_k``, LangChain ``k``): on HotpotQA it keeps the gold answer far likelier than best-of-k
+(BENCHMARKS.md, multi-document questions). One routed cache is answered as it is, whatever the strategy.
+
+A new strategy subclasses :class:`Composer`, sets ``name`` and is registered with :func:`register_composer`;
+``QAService(compose=name)`` or ``service.answer(..., compose=name)`` then uses it, and every interface (CLI,
+LlamaIndex, LangChain) gets it through the service.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class Composed(Composer):
     def answer(self, service, question, targets, sampling, emit):
         from .compose import compose
 
+        if len(targets) == 1:  # nothing to join: the cache answers as it is (k == 1 is the same in every strategy)
+            return BestOfK().answer(service, question, targets, sampling, emit)
         start = time.perf_counter()
         with service.lock:
             loaded = [service.load(target) for target in targets]
@@ -90,7 +95,7 @@ class Sequential(Composed):
 
 
 COMPOSERS: dict[str, type[Composer]] = {c.name: c for c in (BestOfK, Parallel, Sequential)}
-DEFAULT_COMPOSE = BestOfK.name  # the interfaces still list one source per answer; see issue 15
+DEFAULT_COMPOSE = Parallel.name
 
 
 def register_composer(cls: type[Composer]) -> type[Composer]:
@@ -102,6 +107,6 @@ def register_composer(cls: type[Composer]) -> type[Composer]:
 def get_composer(compose: str | Composer) -> Composer:
     if isinstance(compose, Composer):
         return compose
-    if compose not in COMPOSERS:
+    if not isinstance(compose, str) or compose not in COMPOSERS:
         raise InvalidArgumentError(f"unknown compose={compose!r}; choose one of {', '.join(sorted(COMPOSERS))}")
     return COMPOSERS[compose]()

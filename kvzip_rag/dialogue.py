@@ -1,8 +1,11 @@
-"""Conversations over one compressed cache, for every interface: history folding, the window check, chat sessions.
+"""Conversations over compressed caches, for every interface: history folding, the window check, chat sessions.
 
-A chat is routed once, by its first question, and then stays in that cache: each turn is appended to the cache's
-tail (:class:`kvzip_rag.Conversation`). A given history (LlamaIndex ``chat_history``, LangChain messages) is folded
-into (question, answer) turns by :func:`fold_messages` and replayed into the cache without generating.
+Every turn of a chat is routed (:class:`ChatSession`). When its question matches documents the conversation's cache
+already holds, or matches no word at all ("tell me more"), the turn is appended to that cache's tail
+(:class:`kvzip_rag.Conversation`). When it matches another document, the conversation's cache is rebuilt: the new
+document's cache composed with the conversation's earlier documents (:func:`kvzip_rag.compose.compose`), and the
+earlier turns replayed into it without generating. A given history (LlamaIndex ``chat_history``, LangChain
+messages) is folded into (question, answer) turns by :func:`fold_messages` and replayed the same way.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ContextTooLongError, InvalidArgumentError
-from .qa import QAResult, QAService, Target, check_k, check_question, check_sampling
+from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_question, check_sampling, get_composer
 
 if TYPE_CHECKING:
+    from .cache import PackedCache
     from .generate import Answer, Conversation
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
@@ -26,7 +30,6 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "human": "u
 class Dialogue:
     """A conversation reduced to what the cache layout can hold: answered turns, then the question to answer."""
 
-    route_query: str  # the first user message: it picks the document segment
     turns: list[tuple[str, str]]
     question: str
 
@@ -42,7 +45,6 @@ def fold_messages(messages: Iterable[tuple[str, str]]) -> Dialogue:
     pending_system: list[str] = []
     leading_ai: list[str] = []
     turns: list[list[Any]] = []  # [question, answer | None]
-    first_user: str | None = None
     last_role = None
     for role, text in messages:
         kind = _ROLES.get(str(role).lower())
@@ -54,8 +56,6 @@ def fold_messages(messages: Iterable[tuple[str, str]]) -> Dialogue:
                 pending_system.append(text)
             continue
         if kind == "user":
-            if first_user is None:
-                first_user = text
             if leading_ai and not turns:
                 text, leading_ai = "\n\n".join([*leading_ai, text]), []
             if pending_system:
@@ -77,91 +77,185 @@ def fold_messages(messages: Iterable[tuple[str, str]]) -> Dialogue:
         turns[-1][0] = "\n\n".join([*pending_system, turns[-1][0]])
     if not turns[-1][0].strip():
         raise InvalidArgumentError("the last human (user) message is empty: there is no question to answer")
-    return Dialogue(first_user or turns[0][0], [(q, a) for q, a in turns[:-1]], turns[-1][0])
+    return Dialogue([(q, a) for q, a in turns[:-1]], turns[-1][0])
 
 
-def check_window(model, cache, question: str, max_new_tokens: int, first_turn: bool) -> None:
-    """Refuse a turn that would run past the model's positions (document + earlier turns + question + answer)."""
-    prompt = len(model.encode(model.template.question_text(question, first_turn=first_turn)))
-    needed = cache.get_seq_length() + prompt + max_new_tokens
+def question_tokens(model, question: str, first_turn: bool) -> int:
+    """The positions a question's prompt takes in a conversation's cache."""
+    return len(model.encode(model.template.question_text(question, first_turn=first_turn)))
+
+
+def check_window(model, cache, question: str, max_new_tokens: int, first_turn: bool, pending: int = 0) -> None:
+    """Refuse a turn that would run past the model's positions (documents + earlier turns + question + answer);
+    ``pending``: tokens of earlier turns still to be replayed into ``cache``."""
+    prompt = question_tokens(model, question, first_turn)
+    needed = cache.get_seq_length() + pending + prompt + max_new_tokens
     if needed > model.max_positions:
         raise ContextTooLongError(
             f"this conversation needs {needed} positions (document {cache.info.base_length}, earlier turns "
-            f"{cache.tail_length}, question {prompt}, answer up to {max_new_tokens}) but model {model.name!r} takes "
-            f"at most {model.max_positions}; start a new conversation (reset) or lower the answer length"
+            f"{cache.tail_length + pending}, question {prompt}, answer up to {max_new_tokens}) but model "
+            f"{model.name!r} takes at most {model.max_positions}; start a new conversation (reset) or lower the "
+            "answer length"
         )
+
+
+CACHE_CHANGES = ("new", "kept", "recomposed", "switched")
+
+
+def cache_change(before: Sequence[Target], after: Sequence[Target]) -> str:
+    """How a turn's documents relate to the previous turn's: one of :data:`CACHE_CHANGES`."""
+    old, new = {t.node_id for t in before}, {t.node_id for t in after}
+    if not old:
+        return "new"
+    if old == new:
+        return "kept"
+    return "recomposed" if old & new else "switched"
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A document the conversation's cache no longer holds, and why."""
+
+    target: Target
+    reason: str  # "max_documents": the session keeps fewer; "window": it does not fit beside the conversation
+
+    def as_dict(self) -> dict:
+        return {"node_id": self.target.node_id, "doc_id": self.target.doc_id, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    """What a turn answers from, decided by routing alone (no model work), so an interface can show the turn's
+    sources before its answer streams."""
+
+    question: str
+    routed: list[Target]  # this question's routing, best first (the fallback's first segments if no word matched)
+    fallback: bool
+    documents: list[Target]  # the documents of the turn's cache, most recently routed first
+    change: str  # one of CACHE_CHANGES
+    dropped: list[Dropped]
+    version: int  # the session state it was planned on
 
 
 @dataclass
 class Turn:
-    """One answered turn: the engine's answer, figures for response metadata, and the best-of-k result if any."""
+    """One answered turn: the engine's answer, the documents its cache held, figures for response metadata."""
 
     answer: Answer
     info: dict
-    result: QAResult | None = None
-    target: Target | None = None
-    cached_tokens: int = 0  # document + earlier turns served from the cache
+    documents: list[Target]  # the turn's sources, most recently routed first
+    routed: list[Target]
+    change: str  # one of CACHE_CHANGES
+    dropped: list[Dropped]
+    cached_tokens: int = 0  # documents + earlier turns served from the cache
     replayed_tokens: int = 0  # earlier turns put into the cache for this call
 
 
 @dataclass
 class ChatSession:
-    """A conversation with the cache its first question is routed to (``k`` > 1: the cache whose answer wins).
+    """A conversation over compressed caches that follows its topic: every turn is routed (``k`` segments, within
+    ``doc_ids``; see the module docstring).
 
-    ``ask(question, history=...)``: when no conversation is live, ``history`` ((question, answer) pairs) is
-    replayed into the routed cache first. ``reset()`` goes back to the compressed document and routes afresh.
+    The cache holds at most ``max_documents`` documents (at least the ``k`` just routed; 4 is the most composed in
+    BENCHMARKS.md); beyond that, and when the model's window cannot hold a document beside the conversation, the
+    least recently routed documents are dropped (``Turn.dropped`` says which and why). ``ask(question,
+    history=...)``: when no conversation is live, ``history``'s questions are routed in order and its (question,
+    answer) pairs replayed into the cache first. ``reset()`` forgets the conversation and its documents.
     """
 
     service: QAService
     k: int = 1
     doc_ids: Sequence[str] | None = None
     sampling: dict = field(default_factory=dict)
-    targets: list[Target] = field(default_factory=list)
-    fallback: bool = False
+    max_documents: int = 4
+    compose: str | None = None  # the layout of the conversation's cache (None: the service's; see ``layout``)
+    documents: list[Target] = field(default_factory=list)  # those of the live conversation's cache
     conversation: Conversation | None = None
+    _version: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_k(self.k)
+        check_k(self.max_documents, "max_documents")
         self.sampling = check_sampling(self.sampling)
+        if self.compose is not None and not hasattr(get_composer(self.compose), "layout"):
+            raise InvalidArgumentError(
+                f"compose={self.compose!r} answers from separate caches; a conversation continues in one cache: "
+                "use compose='parallel' or 'sequential'")
+
+    @property
+    def layout(self) -> str:
+        """``compose``'s layout, else the service's when its strategy composes caches, else ``parallel`` (a
+        conversation continues in one cache, so best-of-k's separate answers have nothing to continue in)."""
+        composer = get_composer(self.compose) if self.compose is not None else self.service.composer
+        return getattr(composer, "layout", "parallel")
 
     def reset(self) -> None:
         with self.service.lock:
             if self.conversation is not None:
                 self.conversation.reset()
-            self.conversation, self.targets, self.fallback = None, [], False
+            self.conversation, self.documents = None, []
+            self._version += 1
 
-    def route(self, question: str) -> list[Target]:
-        routing = self.service.route(question, self.k, self.doc_ids)
-        self.targets, self.fallback = routing.targets, routing.fallback
-        return self.targets
+    def plan(self, question: str, history: Sequence[tuple[str, str]] = ()) -> TurnPlan:
+        """Route ``question`` (first ``history``'s questions, in order, when no conversation is live) and decide the
+        documents of the turn's cache."""
+        question = check_question(question, "message")
+        with self.service.lock:
+            live = self.conversation is not None
+            documents: list[Target] = list(self.documents) if live else []
+            dropped: list[Dropped] = []
+            for text in ([] if live else [q for q, _ in history if q.strip()]) + [question]:
+                routing = self.service.route(text, self.k, self.doc_ids)
+                documents, left = self._admit(documents, routing)
+                held = {t.node_id for t in documents}
+                dropped = [d for d in dropped if d.target.node_id not in held] + left
+            if not documents:
+                raise EmptyIndexError(f"no segment to answer from in {self.service.describe()}")
+            return TurnPlan(question, routing.targets, routing.fallback, documents,
+                            cache_change(self.documents if live else [], documents), dropped, self._version)
+
+    def _admit(self, documents: list[Target], routing: Routing) -> tuple[list[Target], list[Dropped]]:
+        """The documents after one routed question: its targets first, then the earlier ones by recency, at most
+        ``max_documents``. A question that matches no word ("tell me more") keeps the documents it follows."""
+        if documents and (routing.fallback or not routing.targets):
+            return documents, []
+        new = list(routing.targets)
+        fresh = {t.node_id for t in new}
+        rest = [t for t in documents if t.node_id not in fresh]
+        room = max(self.max_documents - len(new), 0)
+        return new + rest[:room], [Dropped(t, "max_documents") for t in rest[room:]]
 
     def ask(self, question: str, history: Sequence[tuple[str, str]] = (), emit: Callable[[str], None] | None = None,
-            **sampling: Any) -> Turn:
-        question = check_question(question, "message")
+            plan: TurnPlan | None = None, **sampling: Any) -> Turn:
+        """Answer ``question`` from the cache :meth:`plan` decides (a given ``plan`` is used while the session has
+        not changed since), passing the answer's pieces to ``emit`` as generated."""
+        from .generate import Conversation, SamplingOptions
+
         options = {**self.sampling, **check_sampling(sampling)}
+        max_new = options.get("max_new_tokens", SamplingOptions.max_new_tokens)
         service = self.service
         with service.lock:
-            model = service.model
-            info: dict = {"cache_load_s": 0.0, "bytes_loaded": 0}
-            replayed = 0
-            target = self.targets[0] if self.targets else None
-            if self.conversation is None:
-                if not self.targets:
-                    self.route(history[0][0] if history else question)
-                if len(self.targets) > 1 and not history:
-                    return self._best_of_k(question, options, emit)
-                from .generate import Conversation
-
-                target = self.targets[0]
-                cache, load_s, nbytes = service.load(target)
-                self.conversation = Conversation(model, cache)
-                info.update(cache_load_s=load_s, bytes_loaded=nbytes)
-                for q, a in history:
-                    replayed += self.conversation.add_turn(q, a)
+            if plan is None or plan.version != self._version:
+                plan = self.plan(question, history)
+            model, question = service.model, plan.question
+            info: dict = {"cache_load_s": 0.0, "bytes_loaded": 0, "compose_s": 0.0, "replay_s": 0.0}
+            documents, change, dropped, replayed = plan.documents, plan.change, list(plan.dropped), 0
             conversation = self.conversation
+            if change != "kept":
+                turns = list(conversation.turns) if conversation is not None else list(history)
+                cache, documents, overflow = self._cache(documents, turns, question, max_new, info)
+                dropped += overflow
+                change = cache_change(self.documents if conversation is not None else [], documents)
+                conversation = Conversation(model, cache)
+                start = time.perf_counter()
+                for q, a in turns:
+                    replayed += conversation.add_turn(q, a)
+                info["replay_s"] = time.perf_counter() - start
             cache = conversation.cache
+            check_window(model, cache, question, max_new, not conversation.turns)
+            self.conversation, self.documents = conversation, documents
+            self._version += 1
             cached = cache.get_seq_length() - replayed
-            check_window(model, cache, question, options.get("max_new_tokens", 128), not conversation.turns)
             stream = conversation.stream(question, **options)
             for piece in stream:
                 if emit is not None:
@@ -173,22 +267,31 @@ class ChatSession:
                 full_bytes=cache.full_nbytes, answer_tokens=len(result.token_ids), prompt_tokens=result.prompt_tokens,
                 finish_reason=result.finish_reason, turns=len(conversation.turns),
                 cache_positions=cache.get_seq_length(),
+                node_ids=[t.node_id for t in documents], doc_ids=list(dict.fromkeys(t.doc_id for t in documents)),
+                routed_node_ids=[t.node_id for t in plan.routed], routing="fallback" if plan.fallback else "search",
+                cache_change=change, dropped=[d.as_dict() for d in dropped],
             )
-            return Turn(result, info, None, target, cached, replayed)
+            return Turn(result, info, documents, plan.routed, change, dropped, cached, replayed)
 
-    def _best_of_k(self, question: str, options: dict, emit) -> Turn:
-        """First message with several routed caches: best-of-k, then the conversation continues in the winner."""
-        from .generate import Conversation
+    def _cache(self, documents: list[Target], turns: list[tuple[str, str]], question: str, max_new: int,
+               info: dict) -> tuple[PackedCache, list[Target], list[Dropped]]:
+        """A cache over ``documents`` with room for ``turns``, the question and its answer: the first document
+        (what the question was routed to) must fit, later ones are dropped when they do not."""
+        from .compose import compose
+        from .generate import turn_ids
 
-        service = self.service
+        service, model = self.service, self.service.model
+        loaded = [service.load(t) for t in documents]
+        info.update(cache_load_s=sum(s for _, s, _ in loaded), bytes_loaded=sum(n for _, _, n in loaded))
+        caches = [cache for cache, _, _ in loaded]
+        pending = sum(len(turn_ids(model, q, a, first_turn=not i)) for i, (q, a) in enumerate(turns))
+        check_window(model, caches[0], question, max_new, not turns, pending)
+        if len(caches) == 1:
+            return caches[0], documents, []
         start = time.perf_counter()
-        result = service.answer(question, targets=self.targets, _emit=emit, **options)
-        best = result.best
-        cache, load_s, nbytes = service.load(best.target)
-        self.conversation = Conversation(service.model, cache)
-        self.conversation.add_turn(question, best.text)
-        info = result.metadata()
-        info.update(cache_load_s=info["cache_load_s"] + load_s, bytes_loaded=info["bytes_loaded"] + nbytes,
-                    turns=1, generate_s=time.perf_counter() - start)
-        self.targets = [best.target] + [t for t in self.targets if t != best.target]
-        return Turn(best.answer, info, result, best.target, cache.info.base_length, 0)
+        reserve = pending + question_tokens(model, question, not turns) + max_new
+        composed = compose(model, caches, layout=self.layout, reserve=reserve)
+        info["compose_s"] = time.perf_counter() - start
+        placed = composed.composition
+        return (composed, [documents[i] for i in placed.used],
+                [Dropped(documents[i], "window") for i in placed.dropped])

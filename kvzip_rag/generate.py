@@ -135,6 +135,11 @@ def _prompt_ids(model: KVzipModel, question: str, first_turn: bool) -> list[int]
     return model.encode(model.template.question_text(question, first_turn=first_turn))
 
 
+def turn_ids(model: KVzipModel, question: str, answer_text: str, first_turn: bool) -> list[int]:
+    """The tokens one answered turn takes in a conversation's cache (the question's prompt, then the answer)."""
+    return _prompt_ids(model, question, first_turn) + model.encode(answer_text)
+
+
 def stream_answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> AnswerStream:
     """Stream the answer to one independent question; the cache is back to the document afterwards."""
     cache.info.check_model(model)
@@ -174,7 +179,7 @@ class Conversation:
 
         Lets integrations resume a conversation whose history they received (chat engines, LangChain messages).
         """
-        ids = _prompt_ids(self.model, question, first_turn=not self.turns) + self.model.encode(answer_text)
+        ids = turn_ids(self.model, question, answer_text, first_turn=not self.turns)
         with torch.inference_mode():
             packed_forward(self.model, self.cache, ids)
         self.turns.append((question, answer_text))

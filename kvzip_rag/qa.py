@@ -2,8 +2,8 @@
 
     >>> from kvzip_rag.qa import QAService
     >>> qa = QAService("my-store", model="smollm2", threads=1)       # a CacheStore or a folder; model lazily
-    >>> result = qa.answer("Who founded Wrenfield?", k=3)            # best of the 3 routed caches
-    >>> result.text, result.best.doc_id, [a.doc_id for a in result.answers]
+    >>> result = qa.answer("Who founded Wrenfield?", k=3)            # one answer from the 3 routed caches joined
+    >>> result.text, [t.doc_id for t in result.used], result.metadata()["dropped_node_ids"]
     >>> for piece in qa.stream("When was the bridge built?"): ...    # tokens as generated (worker thread)
 
 One place for each rule:
@@ -13,11 +13,11 @@ One place for each rule:
 * **Loading** (:meth:`QAService.load`): through the store's LRU, at the service's ``ratio``/``level`` (a lower
   ratio than stored reads only the slices it keeps; ``None`` = as stored).
 * **Composition** (:mod:`kvzip_rag.composers`, chosen by name with ``compose=``): how routed caches make one answer.
-  ``"parallel"`` and ``"sequential"``: the routed caches joined into one cache that answers once
-  (:mod:`kvzip_rag.compose`; documents that do not fit the window are dropped and reported); ``"best-of-k"``
-  (default): every
+  ``"parallel"`` (default) and ``"sequential"``: the routed caches joined into one cache that answers once
+  (:mod:`kvzip_rag.compose`; documents that do not fit the window are dropped and reported); ``"best-of-k"``: every
   cache answers on its own, refusals rank below real answers, then the highest mean token log-probability, then
-  the better retrieval rank. New strategies subclass :class:`Composer` and call :func:`register_composer`.
+  the better retrieval rank. One routed cache answers as it is. New strategies subclass :class:`Composer` and call
+  :func:`register_composer`.
 * **One model lock** (``service.lock``, an ``RLock``) around every use of the model, and **one bridge** to worker
   threads (:mod:`kvzip_rag.bridge`) for streaming and async.
 * **Argument checks**: :func:`check_question`, :func:`check_k`, :func:`check_sampling`; the conversation window
@@ -39,9 +39,10 @@ from .errors import InvalidArgumentError, KVzipError, ModelMismatchError
 from .paths import default_store_path
 
 __all__ = [
-    "COMPOSERS", "BestOfK", "CacheAnswer", "Composer", "EmptyIndexError", "QAResult", "QAService", "QAStream",
-    "Routing", "Target", "as_target", "check_k", "check_question", "check_sampling", "choose_best",
-    "default_store_path", "get_composer", "is_refusal", "matching_cache", "open_store", "register_composer",
+    "COMPOSERS", "DEFAULT_COMPOSE", "BestOfK", "CacheAnswer", "Composer", "EmptyIndexError", "QAResult",
+    "QAService", "QAStream", "Routing", "Target", "as_target", "check_k", "check_question", "check_sampling",
+    "choose_best", "default_store_path", "get_composer", "is_refusal", "matching_cache", "open_store",
+    "register_composer",
 ]
 
 if TYPE_CHECKING:  # the engine and the store import torch: only when a service is built
@@ -136,7 +137,8 @@ class QAService:
         ratio, level: what caches are loaded at (``None``: as stored; a lower ratio reads fewer bytes).
         threads: CPU threads for a model loaded here (:mod:`kvzip_rag.runtime`; default ``$KVZIP_RAG_THREADS``,
             else by load average).
-        compose: the composition strategy's name (or a :class:`Composer`).
+        compose: the composition strategy's name (default ``"parallel"``) or a :class:`Composer`; each call can
+            override it with ``compose=``.
         scope: a callable giving the document ids this service may route to (``None``: the whole store).
         lock: share a lock with other users of the same model (default: a new ``RLock``).
     """
@@ -292,10 +294,15 @@ class QAService:
         """Route (or take ``targets``), load and answer with the composition strategy; runs in this thread."""
         sampling = check_sampling(sampling)
         question, planned, retrieve_s = self._plan(question, k, doc_ids, targets)
+        return self.compose_answer(compose, question, planned, sampling, _emit, retrieve_s)
+
+    def compose_answer(self, compose: str | Composer | None, question: str, targets: list[Target], sampling: dict,
+                       emit: Callable[[str], None] | None, retrieve_s: float | None) -> QAResult:
+        """The chosen strategy's answer (``None``: the service's) from checked targets; takes the lock."""
         composer = get_composer(compose) if compose is not None else self.composer
         with self.lock:
-            result = composer.answer(self, question, planned, sampling, _emit)
-        result.retrieve_s = retrieve_s
+            result = composer.answer(self, question, targets, sampling, emit)
+        result.retrieve_s, result.compose = retrieve_s, composer.name
         return result
 
     def stream(self, question: str, k: int = 1, **options: Any) -> QAStream:
@@ -332,15 +339,13 @@ class QAStream:
                  sampling: dict, compose: str | Composer | None = None) -> None:
         self._service, self.question, self.targets = service, question, targets
         self._retrieve_s, self._sampling = retrieve_s, sampling
-        self._composer = get_composer(compose) if compose is not None else service.composer
+        self._compose = get_composer(compose) if compose is not None else None  # checked before any piece
         self.result: QAResult | None = None
         self._started = False
 
     def _work(self, emit: Callable[[str], None]) -> None:
-        service = self._service
-        with service.lock:
-            self.result = self._composer.answer(service, self.question, self.targets, self._sampling, emit)
-        self.result.retrieve_s = self._retrieve_s
+        self.result = self._service.compose_answer(self._compose, self.question, self.targets, self._sampling, emit,
+                                                   self._retrieve_s)
 
     def _claim(self) -> None:
         if self._started:

@@ -143,12 +143,17 @@ def test_index_ask_ls_inspect_rm(cli, docs, tmp_path):
 def test_chat_follow_ups_and_reset(cli, docs):
     assert cli("index", str(docs)).exit_code == 0
     result = cli("chat", "--max-tokens", "5",
-                 input="Who built the harbour?\nWhen did ferries leave?\n/reset\nWhat does the winner receive?\nexit\n"
-                       "never asked\n")
+                 input="Who built the harbour?\nWhen did ferries leave?\nWhat does the winner receive?\n"
+                       "xylophone quantum zebra\n/reset\nWhat does the winner receive?\nexit\nnever asked\n")
     assert result.exit_code == 0, result.output
-    assert result.stdout.count("kvzip>") == 3
-    assert "turn 2" in result.stderr  # the follow-up stayed in the same conversation
-    assert "conversation reset" in result.stderr
+    assert result.stdout.count("kvzip>") == 5
+    err = result.stderr
+    assert "talking about harbour.txt" in err and "turn 2 · from harbour.txt" in err  # the follow-up stayed
+    # another topic: its document joins the conversation, every footer names the documents the answer used
+    assert "now talking about sub/regatta.html, harbour.txt" in err
+    assert "turn 3 · from sub/regatta.html, harbour.txt" in err
+    assert "turn 4 · from sub/regatta.html, harbour.txt" in err  # matches no word: stays with those documents
+    assert "conversation reset" in err and err.count("talking about sub/regatta.html ·") == 1
     assert "never asked" not in result.stdout
     # End of input also ends the loop.
     eof = cli("chat", "--doc", "harbour.txt", "--max-tokens", "3", input="Who built it?\n")

@@ -19,7 +19,7 @@ from test_cli import tiny_model_dir  # noqa: F401  (fixture: a tiny model saved 
 from test_store import HARBOUR, ORCHARD
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'kvzip-rag[ray]')")
-from kvzip_rag.distributed import index_documents  # noqa: E402
+from kvzip_rag.distributed import index_documents, init_ray  # noqa: E402
 
 DOCS = [(f"doc-{i}", f"{text} Note number {i}: the {word} ledger is kept in room {100 + i}.")
         for i, (text, word) in enumerate([(HARBOUR, "blue"), (ORCHARD, "green"), (HARBOUR, "red"),
@@ -61,12 +61,21 @@ def ray_cluster(default_model):  # the converted SmolLM2 folder (tokenizer) must
         ray.shutdown()
     tests = str(Path(__file__).resolve().parent)
     path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    init_ray(num_cpus=2, object_store_memory=100 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def test_local_cluster_workers_keep_our_priority(ray_cluster):
+    """Ray's default worker niceness (15) made indexing on Ray yield to every other process on a shared machine."""
+
+    @ray.remote
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)
 
 
 def test_ray_index_retries_dead_worker_and_skips_stored(ray_cluster, tmp_path, tiny_llama):

@@ -126,6 +126,36 @@ def test_follow_up_turns_reuse_the_conversation_cache(index):
     assert replayed.usage_metadata["input_tokens"] == reused.usage_metadata["input_tokens"]
 
 
+def test_a_follow_up_about_another_document_brings_it_into_the_conversation(index):
+    chat = ChatKVzip(qa=index, max_new_tokens=6)
+    first = chat.invoke("Who built the harbour?")
+    assert first.response_metadata["node_ids"] == ["harbour:0"] and first.response_metadata["cache_change"] == "new"
+    history = [HumanMessage("Who built the harbour?"), first, HumanMessage("When is the cider pressed?")]
+    follow = chat.invoke(history)
+    meta = follow.response_metadata
+    assert meta["reused_conversation"] is True and meta["cache_change"] == "recomposed"
+    assert meta["doc_ids"] == ["orchard", "harbour"] and meta["routed_node_ids"] == ["orchard:0"]
+    assert meta["routing"] == "search" and meta["dropped"] == []
+    # without the kept conversation the history is routed turn by turn and replayed: the same cache and answer
+    replayed = ChatKVzip(qa=index, max_new_tokens=6, reuse_conversations=0).invoke(history)
+    assert replayed.response_metadata["cache_change"] == "new"
+    assert replayed.response_metadata["doc_ids"] == ["orchard", "harbour"] and replayed.content == follow.content
+    assert replayed.usage_metadata == follow.usage_metadata
+
+
+def test_a_conversation_lays_out_its_documents_by_compose(index):
+    history = [HumanMessage("Who built the harbour?"), AIMessage("Ida."), HumanMessage("When is the cider pressed?")]
+    default = ChatKVzip(qa=index, max_new_tokens=6).invoke(history)
+    sequential = ChatKVzip(qa=index, max_new_tokens=6).bind(compose="sequential").invoke(history)
+    assert default.response_metadata["compose"] == "parallel"
+    assert sequential.response_metadata["compose"] == "sequential"
+    assert sequential.response_metadata["doc_ids"] == default.response_metadata["doc_ids"] == ["orchard", "harbour"]
+    assert sequential.response_metadata["cache_change"] == "new"
+    # best-of-k answers retrieved segments separately; a conversation still needs one cache: parallel
+    best = ChatKVzip(qa=index, max_new_tokens=6, compose="best-of-k").invoke(history)
+    assert best.response_metadata["compose"] == "parallel" and best.content == default.content
+
+
 def test_async_stream_stopped_early_releases_the_index_lock(index):
     chat = ChatKVzip(qa=index, max_new_tokens=50)
 
@@ -155,9 +185,11 @@ def test_qa_chain_invoke_batch_stream_async_and_composition(index):
     assert set(out) == {"answer", "sources"} and out["answer"]
     assert len(out["sources"]) == 2 and all(isinstance(d, Document) for d in out["sources"])
     assert out["sources"][0].metadata["doc_id"] == "harbour"
-    # k > 1: every source's cache answered; the index kept the best answer and says which.
-    assert sum(d.metadata["chosen"] for d in out["sources"]) == 1
-    assert next(d for d in out["sources"] if d.metadata["chosen"]).metadata["answer"] == out["answer"]
+    # k > 1: by default one answer from both caches joined (parallel), every source marked as composed.
+    assert all(d.metadata["composed"] is True and "chosen" not in d.metadata for d in out["sources"])
+    targets = [(d.metadata["doc_id"], d.metadata["segment_index"]) for d in out["sources"]]
+    assert out["answer"] == index.answer("Who built the harbour?", targets=targets, compose="parallel",
+                                         max_new_tokens=5).text
     assert chain.invoke({"question": "Who built the harbour?"}) == out
     assert chain.batch(["Who built the harbour?", {"question": "apples and cider"}])[0] == out
     assert asyncio.run(chain.ainvoke("Who built the harbour?")) == out
@@ -184,6 +216,29 @@ def test_qa_chain_invoke_batch_stream_async_and_composition(index):
     assert with_question.invoke({"question": "Who built the harbour?"}).endswith(out["answer"])
     with pytest.raises(ValueError, match="question"):
         chain.invoke({"topic": "harbour"})
+
+
+def test_qa_chain_compose_by_name_when_built_and_per_call(index):
+    """best-of-k stays selectable (constructor, or one call's ``configurable``); a bad name is a clear error."""
+    question = "Who built the harbour?"
+    best = create_kvzip_qa_chain(index, k=2, compose="best-of-k", max_new_tokens=5).invoke(question)
+    # each source's cache answered on its own; the best answer was kept, and each source says which
+    assert sum(d.metadata["chosen"] for d in best["sources"]) == 1
+    assert next(d for d in best["sources"] if d.metadata["chosen"]).metadata["answer"] == best["answer"]
+    assert all("composed" not in d.metadata for d in best["sources"])
+    chain = create_kvzip_qa_chain(index, k=2, max_new_tokens=5)
+    assert chain.invoke(question, config={"configurable": {"compose": "best-of-k"}}) == best
+    sequential = chain.invoke(question, config={"configurable": {"compose": "sequential"}})
+    targets = [(d.metadata["doc_id"], d.metadata["segment_index"]) for d in sequential["sources"]]
+    assert sequential["answer"] == index.answer(question, targets=targets, compose="sequential",
+                                                max_new_tokens=5).text
+    with pytest.raises(ValueError, match="unknown compose='bogus'; choose one of .*best-of-k.*parallel"):
+        create_kvzip_qa_chain(index, k=2, compose="bogus")
+    with pytest.raises(ValueError, match="unknown compose='bogus'"):
+        chain.invoke(question, config={"configurable": {"compose": "bogus"}})
+    one = create_kvzip_qa_chain(index, k=1, max_new_tokens=5).invoke(question)  # k == 1: unchanged, no marks
+    assert len(one["sources"]) == 1 and set(one["sources"][0].metadata) == set(best["sources"][0].metadata) - {
+        "answer", "mean_logprob", "refusal", "chosen"}
 
 
 # -------------------------------------------------------------------------------- real model on SQuAD
@@ -225,3 +280,28 @@ def test_lcel_chain_answers_squad_questions_with_the_default_model(default_model
     answer_only = chain.pick("answer") | StrOutputParser()
     pieces = list(answer_only.stream(questions[0]["question"]))
     assert len(pieces) >= 3 and "".join(pieces) == outputs[0]["answer"]
+
+
+@pytest.mark.slow
+def test_a_chat_follows_its_topic_to_another_document_with_the_default_model(default_model, tmp_path):
+    """Asked about the orchard, then about the bridge: the second answer comes from the bridge's document (the
+    conversation's cache stayed on the orchard's, the model does not know the colour)."""
+    import kvzip_rag
+
+    index = build_index(default_model, {
+        "apple": "Apples ripen in the orchard of Brindle Farm every September. The oldest tree of the orchard was "
+                 "planted by Mara Venn.",
+        "bridge": "The Tallow Bridge crosses the river Esk. The town council painted the Tallow Bridge green in 1990.",
+    }, tmp_path)
+    chat = ChatKVzip(qa=index, max_new_tokens=24)
+    orchard, bridge = "Who planted the oldest tree of the orchard?", "What colour is the Tallow Bridge?"
+    first = chat.invoke(orchard)
+    assert "Venn" in first.content and first.response_metadata["doc_ids"] == ["apple"]
+    second = chat.invoke([HumanMessage(orchard), first, HumanMessage(bridge)])
+    print(f"{orchard!r} -> {first.content!r}; {bridge!r} -> {second.content!r}")
+    assert "green" in second.content.lower()
+    assert second.response_metadata["doc_ids"] == ["bridge", "apple"]
+    assert second.response_metadata["cache_change"] == "recomposed"
+    stayed = kvzip_rag.Conversation(default_model, index.load(("apple", 0))[0])
+    stayed.add_turn(orchard, first.content)
+    assert "green" not in stayed.ask(bridge, max_new_tokens=24).text.lower()

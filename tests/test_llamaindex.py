@@ -146,6 +146,20 @@ def test_documents_are_segmented_only_to_fit_the_window(tiny_llama, tmp_path):
     assert all(s.token_count <= tiny_llama.context_limit for s in segments)
     assert [long[s.char_start:s.char_end] for s in segments] == [s.text for s in segments]
 
+    # Every segment routed: one answer across them all (parallel: each fits the window on its own) ...
+    question, k = "When does the harbour master post the new ferry hours?", len(long_nodes) + 1
+    response = index.as_query_engine(similarity_top_k=k, max_new_tokens=4).query(question)
+    ids = [n.node.node_id for n in response.source_nodes]
+    assert sorted(ids) == sorted([*long_nodes, "medium:0"]) and response.metadata["composed_node_ids"] == ids
+    assert response.metadata["dropped_node_ids"] == []
+    # ... while one after another they overflow the window: the ones left out stay attached, marked, and listed.
+    sequential = index.as_query_engine(similarity_top_k=k, compose="sequential", max_new_tokens=4).query(question)
+    meta = sequential.metadata
+    assert meta["composed_node_ids"] and meta["dropped_node_ids"]
+    assert sorted(meta["composed_node_ids"] + meta["dropped_node_ids"]) == sorted(ids)
+    marks = {n.node.node_id: n.node.metadata["composed"] for n in sequential.source_nodes}
+    assert marks == {i: i in meta["composed_node_ids"] for i in ids}
+
 
 # ----------------------------------------------------------------------------------------------- retrieval
 
@@ -202,8 +216,33 @@ def test_query_engine_reports_bytes_read_from_disk(tiny_llama, tmp_path):
     assert 0 < response.metadata["bytes_loaded"] <= store.get_document("harbour").caches[0].nbytes
 
 
-def test_top_k_answers_each_cache_and_keeps_the_best(index):
-    engine = index.as_query_engine(similarity_top_k=3, **SHORT)
+def test_top_k_composes_the_routed_caches_by_default(index, tiny_llama):
+    """similarity_top_k=3: one answer from the three caches joined (parallel), each routed node a source marked
+    composed; the metadata names the strategy and the nodes composed."""
+    question = "When does the harbour bakery open, and who kept the lighthouse ledger?"
+    response = index.as_query_engine(similarity_top_k=3, **SHORT).query(question)
+    ids = [n.node.node_id for n in response.source_nodes]
+    assert sorted(ids) == ["bakery:0", "harbour:0", "lighthouse:0"]
+    meta = response.metadata
+    assert meta["compose"] == "parallel" and meta["strategy"] == "composed-parallel"
+    assert meta["composed_node_ids"] == ids and meta["dropped_node_ids"] == [] and len(meta["answers"]) == 1
+    assert all(n.node.metadata["composed"] is True and "chosen" not in n.node.metadata for n in response.source_nodes)
+    assert "composed" in response.source_nodes[0].node.excluded_llm_metadata_keys
+    caches = [index.store.load_cache(i.split(":")[0], tiny_llama) for i in ids]
+    joined = kvzip_rag.compose(tiny_llama, caches, layout="parallel")
+    assert response.response == kvzip_rag.answer(tiny_llama, joined, question, **SHORT).text
+    sequential = index.as_query_engine(similarity_top_k=3, compose="sequential", **SHORT).query(question)
+    assert sequential.metadata["strategy"] == "composed-sequential"
+    joined = kvzip_rag.compose(tiny_llama, caches, layout="sequential")
+    assert sequential.response == kvzip_rag.answer(tiny_llama, joined, question, **SHORT).text
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="unknown compose='diagonal'; choose one of best-of-k"):
+        index.as_query_engine(similarity_top_k=3, compose="diagonal")
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="compose= applies to the KVzip engines"):
+        index.as_query_engine(llm=MockLLM(), compose="parallel")
+
+
+def test_top_k_best_of_k_answers_each_cache_and_keeps_the_best(index):
+    engine = index.as_query_engine(similarity_top_k=3, compose="best-of-k", **SHORT)
     response = engine.query("When does the harbour bakery open, and who kept the lighthouse ledger?")
     ids = [n.node.node_id for n in response.source_nodes]
     assert sorted(ids) == ["bakery:0", "harbour:0", "lighthouse:0"]  # no source dropped
@@ -213,7 +252,7 @@ def test_top_k_answers_each_cache_and_keeps_the_best(index):
     chosen = max(range(3), key=lambda i: (not answers[i]["refusal"], answers[i]["mean_logprob"], -i))
     assert response.metadata["chosen_node_id"] == ids[chosen]
     assert response.response == answers[chosen]["answer"]
-    assert response.metadata["strategy"] == "best-mean-logprob"
+    assert response.metadata["strategy"] == "best-mean-logprob" and response.metadata["compose"] == "best-of-k"
     assert [n.node.metadata["chosen"] for n in response.source_nodes] == [i == chosen for i in range(3)]
     assert all(n.node.metadata["answer"] == a["answer"] for n, a in zip(response.source_nodes, answers))
     # each candidate is exactly what that cache answers alone
@@ -257,13 +296,17 @@ def test_streaming_yields_tokens_as_they_are_generated(index):
     assert response.source_nodes[0].node.metadata["answer"] == expected
 
 
-def test_streaming_with_top_k_streams_the_chosen_answer(index):
+@pytest.mark.parametrize("compose", [None, "best-of-k"])
+def test_streaming_with_top_k_streams_the_same_answer(index, compose):
     question = "When does the harbour bakery open?"
-    plain = index.as_query_engine(similarity_top_k=2, **SHORT).query(question)
-    streamed = index.as_query_engine(similarity_top_k=2, streaming=True, **SHORT).query(question)
+    options = {"compose": compose} if compose else {}
+    plain = index.as_query_engine(similarity_top_k=2, **options, **SHORT).query(question)
+    streamed = index.as_query_engine(similarity_top_k=2, streaming=True, **options, **SHORT).query(question)
     assert len(streamed.source_nodes) == 2
     assert str(streamed).strip() == plain.response
-    assert streamed.metadata["chosen_node_id"] == plain.metadata["chosen_node_id"]
+    for key in ("compose", "strategy", "chosen_node_id", "composed_node_ids"):
+        assert streamed.metadata[key] == plain.metadata[key]
+    assert [n.node.metadata for n in streamed.source_nodes] == [n.node.metadata for n in plain.source_nodes]
 
 
 async def test_aquery_runs_the_model_off_the_event_loop(index):
@@ -453,14 +496,48 @@ def test_chat_streaming_and_async(fresh_index):
     assert len(chat.chat_history) == 2
 
 
-def test_chat_top_k_continues_in_the_winning_cache(fresh_index):
-    chat = fresh_index.as_chat_engine(similarity_top_k=2, max_new_tokens=6)
+@pytest.mark.parametrize("layout", [None, "sequential"])
+def test_chat_top_k_composes_the_routed_caches(fresh_index, tiny_llama, layout):
+    from kvzip_rag.compose import compose
+
+    chat = fresh_index.as_chat_engine(similarity_top_k=2, max_new_tokens=6, compose=layout)
     first = chat.chat("When does the harbour bakery open?")
-    chosen = [n for n in first.source_nodes if n.node.metadata["chosen"]]
-    assert len(first.source_nodes) == 2 and len(chosen) == 1
-    assert chosen[0].node.metadata["answer"] == first.response
+    routed = [n.node.node_id for n in first.source_nodes]
+    assert len(routed) == 2 and first.metadata["node_ids"] == routed and first.metadata["cache_change"] == "new"
+    # one answer from the two routed caches composed (parallel unless asked otherwise), as by hand
+    composed = compose(tiny_llama, [fresh_index.qa.load((n.split(":")[0], 0))[0] for n in routed],
+                       layout=layout or "parallel")
+    assert kvzip_rag.Conversation(tiny_llama, composed).ask("When does the harbour bakery open?",
+                                                            max_new_tokens=6).text == first.response
     chat.chat("And on Sundays?")
     assert chat.conversation.turns[0] == ("When does the harbour bakery open?", first.response)
+
+
+def test_chat_refuses_compose_strategies_that_do_not_make_one_cache(fresh_index):
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="conversation continues in one cache"):
+        fresh_index.as_chat_engine(similarity_top_k=2, compose="best-of-k")
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="unknown compose='bogus'"):
+        fresh_index.as_chat_engine(similarity_top_k=2, compose="bogus")
+
+
+def test_chat_follows_the_topic_and_says_which_documents_each_turn_used(fresh_index):
+    chat = fresh_index.as_chat_engine(max_new_tokens=6)
+    first = chat.chat("Who built the harbour?")
+    assert first.metadata["node_ids"] == ["harbour:0"] and first.metadata["cache_change"] == "new"
+    stream = chat.stream_chat("When does the bakery open?")  # another document: composed into the conversation
+    assert [n.node.node_id for n in stream.source_nodes] == ["bakery:0", "harbour:0"]  # known before streaming
+    text = "".join(stream.response_gen)
+    meta = stream.metadata
+    assert text and meta["doc_ids"] == ["bakery", "harbour"] and meta["routed_node_ids"] == ["bakery:0"]
+    assert meta["cache_change"] == "recomposed" and meta["dropped"] == [] and meta["turns"] == 2
+    vague = chat.chat("xylophone quantum zebra?")  # matches no word: stays with the conversation's documents
+    assert vague.metadata["routing"] == "fallback" and vague.metadata["cache_change"] == "kept"
+    assert [n.node.node_id for n in vague.source_nodes] == ["bakery:0", "harbour:0"]
+    # a given history is routed turn by turn: its documents and the new question's
+    history = [ChatMessage(role=MessageRole.USER, content="Who built the harbour?"),
+               ChatMessage(role=MessageRole.ASSISTANT, content=first.response)]
+    other = fresh_index.as_chat_engine(max_new_tokens=6).chat("When does the bakery open?", chat_history=history)
+    assert other.metadata["doc_ids"] == ["bakery", "harbour"] and other.response == text.strip()
 
 
 # ----------------------------------------------------------------------------------------------- bad input

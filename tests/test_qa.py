@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import kvzip_rag
 from kvzip_rag.cli import app
 from kvzip_rag.errors import InvalidArgumentError
-from kvzip_rag.qa import BestOfK, Composer, QAService, get_composer, register_composer
+from kvzip_rag.qa import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, QAService, get_composer, register_composer
 from kvzip_rag.store import CacheStore
 from test_cli import WIDE, tiny_model_dir  # noqa: F401  (fixture)
 
@@ -56,31 +56,52 @@ def _cli_sources(stderr: str) -> list[str]:
     return re.findall(r"^(\S+) segment \d+", block, flags=re.M)
 
 
-def test_cli_llamaindex_and_langchain_give_the_same_answer_and_sources(filled, tiny, tiny_model_dir):  # noqa: F811
+@pytest.mark.parametrize("compose", [None, "best-of-k"])
+def test_cli_llamaindex_and_langchain_give_the_same_answer_and_sources(filled, tiny, tiny_model_dir,  # noqa: F811
+                                                                     compose):
+    """k=3 through every interface: by default one answer from the 3 caches composed (parallel), every routed
+    segment a source marked composed; best-of-k stays selectable by name in each, the kept answer marked."""
     from llama_index.core import Document
 
     from kvzip_rag.integrations.langchain import create_kvzip_qa_chain
     from kvzip_rag.integrations.llamaindex import KVzipIndex
 
     store, _ = filled
+    chosen_by = ["--compose", compose] if compose else []
     cli = CliRunner(env=WIDE).invoke(app, ["--store", str(store), "--model", str(tiny_model_dir), "ask", QUESTION,
-                                           "--k", "3", "--max-tokens", "6"])
+                                           "--k", "3", "--max-tokens", "6", *chosen_by])
     assert cli.exit_code == 0, cli.output
     cli_answer, cli_sources = cli.stdout.strip(), _cli_sources(cli.stderr)
-    assert len(cli_sources) == 3 and "← answer" in cli.stderr  # best of 3, the winner marked
 
     index = KVzipIndex.from_documents([Document(text=t, id_=d) for d, t in DOCS.items()], model=tiny,
                                       store=CacheStore(store))
-    response = index.as_query_engine(similarity_top_k=3, max_new_tokens=6).query(QUESTION)
-    chain = create_kvzip_qa_chain(str(store), k=3, model=tiny, max_new_tokens=6)
+    options = {"compose": compose} if compose else {}
+    response = index.as_query_engine(similarity_top_k=3, max_new_tokens=6, **options).query(QUESTION)
+    chain = create_kvzip_qa_chain(str(store), k=3, model=tiny, max_new_tokens=6, **options)
     out = chain.invoke(QUESTION)
 
     li_sources = [n.node.metadata["doc_id"] for n in response.source_nodes]
     lc_sources = [d.metadata["doc_id"] for d in out["sources"]]
-    assert cli_sources == li_sources == lc_sources
+    assert len(cli_sources) == 3 and cli_sources == li_sources == lc_sources
     assert cli_answer == response.response.strip() == out["answer"].strip()
-    chosen = response.metadata["chosen_node_id"].split(":")[0]
-    assert next(d for d in out["sources"] if d.metadata["chosen"]).metadata["doc_id"] == chosen
+    meta = response.metadata
+    if compose is None:  # the default: the 3 caches joined, one answer, no winner to mark
+        service = QAService(str(store), tiny)
+        assert service.composer.name == meta["compose"] == "parallel" and meta["strategy"] == "composed-parallel"
+        assert response.response == service.answer(QUESTION, k=3, max_new_tokens=6).text
+        assert meta["composed_node_ids"] == [n.node.node_id for n in response.source_nodes]
+        assert meta["dropped_node_ids"] == [] and len(meta["answers"]) == 1
+        assert all(n.node.metadata["composed"] and "chosen" not in n.node.metadata for n in response.source_nodes)
+        assert all(d.metadata["composed"] and "chosen" not in d.metadata for d in out["sources"])
+        assert "(parallel: one answer from 3 caches joined)" in cli.stderr and "← answer" not in cli.stderr
+    else:
+        assert meta["compose"] == "best-of-k" and meta["strategy"] == "best-mean-logprob"
+        assert len(meta["answers"]) == 3 and "← answer" in cli.stderr  # best of 3, the winner marked
+        chosen = meta["chosen_node_id"].split(":")[0]
+        assert next(d for d in out["sources"] if d.metadata["chosen"]).metadata["doc_id"] == chosen
+        assert [n.node.metadata["chosen"] for n in response.source_nodes] == [d == chosen for d in li_sources]
+        winner = next(line for line in cli.stderr.splitlines() if "← answer" in line)
+        assert winner.startswith(f"{chosen} segment")
 
 
 def test_best_of_k_is_one_strategy_among_others(filled, tiny):
@@ -100,8 +121,16 @@ def test_best_of_k_is_one_strategy_among_others(filled, tiny):
     first = qa.answer(QUESTION, k=3, compose="first-only-test", max_new_tokens=4)
     alone = qa.answer(QUESTION, k=1, max_new_tokens=4)
     assert len(first.answers) == 1 and first.text == alone.text and first.best.doc_id == alone.best.doc_id
-    best = qa.answer(QUESTION, k=3, max_new_tokens=4)
+    best = qa.answer(QUESTION, k=3, compose="best-of-k", max_new_tokens=4)
     assert len(best.answers) == 3 and best.metadata()["strategy"] == "best-mean-logprob"
+    assert best.metadata()["compose"] == "best-of-k"
+    composed = qa.answer(QUESTION, k=3, max_new_tokens=4)  # the default strategy
+    assert DEFAULT_COMPOSE == "parallel" and composed.metadata()["strategy"] == "composed-parallel"
+    assert len(composed.answers) == 1 and len(composed.used) == 3
+    for name in COMPOSERS:  # k == 1: one cache answers as it is, whatever the strategy
+        one = qa.answer(QUESTION, k=1, compose=name, max_new_tokens=4)
+        assert (one.text, one.metadata()["strategy"]) == (alone.text, "single")
+        assert one.best.also == () and one.best.dropped == () and one.compose == name
     with pytest.raises(InvalidArgumentError, match="empty"):
         qa.answer("   ")
     with pytest.raises(InvalidArgumentError, match="unknown answer option"):
@@ -183,7 +212,7 @@ def test_response_mode_and_node_postprocessors(index):
                                      node_postprocessors=[DropLighthouse()]).query(QUESTION)
     kept = [n.node.metadata["doc_id"] for n in filtered.source_nodes]
     assert "lighthouse.txt" not in kept and len(kept) == 2
-    assert [a["doc_id"] for a in filtered.metadata["answers"]] == kept  # only the kept caches answered
+    assert [i.split(":")[0] for i in filtered.metadata["composed_node_ids"]] == kept  # only the kept caches answer
 
 
 def test_tracing_sees_llm_and_synthesis_events_with_token_counts(index):
@@ -238,6 +267,19 @@ def test_idiomatic_langchain_rag_chain_answers_from_the_caches(filled, tiny):
     message = chain.invoke(QUESTION, config={"callbacks": [Usage()]})
     meta = message.response_metadata
     assert meta["cached_documents"] == 2  # both retrieved segments were recognised and answered from their caches
+    routed = [d.id for d in retriever.invoke(QUESTION)]
+    assert meta["compose"] == "parallel" and meta["strategy"] == "composed-parallel"  # the default: one answer
+    assert sorted(meta["composed_node_ids"]) == sorted(routed) and len(meta["doc_ids"]) == 2  # from both, joined
+    best = ({"context": retriever, "question": RunnablePassthrough()} | prompt
+            | chat.bind(compose="best-of-k")).invoke(QUESTION).response_metadata
+    assert best["compose"] == "best-of-k" and best["strategy"] == "best-mean-logprob" and len(best["doc_ids"]) == 1
+    assert ChatKVzip(qa=qa, max_tokens=5, compose="best-of-k").invoke(
+        prompt.invoke({"context": retriever.invoke(QUESTION), "question": QUESTION})
+    ).response_metadata["strategy"] == "best-mean-logprob"
+    with pytest.raises(ValueError, match="unknown compose='bogus'"):
+        ChatKVzip(qa=qa, compose="bogus")
+    with pytest.raises(InvalidArgumentError, match="unknown compose='bogus'"):
+        chat.invoke(QUESTION, compose="bogus")
     cached = message.usage_metadata["input_token_details"]["cache_read"]
     assert cached > 0 and usage and usage[0]["input_tokens"] == message.usage_metadata["input_tokens"]
     prompt_text = prompt.invoke({"context": retriever.invoke(QUESTION), "question": QUESTION}).to_string()
@@ -315,17 +357,19 @@ def test_composed_strategy_answers_once_from_all_routed_caches(filled, tiny):  #
     assert result.text == answer(tiny, by_hand, QUESTION, max_new_tokens=6).text
 
 
-def test_cli_ask_compose_parallel_answers_once_from_all_k(filled, tiny, tiny_model_dir):  # noqa: F811
-    """``ask --k 3 --compose parallel`` lists the 3 routed segments as the sources of one answer, the service's; an
-    unknown strategy is one clear error."""
+def test_cli_ask_compose_sequential_answers_once_from_all_k(filled, tiny, tiny_model_dir):  # noqa: F811
+    """``ask --k 3 --compose sequential`` lists the 3 routed segments as the sources of one answer, the service's; an
+    unknown strategy is one clear error naming the strategies."""
     from kvzip_rag.qa import QAService
 
     store, _ = filled
     base = ["--store", str(store), "--model", str(tiny_model_dir), "ask", QUESTION, "--k", "3", "--max-tokens", "6"]
-    cli = CliRunner(env=WIDE).invoke(app, [*base, "--compose", "parallel"])
+    cli = CliRunner(env=WIDE).invoke(app, [*base, "--compose", "sequential"])
     assert cli.exit_code == 0, cli.output
-    expected = QAService(store, tiny, compose="parallel").answer(QUESTION, k=3, max_new_tokens=6)
+    expected = QAService(store, tiny, compose="sequential").answer(QUESTION, k=3, max_new_tokens=6)
     assert _cli_sources(cli.stderr) == [t.doc_id for t in expected.targets] and len(expected.targets) == 3
     assert "← answer" not in cli.stderr and cli.stdout.strip() == expected.text.strip()
+    assert "(sequential: one answer from 3 caches joined)" in cli.stderr
     bad = CliRunner(env=WIDE).invoke(app, [*base, "--compose", "bogus"])
     assert bad.exit_code == 1 and "unknown compose='bogus'" in bad.output and "Traceback" not in bad.output
+    assert "best-of-k" in bad.output and "parallel" in bad.output and "sequential" in bad.output

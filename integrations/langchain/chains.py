@@ -11,7 +11,7 @@ from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator
 from langchain_core.runnables.utils import AddableDict
 
-from kvzip_rag.qa import QAResult, QAService, check_k, check_question, check_sampling
+from kvzip_rag.qa import Composer, QAResult, QAService, check_k, check_question, check_sampling, get_composer
 
 from ._service import build_service, target_of
 from .chat_models import _text_of
@@ -37,20 +37,23 @@ def _question_of(value: Any) -> str:
 
 
 def _annotated(sources: list[Document], result: QAResult | None) -> list[Document]:
-    """With several sources, each one's own answer and whether it was chosen (as the LlamaIndex engine does)."""
-    if result is None or len(result.answers) < 2:
+    """With several sources, what each one did for the answer (:meth:`QAResult.source_metadata`, as the LlamaIndex
+    engine attaches it): ``composed`` True/False, or its own ``answer`` and ``chosen`` (best-of-k)."""
+    if result is None or len(sources) < 2:
         return sources
-    by_key = {(a.doc_id, a.segment_index): a for a in result.answers}
+    roles = result.source_metadata()
     out = []
     for doc in sources:
-        found = by_key.get((doc.metadata["doc_id"], doc.metadata["segment_index"]))
-        if found is None:
-            out.append(doc)
-            continue
-        extra = {"answer": found.text, "mean_logprob": found.mean_logprob, "refusal": found.refusal,
-                 "chosen": found is result.best}
-        out.append(Document(page_content=doc.page_content, metadata={**doc.metadata, **extra}, id=doc.id))
+        role = roles.get(target_of(doc).node_id)
+        out.append(doc if role is None else
+                   Document(page_content=doc.page_content, metadata={**doc.metadata, **role}, id=doc.id))
     return out
+
+
+def _compose_of(config: RunnableConfig, default: Composer | None) -> Composer | None:
+    """The call's ``config["configurable"]["compose"]`` if given, else the chain's."""
+    name = (config or {}).get("configurable", {}).get("compose")
+    return get_composer(name) if name is not None else default
 
 
 def _merge(value: Any, chunk: Any) -> Any:
@@ -62,21 +65,26 @@ def _merge(value: Any, chunk: Any) -> Any:
         return chunk
 
 
-def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, store: Any = None, model: Any = None,
-                          threads: int | None = None, **sampling: Any) -> Runnable:
+def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: str | Composer | None = None,
+                          store: Any = None, model: Any = None, threads: int | None = None,
+                          **sampling: Any) -> Runnable:
     """A ready question-answering Runnable over compressed caches.
 
     ``qa``: a :class:`kvzip_rag.qa.QAService` (shared with other adapters), or a store folder / ``CacheStore``
     (then ``model=`` and ``threads=`` build the service), or anything carrying ``.qa`` (a ``KVzipIndex``).
     Input: a question string, ``{"question": ...}`` (``"query"``/``"input"`` too), a prompt value or a message.
     Output: ``{"answer": str, "sources": list[Document]}``: ``sources`` are the ``k`` segments
-    :class:`KVzipRetriever` returns, ``answer`` comes from their caches through the service (``k > 1``: best of
-    k; each source then carries its own ``answer``, ``mean_logprob``, ``refusal`` and ``chosen``). ``sampling``:
+    :class:`KVzipRetriever` returns, ``answer`` comes from their caches through the service. ``k > 1``: the caches
+    make one answer by ``compose`` (default: the service's, ``"parallel"``: joined into one cache that answers once,
+    each source then marked ``composed`` True, or False where the model's window could not take it; ``"best-of-k"``:
+    each cache answers and each source carries its own ``answer``, ``mean_logprob``, ``refusal`` and ``chosen``);
+    one call can pick another with ``config={"configurable": {"compose": "best-of-k"}}``. ``sampling``:
     ``max_new_tokens`` (or ``max_tokens``), ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``.
 
-    ``stream``/``astream`` yield ``{"answer": piece}`` as tokens are generated (``k > 1``: once the best answer
-    is chosen), then ``{"sources": [...]}``; ``invoke``/``batch``/``ainvoke`` return the dict. It composes like
-    any Runnable: ``chain.pick("answer") | StrOutputParser()``, ``{"question": RunnablePassthrough()} | chain``.
+    ``stream``/``astream`` yield ``{"answer": piece}`` as tokens are generated (best-of-k with ``k > 1``: once the
+    best answer is chosen), then ``{"sources": [...]}``; ``invoke``/``batch``/``ainvoke`` return the dict. It
+    composes like any Runnable: ``chain.pick("answer") | StrOutputParser()``,
+    ``{"question": RunnablePassthrough()} | chain``.
     """
     if isinstance(qa, QAService) or hasattr(qa, "qa"):
         service = build_service({"qa": qa if isinstance(qa, QAService) else None,
@@ -85,12 +93,15 @@ def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, store: Any 
         service = build_service({"store": store if store is not None else qa, "model": model, "threads": threads})
     check_k(k)
     sampling = check_sampling(sampling)
+    composer = get_composer(compose) if compose is not None else None
     retriever = KVzipRetriever(qa=service, k=k)
 
     def start(value: Any, config: RunnableConfig) -> tuple[list[Document], Any]:
         question = check_question(_question_of(value))
+        chosen = _compose_of(config, composer)
         sources = retriever.invoke(question, config)
-        return sources, service.stream(question, targets=[target_of(d) for d in sources], **sampling)
+        return sources, service.stream(question, targets=[target_of(d) for d in sources], compose=chosen,
+                                       **sampling)
 
     def answer(inputs: Iterator[Any], config: RunnableConfig) -> Iterator[AddableDict]:
         value = None

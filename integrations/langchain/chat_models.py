@@ -20,7 +20,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 from kvzip_rag.bridge import apush_in_thread
 from kvzip_rag.dialogue import ChatSession, fold_messages
 from kvzip_rag.errors import InvalidArgumentError
-from kvzip_rag.qa import QAService, Target
+from kvzip_rag.qa import QAService, Target, get_composer
 
 from ._service import build_service, recall
 
@@ -64,15 +64,24 @@ class ChatKVzip(BaseChatModel):
     **Retrieved Documents in the prompt** (the idiomatic ``{"context": retriever, "question": RunnablePassthrough()}
     | prompt | chat_model`` chain): segments a :class:`KVzipRetriever` over the same store returned are recognised
     in the last message (as text or as ``Document(...)`` reprs), cut out of the prompt, and the rest of the prompt
-    (instructions + question) is answered from *their caches* (best of them, as ``create_kvzip_qa_chain`` does)
-    instead of re-reading their text; ``response_metadata["cached_documents"]`` says how many.
+    (instructions + question) is answered from *their caches* (as ``create_kvzip_qa_chain`` does)
+    instead of re-reading their text; ``response_metadata["cached_documents"]`` says how many. Several segments
+    make one answer by ``compose`` (default: the service's, ``"parallel"``: joined into one cache; ``"best-of-k"``:
+    the best of their answers; per call too, e.g. ``chat_model.bind(compose="best-of-k")``), and
+    ``response_metadata`` names it (``compose``, ``strategy``) with the segments used (``doc_ids``,
+    ``composed_node_ids``) and those the model's window could not take (``dropped_node_ids``).
 
-    **Otherwise** the conversation is appended after a compressed document, as the engine's follow-up turns are.
-    The segment is chosen by the *first* human message with the service's routing (full-text search; restricted to
-    ``doc_ids`` when bound; when nothing matches, the first segment, with ``response_metadata["routing"] ==
-    "fallback"``), so every call with the same conversation uses the same cache. Earlier turns are replayed into a
-    ``kvzip_rag.Conversation``; when the history is exactly a conversation this instance just answered, that
-    conversation's cache is reused instead (``reuse_conversations`` most recent ones are kept; nothing recomputed).
+    **Otherwise** the conversation is appended after compressed documents, as the engine's follow-up turns are
+    (:class:`kvzip_rag.dialogue.ChatSession`). Every human message is routed with the service's routing (full-text
+    search; restricted to ``doc_ids`` when bound): the last one's documents are in the cache it is answered from,
+    beside the documents earlier messages were routed to (composed; the least recently routed are dropped when the
+    window cannot hold them), and a message that matches no word keeps the documents before it (the first one gets
+    the first segment, with ``response_metadata["routing"] == "fallback"``). Earlier turns are replayed into that
+    cache; when the history is exactly a conversation this instance just answered, that conversation's cache is
+    continued instead (``reuse_conversations`` most recent ones are kept; rebuilt only when the new message needs
+    another document). The documents are laid out by ``compose`` when it is a layout (``"parallel"``,
+    ``"sequential"``), else in parallel (a conversation continues in one cache; ``response_metadata["compose"]``
+    says which).
 
     Messages: system messages are folded into the next human message as a leading paragraph (the model's own system
     prompt is part of the cache's fixed prefix and cannot change); consecutive messages of one role are joined with
@@ -83,13 +92,16 @@ class ChatKVzip(BaseChatModel):
     ``stream``/``astream`` yield tokens as they are generated. Every answer carries ``usage_metadata``
     (``input_tokens`` = document tokens + earlier turns + question, of which the tokens served from a cache are
     ``input_token_details["cache_read"]``) and ``response_metadata``: ``model_name``, ``finish_reason``,
-    ``doc_ids``, ``cache_ids``, ``segment_index``, ``routing``, ``route_score``, ``ratio``, ``level``,
+    ``doc_ids`` and ``node_ids`` (the documents this answer used, most recently routed first), ``cache_ids``,
+    ``segment_index``, ``routed_node_ids``, ``routing``, ``route_score``, ``cache_change`` (``new``, ``kept``,
+    ``recomposed`` or ``switched``), ``dropped`` (documents left out, with the reason), ``ratio``, ``level``,
     ``kept_ratio``, ``cache_bytes``, ``full_cache_bytes``, ``bytes_loaded`` (read from disk), ``document_tokens``,
     ``reused_conversation`` and timings ``retrieve_s``, ``cache_load_s``, ``replay_s``, ``ttft_s``, ``decode_s``.
 
     Sampling: greedy when ``temperature=0`` (default); ``max_new_tokens`` (alias ``max_tokens``), ``top_k``,
     ``top_p``, ``seed`` and ``stop`` as in ``kvzip_rag.answer``; each can also be given per call, as can
-    ``doc_ids``. A per-call ``model`` argument naming another model is refused (the caches belong to one model).
+    ``doc_ids`` and ``compose``. A per-call ``model`` argument naming another model is refused (the caches belong
+    to one model).
     """
 
     qa: Any = Field(default=None, exclude=True, repr=False)
@@ -100,6 +112,8 @@ class ChatKVzip(BaseChatModel):
     ratio: float | None = None
     level: str | None = None
     doc_ids: list[str] | None = None
+    compose: str | None = None
+    """How several retrieved segments in a prompt make one answer (None: the service's, ``"parallel"``)."""
     max_new_tokens: int = Field(default=128, alias="max_tokens", ge=1)
     temperature: float = 0.0
     top_k: int = 0
@@ -120,6 +134,8 @@ class ChatKVzip(BaseChatModel):
         if not isinstance(self.qa, QAService):
             self.qa = build_service({"qa": self.qa, "store": self.store, "model": self.model, "index": self.index,
                                      "threads": self.threads, "ratio": self.ratio, "level": self.level})
+        if self.compose is not None:
+            get_composer(self.compose)  # an unknown name is refused when the model is built
         return self
 
     # ------------------------------------------------------------------------------------------ identity
@@ -177,8 +193,9 @@ class ChatKVzip(BaseChatModel):
 
     # ------------------------------------------------------------------------------------------ options
 
-    def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]:
-        """(sampling options for the engine, bound doc_ids) from the fields and the call's kwargs."""
+    def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None,
+                                                                               str | None]:
+        """(sampling options for the engine, bound doc_ids, compose) from the fields and the call's kwargs."""
         kwargs = dict(kwargs)
         for key in ("tools", "tool_choice", "functions", "function_call", "response_format"):
             if kwargs.get(key):
@@ -204,16 +221,21 @@ class ChatKVzip(BaseChatModel):
         stops = [s for s in (stop if stop is not None else (self.stop or [])) if s]
         options["stop"] = tuple(stops)
         doc_ids = kwargs.pop("doc_ids", self.doc_ids)
+        compose = kwargs.pop("compose", self.compose)
+        if compose is not None:
+            get_composer(compose)
         for ignored in ("stream", "ls_structured_output_format", "structured_output_format"):
             kwargs.pop(ignored, None)
         if kwargs:
             raise TypeError(f"ChatKVzip got unexpected arguments: {', '.join(sorted(kwargs))}")
-        return options, doc_ids
+        return options, doc_ids, compose
 
     # -------------------------------------------------------------------------------------- answering
 
-    def _session_key(self, target: Target, turns: Sequence[tuple[str, str]]) -> tuple:
-        return (target.doc_id, target.segment_index, tuple((q.strip(), a.strip()) for q, a in turns))
+    def _session_key(self, doc_ids: Sequence[str] | None, turns: Sequence[tuple[str, str]],
+                     layout: str | None) -> tuple:
+        return (tuple(doc_ids) if doc_ids is not None else None, tuple((q.strip(), a.strip()) for q, a in turns),
+                layout)
 
     def _chunks(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict, emit) -> None:
         """Emit the answer's text pieces as generated (``AIMessageChunk``), then one chunk with usage and
@@ -224,50 +246,57 @@ class ChatKVzip(BaseChatModel):
             role = message.role if isinstance(message, ChatMessage) else message.type
             roles.append((role, _text_of(message)))
         dialogue = fold_messages(roles)
-        options, doc_ids = self._options(stop, kwargs)
+        options, doc_ids, compose = self._options(stop, kwargs)
         piece = lambda text: emit(ChatGenerationChunk(message=AIMessageChunk(content=text)))  # noqa: E731
         start = time.perf_counter()
         cached = _cached_segments(self.qa, dialogue.question) if not dialogue.turns else None
         if cached is not None:
             targets, question = cached
-            result = self.qa.answer(question, targets=targets, _emit=piece, **options)
+            result = self.qa.answer(question, targets=targets, compose=compose, _emit=piece, **options)
             best = result.best
+            used = result.used
             document_tokens = best.target_tokens
             info = result.metadata(time.perf_counter() - start)
             usage_in = best.answer.prompt_tokens + document_tokens
             turn_answer, target = best.answer, best.target
-            extra = {"cached_documents": len(targets), "reused_conversation": False, "replay_s": 0.0}
+            extra = {"cached_documents": len(targets), "reused_conversation": False, "replay_s": 0.0,
+                     "compose": result.compose, "strategy": info["strategy"],
+                     "composed_node_ids": info["composed_node_ids"], "dropped_node_ids": info["dropped_node_ids"]}
             cached_read = document_tokens
         else:
-            routing_start = time.perf_counter()
-            target = self.qa.route(dialogue.route_query, 1, doc_ids).targets[0]
-            routed = time.perf_counter()
-            key = self._session_key(target, dialogue.turns)
+            layout = getattr(get_composer(compose), "layout", None) if compose is not None else None
+            key = self._session_key(doc_ids, dialogue.turns, layout)
             session = self._sessions.pop(key, None) if self.reuse_conversations else None
             reused = session is not None
             if session is None:
-                session = ChatSession(self.qa, sampling=options)
-                session.targets = [target]
-            tail = session.conversation.cache.tail_length if reused else 0
-            turn = session.ask(dialogue.question, history=[] if reused else dialogue.turns, emit=piece, **options)
+                session = ChatSession(self.qa, doc_ids=doc_ids, sampling=options, compose=layout)
+            history = [] if reused else dialogue.turns
+            routing_start = time.perf_counter()
+            plan = session.plan(dialogue.question, history)
+            routed = time.perf_counter()
+            turn = session.ask(dialogue.question, history=history, emit=piece, plan=plan, **options)
             if self.reuse_conversations and (not options["stop"] or turn.answer.finish_reason == "length"):
                 # the cache tail holds exactly this conversation (no stop string cut the answer): keep it
-                self._sessions[self._session_key(target, session.conversation.turns)] = session
+                self._sessions[self._session_key(doc_ids, session.conversation.turns, layout)] = session
                 while len(self._sessions) > self.reuse_conversations:
                     self._sessions.popitem(last=False)
             info = turn.info
-            turn_answer = turn.answer
+            turn_answer, target, used = turn.answer, turn.documents[0], turn.documents
             document_tokens = session.conversation.cache.info.base_length
-            cached_read = document_tokens + tail
-            usage_in = document_tokens + tail + turn.replayed_tokens + turn_answer.prompt_tokens
+            cached_read = turn.cached_tokens
+            usage_in = turn.cached_tokens + turn.replayed_tokens + turn_answer.prompt_tokens
             extra = {"reused_conversation": reused, "retrieve_s": routed - routing_start,
-                     "replay_s": info.get("replay_s", 0.0)}
+                     "replay_s": info["replay_s"], "doc_ids": info["doc_ids"], "node_ids": info["node_ids"],
+                     "cache_ids": [t.metadata.get("cache_id") for t in turn.documents],
+                     "routed_node_ids": info["routed_node_ids"], "routing": info["routing"],
+                     "route_score": turn.routed[0].score if turn.routed else None,
+                     "cache_change": info["cache_change"], "dropped": info["dropped"], "compose": session.layout}
         output_tokens = len(turn_answer.token_ids)
         usage = UsageMetadata(input_tokens=usage_in, output_tokens=output_tokens,
                               total_tokens=usage_in + output_tokens, input_token_details={"cache_read": cached_read})
         metadata = {
             "model_name": self.qa.model.name, "model_provider": "kvzip", "finish_reason": turn_answer.finish_reason,
-            "doc_ids": [target.doc_id], "cache_ids": [target.metadata.get("cache_id")],
+            "doc_ids": [t.doc_id for t in used], "cache_ids": [t.metadata.get("cache_id") for t in used],
             "segment_index": target.segment_index, "routing": target.routing, "route_score": target.score,
             "ratio": info.get("ratio"), "level": info.get("level"), "kept_ratio": info.get("kept_ratio"),
             "cache_bytes": info.get("cache_bytes"), "full_cache_bytes": info.get("full_bytes"),

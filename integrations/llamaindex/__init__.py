@@ -10,7 +10,7 @@
 
 Modules: :mod:`.index` (``KVzipIndex``), :mod:`.retriever`, :mod:`.query_engine`, :mod:`.chat_engine`,
 :mod:`.llm` (``KVzipLLM``, a LlamaIndex LLM over the local model, for ``Settings.llm``), :mod:`.persistence`
-(index struct, index store, temporary stores), :mod:`.nodes`, :mod:`.tracing`. Routing, loading, best-of-k and
+(index struct, index store, temporary stores), :mod:`.nodes`, :mod:`.tracing`. Routing, loading, composition and
 conversations are the core service's (:mod:`kvzip_rag.qa`, :mod:`kvzip_rag.dialogue`).
 
 Importing this package registers the ``"kvzip"`` index struct type with LlamaIndex, so that

@@ -9,10 +9,8 @@ from llama_index.core.chat_engine.types import AgentChatResponse, BaseChatEngine
 from llama_index.core.schema import NodeWithScore
 
 from kvzip_rag.bridge import apush_in_thread, push_in_thread, run_in_thread
-from kvzip_rag.dialogue import ChatSession, fold_messages
+from kvzip_rag.dialogue import ChatSession, TurnPlan, fold_messages
 from kvzip_rag.qa import check_question
-
-from .nodes import annotate
 
 if TYPE_CHECKING:
     from kvzip_rag.generate import Conversation
@@ -25,19 +23,24 @@ def _role(message: ChatMessage) -> str:
 
 
 class KVzipChatEngine(BaseChatEngine):
-    """Follow-up questions about one document, answered from its compressed cache.
+    """A conversation answered from compressed caches that follows its topic (:class:`kvzip_rag.dialogue.ChatSession`).
 
-    The first message is routed (``similarity_top_k`` caches; with more than one, the cache whose answer wins, as
-    in the query engine) and the conversation then stays in that cache (:class:`kvzip_rag.Conversation`).
-    ``reset()`` drops the turns and the next message is routed afresh. Passing ``chat_history`` replaces the
-    conversation with that history (folded by :func:`kvzip_rag.dialogue.fold_messages`: system messages lead the
-    next user message; routed by its first user message, then replayed into the cache). Responses carry the routed
-    ``source_nodes`` and timing metadata.
+    Every message is routed (``similarity_top_k`` segments). Follow-ups about the documents already in the
+    conversation's cache, or matching no word ("tell me more"), continue in it (:class:`kvzip_rag.Conversation`);
+    one about another document rebuilds the cache with that document composed beside the conversation's earlier
+    ones (the least recently routed are dropped when they do not fit) and the earlier turns replayed into it.
+    ``compose="parallel"|"sequential"`` picks the layout of the composed cache (default: the index's when it
+    composes, else parallel; ``"best-of-k"`` is refused: a conversation continues in one cache). ``reset()`` drops the turns and documents. Passing ``chat_history`` replaces the conversation with that history
+    (folded by :func:`kvzip_rag.dialogue.fold_messages`: system messages lead the next user message; its questions
+    routed in order, its turns replayed into the cache). Responses carry the turn's documents as ``source_nodes``
+    and, in ``metadata``, ``node_ids``/``doc_ids`` (the documents the turn used), ``routed_node_ids``, ``routing``,
+    ``cache_change`` (``new``, ``kept``, ``recomposed`` or ``switched``), ``dropped`` (with reasons) and timings.
     """
 
-    def __init__(self, index: "KVzipIndex", similarity_top_k: int = 1, **sampling: Any) -> None:
+    def __init__(self, index: "KVzipIndex", similarity_top_k: int = 1, compose: Optional[str] = None,
+                 **sampling: Any) -> None:
         self._index = index
-        self._session = ChatSession(index.qa, k=similarity_top_k, sampling=sampling)
+        self._session = ChatSession(index.qa, k=similarity_top_k, sampling=sampling, compose=compose)
         self._source_nodes: List[NodeWithScore] = []
         self._history: List[ChatMessage] = []
         self._pairs: list[tuple[str, str]] = []
@@ -61,8 +64,8 @@ class KVzipChatEngine(BaseChatEngine):
             self._session.reset()
             self._source_nodes, self._history, self._pairs, self._pending = [], [], [], []
 
-    def _prepare(self, message: str, chat_history: Optional[List[ChatMessage]]) -> str:
-        """Check, adopt a given history and route (retrieval only); runs before any generation starts."""
+    def _prepare(self, message: str, chat_history: Optional[List[ChatMessage]]) -> tuple[str, TurnPlan]:
+        """Check, adopt a given history and plan the turn (retrieval only); runs before any generation starts."""
         check_question(message, "message")
         self._index._require_documents()
         question = message
@@ -72,21 +75,20 @@ class KVzipChatEngine(BaseChatEngine):
             if dialogue.turns != self._pairs:
                 self.reset()
                 self._pending = dialogue.turns
-        if not self._session.targets:
-            self._session.route(self._pending[0][0] if self._pending else question)
-            self._source_nodes = self._index.target_nodes(self._session.targets)
-        return question
+        plan = self._session.plan(question, self._pending)
+        self._source_nodes = self._index.target_nodes(plan.documents)
+        return question, plan
 
-    def _turn(self, message: str, emit=None) -> dict:
+    def _turn(self, message: str, plan: TurnPlan, emit=None) -> dict:
         with self._index.lock:
-            turn = self._session.ask(message, history=self._pending, emit=emit)
+            turn = self._session.ask(message, history=self._pending, emit=emit, plan=plan)
             if self._pending:
                 self._pairs = list(self._pending)
                 self._history = [m for q, a in self._pending for m in (
                     ChatMessage(role=MessageRole.USER, content=q), ChatMessage(role=MessageRole.ASSISTANT, content=a))]
                 self._pending = []
-            if turn.result is not None:
-                self._source_nodes = annotate(turn.result, self._source_nodes)
+            if turn.documents != plan.documents:  # the window left some out
+                self._source_nodes = self._index.target_nodes(turn.documents)
             self._pairs.append((message, turn.answer.text))
             self._history += [ChatMessage(role=MessageRole.USER, content=message),
                               ChatMessage(role=MessageRole.ASSISTANT, content=turn.answer.text)]
@@ -94,23 +96,23 @@ class KVzipChatEngine(BaseChatEngine):
 
     def chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AgentChatResponse:
         with self._index.lock:
-            question = self._prepare(message, chat_history)
-            info = self._turn(question)
+            question, plan = self._prepare(message, chat_history)
+            info = self._turn(question, plan)
         text = info.pop("text")
         return AgentChatResponse(response=text, source_nodes=list(self._source_nodes), metadata=info)
 
     async def achat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AgentChatResponse:
         return await run_in_thread(lambda: self.chat(message, chat_history))
 
-    def _locked_prepare(self, message: str, chat_history: Optional[List[ChatMessage]]) -> str:
+    def _locked_prepare(self, message: str, chat_history: Optional[List[ChatMessage]]) -> tuple[str, TurnPlan]:
         with self._index.lock:
             return self._prepare(message, chat_history)
 
-    def _streaming_response(self, question: str, asynchronous: bool) -> StreamingAgentChatResponse:
+    def _streaming_response(self, question: str, plan: TurnPlan, asynchronous: bool) -> StreamingAgentChatResponse:
         metadata: dict = {}
 
         def work(emit) -> None:
-            info = self._turn(question, emit)
+            info = self._turn(question, plan, emit)
             info.pop("text")
             metadata.update(info)
 
@@ -142,9 +144,9 @@ class KVzipChatEngine(BaseChatEngine):
 
     def stream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
                     ) -> StreamingAgentChatResponse:
-        return self._streaming_response(self._locked_prepare(message, chat_history), asynchronous=False)
+        return self._streaming_response(*self._locked_prepare(message, chat_history), asynchronous=False)
 
     async def astream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
                            ) -> StreamingAgentChatResponse:
-        question = await run_in_thread(lambda: self._locked_prepare(message, chat_history))
-        return self._streaming_response(question, asynchronous=True)
+        question, plan = await run_in_thread(lambda: self._locked_prepare(message, chat_history))
+        return self._streaming_response(question, plan, asynchronous=True)

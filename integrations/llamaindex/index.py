@@ -35,6 +35,7 @@ from kvzip_rag.budget import check_ratio_level
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
 from kvzip_rag.models import KVzipModel, load_model
 from kvzip_rag.qa import (
+    Composer,
     EmptyIndexError,
     QAResult,
     QAService,
@@ -100,6 +101,12 @@ def _group_nodes(nodes: Sequence[BaseNode]) -> list[Document]:
         text = "\n\n".join(_doc_text(m) for m in members)
         documents.append(Document(id_=doc_id, text=text, metadata=dict(members[0].metadata)))
     return documents
+
+
+def _check_no_compose(kwargs: dict) -> None:
+    if "compose" in kwargs:
+        raise InvalidArgumentError("compose= applies to the KVzip engines (answers from the caches); with llm= the "
+                                   "segment texts are given to that LLM instead: drop one of the two")
 
 
 class KVzipIndex(BaseIndex[KVzipIndexStruct]):
@@ -565,16 +572,18 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         """:meth:`retrieve_hits` as LlamaIndex nodes (what the retriever returns)."""
         return self.target_nodes(self.route(query, k, doc_ids).targets)
 
-    def answer_hits(self, question: str, hits: Sequence[Any], **sampling: Any) -> QAResult:
-        """Answer from the cache of each hit (NodeWithScores, SearchHits or ``(doc_id, segment)`` pairs) with the
-        service's composition (best-of-k); runs in the calling thread, behind the lock."""
+    def answer_hits(self, question: str, hits: Sequence[Any], compose: str | Composer | None = None,
+                    **sampling: Any) -> QAResult:
+        """Answer from the caches of the hits (NodeWithScores, SearchHits or ``(doc_id, segment)`` pairs) with
+        ``compose`` (default: the service's, ``"parallel"``); runs in the calling thread, behind the lock."""
         self._require_documents()
-        return self._qa.answer(question, targets=targets_of(hits), **sampling)
+        return self._qa.answer(question, targets=targets_of(hits), compose=compose, **sampling)
 
-    def stream_hits(self, question: str, hits: Sequence[Any], **sampling: Any) -> QAStream:
+    def stream_hits(self, question: str, hits: Sequence[Any], compose: str | Composer | None = None,
+                    **sampling: Any) -> QAStream:
         """Like :meth:`answer_hits`, as a stream of text pieces (``for`` or ``async for``; worker thread)."""
         self._require_documents()
-        return self._qa.stream(question, targets=targets_of(hits), **sampling)
+        return self._qa.stream(question, targets=targets_of(hits), compose=compose, **sampling)
 
     def load_hit_cache(self, hit: Any):
         """``(PackedCache, seconds, bytes read)`` for one hit (a fresh cache object; use it under ``index.lock``)."""
@@ -592,12 +601,14 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
 
     def as_query_engine(self, llm: Any = None, streaming: bool = False, similarity_top_k: int = 1,
                         max_new_tokens: int = 128, **kwargs: Any) -> BaseQueryEngine:
-        """A :class:`KVzipQueryEngine` answering from the compressed caches (``**kwargs``: sampling options,
+        """A :class:`KVzipQueryEngine` answering from the compressed caches (``**kwargs``: ``compose`` (how
+        ``similarity_top_k > 1`` caches make one answer; default ``"parallel"``), sampling options,
         ``node_postprocessors``, ``response_mode`` (see the engine), ``callback_manager``).
 
         Passing ``llm=`` instead builds LlamaIndex's standard ``RetrieverQueryEngine`` over this index's retriever
         (the segment texts are then given to that LLM as context; the caches are not used)."""
         if llm is not None:
+            _check_no_compose(kwargs)
             return super().as_query_engine(llm=llm, streaming=streaming, similarity_top_k=similarity_top_k, **kwargs)
         from .query_engine import KVzipQueryEngine
 
@@ -606,10 +617,12 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
 
     def as_chat_engine(self, chat_mode: Any = None, llm: Any = None, similarity_top_k: int = 1,
                        max_new_tokens: int = 128, **kwargs: Any) -> BaseChatEngine:
-        """A :class:`KVzipChatEngine` (follow-ups answered from the cache the first message was routed to).
+        """A :class:`KVzipChatEngine` (every message routed; the conversation's cache composed over its documents,
+        laid out by ``compose="parallel"|"sequential"``).
 
         ``llm=`` (with a LlamaIndex ``chat_mode``) builds LlamaIndex's own chat engines over this index instead."""
         if llm is not None:
+            _check_no_compose(kwargs)
             return super().as_chat_engine(chat_mode=chat_mode or ChatMode.BEST, llm=llm,
                                           similarity_top_k=similarity_top_k, **kwargs)
         if chat_mode not in (None, "kvzip", ChatMode.BEST, ChatMode.BEST.value):

@@ -13,7 +13,7 @@ from kvzip_rag.qa import QAResult, Target, as_target
 # Node metadata keys written by the index (hidden from embedding models and LLM prompts).
 TECHNICAL_KEYS = [
     "doc_id", "cache_id", "segment_index", "ratio", "level", "bytes", "full_bytes", "model", "routing", "answer",
-    "mean_logprob", "refusal", "chosen",
+    "mean_logprob", "refusal", "chosen", "composed",
 ]
 
 
@@ -70,21 +70,21 @@ def targets_of(hits: Iterable[Any]) -> list[Target]:
 
 
 def annotate(result: Optional[QAResult], nodes: Sequence[NodeWithScore]) -> List[NodeWithScore]:
-    """Copies of ``nodes`` with each one's own answer in its metadata (nodes without an answer unchanged)."""
+    """Copies of ``nodes`` with what each one did for the answer in its metadata (:meth:`QAResult.source_metadata`:
+    ``composed`` in a composed answer; its own ``answer``, ``mean_logprob``, ``refusal`` and ``chosen`` otherwise);
+    nodes the answer did not reach are unchanged."""
     if result is None:
         return list(nodes)
-    by_id = {a.node_id: a for a in result.answers}
+    roles = result.source_metadata()
     out = []
     for item in nodes:
-        found = by_id.get(item.node.node_id)
-        if found is None:
+        role = roles.get(item.node.node_id)
+        if role is None:
             out.append(item)
             continue
         node = item.node.model_copy()
-        node.metadata = {**item.node.metadata, "answer": found.text, "mean_logprob": found.mean_logprob,
-                         "refusal": found.refusal, "chosen": found is result.best}
-        added = ["answer", "mean_logprob", "refusal", "chosen"]
-        node.excluded_llm_metadata_keys = list(dict.fromkeys(list(node.excluded_llm_metadata_keys) + added))
-        node.excluded_embed_metadata_keys = list(dict.fromkeys(list(node.excluded_embed_metadata_keys) + added))
+        node.metadata = {**item.node.metadata, **role}
+        node.excluded_llm_metadata_keys = list(dict.fromkeys([*node.excluded_llm_metadata_keys, *role]))
+        node.excluded_embed_metadata_keys = list(dict.fromkeys([*node.excluded_embed_metadata_keys, *role]))
         out.append(NodeWithScore(node=node, score=item.score))
     return out

@@ -13,9 +13,9 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.errors import InvalidArgumentError
-from kvzip_rag.qa import check_sampling
+from kvzip_rag.qa import Composer, check_sampling, get_composer
 
-from .nodes import annotate, targets_of
+from .nodes import annotate
 from .tracing import Trace
 
 if TYPE_CHECKING:
@@ -36,7 +36,14 @@ class KVzipQueryEngine(BaseQueryEngine):
     ``query``/``aquery`` return a ``Response`` (``StreamingResponse`` / ``AsyncStreamingResponse`` with
     ``streaming=True``) with ``source_nodes`` and metadata (``retrieve_s``, ``cache_load_s``, ``ttft_s``,
     ``decode_s``, ``bytes_loaded``, ``ratio``, ``kept_ratio``, token counts, ``answers``...; a streaming response's
-    metadata is filled in when the stream ends). ``similarity_top_k > 1``: best-of-k (the service's composition).
+    metadata is filled in when the stream ends).
+
+    ``similarity_top_k > 1``: the routed caches make one answer by ``compose`` (default: the index service's,
+    ``"parallel"``: joined into one cache that answers once; ``"sequential"``; ``"best-of-k"``: each cache answers and
+    the best answer is kept). Every routed node stays in ``source_nodes``, marked by what it did (``composed``
+    True/False, the latter for a node the model's window could not take; best-of-k: its own ``answer`` and
+    ``chosen``); ``metadata`` names the strategy (``compose``, ``strategy``) and lists ``composed_node_ids`` and
+    ``dropped_node_ids``.
 
     ``node_postprocessors`` run on the routed nodes before any cache is loaded (a postprocessor that drops a node
     drops its cache). ``response_mode``: ``"no_text"`` returns the routed nodes without generating; the text
@@ -47,17 +54,18 @@ class KVzipQueryEngine(BaseQueryEngine):
     def __init__(self, index: "KVzipIndex", similarity_top_k: int = 1, streaming: bool = False,
                  callback_manager: Optional[CallbackManager] = None,
                  node_postprocessors: Optional[Sequence[Any]] = None, response_mode: Any = None,
-                 **sampling: Any) -> None:
+                 compose: "str | Composer | None" = None, **sampling: Any) -> None:
         mode = _mode_name(response_mode)
         if mode not in _ACCEPTED_MODES:
             raise InvalidArgumentError(
                 f"response_mode={mode!r} does not apply to a KVzip query engine: that mode puts the retrieved text "
                 "into an LLM prompt, while this engine answers from each routed segment's compressed KV cache "
-                "(no text is re-read; similarity_top_k > 1 keeps the best answer). Drop response_mode (or use "
+                "(no text is re-read; similarity_top_k > 1 composes the routed caches). Drop response_mode (or use "
                 "'no_text' for retrieval only), or pass llm= to get LlamaIndex's synthesizer over the segment texts"
             )
         self._index = index
         self._sampling = check_sampling(sampling)
+        self._compose = get_composer(compose) if compose is not None else None  # None: the index service's
         self._retriever = index.as_retriever(similarity_top_k=similarity_top_k)
         self._streaming = streaming
         self._no_text = mode == "no_text"
@@ -111,7 +119,7 @@ class KVzipQueryEngine(BaseQueryEngine):
         trace = Trace(self.callback_manager, question, model).start()
         if not self._streaming:
             try:
-                result = index.answer_hits(question, nodes, **self._sampling)
+                result = index.answer_hits(question, nodes, compose=self._compose, **self._sampling)
             except BaseException as error:
                 trace.fail(error)
                 raise
@@ -119,7 +127,7 @@ class KVzipQueryEngine(BaseQueryEngine):
                                 metadata=result.metadata(retrieve_s))
             trace.end(result.text, result, response)
             return response
-        stream = index.qa.stream(question, targets=targets_of(nodes), **self._sampling)
+        stream = index.stream_hits(question, nodes, compose=self._compose, **self._sampling)
         metadata: dict = {"retrieve_s": retrieve_s, "ratio": index.ratio, "level": index.level}
         source_nodes: list = list(nodes) + extra
 

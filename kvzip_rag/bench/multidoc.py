@@ -12,8 +12,8 @@ Methods, side by side on the same routed documents, in the same order:
   composed (``kvzip_rag.compose``), one answer. TTFT counts reading the blobs, composing and the question.
   Repair does not apply to the parallel layout (each document's first tokens already see exactly their prefix).
 - ``best-of-k@r``: every routed document's cache answers alone; the answer with the best mean log-probability wins
-  (today's behaviour with ``similarity_top_k > 1``). Its TTFT is the time until the winner is known (all k answers),
-  its NLL the gold answer's under the winning cache.
+  (``compose="best-of-k"``; ``similarity_top_k > 1`` composes in parallel by default). Its TTFT is the time until
+  the winner is known (all k answers), its NLL the gold answer's under the winning cache.
 - ``chunk-rag``: LlamaIndex ``VectorStoreIndex`` over the chunks of all the question's documents, top ``k`` chunks
   prefilled with the question by the same LLM (TTFT includes retrieval, not indexing).
 - ``oracle``: no stored cache: the prefix and the routed documents' tokens (the exact token sequence the sequential

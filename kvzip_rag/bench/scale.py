@@ -393,15 +393,14 @@ def ray_throughput(model_name: str | None, data_dir: Path, documents: int = 12, 
     (``paragraphs`` consecutive paragraphs each) into a fresh folder store per run; model loading is timed apart."""
     import ray
 
-    from kvzip_rag.distributed import index_documents
+    from kvzip_rag.distributed import index_documents, init_ray
 
     articles = json.loads((Path(data_dir) / "squad" / "dev-v1.1-even-articles.json").read_text())["data"]
     contexts = [p["context"] for a in articles for p in a["paragraphs"]]
     texts = [" ".join(contexts[i * paragraphs:(i + 1) * paragraphs]) for i in range(documents)]
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False,
-                 object_store_memory=100 * 2**20)
+        init_ray(num_cpus=max(workers), object_store_memory=100 * 2**20)
     rows = []
     try:
         for count in workers:

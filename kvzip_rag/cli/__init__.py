@@ -3,7 +3,7 @@
     kvzip-rag demo                                   # index examples/docs and answer examples/docs/questions.json
     kvzip-rag index notes/ manual.pdf                # .txt .md .html .htm .pdf, files and folders
     kvzip-rag ask "How do I descale the machine?"    # streams the answer, then sources, timings, compression
-    kvzip-rag ask "..." --k 3                        # best of 3 routed caches (as similarity_top_k=3)
+    kvzip-rag ask "..." --k 3                        # one answer from 3 routed caches joined (as similarity_top_k=3)
     kvzip-rag chat                                   # follow-up questions about one document
     kvzip-rag ls | rm DOC_ID | gc [--now] | inspect DOC_ID --out pictures/
 

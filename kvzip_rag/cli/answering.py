@@ -1,7 +1,8 @@
 """``kvzip-rag ask`` and ``chat``: the core QA service (:mod:`kvzip_rag.qa`) with streaming to the terminal.
 
-``ask --k N`` does what ``similarity_top_k=N`` and LangChain's ``k=N`` do: every routed cache answers and the best
-answer is kept (best-of-k); ``--k 1`` streams tokens live.
+``ask --k N`` does what ``similarity_top_k=N`` and LangChain's ``k=N`` do: the N routed caches are joined into one
+that answers once (``--compose``, default parallel; best-of-k keeps the best of N answers); ``--k 1`` answers from
+the one cache. Tokens stream live (best-of-k: once the best answer is chosen).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import sys
 from typing import Annotated
 
 import typer
+
+from kvzip_rag.composers import DEFAULT_COMPOSE
 
 from .app import app, settings_of
 from .output import answer_figures, compression_line, console, say, show, stream_to_console
@@ -39,13 +42,18 @@ def check_doc(settings: Settings, store, doc: str | None) -> None:
                        "kvzip-rag index PATH")
 
 
-def route(settings: Settings, qa, question: str, k: int, doc: str | None):
-    """The service's routing; without --doc, a question that matches no word is refused (not guessed)."""
-    check_doc(settings, qa.store, doc)
-    routing = qa.route(question, k, [doc] if doc else None)
-    if routing.fallback and doc is None:
+def refuse_unmatched(fallback: bool, doc: str | None) -> None:
+    """Without --doc, a question that matches no word is refused (not guessed)."""
+    if fallback and doc is None:
         raise CLIError("no indexed document matches the words of this question; rephrase it, or pick a "
                        "document with --doc (see `kvzip-rag ls`)")
+
+
+def route(settings: Settings, qa, question: str, k: int, doc: str | None):
+    """The service's routing (see :func:`refuse_unmatched`)."""
+    check_doc(settings, qa.store, doc)
+    routing = qa.route(question, k, [doc] if doc else None)
+    refuse_unmatched(routing.fallback, doc)
     return routing
 
 
@@ -55,12 +63,12 @@ def ask(
     ctx: typer.Context,
     question: Annotated[str, typer.Argument(help="The question.", show_default=False)],
     doc: Annotated[str | None, typer.Option("--doc", help="Answer from this document only.")] = None,
-    k: Annotated[int, typer.Option("--k", min=1, help="Segments to retrieve; each one's cache answers and the best "
-                                                      "answer is kept (as similarity_top_k / k).")] = 1,
+    k: Annotated[int, typer.Option("--k", min=1, help="Segments to retrieve; their caches make one answer (see "
+                                                      "--compose; as similarity_top_k / k).")] = 1,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens in the answer.")] = 128,
-    compose: Annotated[str, typer.Option("--compose", help="With --k > 1: best-of-k (each cache answers, the best "
-                                                           "is kept), or parallel / sequential (the k caches joined "
-                                                           "into one that answers once).")] = "best-of-k",
+    compose: Annotated[str, typer.Option("--compose", help="With --k > 1: parallel or sequential (the k caches "
+                                                           "joined into one that answers once), or best-of-k (each "
+                                                           "cache answers, the best is kept).")] = DEFAULT_COMPOSE,
     store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
     ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
@@ -78,20 +86,28 @@ def ask(
 
 
 def print_footer(result, routing) -> None:
-    lines = ["[bold]sources[/bold]"]
-    for answer, target in ((a, t) for a in result.answers for t in (a.target, *a.also)):
-        chosen = " [green]← answer[/green]" if len(result.answers) > 1 and answer is result.best else ""
+    """Every routed segment, in routing order, marked with what it did for the answer (``source_metadata``)."""
+    roles = result.source_metadata()
+    if result.composed:
+        how = f" [dim]({show(result.compose)}: one answer from {len(result.used)} caches joined)[/dim]"
+    elif len(result.answers) > 1:
+        how = f" [dim](best of {len(result.answers)}: each cache answered, the marked answer was kept)[/dim]"
+    else:
+        how = ""
+    lines = [f"[bold]sources[/bold]{how}"]
+    for target in routing.targets:
+        role = roles.get(target.node_id, {})
+        mark = (" [green]← answer[/green]" if role.get("chosen") and len(result.answers) > 1
+                else " [yellow]← left out: the model's window was full[/yellow]" if role.get("composed") is False
+                else "")
         if target.routing == "fallback":
             lines.append(f"[cyan]{show(target.doc_id)}[/cyan] segment {target.segment_index} (no word of the "
-                         f"question matched; answered from the first segment){chosen}")
+                         f"question matched: taken in document order){mark}")
             continue
         snippet = " ".join(target.text.split())[:90]
         lines.append(f"[cyan]{show(target.doc_id)}[/cyan] segment {target.segment_index} (score "
-                     f"{target.score:.2f}): [dim]{show(snippet)}…[/dim]{chosen}")
+                     f"{target.score:.2f}): [dim]{show(snippet)}…[/dim]{mark}")
     best = result.best
-    if best.dropped:
-        lines.append("[yellow]left out (the model's window was full):[/yellow] "
-                     + ", ".join(f"{show(t.doc_id)} segment {t.segment_index}" for t in best.dropped))
     lines.append("[bold]timings[/bold]      " + answer_figures(best.answer, result.cache_load_s, routing.seconds))
     lines.append("[bold]compression[/bold]  " + _compression(best))
     say("\n".join(lines), soft_wrap=True)
@@ -116,10 +132,11 @@ def chat(
     store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
     ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
-    """Follow-up questions about one document; the conversation stays in its compressed cache.
+    """A conversation over the compressed caches: every question is routed, follow-ups continue in the cache.
 
-    Reads one question per line until end of input or "exit"; "/reset" forgets the conversation (the next
-    question is routed again).
+    A question about another document brings that document into the conversation's cache (composed beside the
+    earlier ones; the footer says which documents each answer used). Reads one question per line until end of input
+    or "exit"; "/reset" forgets the conversation.
     """
     from kvzip_rag.dialogue import ChatSession
     from kvzip_rag.errors import ContextTooLongError
@@ -130,7 +147,8 @@ def chat(
     check_doc(settings, qa.store, doc)
     session = ChatSession(qa, doc_ids=[doc] if doc else None, sampling={"max_new_tokens": max_tokens})
     interactive = sys.stdin.isatty()
-    say("[dim]Ask a question; follow-ups stay in the same document. /reset starts over, exit or Ctrl-D quits.[/dim]")
+    say("[dim]Ask a question; follow-ups continue the conversation, another topic brings in its document. /reset "
+        "starts over, exit or Ctrl-D quits.[/dim]")
     while True:
         question = _read_line(interactive)
         if question is None or question.lower() in ("exit", "quit", "/exit", "/quit"):
@@ -144,32 +162,46 @@ def chat(
         if not interactive:
             console.print(f"[bold green]you>[/bold green] {show(question)}")
         try:
-            if session.conversation is None:
-                route(settings, qa, question, 1, doc)
-                session.route(question)
+            plan = session.plan(question)
+            if plan.change == "new":
+                refuse_unmatched(plan.fallback, doc)
             console.print("[bold blue]kvzip>[/bold blue] ", end="")
             try:
-                turn = _turn(session, question)
+                turn = _turn(session, question, plan)
             except ContextTooLongError:
+                if session.conversation is None:  # the document alone leaves no room for this answer
+                    raise
                 session.conversation.reset()
                 say("[yellow]the conversation filled the model's window: it starts over from the document[/yellow]")
-                turn = _turn(session, question)
-            if len(session.conversation.turns) == 1:
-                cache = session.conversation.cache
-                say(f"[dim]talking about {show(session.targets[0].doc_id)} · "
-                    f"{compression_line(cache, turn.info.get('bytes_loaded'))}[/dim]")
-            say(f"[dim]{answer_figures(turn.answer, turn.info.get('cache_load_s', 0.0))} · "
-                f"turn {len(session.conversation.turns)}[/dim]")
+                turn = _turn(session, question, None)
+            print_chat_footer(session, turn)
         except CLIError as error:  # e.g. no document matches: say so and keep the loop going
             say(f"[red]{show(str(error))}[/red]")
 
 
-def _turn(session, question: str):
+def _turn(session, question: str, plan):
     from kvzip_rag.bridge import push_in_thread
 
     holder = []
-    stream_to_console(push_in_thread(lambda emit: holder.append(session.ask(question, emit=emit))))
+    stream_to_console(push_in_thread(lambda emit: holder.append(session.ask(question, emit=emit, plan=plan))))
     return holder[0]
+
+
+_CHANGES = {"new": "talking about", "recomposed": "now talking about", "switched": "switched to"}
+
+
+def print_chat_footer(session, turn) -> None:
+    """Which documents the answer used (and what changed in the conversation's cache), then its figures."""
+    names = ", ".join(show(d) for d in turn.info["doc_ids"])
+    if turn.change in _CHANGES:
+        say(f"[dim]{_CHANGES[turn.change]} {names} · "
+            f"{compression_line(session.conversation.cache, turn.info['bytes_loaded'])}[/dim]")
+    for dropped in turn.dropped:
+        why = ("the model's window cannot hold it beside the conversation" if dropped.reason == "window" else
+               f"a conversation keeps at most {session.max_documents} documents")
+        say(f"[yellow]left {show(dropped.target.doc_id)} out of the conversation ({why})[/yellow]")
+    say(f"[dim]{answer_figures(turn.answer, turn.info['cache_load_s'])} · turn {len(session.conversation.turns)} "
+        f"· from {names}[/dim]")
 
 
 def _read_line(interactive: bool) -> str | None:
