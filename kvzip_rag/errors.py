@@ -42,6 +42,11 @@ class StoreError(KVzipError):
     """The store cannot do what was asked (disk full, read-only, unreachable); the message names the path."""
 
 
+class BlobStorageError(StoreError):
+    """The object store holding the blobs refused or failed a request (credentials, permissions, network): the
+    message names the URL and, for credentials, the environment variables the client reads."""
+
+
 class StoreFullError(StoreError, OSError):
     """The disk holding the store is full: the message names the path and the space needed; nothing was lost."""
 

@@ -106,6 +106,7 @@ class CacheStore:
         blobs: BlobBackend | None = None,
         blob_url: str | None = None,
     ):
+        self.blob_url: str | None = None  # the object store holding the blobs (None: a local folder or blobs=)
         if blob_url is not None:  # a folder (path or file://) or an object store (s3://bucket/prefix)
             if blobs is not None or blob_dir is not None:
                 raise InvalidArgumentError("give one of blob_url=, blob_dir= and blobs=")
@@ -115,7 +116,7 @@ class CacheStore:
             if isinstance(backend, LocalBlobs):
                 blob_dir = backend.root
             else:
-                blobs = backend
+                blobs, self.blob_url = backend, blob_url
         database: Path | None = None
         if url is None:
             if path is None:
@@ -224,7 +225,7 @@ class CacheStore:
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
-        blobs = str(self.blob_dir) if self.blob_dir else type(self.blobs).__name__
+        blobs = str(self.blob_dir) if self.blob_dir else self.blob_url or type(self.blobs).__name__
         return f"CacheStore(url={url!r}, blobs={blobs!r}{', read_only=True' if self.read_only else ''})"
 
     def indexer(self, model, **options) -> Indexer:
@@ -444,32 +445,44 @@ class CacheStore:
     # -------------------------------------------------------------------------------------------- the prefix
 
     def _ensure_prefix(self, prefix: PrefixKV, model_name: str) -> tuple[int, PrefixKV]:
-        """The stored prefix of ``prefix``'s model and template (storing ``prefix`` if there is none yet)."""
+        """The stored prefix of ``prefix``'s model and template (storing ``prefix`` if there is none yet). gc
+        removes prefixes no cache uses (:mod:`.maintenance`); one it removes while we look is stored again."""
+        key = (Prefix.model_fingerprint == prefix.model_fingerprint, Prefix.template_digest == prefix.template_digest)
+        for _ in range(4):
+            with self._read() as session:
+                row = session.scalars(sa.select(Prefix).where(*key)).first()
+            if row is None:
+                self._store_prefix(prefix, model_name)
+                continue
+            try:
+                return row.id, self._load_prefix(row, "cpu")
+            except CorruptBlobError:
+                with self._read() as session:
+                    if session.get(Prefix, row.id) is not None:  # really damaged, not removed by gc
+                        raise
+        raise StoreError(f"the shared prefix of model {model_name!r} was removed by gc while it was being stored; "
+                         "run gc --now only when no other process is indexing")
+
+    def _store_prefix(self, prefix: PrefixKV, model_name: str) -> None:
+        """Blob first, then the row; a concurrent writer's row for the same model and template wins."""
         from .cachefile import encode_prefix
 
-        key = (Prefix.model_fingerprint == prefix.model_fingerprint, Prefix.template_digest == prefix.template_digest)
-        with self._read() as session:
-            row = session.scalars(sa.select(Prefix).where(*key)).first()
-        if row is None:
-            blob = encode_prefix(prefix, model_name)
-            name = self._put_blob(blob.data)
-            try:
-                with self._write() as session, session.begin():
-                    session.add(Prefix(
-                        model_name=model_name, model_fingerprint=prefix.model_fingerprint,
-                        template_digest=prefix.template_digest, prefix_length=prefix.prefix_length,
-                        blob_path=name, nbytes=len(blob.data), kv_nbytes=prefix.nbytes, sha256=blob.sha256,
-                        payload_sha256=blob.payload_sha256,
-                    ))
-            except sa.exc.IntegrityError:  # another writer stored it first: use theirs
-                self._remove_blobs([name])
-            except BaseException as error:
-                self._remove_blobs([name])
-                self._raise_if_full(error)
-                raise
-            with self._read() as session:
-                row = session.scalars(sa.select(Prefix).where(*key)).one()
-        return row.id, self._load_prefix(row, "cpu")
+        blob = encode_prefix(prefix, model_name)
+        name = self._put_blob(blob.data)
+        try:
+            with self._write() as session, session.begin():
+                session.add(Prefix(
+                    model_name=model_name, model_fingerprint=prefix.model_fingerprint,
+                    template_digest=prefix.template_digest, prefix_length=prefix.prefix_length,
+                    blob_path=name, nbytes=len(blob.data), kv_nbytes=prefix.nbytes, sha256=blob.sha256,
+                    payload_sha256=blob.payload_sha256,
+                ))
+        except sa.exc.IntegrityError:  # another writer stored it first: use theirs
+            self._remove_blobs([name])
+        except BaseException as error:
+            self._remove_blobs([name])
+            self._raise_if_full(error)
+            raise
 
     def _load_prefix(self, row: Prefix, device: str) -> PrefixKV:
         from .cachefile import read_prefix
@@ -596,10 +609,12 @@ class CacheStore:
         return maintenance.verify(self, doc_ids)
 
     def gc(self, *, min_age_s: float = GC_MIN_AGE_S, dry_run: bool = False, now: bool = False) -> GCReport:
-        """Remove blobs (and stale temp files) that no row points to and that are older than ``min_age_s``
-        (default 600 s: younger ones may belong to an add still in progress in another process). ``now=True``
-        is ``min_age_s=0``: only for a quiet store, where no other process is indexing. Reports rows whose blob is
-        missing in ``missing`` (``verify()`` says more). Works on a full disk."""
+        """Remove blobs (and stale temp files) that no row points to, and shared template prefixes (row and blob)
+        that no cache uses any more (every document of that model was deleted), when older than ``min_age_s``
+        (default 600 s: younger ones may belong to an add still in progress in another process; a writer whose
+        prefix is removed under it stores it again). ``now=True`` is ``min_age_s=0``: only for a quiet store,
+        where no other process is indexing. Reports rows whose blob is missing in ``missing`` (``verify()`` says
+        more). Works on a full disk."""
         return maintenance.collect_garbage(self, min_age_s=0.0 if now else min_age_s, dry_run=dry_run)
 
 

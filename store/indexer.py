@@ -13,18 +13,21 @@ import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from kvzip_rag.budget import check_ratio_level, same_ratio
 from kvzip_rag.cache import PackedCache, PrefixKV
-from kvzip_rag.errors import InvalidArgumentError, KVzipError, ModelMismatchError
+from kvzip_rag.errors import InvalidArgumentError, KVzipError, ModelMismatchError, StoreError
 from kvzip_rag.quant import check_bits
 
 from .blob import full_error
 from .cachefile import encode_document
 from .records import CacheRecord, DocumentRecord
-from .schema import Cache, Document, Segment
+from .schema import Cache, Document, Prefix, Segment
 from .segment import MAX_SEGMENTS, segment_document
 from .validate import check_doc_id, check_metadata, check_text
 
@@ -67,6 +70,26 @@ class _Raced(Exception):
     """Another writer stored the same document between our check and our transaction."""
 
 
+class _PrefixGone(Exception):
+    """gc removed shared prefixes (ids in ``args[0]``) that the rows about to be committed use: no cache used
+    them any more and they were older than gc's grace period."""
+
+
+T = TypeVar("T")
+
+
+def _hold_prefixes(session: Session, rows: list[Cache]) -> None:
+    """Key-share lock the shared prefixes ``rows`` use until the transaction ends, so that gc cannot delete them
+    before the rows reference them (SQLite: the write transaction already excludes gc's); ``_PrefixGone`` for
+    those gc has already deleted."""
+    wanted = {row.prefix_id for row in rows if row.prefix_id is not None}
+    if wanted:
+        held = set(session.scalars(sa.select(Prefix.id).where(Prefix.id.in_(wanted))
+                                   .with_for_update(read=True, key_share=True)))
+        if wanted - held:
+            raise _PrefixGone(wanted - held)
+
+
 class Indexer:
     """Compresses documents with ``model`` into ``store`` (a :class:`~kvzip_rag.store.CacheStore`)."""
 
@@ -74,6 +97,7 @@ class Indexer:
         self.model, self.store = model, store
         self.max_segment_tokens = max_segment_tokens
         self.max_segments = max_segments
+        self._prefixes: dict[int, tuple[PrefixKV, str]] = {}  # prefix id -> (its keys/values, model name)
 
     def kind(self, ratio: float, level: str, scorer, kv_bits: int = 16) -> CacheKind:
         check_ratio_level(ratio, level)
@@ -131,8 +155,28 @@ class Indexer:
         self.store._forget(old_blobs)
         return self.store.get_document(doc_id)
 
+    def _commit(self, rows: list[Cache], write: Callable[[Session], T]) -> T:
+        """``write(session)`` in one write transaction that first holds the shared prefixes ``rows`` use. A prefix
+        gc removed since it was looked up is stored again and the rows re-pointed at it (the document blobs do
+        not depend on which row holds the prefix)."""
+        for _ in range(3):
+            try:
+                with self.store._write() as session, session.begin():
+                    _hold_prefixes(session, rows)
+                    return write(session)
+            except _PrefixGone as gone:
+                for old_id in gone.args[0]:
+                    prefix, model_name = self._prefixes.pop(old_id)
+                    new_id, _ = self.store._ensure_prefix(prefix, model_name)
+                    self._prefixes[new_id] = (prefix, model_name)
+                    for row in rows:
+                        if row.prefix_id == old_id:
+                            row.prefix_id = new_id
+        raise StoreError(f"the shared prefix of model {self.model.name!r} was removed by gc three times while "
+                         "these caches were being stored; run gc --now only when no other process is indexing")
+
     def _commit_new(self, doc_id, digest, text, meta, pieces, rows, force) -> list[tuple[str, str]]:
-        with self.store._write() as session, session.begin():
+        def write(session: Session) -> list[tuple[str, str]]:
             old = self.store._load_document(session, doc_id)
             old_blobs = []
             if old is not None:  # stored by another writer since we looked
@@ -153,7 +197,9 @@ class Indexer:
                 segment.caches.append(row)
                 document.segments.append(segment)
             session.add(document)
-        return old_blobs
+            return old_blobs
+
+        return self._commit(rows, write)
 
     def recompress(
         self, doc_id: str, *, ratio: float = 0.3, level: str = "pair", scorer="kvzip", replace: bool = False,
@@ -182,7 +228,8 @@ class Indexer:
             built = self._compress([s.text for s in todo], kind, scorer, written, progress)
             rows = {s.id: row for s, row in zip(todo, built)}
             self.store._touch(written)
-            with self.store._write() as session, session.begin():
+
+            def write(session: Session) -> None:
                 current = self.store._load_document(session, document.id)
                 if current is None or current.content_hash != document.content_hash:
                     raise KVzipError(f"document {document.id!r} was deleted or replaced while it was being compressed")
@@ -199,6 +246,8 @@ class Indexer:
                     session.flush()
                     if row is not None:
                         segment.caches.append(row)
+
+            self._commit(list(rows.values()), write)
         except IntegrityError:
             # A concurrent add stored the same kind of cache first: theirs is as good as ours.
             self.store._remove_blobs(written)
@@ -266,6 +315,7 @@ class Indexer:
 
         own, _ = split_prefix(cache)
         prefix_id, stored = self.store._ensure_prefix(own, cache.info.model_name)
+        self._prefixes[prefix_id] = (stored, cache.info.model_name)
         for a, b in zip(own.keys + own.values, stored.keys + stored.values):
             a, b = a.detach().float().cpu(), b.float()
             if a.shape != b.shape or float((a - b).norm()) > PREFIX_TOLERANCE * (float(b.norm()) + 1e-6):

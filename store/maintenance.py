@@ -1,13 +1,15 @@
-"""Store maintenance: ``verify`` (every byte of every blob, against its row) and ``gc`` (orphan blobs)."""
+"""Store maintenance: ``verify`` (every byte of every blob, against its row) and ``gc`` (orphan blobs and shared
+prefixes no cache uses any more)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
-from kvzip_rag.errors import CorruptBlobError, KVzipError
+from kvzip_rag.errors import BlobStorageError, CorruptBlobError, KVzipError
 
 from .blob import BlobReader, ReadStats, file_sha256
 from .records import GCReport, VerifyProblem, VerifyReport, cache_record
@@ -39,6 +41,8 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
                 reader.verify_payload()
         except FileNotFoundError:
             bad_prefixes[row.id] = f"the shared prefix of model {row.model_name!r} is missing"
+        except BlobStorageError:  # the object store is unreachable or refuses us: not a problem of this blob
+            raise
         except KVzipError as error:
             bad_prefixes[row.id] = str(error)
     for record, prefix_row, text in found:
@@ -58,6 +62,8 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
         except FileNotFoundError:
             report.problems.append(VerifyProblem(record.id, record.document_id, record.segment_index,
                                                  record.blob_path, f"{label}: the blob is missing"))
+        except BlobStorageError:
+            raise
         except KVzipError as error:
             report.problems.append(
                 VerifyProblem(record.id, record.document_id, record.segment_index, record.blob_path, str(error))
@@ -65,11 +71,11 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
     return report
 
 def collect_garbage(store, *, min_age_s: float, dry_run: bool = False) -> GCReport:
-    """Remove blobs (and stale temp files) that no row points to and that are older than ``min_age_s``
-    (default 600 s: younger ones may belong to an add still in progress in another process). ``now=True``
-    is ``min_age_s=0``: only for a quiet store, where no other process is indexing. Reports rows whose blob is
-    missing in ``missing`` (``verify()`` says more). Works on a read-only database (it only reads rows) and on
-    a full disk."""
+    """Remove blobs (and stale temp files) that no row points to, then shared prefixes no cache uses any more,
+    both only when older than ``min_age_s`` (younger ones may belong to an add still in progress in another
+    process; 0 is for a quiet store). Reports rows whose blob is missing in ``missing`` (``verify()`` says more).
+    Works on a full disk (orphan blobs go first: that frees space before any row is deleted) and, with
+    ``dry_run``, on a read-only store (it only reads)."""
     if not dry_run:
         store._require_writable()
     report = GCReport()
@@ -92,6 +98,45 @@ def collect_garbage(store, *, min_age_s: float, dry_run: bool = False) -> GCRepo
             store.blobs.delete(relative)
     present = {name for name, _, _ in entries}
     report.missing = sorted(cid for rel, cid in referenced.items() if rel not in present)
+    _collect_prefixes(store, min_age_s, dry_run, report)
     if not dry_run:
         store._keep_reserve()
     return report
+
+
+def _unused(cutoff: datetime):
+    """Prefix rows no cache references, created before ``cutoff``: the one rule of what gc may remove."""
+    return sa.and_(Prefix.created < cutoff, ~sa.exists().where(Cache.prefix_id == Prefix.id))
+
+
+def _collect_prefixes(store, min_age_s: float, dry_run: bool, report: GCReport) -> None:
+    """Delete unused prefix rows (each in its own transaction that re-checks the rule), then their blobs.
+
+    Race-safe with writers: a writer takes the prefix it uses with a key-share lock in the very transaction that
+    inserts its caches and, if gc removed it meanwhile, stores it again (``Indexer``). So either this delete
+    commits first and the writer sees the row gone, or the writer's caches commit first and this delete finds
+    them (SQLite serialises the two transactions; on PostgreSQL the foreign key refuses the delete, which is
+    then skipped)."""
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=min_age_s)
+    with store._read() as session:
+        candidates = session.execute(
+            sa.select(Prefix.id, Prefix.blob_path, Prefix.nbytes, Prefix.model_name).where(_unused(cutoff))
+        ).all()
+
+    def delete(prefix_id: int) -> bool:
+        try:
+            with store._write() as session, session.begin():
+                gone = session.execute(sa.delete(Prefix).where(Prefix.id == prefix_id, _unused(cutoff))
+                                       .execution_options(synchronize_session=False))
+        except sa.exc.IntegrityError:  # a writer's caches reference it now
+            return False
+        return gone.rowcount == 1
+
+    for prefix_id, blob_path, nbytes, model_name in candidates:
+        if not dry_run:
+            if not store._retry_full(lambda: delete(prefix_id), store._where()):
+                continue
+            store.blobs.delete(blob_path)
+        report.removed.append(blob_path)
+        report.freed_nbytes += nbytes
+        report.prefixes.append(model_name)

@@ -19,18 +19,36 @@ never from kvzip-rag's own files.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urlparse
 
-from kvzip_rag.errors import InvalidArgumentError
+from kvzip_rag.errors import BlobStorageError, InvalidArgumentError
 from kvzip_rag.extras import require
 
 from .blob import BlobBackend, LocalBlobs
 
 
 COALESCE = 4096  # ranges closer than this are one request: a few KiB cost less than another round trip
+
+# URL schemes obstore opens as object stores, by family (its ``from_url`` also takes http:// and memory://: no place
+# for a store's blobs)
+OBJECT_SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "az": "az", "abfs": "az", "abfss": "az", "azure": "az"}
+# the environment variables obstore's credential chain reads, per family (named in error messages)
+_CREDENTIALS = {
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary keys), or "
+          "AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or the instance metadata service; for an S3-compatible "
+          "server also AWS_ENDPOINT_URL and AWS_REGION (and AWS_ALLOW_HTTP=true for an http:// endpoint)",
+    "gs": "GOOGLE_SERVICE_ACCOUNT (a key file) or GOOGLE_SERVICE_ACCOUNT_KEY (its JSON), or "
+          "GOOGLE_APPLICATION_CREDENTIALS",
+    "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_KEY), or a managed "
+          "identity",
+}
+# obstore found no credentials in the environment and asked the instance metadata service (IMDS), which failed
+_NO_CREDENTIALS = ("169.254.169.254", "/latest/api/token", "/latest/meta-data", "credential")
 
 
 def _coalesced(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -76,12 +94,43 @@ class ObstoreObjects:
     def __init__(self, url: str, **options):
         require("obstore", "s3", f"blob storage at {url!r}")
         import obstore
+        from obstore.exceptions import BaseError
         from obstore.store import from_url
 
         self._obstore = obstore
+        self._errors = BaseError
         self.url = url
-        self.store = from_url(url, **options)
+        self.family = OBJECT_SCHEMES.get(urlparse(url).scheme.lower(), "s3")
+        with self._translated("open"):
+            self.store = from_url(url, **options)
         self.counter = ReadCounter()
+
+    @contextmanager
+    def _translated(self, action: str, key: str = ""):
+        """obstore's errors as :class:`BlobStorageError` naming the URL (and, when the request was refused or no
+        credentials were found, the variables obstore reads them from); a missing object stays FileNotFoundError."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except self._errors as error:
+            raise BlobStorageError(self._explain(action, key, error)) from None
+
+    def _explain(self, action: str, key: str, error: Exception) -> str:
+        text = str(error)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        code = re.search(r"<Code>([^<]+)</Code>", text)
+        what = (lines[0] if lines else type(error).__name__) + (f" ({code.group(1)})" if code else "")
+        where = self.describe(key) if key else self.url
+        message = f"object storage failed to {action} {where}: {what}"
+        credentials = _CREDENTIALS[self.family]
+        if any(sign in text.lower() for sign in _NO_CREDENTIALS):
+            return (f"no credentials for {self.url}: obstore found none in the environment ({what}); set "
+                    f"{credentials}")
+        if type(error).__name__ in ("PermissionDeniedError", "UnauthenticatedError") or "403" in text:
+            return (f"{message}. The server refused the credentials or their permissions: obstore reads them from "
+                    f"{credentials}")
+        return message
 
     def __repr__(self) -> str:
         return f"ObstoreObjects({self.url!r})"
@@ -99,7 +148,8 @@ class ObstoreObjects:
             raise InvalidArgumentError(f"bad byte range ({start}, {length}) of {key!r}")
         if length == 0:
             return b""
-        data = bytes(self._obstore.get_range(self.store, check_key(key), start=start, length=length))
+        with self._translated("read", key):
+            data = bytes(self._obstore.get_range(self.store, check_key(key), start=start, length=length))
         self.counter.add(len(data))
         return data
 
@@ -109,22 +159,25 @@ class ObstoreObjects:
         wanted = [(a, n) for a, n in ranges if n > 0]
         if not wanted:
             return [b"" for _ in ranges]
-        pieces = iter(self._obstore.get_ranges(
-            self.store, check_key(key), starts=[a for a, _ in wanted], lengths=[n for _, n in wanted],
-            coalesce=COALESCE,
-        ))
+        with self._translated("read", key):
+            pieces = iter(self._obstore.get_ranges(
+                self.store, check_key(key), starts=[a for a, _ in wanted], lengths=[n for _, n in wanted],
+                coalesce=COALESCE,
+            ))
         out = [bytes(next(pieces)) if n > 0 else b"" for _, n in ranges]
         spans = _coalesced(wanted)
         self.counter.add(sum(z - a for a, z in spans), len(spans))
         return out
 
     def read(self, key: str) -> bytes:
-        data = bytes(self._obstore.get(self.store, check_key(key)).bytes())
+        with self._translated("read", key):
+            data = bytes(self._obstore.get(self.store, check_key(key)).bytes())
         self.counter.add(len(data))
         return data
 
     def size(self, key: str) -> int:
-        return int(self._obstore.head(self.store, check_key(key))["size"])
+        with self._translated("read", key):
+            return int(self._obstore.head(self.store, check_key(key))["size"])
 
     def exists(self, key: str) -> bool:
         try:
@@ -135,19 +188,22 @@ class ObstoreObjects:
 
     def write(self, key: str, data: bytes) -> None:
         """One upload: readers see no object or all of it."""
-        self._obstore.put(self.store, check_key(key), data)
+        with self._translated("write", key):
+            self._obstore.put(self.store, check_key(key), data)
 
     def delete(self, key: str) -> None:
         try:
-            self._obstore.delete(self.store, check_key(key))
+            with self._translated("delete", key):
+                self._obstore.delete(self.store, check_key(key))
         except FileNotFoundError:
             pass
 
     def entries(self) -> Iterator[tuple[str, int, float]]:
         """``(key, size, modified)`` of every object under the prefix (for gc of orphans)."""
-        for batch in self._obstore.list(self.store, chunk_size=1000):
-            for meta in batch:
-                yield meta["path"], int(meta["size"]), meta["last_modified"].timestamp()
+        with self._translated("list"):
+            for batch in self._obstore.list(self.store, chunk_size=1000):
+                for meta in batch:
+                    yield meta["path"], int(meta["size"]), meta["last_modified"].timestamp()
 
 
 class _ObjectRange:
@@ -168,7 +224,9 @@ class _ObjectRange:
 
 
 def open_objects(location: str | os.PathLike, **options) -> BlobBackend:
-    """A backend for a local folder (a path or ``file://`` URL) or an object store URL (``s3://bucket/prefix``).
+    """A backend for a local folder (a path or ``file://`` URL) or an object store URL (``s3://bucket/prefix``;
+    also ``gs://`` and ``az://``). Other schemes are refused (``InvalidArgumentError``); without obstore,
+    ``MissingExtraError`` names the ``[s3]`` extra.
 
     ``options`` go to obstore's ``from_url`` (e.g. ``endpoint=``, ``region=``); credentials normally come from the
     environment (see the module docstring).
@@ -184,4 +242,10 @@ def open_objects(location: str | os.PathLike, **options) -> BlobBackend:
         return LocalBlobs(unquote(parsed.path))
     if len(parsed.scheme) <= 1:  # no scheme, or a Windows drive letter
         return LocalBlobs(location)
+    if parsed.scheme.lower() not in OBJECT_SCHEMES:
+        raise InvalidArgumentError(
+            f"blob URL {location!r}: the scheme {parsed.scheme!r} is not supported; use s3://bucket/prefix (also "
+            "gs://bucket/prefix, az://container/prefix) or a local folder (a path or file:///folder)")
+    if not parsed.netloc:
+        raise InvalidArgumentError(f"blob URL {location!r} names no bucket: use {parsed.scheme}://bucket/prefix")
     return ObstoreObjects(location, **options)

@@ -96,8 +96,9 @@ class VerifyReport:
 
 @dataclass
 class GCReport:
-    removed: list[str] = field(default_factory=list)  # blob-dir relative paths of orphan blobs / temp files
+    removed: list[str] = field(default_factory=list)  # relative paths of orphan blobs, temp files, unused prefixes
     freed_nbytes: int = 0
+    prefixes: list[str] = field(default_factory=list)  # model names of the unused shared prefixes removed
     missing: list[int] = field(default_factory=list)  # cache ids whose blob is gone (see verify())
 
 

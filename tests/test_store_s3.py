@@ -69,3 +69,26 @@ def test_store_on_postgresql_and_s3(postgres_url, s3_blob_url, wide_model):  # n
         assert store.delete_document("orchard") and not store.blobs.exists(key)
     finally:
         store.close()
+
+
+def test_llamaindex_over_blobs_in_s3_persists_by_reference(s3_blob_url, tmp_path, tiny_llama):  # noqa: F811
+    """``KVzipIndex(store=CacheStore(..., blob_url=...))``: persist() references the store (rows in its SQLite
+    file, blobs in the bucket) instead of copying it, and the loaded index answers from the same objects."""
+    pytest.importorskip("llama_index.core", reason="llama-index-core is not installed (kvzip-rag[llamaindex])")
+    from llama_index.core import Document
+
+    from kvzip_rag import KVzipIndex
+
+    store = CacheStore(tmp_path / "rows", blob_url=s3_blob_url)
+    index = KVzipIndex.from_documents([Document(text=HARBOUR, id_="harbour"), Document(text=ORCHARD, id_="orchard")],
+                                      model=tiny_llama, store=store)
+    question, short = "When do ferries leave for Tessin?", {"max_new_tokens": 4}
+    expected = index.as_query_engine(**short).query(question)
+    index.persist(tmp_path / "persisted")
+    assert not (tmp_path / "persisted" / "kvzip_store").exists()  # nothing copied: the bucket is the store
+    loaded = KVzipIndex.load(tmp_path / "persisted", model=tiny_llama)
+    assert loaded.store.blob_url == s3_blob_url and loaded.store.blob_dir is None
+    again = loaded.as_query_engine(**short).query(question)
+    assert again.response == expected.response and again.source_nodes[0].node.ref_doc_id == "harbour"
+    loaded.store.close()
+    store.close()

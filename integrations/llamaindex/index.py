@@ -309,6 +309,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
                         "this index's cache store is on a database whose password is not persisted: pass "
                         "store=CacheStore(url=..., blob_dir=...) to load it"
                     )
+                if struct.blob_url:
+                    return CacheStore(url=struct.store_url, blob_url=struct.blob_url)
                 return CacheStore(url=struct.store_url, blob_dir=struct.blob_dir)
             raise KVzipError(
                 f"cannot find this index's cache store (looked in {', '.join(tried) or 'nothing'}): pass "
@@ -488,7 +490,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
 
     def persist(self, persist_dir: str | os.PathLike = DEFAULT_PERSIST_DIR, fs=None, **kwargs: Any) -> None:
         """``storage_context.persist(persist_dir)`` plus a copy of the cache store in ``persist_dir/kvzip_store``
-        (a store on another database is referenced instead)."""
+        (a store on another database or with its blobs in object storage is referenced instead)."""
         check_local_fs(fs)
         if not isinstance(self._storage_context.index_store, KVzipIndexStore):
             self._export_store(os.path.abspath(os.fspath(persist_dir)), {})
@@ -498,10 +500,14 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         struct = self._index_struct
         with self.lock:
             store = self._store
-            if store.path is None:
+            if store.path is None or store.blob_url is not None:  # referenced: blobs in a bucket are not copied
+                if store.blob_dir is None and store.blob_url is None:
+                    raise InvalidArgumentError("a KVzipIndex over a store with a custom blobs= backend cannot be "
+                                               "persisted; open its store with blob_dir= or blob_url=")
                 struct.store_dir = struct.store_path = None
                 struct.store_url = store.engine.url.render_as_string(hide_password=True)
-                struct.blob_dir = str(store.blob_dir)
+                struct.blob_dir = str(store.blob_dir) if store.blob_dir is not None else None
+                struct.blob_url = store.blob_url
             else:
                 key = str(store.path)
                 name = exported.get(key)
@@ -515,7 +521,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
                     exported[key] = name
                 struct.store_dir = name
                 struct.store_path = str((Path(persist_dir) / name).resolve())
-                struct.store_url = struct.blob_dir = None
+                struct.store_url = struct.blob_dir = struct.blob_url = None
             self._storage_context.index_store.add_index_struct(struct)
 
     # ------------------------------------------------------------------------------------- retrieval

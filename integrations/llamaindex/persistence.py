@@ -42,8 +42,9 @@ class KVzipIndexStruct(IndexStruct):
     """What a :class:`KVzipIndex` persists: its documents (id -> node ids) and where their caches live.
 
     ``store_dir`` is relative to the persist dir (set when persisting a folder store); ``store_path`` is the absolute
-    folder of that copy (used when no persist dir is given at load); ``store_url``/``blob_dir`` reference a store on
-    another database. ``model_*`` identify the model that built the caches.
+    folder of that copy (used when no persist dir is given at load); ``store_url`` with ``blob_dir`` or ``blob_url``
+    reference a store on another database or with its blobs in object storage. ``model_*`` identify the model that
+    built the caches.
     """
 
     node_ids: Dict[str, List[str]] = field(default_factory=dict)
@@ -57,6 +58,7 @@ class KVzipIndexStruct(IndexStruct):
     store_path: Optional[str] = None
     store_url: Optional[str] = None
     blob_dir: Optional[str] = None
+    blob_url: Optional[str] = None
 
     @classmethod
     def get_type(cls) -> str:  # type: ignore[override]

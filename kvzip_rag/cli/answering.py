@@ -17,6 +17,7 @@ from kvzip_rag.composers import DEFAULT_COMPOSE
 from .app import app, settings_of
 from .output import answer_figures, compression_line, console, say, show, stream_to_console
 from .settings import (
+    BlobUrlOpt,
     CLIError,
     DbOpt,
     DeviceOpt,
@@ -68,14 +69,14 @@ def ask(
     compose: Annotated[str, typer.Option("--compose", help="With --k > 1: parallel or sequential (the k caches "
                                                            "joined into one that answers once), or best-of-k (each "
                                                            "cache answers, the best is kept).")] = DEFAULT_COMPOSE,
-    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, ratio: RatioOpt = None,
-    level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
+    ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """Answer a question from the best matching compressed cache(s), streaming the answer."""
     from kvzip_rag.qa import check_question
 
-    settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
-                           threads=threads)
+    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
+                           device=device, threads=threads)
     question = check_question(question)
     qa = settings.service()
     routing = route(settings, qa, question, k, doc)
@@ -128,8 +129,8 @@ def chat(
     doc: Annotated[str | None, typer.Option("--doc", help="Talk about this document (default: the one the first "
                                                           "question matches).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 128,
-    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, ratio: RatioOpt = None,
-    level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
+    ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """A conversation over the compressed caches: every question is routed, follow-ups continue in the cache.
 
@@ -140,8 +141,8 @@ def chat(
     from kvzip_rag.dialogue import ChatSession
     from kvzip_rag.errors import ContextTooLongError
 
-    settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
-                           threads=threads)
+    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
+                           device=device, threads=threads)
     qa = settings.service()
     check_doc(settings, qa.store, doc)
     session = ChatSession(qa, doc_ids=[doc] if doc else None, sampling={"max_new_tokens": max_tokens})

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from .settings import DbOpt, DeviceOpt, LevelOpt, ModelOpt, RatioOpt, Settings, StoreOpt, ThreadsOpt
+from .settings import (
+    BlobUrlOpt,
+    DbOpt,
+    DeviceOpt,
+    LevelOpt,
+    ModelOpt,
+    RatioOpt,
+    Settings,
+    StoreOpt,
+    ThreadsOpt,
+)
 
 app = typer.Typer(
     name="kvzip-rag",
@@ -21,6 +31,7 @@ def main(
     ctx: typer.Context,
     store: StoreOpt = None,
     db: DbOpt = None,
+    blob_url: BlobUrlOpt = None,
     model: ModelOpt = None,
     ratio: RatioOpt = None,
     level: LevelOpt = None,
@@ -32,7 +43,8 @@ def main(
     Index documents once (prefill, score, keep ~30% of the KV pairs, store them); then every question loads a
     small compressed cache instead of re-reading the document.
     """
-    ctx.obj = Settings(store=store, db=db, model=model, ratio=ratio, level=level, device=device, threads=threads)
+    ctx.obj = Settings(store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level, device=device,
+                       threads=threads)
 
 
 def settings_of(ctx: typer.Context, **overrides) -> Settings:

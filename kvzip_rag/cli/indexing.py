@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kvzip_rag.errors import KVzipError
+from kvzip_rag.errors import BlobStorageError, KVzipError
 from kvzip_rag.text import safe_path
 
 from .app import app, settings_of
@@ -17,6 +17,7 @@ from .files import collect_files, extract_text
 from .output import console, human_bytes, note, print_table, problem, show
 from .progress import IndexProgress
 from .settings import (
+    BlobUrlOpt,
     CLIError,
     DbOpt,
     DeviceOpt,
@@ -45,8 +46,8 @@ def index(
                                                         "document whose id exists with other text.")] = False,
     kv_bits: Annotated[int, typer.Option("--kv-bits", help="16: keep the model's dtype; 8 or 4: quantize the kept "
                                                            "keys and values (about 3x / 5x smaller blobs).")] = 16,
-    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, ratio: RatioOpt = None,
-    level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
+    ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
     ray: Annotated[bool, typer.Option("--ray", help="Compress on a Ray cluster (kvzip-rag[ray]): one worker per "
                                                     "GPU, else per CPU; $RAY_ADDRESS or a local cluster.")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="The Ray cluster to join (auto, "
@@ -58,8 +59,8 @@ def index(
     if kv_bits not in KV_BITS:
         raise typer.BadParameter(f"--kv-bits takes {', '.join(map(str, KV_BITS[:-1]))} or {KV_BITS[-1]}, "
                                  f"got {kv_bits}")
-    settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
-                           threads=threads)
+    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
+                           device=device, threads=threads)
     if ray or ray_address:
         index_paths_on_ray(settings, paths, ray_address, doc_id=doc_id, force=force, kv_bits=kv_bits)
     else:
@@ -70,13 +71,10 @@ def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | Non
                        force: bool = False, kv_bits: int = 16) -> None:
     """Index files and folders with kvzip_rag.distributed (a worker that dies has its document retried)."""
     from kvzip_rag.distributed import index_documents
-    from kvzip_rag.paths import default_store_path
 
     texts, failed = read_texts(paths, doc_id)
-    if settings.db:
-        where = {"store_url": settings.db, "blob_dir": (settings.store or default_store_path()) / "blobs"}
-    else:
-        where = {"store_path": settings.store or default_store_path()}
+    settings.open_store()  # a bad --db or --blob-url fails here, once, not in every worker
+    where = {{"url": "store_url", "path": "store_path"}.get(k, k): v for k, v in settings.store_location().items()}
     ratio, level = settings.ratio or DEFAULT_RATIO, settings.level or DEFAULT_LEVEL
     report = index_documents(
         [(name, text, {"source": safe_path(path.resolve()), "file": safe_path(path.name)})
@@ -137,6 +135,8 @@ def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None
             bars.start_document(name)
             try:
                 row = _index_one(store, kv_model, path, name, text, ratio, level, force, bars.callback, kv_bits)
+            except BlobStorageError:  # the object store refused or failed: every other file would fail alike
+                raise
             except (KVzipError, OSError) as error:
                 problem(f"{path}: {error}")
                 row = None

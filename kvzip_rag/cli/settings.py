@@ -31,6 +31,7 @@ class Settings:
 
     store: Path | None = None
     db: str | None = None
+    blob_url: str | None = None
     model: str | None = None
     ratio: float | None = None
     level: str | None = None
@@ -39,23 +40,30 @@ class Settings:
     _store: object = field(default=None, repr=False)
 
     def merged(self, **overrides) -> Settings:
-        values = {k: getattr(self, k) for k in ("store", "db", "model", "ratio", "level", "device", "threads")}
+        values = {k: getattr(self, k) for k in ("store", "db", "blob_url", "model", "ratio", "level", "device",
+                                                "threads")}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)
 
     def load_model(self, name: str | None = None):
         return load_model_cached(name or self.model, self.device, self.threads)
 
+    def store_location(self) -> dict:
+        """Where the store is, as ``CacheStore`` arguments: rows in ``--db``, else in the ``--store`` folder's
+        SQLite file; blobs at ``--blob-url`` (the folder's ``blobs/`` is then not used), else in that folder."""
+        from kvzip_rag.qa import default_store_path
+        from kvzip_rag.store.cache_store import BLOB_DIR_NAME
+
+        folder = self.store or default_store_path()
+        rows = {"url": self.db} if self.db else {"path": folder}
+        return {**rows, **({"blob_url": self.blob_url} if self.blob_url else {"blob_dir": folder / BLOB_DIR_NAME})}
+
     def open_store(self):
         if self._store is None:
-            from kvzip_rag.qa import default_store_path
             from kvzip_rag.store import CacheStore
 
             try:
-                if self.db:  # rows in that database, blobs in the store folder
-                    self._store = CacheStore(url=self.db, blob_dir=(self.store or default_store_path()) / "blobs")
-                else:
-                    self._store = CacheStore(self.store or default_store_path())
+                self._store = CacheStore(**self.store_location())
             except KVzipError:
                 raise
             except ModuleNotFoundError as error:  # the database driver
@@ -78,13 +86,14 @@ class Settings:
         return QAService(self.open_store(), model, ratio=self.ratio, level=self.level)
 
     def describe_store(self) -> str:
+        blobs = f" (blobs at {self.blob_url})" if self.blob_url else ""
         if self.db:
             from sqlalchemy.engine import make_url
 
-            return make_url(self.db).render_as_string(hide_password=True)
+            return make_url(self.db).render_as_string(hide_password=True) + blobs
         from kvzip_rag.qa import default_store_path
 
-        return str(self.store or default_store_path())
+        return str(self.store or default_store_path()) + blobs
 
 
 _MODELS: dict[tuple, object] = {}
@@ -147,7 +156,13 @@ StoreOpt = Annotated[Path | None, typer.Option(
     "--store", envvar="KVZIP_RAG_STORE", file_okay=False,
     help="Store folder (SQLite file + blobs). Default: the user data dir.", show_default=False)]
 DbOpt = Annotated[str | None, typer.Option(
-    "--db", envvar="KVZIP_RAG_DB", help="SQLAlchemy URL of another database (blobs stay under --store).",
+    "--db", envvar="KVZIP_RAG_DB", help="SQLAlchemy URL of another database (blobs: --blob-url, else under --store).",
+    show_default=False)]
+BlobUrlOpt = Annotated[str | None, typer.Option(
+    "--blob-url", envvar="KVZIP_RAG_BLOB_URL",
+    help="Keep the cache blobs in object storage (s3://bucket/prefix; pip install 'kvzip-rag\\[s3]'; credentials "
+         "from the AWS_* variables) or another folder (file:///path). Rows stay in --db, else in the --store folder's "
+         "SQLite file. One prefix per store: gc removes what this store's rows do not name.",
     show_default=False)]
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", envvar="KVZIP_RAG_MODEL",

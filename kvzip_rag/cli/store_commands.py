@@ -1,4 +1,4 @@
-"""Commands that need no model: ``ls``, ``rm``, ``gc`` (they never import the model stack)."""
+"""Commands that need no model: ``ls``, ``rm``, ``gc``, ``verify`` (they never import the model stack)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import typer
 from rich.table import Table
 
 from .app import app, settings_of
-from .output import console, human_bytes, print_table, show
-from .settings import CLIError, DbOpt, StoreOpt, handle_errors
+from .output import console, human_bytes, print_table, problem, show
+from .settings import BlobUrlOpt, CLIError, DbOpt, StoreOpt, handle_errors
 
 
 @app.command("ls")
 @handle_errors
-def list_documents(ctx: typer.Context, store: StoreOpt = None, db: DbOpt = None) -> None:
+def list_documents(ctx: typer.Context, store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None) -> None:
     """List stored documents: segments, tokens, ratio, bytes kept vs the full cache."""
-    settings = settings_of(ctx, store=store, db=db)
+    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url)
     records = settings.open_store().list_documents()
     if not records:
         console.print(f"The store at {show(settings.describe_store())} is empty; add documents with "
@@ -57,10 +57,10 @@ def _short_model_name(name: str) -> str:
 def remove(
     ctx: typer.Context,
     doc_ids: Annotated[list[str], typer.Argument(help="Document ids (see `kvzip-rag ls`).", show_default=False)],
-    store: StoreOpt = None, db: DbOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None,
 ) -> None:
     """Delete documents, their caches and blobs."""
-    settings = settings_of(ctx, store=store, db=db)
+    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url)
     store_ = settings.open_store()
     unknown = [d for d in doc_ids if d not in store_]
     if unknown:
@@ -75,21 +75,43 @@ def remove(
 @handle_errors
 def collect_garbage(
     ctx: typer.Context,
-    now: Annotated[bool, typer.Option("--now", help="Also remove orphan blobs younger than 10 minutes (only when "
-                                                    "no other process is indexing into this store).")] = False,
+    now: Annotated[bool, typer.Option("--now", help="Also remove what is younger than 10 minutes (only when no "
+                                                    "other process is indexing into this store).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed, remove nothing.")] = False,
-    store: StoreOpt = None, db: DbOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None,
 ) -> None:
-    """Remove cache blobs that no document points to (left by interrupted indexing); frees disk space.
+    """Remove cache blobs that no document points to (left by interrupted indexing), and the shared template
+    prefix of a model no stored document uses any more; frees disk (or bucket) space.
 
-    By default only blobs older than 10 minutes go: a younger one may belong to an `index` still running in
-    another process. `--now` removes them all (use it on a quiet store).
+    By default only what is older than 10 minutes goes: a younger blob or prefix may belong to an `index` still
+    running in another process. `--now` removes them all (use it on a quiet store).
     """
-    settings = settings_of(ctx, store=store, db=db)
-    report = settings.open_store().gc(min_age_s=0, dry_run=dry_run) if now else \
-        settings.open_store().gc(dry_run=dry_run)
+    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url)
+    report = settings.open_store().gc(now=now, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
-    console.print(f"{verb} {len(report.removed)} orphan blob(s), {human_bytes(report.freed_nbytes)}")
+    prefixes = f", and the shared prefix of {', '.join(map(show, report.prefixes))}" if report.prefixes else ""
+    console.print(f"{verb} {len(report.removed) - len(report.prefixes)} orphan blob(s){prefixes}, "
+                  f"{human_bytes(report.freed_nbytes)}")
     if report.missing:
         console.print(f"[yellow]{len(report.missing)} cache row(s) point at a missing blob: re-index those "
                       "documents (kvzip-rag index PATH --force)[/yellow]")
+
+
+@app.command("verify")
+@handle_errors
+def verify(
+    ctx: typer.Context,
+    doc_ids: Annotated[list[str] | None, typer.Argument(help="Document ids (default: all).", show_default=False)]
+    = None,
+    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None,
+) -> None:
+    """Read every cache blob (and the shared prefixes) back and check it against its row: present, same sha256,
+    valid checksums, built from its segment's text. Exit code 1 when any is damaged or missing."""
+    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url)
+    report = settings.open_store().verify(doc_ids or None)
+    for item in report.problems:
+        problem(item.error)
+    if report.problems:
+        raise CLIError(f"{len(report.problems)} of {report.checked} cache(s) are damaged or missing: re-index "
+                       "those documents (kvzip-rag index PATH --force)")
+    console.print(f"{report.checked} cache(s) in {show(settings.describe_store())} verified")

@@ -18,6 +18,7 @@ from .indexing import index_paths
 from .files import SUPPORTED
 from .output import answer_figures, compression_line, console, human_bytes, print_table, show, stream_to_console
 from .settings import (
+    BlobUrlOpt,
     CLIError,
     DbOpt,
     DeviceOpt,
@@ -39,14 +40,14 @@ def inspect_document(
     doc_id: Annotated[str, typer.Argument(help="Document id (see `kvzip-rag ls`).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", file_okay=False, help="Folder for the PNG and HTML files.")]
     = Path("kvzip-inspect"),
-    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, ratio: RatioOpt = None,
-    level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
+    ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """Draw what compression kept: a PNG heatmap of (layer, kv head) budgets and an HTML view of the tokens."""
     from kvzip_rag.inspect import draw_budget_heatmap, write_token_html
 
-    settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
-                         threads=threads)
+    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
+                         device=device, threads=threads)
     store_ = settings.open_store()
     record = store_.get_document(doc_id)
     if record is None:
@@ -82,15 +83,15 @@ def demo(
     docs: Annotated[Path | None, typer.Option("--docs", file_okay=False, help="Folder of documents with a "
                                               "questions.json (default: examples/docs).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 48,
-    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, ratio: RatioOpt = None,
-    level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
+    ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """Index the sample documents and answer their questions, with timings and compression figures.
 
     Re-running it reuses the stored caches.
     """
-    settings = settings_of(ctx, store=store, db=db, model=model, ratio=ratio, level=level, device=device,
-                         threads=threads)
+    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
+                         device=device, threads=threads)
     if docs is None:  # the repository's examples (editable install), else ./examples/docs
         docs = next((c for c in (EXAMPLES_DIR, Path.cwd() / "examples" / "docs") if c.is_dir()), EXAMPLES_DIR)
     folder = docs
