@@ -78,6 +78,19 @@ def stderr(values: Iterable[float]) -> float | None:
     return statistics.stdev(values) / math.sqrt(len(values))
 
 
+def median_interval(values: Sequence[float], samples: int = 4000, seed: int = 0) -> tuple[float, float, float] | None:
+    """Median of ``values`` (e.g. paired per-repeat differences) with a 95% bootstrap interval: a timing difference
+    is a result only where its interval excludes 0, whatever the machine's load did meanwhile."""
+    import random
+
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(samples))
+    return statistics.median(values), boot[int(0.025 * samples)], boot[int(0.975 * samples) - 1]
+
+
 def ratio(value: float | None, baseline: float | None) -> float | None:
     if value is None or baseline is None or baseline == 0:
         return None

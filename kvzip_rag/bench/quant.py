@@ -32,7 +32,7 @@ from kvzip_rag.scorers import KVzipScorer
 
 from . import data as bench_data
 from . import measure
-from .metrics import mean, needle_hit, stderr
+from .metrics import mean, median_interval, needle_hit, stderr
 
 BITS = (16, 8, 4)
 
@@ -168,7 +168,7 @@ class QuantTask:
         model, question = self.model, bench_data.NEEDLE_QUESTION
         paths = {bits: Path(self.bench._tmp.name) / f"quant-ttft-{bits}.safetensors" for _, _, bits, _ in timed}
         sizes = {bits: len(write_cache(cache, paths[bits]).blob.data) for _, _, bits, cache in timed}
-        times = {bits: {"stored": [], "load": [], "cold": [], "memory": [], "quantized_memory": []}
+        times = {bits: {"stored": [], "load": [], "cold": [], "cold_stored": [], "memory": [], "quantized_memory": []}
                  for _, _, bits, _ in timed}
 
         def clock(action) -> float:
@@ -185,13 +185,26 @@ class QuantTask:
                 measure.first_token(model, loaded, question)
                 t["stored"].append(time.perf_counter() - start)
                 del loaded
-                if _evict_from_page_cache(path):  # the same read from the disk itself
-                    t["cold"].append(clock(lambda: read_cache(path)))
+                if _evict_from_page_cache(path):  # the same read from the disk itself, then the first token
+                    start = time.perf_counter()
+                    loaded = read_cache(path)
+                    t["cold"].append(time.perf_counter() - start)
+                    measure.first_token(model, loaded, question)
+                    t["cold_stored"].append(time.perf_counter() - start)
+                    del loaded
                 t["memory"].append(clock(lambda: measure.first_token(model, cache, question)))
                 if cache.quantized is not None:
                     t["quantized_memory"].append(clock(
                         lambda: measure.first_token(model, cache.quantized.dequantize(), question)))
         best = lambda values: min(values) if values else None  # noqa: E731
+        baseline = times.get(16)
+
+        def paired(t: dict, key: str):
+            """Median (95% interval) of this width's time minus the 16-bit one, repeat by repeat."""
+            if baseline is None or t is baseline:
+                return None
+            return median_interval([a - b for a, b in zip(t[key], baseline[key])])
+
         for method, ratio, bits, cache in timed:
             t = times[bits]
             self.ttft.append({
@@ -199,11 +212,17 @@ class QuantTask:
                 "kv_bits": bits, "file_bytes": sizes[bits], "load_s": best(t["load"]), "cold_load_s": best(t["cold"]),
                 "stored_first_token_s": best(t["stored"]), "in_memory_first_token_s": best(t["memory"]),
                 "quantized_in_memory_first_token_s": best(t["quantized_memory"]),
+                "cold_stored_first_token_s": best(t["cold_stored"]),
                 "median_load_s": statistics.median(t["load"]), "repeats": len(t["load"]),
+                "median_stored_first_token_s": statistics.median(t["stored"]),
+                "median_cold_stored_first_token_s": statistics.median(t["cold_stored"]) if t["cold_stored"] else None,
+                "stored_minus_16bit_s": paired(t, "stored"), "cold_stored_minus_16bit_s": paired(t, "cold_stored"),
+                "samples": {key: values for key, values in t.items() if values},
                 "memory_bytes_dequantized": cache.nbytes,
                 "memory_bytes_quantized": cache.quantized.nbytes if cache.quantized is not None else cache.nbytes,
                 "note": "best of repeats, bit widths interleaved; standalone file (prefix inline); load_s with the "
-                        "file in the page cache, cold_load_s after evicting its pages",
+                        "file in the page cache, cold_* after evicting its pages; *_minus_16bit_s: median of the "
+                        "per-repeat differences to the 16-bit blob with a 95% bootstrap interval",
             })
             paths[bits].unlink()
 
@@ -296,13 +315,18 @@ def markdown(results: dict) -> list[str]:
                      f"{f(p['file_vs_full'], 4)} | {f(p['standalone_file_vs_full'], 4)} |")
     if quant["ttft"]:
         lines += ["", "| TTFT, stored cache | tokens | bits | file MB | read + 1st token ms | read ms | read from disk "
-                  "(not page cache) ms | in memory ms | in memory, quantized form (dequantize + 1st token) ms |",
-                  "|" + "---|" * 9]
+                  "(not page cache) ms | disk read + 1st token ms | in memory ms | in memory, quantized form "
+                  "(dequantize + 1st token) ms | TTFT - 16 bit, page cache / disk: median [95% CI] ms |",
+                  "|" + "---|" * 11]
         ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}"  # noqa: E731
+        ci = lambda d: "-" if not d else f"{d[0] * 1e3:+.1f} [{d[1] * 1e3:+.1f}, {d[2] * 1e3:+.1f}]"  # noqa: E731
         for t in quant["ttft"]:
             lines.append(f"| {t['method']} | {t['context_tokens']} | {t['kv_bits']} | {t['file_bytes'] / 1e6:.2f} | "
                          f"{ms(t['stored_first_token_s'])} | {ms(t['load_s'])} | {ms(t.get('cold_load_s'))} | "
-                         f"{ms(t['in_memory_first_token_s'])} | {ms(t['quantized_in_memory_first_token_s'])} |")
+                         f"{ms(t.get('cold_stored_first_token_s'))} | "
+                         f"{ms(t['in_memory_first_token_s'])} | {ms(t['quantized_in_memory_first_token_s'])} | "
+                         f"{ci(t.get('stored_minus_16bit_s'))} / {ci(t.get('cold_stored_minus_16bit_s'))} |")
+        lines.append("\nBest of the repeats; the last column pairs each repeat with the 16-bit blob's.")
     return lines
 
 
