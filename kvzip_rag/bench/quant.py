@@ -176,22 +176,19 @@ class QuantTask:
             action()
             return time.perf_counter() - start
 
+        def read_and_answer(path: Path, read: list, total: list) -> None:
+            start = time.perf_counter()
+            loaded = read_cache(path)
+            read.append(time.perf_counter() - start)
+            measure.first_token(model, loaded, question)
+            total.append(time.perf_counter() - start)
+
         for _ in range(self.preset.ttft_repeats):
             for _, _, bits, cache in timed:
                 t, path = times[bits], paths[bits]
-                start = time.perf_counter()
-                loaded = read_cache(path)
-                t["load"].append(time.perf_counter() - start)
-                measure.first_token(model, loaded, question)
-                t["stored"].append(time.perf_counter() - start)
-                del loaded
-                if _evict_from_page_cache(path):  # the same read from the disk itself, then the first token
-                    start = time.perf_counter()
-                    loaded = read_cache(path)
-                    t["cold"].append(time.perf_counter() - start)
-                    measure.first_token(model, loaded, question)
-                    t["cold_stored"].append(time.perf_counter() - start)
-                    del loaded
+                read_and_answer(path, t["load"], t["stored"])
+                if _evict_from_page_cache(path):  # the same read from the disk itself
+                    read_and_answer(path, t["cold"], t["cold_stored"])
                 t["memory"].append(clock(lambda: measure.first_token(model, cache, question)))
                 if cache.quantized is not None:
                     t["quantized_memory"].append(clock(
