@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 import statistics
 import string
@@ -81,8 +82,6 @@ def stderr(values: Iterable[float]) -> float | None:
 def median_interval(values: Sequence[float], samples: int = 4000, seed: int = 0) -> tuple[float, float, float] | None:
     """Median of ``values`` (e.g. paired per-repeat differences) with a 95% bootstrap interval: a timing difference
     is a result only where its interval excludes 0, whatever the machine's load did meanwhile."""
-    import random
-
     values = [v for v in values if v is not None]
     if len(values) < 2:
         return None

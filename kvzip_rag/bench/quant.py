@@ -32,7 +32,7 @@ from kvzip_rag.scorers import KVzipScorer
 
 from . import data as bench_data
 from . import measure
-from .metrics import mean, median_interval, needle_hit, stderr
+from .metrics import mean, median, median_interval, needle_hit, stderr
 
 BITS = (16, 8, 4)
 
@@ -211,8 +211,8 @@ class QuantTask:
                 "quantized_in_memory_first_token_s": best(t["quantized_memory"]),
                 "cold_stored_first_token_s": best(t["cold_stored"]),
                 "median_load_s": statistics.median(t["load"]), "repeats": len(t["load"]),
-                "median_stored_first_token_s": statistics.median(t["stored"]),
-                "median_cold_stored_first_token_s": statistics.median(t["cold_stored"]) if t["cold_stored"] else None,
+                "median_stored_first_token_s": median(t["stored"]),
+                "median_cold_stored_first_token_s": median(t["cold_stored"]),
                 "stored_minus_16bit_s": paired(t, "stored"), "cold_stored_minus_16bit_s": paired(t, "cold_stored"),
                 "samples": {key: values for key, values in t.items() if values},
                 "memory_bytes_dequantized": cache.nbytes,
