@@ -27,6 +27,31 @@ def is_refusal(text: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Citation:
+    """A span of a stored segment's text that an answer rests on.
+
+    ``start``/``end`` are character offsets into the segment's stored text (``Target.text``), and ``text`` is
+    exactly ``segment_text[start:end]``: every producer checks this against the stored document before returning
+    it. ``weight`` is the share of the answer's evidence that points at the span (attention mass, or 1.0 for a
+    verbatim quote)."""
+
+    doc_id: str
+    segment_index: int
+    start: int
+    end: int
+    text: str
+    weight: float
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.doc_id}:{self.segment_index}"
+
+    def as_dict(self) -> dict:
+        return {"doc_id": self.doc_id, "segment_index": self.segment_index, "node_id": self.node_id,
+                "start": self.start, "end": self.end, "text": self.text, "weight": self.weight}
+
+
+@dataclass(frozen=True)
 class Target:
     """One routed segment: where its cache is, its retrieval score and text."""
 
@@ -93,6 +118,8 @@ class QAResult:
     generate_s: float
     retrieve_s: float | None = None
     compose: str | None = None  # the name of the composition strategy that answered (set by the service)
+    citations: list[Citation] = field(default_factory=list)  # the evidence the answer rests on, best first
+    abstained: bool = False  # the evidence was too weak: ``text`` is the abstention, the candidate in metadata
 
     best = property(lambda self: self.answers[self.chosen])
     text = property(lambda self: self.best.text)
