@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .generate import Answer
+    from .store import CacheRef
 
 
 _REFUSAL = re.compile(
@@ -53,7 +54,8 @@ class Citation:
 
 @dataclass(frozen=True)
 class Target:
-    """One routed segment: where its cache is, its retrieval score and text."""
+    """One routed segment: where its cache is, its retrieval score and text: the one name for a routed segment
+    inside the core (adapters turn it into nodes and Documents)."""
 
     doc_id: str
     segment_index: int
@@ -61,6 +63,8 @@ class Target:
     text: str = field(default="", repr=False, compare=False)
     metadata: dict = field(default_factory=dict, repr=False, compare=False)  # the document's own metadata
     routing: str = "search"  # "search" (full-text match) or "fallback" (nothing matched: the first segments)
+    # the stored cache routing chose for it (loading checks it is still there: sources and cache from one snapshot)
+    cache: CacheRef | None = field(default=None, repr=False, compare=False)
 
     @property
     def node_id(self) -> str:
@@ -123,6 +127,8 @@ class QAResult:
 
     best = property(lambda self: self.answers[self.chosen])
     text = property(lambda self: self.best.text)
+    # "stop", "length" (max_new_tokens) or "window" (the answer was cut by the model's positions)
+    finish_reason = property(lambda self: self.best.answer.finish_reason)
     cache_load_s = property(lambda self: sum(a.cache_load_s for a in self.answers))
     bytes_loaded = property(lambda self: sum(a.bytes_loaded for a in self.answers))
     targets = property(lambda self: [t for a in self.answers for t in (a.target, *a.also)])

@@ -8,7 +8,10 @@ at r' < r keeps exactly the entries compressing at r' would keep.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidArgumentError
 
@@ -28,11 +31,73 @@ def ratio_covers(stored: float, wanted: float) -> bool:
     return wanted <= stored + RATIO_TOLERANCE
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a cache is compressed or loaded at: ``ratio`` (the fraction of KV pairs kept) and ``level``, validated
+    once here. ``None`` (loading only) means "as stored": any ratio, any level."""
+
+    ratio: float | None
+    level: str | None
+
+    def __post_init__(self) -> None:
+        ratio = self.ratio
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+                    or not 0.0 < ratio <= 1.0:
+                raise InvalidArgumentError(
+                    f"ratio is the fraction of KV pairs kept and must be in (0, 1], got {ratio!r}")
+            object.__setattr__(self, "ratio", float(ratio))
+        if self.level is not None and self.level not in LEVELS:
+            raise InvalidArgumentError(f"unknown level {self.level!r}; choose one of {', '.join(LEVELS)}")
+
+    def served_by(self, stored_ratio: float, stored_level: str) -> bool:
+        """A cache stored at (``stored_ratio``, ``stored_level``) serves this budget: a lower or equal ratio of its
+        own level (the store's ``check_loadable`` also derives other levels from ratio 1.0)."""
+        return ((self.ratio is None or ratio_covers(stored_ratio, self.ratio))
+                and (self.level is None or self.level == stored_level
+                     or (same_ratio(stored_ratio, 1.0) and "head" not in (self.level, stored_level))))
+
+
+DEFAULT_BUDGET = Budget(0.3, "pair")  # what documents are compressed at unless told otherwise
+AS_STORED = Budget(None, None)  # load every cache as it was stored
+
+
 def check_ratio_level(ratio: float, level: str) -> None:
-    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
-        raise InvalidArgumentError(f"ratio is the fraction of KV pairs kept and must be in (0, 1], got {ratio!r}")
-    if level not in LEVELS:
-        raise InvalidArgumentError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    """Refuse a compression budget (both given); the rule is :class:`Budget`'s."""
+    if ratio is None or level is None:
+        raise InvalidArgumentError("compressing needs a ratio and a level")
+    Budget(ratio, level)
+
+
+@dataclass(frozen=True)
+class CacheKind:
+    """Which model built a cache, the typed key beside ``CacheInfo``: caches of one kind are interchangeable for
+    that model (its fingerprint and prompt template). ``kv_bits`` ``None`` accepts any storage precision."""
+
+    fingerprint: str
+    template_digest: str
+    kv_bits: int | None = None
+
+    @classmethod
+    def of_model(cls, model: Any) -> CacheKind:
+        """The kind of caches ``model`` (a KVzipModel) answers from."""
+        return cls(model.fingerprint, model.template.digest)
+
+    def holds(self, record: Any) -> bool:
+        """``record`` (a ``CacheRecord``, ``CacheInfo``...) is a cache of this kind."""
+        return (record.model_fingerprint == self.fingerprint and record.template_digest == self.template_digest
+                and (self.kv_bits is None or getattr(record, "kv_bits", 16) == self.kv_bits))
+
+
+def select_cache(records: Iterable[Any], kind: CacheKind | None, budget: Budget = AS_STORED) -> Any | None:
+    """THE rule for which stored cache serves a question: among the caches of ``kind`` (``None``: any model's)
+    that serve ``budget`` (:meth:`Budget.served_by`), those of the budget's own level first, then the smallest
+    stored ratio (fewest bytes to read; a lower ratio loads from any higher one), then the newest. ``None`` when
+    no cache of that kind serves the budget."""
+    usable = [c for c in records if (kind is None or kind.holds(c)) and budget.served_by(c.ratio, c.level)]
+    if not usable:
+        return None
+    return min(usable, key=lambda c: (budget.level is not None and c.level != budget.level, c.ratio, -c.id))
 
 
 def allocate_budgets(

@@ -19,6 +19,7 @@ from .answers import CacheAnswer, QAResult, Target, choose_best, is_refusal
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
+    from .generate import SamplingOptions
     from .qa import QAService
 
 
@@ -29,7 +30,7 @@ class Composer:
 
     name: ClassVar[str]
 
-    def answer(self, service: QAService, question: str, targets: list[Target], sampling: dict,
+    def answer(self, service: QAService, question: str, targets: list[Target], sampling: SamplingOptions,
                emit: Callable[[str], None] | None) -> QAResult:
         raise NotImplementedError
 

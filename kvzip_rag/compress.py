@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from .budget import allocate_budgets, check_ratio_level
+from .budget import DEFAULT_BUDGET, allocate_budgets, check_ratio_level
 from .cache import CacheInfo, PackedCache, PackedLayer
 from .errors import ContextTooLongError, EmptyDocumentError, InvalidArgumentError
 from .models import KVzipModel
@@ -81,8 +81,8 @@ def prefill_document(
 def compress(
     model: KVzipModel,
     text: str,
-    ratio: float = 0.3,
-    level: str = "pair",
+    ratio: float = DEFAULT_BUDGET.ratio,
+    level: str = DEFAULT_BUDGET.level,
     scorer: str | Scorer = "kvzip",
     prefill_chunk: int = 2048,
     progress: Progress | None = None,

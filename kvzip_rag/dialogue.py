@@ -81,16 +81,22 @@ def fold_messages(messages: Iterable[tuple[str, str]]) -> Dialogue:
 
 
 def question_tokens(model, question: str, first_turn: bool) -> int:
-    """The positions a question's prompt takes in a conversation's cache."""
-    return len(model.encode(model.template.question_text(question, first_turn=first_turn)))
+    """The positions a question's prompt takes in a conversation's cache (``ContextTooLongError`` for one that
+    alone exceeds the window)."""
+    from .generate import prompt_ids
+
+    return len(prompt_ids(model, question, first_turn))
 
 
 def check_window(model, cache, question: str, max_new_tokens: int, first_turn: bool, pending: int = 0) -> None:
-    """Refuse a turn that would run past the model's positions (documents + earlier turns + question + answer);
-    ``pending``: tokens of earlier turns still to be replayed into ``cache``."""
+    """Refuse a turn that would run past the model's positions (documents + earlier turns + question + answer,
+    :func:`kvzip_rag.generate.window_room`); ``pending``: tokens of earlier turns still to be replayed into
+    ``cache``."""
+    from .generate import window_room
+
     prompt = question_tokens(model, question, first_turn)
-    needed = cache.get_seq_length() + pending + prompt + max_new_tokens
-    if needed > model.max_positions:
+    if max_new_tokens > window_room(model, cache, prompt, pending):
+        needed = cache.get_seq_length() + pending + prompt + max_new_tokens
         raise ContextTooLongError(
             f"this conversation needs {needed} positions (document {cache.info.base_length}, earlier turns "
             f"{cache.tail_length + pending}, question {prompt}, answer up to {max_new_tokens}) but model "

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .budget import DEFAULT_BUDGET
 from .errors import InvalidArgumentError, KVzipError
 from .extras import require
 
@@ -151,8 +152,8 @@ def index_documents(
     blob_dir: str | os.PathLike | None = None,
     blob_url: str | None = None,
     model=None,
-    ratio: float = 0.3,
-    level: str = "pair",
+    ratio: float = DEFAULT_BUDGET.ratio,
+    level: str = DEFAULT_BUDGET.level,
     scorer: str = "kvzip",
     force: bool = False,
     kv_bits: int = 16,

@@ -38,6 +38,11 @@ class DocumentNotFoundError(KVzipError, KeyError):
         return str(self.args[0]) if self.args else "document not found"
 
 
+class CacheChangedError(DocumentNotFoundError):
+    """The cache routing chose is gone or holds another cache now (its document was replaced meanwhile): the
+    service routes again, so an answer's sources and cache always come from one snapshot of the store."""
+
+
 class StoreError(KVzipError):
     """The store cannot do what was asked (disk full, read-only, unreachable); the message names the path."""
 

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
 from .cache import PackedCache
-from .errors import InvalidArgumentError
+from .errors import ContextTooLongError, InvalidArgumentError
 from .models import KVzipModel
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+CHARS_PER_TOKEN_BOUND = 8  # a question longer than window * this many characters is refused before tokenizing
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """Greedy by default (``temperature=0``); set a temperature for sampling, optionally with top-k / top-p."""
+    """Greedy by default (``temperature=0``); set a temperature for sampling, optionally with top-k / top-p.
+
+    Every value is checked here, once (a one-line ``InvalidArgumentError``); ``max_new_tokens`` may be any positive
+    integer: an answer is clamped to the model's window when it is generated (``finish_reason="window"``)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -25,10 +41,40 @@ class SamplingOptions:
     stop: Sequence[str] = ()
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidArgumentError("max_new_tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise InvalidArgumentError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidArgumentError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidArgumentError(f"seed must be an integer in 0..2**64-1, got {self.seed!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise InvalidArgumentError(f"stop must be a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+
+    @staticmethod
+    def canonical(name: str) -> str:
+        """An option's own name (``max_tokens``, the OpenAI spelling, is ``max_new_tokens``)."""
+        return "max_new_tokens" if name == "max_tokens" else name
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> SamplingOptions:
+        """THE normaliser of answer options given by name (``max_tokens`` is accepted for ``max_new_tokens``; a
+        ``None`` stop is no stop): unknown names and bad values fail here, before any model work."""
+        named = {cls.canonical(name): value for name, value in options.items()}
+        if len(named) < len(options):
+            raise InvalidArgumentError("give max_new_tokens or max_tokens, not both")
+        options = named
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise InvalidArgumentError(f"unknown answer option(s) {', '.join(unknown)}; use {', '.join(known)}")
+        if "stop" in options and options["stop"] is None:
+            options["stop"] = ()
+        return cls(**options)
 
 
 @dataclass
@@ -40,7 +86,7 @@ class Answer:
     prompt_tokens: int
     time_to_first_token_s: float
     decode_s: float
-    finish_reason: str  # "stop" (end of turn or stop string) or "length"
+    finish_reason: str  # "stop" (end of turn or stop string), "length" (max_new_tokens) or "window" (model's positions)
     mean_logprob: float | None = None  # mean log-probability of the answer tokens: a confidence to rank answers
 
     @property
@@ -74,9 +120,10 @@ class AnswerStream:
     """Iterate to receive text pieces as they are generated; ``result`` holds the full ``Answer`` afterwards."""
 
     def __init__(self, model: KVzipModel, cache: PackedCache, prompt_ids: list[int], options: SamplingOptions,
-                 keep: bool, on_done: Callable[[Answer], None] | None = None):
+                 keep: bool, on_done: Callable[[Answer], None] | None = None, limit: str = "length"):
         self.model, self.cache, self.prompt_ids, self.options, self.keep = model, cache, prompt_ids, options, keep
         self.on_done = on_done
+        self.limit = limit  # the finish reason when max_new_tokens runs out: "window" when it was clamped to it
         self.result: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -85,7 +132,7 @@ class AnswerStream:
         generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
         generated: list[int] = []
         logprob_sum = 0.0
-        emitted, finish = "", "length"
+        emitted, finish = "", self.limit
         start = time.perf_counter()
         first_token_at = None
         try:
@@ -129,27 +176,62 @@ class AnswerStream:
             self.on_done(self.result)
 
 
-def _prompt_ids(model: KVzipModel, question: str, first_turn: bool) -> list[int]:
+def window_room(model: KVzipModel, cache: PackedCache, prompt_tokens: int, pending: int = 0) -> int:
+    """The answer tokens that still fit the model's positions after ``cache`` (documents and earlier turns),
+    ``pending`` tokens still to be replayed into it, and the question's ``prompt_tokens``: the one window rule."""
+    return model.max_positions - (cache.get_seq_length() + pending + prompt_tokens)
+
+
+def prompt_ids(model: KVzipModel, question: str, first_turn: bool) -> list[int]:
+    """The question's prompt tokens; ``ContextTooLongError`` for one that alone exceeds the model's window (a
+    question over window * 8 characters is refused on its length, before tokenizing it)."""
     if not isinstance(question, str) or not question.strip():
         raise InvalidArgumentError("the question is empty")
-    return model.encode(model.template.question_text(question, first_turn=first_turn))
+    window = model.max_positions
+    if len(question) > window * CHARS_PER_TOKEN_BOUND:
+        raise ContextTooLongError(f"the question has {len(question):,} characters: more than model {model.name!r}'s "
+                                  f"window of {window} tokens can hold; shorten it")
+    ids = model.encode(model.template.question_text(question, first_turn=first_turn))
+    if len(ids) >= window:
+        raise ContextTooLongError(f"the question takes {len(ids)} tokens but model {model.name!r} takes at most "
+                                  f"{window} positions, documents and answer included; shorten it")
+    return ids
 
 
 def turn_ids(model: KVzipModel, question: str, answer_text: str, first_turn: bool) -> list[int]:
     """The tokens one answered turn takes in a conversation's cache (the question's prompt, then the answer)."""
-    return _prompt_ids(model, question, first_turn) + model.encode(answer_text)
+    return prompt_ids(model, question, first_turn) + model.encode(answer_text)
 
 
-def stream_answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> AnswerStream:
-    """Stream the answer to one independent question; the cache is back to the document afterwards."""
+def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling: SamplingOptions | None = None,
+                  **options: Any) -> AnswerStream:
+    """Stream the answer to one independent question; the cache is back to the document afterwards.
+
+    ``sampling`` or the options by name (:meth:`SamplingOptions.from_options`). The answer is clamped to the
+    window left after the cache and the question (``finish_reason="window"`` when that cut it);
+    ``ContextTooLongError`` when no answer token fits. Checked before any model work."""
+    if sampling is None:
+        sampling = SamplingOptions.from_options(options)
+    elif options:
+        raise InvalidArgumentError("give sampling= or answer options by name, not both")
     cache.info.check_model(model)
     cache.reset()
-    return AnswerStream(model, cache, _prompt_ids(model, question, True), SamplingOptions(**options), keep=False)
+    ids = prompt_ids(model, question, True)
+    room = window_room(model, cache, len(ids))
+    if room < 1:
+        raise ContextTooLongError(
+            f"the document(s) ({cache.get_seq_length()} positions) and the question ({len(ids)} tokens) fill model "
+            f"{model.name!r}'s window of {model.max_positions}: no room for an answer; shorten the question or "
+            "answer from fewer documents")
+    if sampling.max_new_tokens <= room:
+        return AnswerStream(model, cache, ids, sampling, keep=False)
+    return AnswerStream(model, cache, ids, replace(sampling, max_new_tokens=room), keep=False, limit="window")
 
 
-def answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> Answer:
+def answer(model: KVzipModel, cache: PackedCache, question: str, sampling: SamplingOptions | None = None,
+           **options: Any) -> Answer:
     """Answer one question from the compressed document (independent of any earlier question)."""
-    stream = stream_answer(model, cache, question, **options)
+    stream = stream_answer(model, cache, question, sampling, **options)
     for _ in stream:
         pass
     return stream.result
@@ -168,9 +250,9 @@ class Conversation:
         self.cache.reset()
 
     def stream(self, question: str, **options) -> AnswerStream:
-        ids = _prompt_ids(self.model, question, first_turn=not self.turns)
+        ids = prompt_ids(self.model, question, first_turn=not self.turns)
         return AnswerStream(
-            self.model, self.cache, ids, SamplingOptions(**options), keep=True,
+            self.model, self.cache, ids, SamplingOptions.from_options(options), keep=True,
             on_done=lambda result: self.turns.append((question, result.text)),
         )
 

@@ -10,8 +10,14 @@ One place for each rule:
 
 * **Routing** (:meth:`QAService.route`): BM25 full-text search in the store over the service's documents (its
   ``scope``), best first; when no word matches, the first ``k`` segments with score 0 and ``routing="fallback"``.
+* **Which cache serves** (:func:`kvzip_rag.budget.select_cache`, the one rule for routing, loading, composition
+  and every adapter's metadata): a cache of the answering model's kind (:class:`~kvzip_rag.budget.CacheKind`) that
+  serves the service's :class:`~kvzip_rag.budget.Budget`, its own level first, then the smallest stored ratio.
+  Routing ranks only segments that have one (a store may hold caches of several models), and each ``Target``
+  carries the cache it chose (``Target.cache``).
 * **Loading** (:meth:`QAService.load`): through the store's LRU, at the service's ``ratio``/``level`` (a lower
-  ratio than stored reads only the slices it keeps; ``None`` = as stored).
+  ratio than stored reads only the slices it keeps; ``None`` = as stored), from the very cache routing chose: when
+  its document was replaced since, the question is routed once more (sources and cache from one snapshot).
 * **Composition** (:mod:`kvzip_rag.composers`, chosen by name with ``compose=``): how routed caches make one answer.
   ``"parallel"`` (default) and ``"sequential"``: the routed caches joined into one cache that answers once
   (:mod:`kvzip_rag.compose`; documents that do not fit the window are dropped and reported); ``"best-of-k"``: every
@@ -20,8 +26,11 @@ One place for each rule:
   :func:`register_composer`.
 * **One model lock** (``service.lock``, an ``RLock``) around every use of the model, and **one bridge** to worker
   threads (:mod:`kvzip_rag.bridge`) for streaming and async.
-* **Argument checks**: :func:`check_question`, :func:`check_k`, :func:`check_sampling`; the conversation window
-  and chat-history folding live in :mod:`kvzip_rag.dialogue`.
+* **Argument checks, once, at the boundary**: the public methods take the question (:func:`check_question`), ``k``
+  (:func:`check_k`) and answer options (:meth:`~kvzip_rag.generate.SamplingOptions.from_options`); inner layers take
+  ``Target``, ``Budget`` and ``SamplingOptions``. A question that alone exceeds the model's window raises
+  ``ContextTooLongError`` before any cache is loaded; an answer is clamped to the window left
+  (``finish_reason="window"``). The conversation window and chat-history folding live in :mod:`kvzip_rag.dialogue`.
 """
 
 from __future__ import annotations
@@ -29,29 +38,30 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .answers import CacheAnswer, QAResult, Target, choose_best, is_refusal
+from .budget import AS_STORED, DEFAULT_BUDGET, Budget, CacheKind, select_cache
 from .composers import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, get_composer, register_composer
-from .errors import InvalidArgumentError, KVzipError, ModelMismatchError
+from .errors import CacheChangedError, InvalidArgumentError, KVzipError, ModelMismatchError
 from .paths import default_store_path
+from .store.validate import check_k, check_query
 
 __all__ = [
     "COMPOSERS", "DEFAULT_COMPOSE", "BestOfK", "CacheAnswer", "Composer", "EmptyIndexError", "QAResult",
-    "QAService", "QAStream", "Routing", "Target", "as_target", "check_k", "check_question", "check_sampling",
+    "Plan", "QAService", "QAStream", "Routing", "Target", "as_target", "check_k", "check_question", "check_sampling",
     "choose_best", "default_store_path", "get_composer", "is_refusal", "matching_cache", "open_store",
     "register_composer",
 ]
 
 if TYPE_CHECKING:  # the engine and the store import torch: only when a service is built
+    from .generate import SamplingOptions
     from .models import KVzipModel
     from .store import CacheStore
 
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
-DEFAULT_RATIO = 0.3
-DEFAULT_LEVEL = "pair"
+DEFAULT_RATIO, DEFAULT_LEVEL = DEFAULT_BUDGET.ratio, DEFAULT_BUDGET.level
 
 
 class EmptyIndexError(KVzipError, ValueError):
@@ -62,33 +72,26 @@ class EmptyIndexError(KVzipError, ValueError):
 
 
 def check_question(question: Any, what: str = "question") -> str:
-    """The question, stripped; an empty or non-string one is refused."""
+    """The question, stripped; an empty or non-string one, or one with a lone surrogate or NUL, is refused."""
     if not isinstance(question, str) or not question.strip():
         raise InvalidArgumentError(f"the {what} is empty")
-    return question.strip()
+    return check_query(question.strip())
 
 
-def check_k(k: Any, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidArgumentError(f"{name} must be a positive integer, got {k!r}")
-    return k
-
-
-def check_sampling(sampling: dict) -> dict:
-    """Sampling options as the engine takes them (``max_tokens`` is accepted for ``max_new_tokens``); bad names
-    and values fail here, before any model work."""
+def sampling_options(options: Mapping[str, Any]) -> SamplingOptions:
+    """Answer options given by name as the engine takes them (:meth:`SamplingOptions.from_options`)."""
     from .generate import SamplingOptions
 
-    sampling = dict(sampling)
-    if "max_tokens" in sampling:
-        sampling["max_new_tokens"] = sampling.pop("max_tokens")
-    unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
-    if unknown:
-        raise InvalidArgumentError(f"unknown answer option(s) {', '.join(unknown)}; use {', '.join(SAMPLING_KEYS)}")
-    if "stop" in sampling:
-        sampling["stop"] = tuple(s for s in (sampling["stop"] or ()) if s)
-    SamplingOptions(**sampling)
-    return sampling
+    return SamplingOptions.from_options(options)
+
+
+def check_sampling(sampling: Mapping[str, Any]) -> dict:
+    """The given answer options checked and normalised by :meth:`SamplingOptions.from_options`, by name again (for
+    callers that pass them on as keywords; only the names given, ``max_tokens`` as ``max_new_tokens``)."""
+    from .generate import SamplingOptions
+
+    options = sampling_options(sampling)
+    return {name: getattr(options, name) for name in map(SamplingOptions.canonical, sampling)}
 
 
 def open_store(store: CacheStore | str | os.PathLike | None) -> CacheStore:
@@ -104,18 +107,10 @@ def open_store(store: CacheStore | str | os.PathLike | None) -> CacheStore:
 
 def matching_cache(records: Iterable[Any], *, fingerprint: str | None = None, template_digest: str | None = None,
                    ratio: float | None = None, level: str | None = None) -> Any | None:
-    """The stored cache record a model answers from: same model and template, the wanted level, the smallest ratio
-    at or above the wanted one (a lower ratio loads from it); else any of that model's. None if there is none."""
-    from .budget import ratio_covers
-
-    mine = [c for c in records if fingerprint is None
-            or (c.model_fingerprint == fingerprint and c.template_digest == template_digest)]
-    usable = [c for c in mine if (ratio is None or ratio_covers(c.ratio, ratio)) and (level is None or c.level == level)]
-    if not usable:
-        usable = mine
-    if not usable:
-        return None
-    return min(usable, key=lambda c: (level is not None and c.level != level, c.ratio, -c.id))
+    """:func:`kvzip_rag.budget.select_cache` by loose arguments (``fingerprint=None``: any model's), for callers
+    that describe a cache without a model at hand."""
+    kind = CacheKind(fingerprint, template_digest or "") if fingerprint is not None else None
+    return select_cache(records, kind, Budget(ratio, level))
 
 
 # ------------------------------------------------------------------------------------------------ the service
@@ -149,19 +144,17 @@ class QAService:
                  compose: str | Composer = DEFAULT_COMPOSE, scope: Callable[[], list[str]] | None = None,
                  lock: threading.RLock | None = None,
                  model_loader: Callable[[], KVzipModel] | None = None) -> None:
-        from .budget import check_ratio_level
         from .models import KVzipModel
         from .runtime import resolve_threads
 
-        if ratio is not None or level is not None:
-            check_ratio_level(ratio if ratio is not None else 1.0, level or DEFAULT_LEVEL)
+        budget = Budget(ratio, level)
         if model is not None and not isinstance(model, (KVzipModel, str, os.PathLike)):
             raise InvalidArgumentError(
                 "model must be a kvzip_rag.KVzipModel (see kvzip_rag.load_model / wrap_model) or a model name/path, "
                 f"got {type(model).__name__}"
             )
         self.store = open_store(store)
-        self.ratio, self.level = (float(ratio) if ratio is not None else None), level
+        self.budget = budget
         self.threads = resolve_threads(threads) if threads is not None else None
         self.device = device
         self.composer = get_composer(compose)
@@ -196,6 +189,20 @@ class QAService:
     def model_loaded(self) -> bool:
         return self._model is not None
 
+    @property
+    def kind(self) -> CacheKind:
+        """The kind of cache the service's model answers from (loads the model)."""
+        return CacheKind.of_model(self.model)
+
+    ratio = property(lambda self: self.budget.ratio, doc="the ratio caches are loaded at (None: as stored)")
+    level = property(lambda self: self.budget.level, doc="the level caches are loaded at (None: as stored)")
+
+    def check_fits(self, question: str) -> None:
+        """``ContextTooLongError`` for a question that alone exceeds the model's window (before any cache is read)."""
+        from .generate import prompt_ids
+
+        prompt_ids(self.model, question, True)
+
     # -------------------------------------------------------------------------------------- routing
 
     def _scope(self, doc_ids: Sequence[str] | str | None) -> list[str] | None:
@@ -219,7 +226,8 @@ class QAService:
         return f"the store at {self.store.engine.url.render_as_string(hide_password=True)}"
 
     def route(self, question: str, k: int = 1, doc_ids: Sequence[str] | str | None = None) -> Routing:
-        """The ``k`` best-matching segments (full-text search, best first), else the fallback (see the module)."""
+        """The ``k`` best-matching segments (full-text search, best first) that have a cache the service's model
+        answers from, else the fallback (see the module); each target names that cache."""
         question = check_question(question)
         check_k(k)
         scope = self._scope(doc_ids)
@@ -227,40 +235,47 @@ class QAService:
         if scope == [] or (scope is None and len(self.store) == 0):
             raise EmptyIndexError(f"{self.describe()} holds no documents: index some first "
                                   "(kvzip-rag index PATH, KVzipIndex.from_documents or CacheStore.add_document)")
-        hits = self.store.search(question, k=k, doc_ids=scope)
+        kind = self.kind
+        hits = self.store.search(question, k=k, doc_ids=scope, kind=kind, budget=self.budget)
         if hits:
-            targets = [Target(h.document_id, h.segment_index, float(h.score), h.text, dict(h.metadata)) for h in hits]
-            return Routing(targets, False, time.perf_counter() - start)
+            return Routing([as_target(h) for h in hits], False, time.perf_counter() - start)
+        from .store import CacheRef
+
         fallback: list[Target] = []
         records = ([self.store.get_document(d) for d in scope] if scope is not None
                    else self.store.list_documents(limit=k))
         for record in records:
             for segment in (record.segments if record is not None else []):
-                if len(fallback) < k:
+                cache = select_cache([c for c in record.caches if c.segment_index == segment.index], kind,
+                                     self.budget)
+                if len(fallback) < k and cache is not None:
                     fallback.append(Target(record.id, segment.index, 0.0, segment.text, dict(record.metadata),
-                                           "fallback"))
+                                           "fallback", CacheRef(cache.id, cache.payload_sha256)))
         return Routing(fallback, True, time.perf_counter() - start)
 
     # -------------------------------------------------------------------------------------- loading
 
     def load(self, target: Target | tuple[str, int]):
-        """``(PackedCache, seconds, bytes read)``: a fresh cache object (its own empty tail). Use it with the model
-        under ``self.lock``."""
+        """``(PackedCache, seconds, bytes read)``: a fresh cache object (its own empty tail), the one routing chose
+        when the target names it (``CacheChangedError`` when that one is gone). Use it with the model under
+        ``self.lock``."""
         doc_id, segment = (target.doc_id, target.segment_index) if isinstance(target, Target) else target
+        chosen = target.cache if isinstance(target, Target) else None
         model = self.model
         start = time.perf_counter()
-        cache = self.store.load_cache(doc_id, model, segment=segment, ratio=self.ratio, level=self.level)
+        cache = self.store.load_cache(chosen if chosen is not None else doc_id, model, segment=segment,
+                                      ratio=self.ratio, level=self.level)
         return cache, time.perf_counter() - start, self.store.last_read_nbytes
 
     # -------------------------------------------------------------------------------------- answering
 
-    def generate(self, cache, question: str, sampling: dict,
+    def generate(self, cache, question: str, sampling: SamplingOptions,
                  emit: Callable[[str], None] | None = None) -> tuple[Any, list[str]]:
         """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock."""
         from .generate import stream_answer
 
         with self.lock:
-            stream = stream_answer(self.model, cache, question, **sampling)
+            stream = stream_answer(self.model, cache, question, sampling)
             pieces = []
             for piece in stream:
                 pieces.append(piece)
@@ -268,7 +283,7 @@ class QAService:
                     emit(piece)
         return stream.result, pieces
 
-    def answer_one(self, question: str, target: Target, sampling: dict,
+    def answer_one(self, question: str, target: Target, sampling: SamplingOptions,
                    emit: Callable[[str], None] | None = None) -> CacheAnswer:
         """One cache's answer (a composer's building block); takes the lock."""
         with self.lock:
@@ -278,41 +293,52 @@ class QAService:
                            cache.full_nbytes, cache.kept_ratio, cache.info.base_length,
                            cache.info.ratio, cache.info.level)
 
-    def _plan(self, question: str, k: int, doc_ids, targets) -> tuple[str, list[Target], float | None]:
+    def _plan(self, question: str, k: int, doc_ids, targets) -> Plan:
+        """The checked question and what answers it: routed here, or the given targets (then routing again means
+        within their documents)."""
         question = check_question(question)
         if targets is None:
+            check_k(k)
             routing = self.route(question, k, doc_ids)
-            return question, routing.targets, routing.seconds
-        targets = list(dict.fromkeys(as_target(t) for t in targets))
-        if not targets:
-            raise InvalidArgumentError("no targets to answer from")
-        return question, targets, None
+            plan = Plan(question, routing.targets, routing.seconds, k, doc_ids)
+        else:
+            given = list(dict.fromkeys(as_target(t) for t in targets))
+            if not given:
+                raise InvalidArgumentError("no targets to answer from")
+            plan = Plan(question, given, None, len(given), list(dict.fromkeys(t.doc_id for t in given)))
+        self.check_fits(question)
+        return plan
 
     def answer(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,
                targets: Iterable[Any] | None = None, compose: str | Composer | None = None,
                _emit: Callable[[str], None] | None = None, **sampling: Any) -> QAResult:
         """Route (or take ``targets``), load and answer with the composition strategy; runs in this thread."""
-        sampling = check_sampling(sampling)
-        question, planned, retrieve_s = self._plan(question, k, doc_ids, targets)
-        return self.compose_answer(compose, question, planned, sampling, _emit, retrieve_s)
+        options = sampling_options(sampling)
+        composer = get_composer(compose) if compose is not None else None
+        return self.compose_answer(composer, self._plan(question, k, doc_ids, targets), options, _emit)
 
-    def compose_answer(self, compose: str | Composer | None, question: str, targets: list[Target], sampling: dict,
-                       emit: Callable[[str], None] | None, retrieve_s: float | None) -> QAResult:
-        """The chosen strategy's answer (``None``: the service's) from checked targets; takes the lock."""
-        composer = get_composer(compose) if compose is not None else self.composer
+    def compose_answer(self, composer: Composer | None, plan: Plan, sampling: SamplingOptions,
+                       emit: Callable[[str], None] | None) -> QAResult:
+        """The strategy's answer (``None``: the service's) to a checked plan; takes the lock. When a routed cache
+        changed since routing (its document was replaced), routes once more and answers from the new caches."""
+        composer = composer or self.composer
         with self.lock:
-            result = composer.answer(self, question, targets, sampling, emit)
-        result.retrieve_s, result.compose = retrieve_s, composer.name
+            try:
+                result = composer.answer(self, plan.question, plan.targets, sampling, emit)
+            except CacheChangedError:
+                plan.targets = self.route(plan.question, plan.k, plan.doc_ids).targets
+                result = composer.answer(self, plan.question, plan.targets, sampling, emit)
+        result.retrieve_s, result.compose = plan.retrieve_s, composer.name
         return result
 
-    def stream(self, question: str, k: int = 1, **options: Any) -> QAStream:
+    def stream(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,
+               targets: Iterable[Any] | None = None, compose: str | Composer | None = None,
+               **sampling: Any) -> QAStream:
         """:meth:`answer` as text pieces (``for`` or ``async for``); the model runs in a worker thread. Arguments
         are checked and routing is done here, before any piece."""
-        options["sampling"] = check_sampling({k_: options.pop(k_) for k_ in list(options) if k_ in SAMPLING_KEYS
-                                              or k_ == "max_tokens"})
-        question, planned, retrieve_s = self._plan(question, k, options.pop("doc_ids", None),
-                                                   options.pop("targets", None))
-        return QAStream(self, question, planned, retrieve_s, **options)
+        options = sampling_options(sampling)
+        composer = get_composer(compose) if compose is not None else None
+        return QAStream(self, self._plan(question, k, doc_ids, targets), options, composer)
 
     async def aanswer(self, question: str, k: int = 1, **options: Any) -> QAResult:
         from .bridge import run_in_thread
@@ -320,12 +346,28 @@ class QAService:
         return await run_in_thread(lambda: self.answer(question, k, **options))
 
 
+@dataclass
+class Plan:
+    """A checked question, the targets that answer it, and how to route again (``k`` within ``doc_ids``)."""
+
+    question: str
+    targets: list[Target]
+    retrieve_s: float | None
+    k: int
+    doc_ids: Sequence[str] | str | None
+
+
 def as_target(item: Any) -> Target:
-    """A :class:`Target` from a Target, a store ``SearchHit`` or a ``(doc_id, segment_index)`` pair."""
+    """A :class:`Target` from a Target, a store ``SearchHit`` (with the cache it was routed to, if any) or a
+    ``(doc_id, segment_index)`` pair."""
     if isinstance(item, Target):
         return item
     if hasattr(item, "document_id") and hasattr(item, "segment_index"):
-        return Target(item.document_id, item.segment_index, float(item.score), item.text, dict(item.metadata))
+        from .store import CacheRef
+
+        cache = getattr(item, "cache", None)
+        return Target(item.document_id, item.segment_index, float(item.score), item.text, dict(item.metadata),
+                      cache=CacheRef(cache.id, cache.payload_sha256) if cache is not None else None)
     if isinstance(item, tuple) and len(item) == 2:
         return Target(str(item[0]), int(item[1]))
     raise InvalidArgumentError(f"cannot answer from a {type(item).__name__}: give Targets, SearchHits or "
@@ -335,17 +377,15 @@ def as_target(item: Any) -> Target:
 class QAStream:
     """Text pieces of a :class:`QAService` answer as produced (iterate once, sync or async); ``result`` afterwards."""
 
-    def __init__(self, service: QAService, question: str, targets: list[Target], retrieve_s: float | None,
-                 sampling: dict, compose: str | Composer | None = None) -> None:
-        self._service, self.question, self.targets = service, question, targets
-        self._retrieve_s, self._sampling = retrieve_s, sampling
-        self._compose = get_composer(compose) if compose is not None else None  # checked before any piece
+    def __init__(self, service: QAService, plan: Plan, sampling: SamplingOptions,
+                 composer: Composer | None = None) -> None:
+        self._service, self._plan, self._sampling, self._composer = service, plan, sampling, composer
+        self.question, self.targets = plan.question, list(plan.targets)  # the sources, before any piece
         self.result: QAResult | None = None
         self._started = False
 
     def _work(self, emit: Callable[[str], None]) -> None:
-        self.result = self._service.compose_answer(self._compose, self.question, self.targets, self._sampling, emit,
-                                                   self._retrieve_s)
+        self.result = self._service.compose_answer(self._composer, self._plan, self._sampling, emit)
 
     def _claim(self) -> None:
         if self._started:

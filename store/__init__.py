@@ -27,6 +27,7 @@ from .blob import FORMAT, BlobBackend, BlobReader, LocalBlobs, ReadStats
 from .cache_store import DB_NAME, GC_MIN_AGE_S, CacheStore
 from .records import (
     CacheRecord,
+    CacheRef,
     DocumentRecord,
     GCReport,
     SearchHit,
@@ -37,7 +38,8 @@ from .records import (
 from .segment import TextSegment, default_max_tokens, segment_document, split_text
 
 __all__ = [
-    "DB_NAME", "FORMAT", "GC_MIN_AGE_S", "BlobBackend", "BlobReader", "CacheRecord", "CacheStore", "DocumentRecord",
+    "DB_NAME", "FORMAT", "GC_MIN_AGE_S", "BlobBackend", "BlobReader", "CacheRecord", "CacheRef", "CacheStore",
+    "DocumentRecord",
     "GCReport", "Indexer", "LocalBlobs", "ReadStats", "SearchHit", "SegmentRecord", "TextSegment", "VerifyProblem",
     "VerifyReport", "default_max_tokens", "read_cache", "read_cache_header", "segment_document", "split_text",
     "verify_cache", "write_cache",

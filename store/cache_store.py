@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
-from kvzip_rag.budget import check_ratio_level
+from kvzip_rag.budget import AS_STORED, DEFAULT_BUDGET, Budget, CacheKind, select_cache
 from kvzip_rag.errors import (
     CorruptBlobError,
     DocumentNotFoundError,
@@ -60,7 +60,7 @@ from .schema import (
     writer,
 )
 from .segment import MAX_SEGMENTS
-from .validate import check_query
+from .validate import check_k, check_query
 
 if TYPE_CHECKING:
     import torch
@@ -407,8 +407,8 @@ class CacheStore:
         *,
         doc_id: str | None = None,
         metadata: dict | None = None,
-        ratio: float = 0.3,
-        level: str = "pair",
+        ratio: float = DEFAULT_BUDGET.ratio,
+        level: str = DEFAULT_BUDGET.level,
         scorer: str = "kvzip",
         force: bool = False,
         max_segment_tokens: int | None = None,
@@ -431,7 +431,7 @@ class CacheStore:
         )
 
     def recompress(
-        self, doc_id: str, model, *, ratio: float = 0.3, level: str = "pair", scorer: str = "kvzip",
+        self, doc_id: str, model, *, ratio: float = DEFAULT_BUDGET.ratio, level: str = DEFAULT_BUDGET.level, scorer: str = "kvzip",
         replace: bool = False, progress: Progress | None = None, kv_bits: int = 16,
     ) -> DocumentRecord:
         """(Re)build the caches of ``doc_id`` for ``model`` at ``ratio``/``level``/``scorer``.
@@ -505,11 +505,16 @@ class CacheStore:
         *,
         doc_ids: Iterable[str] | None = None,
         metadata: dict | None = None,
+        kind: CacheKind | None = None,
+        budget: Budget = AS_STORED,
     ) -> list[SearchHit]:
         """The ``k`` segments that best match ``query`` (full-text, best first), optionally only within ``doc_ids``
-        and documents whose metadata has all the given ``key: value`` pairs."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
+        and documents whose metadata has all the given ``key: value`` pairs.
+
+        ``kind``: only segments with a cache of that kind (a model's: ``CacheKind.of_model(model)``) are ranked,
+        and each hit carries the cache that serves it at ``budget`` (:func:`kvzip_rag.budget.select_cache`); a
+        segment whose caches of that kind cannot serve the budget is left out."""
+        check_k(k)
         if query is None:
             return []
         check_query(query)
@@ -518,6 +523,10 @@ class CacheStore:
             if doc_ids is not None:
                 ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
                 conditions.append(Segment.document_id.in_(ids))
+            if kind is not None:
+                conditions.append(sa.exists().where(Cache.segment_id == Segment.id,
+                                                    Cache.model_fingerprint == kind.fingerprint,
+                                                    Cache.template_digest == kind.template_digest))
             condition = metadata_condition(session, metadata)
             if condition is not None:
                 conditions.append(condition)
@@ -533,10 +542,19 @@ class CacheStore:
                     .where(Segment.id.in_([r[0] for r in ranked]))
                 )
             }
+            serving: dict[int, CacheRecord | None] = {}
+            if kind is not None:
+                sizes = self._prefix_sizes(session)
+                found: dict[int, list[CacheRecord]] = {}
+                for c, seg in session.execute(sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id)
+                                              .where(Cache.segment_id.in_(list(rows)))):
+                    found.setdefault(seg.id, []).append(cache_record(c, seg, sizes.get(c.prefix_id, 0)))
+                serving = {i: select_cache(found.get(i, []), kind, budget) for i in rows}
             return [
-                SearchHit(rows[i][0].document_id, i, rows[i][0].index, score, rows[i][0].text, dict(rows[i][1] or {}))
+                SearchHit(rows[i][0].document_id, i, rows[i][0].index, score, rows[i][0].text, dict(rows[i][1] or {}),
+                          serving.get(i))
                 for i, score in ranked
-                if i in rows
+                if i in rows and (kind is None or serving[i] is not None)
             ]
 
     # -------------------------------------------------------------------------------------------- caches
@@ -570,8 +588,8 @@ class CacheStore:
     ) -> PackedCache:
         """A ready-to-use ``PackedCache`` (empty tail) for ``model``.
 
-        ``target``: a document id (with ``segment=`` index), a ``SearchHit``, a ``SegmentRecord``, a ``CacheRecord``
-        or a cache id. ``ratio`` below the stored one reads only the kept entries (equal to ``at_ratio``). Every call
+        ``target``: a document id (with ``segment=`` index), a ``SearchHit``, a ``SegmentRecord``, a ``CacheRecord``,
+        a ``CacheRef`` or a cache id (a ``CacheRef`` whose cache is gone or replaced: ``CacheChangedError``). ``ratio`` below the stored one reads only the kept entries (equal to ``at_ratio``). Every call
         returns a new object, so conversations never share tails; repeated loads are served from an in-memory LRU
         keyed by the blob's content hash. The blob is checked against its row on every read (``CorruptBlobError``
         when a valid blob lies under another document's row). A missing document: ``DocumentNotFoundError``.
@@ -583,8 +601,7 @@ class CacheStore:
         from . import loading
         from .cachefile import check_loadable
 
-        if ratio is not None or level is not None:
-            check_ratio_level(ratio if ratio is not None else 1.0, level or "pair")
+        Budget(ratio, level)
         record, prefix_row = loading.pick(self, model, target, segment, ratio, level)
         device = str(torch.device(device) if device is not None else model.device)
         ratio, level = check_loadable(cache_info(record), ratio, level, self._label(record.document_id,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kvzip_rag.budget import check_ratio_level, ratio_covers
+from kvzip_rag.budget import Budget, ratio_covers
 from kvzip_rag.cache import (
     CacheInfo,
     PackedCache,
@@ -218,15 +218,14 @@ def read_prefix(reader: BlobReader) -> PrefixKV:
 def check_loadable(stored: CacheInfo, ratio: float | None, level: str | None, where: str) -> tuple[float, str]:
     """The (ratio, level) a cache stored as ``stored`` loads at: any lower ratio of its own level; another level
     only from ratio 1.0 (and never to or from ``"head"``). ``InvalidArgumentError`` otherwise."""
-    ratio = stored.ratio if ratio is None else float(ratio)
-    level = level or stored.level
-    check_ratio_level(ratio, level)
+    budget = Budget(stored.ratio if ratio is None else ratio, level or stored.level)
+    ratio, level = budget.ratio, budget.level
     if not ratio_covers(stored.ratio, ratio):
         raise InvalidArgumentError(
             f"{where} is stored at ratio {stored.ratio}; it can load at any ratio up to that, not {ratio} "
             "(recompress the document at a higher ratio)"
         )
-    if level != stored.level and (stored.ratio < 1.0 or "head" in (level, stored.level)):
+    if not budget.served_by(stored.ratio, stored.level):
         raise InvalidArgumentError(
             f"{where} is stored at level {stored.level!r}, ratio {stored.ratio}; another level can only be derived "
             "from a cache stored at ratio 1.0 (and never to or from 'head'): recompress instead"

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kvzip_rag.budget import check_ratio_level, same_ratio
+from kvzip_rag.budget import DEFAULT_BUDGET, check_ratio_level, same_ratio
 from kvzip_rag.cache import PackedCache, PrefixKV
 from kvzip_rag.errors import InvalidArgumentError, KVzipError, ModelMismatchError, StoreError
 from kvzip_rag.quant import check_bits
@@ -107,8 +107,8 @@ class Indexer:
     # ---------------------------------------------------------------------------------------------- adding
 
     def add(
-        self, text: str, *, doc_id: str | None = None, metadata: dict | None = None, ratio: float = 0.3,
-        level: str = "pair", scorer="kvzip", force: bool = False, progress: Progress | None = None,
+        self, text: str, *, doc_id: str | None = None, metadata: dict | None = None, ratio: float = DEFAULT_BUDGET.ratio,
+        level: str = DEFAULT_BUDGET.level, scorer="kvzip", force: bool = False, progress: Progress | None = None,
         kv_bits: int = 16,
     ) -> DocumentRecord:
         """See :meth:`CacheStore.add_document`."""
@@ -202,7 +202,7 @@ class Indexer:
         return self._commit(rows, write)
 
     def recompress(
-        self, doc_id: str, *, ratio: float = 0.3, level: str = "pair", scorer="kvzip", replace: bool = False,
+        self, doc_id: str, *, ratio: float = DEFAULT_BUDGET.ratio, level: str = DEFAULT_BUDGET.level, scorer="kvzip", replace: bool = False,
         progress: Progress | None = None, kv_bits: int = 16,
     ) -> DocumentRecord:
         """See :meth:`CacheStore.recompress`."""

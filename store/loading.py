@@ -6,13 +6,19 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
-from kvzip_rag.budget import same_ratio
+from kvzip_rag.budget import Budget, CacheKind, same_ratio, select_cache
 from kvzip_rag.cache import PackedCache, cache_info
-from kvzip_rag.errors import CorruptBlobError, DocumentNotFoundError, InvalidArgumentError, ModelMismatchError
+from kvzip_rag.errors import (
+    CacheChangedError,
+    CorruptBlobError,
+    DocumentNotFoundError,
+    InvalidArgumentError,
+    ModelMismatchError,
+)
 
 from .blob import BlobReader
-from .cachefile import check_loadable, document_header, read_document
-from .records import CacheRecord, SearchHit, SegmentRecord, cache_record
+from .cachefile import document_header, read_document
+from .records import CacheRecord, CacheRef, SearchHit, SegmentRecord, cache_record
 from .schema import Cache, Document, Prefix, Segment
 
 
@@ -40,16 +46,16 @@ def pick(
 ) -> tuple[CacheRecord, Prefix | None]:
     """The stored cache that serves ``target`` for ``model`` at ``ratio``/``level``, with its prefix row."""
     with store._read() as session:
-        if isinstance(target, CacheRecord) or (isinstance(target, int) and not isinstance(target, bool)):
-            cache_id = target.id if isinstance(target, CacheRecord) else target
+        if isinstance(target, (CacheRecord, CacheRef)) or (isinstance(target, int) and not isinstance(target, bool)):
+            cache_id = target if isinstance(target, int) else target.id
             found = session.execute(
                 sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id).where(Cache.id == cache_id)
             ).first()
             if found is None:
-                raise DocumentNotFoundError(f"no cache {cache_id} in the store at {store._where()} (deleted?)")
+                raise CacheChangedError(f"no cache {cache_id} in the store at {store._where()} (deleted?)")
             record = cache_record(*found)
-            if isinstance(target, CacheRecord) and target.payload_sha256 not in ("", record.payload_sha256):
-                raise DocumentNotFoundError(f"cache {cache_id} was replaced since it was listed; list it again")
+            if not isinstance(target, int) and target.payload_sha256 not in ("", record.payload_sha256):
+                raise CacheChangedError(f"cache {cache_id} was replaced since it was listed; list it again")
             cache_info(record).check_model(model, store._label(record.document_id, record.segment_index))
             prefix_id = found[0].prefix_id
             return record, session.get(Prefix, prefix_id) if prefix_id is not None else None
@@ -58,8 +64,8 @@ def pick(
         prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
         rows = {c.id: c for c in seg.caches}
     label = store._label(seg.document_id, seg.index)
-    mine = [c for c in records if c.model_fingerprint == model.fingerprint
-            and c.template_digest == model.template.digest]
+    kind = CacheKind.of_model(model)
+    mine = [c for c in records if kind.holds(c)]
     if not mine:
         if records:
             built = ", ".join(sorted({f"{c.model_name} ({c.model_fingerprint})" for c in records}))
@@ -68,23 +74,13 @@ def pick(
                 f"(fingerprint {model.fingerprint}) with its current template; call recompress() for this model"
             )
         raise DocumentNotFoundError(f"{label} has no cache")
-    usable = []
-    for c in mine:
-        try:
-            check_loadable(cache_info(c), ratio, level, label)
-        except InvalidArgumentError:
-            continue
-        usable.append(c)
-    if not usable:
+    best = select_cache(mine, kind, Budget(ratio, level))
+    if best is None:
         stored = ", ".join(f"ratio {c.ratio} level {c.level}" for c in mine)
         raise InvalidArgumentError(
             f"{label} is stored at {stored}; it cannot load at ratio {ratio} level {level or 'as stored'} "
             "(a cache loads at any lower ratio of its own level): recompress() it"
         )
-    if ratio is None:  # the best stored cache
-        best = max(usable, key=lambda c: (c.level == (level or c.level), c.ratio, c.id))
-    else:  # the smallest stored cache that can serve the ratio: fewest bytes to read
-        best = min(usable, key=lambda c: (c.level != (level or c.level), c.ratio, -c.id))
     return best, prefixes.get(rows[best.id].prefix_id)
 
 

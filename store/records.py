@@ -73,6 +73,16 @@ class SearchHit:
     score: float  # higher is better (BM25 on SQLite, ts_rank on PostgreSQL, matched terms elsewhere)
     text: str = field(repr=False)
     metadata: dict = field(repr=False)
+    cache: CacheRecord | None = field(default=None, repr=False)  # the one that serves it (search with kind=)
+
+
+@dataclass(frozen=True)
+class CacheRef:
+    """A stored cache as routing saw it: its row id and the hash of its tensors. Loading by it fails with
+    ``CacheChangedError`` when the row is gone or holds another cache (the document was replaced meanwhile)."""
+
+    id: int
+    payload_sha256: str
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,24 @@ def check_text(text) -> str:
 
 
 def check_query(query) -> str:
+    """A question or search query: a string of valid Unicode without NUL characters (the tokenizer and SQL refuse
+    those with their own exceptions)."""
     if not isinstance(query, str):
         raise InvalidArgumentError(f"a search query is a string, got {type(query).__name__}")
     _check_unicode(query, "the question")
+    if "\x00" in query:
+        raise InvalidArgumentError(f"the question contains a NUL character (at position {query.index(chr(0))})")
     return query
+
+
+MAX_K = 10_000  # most segments one question routes to (a bound SQL and the window can take; far past any use)
+
+
+def check_k(k, name: str = "k") -> int:
+    """A count of segments or documents: an int in 1..MAX_K."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise InvalidArgumentError(f"{name} must be an integer from 1 to {MAX_K:,}, got {k!r}")
+    return k
 
 
 def _walk(value, depth: int, where: str) -> None:
