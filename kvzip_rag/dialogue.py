@@ -270,13 +270,10 @@ class ChatSession:
             documents: list[Target] = list(self.documents) if live else []
             dropped: list[Dropped] = []
             for text in ([] if live else [q for q, _ in history if q.strip()]) + [question]:
-                if documents:
-                    routing = follow_up_routing(self.service, text, documents, self.k, self.doc_ids)
-                    if routing is None:
-                        routed, how = list(documents), "follow-up"
-                        continue
-                else:
-                    routing = self.service.route(text, self.k, self.doc_ids)
+                routing = self.route_turn(text, documents)
+                if routing is None:
+                    routed, how = list(documents), "follow-up"
+                    continue
                 routed, how = routing.targets, "fallback" if routing.fallback else "search"
                 documents, left = self._admit(documents, routed)
                 held = {t.node_id for t in documents}
@@ -285,6 +282,12 @@ class ChatSession:
                 raise EmptyIndexError(f"no segment to answer from in {self.service.describe()}")
             return TurnPlan(question, routed, how, documents,
                             cache_change(self.documents if live else [], documents), dropped, self._version)
+
+    def route_turn(self, question: str, documents: list[Target]) -> Routing | None:
+        """A turn's routing given the conversation's ``documents`` so far; ``None``: it stays in them."""
+        if not documents:
+            return self.service.route(question, self.k, self.doc_ids)
+        return follow_up_routing(self.service, question, documents, self.k, self.doc_ids)
 
     def _admit(self, documents: list[Target], targets: list[Target]) -> tuple[list[Target], list[Dropped]]:
         """The documents after one routed question: its targets first, then the earlier ones by recency, at most
