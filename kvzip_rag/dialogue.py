@@ -5,8 +5,8 @@ follows :func:`follow_up_routing`: it stays in the conversation's cache unless i
 to another document. A turn that stays is appended to that cache's tail (:class:`kvzip_rag.Conversation`). When it
 moves to another document, the conversation's cache is rebuilt: the new document's cache composed with the
 conversation's earlier documents (:func:`kvzip_rag.compose.compose`), and the earlier turns replayed into it
-without generating. A given history (LlamaIndex ``chat_history``, LangChain
-messages) is folded into (question, answer) turns by :func:`fold_messages` and replayed the same way.
+without generating. A given history (LlamaIndex ``chat_history``, LangChain messages) is folded into (question,
+answer) turns by :func:`fold_messages` and replayed the same way.
 """
 
 from __future__ import annotations
