@@ -1,11 +1,12 @@
 """Conversations over compressed caches, for every interface: history folding, the window check, chat sessions.
 
-Every turn of a chat is routed (:class:`ChatSession`). When its question matches documents the conversation's cache
-already holds, or matches no word at all ("tell me more"), the turn is appended to that cache's tail
-(:class:`kvzip_rag.Conversation`). When it matches another document, the conversation's cache is rebuilt: the new
-document's cache composed with the conversation's earlier documents (:func:`kvzip_rag.compose.compose`), and the
-earlier turns replayed into it without generating. A given history (LlamaIndex ``chat_history``, LangChain
-messages) is folded into (question, answer) turns by :func:`fold_messages` and replayed the same way.
+Every turn of a chat is routed (:class:`ChatSession`). The first turn is routed as any question; a later one
+follows :func:`follow_up_routing`: it stays in the conversation's cache unless its own content words clearly point
+to another document. A turn that stays is appended to that cache's tail (:class:`kvzip_rag.Conversation`). When it
+moves to another document, the conversation's cache is rebuilt: the new document's cache composed with the
+conversation's earlier documents (:func:`kvzip_rag.compose.compose`), and the earlier turns replayed into it
+without generating. A given history (LlamaIndex ``chat_history``, LangChain messages) is folded into (question,
+answer) turns by :func:`fold_messages` and replayed the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ContextTooLongError, InvalidArgumentError
 from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_question, check_sampling, get_composer
+from .store.schema import STOPWORDS, words
 
 if TYPE_CHECKING:
     from .cache import PackedCache
@@ -105,6 +107,63 @@ def check_window(model, cache, question: str, max_new_tokens: int, first_turn: b
         )
 
 
+# ------------------------------------------------------------------------------------------- follow-up routing
+
+# Words that point back into the conversation instead of naming a topic (full-text search would route on them:
+# "he" or "one" match nearly every document).
+PRONOUNS = frozenset("he him his she her hers it its they them their theirs this these those".split())
+FILLER = frozenset(
+    """about again also another anything briefly continue describe detail details elaborate else example examples
+    explain expand first further go happen happened happens interesting last later me mean meant more next no now
+    ok okay one ones other others please previous really said say second so some something summarize tell thanks
+    then thing things third too us yes""".split()
+)
+# How many times the best other document's full-text score must exceed the conversation's documents' best score
+# for a later turn to leave them: turns with content words of their own, and turns that also refer back (a pronoun,
+# or a word of a current document's name).
+SWITCH_MARGIN = 2.0
+REFERRING_MARGIN = 4.0
+
+
+def turn_words(question: str, documents: Sequence[Target]) -> tuple[list[str], bool]:
+    """``(content words, refers back)`` of a later turn: its words less stop words, pronouns and conversational
+    filler; whether it holds a pronoun or a word of a current document's id or title."""
+    found = words(question)
+    names = {w for t in documents for w in words(f"{t.doc_id} {t.metadata.get('title', '')}".replace("_", " "))}
+    content = list(dict.fromkeys(w for w in found if w not in STOPWORDS and w not in PRONOUNS and w not in FILLER))
+    referring = any(w in PRONOUNS for w in found) or any(w in names for w in content)
+    return content, referring
+
+
+def switches(current: float, other: float, referring: bool) -> bool:
+    """Whether a later turn leaves its documents: the best other document's score beats theirs by the margin."""
+    return other > (REFERRING_MARGIN if referring else SWITCH_MARGIN) * current
+
+
+def follow_up_routing(service: QAService, question: str, documents: Sequence[Target], k: int,
+                      doc_ids: Sequence[str] | None) -> Routing | None:
+    """A later turn's routing, or ``None`` when it stays in the conversation's ``documents``.
+
+    It stays when it has no content words ("tell me more", "why?", "where was he from?"), when nothing matches
+    them, or when the best-matching other document does not beat the conversation's documents by the margin
+    (:func:`switches`). Otherwise it is routed on its content words, as a first turn is on the whole question.
+    """
+    content, referring = turn_words(question, documents)
+    if not content:
+        return None
+    query = " ".join(content)
+    held = list(dict.fromkeys(t.doc_id for t in documents))
+    routing = service.route(query, k + len(documents), doc_ids)
+    if routing.fallback:
+        return None
+    routing = Routing(routing.targets[:k], False, routing.seconds)
+    best = routing.targets[0]
+    if best.doc_id in held:
+        return routing
+    current = service.store.search(query, k=1, doc_ids=held)
+    return routing if switches(current[0].score if current else 0.0, best.score or 0.0, referring) else None
+
+
 CACHE_CHANGES = ("new", "kept", "recomposed", "switched")
 
 
@@ -135,12 +194,18 @@ class TurnPlan:
     sources before its answer streams."""
 
     question: str
-    routed: list[Target]  # this question's routing, best first (the fallback's first segments if no word matched)
-    fallback: bool
+    # this question's routing, best first: the fallback's first segments if no word matched, the conversation's
+    # documents for a follow-up
+    routed: list[Target]
+    routing: str  # "search", "fallback" or "follow-up" (stays in the conversation's documents, ``routed``)
     documents: list[Target]  # the documents of the turn's cache, most recently routed first
     change: str  # one of CACHE_CHANGES
     dropped: list[Dropped]
     version: int  # the session state it was planned on
+
+    @property
+    def fallback(self) -> bool:
+        return self.routing == "fallback"
 
 
 @dataclass
@@ -211,21 +276,29 @@ class ChatSession:
             documents: list[Target] = list(self.documents) if live else []
             dropped: list[Dropped] = []
             for text in ([] if live else [q for q, _ in history if q.strip()]) + [question]:
-                routing = self.service.route(text, self.k, self.doc_ids)
-                documents, left = self._admit(documents, routing)
+                routing = self.route_turn(text, documents)
+                if routing is None:
+                    routed, how = list(documents), "follow-up"
+                    continue
+                routed, how = routing.targets, "fallback" if routing.fallback else "search"
+                documents, left = self._admit(documents, routed)
                 held = {t.node_id for t in documents}
                 dropped = [d for d in dropped if d.target.node_id not in held] + left
             if not documents:
                 raise EmptyIndexError(f"no segment to answer from in {self.service.describe()}")
-            return TurnPlan(question, routing.targets, routing.fallback, documents,
+            return TurnPlan(question, routed, how, documents,
                             cache_change(self.documents if live else [], documents), dropped, self._version)
 
-    def _admit(self, documents: list[Target], routing: Routing) -> tuple[list[Target], list[Dropped]]:
+    def route_turn(self, question: str, documents: list[Target]) -> Routing | None:
+        """A turn's routing given the conversation's ``documents`` so far; ``None``: it stays in them."""
+        if not documents:
+            return self.service.route(question, self.k, self.doc_ids)
+        return follow_up_routing(self.service, question, documents, self.k, self.doc_ids)
+
+    def _admit(self, documents: list[Target], targets: list[Target]) -> tuple[list[Target], list[Dropped]]:
         """The documents after one routed question: its targets first, then the earlier ones by recency, at most
-        ``max_documents``. A question that matches no word ("tell me more") keeps the documents it follows."""
-        if documents and (routing.fallback or not routing.targets):
-            return documents, []
-        new = list(routing.targets)
+        ``max_documents``."""
+        new = list(targets)
         fresh = {t.node_id for t in new}
         rest = [t for t in documents if t.node_id not in fresh]
         room = max(self.max_documents - len(new), 0)
@@ -274,7 +347,7 @@ class ChatSession:
                 finish_reason=result.finish_reason, turns=len(conversation.turns),
                 cache_positions=cache.get_seq_length(),
                 node_ids=[t.node_id for t in documents], doc_ids=list(dict.fromkeys(t.doc_id for t in documents)),
-                routed_node_ids=[t.node_id for t in plan.routed], routing="fallback" if plan.fallback else "search",
+                routed_node_ids=[t.node_id for t in plan.routed], routing=plan.routing,
                 cache_change=change, dropped=[d.as_dict() for d in dropped],
             )
             return Turn(result, info, documents, plan.routed, change, dropped, cached, replayed)

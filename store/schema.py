@@ -290,12 +290,19 @@ def create_schema(engine: Engine) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- search
 
-_STOPWORDS = frozenset(
+STOPWORDS = frozenset(
     """a an and are as at be been but by can could did do does for from had has have how i if in into is it its
     of on or that the their there these they this to was were what when where which who whom whose why will with
     would you your""".split()
 )
 _WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words, as full-text search splits a question (one rule for the store and chat routing)."""
+    return [w.lower() for w in _WORD.findall(text or "")]
+
+
 # Segments one unfiltered query ranks exactly. Ranking costs time per matching segment, so on a large store the
 # most frequent query terms (the ones with the least weight, e.g. "year" in a million segments) are left out
 # while the rarer ones match more than this many segments; a query of only such terms ranks the first MATCH_BUDGET
@@ -305,8 +312,8 @@ MATCH_BUDGET = 1_000
 
 def query_terms(query: str, max_terms: int = 32) -> list[str]:
     """Lower-cased words of a free-text question, stop words dropped (all kept if nothing else is left)."""
-    words = [w.lower() for w in _WORD.findall(query or "")]
-    kept = [w for w in words if w not in _STOPWORDS] or words
+    found = words(query)
+    kept = [w for w in found if w not in STOPWORDS] or found
     unique = list(dict.fromkeys(kept))
     return unique[:max_terms]
 

@@ -69,7 +69,7 @@ def test_follow_ups_on_the_same_documents_or_on_nothing_stay_in_the_cache(servic
     session.ask(BRIDGE)
     cache = session.conversation.cache
     vague = session.ask(VAGUE)
-    assert vague.info["routing"] == "fallback" and vague.change == "kept"
+    assert vague.info["routing"] == "follow-up" and vague.change == "kept"
     assert vague.info["doc_ids"] == ["bridge", "apple"] and vague.replayed_tokens == 0
     assert session.conversation.cache is cache and len(session.conversation.turns) == 3
     again = session.ask("When was the apple tree planted in the orchard?")

@@ -531,7 +531,7 @@ def test_chat_follows_the_topic_and_says_which_documents_each_turn_used(fresh_in
     assert text and meta["doc_ids"] == ["bakery", "harbour"] and meta["routed_node_ids"] == ["bakery:0"]
     assert meta["cache_change"] == "recomposed" and meta["dropped"] == [] and meta["turns"] == 2
     vague = chat.chat("xylophone quantum zebra?")  # matches no word: stays with the conversation's documents
-    assert vague.metadata["routing"] == "fallback" and vague.metadata["cache_change"] == "kept"
+    assert vague.metadata["routing"] == "follow-up" and vague.metadata["cache_change"] == "kept"
     assert [n.node.node_id for n in vague.source_nodes] == ["bakery:0", "harbour:0"]
     # a given history is routed turn by turn: its documents and the new question's
     history = [ChatMessage(role=MessageRole.USER, content="Who built the harbour?"),

@@ -96,7 +96,9 @@ def bench(
                                                                   "needle, narrativeqa; fidelity, multidoc, quant (only when named); "
                                                                   "or contention "
                                                                   "(decode speed under a competing CPU load, Python API beside the "
-                                                                  "CLI); or scale (10^6 segments, S3, Ray; only when named).")]
+                                                                  "CLI); or scale (10^6 segments, S3, Ray; only when named); or "
+                                                                  "conversations (scripted chats: turns answered from the "
+                                                                  "labelled document).")]
     = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "
@@ -134,12 +136,38 @@ def bench(
         (out / "contention.md").write_text(markdown(result))
         typer.echo(markdown(result))
         return
+    if task and "conversations" in task:  # a separate measurement: chat routing over scripted conversations
+        _conversations(model, data, out, threads)
+        return
     try:
         run_bench(preset="full" if full else "quick", data_dir=data, out_dir=out, model=model,
                   tasks=tuple(task) if task else TASKS, threads=threads, preset_overrides=overrides)
     except FileNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
+
+
+def _conversations(model: str | None, data: Path | None, out: Path, threads: int | None) -> None:
+    import json
+
+    import kvzip_rag
+
+    from .conversations import conversation_figures, markdown
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        result = conversation_figures(kvzip_rag.load_model(model), out, data_dir=data,
+                                      log=lambda message: typer.echo(message, err=True))
+    except FileNotFoundError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    (out / "conversations.json").write_text(json.dumps(result, indent=1))
+    (out / "conversations.md").write_text(markdown(result))
+    typer.echo(markdown(result))
 
 
 def _gpu(model: str | None, data: Path | None, out: Path, max_length: int | None) -> None:

@@ -94,3 +94,13 @@ def ratio(value: float | None, baseline: float | None) -> float | None:
     if value is None or baseline is None or baseline == 0:
         return None
     return value / baseline
+
+
+def share_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float, float] | None:
+    """A share ``hits / n`` with its 95% Wilson score interval (sound near 0% and 100%, unlike the normal one)."""
+    if n <= 0:
+        return None
+    share = hits / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return share, max(centre - half, 0.0), min(centre + half, 1.0)

@@ -1,0 +1,117 @@
+"""Follow-ups stay on topic: a later chat turn stays in the conversation's cache unless its own content words
+clearly point to another document (tiny random model, real SQLite store); the scripted conversations of the
+benchmark resolve in the shared data."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvzip_rag.bench.conversations import KINDS, conversation_documents, load_conversations
+from kvzip_rag.dialogue import REFERRING_MARGIN, SWITCH_MARGIN, ChatSession, switches, turn_words
+from kvzip_rag.qa import QAService, Target
+from kvzip_rag.store import CacheStore
+
+from conftest import DATA_DIR
+
+# "she", "more", "why", "second" and "one" are in the bakery's text: routing a follow-up on them lands there
+DOCS = {
+    "harbour": "Old Tom Birch built the harbour wall of Wrenfield in 1820 from granite quarried at Kell Point.",
+    "bakery": "The bakery on Mill Street opens at six. Its owner says she learned baking in Lyon; one more loaf of "
+              "rye bread is baked for the market every Friday, and nobody knows why the second oven is never lit.",
+    "bridge": "The Tallow Bridge crosses the river Esk; the town council painted it green in 1990.",
+}
+SHORT = {"max_new_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def service(tiny_llama, tmp_path_factory) -> QAService:
+    store = CacheStore(tmp_path_factory.mktemp("followups"))
+    for doc_id, text in DOCS.items():
+        store.add_document(tiny_llama, text, doc_id=doc_id, metadata={"title": f"The {doc_id}"}, ratio=0.3)
+    return QAService(store, tiny_llama)
+
+
+def chat_about_the_harbour(service: QAService) -> ChatSession:
+    session = ChatSession(service, sampling=SHORT)
+    assert session.ask("Who built the harbour wall of Wrenfield?").info["doc_ids"] == ["harbour"]
+    return session
+
+
+@pytest.mark.parametrize("question", ["Where was she from?", "Tell me more.", "Why?", "And the second one?"])
+def test_a_follow_up_without_content_words_stays(service, question):
+    session = chat_about_the_harbour(service)
+    assert service.route(question).targets[0].doc_id == "bakery"  # what routing it on its own words would do
+    cache = session.conversation.cache
+    turn = session.ask(question)
+    assert turn.info["routing"] == "follow-up" and turn.change == "kept" and turn.info["doc_ids"] == ["harbour"]
+    assert turn.info["routed_node_ids"] == ["harbour:0"] and session.conversation.cache is cache
+
+
+def test_a_pronoun_follow_up_with_words_of_its_own_stays_unless_they_point_elsewhere(service):
+    session = chat_about_the_harbour(service)
+    stays = session.ask("When did he build it from granite?")
+    assert stays.change == "kept" and stays.info["doc_ids"] == ["harbour"]
+    assert session.plan("Where did she learn baking?").documents[0].doc_id == "bakery"  # harbour scores 0
+
+
+def test_a_clearly_different_topic_switches(service):
+    session = chat_about_the_harbour(service)
+    turn = session.ask("What colour did the town council paint the Tallow Bridge?")
+    assert turn.info["routing"] == "search" and turn.change == "recomposed"
+    assert turn.info["doc_ids"] == ["bridge", "harbour"] and turn.info["routed_node_ids"] == ["bridge:0"]
+
+
+def test_the_first_turn_routes_as_any_question(service):
+    plan = ChatSession(service).plan("Tell me more about the bakery")
+    assert plan.routing == "search" and plan.change == "new" and plan.documents[0].doc_id == "bakery"
+    unmatched = ChatSession(service).plan("xylophone quantum zebra?")
+    assert unmatched.routing == "fallback" and unmatched.fallback and unmatched.change == "new"
+
+
+def test_a_given_history_is_followed_as_a_live_conversation(service):
+    plan = ChatSession(service).plan("Where was she from?", [("Who built the harbour wall?", "Tom Birch.")])
+    assert plan.routing == "follow-up" and [t.doc_id for t in plan.documents] == ["harbour"]
+
+
+def test_the_margin_rule_at_its_boundary():
+    assert not switches(1.0, SWITCH_MARGIN, referring=False)
+    assert switches(1.0, SWITCH_MARGIN + 1e-9, referring=False)
+    assert not switches(1.0, REFERRING_MARGIN, referring=True)
+    assert switches(1.0, REFERRING_MARGIN + 1e-9, referring=True)
+    assert switches(0.0, 1e-9, referring=True) and not switches(0.0, 0.0, referring=False)
+
+
+def test_turn_words_drop_filler_and_see_references_back():
+    harbour = [Target("harbour", 0, metadata={"title": "Old_Harbour"})]
+    assert turn_words("Tell me more, why?", harbour) == ([], False)
+    assert turn_words("Where was he from?", harbour) == ([], True)
+    assert turn_words("And the second one?", harbour) == ([], False)
+    assert turn_words("Who repaired the old harbour wall?", harbour) == (["repaired", "old", "harbour", "wall"], True)
+    assert turn_words("What does the bakery sell?", harbour) == (["bakery", "sell"], False)
+
+
+def test_the_margin_decides_a_real_turn(service, monkeypatch):
+    """The same turn stays or switches as the margin moves across its score ratio."""
+    question = "When does the bakery on Mill Street open, and who built it?"
+    held = [service.route("Who built the harbour wall of Wrenfield?").targets[0]]
+    bakery = service.store.search("bakery mill street open built", k=1, doc_ids=["bakery"])[0].score
+    harbour = service.store.search("bakery mill street open built", k=1, doc_ids=["harbour"])[0].score
+    assert turn_words(question, held) == (["bakery", "mill", "street", "open", "built"], True)
+    from kvzip_rag import dialogue
+
+    monkeypatch.setattr(dialogue, "REFERRING_MARGIN", bakery / harbour * 1.001)
+    assert dialogue.follow_up_routing(service, question, held, 1, None) is None
+    monkeypatch.setattr(dialogue, "REFERRING_MARGIN", bakery / harbour * 0.999)
+    assert dialogue.follow_up_routing(service, question, held, 1, None).targets[0].doc_id == "bakery"
+
+
+def test_the_scripted_conversations_load_and_every_label_resolves():
+    if not (DATA_DIR / "squad").is_dir():
+        pytest.skip(f"SQuAD data not found at {DATA_DIR}")
+    scripts, header = load_conversations()
+    turns = [t for s in scripts for t in s.turns]
+    assert len(scripts) >= 30 and all(2 <= len(s.turns) <= 4 for s in scripts) and len(turns) >= 120
+    assert {t.kind for t in turns} == set(KINDS) and sum(t.kind == "switch" for t in turns) >= 30
+    documents = conversation_documents(scripts, header, DATA_DIR)
+    assert {t.doc_id for t in turns} <= set(documents)
+    assert all(text.strip() and meta["title"] for text, meta in documents.values())
