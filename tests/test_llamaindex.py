@@ -257,8 +257,9 @@ def test_top_k_best_of_k_answers_each_cache_and_keeps_the_best(index):
     assert all(n.node.metadata["answer"] == a["answer"] for n, a in zip(response.source_nodes, answers))
     # each candidate is exactly what that cache answers alone
     for node, a in zip(response.source_nodes, answers):
-        alone = index.answer_hits("When does the harbour bakery open, and who kept the lighthouse ledger?",
-                                  [node], **SHORT)
+        alone = index.qa.answer("When does the harbour bakery open, and who kept the lighthouse ledger?",
+                                targets=[(node.node.metadata["doc_id"], node.node.metadata["segment_index"])],
+                                **SHORT)
         assert alone.text == a["answer"]
 
 
