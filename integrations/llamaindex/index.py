@@ -3,8 +3,9 @@
 Each LlamaIndex ``Document`` is added whole to a :class:`kvzip_rag.store.CacheStore` (segmented only where it does
 not fit the model window); each segment gets one compressed cache. Nodes are ``TextNode`` s, one per segment, id
 ``"{doc_id}:{segment_index}"``. Routing, loading and answering are the core service's
-(:class:`kvzip_rag.qa.QAService`, ``index.qa``), scoped to this index's documents; the engines in this package are
-thin LlamaIndex faces over it.
+(:class:`kvzip_rag.qa.QAService`, ``index.qa``), scoped to this index's documents; the retriever and engines in this
+package call it directly and ask the index only for its nodes (:meth:`KVzipIndex.nodes_for`). The index keeps
+index concerns: documents, their nodes, persistence.
 
 Why this module is over 400 lines: llama-index-core's ``BaseIndex`` puts construction, document insertion and
 deletion, docstore bookkeeping, persistence hooks and the ``as_*`` factories on one class; the parts that are not

@@ -1,4 +1,5 @@
-"""The query engine of a KVzipIndex: retrieve, post-process, answer from the compressed caches (core service)."""
+"""The query engine of a KVzipIndex: route (``index.qa``), post-process the nodes, answer from the routed caches
+(``index.qa`` again, with the routed Targets themselves), and show what the answer rests on."""
 
 from __future__ import annotations
 
@@ -45,6 +46,14 @@ class KVzipQueryEngine(BaseQueryEngine):
     True/False, the latter for a node the model's window could not take; best-of-k: its own ``answer`` and
     ``chosen``); ``metadata`` names the strategy (``compose``, ``strategy``) and lists ``composed_node_ids`` and
     ``dropped_node_ids``.
+
+    **Grounding**: ``metadata["citations"]`` lists the spans the answer rests on (dicts: ``doc_id``,
+    ``segment_index``, ``start``, ``end``, ``text``, ``weight``; best first) and ``metadata["abstained"]`` says
+    whether the evidence was too weak (the response is then the abstention). When there are citations,
+    ``source_nodes`` are the cited spans, one node each, as llama-index's ``CitationQueryEngine`` gives chunk nodes:
+    text = the span, score = its weight, the segment's metadata plus ``start``/``end``/``weight``/``citation``, and
+    ``start_char_idx``/``end_char_idx`` into the segment's text; otherwise they are the routed segments.
+    ``answer_style`` (``"quote"``) and ``abstain_threshold`` are handed to the service with the sampling options.
 
     ``node_postprocessors`` run on the routed nodes before any cache is loaded (a postprocessor that drops a node
     drops its cache). ``response_mode``: ``"no_text"`` returns the routed nodes without generating; the text
