@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .generate import Answer
@@ -69,6 +69,27 @@ class Target:
     @property
     def node_id(self) -> str:
         return f"{self.doc_id}:{self.segment_index}"
+
+    def as_metadata(self, cache: Any = None, *, ratio: float | None = None, level: str | None = None,
+                    model: str | None = None) -> dict:
+        """What every interface attaches to this segment (a LlamaIndex node's, a LangChain Document's metadata), so
+        the two never describe a segment differently: the document's own metadata, the segment's id, routing and
+        score, and the stored cache record it answers from (``cache``, or None) at the ``ratio``/``level`` it is
+        loaded at (None: as stored); ``model`` names the model when no cache record does."""
+        return {
+            **self.metadata,
+            "doc_id": self.doc_id,
+            "segment_index": self.segment_index,
+            "cache_id": cache.id if cache else None,
+            "ratio": ratio if ratio is not None else (cache.ratio if cache else None),
+            "level": level or (cache.level if cache else None),
+            "bytes": cache.kv_nbytes if cache else None,
+            "full_bytes": cache.full_nbytes if cache else None,
+            "kv_bits": cache.kv_bits if cache else None,
+            "model": cache.model_name if cache else model,
+            "score": float(self.score or 0.0),
+            "routing": self.routing,
+        }
 
 
 @dataclass

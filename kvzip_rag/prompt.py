@@ -8,6 +8,7 @@ the suffix closes the user turn and opens the assistant turn. Deriving both from
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 INSTRUCTION = "Given the context, answer to the following question or request without explanation."
@@ -61,3 +62,25 @@ class PromptTemplate:
         """Stable hash of the layout, stored with every cache so a different template is refused."""
         text = "\x1f".join([self.prefix, self.suffix, self.turn_separator, self.question_lead])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def chat_text(tokenizer, messages: Sequence[dict]) -> str:
+    """``messages`` (``role``/``content`` dicts) as the model reads a whole prompt with no document cache (the
+    LlamaIndex LLM): the tokenizer's chat template, or for a base model the Question/Answer layout of
+    :meth:`PromptTemplate.from_tokenizer` (system messages lead the next question, answers follow their question)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    template = PromptTemplate.from_tokenizer(tokenizer)
+    text, leading, asked = tokenizer.bos_token or "", [], False
+    for message in messages:
+        content = (message.get("content") or "").strip()
+        if message["role"] == "system":
+            leading.append(content)
+        elif message["role"] == "assistant":
+            text += f" {content}"
+        else:
+            lead = template.turn_separator if asked else template.question_lead.lstrip()
+            question = "\n\n".join([*leading, content])
+            text += f"{lead}{question}{template.suffix}"
+            leading, asked = [], True
+    return text

@@ -12,7 +12,7 @@ import pytest
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import PromptTemplate
+from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
 from kvzip_rag.integrations.langchain import ChatKVzip, KVzipRetriever, create_kvzip_qa_chain
@@ -240,6 +240,70 @@ def test_qa_chain_compose_by_name_when_built_and_per_call(index):
     one = create_kvzip_qa_chain(index, k=1, max_new_tokens=5).invoke(question)  # k == 1: unchanged, no marks
     assert len(one["sources"]) == 1 and set(one["sources"][0].metadata) == set(best["sources"][0].metadata) - {
         "answer", "mean_logprob", "refusal", "chosen"}
+
+
+# ------------------------------------------------------------------- the Documents link the retriever to the caches
+
+
+def test_a_prompt_carrying_segment_documents_is_answered_from_their_caches(index):
+    """The chat model reads the Documents a prompt template wrote into the prompt, by their doc_id/segment_index
+    metadata (no memory of what a retriever handed out): Documents made anywhere work, text without them is a
+    plain question, and Documents of segments this store lacks stay text."""
+    prompt = ChatPromptTemplate.from_template("Answer from the context only.\n{context}\n\nQuestion: {question}")
+    chat = ChatKVzip(qa=index, max_new_tokens=4)
+    question = "Who built the harbour?"
+    by_hand = Document(page_content=DOCUMENTS["harbour"], metadata={"doc_id": "harbour", "segment_index": 0})
+    meta = chat.invoke(prompt.invoke({"context": [by_hand], "question": question})).response_metadata
+    assert meta["cached_documents"] == 1 and meta["doc_ids"] == ["harbour"]
+    expected = index.answer("Answer from the context only.\n\nQuestion: " + question, targets=[("harbour", 0)],
+                            max_new_tokens=4).text
+    assert chat.invoke(prompt.invoke({"context": [by_hand], "question": question})).content == expected
+    retrieved = KVzipRetriever(qa=index, k=2).invoke(question)
+    text_only = "\n\n".join(d.page_content for d in retrieved)  # the Documents' identity is gone
+    plain = chat.invoke(prompt.invoke({"context": text_only, "question": question})).response_metadata
+    assert "cached_documents" not in plain and plain["cache_change"] == "new"
+    elsewhere = Document(page_content="The moon is made of cheese.", metadata={"doc_id": "moon", "segment_index": 0})
+    mixed = chat.invoke(prompt.invoke({"context": [elsewhere, *retrieved], "question": question})).response_metadata
+    assert mixed["cached_documents"] == 2 and "moon" not in mixed["doc_ids"]
+
+
+def test_answers_and_sources_carry_their_grounding(index):
+    """``citations``/``abstained`` in every chat answer's response_metadata; the QA chain's sources carry their
+    cited spans once an answer has evidence (a real answer given spans of the stored text) or abstained."""
+    from kvzip_rag.answers import Citation
+    from kvzip_rag.integrations.langchain._service import segment_documents, with_grounding
+
+    question = "Who built the harbour?"
+    meta = ChatKVzip(qa=index, max_new_tokens=3).invoke(question).response_metadata
+    assert meta["citations"] == [] and meta["abstained"] is False
+    chain_out = create_kvzip_qa_chain(index, k=2, max_new_tokens=3).invoke(question)
+    assert all("citations" not in d.metadata for d in chain_out["sources"])  # no evidence recorded: unchanged
+    result = index.answer(question, k=2, max_new_tokens=3)
+    stored = index.store.get_document("harbour").segments[0].text
+    start = stored.index("Ansel Brask")
+    result.citations = [Citation("harbour", 0, start, start + 11, stored[start:start + 11], 0.9)]
+    sources = with_grounding(segment_documents(index, result.targets), result)
+    by_id = {d.id: d.metadata for d in sources}
+    assert by_id["harbour:0"]["citations"] == [result.citations[0].as_dict()]
+    assert by_id["harbour:0"]["citations"][0]["text"] == "Ansel Brask" and by_id["harbour:0"]["abstained"] is False
+    assert all(m["citations"] == [] for i, m in by_id.items() if i != "harbour:0") and len(by_id) == 2
+    result.citations, result.abstained = [], True
+    assert all(d.metadata["abstained"] is True and d.metadata["citations"] == []
+               for d in with_grounding(segment_documents(index, result.targets), result))
+
+
+def test_grounding_options_reach_the_service(index):
+    """answer_style / abstain_threshold set on the chat model or the chain are handed to the service (which checks
+    them); bad sampling options still fail when the chain is built."""
+    for run in (lambda: ChatKVzip(qa=index, max_new_tokens=3, answer_style="quote").invoke("Who built the harbour?"),
+                lambda: create_kvzip_qa_chain(index, abstain_threshold=0.5, max_new_tokens=3).invoke("harbour")):
+        try:
+            run()
+        except (ValueError, TypeError) as error:  # a service without the option refuses it by name
+            assert "answer_style" in str(error) or "abstain_threshold" in str(error)
+    assert "answer_style" not in ChatKVzip(qa=index)._options(None, {})[0]  # not set: the service's default
+    with pytest.raises(ValueError, match="unknown answer option"):
+        create_kvzip_qa_chain(index, max_new_tokens=3, temprature=0.1)
 
 
 # -------------------------------------------------------------------------------- real model on SQuAD

@@ -257,8 +257,9 @@ def test_top_k_best_of_k_answers_each_cache_and_keeps_the_best(index):
     assert all(n.node.metadata["answer"] == a["answer"] for n, a in zip(response.source_nodes, answers))
     # each candidate is exactly what that cache answers alone
     for node, a in zip(response.source_nodes, answers):
-        alone = index.answer_hits("When does the harbour bakery open, and who kept the lighthouse ledger?",
-                                  [node], **SHORT)
+        alone = index.qa.answer("When does the harbour bakery open, and who kept the lighthouse ledger?",
+                                targets=[(node.node.metadata["doc_id"], node.node.metadata["segment_index"])],
+                                **SHORT)
         assert alone.text == a["answer"]
 
 
@@ -307,6 +308,85 @@ def test_streaming_with_top_k_streams_the_same_answer(index, compose):
     for key in ("compose", "strategy", "chosen_node_id", "composed_node_ids"):
         assert streamed.metadata[key] == plain.metadata[key]
     assert [n.node.metadata for n in streamed.source_nodes] == [n.node.metadata for n in plain.source_nodes]
+
+
+def _cited(index: KVzipIndex, question: str):
+    """A real answer from the index's service, given the evidence the grounding work records: spans of the stored
+    text of its documents (a name in the harbour's, the bakery's first sentence)."""
+    from kvzip_rag.answers import Citation
+
+    result = index.qa.answer(question, k=2, **SHORT)
+    harbour, bakery = (index.store.get_document(d).segments[0].text for d in ("harbour", "bakery"))
+    name = harbour.index("Ellen Hale")
+    first = bakery.index(".") + 1
+    result.citations = [Citation("harbour", 0, name, name + 10, harbour[name:name + 10], 0.7),
+                        Citation("bakery", 0, 0, first, bakery[:first], 0.3)]
+    return result
+
+
+def test_cited_spans_are_the_source_nodes_with_citation_metadata(index):
+    """An answer with citations: one source node per cited span (text = the span, score = its weight, metadata
+    where it is), as llama-index's CitationQueryEngine gives chunk nodes; the response metadata lists them."""
+    from kvzip_rag.integrations.llamaindex.nodes import source_nodes
+    from kvzip_rag.integrations.llamaindex.query_engine import response_metadata
+
+    question = "When does the harbour bakery open?"
+    result = _cited(index, question)
+    routed = index.nodes_for(result.targets)
+    sources = source_nodes(result, routed)
+    assert [n.node.text for n in sources] == ["Ellen Hale", DOCS["bakery"][:DOCS["bakery"].index(".") + 1]]
+    assert [n.score for n in sources] == [0.7, 0.3]
+    node = sources[0].node
+    assert (node.metadata["doc_id"], node.metadata["segment_index"], node.metadata["start"], node.metadata["end"],
+            node.metadata["weight"]) == ("harbour", 0, DOCS["harbour"].index("Ellen"),
+                                         DOCS["harbour"].index("Ellen") + 10, 0.7)
+    assert DOCS["harbour"][node.start_char_idx:node.end_char_idx] == node.text  # offsets into the stored text
+    assert node.ref_doc_id == "harbour" and node.metadata["topic"] == "harbour"  # the segment's metadata kept
+    assert len({n.node.node_id for n in sources}) == 2 and "harbour:0" not in {n.node.node_id for n in sources}
+    assert "start" in node.excluded_llm_metadata_keys and "topic" not in node.excluded_llm_metadata_keys
+    meta = response_metadata(result, 0.01)
+    assert meta["citations"] == [c.as_dict() for c in result.citations] and meta["abstained"] is False
+    assert meta["composed_node_ids"] == result.metadata()["composed_node_ids"]  # the usual figures stay
+    result.citations, result.abstained = [], True  # an abstention without evidence: the routed segments stay
+    assert [n.node.node_id for n in source_nodes(result, routed)] == [n.node.node_id for n in routed]
+    assert response_metadata(result, None)["abstained"] is True
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_responses_say_what_the_answer_rests_on(index, streaming):
+    """Every response reports ``citations`` and ``abstained``; with none recorded the sources are the routed nodes."""
+    response = index.as_query_engine(similarity_top_k=2, streaming=streaming, **SHORT).query("Who built the harbour?")
+    if streaming:
+        response.get_response()
+    assert response.metadata["citations"] == [] and response.metadata["abstained"] is False
+    assert [n.node.node_id for n in response.source_nodes] == response.metadata["composed_node_ids"]
+
+
+def test_grounding_options_are_passed_to_the_service(index):
+    """answer_style / abstain_threshold are the service's options: the engine takes them and hands them on
+    unchecked (a service without them refuses them by name at query time; one with them answers)."""
+    engine = index.as_query_engine(answer_style="quote", abstain_threshold=0.5, **SHORT)
+    try:
+        response = engine.query("Who built the harbour?")
+    except kvzip_rag.InvalidArgumentError as error:
+        assert "answer_style" in str(error) or "abstain_threshold" in str(error)
+    else:
+        assert isinstance(response.metadata["abstained"], bool)
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="unknown answer option"):
+        index.as_query_engine(answer_styel="quote")  # a misspelt option still fails when the engine is built
+
+
+def test_nodes_and_langchain_documents_describe_a_segment_alike(index):
+    """One Target.as_metadata: the retriever's node and the LangChain retriever's Document of the same segment
+    carry the same metadata (cache id, bytes, ratio, level, score, routing...)."""
+    from kvzip_rag.integrations.langchain import KVzipRetriever
+
+    question = "Who built the harbour of Skerry Point?"
+    node = index.as_retriever().retrieve(question)[0]
+    document = KVzipRetriever(index=index, k=1).invoke(question)[0]
+    assert document.id == node.node.node_id and document.page_content == node.node.text
+    assert document.metadata == node.node.metadata
+    assert node.node.metadata["score"] == node.score and node.node.metadata["routing"] == "search"
 
 
 async def test_aquery_runs_the_model_off_the_event_loop(index):

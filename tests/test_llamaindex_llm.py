@@ -133,3 +133,27 @@ def test_question_generator_routes_by_likelihood_on_the_given_llm(tiny_llama):
     assert generator.generate([], QueryBundle("Who built the harbour?")) == []
     with pytest.raises(InvalidArgumentError, match="KVzipLLM"):
         KVzipQuestionGenerator(MockLLM())
+
+
+def test_a_base_model_reads_chat_messages_in_the_question_answer_layout(tiny_llama):
+    """A tokenizer without a chat template: KVzipLLM's prompt is kvzip_rag.prompt's base-model layout (the one the
+    caches use), not a layout of its own; with a template, the template's."""
+    import copy
+
+    from kvzip_rag.integrations.llamaindex.llm import _messages_text
+    from kvzip_rag.prompt import PromptTemplate, chat_text
+
+    base = copy.copy(tiny_llama.tokenizer)
+    base.chat_template = None
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who built it?"},
+                {"role": "assistant", "content": "Ansel."}, {"role": "user", "content": "When?"}]
+    layout = PromptTemplate.from_tokenizer(base)
+    assert chat_text(base, messages) == (
+        f"{base.bos_token or ''}Question: Be brief.\n\nWho built it?{layout.suffix} Ansel."
+        f"{layout.turn_separator}When?{layout.suffix}")
+    assert layout.suffix == "\nAnswer:" and layout.turn_separator == "\n\nQuestion: "
+    llm = KVzipLLM(tiny_llama, max_new_tokens=3)
+    chat = [ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+    assert _messages_text(tiny_llama, chat) == tiny_llama.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True) == llm.messages_to_prompt(chat)
+

@@ -3,18 +3,29 @@
 Every adapter takes ``qa=`` (a :class:`kvzip_rag.qa.QAService`, shared so one model is loaded once) or builds one
 from ``store=`` (a folder or ``CacheStore``; default: the user's store) and ``model=`` (a ``KVzipModel``, an alias
 or a path; loaded on first use with ``threads=``). Nothing here imports LlamaIndex.
+
+**The link from retrieved Documents to the caches that answer** is the Documents themselves: a segment's Document
+carries its cache identity in its metadata (``doc_id``, ``segment_index``: :meth:`Target.as_metadata`), and
+:func:`target_of` reads it back wherever a Document travels (the QA chain's sources, or the Documents a prompt
+template wrote into a prompt, which :class:`~.chat_models.ChatKVzip` reads with :func:`documents_in`).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+import ast
+import io
+import re
+import tokenize
+from collections.abc import Callable
 from typing import Any
 
 from langchain_core.documents import Document
 
+from kvzip_rag.answers import QAResult
 from kvzip_rag.errors import InvalidArgumentError
-from kvzip_rag.qa import QAService, Target, matching_cache
+from kvzip_rag.qa import QAService, Target
+
+from ..segments import grounding, segment_metadata
 
 
 def build_service(values: dict) -> QAService:
@@ -34,58 +45,98 @@ def build_service(values: dict) -> QAService:
                      ratio=values.get("ratio"), level=values.get("level"))
 
 
-# Segments a retriever handed out recently, by text: a chat model that finds them in a prompt answers from their
-# caches instead of re-reading them (the idiomatic {"context": retriever, ...} | prompt | chat_model chain).
-_RECENT: "OrderedDict[tuple[str, str], Target]" = OrderedDict()
-_RECENT_MAX = 512
-_RECENT_LOCK = threading.Lock()
-
-
-def remember(service: QAService, target: Target) -> None:
-    if len(target.text) < 40:  # too short to recognise reliably inside a prompt
-        return
-    with _RECENT_LOCK:
-        key = (service.store.url, target.text)
-        _RECENT[key] = target
-        _RECENT.move_to_end(key)
-        while len(_RECENT) > _RECENT_MAX:
-            _RECENT.popitem(last=False)
-
-
-def recall(service: QAService) -> list[Target]:
-    with _RECENT_LOCK:
-        return [t for (store, _), t in _RECENT.items() if store == service.store.url]
-
-
-def segment_document(service: QAService, target: Target, record: Any = None) -> Document:
-    """A Document for one routed segment, with the metadata of the cache it is answered from."""
-    model = service.model if service.model_loaded else None
-    record = record if record is not None else service.store.get_document(target.doc_id)
-    caches = [c for c in (record.caches if record is not None else []) if c.segment_index == target.segment_index]
-    cache = matching_cache(caches, fingerprint=model.fingerprint if model else None,
-                           template_digest=model.template.digest if model else None,
-                           ratio=service.ratio, level=service.level)
-    metadata = {
-        **target.metadata,
-        "doc_id": target.doc_id,
-        "segment_index": target.segment_index,
-        "cache_id": cache.id if cache else None,
-        "ratio": service.ratio if service.ratio is not None else (cache.ratio if cache else None),
-        "level": service.level or (cache.level if cache else None),
-        "bytes": cache.kv_nbytes if cache else None,
-        "full_bytes": cache.full_nbytes if cache else None,
-        "kv_bits": cache.kv_bits if cache else None,
-        "model": cache.model_name if cache else None,
-        "score": float(target.score or 0.0),
-        "routing": target.routing,
-    }
-    remember(service, target)
-    return Document(page_content=target.text, metadata=metadata, id=target.node_id)
+def segment_documents(service: QAService, targets: list[Target]) -> list[Document]:
+    """Documents for routed segments (page content: the segment's text; id: its node id; metadata:
+    :func:`~kvzip_rag.integrations.segments.segment_metadata`, the cache the service answers it from)."""
+    records: dict[str, Any] = {}
+    out = []
+    for target in targets:
+        if target.doc_id not in records:
+            records[target.doc_id] = service.store.get_document(target.doc_id)
+        out.append(Document(page_content=target.text, id=target.node_id,
+                            metadata=segment_metadata(service, target, records[target.doc_id])))
+    return out
 
 
 def target_of(document: Document) -> Target:
+    """The segment a KVzip Document stands for (its ``doc_id``/``segment_index`` metadata)."""
     meta = document.metadata
     if "doc_id" not in meta or "segment_index" not in meta:
         raise InvalidArgumentError("a Document without doc_id/segment_index metadata is not a KVzip segment")
     return Target(str(meta["doc_id"]), int(meta["segment_index"]), meta.get("score"), document.page_content,
-                  {k: v for k, v in meta.items()}, meta.get("routing") or "search")
+                  dict(meta), meta.get("routing") or "search")
+
+
+def with_grounding(sources: list[Document], result: QAResult | None) -> list[Document]:
+    """Sources with what the answer rests on, once it has evidence or abstained: each Document's ``citations``
+    (its cited spans as dicts, best first; ``[]`` for a segment not cited) and ``abstained``."""
+    if result is None or not (result.citations or result.abstained):
+        return sources
+    found = grounding(result)
+    out = []
+    for doc in sources:
+        node_id = target_of(doc).node_id
+        spans = [c for c in found["citations"] if c["node_id"] == node_id]
+        out.append(Document(page_content=doc.page_content, id=doc.id,
+                            metadata={**doc.metadata, "citations": spans, "abstained": found["abstained"]}))
+    return out
+
+
+# ------------------------------------------------------------------------------------- Documents inside a prompt
+
+_DOCUMENT = re.compile(r"Document\(")
+
+
+def _call_end(text: str, start: int) -> int | None:
+    """Where the call expression starting at ``text[start]`` ends (Python's tokenizer: brackets inside string
+    literals do not count), or None if it does not close."""
+    line_starts, depth = [0], 0
+    for line in io.StringIO(text[start:]):
+        line_starts.append(line_starts[-1] + len(line))
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text[start:]).readline):
+            if token.type != tokenize.OP or token.string not in "()[]{}":
+                continue
+            depth += 1 if token.string in "([{" else -1
+            if depth == 0:
+                row, col = token.end
+                return start + line_starts[row - 1] + col
+    except (tokenize.TokenError, SyntaxError):
+        return None
+    return None
+
+
+def _parse_document(source: str) -> Document | None:
+    """A ``Document(...)`` repr back into a Document (literal fields only), or None."""
+    try:
+        call = ast.parse(source, mode="eval").body
+        fields = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}  # type: ignore[attr-defined]
+    except (SyntaxError, ValueError, TypeError, AttributeError):
+        return None
+    if not isinstance(fields.get("page_content"), str) or not isinstance(fields.get("metadata", {}), dict):
+        return None
+    return Document(page_content=fields["page_content"], metadata=fields.get("metadata") or {}, id=fields.get("id"))
+
+
+def documents_in(text: str, accept: Callable[[Document], bool]) -> tuple[list[Document], str]:
+    """The Documents a prompt template wrote into ``text`` (the ``repr`` of a retriever's Documents, as
+    ``{"context": retriever} | prompt`` formats them) that ``accept`` takes, and ``text`` with them (and the list
+    brackets left empty) cut out."""
+    found: list[Document] = []
+    kept: list[str] = []
+    position = 0
+    for match in _DOCUMENT.finditer(text):
+        if match.start() < position:
+            continue
+        end = _call_end(text, match.start())
+        document = _parse_document(text[match.start():end]) if end is not None else None
+        if document is None or not accept(document):
+            continue
+        found.append(document)
+        kept.append(text[position:match.start()])
+        separator = re.match(r",\s*", text[end:])  # between the Documents of a list
+        position = end + (separator.end() if separator else 0)
+    if not found:
+        return [], text
+    rest = re.sub(r"\[\s*\]", "", re.sub(r",\s*\]", "]", "".join(kept) + text[position:]))
+    return found, re.sub(r"\n{3,}", "\n\n", rest).strip()

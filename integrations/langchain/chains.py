@@ -11,11 +11,11 @@ from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator
 from langchain_core.runnables.utils import AddableDict
 
-from kvzip_rag.qa import Composer, QAResult, QAService, check_k, check_question, check_sampling, get_composer
+from kvzip_rag.qa import Composer, QAResult, QAService, check_k, get_composer
 
-from ._service import build_service, target_of
+from ..segments import answer_options
+from ._service import build_service, segment_documents, target_of, with_grounding
 from .chat_models import _text_of
-from .retrievers import KVzipRetriever
 
 
 def _question_of(value: Any) -> str:
@@ -38,16 +38,14 @@ def _question_of(value: Any) -> str:
 
 def _annotated(sources: list[Document], result: QAResult | None) -> list[Document]:
     """With several sources, what each one did for the answer (:meth:`QAResult.source_metadata`, as the LlamaIndex
-    engine attaches it): ``composed`` True/False, or its own ``answer`` and ``chosen`` (best-of-k)."""
-    if result is None or len(sources) < 2:
-        return sources
-    roles = result.source_metadata()
-    out = []
-    for doc in sources:
-        role = roles.get(target_of(doc).node_id)
-        out.append(doc if role is None else
-                   Document(page_content=doc.page_content, metadata={**doc.metadata, **role}, id=doc.id))
-    return out
+    engine attaches it): ``composed`` True/False, or its own ``answer`` and ``chosen`` (best-of-k); then what the
+    answer rests on (:func:`._service.with_grounding`: ``citations``, ``abstained``)."""
+    if result is not None and len(sources) > 1:
+        roles = result.source_metadata()
+        sources = [doc if (role := roles.get(target_of(doc).node_id)) is None else
+                   Document(page_content=doc.page_content, metadata={**doc.metadata, **role}, id=doc.id)
+                   for doc in sources]
+    return with_grounding(sources, result)
 
 
 def _compose_of(config: RunnableConfig, default: Composer | None) -> Composer | None:
@@ -67,19 +65,22 @@ def _merge(value: Any, chunk: Any) -> Any:
 
 def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: str | Composer | None = None,
                           store: Any = None, model: Any = None, threads: int | None = None,
-                          **sampling: Any) -> Runnable:
+                          **options: Any) -> Runnable:
     """A ready question-answering Runnable over compressed caches.
 
     ``qa``: a :class:`kvzip_rag.qa.QAService` (shared with other adapters), or a store folder / ``CacheStore``
     (then ``model=`` and ``threads=`` build the service), or anything carrying ``.qa`` (a ``KVzipIndex``).
     Input: a question string, ``{"question": ...}`` (``"query"``/``"input"`` too), a prompt value or a message.
-    Output: ``{"answer": str, "sources": list[Document]}``: ``sources`` are the ``k`` segments
-    :class:`KVzipRetriever` returns, ``answer`` comes from their caches through the service. ``k > 1``: the caches
+    Output: ``{"answer": str, "sources": list[Document]}``: ``sources`` are the ``k`` routed segments (the Documents
+    :class:`KVzipRetriever` returns), ``answer`` comes from their caches through the service. ``k > 1``: the caches
     make one answer by ``compose`` (default: the service's, ``"parallel"``: joined into one cache that answers once,
     each source then marked ``composed`` True, or False where the model's window could not take it; ``"best-of-k"``:
     each cache answers and each source carries its own ``answer``, ``mean_logprob``, ``refusal`` and ``chosen``);
-    one call can pick another with ``config={"configurable": {"compose": "best-of-k"}}``. ``sampling``:
-    ``max_new_tokens`` (or ``max_tokens``), ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``.
+    one call can pick another with ``config={"configurable": {"compose": "best-of-k"}}``. Once the answer has
+    evidence (or abstained), every source carries ``citations`` (its cited spans as dicts: ``start``/``end`` in its
+    text, ``text``, ``weight``; ``[]`` if not cited) and ``abstained``. ``options``: sampling (``max_new_tokens``
+    or ``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``), and ``answer_style``,
+    ``abstain_threshold`` passed to the service.
 
     ``stream``/``astream`` yield ``{"answer": piece}`` as tokens are generated (best-of-k with ``k > 1``: once the
     best answer is chosen), then ``{"sources": [...]}``; ``invoke``/``batch``/``ainvoke`` return the dict. It
@@ -91,17 +92,15 @@ def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: st
                                  "index": None if isinstance(qa, QAService) else qa})
     else:
         service = build_service({"store": store if store is not None else qa, "model": model, "threads": threads})
-    check_k(k)
-    sampling = check_sampling(sampling)
+    check_k(k)  # refused when the chain is built, by the service's rule (so are bad sampling options)
+    options = answer_options(options)
     composer = get_composer(compose) if compose is not None else None
-    retriever = KVzipRetriever(qa=service, k=k)
 
     def start(value: Any, config: RunnableConfig) -> tuple[list[Document], Any]:
-        question = check_question(_question_of(value))
-        chosen = _compose_of(config, composer)
-        sources = retriever.invoke(question, config)
-        return sources, service.stream(question, targets=[target_of(d) for d in sources], compose=chosen,
-                                       **sampling)
+        question = _question_of(value)
+        routing = service.route(question, k)
+        stream = service.stream(question, targets=routing.targets, compose=_compose_of(config, composer), **options)
+        return segment_documents(service, routing.targets), stream
 
     def answer(inputs: Iterator[Any], config: RunnableConfig) -> Iterator[AddableDict]:
         value = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -22,7 +21,8 @@ from kvzip_rag.dialogue import ChatSession, fold_messages
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAService, Target, get_composer
 
-from ._service import build_service, recall
+from ..segments import SERVICE_OPTIONS, grounding
+from ._service import build_service, documents_in, target_of
 
 
 def _text_of(message: BaseMessage) -> str:
@@ -62,10 +62,13 @@ class ChatKVzip(BaseChatModel):
     first use with ``threads=``), or from ``qa=`` (a shared :class:`kvzip_rag.qa.QAService`).
 
     **Retrieved Documents in the prompt** (the idiomatic ``{"context": retriever, "question": RunnablePassthrough()}
-    | prompt | chat_model`` chain): segments a :class:`KVzipRetriever` over the same store returned are recognised
-    in the last message (as text or as ``Document(...)`` reprs), cut out of the prompt, and the rest of the prompt
-    (instructions + question) is answered from *their caches* (as ``create_kvzip_qa_chain`` does)
-    instead of re-reading their text; ``response_metadata["cached_documents"]`` says how many. Several segments
+    | prompt | chat_model`` chain): the retriever's Documents travel in the prompt as the template writes them
+    (``Document(id=..., metadata={...}, page_content=...)``), and their metadata names their caches (``doc_id``,
+    ``segment_index``). Those of this store's segments are read back from the last message, cut out of the prompt,
+    and the rest of the prompt (instructions + question) is answered from *their caches* (as
+    ``create_kvzip_qa_chain`` does) instead of re-reading their text; ``response_metadata["cached_documents"]``
+    says how many. Text without the Documents (e.g. only their ``page_content`` joined) is read as a plain
+    question: keep the Documents in the prompt to answer from the caches. Several segments
     make one answer by ``compose`` (default: the service's, ``"parallel"``: joined into one cache; ``"best-of-k"``:
     the best of their answers; per call too, e.g. ``chat_model.bind(compose="best-of-k")``), and
     ``response_metadata`` names it (``compose``, ``strategy``) with the segments used (``doc_ids``,
@@ -96,7 +99,10 @@ class ChatKVzip(BaseChatModel):
     ``segment_index``, ``routed_node_ids``, ``routing``, ``route_score``, ``cache_change`` (``new``, ``kept``,
     ``recomposed`` or ``switched``), ``dropped`` (documents left out, with the reason), ``ratio``, ``level``,
     ``kept_ratio``, ``cache_bytes``, ``full_cache_bytes``, ``bytes_loaded`` (read from disk), ``document_tokens``,
-    ``reused_conversation`` and timings ``retrieve_s``, ``cache_load_s``, ``replay_s``, ``ttft_s``, ``decode_s``.
+    ``reused_conversation`` and timings ``retrieve_s``, ``cache_load_s``, ``replay_s``, ``ttft_s``, ``decode_s``;
+    and the answer's grounding: ``citations`` (the cited spans as dicts: ``doc_id``, ``segment_index``, ``start``,
+    ``end``, ``text``, ``weight``; best first) and ``abstained`` (the evidence was too weak: the content is the
+    abstention). ``answer_style`` and ``abstain_threshold`` (fields, or per call) are passed to the service.
 
     Sampling: greedy when ``temperature=0`` (default); ``max_new_tokens`` (alias ``max_tokens``), ``top_k``,
     ``top_p``, ``seed`` and ``stop`` as in ``kvzip_rag.answer``; each can also be given per call, as can
@@ -124,6 +130,10 @@ class ChatKVzip(BaseChatModel):
     """Use the streaming path even for ``invoke`` (callbacks then receive tokens)."""
     reuse_conversations: int = 4
     """How many finished conversations to keep (with their caches) for follow-up calls; 0 disables reuse."""
+    answer_style: str | None = None
+    """Passed to the service when set (``"quote"``: a verbatim span of a document; see ``QAService.answer``)."""
+    abstain_threshold: float | None = None
+    """Passed to the service when set (``None`` given explicitly: never abstain)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
 
@@ -220,6 +230,11 @@ class ChatKVzip(BaseChatModel):
         }
         stops = [s for s in (stop if stop is not None else (self.stop or [])) if s]
         options["stop"] = tuple(stops)
+        for key in SERVICE_OPTIONS:  # forwarded when set on the model or the call; the service checks them
+            if key in kwargs:
+                options[key] = kwargs.pop(key)
+            elif key in self.model_fields_set:
+                options[key] = getattr(self, key)
         doc_ids = kwargs.pop("doc_ids", self.doc_ids)
         compose = kwargs.pop("compose", self.compose)
         if compose is not None:
@@ -264,6 +279,7 @@ class ChatKVzip(BaseChatModel):
                      "composed_node_ids": info["composed_node_ids"], "dropped_node_ids": info["dropped_node_ids"]}
             cached_read = document_tokens
         else:
+            result = None  # a conversation turn: an answer without evidence records yet
             layout = getattr(get_composer(compose), "layout", None) if compose is not None else None
             key = self._session_key(doc_ids, dialogue.turns, layout)
             session = self._sessions.pop(key, None) if self.reuse_conversations else None
@@ -303,6 +319,7 @@ class ChatKVzip(BaseChatModel):
             "bytes_loaded": info.get("bytes_loaded"), "document_tokens": document_tokens,
             "retrieve_s": info.get("retrieve_s"), "cache_load_s": info.get("cache_load_s"),
             "ttft_s": turn_answer.time_to_first_token_s, "decode_s": turn_answer.decode_s, **extra,
+            **grounding(result),
         }
         emit(ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata,
                                                         chunk_position="last")))
@@ -343,18 +360,15 @@ class ChatKVzip(BaseChatModel):
 
 
 def _cached_segments(service: QAService, text: str) -> tuple[list[Target], str] | None:
-    """Segments a KVzipRetriever handed out that this prompt re-sends (raw or as a ``Document(...)`` repr): their
-    targets and the prompt with them cut out, so the answer comes from their caches, not from re-reading them."""
-    found, rest = [], text
-    for target in recall(service):
-        for form in (target.text, repr(target.text)[1:-1]):
-            if form and form in rest:
-                rest = rest.replace(form, "")
-                if target not in found:
-                    found.append(target)
-    if not found:
+    """The segments of this service's store whose Documents a prompt carries (:func:`._service.documents_in`: a
+    retriever's Documents as a prompt template writes them), and the prompt with them cut out, so the answer comes
+    from their caches, not from re-reading them; None when the prompt carries none."""
+    def ours(document) -> bool:
+        meta = document.metadata
+        return (isinstance(meta.get("segment_index"), int) and isinstance(meta.get("doc_id"), str)
+                and meta["doc_id"] in service.store)
+
+    documents, rest = documents_in(text, ours)
+    if not documents:
         return None
-    rest = re.sub(r"Document\((?:[^()]|\([^()]*\))*?page_content=(''|\"\")\)(, )?", "", rest)
-    rest = re.sub(r"\[\s*\]", "", rest)
-    rest = re.sub(r"\n{3,}", "\n\n", rest).strip()
-    return found, rest or text
+    return list(dict.fromkeys(target_of(d) for d in documents)), rest or text

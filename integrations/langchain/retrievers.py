@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field, model_validator
 from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.qa import QAService
 
-from ._service import build_service, segment_document
+from ._service import build_service, segment_documents
 
 
 class KVzipRetriever(BaseRetriever):
@@ -26,8 +26,10 @@ class KVzipRetriever(BaseRetriever):
 
     ``page_content`` is the segment text; ``id`` is ``"{doc_id}:{segment_index}"``; ``metadata`` holds the
     document's own metadata plus ``doc_id``, ``segment_index``, ``cache_id``, ``ratio``, ``level``, ``bytes``,
-    ``full_bytes``, ``kv_bits``, ``model``, ``score`` and ``routing``. ``k`` and ``doc_ids`` can be given per call. A
-    :class:`ChatKVzip` over the same store that receives these Documents inside a prompt answers from their caches.
+    ``full_bytes``, ``kv_bits``, ``model``, ``score`` and ``routing`` (the same as a LlamaIndex node's:
+    ``Target.as_metadata``). ``k`` and ``doc_ids`` can be given per call. A :class:`ChatKVzip` over the same store
+    that receives these Documents inside a prompt reads their ``doc_id``/``segment_index`` and answers from their
+    caches.
     """
 
     qa: Any = Field(default=None, exclude=True, repr=False)
@@ -50,13 +52,7 @@ class KVzipRetriever(BaseRetriever):
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: int | None = None, doc_ids: Sequence[str] | None = None) -> list[Document]:
         routing = self.qa.route(query, self.k if k is None else k, self.doc_ids if doc_ids is None else doc_ids)
-        records: dict = {}
-        out = []
-        for target in routing.targets:
-            if target.doc_id not in records:
-                records[target.doc_id] = self.qa.store.get_document(target.doc_id)
-            out.append(segment_document(self.qa, target, records[target.doc_id]))
-        return out
+        return segment_documents(self.qa, routing.targets)
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
                                        **kwargs: Any) -> list[Document]:

@@ -10,7 +10,6 @@ from llama_index.core.schema import NodeWithScore
 
 from kvzip_rag.bridge import apush_in_thread, push_in_thread, run_in_thread
 from kvzip_rag.dialogue import ChatSession, TurnPlan, fold_messages
-from kvzip_rag.qa import check_question
 
 if TYPE_CHECKING:
     from kvzip_rag.generate import Conversation
@@ -66,8 +65,6 @@ class KVzipChatEngine(BaseChatEngine):
 
     def _prepare(self, message: str, chat_history: Optional[List[ChatMessage]]) -> tuple[str, TurnPlan]:
         """Check, adopt a given history and plan the turn (retrieval only); runs before any generation starts."""
-        check_question(message, "message")
-        self._index._require_documents()
         question = message
         if chat_history is not None:
             dialogue = fold_messages([(_role(m), m.content or "") for m in chat_history] + [("user", message)])
@@ -76,7 +73,7 @@ class KVzipChatEngine(BaseChatEngine):
                 self.reset()
                 self._pending = dialogue.turns
         plan = self._session.plan(question, self._pending)
-        self._source_nodes = self._index.target_nodes(plan.documents)
+        self._source_nodes = self._index.nodes_for(plan.documents)
         return question, plan
 
     def _turn(self, message: str, plan: TurnPlan, emit=None) -> dict:
@@ -88,7 +85,7 @@ class KVzipChatEngine(BaseChatEngine):
                     ChatMessage(role=MessageRole.USER, content=q), ChatMessage(role=MessageRole.ASSISTANT, content=a))]
                 self._pending = []
             if turn.documents != plan.documents:  # the window left some out
-                self._source_nodes = self._index.target_nodes(turn.documents)
+                self._source_nodes = self._index.nodes_for(turn.documents)
             self._pairs.append((message, turn.answer.text))
             self._history += [ChatMessage(role=MessageRole.USER, content=message),
                               ChatMessage(role=MessageRole.ASSISTANT, content=turn.answer.text)]

@@ -3,8 +3,9 @@
 Each LlamaIndex ``Document`` is added whole to a :class:`kvzip_rag.store.CacheStore` (segmented only where it does
 not fit the model window); each segment gets one compressed cache. Nodes are ``TextNode`` s, one per segment, id
 ``"{doc_id}:{segment_index}"``. Routing, loading and answering are the core service's
-(:class:`kvzip_rag.qa.QAService`, ``index.qa``), scoped to this index's documents; the engines in this package are
-thin LlamaIndex faces over it.
+(:class:`kvzip_rag.qa.QAService`, ``index.qa``), scoped to this index's documents; the retriever and engines in this
+package call it directly and ask the index only for its nodes (:meth:`KVzipIndex.nodes_for`). The index keeps
+index concerns: documents, their nodes, persistence.
 
 Why this module is over 400 lines: llama-index-core's ``BaseIndex`` puts construction, document insertion and
 deletion, docstore bookkeeping, persistence hooks and the ``as_*`` factories on one class; the parts that are not
@@ -35,21 +36,11 @@ from kvzip_rag.budget import check_ratio_level
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
 from kvzip_rag.models import KVzipModel, load_model
 from kvzip_rag.quant import check_bits
-from kvzip_rag.qa import (
-    Composer,
-    EmptyIndexError,
-    QAResult,
-    QAService,
-    QAStream,
-    Routing,
-    Target,
-    check_k,
-    check_model_matches,
-    check_question,
-)
+from kvzip_rag.qa import QAService, Target, check_model_matches
 from kvzip_rag.store import DB_NAME, CacheStore
 
-from .nodes import segment_node, targets_of
+from ..segments import segment_metadata
+from .nodes import segment_node
 from .persistence import (
     STORE_DIRNAME,
     KVzipIndexStore,
@@ -186,7 +177,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         if index_struct is not None:
             index_struct.ratio, index_struct.level, index_struct.kv_bits = self._ratio, self._level, self._kv_bits
         if isinstance(self._storage_context.index_store, KVzipIndexStore):
-            self._storage_context.index_store._register(self)
+            self._storage_context.index_store.register(self)
         if self._model is not None:
             self._check_model(self._model)
 
@@ -451,8 +442,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             )
             for old in struct.node_ids.get(doc_id, []):
                 self.docstore.delete_document(old, raise_error=False)
-            nodes = [self._segment_node(record.id, segment.index, segment.text, record.metadata, record=record)
-                     for segment in record.segments]
+            nodes = [n.node for n in self.nodes_for([Target(record.id, segment.index, None, segment.text,
+                                                            dict(record.metadata)) for segment in record.segments])]
             self.docstore.add_documents(nodes, allow_update=True)
             self.docstore.set_document_hash(doc_id, document.hash)
             struct.node_ids[doc_id] = [n.node_id for n in nodes]
@@ -493,10 +484,12 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         (a store on another database or with its blobs in object storage is referenced instead)."""
         check_local_fs(fs)
         if not isinstance(self._storage_context.index_store, KVzipIndexStore):
-            self._export_store(os.path.abspath(os.fspath(persist_dir)), {})
+            self.export_store(os.path.abspath(os.fspath(persist_dir)), {})
         self._storage_context.persist(persist_dir=persist_dir, fs=fs, **kwargs)
 
-    def _export_store(self, persist_dir: str, exported: dict[str, str]) -> None:
+    def export_store(self, persist_dir: str, exported: dict[str, str]) -> None:
+        """Copy the cache store into ``persist_dir`` (once per store: ``exported`` maps the stores already copied
+        to their folder names) or, for a store elsewhere, record its reference; called when persisting."""
         struct = self._index_struct
         with self.lock:
             store = self._store
@@ -524,84 +517,29 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
                 struct.store_url = struct.blob_dir = struct.blob_url = None
             self._storage_context.index_store.add_index_struct(struct)
 
-    # ------------------------------------------------------------------------------------- retrieval
-
-    # ------------------------------------------------------------------------------------- routing and answers
+    # ------------------------------------------------------------------------------------- answering
 
     @property
     def qa(self) -> QAService:
-        """The core service answering for this index (routes only to this index's documents)."""
+        """The core service that routes and answers for this index (scoped to this index's documents); the
+        retriever and the engines call it directly."""
         return self._qa
 
-    def _require_documents(self) -> None:
-        if not self._index_struct.node_ids:
-            raise EmptyIndexError(
-                "this index holds no documents: add some with KVzipIndex.from_documents(...) or index.insert(...) "
-                "before asking questions"
-            )
-
-    def route(self, query: str, k: int = 1, doc_ids: Optional[Sequence[str]] = None) -> Routing:
-        """The service's routing over this index (or ``doc_ids`` among its documents)."""
-        self._require_documents()
-        check_question(query, "query")
-        check_k(k, "k (similarity_top_k)")
-        if doc_ids is not None:
-            wanted = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
-            missing = [d for d in wanted if d not in self._index_struct.node_ids]
-            if missing or not wanted:
-                raise InvalidArgumentError(f"doc_ids must name documents of this index; unknown: {missing or wanted}")
-            doc_ids = wanted
-        return self._qa.route(query, k, doc_ids)
-
-    def retrieve_hits(self, query: str, k: int = 1, doc_ids: Optional[Sequence[str]] = None) -> List[Target]:
-        """The ``k`` segments that best match ``query`` (best first; the fallback's first segments score 0.0)."""
-        return self.route(query, k, doc_ids).targets
-
-    def _segment_node(self, doc_id: str, segment_index: int, text: str, doc_metadata: dict, record=None,
-                      routing: Optional[str] = None) -> TextNode:
-        from kvzip_rag.qa import matching_cache
-
+    def nodes_for(self, targets: Sequence[Target]) -> List[NodeWithScore]:
+        """This index's nodes (with scores) for routed segments, their metadata :func:`~..segments.segment_metadata`
+        (the cache this index's model answers each from)."""
         struct = self._index_struct
-        caches = record.caches if record is not None else self._store.caches_for(doc_id, segment=segment_index)
-        cache = matching_cache([c for c in caches if c.segment_index == segment_index],
-                               fingerprint=struct.model_fingerprint, template_digest=struct.template_digest,
-                               ratio=self._ratio, level=self._level)
-        return segment_node(doc_id, segment_index, text, doc_metadata, cache, self._ratio, self._level,
-                            self._model.name if self._model is not None else struct.model_name, routing)
-
-    def target_nodes(self, targets: Sequence[Target]) -> List[NodeWithScore]:
-        """LlamaIndex nodes (with scores) for routed targets."""
+        model = self._model.name if self._model is not None else struct.model_name
         records: dict[str, Any] = {}
         out = []
         for target in targets:
             if target.doc_id not in records:
                 records[target.doc_id] = self._store.get_document(target.doc_id)
-            node = self._segment_node(target.doc_id, target.segment_index, target.text, dict(target.metadata),
-                                      record=records[target.doc_id],
-                                      routing="fallback" if target.routing == "fallback" else None)
+            metadata = segment_metadata(self._qa, target, records[target.doc_id], model=model,
+                                        fingerprint=struct.model_fingerprint, template_digest=struct.template_digest)
+            node = segment_node(target.doc_id, target.segment_index, target.text, metadata)
             out.append(NodeWithScore(node=node, score=float(target.score or 0.0)))
         return out
-
-    def retrieve_nodes(self, query: str, k: int = 1, doc_ids: Optional[Sequence[str]] = None) -> List[NodeWithScore]:
-        """:meth:`retrieve_hits` as LlamaIndex nodes (what the retriever returns)."""
-        return self.target_nodes(self.route(query, k, doc_ids).targets)
-
-    def answer_hits(self, question: str, hits: Sequence[Any], compose: str | Composer | None = None,
-                    **sampling: Any) -> QAResult:
-        """Answer from the caches of the hits (NodeWithScores, SearchHits or ``(doc_id, segment)`` pairs) with
-        ``compose`` (default: the service's, ``"parallel"``); runs in the calling thread, behind the lock."""
-        self._require_documents()
-        return self._qa.answer(question, targets=targets_of(hits), compose=compose, **sampling)
-
-    def stream_hits(self, question: str, hits: Sequence[Any], compose: str | Composer | None = None,
-                    **sampling: Any) -> QAStream:
-        """Like :meth:`answer_hits`, as a stream of text pieces (``for`` or ``async for``; worker thread)."""
-        self._require_documents()
-        return self._qa.stream(question, targets=targets_of(hits), compose=compose, **sampling)
-
-    def load_hit_cache(self, hit: Any):
-        """``(PackedCache, seconds, bytes read)`` for one hit (a fresh cache object; use it under ``index.lock``)."""
-        return self._qa.load(targets_of([hit])[0])
 
     # ------------------------------------------------------------------------------------- engines
 
@@ -626,6 +564,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             return super().as_query_engine(llm=llm, streaming=streaming, similarity_top_k=similarity_top_k, **kwargs)
         from .query_engine import KVzipQueryEngine
 
+        kwargs["callback_manager"] = kwargs.get("callback_manager") or self._callback_manager
         return KVzipQueryEngine(self, similarity_top_k=similarity_top_k, streaming=streaming,
                                 max_new_tokens=max_new_tokens, **kwargs)
 

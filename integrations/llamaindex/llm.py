@@ -6,7 +6,8 @@
 
 ``RouterQueryEngine``, ``SubQuestionQueryEngine``, ``RetrieverQueryEngine.from_args`` and the condense-question
 chat engine then use the local model instead of reaching for OpenAI. These prompts carry their own text (no
-document cache), so this LLM reads the whole prompt with the model's chat template; the KVzip engines keep
+document cache), so this LLM reads the whole prompt in the model's layout (:func:`kvzip_rag.prompt.chat_text`) and
+decodes with kvzip_rag's one decode loop (``AnswerStream``); the KVzip engines keep
 answering questions about documents from the compressed caches. Completion, chat, streaming and async are
 LlamaIndex's ``CustomLLM`` machinery (with its callback and instrumentation events); a lock serialises model use
 (pass ``lock=index.lock`` to share the index's). ``SubQuestionQueryEngine`` needs a question generator that this
@@ -27,17 +28,15 @@ from llama_index.core.llms.custom import CustomLLM
 from pydantic import PrivateAttr
 
 from kvzip_rag.errors import ContextTooLongError, InvalidArgumentError
-from kvzip_rag.generate import SamplingOptions, _pick
+from kvzip_rag.generate import AnswerStream, SamplingOptions
 from kvzip_rag.models import KVzipModel, load_model
+from kvzip_rag.prompt import chat_text
 
 
-def _chat_prompt(model: KVzipModel, messages: Sequence[dict]) -> str:
-    """Messages in the model's own chat template (base models without one: plain ``role: text`` lines)."""
-    tokenizer = model.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    body = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
-    return f"{body}\n\nassistant:"
+def _messages_text(model: KVzipModel, messages: Sequence[Any]) -> str:
+    """LlamaIndex chat messages in the model's prompt layout (:func:`kvzip_rag.prompt.chat_text`)."""
+    return chat_text(model.tokenizer, [{"role": getattr(m.role, "value", str(m.role)), "content": m.content or ""}
+                                       for m in messages])
 
 
 class KVzipLLM(CustomLLM):
@@ -60,10 +59,9 @@ class KVzipLLM(CustomLLM):
             from kvzip_rag.runtime import apply_thread_policy
 
             apply_thread_policy(loaded.device, threads)
-        kwargs.setdefault("messages_to_prompt", lambda messages: _chat_prompt(loaded, [
-            {"role": getattr(m.role, "value", str(m.role)), "content": m.content or ""} for m in messages]))
-        kwargs.setdefault("completion_to_prompt", lambda text: _chat_prompt(loaded, [{"role": "user",
-                                                                                      "content": text}]))
+        kwargs.setdefault("messages_to_prompt", lambda messages: _messages_text(loaded, messages))
+        kwargs.setdefault("completion_to_prompt", lambda text: chat_text(loaded.tokenizer, [{"role": "user",
+                                                                                           "content": text}]))
         kwargs.setdefault("model_name", loaded.name)
         kwargs.setdefault("context_window", loaded.max_positions)
         super().__init__(**kwargs)
@@ -77,35 +75,27 @@ class KVzipLLM(CustomLLM):
 
     # ------------------------------------------------------------------------------------------ generation
 
-    def _generate(self, prompt: str, formatted: bool, **kwargs: Any) -> Iterator[tuple[str, str, int, int]]:
-        """(delta, text so far, prompt tokens, answer tokens), token by token, over a plain (uncompressed) cache."""
+    def _generate(self, prompt: str, formatted: bool, **kwargs: Any) -> Iterator[CompletionResponse]:
+        """The completion's text pieces as generated (the text so far and the piece), then a last response with
+        the token usage: kvzip_rag's decode loop (:class:`~kvzip_rag.generate.AnswerStream`) over a plain cache of
+        the whole prompt."""
         from transformers import DynamicCache
 
         model = self._model
-        text_in = prompt if formatted else self.completion_to_prompt(prompt)
-        ids = model.tokenizer(text_in, add_special_tokens=False)["input_ids"]
+        ids = model.encode(prompt if formatted else self.completion_to_prompt(prompt))
         limit = min(int(kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_new_tokens))),
                     max(1, model.max_positions - len(ids)))
-        options = SamplingOptions(max_new_tokens=limit, temperature=kwargs.get("temperature", self.temperature),
-                                  top_p=self.top_p)
-        generator = torch.Generator(device=model.device).manual_seed(0) if options.temperature > 0 else None
-        stops = model.stop_token_ids
-        with self._lock, torch.inference_mode():
-            cache = DynamicCache(config=model.model.config)
-            logits = model.forward(ids, cache, logits_to_keep=1).logits[0, -1]
-            out: list[int] = []
-            text = ""
-            for _ in range(limit):
-                token = _pick(logits, options, generator)
-                if token in stops:
-                    break
-                out.append(token)
-                decoded = model.tokenizer.decode(out, skip_special_tokens=True)
-                delta, text = decoded[len(text):], decoded
-                yield delta, text, len(ids), len(out)
-                logits = model.forward([token], cache, logits_to_keep=1).logits[0, -1]
-            if not out:
-                yield "", "", len(ids), 0
+        temperature = kwargs.get("temperature", self.temperature)
+        options = SamplingOptions(max_new_tokens=limit, temperature=temperature, top_p=self.top_p,
+                                  seed=0 if temperature > 0 else None)  # sampled completions are repeatable
+        text = ""
+        with self._lock:
+            stream = AnswerStream(model, DynamicCache(config=model.model.config), ids, options, keep=True)
+            for piece in stream:
+                text += piece
+                yield CompletionResponse(text=text, delta=piece)
+        answer = stream.result
+        yield CompletionResponse(text=answer.text, delta="", raw=self._raw(len(ids), len(answer.token_ids)))
 
     def logprob(self, context: str, continuation: str) -> float:
         """log p(``continuation`` | ``context``) under the model, both raw text (no chat template). Choosing
@@ -132,15 +122,9 @@ class KVzipLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        text, prompt_tokens, answer_tokens = "", 0, 0
-        for _, text, prompt_tokens, answer_tokens in self._generate(prompt, formatted, **kwargs):
-            pass
-        return CompletionResponse(text=text.strip(), raw=self._raw(prompt_tokens, answer_tokens))
+        *_, last = self._generate(prompt, formatted, **kwargs)
+        return last
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        def gen() -> CompletionResponseGen:
-            for delta, text, prompt_tokens, answer_tokens in self._generate(prompt, formatted, **kwargs):
-                yield CompletionResponse(text=text, delta=delta, raw=self._raw(prompt_tokens, answer_tokens))
-
-        return gen()
+        return self._generate(prompt, formatted, **kwargs)

@@ -1,4 +1,9 @@
-"""LlamaIndex nodes for routed segments, and back: one ``TextNode`` per segment, id ``"{doc_id}:{segment_index}"``."""
+"""LlamaIndex nodes: one ``TextNode`` per routed segment (id ``"{doc_id}:{segment_index}"``), one per cited span.
+
+Segment metadata is :meth:`kvzip_rag.answers.Target.as_metadata` (the same as a LangChain Document's). Cited spans
+follow llama-index's ``CitationQueryEngine``: a citation node is a copy of its segment's node (metadata and source
+relationship kept) whose text is the span, with a new id and the span's offsets; its score is the citation weight.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +12,41 @@ from typing import Any, List, Optional
 
 from llama_index.core.schema import BaseNode, NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode
 
+from kvzip_rag.answers import Citation
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAResult, Target, as_target
 
-# Node metadata keys written by the index (hidden from embedding models and LLM prompts).
-TECHNICAL_KEYS = [
-    "doc_id", "cache_id", "segment_index", "ratio", "level", "bytes", "full_bytes", "kv_bits", "model", "routing", "answer",
-    "mean_logprob", "refusal", "chosen", "composed",
-]
+from ..segments import TECHNICAL_KEYS, citation_metadata
 
 
-def segment_node(doc_id: str, segment_index: int, text: str, doc_metadata: dict, cache: Any, ratio: float,
-                 level: str, model_name: Optional[str], routing: Optional[str] = None) -> TextNode:
-    """The node of one segment; ``cache`` is the stored cache record it answers from (or None)."""
-    metadata = {
-        **doc_metadata,
-        "doc_id": doc_id,
-        "segment_index": segment_index,
-        "cache_id": cache.id if cache else None,
-        "ratio": ratio,
-        "level": level,
-        "bytes": cache.kv_nbytes if cache else None,
-        "full_bytes": cache.full_nbytes if cache else None,
-        "kv_bits": cache.kv_bits if cache else None,
-        "model": cache.model_name if cache else model_name,
-    }
-    if routing:
-        metadata["routing"] = routing
-    keys = [k for k in TECHNICAL_KEYS if k in metadata]
-    return TextNode(
-        id_=f"{doc_id}:{segment_index}", text=text, metadata=metadata,
-        excluded_embed_metadata_keys=keys, excluded_llm_metadata_keys=keys,
-        relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id=doc_id)},
-    )
+def _hidden(node: TextNode, keys: Iterable[str]) -> None:
+    """Keep the adapter's keys out of what embedding models and LLM prompts see."""
+    keys = [k for k in keys if k in TECHNICAL_KEYS]
+    node.excluded_llm_metadata_keys = list(dict.fromkeys([*node.excluded_llm_metadata_keys, *keys]))
+    node.excluded_embed_metadata_keys = list(dict.fromkeys([*node.excluded_embed_metadata_keys, *keys]))
+
+
+def segment_node(doc_id: str, segment_index: int, text: str, metadata: dict) -> TextNode:
+    """The node of one segment; ``metadata`` is its :meth:`Target.as_metadata`."""
+    node = TextNode(id_=f"{doc_id}:{segment_index}", text=text, metadata=metadata,
+                    relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id=doc_id)})
+    _hidden(node, metadata)
+    return node
+
+
+def citation_node(citation: Citation, segment: Optional[NodeWithScore]) -> NodeWithScore:
+    """A cited span as a source node (see the module docstring); ``segment``: its routed segment's node, if any."""
+    metadata = {**(segment.node.metadata if segment is not None else {}), **citation_metadata(citation)}
+    node = TextNode(id_=f"{citation.node_id}:{citation.start}-{citation.end}", text=citation.text,
+                    metadata=metadata, start_char_idx=citation.start, end_char_idx=citation.end,
+                    relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id=citation.doc_id)})
+    _hidden(node, metadata)
+    return NodeWithScore(node=node, score=citation.weight)
 
 
 def targets_of(hits: Iterable[Any]) -> list[Target]:
-    """Targets from NodeWithScores / nodes of a KVzipIndex, store SearchHits or ``(doc_id, segment)`` pairs."""
+    """Targets from nodes handed in from outside (``synthesize(nodes)``, a postprocessor's own nodes): NodeWithScores
+    / nodes of a KVzipIndex, store SearchHits or ``(doc_id, segment)`` pairs."""
     targets = []
     for hit in hits:
         if isinstance(hit, (NodeWithScore, BaseNode)):
@@ -61,7 +64,7 @@ def targets_of(hits: Iterable[Any]) -> list[Target]:
                 targets.append(as_target(hit))
             except InvalidArgumentError:
                 raise InvalidArgumentError(
-                    "hits are SearchHits (retrieve_hits), NodeWithScores (the retriever) or (doc_id, segment) pairs, "
+                    "hits are NodeWithScores (the retriever), store SearchHits or (doc_id, segment) pairs, "
                     f"not {type(hit).__name__}"
                 ) from None
     targets = list(dict.fromkeys(targets))
@@ -85,7 +88,15 @@ def annotate(result: Optional[QAResult], nodes: Sequence[NodeWithScore]) -> List
             continue
         node = item.node.model_copy()
         node.metadata = {**item.node.metadata, **role}
-        node.excluded_llm_metadata_keys = list(dict.fromkeys([*node.excluded_llm_metadata_keys, *role]))
-        node.excluded_embed_metadata_keys = list(dict.fromkeys([*node.excluded_embed_metadata_keys, *role]))
+        _hidden(node, role)
         out.append(NodeWithScore(node=node, score=item.score))
     return out
+
+
+def source_nodes(result: Optional[QAResult], nodes: Sequence[NodeWithScore]) -> List[NodeWithScore]:
+    """A response's ``source_nodes``: one node per citation of ``result`` (best first) when it has any, else the
+    routed ``nodes`` marked by :func:`annotate`."""
+    if result is None or not result.citations:
+        return annotate(result, nodes)
+    by_id = {n.node.node_id: n for n in annotate(result, nodes)}
+    return [citation_node(c, by_id.get(c.node_id)) for c in result.citations]

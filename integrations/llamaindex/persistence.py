@@ -77,7 +77,8 @@ class KVzipIndexStore(SimpleIndexStore):
         super().__init__(simple_kvstore)
         self._kvzip_indexes: "weakref.WeakSet[KVzipIndex]" = weakref.WeakSet()
 
-    def _register(self, index: "KVzipIndex") -> None:
+    def register(self, index: "KVzipIndex") -> None:
+        """Copy ``index``'s cache store along when this index store is persisted."""
         self._kvzip_indexes.add(index)
 
     def persist(self, persist_path: str = DEFAULT_PERSIST_PATH, fs=None) -> None:
@@ -86,7 +87,7 @@ class KVzipIndexStore(SimpleIndexStore):
             persist_dir = os.path.dirname(os.path.abspath(os.fspath(persist_path)))
             exported: dict[str, str] = {}
             for index in list(self._kvzip_indexes):
-                index._export_store(persist_dir, exported)
+                index.export_store(persist_dir, exported)
         super().persist(persist_path, fs=fs)
 
 

@@ -1,4 +1,5 @@
-"""The query engine of a KVzipIndex: retrieve, post-process, answer from the compressed caches (core service)."""
+"""The query engine of a KVzipIndex: route (``index.qa``), post-process the nodes, answer from the routed caches
+(``index.qa`` again, with the routed Targets themselves), and show what the answer rests on."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.errors import InvalidArgumentError
-from kvzip_rag.qa import Composer, check_sampling, get_composer
+from kvzip_rag.qa import Composer, QAResult, Target, get_composer
 
-from .nodes import annotate
+from ..segments import answer_options, grounding
+from .nodes import source_nodes, targets_of
 from .tracing import Trace
 
 if TYPE_CHECKING:
@@ -45,6 +47,14 @@ class KVzipQueryEngine(BaseQueryEngine):
     ``chosen``); ``metadata`` names the strategy (``compose``, ``strategy``) and lists ``composed_node_ids`` and
     ``dropped_node_ids``.
 
+    **Grounding**: ``metadata["citations"]`` lists the spans the answer rests on (dicts: ``doc_id``,
+    ``segment_index``, ``start``, ``end``, ``text``, ``weight``; best first) and ``metadata["abstained"]`` says
+    whether the evidence was too weak (the response is then the abstention). When there are citations,
+    ``source_nodes`` are the cited spans, one node each, as llama-index's ``CitationQueryEngine`` gives chunk nodes:
+    text = the span, score = its weight, the segment's metadata plus ``start``/``end``/``weight``/``citation``, and
+    ``start_char_idx``/``end_char_idx`` into the segment's text; otherwise they are the routed segments.
+    ``answer_style`` (``"quote"``) and ``abstain_threshold`` are handed to the service with the sampling options.
+
     ``node_postprocessors`` run on the routed nodes before any cache is loaded (a postprocessor that drops a node
     drops its cache). ``response_mode``: ``"no_text"`` returns the routed nodes without generating; the text
     synthesis modes (``compact``, ``refine``, ``tree_summarize``...) are refused: they pack retrieved text into an
@@ -54,7 +64,7 @@ class KVzipQueryEngine(BaseQueryEngine):
     def __init__(self, index: "KVzipIndex", similarity_top_k: int = 1, streaming: bool = False,
                  callback_manager: Optional[CallbackManager] = None,
                  node_postprocessors: Optional[Sequence[Any]] = None, response_mode: Any = None,
-                 compose: "str | Composer | None" = None, **sampling: Any) -> None:
+                 compose: "str | Composer | None" = None, **options: Any) -> None:
         mode = _mode_name(response_mode)
         if mode not in _ACCEPTED_MODES:
             raise InvalidArgumentError(
@@ -64,13 +74,13 @@ class KVzipQueryEngine(BaseQueryEngine):
                 "'no_text' for retrieval only), or pass llm= to get LlamaIndex's synthesizer over the segment texts"
             )
         self._index = index
-        self._sampling = check_sampling(sampling)
+        self._options = answer_options(options)
         self._compose = get_composer(compose) if compose is not None else None  # None: the index service's
         self._retriever = index.as_retriever(similarity_top_k=similarity_top_k)
         self._streaming = streaming
         self._no_text = mode == "no_text"
         self._postprocessors = list(node_postprocessors or [])
-        super().__init__(callback_manager=callback_manager or index._callback_manager)
+        super().__init__(callback_manager=callback_manager)
 
     @property
     def index(self) -> "KVzipIndex":
@@ -84,57 +94,69 @@ class KVzipQueryEngine(BaseQueryEngine):
         return {}
 
     def retrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
-        nodes = self._retriever.retrieve(query_bundle)
-        for postprocessor in self._postprocessors:
-            nodes = postprocessor.postprocess_nodes(nodes, query_bundle=query_bundle)
-        return nodes
+        return self._postprocess(self._retriever.retrieve(query_bundle), query_bundle)
 
     def synthesize(self, query_bundle: QueryBundle, nodes: List[NodeWithScore],
                    additional_source_nodes: Optional[Sequence[NodeWithScore]] = None) -> RESPONSE_TYPE:
         """Answer from the caches of ``nodes`` (KVzipIndex nodes); additional source nodes are attached as is."""
-        return self._respond(query_bundle.query_str, nodes, None, additional_source_nodes, asynchronous=False)
+        return self._respond(query_bundle.query_str, nodes, _targets(nodes), None, additional_source_nodes,
+                             asynchronous=False)
 
     async def asynthesize(self, query_bundle: QueryBundle, nodes: List[NodeWithScore],
                           additional_source_nodes: Optional[Sequence[NodeWithScore]] = None) -> RESPONSE_TYPE:
-        return await self._arespond(query_bundle.query_str, nodes, None, additional_source_nodes)
+        return await self._arespond(query_bundle.query_str, nodes, _targets(nodes), None, additional_source_nodes)
+
+    def _route(self, query_bundle: QueryBundle) -> tuple[List[NodeWithScore], list[Target], float]:
+        """The service's routing, the routed nodes after the postprocessors, the Targets of the nodes kept (the
+        ones routed here as routed; any a postprocessor added read from their metadata), and the seconds taken."""
+        start = time.perf_counter()
+        targets = self._index.qa.route(query_bundle.query_str, self._retriever.similarity_top_k).targets
+        nodes = self._postprocess(self._index.nodes_for(targets), query_bundle)
+        routed = {t.node_id: t for t in targets}
+        kept = [routed.get(n.node.node_id) or targets_of([n])[0] for n in nodes]
+        return nodes, kept, time.perf_counter() - start
+
+    def _postprocess(self, nodes: List[NodeWithScore], query_bundle: QueryBundle) -> List[NodeWithScore]:
+        for postprocessor in self._postprocessors:
+            nodes = postprocessor.postprocess_nodes(nodes, query_bundle=query_bundle)
+        return nodes
 
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
-        start = time.perf_counter()
-        nodes = self.retrieve(query_bundle)
-        return self._respond(query_bundle.query_str, nodes, time.perf_counter() - start, None, asynchronous=False)
+        nodes, targets, retrieve_s = self._route(query_bundle)
+        return self._respond(query_bundle.query_str, nodes, targets, retrieve_s, None, asynchronous=False)
 
     async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
-        start = time.perf_counter()
-        nodes = await run_in_thread(lambda: self.retrieve(query_bundle))
-        return await self._arespond(query_bundle.query_str, nodes, time.perf_counter() - start, None)
+        nodes, targets, retrieve_s = await run_in_thread(lambda: self._route(query_bundle))
+        return await self._arespond(query_bundle.query_str, nodes, targets, retrieve_s, None)
 
-    def _respond(self, question: str, nodes: List[NodeWithScore], retrieve_s: Optional[float],
-                 extra: Optional[Sequence[NodeWithScore]], asynchronous: bool) -> RESPONSE_TYPE:
+    def _respond(self, question: str, nodes: List[NodeWithScore], targets: list[Target],
+                 retrieve_s: Optional[float], extra: Optional[Sequence[NodeWithScore]],
+                 asynchronous: bool) -> RESPONSE_TYPE:
         extra = list(extra or [])
         if self._no_text or not nodes:
             return Response(None if self._no_text else "Empty Response", source_nodes=list(nodes) + extra,
                             metadata={"retrieve_s": retrieve_s})
-        index = self._index
-        model = {"model_name": index.kvzip_model.name, "class_name": "KVzipQueryEngine"}
+        qa = self._index.qa
+        model = {"model_name": qa.model.name, "class_name": "KVzipQueryEngine"}
         trace = Trace(self.callback_manager, question, model).start()
         if not self._streaming:
             try:
-                result = index.answer_hits(question, nodes, compose=self._compose, **self._sampling)
+                result = qa.answer(question, targets=targets, compose=self._compose, **self._options)
             except BaseException as error:
                 trace.fail(error)
                 raise
-            response = Response(result.text, source_nodes=annotate(result, nodes) + extra,
-                                metadata=result.metadata(retrieve_s))
+            response = Response(result.text, source_nodes=source_nodes(result, nodes) + extra,
+                                metadata=response_metadata(result, retrieve_s))
             trace.end(result.text, result, response)
             return response
-        stream = index.stream_hits(question, nodes, compose=self._compose, **self._sampling)
-        metadata: dict = {"retrieve_s": retrieve_s, "ratio": index.ratio, "level": index.level}
-        source_nodes: list = list(nodes) + extra
+        stream = qa.stream(question, targets=targets, compose=self._compose, **self._options)
+        metadata: dict = {"retrieve_s": retrieve_s, "ratio": self._index.ratio, "level": self._index.level}
+        sources: list = list(nodes) + extra
 
         def finish(response) -> None:
             if stream.result is not None:
-                metadata.update(stream.result.metadata(retrieve_s))
-                source_nodes[: len(nodes)] = annotate(stream.result, nodes)
+                metadata.update(response_metadata(stream.result, retrieve_s))
+                sources[:] = source_nodes(stream.result, nodes) + extra
                 trace.end(stream.result.text, stream.result, response)
 
         if asynchronous:
@@ -143,18 +165,28 @@ class KVzipQueryEngine(BaseQueryEngine):
                     yield piece
                 finish(response)
 
-            response = AsyncStreamingResponse(response_gen=agen(), source_nodes=source_nodes, metadata=metadata)
+            response = AsyncStreamingResponse(response_gen=agen(), source_nodes=sources, metadata=metadata)
             return response
 
         def gen():
             yield from stream
             finish(response)
 
-        response = StreamingResponse(response_gen=gen(), source_nodes=source_nodes, metadata=metadata)
+        response = StreamingResponse(response_gen=gen(), source_nodes=sources, metadata=metadata)
         return response
 
-    async def _arespond(self, question: str, nodes: List[NodeWithScore], retrieve_s: Optional[float],
-                        extra: Optional[Sequence[NodeWithScore]]) -> RESPONSE_TYPE:
+    async def _arespond(self, question: str, nodes: List[NodeWithScore], targets: list[Target],
+                        retrieve_s: Optional[float], extra: Optional[Sequence[NodeWithScore]]) -> RESPONSE_TYPE:
         if self._streaming:
-            return self._respond(question, nodes, retrieve_s, extra, asynchronous=True)
-        return await run_in_thread(lambda: self._respond(question, nodes, retrieve_s, extra, False))
+            return self._respond(question, nodes, targets, retrieve_s, extra, asynchronous=True)
+        return await run_in_thread(lambda: self._respond(question, nodes, targets, retrieve_s, extra, False))
+
+
+def _targets(nodes: Sequence[NodeWithScore]) -> list[Target]:
+    """Targets of nodes handed to ``synthesize`` from outside (none when there are none: nothing is answered)."""
+    return targets_of(nodes) if nodes else []
+
+
+def response_metadata(result: QAResult, retrieve_s: Optional[float]) -> dict:
+    """A response's metadata: :meth:`QAResult.metadata` with ``citations`` (dicts, best first) and ``abstained``."""
+    return {**result.metadata(retrieve_s), **grounding(result)}
