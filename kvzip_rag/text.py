@@ -27,3 +27,24 @@ def safe_path(path: os.PathLike | str) -> str:
     """A file name for messages, whatever bytes it holds (undecodable bytes as ``\\xNN``)."""
     raw = os.fsencode(path)
     return safe_text(raw.decode("utf-8", errors="backslashreplace"))
+
+
+def decode_text(data: bytes, name: str) -> tuple[str, str]:
+    """``(text, encoding)`` of a text file's bytes: UTF-8 (a BOM is dropped) when they are valid UTF-8, else the
+    encoding charset-normalizer detects, so a Latin-1 file is read as written instead of indexed with U+FFFD
+    replacement characters. Bytes that decode in no detected encoding are refused (``InvalidArgumentError`` naming
+    ``name``): nothing is ever decoded with replacements."""
+    from charset_normalizer import from_bytes
+
+    from .errors import InvalidArgumentError
+
+    try:
+        return data.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    best = from_bytes(data).best()
+    text = str(best) if best is not None else ""
+    if best is None or "\ufffd" in text:
+        raise InvalidArgumentError(f"{safe_text(name)} is not UTF-8 text and its encoding could not be detected; "
+                                   "convert it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)")
+    return text, best.encoding
