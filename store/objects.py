@@ -49,6 +49,10 @@ _CREDENTIALS = {
     "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_KEY), or a managed "
           "identity",
 }
+# the environment variables of obstore's client options (``{prefix}{KEY}``), which explicit client options replace
+_ENV_PREFIX = {"s3": "AWS_", "gs": "GOOGLE_", "az": "AZURE_"}
+_ENV_CLIENT_KEYS = ("allow_http", "allow_invalid_certificates", "proxy_url", "proxy_ca_certificate", "proxy_excludes",
+                    "root_certificate", "user_agent")
 # obstore found no credentials in the environment and asked the instance metadata service (IMDS), which failed
 _NO_CREDENTIALS = ("169.254.169.254", "/latest/api/token", "/latest/meta-data", "credential")
 
@@ -90,15 +94,18 @@ def check_key(key: str) -> str:
     return key
 
 
-def bounded(timeout: float) -> dict:
+def bounded(timeout: float, family: str = "s3") -> dict:
     """obstore options that make a request to a server that is down or stalled fail within about
     ``(TIMEOUT_RETRIES + 1) * timeout`` seconds (obstore's defaults retry for up to 3 minutes): connect and read
-    timeouts of ``timeout`` seconds, ``TIMEOUT_RETRIES`` retries with a short backoff."""
+    timeouts of ``timeout`` seconds, ``TIMEOUT_RETRIES`` retries with a short backoff. Client options given here
+    replace those obstore reads from the environment, so those (``AWS_ALLOW_HTTP``...) are carried over."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 86400:
         raise InvalidArgumentError(f"blob_timeout is a number of seconds > 0, got {timeout!r}")
     seconds = timedelta(seconds=timeout)
+    prefix = _ENV_PREFIX[family]
+    from_env = {key: os.environ[prefix + key.upper()] for key in _ENV_CLIENT_KEYS if prefix + key.upper() in os.environ}
     return {
-        "client_options": {"connect_timeout": seconds, "read_timeout": seconds},
+        "client_options": {**from_env, "connect_timeout": seconds, "read_timeout": seconds},
         "retry_config": {"max_retries": TIMEOUT_RETRIES, "retry_timeout": seconds * (TIMEOUT_RETRIES + 1),
                          "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=1)}},
     }
@@ -121,7 +128,7 @@ class ObstoreObjects:
         self.url = url
         self.family = OBJECT_SCHEMES.get(urlparse(url).scheme.lower(), "s3")
         if timeout is not None:
-            options = {**bounded(timeout), **options}
+            options = {**bounded(timeout, self.family), **options}
         with self._translated("open"):
             self.store = from_url(url, **options)
         self.counter = ReadCounter()

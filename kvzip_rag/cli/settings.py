@@ -107,8 +107,8 @@ class Settings:
         if self.blob_url and (url.scheme == "file" or len(url.scheme) <= 1):
             folder = Path(unquote(url.path) if url.scheme == "file" else self.blob_url).expanduser()
             if not folder.is_dir():
-                raise NoStoreError(f"the blob folder {folder} does not exist; check --blob-url (kvzip-rag index "
-                                   "creates it)")
+                raise CLIError(f"the blob folder {folder} does not exist; check --blob-url (kvzip-rag index "
+                               "creates it)")
 
     def service(self, model=None):
         """The core QA service over this store and model (loads the model unless given)."""
