@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .budget import DEFAULT_BUDGET
-from .errors import InvalidArgumentError, KVzipError
+from .errors import ClusterError, InvalidArgumentError, KVzipError
 from .extras import require
 
 @dataclass(frozen=True)
@@ -69,8 +69,28 @@ def init_ray(address: str | None = None, **options):
     ray = _require_ray()
     if address is None:
         os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, **options)
+        if not os.environ.get("RAY_ADDRESS"):
+            _check_temp_dir(options.get("_temp_dir"))
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **options)
+    except Exception as error:  # Ray raises bare Exception, RuntimeError, ConnectionError, OSError...
+        ray.shutdown()
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
+        raise ClusterError(f"could not {where}: {type(error).__name__}: {first_line}") from error
     return ray
+
+
+def _check_temp_dir(temp_dir: str | None) -> None:
+    """A local cluster keeps its sockets and logs under the temp folder, used by processes that run in other
+    folders: a relative one makes them time out after half a minute, so it is refused at once."""
+    for name, value in (("_temp_dir", temp_dir), ("RAY_TMPDIR", os.environ.get("RAY_TMPDIR")),
+                        ("TMPDIR", os.environ.get("TMPDIR"))):
+        if value:
+            if not os.path.isabs(value):
+                raise ClusterError(f"{name}={value!r} is a relative path: a local Ray cluster cannot start with it; "
+                                   f"set {name} to an absolute folder, or join a running cluster (its address)")
+            return
 
 
 def _content_id(text: str) -> str:
@@ -151,6 +171,7 @@ def index_documents(
     store_path: str | os.PathLike | None = None,
     blob_dir: str | os.PathLike | None = None,
     blob_url: str | None = None,
+    blob_timeout: float | None = None,
     model=None,
     ratio: float = DEFAULT_BUDGET.ratio,
     level: str = DEFAULT_BUDGET.level,
@@ -169,7 +190,8 @@ def index_documents(
     ``documents``: texts, ``(doc_id, text[, metadata])`` tuples, dicts with ``text`` (and ``doc_id``,
     ``metadata``) or :class:`Job` s. The store is opened in every worker from ``store_url`` (an SQLAlchemy URL every
     worker can reach) or ``store_path`` (a folder store on a file system they share), with the blobs in
-    ``blob_url`` (``s3://bucket/prefix``; credentials from each worker's environment) or ``blob_dir``.
+    ``blob_url`` (``s3://bucket/prefix``; credentials from each worker's environment; ``blob_timeout`` as in
+    ``CacheStore``) or ``blob_dir``.
     ``model``: an alias/path for :func:`kvzip_rag.load_model`, or a picklable zero-argument callable returning a
     ``KVzipModel`` (e.g. a custom or test model). ``kv_bits`` 8 or 4 stores quantized caches (as
     ``CacheStore.add_document``); a document stored with other bits is indexed again. ``address``: a running cluster (``"auto"`` or ``ray://...``);
@@ -188,7 +210,7 @@ def index_documents(
     if blob_dir is not None:
         store_options["blob_dir"] = os.fspath(blob_dir)
     if blob_url is not None:
-        store_options["blob_url"] = blob_url
+        store_options.update(blob_url=blob_url, blob_timeout=blob_timeout)
     settings = {"ratio": float(ratio), "level": level, "scorer": scorer, "force": force, "kv_bits": kv_bits}
     report = IndexReport()
     if not jobs:

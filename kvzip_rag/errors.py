@@ -58,3 +58,12 @@ class StoreFullError(StoreError, OSError):
 
 class PackedAttentionRequiredError(KVzipError, RuntimeError):
     """A packed cache reached an attention that cannot read it (it would attend to the new tokens alone)."""
+
+
+class ClusterError(KVzipError, RuntimeError):
+    """The Ray cluster could not be started or joined: the message says why (e.g. an unusable temp folder)."""
+
+
+class OrphanBlobWarning(UserWarning):
+    """Rows were changed (a document deleted or its caches replaced) but some of their old blobs could not be
+    removed (e.g. the object store refused the delete): nothing refers to them any more, ``gc`` removes them."""

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import uuid
@@ -175,7 +176,13 @@ class LocalBlobs:
 class _LocalRange:
     def __init__(self, path: Path):
         self.fd = -1
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        # O_NONBLOCK: a FIFO in a blob's place must not block the open (no effect on reads of a regular file)
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+        mode = os.fstat(self.fd).st_mode
+        if not stat.S_ISREG(mode):
+            self.close()
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+            raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL, f"the blob is {kind}", str(path))
         self.size = os.fstat(self.fd).st_size
 
     def read(self, start: int, length: int) -> bytes:

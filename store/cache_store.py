@@ -13,6 +13,7 @@ load or verify caches: opening a store to list, search, delete or gc does not (`
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from kvzip_rag.errors import (
     CorruptBlobError,
     DocumentNotFoundError,
     InvalidArgumentError,
+    OrphanBlobWarning,
     StoreError,
     StoreFullError,
 )
@@ -88,7 +90,9 @@ class CacheStore:
     or ``$KVZIP_RAG_STORE``). ``CacheStore(url="postgresql+psycopg2://...", blob_dir=...)`` takes any SQLAlchemy URL;
     blobs live in the folder ``blob_dir``, at ``blob_url`` (``s3://bucket/prefix`` through obstore, credentials
     from its usual environment; or ``file:///folder``), or in any :class:`~kvzip_rag.store.blob.BlobBackend` given
-    as ``blobs=``. ``cache_bytes`` bounds the in-memory LRU of loaded caches. A folder that
+    as ``blobs=``; ``blob_timeout`` (seconds) makes a request to an object store that is down fail in seconds
+    (``kvzip-rag`` uses 5) instead of after obstore's 3 minutes of retries. ``cache_bytes`` bounds the in-memory
+    LRU of loaded caches. A folder that
     cannot be written (a mounted snapshot) opens read-only (``read_only=None``, the default, decides by the file
     system); writes then raise ``StoreError``. Safe to use from several threads and processes at once.
     """
@@ -105,6 +109,7 @@ class CacheStore:
         max_segments: int = MAX_SEGMENTS,
         blobs: BlobBackend | None = None,
         blob_url: str | None = None,
+        blob_timeout: float | None = None,
     ):
         self.blob_url: str | None = None  # the object store holding the blobs (None: a local folder or blobs=)
         if blob_url is not None:  # a folder (path or file://) or an object store (s3://bucket/prefix)
@@ -112,7 +117,7 @@ class CacheStore:
                 raise InvalidArgumentError("give one of blob_url=, blob_dir= and blobs=")
             from .objects import open_objects
 
-            backend = open_objects(blob_url)
+            backend = open_objects(blob_url, blob_timeout)
             if isinstance(backend, LocalBlobs):
                 blob_dir = backend.root
             else:
@@ -325,10 +330,21 @@ class CacheStore:
         for name in names:
             self.blobs.delete(name)
 
-    def _forget(self, blobs: list[tuple[str, str]]) -> None:
-        """Drop replaced caches (``(payload_sha256, blob_path)``) from memory, then their blobs."""
+    def _forget(self, blobs: list[tuple[str, str]], what: str = "the caches were replaced") -> None:
+        """Drop caches whose rows are gone (``(payload_sha256, blob_path)``) from memory, then their blobs. The
+        change is done once its rows commit, so a blob that cannot be removed (the object store refuses deletes,
+        a read-only folder) is an orphan for ``gc``: an ``OrphanBlobWarning``, not an error."""
         self._lru.drop(p for p, _ in blobs)
-        self._remove_blobs(n for _, n in blobs)
+        failed: list[str] = []
+        for _, name in blobs:
+            try:
+                self.blobs.delete(name)
+            except (StoreError, OSError) as error:
+                failed.append(f"{self.blobs.describe(name)}: {error}")
+        if failed:
+            warnings.warn(f"{what}, but {len(failed)} of its old blob(s) could not be removed ({failed[0]}); "
+                          "nothing refers to them: gc removes them once the blob storage allows it",
+                          OrphanBlobWarning, stacklevel=3)
 
     # -------------------------------------------------------------------------------------------- documents
 
@@ -396,7 +412,7 @@ class CacheStore:
         if caches is None:
             return False
         # Rows first: a crash here leaves orphan blobs (gc removes them), never rows without blobs.
-        self._forget(caches)
+        self._forget(caches, f"document {doc_id!r} was deleted")
         self._keep_reserve()
         return True
 

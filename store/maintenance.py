@@ -17,8 +17,10 @@ from .schema import Cache, Prefix, Segment
 
 
 def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
-    """Check every blob (or those of ``doc_ids``): present, same sha256 as recorded, valid header and
-    checksums, and describing the cache its row says. Problems are reported, nothing is changed."""
+    """Check every blob (or those of ``doc_ids``): present, a regular file, same sha256 as recorded, valid header
+    and checksums, and describing the cache its row says; and every segment has a cache. Every damaged document is
+    named and none stops the others (a blob replaced by a folder or a pipe, a path outside the blob folder, a
+    missing cache row); only an unreachable object store ends it (``BlobStorageError``). Nothing is changed."""
     from .cachefile import document_header  # these import torch: gc (below) must not
     from .indexer import content_hash
     from .loading import read_cache
@@ -26,31 +28,36 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
     report = VerifyReport()
     with store._read() as session:
         stmt = sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id)
+        bare = (sa.select(Segment.document_id, Segment.index).outerjoin(Cache, Cache.segment_id == Segment.id)
+                .where(Cache.id.is_(None)))
         if doc_ids is not None:
             ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
             stmt = stmt.where(Segment.document_id.in_(ids))
+            bare = bare.where(Segment.document_id.in_(ids))
         prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
         found = [(cache_record(c, s), prefixes.get(c.prefix_id), s.text)
                  for c, s in session.execute(stmt.order_by(Cache.id))]
+        uncached = session.execute(bare.order_by(Segment.document_id, Segment.index)).all()
     bad_prefixes = {}
     for row in {p.id: p for _, p, _ in found if p is not None}.values():
-        try:
+        what = f"the shared prefix of model {row.model_name!r}"
+
+        def check_prefix(row=row, what=what) -> None:
             if file_sha256(store.blobs, row.blob_path) != row.sha256:
-                raise CorruptBlobError(f"the shared prefix of model {row.model_name!r} is corrupted (sha256)")
-            with BlobReader(store.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}") as reader:
+                raise CorruptBlobError(f"{what} is corrupted (sha256)")
+            with BlobReader(store.blobs, row.blob_path, what) as reader:
                 reader.verify_payload()
-        except FileNotFoundError:
-            bad_prefixes[row.id] = f"the shared prefix of model {row.model_name!r} is missing"
-        except BlobStorageError:  # the object store is unreachable or refuses us: not a problem of this blob
-            raise
-        except KVzipError as error:
-            bad_prefixes[row.id] = str(error)
+
+        error = _damage(check_prefix, what)
+        if error is not None:
+            bad_prefixes[row.id] = error
     for record, prefix_row, text in found:
         report.checked += 1
         label = store._label(record.document_id, record.segment_index)
-        try:
+
+        def check(record=record, prefix_row=prefix_row, text=text, label=label) -> None:
             if prefix_row is not None and prefix_row.id in bad_prefixes:
-                raise CorruptBlobError(f"{label}: {bad_prefixes[prefix_row.id]}")
+                raise CorruptBlobError(bad_prefixes[prefix_row.id])
             if file_sha256(store.blobs, record.blob_path) != record.sha256:
                 raise CorruptBlobError(f"{label} is corrupted: its sha256 differs from the one recorded")
             with BlobReader(store.blobs, record.blob_path, label) as reader:
@@ -59,16 +66,33 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
             if header.segment_sha256 and header.segment_sha256 != content_hash(text):
                 raise CorruptBlobError(f"{label}: the blob was built from another text than its segment's")
             read_cache(store, record, prefix_row, None, None, ReadStats())
-        except FileNotFoundError:
+
+        error = _damage(check, label)
+        if error is not None:
             report.problems.append(VerifyProblem(record.id, record.document_id, record.segment_index,
-                                                 record.blob_path, f"{label}: the blob is missing"))
-        except BlobStorageError:
-            raise
-        except KVzipError as error:
-            report.problems.append(
-                VerifyProblem(record.id, record.document_id, record.segment_index, record.blob_path, str(error))
-            )
+                                                 record.blob_path, error))
+    for document_id, segment_index in uncached:
+        label = store._label(document_id, segment_index)
+        report.problems.append(VerifyProblem(None, document_id, segment_index, None,
+                                             f"{label} has no cache (its row is gone): re-index the document"))
     return report
+
+
+def _damage(check, label: str) -> str | None:
+    """What is wrong with one blob, as a message that starts with ``label``; None when ``check()`` passes."""
+    try:
+        check()
+    except BlobStorageError:  # the object store is unreachable or refuses us: not a problem of this blob
+        raise
+    except (FileNotFoundError, NotADirectoryError):
+        return f"{label}: the blob is missing"
+    except Exception as error:  # KVzipError, OSError (a folder or device in its place), a damaged tensor...
+        text = str(error) or type(error).__name__
+        if not isinstance(error, KVzipError):
+            text = f"the blob cannot be read ({type(error).__name__}: {text})"
+        return text if text.startswith(label) else f"{label}: {text}"
+    return None
+
 
 def collect_garbage(store, *, min_age_s: float, dry_run: bool = False) -> GCReport:
     """Remove blobs (and stale temp files) that no row points to, then shared prefixes no cache uses any more,

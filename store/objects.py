@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from datetime import timedelta
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import PurePosixPath
@@ -32,6 +33,7 @@ from kvzip_rag.extras import require
 from .blob import BlobBackend, LocalBlobs
 
 
+TIMEOUT_RETRIES = 2  # with a timeout: retries of a request that timed out or found the server down
 COALESCE = 4096  # ranges closer than this are one request: a few KiB cost less than another round trip
 
 # URL schemes obstore opens as object stores, by family (its ``from_url`` also takes http:// and memory://: no place
@@ -47,6 +49,10 @@ _CREDENTIALS = {
     "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_KEY), or a managed "
           "identity",
 }
+# the environment variables of obstore's client options (``{prefix}{KEY}``), which explicit client options replace
+_ENV_PREFIX = {"s3": "AWS_", "gs": "GOOGLE_", "az": "AZURE_"}
+_ENV_CLIENT_KEYS = ("allow_http", "allow_invalid_certificates", "proxy_url", "proxy_ca_certificate", "proxy_excludes",
+                    "root_certificate", "user_agent")
 # obstore found no credentials in the environment and asked the instance metadata service (IMDS), which failed
 _NO_CREDENTIALS = ("169.254.169.254", "/latest/api/token", "/latest/meta-data", "credential")
 
@@ -88,10 +94,30 @@ def check_key(key: str) -> str:
     return key
 
 
-class ObstoreObjects:
-    """Any store obstore opens from a URL (``s3://bucket/prefix``; also ``gs://``, ``az://``), keys under its prefix."""
+def bounded(timeout: float, family: str = "s3") -> dict:
+    """obstore options that make a request to a server that is down or stalled fail within about
+    ``(TIMEOUT_RETRIES + 1) * timeout`` seconds (obstore's defaults retry for up to 3 minutes): connect and read
+    timeouts of ``timeout`` seconds, ``TIMEOUT_RETRIES`` retries with a short backoff. Client options given here
+    replace those obstore reads from the environment, so those (``AWS_ALLOW_HTTP``...) are carried over."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 86400:
+        raise InvalidArgumentError(f"blob_timeout is a number of seconds > 0, got {timeout!r}")
+    seconds = timedelta(seconds=timeout)
+    prefix = _ENV_PREFIX[family]
+    from_env = {key: os.environ[prefix + key.upper()] for key in _ENV_CLIENT_KEYS if prefix + key.upper() in os.environ}
+    return {
+        "client_options": {**from_env, "connect_timeout": seconds, "read_timeout": seconds},
+        "retry_config": {"max_retries": TIMEOUT_RETRIES, "retry_timeout": seconds * (TIMEOUT_RETRIES + 1),
+                         "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=1)}},
+    }
 
-    def __init__(self, url: str, **options):
+
+class ObstoreObjects:
+    """Any store obstore opens from a URL (``s3://bucket/prefix``; also ``gs://``, ``az://``), keys under its prefix.
+
+    ``timeout`` (seconds) bounds each request to a server that does not answer (:func:`bounded`); None keeps
+    obstore's defaults (retries for up to 3 minutes: for batch jobs that should ride out a server restart)."""
+
+    def __init__(self, url: str, timeout: float | None = None, **options):
         require("obstore", "s3", f"blob storage at {url!r}")
         import obstore
         from obstore.exceptions import BaseError
@@ -101,6 +127,8 @@ class ObstoreObjects:
         self._errors = BaseError
         self.url = url
         self.family = OBJECT_SCHEMES.get(urlparse(url).scheme.lower(), "s3")
+        if timeout is not None:
+            options = {**bounded(timeout, self.family), **options}
         with self._translated("open"):
             self.store = from_url(url, **options)
         self.counter = ReadCounter()
@@ -223,29 +251,30 @@ class _ObjectRange:
         pass
 
 
-def open_objects(location: str | os.PathLike, **options) -> BlobBackend:
+def open_objects(location: str | os.PathLike, timeout: float | None = None, **options) -> BlobBackend:
     """A backend for a local folder (a path or ``file://`` URL) or an object store URL (``s3://bucket/prefix``;
     also ``gs://`` and ``az://``). Other schemes are refused (``InvalidArgumentError``); without obstore,
     ``MissingExtraError`` names the ``[s3]`` extra.
 
     ``options`` go to obstore's ``from_url`` (e.g. ``endpoint=``, ``region=``); credentials normally come from the
-    environment (see the module docstring).
+    environment (see the module docstring). ``timeout``: see :class:`ObstoreObjects` (a local folder has none).
+    Opening creates nothing: a local folder is created by the first write into it.
     """
     if isinstance(location, os.PathLike):
-        return LocalBlobs(location)
+        return LocalBlobs(location, create=False)
     if not isinstance(location, str) or not location:
         raise InvalidArgumentError(f"a blob location is a folder or a URL such as s3://bucket/prefix, got {location!r}")
     parsed = urlparse(location)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise InvalidArgumentError(f"{location!r}: a file:// URL names a local folder (file:///path)")
-        return LocalBlobs(unquote(parsed.path))
+        return LocalBlobs(unquote(parsed.path), create=False)
     if len(parsed.scheme) <= 1:  # no scheme, or a Windows drive letter
-        return LocalBlobs(location)
+        return LocalBlobs(location, create=False)
     if parsed.scheme.lower() not in OBJECT_SCHEMES:
         raise InvalidArgumentError(
             f"blob URL {location!r}: the scheme {parsed.scheme!r} is not supported; use s3://bucket/prefix (also "
             "gs://bucket/prefix, az://container/prefix) or a local folder (a path or file:///folder)")
     if not parsed.netloc:
         raise InvalidArgumentError(f"blob URL {location!r} names no bucket: use {parsed.scheme}://bucket/prefix")
-    return ObstoreObjects(location, **options)
+    return ObstoreObjects(location, timeout, **options)

@@ -87,10 +87,10 @@ class CacheRef:
 
 @dataclass(frozen=True)
 class VerifyProblem:
-    cache_id: int
+    cache_id: int | None  # None: the segment has no cache row at all
     document_id: str
     segment_index: int
-    blob_path: str
+    blob_path: str | None
     error: str
 
 

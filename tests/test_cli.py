@@ -245,8 +245,10 @@ def test_clear_errors_and_exit_codes(cli, tmp_path, docs):
     result = cli("index", str(docs), "--level", "diagonal")
     assert result.exit_code == 2 and "pair" in result.output
 
-    # A model that does not exist: a KVzipError, one line, no traceback.
-    result = cli("--model", str(tmp_path / "no-model-here"), "ask", "x?", global_options=False)
+    # A model that does not exist: a KVzipError, no traceback (over a store with documents: an empty store is
+    # refused before the model loads).
+    result = cli("--store", str(cli.store), "--model", str(tmp_path / "no-model-here"), "ask", "x?",
+                 global_options=False)
     assert result.exit_code == 1 and "could not load model" in result.stderr
 
 

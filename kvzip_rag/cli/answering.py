@@ -16,19 +16,7 @@ from kvzip_rag.composers import DEFAULT_COMPOSE
 
 from .app import app, settings_of
 from .output import answer_figures, compression_line, console, say, show, stream_to_console
-from .settings import (
-    BlobUrlOpt,
-    CLIError,
-    DbOpt,
-    DeviceOpt,
-    LevelOpt,
-    ModelOpt,
-    RatioOpt,
-    Settings,
-    StoreOpt,
-    ThreadsOpt,
-    handle_errors,
-)
+from .settings import CLIError, Settings, handle_errors
 
 
 def check_doc(settings: Settings, store, doc: str | None) -> None:
@@ -49,9 +37,8 @@ def refuse_unmatched(fallback: bool, doc: str | None) -> None:
                        "document with --doc (see `kvzip-rag ls`)")
 
 
-def route(settings: Settings, qa, question: str, k: int, doc: str | None):
-    """The service's routing (see :func:`refuse_unmatched`)."""
-    check_doc(settings, qa.store, doc)
+def route(qa, question: str, k: int, doc: str | None):
+    """The service's routing (see :func:`refuse_unmatched`); the store was checked by :func:`check_doc`."""
     routing = qa.route(question, k, [doc] if doc else None)
     refuse_unmatched(routing.fallback, doc)
     return routing
@@ -69,17 +56,17 @@ def ask(
     compose: Annotated[str, typer.Option("--compose", help="With --k > 1: parallel or sequential (the k caches "
                                                            "joined into one that answers once), or best-of-k (each "
                                                            "cache answers, the best is kept).")] = DEFAULT_COMPOSE,
-    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
-    ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """Answer a question from the best matching compressed cache(s), streaming the answer."""
+    from kvzip_rag.composers import get_composer
     from kvzip_rag.qa import check_question
 
-    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
-                           device=device, threads=threads)
+    settings = settings_of(ctx)
     question = check_question(question)
+    get_composer(compose)  # arguments and the store first: a mistake is reported before the model loads
+    check_doc(settings, settings.open_store(), doc)
     qa = settings.service()
-    routing = route(settings, qa, question, k, doc)
+    routing = route(qa, question, k, doc)
     stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens, compose=compose)
     stream_to_console(stream)
     print_footer(stream.result, routing)
@@ -129,8 +116,6 @@ def chat(
     doc: Annotated[str | None, typer.Option("--doc", help="Talk about this document (default: the one the first "
                                                           "question matches).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 128,
-    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
-    ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """A conversation over the compressed caches: every question is routed, follow-ups continue in the cache.
 
@@ -141,16 +126,19 @@ def chat(
     from kvzip_rag.dialogue import ChatSession
     from kvzip_rag.errors import ContextTooLongError
 
-    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
-                           device=device, threads=threads)
+    settings = settings_of(ctx)
+    check_doc(settings, settings.open_store(), doc)  # before the model loads
     qa = settings.service()
-    check_doc(settings, qa.store, doc)
     session = ChatSession(qa, doc_ids=[doc] if doc else None, sampling={"max_new_tokens": max_tokens})
     interactive = sys.stdin.isatty()
     say("[dim]Ask a question; follow-ups continue the conversation, another topic brings in its document. /reset "
         "starts over, exit or Ctrl-D quits.[/dim]")
     while True:
-        question = _read_line(interactive)
+        try:
+            question = _read_line(interactive)
+        except UnicodeError:  # one bad line is refused; the conversation goes on
+            say("[red]that line is not UTF-8 text: it was ignored; type the question again[/red]")
+            continue
         if question is None or question.lower() in ("exit", "quit", "/exit", "/quit"):
             break
         if not question:
@@ -205,11 +193,19 @@ def print_chat_footer(session, turn) -> None:
 
 
 def _read_line(interactive: bool) -> str | None:
+    """One question; None at end of input. ``UnicodeError`` for a line that is not UTF-8 (undecodable bytes, or
+    the lone surrogates Python's surrogateescape makes of them, never reach the model)."""
     if interactive:
         say("[bold green]you>[/bold green] ", end="")
         try:
-            return input().strip()  # line editing and history where readline is available
+            line = input()  # line editing and history where readline is available
         except EOFError:
             return None
-    line = sys.stdin.readline()
-    return line.strip() if line else None
+    else:
+        stream = getattr(sys.stdin, "buffer", None)
+        raw = stream.readline() if stream is not None else sys.stdin.readline()
+        if not raw:
+            return None
+        line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    line.encode("utf-8")
+    return line.strip()

@@ -6,6 +6,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from kvzip_rag.text import decode_text, safe_path
+
 from .output import note, problem
 from .settings import CLIError
 
@@ -15,14 +17,23 @@ KINDS = ".txt, .md, .html, .htm or .pdf"
 
 
 def extract_text(path: Path) -> str:
-    """The plain text of a .txt, .md, .html/.htm (BeautifulSoup) or .pdf (pypdf) file."""
+    """The plain text of a .txt, .md, .html/.htm (BeautifulSoup) or .pdf (pypdf) file. Text and HTML that are not
+    UTF-8 are decoded in their detected (HTML: declared) encoding, with a note saying which; a file no encoding
+    decodes without replacement characters is refused (nothing is indexed with U+FFFD in it)."""
     kind = SUPPORTED.get(path.suffix.lower())
     if kind in ("text", "markdown"):
-        return path.read_text(encoding="utf-8", errors="replace")
+        text, encoding = decode_text(path.read_bytes(), safe_path(path))
+        _say_encoding(path, encoding)
+        return text
     if kind == "html":
-        from bs4 import BeautifulSoup
+        from bs4 import BeautifulSoup, UnicodeDammit
 
-        soup = BeautifulSoup(path.read_bytes(), "html.parser")
+        dammit = UnicodeDammit(path.read_bytes(), is_html=True)
+        if dammit.unicode_markup is None or dammit.contains_replacement_characters:
+            raise CLIError(f"{safe_path(path)} is not UTF-8 and its encoding could not be detected; convert it to "
+                           "UTF-8")
+        _say_encoding(path, dammit.original_encoding or "utf-8")
+        soup = BeautifulSoup(dammit.unicode_markup, "html.parser")
         for tag in soup(["script", "style", "noscript", "template", "head"]):
             tag.decompose()
         title = soup.title.get_text(strip=True) if soup.title else ""
@@ -40,6 +51,11 @@ def extract_text(path: Path) -> str:
             raise CLIError(f"cannot read PDF {path}: {error}") from error
         return "\n\n".join(p.strip() for p in pages if p.strip())
     raise CLIError(f"unsupported file type {path.suffix!r}: {path}")
+
+
+def _say_encoding(path: Path, encoding: str) -> None:
+    if encoding.lower().replace("_", "-") not in ("utf-8", "ascii"):
+        note(f"{path} is not UTF-8: decoded as {encoding} (detected)")
 
 
 def _collapse_blank(lines: list[str]) -> Iterator[str]:

@@ -16,19 +16,7 @@ from .app import app, settings_of
 from .files import collect_files, extract_text
 from .output import console, human_bytes, note, print_table, problem, show
 from .progress import IndexProgress
-from .settings import (
-    BlobUrlOpt,
-    CLIError,
-    DbOpt,
-    DeviceOpt,
-    LevelOpt,
-    ModelOpt,
-    RatioOpt,
-    Settings,
-    StoreOpt,
-    ThreadsOpt,
-    handle_errors,
-)
+from .settings import CLIError, Settings, handle_errors
 
 DEFAULT_RATIO = 0.3
 DEFAULT_LEVEL = "pair"
@@ -46,9 +34,7 @@ def index(
                                                         "document whose id exists with other text.")] = False,
     kv_bits: Annotated[int, typer.Option("--kv-bits", help="16: keep the model's dtype; 8 or 4: quantize the kept "
                                                            "keys and values (about 3x / 5x smaller blobs).")] = 16,
-    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
-    ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
-    ray: Annotated[bool, typer.Option("--ray", help="Compress on a Ray cluster (kvzip-rag[ray]): one worker per "
+    ray: Annotated[bool, typer.Option("--ray", help="Compress on a Ray cluster (kvzip-rag\\[ray]): one worker per "
                                                     "GPU, else per CPU; $RAY_ADDRESS or a local cluster.")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="The Ray cluster to join (auto, "
                                                                          "ray://head:10001); implies --ray.")] = None,
@@ -59,8 +45,7 @@ def index(
     if kv_bits not in KV_BITS:
         raise typer.BadParameter(f"--kv-bits takes {', '.join(map(str, KV_BITS[:-1]))} or {KV_BITS[-1]}, "
                                  f"got {kv_bits}")
-    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
-                           device=device, threads=threads)
+    settings = settings_of(ctx)
     if ray or ray_address:
         index_paths_on_ray(settings, paths, ray_address, doc_id=doc_id, force=force, kv_bits=kv_bits)
     else:
@@ -73,7 +58,7 @@ def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | Non
     from kvzip_rag.distributed import index_documents
 
     texts, failed = read_texts(paths, doc_id)
-    settings.open_store()  # a bad --db or --blob-url fails here, once, not in every worker
+    settings.open_store(create=True)  # a bad --db or --blob-url fails here, once, not in every worker
     where = {{"url": "store_url", "path": "store_path"}.get(k, k): v for k, v in settings.store_location().items()}
     ratio, level = settings.ratio or DEFAULT_RATIO, settings.level or DEFAULT_LEVEL
     report = index_documents(
@@ -103,7 +88,7 @@ def read_texts(paths: list[Path], doc_id: str | None = None) -> tuple[list[tuple
     for path, name in files:
         try:
             text = extract_text(path)
-        except (CLIError, OSError, UnicodeError) as error:
+        except (CLIError, KVzipError, OSError, UnicodeError) as error:
             problem(f"{path}: {error}")
             failed.append(path)
             continue
@@ -124,7 +109,7 @@ def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None
     (exit code 1 at the end if any failed)."""
     texts, failed = read_texts(paths, doc_id)
     kv_model = settings.load_model()
-    store = settings.open_store()
+    store = settings.open_store(create=True)
     ratio, level = settings.ratio or DEFAULT_RATIO, settings.level or DEFAULT_LEVEL
     table = Table(title=f"Indexed into {show(settings.describe_store())}", title_justify="left")
     for column in ("document", "segments", "tokens", "kept KV", "full KV", "time"):

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kvzip_rag.text import safe_path, safe_text
+from kvzip_rag.text import safe_text
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -15,10 +15,6 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 def show(value: object) -> str:
     """Any id, metadata value or file name, ready for rich markup: control characters escaped, markup escaped."""
     return escape(safe_text(value))
-
-
-def show_path(path) -> str:
-    return escape(safe_path(path))
 
 
 def say(*objects, **options) -> None:
@@ -37,9 +33,12 @@ def print_table(table) -> None:
 
 
 def fail(message: str, code: int = 1) -> None:
-    """One red line on stderr, then exit."""
-    first = (safe_text(message).strip().splitlines() or [""])[0]
+    """One red line on stderr (a message of several lines, such as a model-load error's cause: its first line in
+    red, the others dimmed below it, with real newlines), then exit."""
+    first, *details = [safe_text(line) for line in message.strip().splitlines() if line.strip()] or [""]
     say(f"[bold red]error:[/bold red] [red]{escape(first)}[/red]")
+    for line in details:
+        say(f"  [dim]{escape(line)}[/dim]")
     raise typer.Exit(code)
 
 

@@ -17,12 +17,19 @@ from kvzip_rag.errors import KVzipError
 from .output import fail, say, show
 
 
+DEFAULT_BLOB_TIMEOUT = 5.0  # seconds: interactive commands fail fast when the object store is down
+
+
 class CLIError(Exception):
     """A problem the user can fix (bad path, unknown id...): one red line, exit code ``code``."""
 
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
         self.code = code
+
+
+class NoStoreError(CLIError):
+    """The store named by the options does not exist (and the command does not create one)."""
 
 
 @dataclass
@@ -32,18 +39,13 @@ class Settings:
     store: Path | None = None
     db: str | None = None
     blob_url: str | None = None
+    blob_timeout: float | None = None
     model: str | None = None
     ratio: float | None = None
     level: str | None = None
     device: str | None = None
     threads: int | None = None
     _store: object = field(default=None, repr=False)
-
-    def merged(self, **overrides) -> Settings:
-        values = {k: getattr(self, k) for k in ("store", "db", "blob_url", "model", "ratio", "level", "device",
-                                                "threads")}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return Settings(**values)
 
     def load_model(self, name: str | None = None):
         return load_model_cached(name or self.model, self.device, self.threads)
@@ -56,12 +58,18 @@ class Settings:
 
         folder = self.store or default_store_path()
         rows = {"url": self.db} if self.db else {"path": folder}
-        return {**rows, **({"blob_url": self.blob_url} if self.blob_url else {"blob_dir": folder / BLOB_DIR_NAME})}
+        if not self.blob_url:
+            return {**rows, "blob_dir": folder / BLOB_DIR_NAME}
+        return {**rows, "blob_url": self.blob_url, "blob_timeout": self.blob_timeout or DEFAULT_BLOB_TIMEOUT}
 
-    def open_store(self):
+    def open_store(self, create: bool = False):
+        """The store; one that does not exist yet is created only with ``create`` (``index``): a command that
+        reads or deletes refuses it and creates nothing (no folder, database or blob folder)."""
         if self._store is None:
             from kvzip_rag.store import CacheStore
 
+            if not create:
+                self._require_existing()
             try:
                 self._store = CacheStore(**self.store_location())
             except KVzipError:
@@ -77,6 +85,30 @@ class Settings:
                     f"cannot open the store at {self.describe_store()}: {type(error).__name__}: {first_line}"
                 ) from error
         return self._store
+
+    def _require_existing(self) -> None:
+        from urllib.parse import unquote, urlparse
+
+        from sqlalchemy.engine import make_url
+
+        from kvzip_rag.qa import default_store_path
+        from kvzip_rag.store.cache_store import DB_NAME
+
+        if self.db:
+            parsed = make_url(self.db)
+            local = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+            database = Path(parsed.database).expanduser() if local else None
+        else:
+            database = (self.store or default_store_path()) / DB_NAME
+        if database is not None and not database.is_file():
+            raise NoStoreError(f"the store at {self.describe_store()} holds no documents: it does not exist yet "
+                               "(nothing was created); index some first: kvzip-rag index PATH")
+        url = urlparse(self.blob_url or "")
+        if self.blob_url and (url.scheme == "file" or len(url.scheme) <= 1):
+            folder = Path(unquote(url.path) if url.scheme == "file" else self.blob_url).expanduser()
+            if not folder.is_dir():
+                raise CLIError(f"the blob folder {folder} does not exist; check --blob-url (kvzip-rag index "
+                               "creates it)")
 
     def service(self, model=None):
         """The core QA service over this store and model (loads the model unless given)."""
@@ -155,6 +187,11 @@ def _check_level(value: str | None) -> str | None:
 StoreOpt = Annotated[Path | None, typer.Option(
     "--store", envvar="KVZIP_RAG_STORE", file_okay=False,
     help="Store folder (SQLite file + blobs). Default: the user data dir.", show_default=False)]
+BlobTimeoutOpt = Annotated[float | None, typer.Option(
+    "--blob-timeout", envvar="KVZIP_RAG_BLOB_TIMEOUT", min=0.1, metavar="SECONDS",
+    help=f"With an object-storage --blob-url: seconds to wait for the server to connect or answer, with a few "
+         f"quick retries (default {DEFAULT_BLOB_TIMEOUT:g}: a server that is down fails in seconds, not minutes).",
+    show_default=False)]
 DbOpt = Annotated[str | None, typer.Option(
     "--db", envvar="KVZIP_RAG_DB", help="SQLAlchemy URL of another database (blobs: --blob-url, else under --store).",
     show_default=False)]
@@ -216,7 +253,8 @@ def handle_errors(function: Callable) -> Callable:
             raise typer.Exit(130)
         except Exception as error:
             if type(error).__module__.startswith("sqlalchemy"):  # the database refused (disk full, locked, gone)
-                fail(f"the store's database failed: {type(error).__name__}: {error}", 1)
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                fail(f"the store's database failed: {type(error).__name__}: {first_line}", 1)
             raise
 
     return wrapper

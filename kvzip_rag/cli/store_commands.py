@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -10,16 +11,21 @@ import typer
 from rich.table import Table
 
 from .app import app, settings_of
-from .output import console, human_bytes, print_table, problem, show
-from .settings import BlobUrlOpt, CLIError, DbOpt, StoreOpt, handle_errors
+from kvzip_rag.errors import OrphanBlobWarning
+
+from .output import console, human_bytes, note, print_table, problem, show
+from .settings import CLIError, NoStoreError, handle_errors
 
 
 @app.command("ls")
 @handle_errors
-def list_documents(ctx: typer.Context, store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None) -> None:
+def list_documents(ctx: typer.Context) -> None:
     """List stored documents: segments, tokens, ratio, bytes kept vs the full cache."""
-    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url)
-    records = settings.open_store().list_documents()
+    settings = settings_of(ctx)
+    try:
+        records = settings.open_store().list_documents()
+    except NoStoreError:  # nothing to list, and nothing is created
+        records = []
     if not records:
         console.print(f"The store at {show(settings.describe_store())} is empty; add documents with "
                       "[bold]kvzip-rag index PATH[/bold].")
@@ -57,18 +63,21 @@ def _short_model_name(name: str) -> str:
 def remove(
     ctx: typer.Context,
     doc_ids: Annotated[list[str], typer.Argument(help="Document ids (see `kvzip-rag ls`).", show_default=False)],
-    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None,
 ) -> None:
     """Delete documents, their caches and blobs."""
-    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url)
+    settings = settings_of(ctx)
     store_ = settings.open_store()
     unknown = [d for d in doc_ids if d not in store_]
     if unknown:
         raise CLIError(f"no document {', '.join(map(repr, unknown))} in the store at {settings.describe_store()} "
                        "(see `kvzip-rag ls`); nothing was removed")
     for doc_id in doc_ids:
-        store_.delete_document(doc_id)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OrphanBlobWarning)
+            store_.delete_document(doc_id)
         console.print(f"removed [cyan]{show(doc_id)}[/cyan]")
+        for warning in caught:  # the document is gone; a blob the object store kept is gc's to remove
+            note(str(warning.message))
 
 
 @app.command("gc")
@@ -78,7 +87,6 @@ def collect_garbage(
     now: Annotated[bool, typer.Option("--now", help="Also remove what is younger than 10 minutes (only when no "
                                                     "other process is indexing into this store).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed, remove nothing.")] = False,
-    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None,
 ) -> None:
     """Remove cache blobs that no document points to (left by interrupted indexing), and the shared template
     prefix of a model no stored document uses any more; frees disk (or bucket) space.
@@ -86,7 +94,7 @@ def collect_garbage(
     By default only what is older than 10 minutes goes: a younger blob or prefix may belong to an `index` still
     running in another process. `--now` removes them all (use it on a quiet store).
     """
-    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url)
+    settings = settings_of(ctx)
     report = settings.open_store().gc(now=now, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     prefixes = f", and the shared prefix of {', '.join(map(show, report.prefixes))}" if report.prefixes else ""
@@ -103,15 +111,21 @@ def verify(
     ctx: typer.Context,
     doc_ids: Annotated[list[str] | None, typer.Argument(help="Document ids (default: all).", show_default=False)]
     = None,
-    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None,
 ) -> None:
     """Read every cache blob (and the shared prefixes) back and check it against its row: present, same sha256,
     valid checksums, built from its segment's text. Exit code 1 when any is damaged or missing."""
-    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url)
-    report = settings.open_store().verify(doc_ids or None)
+    settings = settings_of(ctx)
+    store = settings.open_store()
+    unknown = [d for d in doc_ids or [] if d not in store]
+    if unknown:
+        raise CLIError(f"no document {', '.join(map(repr, unknown))} in the store at {settings.describe_store()} "
+                       "(see `kvzip-rag ls`); nothing was verified")
+    report = store.verify(doc_ids or None)
     for item in report.problems:
         problem(item.error)
     if report.problems:
-        raise CLIError(f"{len(report.problems)} of {report.checked} cache(s) are damaged or missing: re-index "
-                       "those documents (kvzip-rag index PATH --force)")
+        damaged = sorted({item.document_id for item in report.problems if item.document_id is not None})
+        named = f" in {len(damaged)} document(s)" if damaged else ""
+        raise CLIError(f"{len(report.problems)} of {report.checked} cache(s){named} are damaged or missing: "
+                       "re-index those documents (kvzip-rag index PATH --force)")
     console.print(f"{report.checked} cache(s) in {show(settings.describe_store())} verified")

@@ -17,18 +17,7 @@ from .app import app, settings_of
 from .indexing import index_paths
 from .files import SUPPORTED
 from .output import answer_figures, compression_line, console, human_bytes, print_table, show, stream_to_console
-from .settings import (
-    BlobUrlOpt,
-    CLIError,
-    DbOpt,
-    DeviceOpt,
-    LevelOpt,
-    ModelOpt,
-    RatioOpt,
-    StoreOpt,
-    ThreadsOpt,
-    handle_errors,
-)
+from .settings import CLIError, handle_errors
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples" / "docs"
 
@@ -40,14 +29,11 @@ def inspect_document(
     doc_id: Annotated[str, typer.Argument(help="Document id (see `kvzip-rag ls`).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", file_okay=False, help="Folder for the PNG and HTML files.")]
     = Path("kvzip-inspect"),
-    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
-    ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """Draw what compression kept: a PNG heatmap of (layer, kv head) budgets and an HTML view of the tokens."""
     from kvzip_rag.inspect import draw_budget_heatmap, write_token_html
 
-    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
-                         device=device, threads=threads)
+    settings = settings_of(ctx)
     store_ = settings.open_store()
     record = store_.get_document(doc_id)
     if record is None:
@@ -83,15 +69,12 @@ def demo(
     docs: Annotated[Path | None, typer.Option("--docs", file_okay=False, help="Folder of documents with a "
                                               "questions.json (default: examples/docs).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 48,
-    store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
-    ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """Index the sample documents and answer their questions, with timings and compression figures.
 
     Re-running it reuses the stored caches.
     """
-    settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
-                         device=device, threads=threads)
+    settings = settings_of(ctx)
     if docs is None:  # the repository's examples (editable install), else ./examples/docs
         docs = next((c for c in (EXAMPLES_DIR, Path.cwd() / "examples" / "docs") if c.is_dir()), EXAMPLES_DIR)
     folder = docs
@@ -112,7 +95,7 @@ def demo(
         question = item["question"]
         console.print()
         console.print(f"[bold]Q{number}.[/bold] {show(question)}")
-        found = _answer(settings, qa, question, max_tokens)
+        found = _answer(qa, question, max_tokens)
         result = found.answer
         accept = [a.lower() for a in item.get("accept", [item.get("answer", "")]) if a]
         correct = any(a in result.text.lower() for a in accept)
@@ -139,9 +122,9 @@ class Found:
     read_nbytes: int
 
 
-def _answer(settings, qa, question: str, max_tokens: int) -> Found:
+def _answer(qa, question: str, max_tokens: int) -> Found:
     """One demo question through the core service (the routed best segment answers; tokens stream live)."""
-    routing = route(settings, qa, question, 1, None)
+    routing = route(qa, question, 1, None)
     console.print("[bold blue]A:[/bold blue] ", end="")
     stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens)
     stream_to_console(stream)
