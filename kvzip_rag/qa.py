@@ -297,6 +297,7 @@ class QAService:
         """The checked question and what answers it: routed here, or the given targets (then routing again means
         within their documents)."""
         question = check_question(question)
+        self.check_fits(question)  # before routing: a 1 MB question is refused on its length, not searched
         if targets is None:
             check_k(k)
             routing = self.route(question, k, doc_ids)
@@ -306,7 +307,6 @@ class QAService:
             if not given:
                 raise InvalidArgumentError("no targets to answer from")
             plan = Plan(question, given, None, len(given), list(dict.fromkeys(t.doc_id for t in given)))
-        self.check_fits(question)
         return plan
 
     def answer(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,

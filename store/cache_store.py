@@ -431,8 +431,8 @@ class CacheStore:
         )
 
     def recompress(
-        self, doc_id: str, model, *, ratio: float = DEFAULT_BUDGET.ratio, level: str = DEFAULT_BUDGET.level, scorer: str = "kvzip",
-        replace: bool = False, progress: Progress | None = None, kv_bits: int = 16,
+        self, doc_id: str, model, *, ratio: float = DEFAULT_BUDGET.ratio, level: str = DEFAULT_BUDGET.level,
+        scorer: str = "kvzip", replace: bool = False, progress: Progress | None = None, kv_bits: int = 16,
     ) -> DocumentRecord:
         """(Re)build the caches of ``doc_id`` for ``model`` at ``ratio``/``level``/``scorer``.
 
@@ -589,8 +589,9 @@ class CacheStore:
         """A ready-to-use ``PackedCache`` (empty tail) for ``model``.
 
         ``target``: a document id (with ``segment=`` index), a ``SearchHit``, a ``SegmentRecord``, a ``CacheRecord``,
-        a ``CacheRef`` or a cache id (a ``CacheRef`` whose cache is gone or replaced: ``CacheChangedError``). ``ratio`` below the stored one reads only the kept entries (equal to ``at_ratio``). Every call
-        returns a new object, so conversations never share tails; repeated loads are served from an in-memory LRU
+        a ``CacheRef`` or a cache id (a ``CacheRef`` whose cache is gone or replaced: ``CacheChangedError``).
+        ``ratio`` below the stored one reads only the kept entries (equal to ``at_ratio``). Every call returns a new
+        object, so conversations never share tails; repeated loads are served from an in-memory LRU
         keyed by the blob's content hash. The blob is checked against its row on every read (``CorruptBlobError``
         when a valid blob lies under another document's row). A missing document: ``DocumentNotFoundError``.
         """
