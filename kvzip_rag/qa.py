@@ -246,11 +246,11 @@ class QAService:
                    else self.store.list_documents(limit=k))
         for record in records:
             for segment in (record.segments if record is not None else []):
-                cache = select_cache([c for c in record.caches if c.segment_index == segment.index], kind,
-                                     self.budget)
-                if len(fallback) < k and cache is not None:
+                caches = [c for c in record.caches if c.segment_index == segment.index and kind.holds(c)]
+                cache = select_cache(caches, kind, self.budget)
+                if len(fallback) < k and caches:
                     fallback.append(Target(record.id, segment.index, 0.0, segment.text, dict(record.metadata),
-                                           "fallback", CacheRef(cache.id, cache.payload_sha256)))
+                                           "fallback", CacheRef(cache.id, cache.payload_sha256) if cache else None))
         return Routing(fallback, True, time.perf_counter() - start)
 
     # -------------------------------------------------------------------------------------- loading

@@ -512,8 +512,8 @@ class CacheStore:
         and documents whose metadata has all the given ``key: value`` pairs.
 
         ``kind``: only segments with a cache of that kind (a model's: ``CacheKind.of_model(model)``) are ranked,
-        and each hit carries the cache that serves it at ``budget`` (:func:`kvzip_rag.budget.select_cache`); a
-        segment whose caches of that kind cannot serve the budget is left out."""
+        and each hit carries the cache that serves it at ``budget`` (:func:`kvzip_rag.budget.select_cache`; ``None``
+        when its caches of that kind cannot serve the budget: loading it then says why)."""
         check_k(k)
         if query is None:
             return []
@@ -554,7 +554,7 @@ class CacheStore:
                 SearchHit(rows[i][0].document_id, i, rows[i][0].index, score, rows[i][0].text, dict(rows[i][1] or {}),
                           serving.get(i))
                 for i, score in ranked
-                if i in rows and (kind is None or serving[i] is not None)
+                if i in rows
             ]
 
     # -------------------------------------------------------------------------------------------- caches
