@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .answers import CacheAnswer, QAResult, Target, choose_best, is_refusal
-from .budget import AS_STORED, DEFAULT_BUDGET, Budget, CacheKind, select_cache
+from .budget import DEFAULT_BUDGET, Budget, CacheKind, select_cache
 from .composers import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, get_composer, register_composer
 from .errors import CacheChangedError, InvalidArgumentError, KVzipError, ModelMismatchError
 from .paths import default_store_path
@@ -75,6 +75,8 @@ def check_question(question: Any, what: str = "question") -> str:
     """The question, stripped; an empty or non-string one, or one with a lone surrogate or NUL, is refused."""
     if not isinstance(question, str) or not question.strip():
         raise InvalidArgumentError(f"the {what} is empty")
+    if "\x00" in question:  # the tokenizer would refuse it with its own exception
+        raise InvalidArgumentError(f"the {what} contains a NUL character (at position {question.index(chr(0))})")
     return check_query(question.strip())
 
 
