@@ -112,7 +112,7 @@ def test_a_question_that_leaves_no_room_for_an_answer_is_refused(store, small, f
 @pytest.mark.parametrize("options", [
     {"temperature": math.nan}, {"temperature": math.inf}, {"top_p": math.nan}, {"top_p": -math.inf},
     {"seed": 2**70}, {"seed": -1}, {"max_new_tokens": 2.0}, {"max_new_tokens": True}, {"max_new_tokens": "8"},
-    {"top_k": 1.5}, {"stop": "end"}, {"max_tokens": 4, "max_new_tokens": 4}, {"colour": "red"},
+    {"top_k": 1.5}, {"stop": "end"}, {"stop": 3}, {"max_tokens": 4, "max_new_tokens": 4}, {"colour": "red"},
 ])
 def test_bad_sampling_options_are_one_line_errors(store, small, forwards, options):
     with pytest.raises(InvalidArgumentError) as error:
