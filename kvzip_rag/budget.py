@@ -90,14 +90,16 @@ class CacheKind:
 
 
 def select_cache(records: Iterable[Any], kind: CacheKind | None, budget: Budget = AS_STORED) -> Any | None:
-    """THE rule for which stored cache serves a question: among the caches of ``kind`` (``None``: any model's)
-    that serve ``budget`` (:meth:`Budget.served_by`), those of the budget's own level first, then the smallest
-    stored ratio (fewest bytes to read; a lower ratio loads from any higher one), then the newest. ``None`` when
-    no cache of that kind serves the budget."""
+    """THE rule for which stored cache serves a question (routing, loading, composition, adapters' metadata): among
+    the caches of ``kind`` (``None``: any model's) that serve ``budget`` (:meth:`Budget.served_by`), those of the
+    budget's own level first; then, for a budget ratio, the smallest stored ratio that covers it (fewest bytes to
+    read: a lower ratio loads from any higher one), for "as stored" (``ratio=None``) the largest stored ratio (the
+    most kept); then the newest. ``None`` when no cache of that kind serves the budget."""
     usable = [c for c in records if (kind is None or kind.holds(c)) and budget.served_by(c.ratio, c.level)]
     if not usable:
         return None
-    return min(usable, key=lambda c: (budget.level is not None and c.level != budget.level, c.ratio, -c.id))
+    size = 1.0 if budget.ratio is not None else -1.0
+    return min(usable, key=lambda c: (budget.level is not None and c.level != budget.level, size * c.ratio, -c.id))
 
 
 def allocate_budgets(

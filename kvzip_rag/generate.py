@@ -51,7 +51,7 @@ class SamplingOptions:
             raise InvalidArgumentError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise InvalidArgumentError(f"seed must be an integer in 0..2**64-1, got {self.seed!r}")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
             raise InvalidArgumentError(f"stop must be a list of strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .answers import CacheAnswer, QAResult, Target, choose_best, is_refusal
-from .budget import AS_STORED, DEFAULT_BUDGET, Budget, CacheKind, select_cache
+from .budget import DEFAULT_BUDGET, Budget, CacheKind, select_cache
 from .composers import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, get_composer, register_composer
 from .errors import CacheChangedError, InvalidArgumentError, KVzipError, ModelMismatchError
 from .paths import default_store_path
@@ -75,6 +75,8 @@ def check_question(question: Any, what: str = "question") -> str:
     """The question, stripped; an empty or non-string one, or one with a lone surrogate or NUL, is refused."""
     if not isinstance(question, str) or not question.strip():
         raise InvalidArgumentError(f"the {what} is empty")
+    if "\x00" in question:  # the tokenizer would refuse it with its own exception
+        raise InvalidArgumentError(f"the {what} contains a NUL character (at position {question.index(chr(0))})")
     return check_query(question.strip())
 
 
@@ -246,11 +248,11 @@ class QAService:
                    else self.store.list_documents(limit=k))
         for record in records:
             for segment in (record.segments if record is not None else []):
-                cache = select_cache([c for c in record.caches if c.segment_index == segment.index], kind,
-                                     self.budget)
-                if len(fallback) < k and cache is not None:
+                caches = [c for c in record.caches if c.segment_index == segment.index and kind.holds(c)]
+                cache = select_cache(caches, kind, self.budget)
+                if len(fallback) < k and caches:
                     fallback.append(Target(record.id, segment.index, 0.0, segment.text, dict(record.metadata),
-                                           "fallback", CacheRef(cache.id, cache.payload_sha256)))
+                                           "fallback", CacheRef(cache.id, cache.payload_sha256) if cache else None))
         return Routing(fallback, True, time.perf_counter() - start)
 
     # -------------------------------------------------------------------------------------- loading
@@ -297,6 +299,7 @@ class QAService:
         """The checked question and what answers it: routed here, or the given targets (then routing again means
         within their documents)."""
         question = check_question(question)
+        self.check_fits(question)  # before routing: a 1 MB question is refused on its length, not searched
         if targets is None:
             check_k(k)
             routing = self.route(question, k, doc_ids)
@@ -306,7 +309,6 @@ class QAService:
             if not given:
                 raise InvalidArgumentError("no targets to answer from")
             plan = Plan(question, given, None, len(given), list(dict.fromkeys(t.doc_id for t in given)))
-        self.check_fits(question)
         return plan
 
     def answer(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,

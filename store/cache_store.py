@@ -447,8 +447,8 @@ class CacheStore:
         )
 
     def recompress(
-        self, doc_id: str, model, *, ratio: float = DEFAULT_BUDGET.ratio, level: str = DEFAULT_BUDGET.level, scorer: str = "kvzip",
-        replace: bool = False, progress: Progress | None = None, kv_bits: int = 16,
+        self, doc_id: str, model, *, ratio: float = DEFAULT_BUDGET.ratio, level: str = DEFAULT_BUDGET.level,
+        scorer: str = "kvzip", replace: bool = False, progress: Progress | None = None, kv_bits: int = 16,
     ) -> DocumentRecord:
         """(Re)build the caches of ``doc_id`` for ``model`` at ``ratio``/``level``/``scorer``.
 
@@ -528,8 +528,8 @@ class CacheStore:
         and documents whose metadata has all the given ``key: value`` pairs.
 
         ``kind``: only segments with a cache of that kind (a model's: ``CacheKind.of_model(model)``) are ranked,
-        and each hit carries the cache that serves it at ``budget`` (:func:`kvzip_rag.budget.select_cache`); a
-        segment whose caches of that kind cannot serve the budget is left out."""
+        and each hit carries the cache that serves it at ``budget`` (:func:`kvzip_rag.budget.select_cache`; ``None``
+        when its caches of that kind cannot serve the budget: loading it then says why)."""
         check_k(k)
         if query is None:
             return []
@@ -570,7 +570,7 @@ class CacheStore:
                 SearchHit(rows[i][0].document_id, i, rows[i][0].index, score, rows[i][0].text, dict(rows[i][1] or {}),
                           serving.get(i))
                 for i, score in ranked
-                if i in rows and (kind is None or serving[i] is not None)
+                if i in rows
             ]
 
     # -------------------------------------------------------------------------------------------- caches
@@ -605,8 +605,9 @@ class CacheStore:
         """A ready-to-use ``PackedCache`` (empty tail) for ``model``.
 
         ``target``: a document id (with ``segment=`` index), a ``SearchHit``, a ``SegmentRecord``, a ``CacheRecord``,
-        a ``CacheRef`` or a cache id (a ``CacheRef`` whose cache is gone or replaced: ``CacheChangedError``). ``ratio`` below the stored one reads only the kept entries (equal to ``at_ratio``). Every call
-        returns a new object, so conversations never share tails; repeated loads are served from an in-memory LRU
+        a ``CacheRef`` or a cache id (a ``CacheRef`` whose cache is gone or replaced: ``CacheChangedError``).
+        ``ratio`` below the stored one reads only the kept entries (equal to ``at_ratio``). Every call returns a new
+        object, so conversations never share tails; repeated loads are served from an in-memory LRU
         keyed by the blob's content hash. The blob is checked against its row on every read (``CorruptBlobError``
         when a valid blob lies under another document's row). A missing document: ``DocumentNotFoundError``.
         """

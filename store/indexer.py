@@ -107,9 +107,9 @@ class Indexer:
     # ---------------------------------------------------------------------------------------------- adding
 
     def add(
-        self, text: str, *, doc_id: str | None = None, metadata: dict | None = None, ratio: float = DEFAULT_BUDGET.ratio,
-        level: str = DEFAULT_BUDGET.level, scorer="kvzip", force: bool = False, progress: Progress | None = None,
-        kv_bits: int = 16,
+        self, text: str, *, doc_id: str | None = None, metadata: dict | None = None,
+        ratio: float = DEFAULT_BUDGET.ratio, level: str = DEFAULT_BUDGET.level, scorer="kvzip", force: bool = False,
+        progress: Progress | None = None, kv_bits: int = 16,
     ) -> DocumentRecord:
         """See :meth:`CacheStore.add_document`."""
         text = check_text(text)
@@ -202,8 +202,8 @@ class Indexer:
         return self._commit(rows, write)
 
     def recompress(
-        self, doc_id: str, *, ratio: float = DEFAULT_BUDGET.ratio, level: str = DEFAULT_BUDGET.level, scorer="kvzip", replace: bool = False,
-        progress: Progress | None = None, kv_bits: int = 16,
+        self, doc_id: str, *, ratio: float = DEFAULT_BUDGET.ratio, level: str = DEFAULT_BUDGET.level,
+        scorer="kvzip", replace: bool = False, progress: Progress | None = None, kv_bits: int = 16,
     ) -> DocumentRecord:
         """See :meth:`CacheStore.recompress`."""
         kind = self.kind(ratio, level, scorer, kv_bits)

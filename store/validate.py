@@ -48,13 +48,10 @@ def check_text(text) -> str:
 
 
 def check_query(query) -> str:
-    """A question or search query: a string of valid Unicode without NUL characters (the tokenizer and SQL refuse
-    those with their own exceptions)."""
+    """A search query: a string of valid Unicode (search reduces it to words, so any other character is harmless)."""
     if not isinstance(query, str):
         raise InvalidArgumentError(f"a search query is a string, got {type(query).__name__}")
     _check_unicode(query, "the question")
-    if "\x00" in query:
-        raise InvalidArgumentError(f"the question contains a NUL character (at position {query.index(chr(0))})")
     return query
 
 

@@ -16,7 +16,7 @@ from kvzip_rag.budget import AS_STORED, DEFAULT_BUDGET, Budget, CacheKind, selec
 from kvzip_rag.errors import CacheChangedError, ContextTooLongError, InvalidArgumentError, ModelMismatchError
 from kvzip_rag.generate import SamplingOptions
 from kvzip_rag.qa import DEFAULT_RATIO, QAService, check_k, check_question, check_sampling, matching_cache
-from kvzip_rag.store import CacheStore
+from kvzip_rag.store import CacheStore, loading
 
 WINDOW = 700  # positions of the small-window tiny model: answers reach the window within a few hundred tokens
 HARBOUR = "The harbour of Velmora was built in 1731 by the engineer Ansel Brask."
@@ -112,7 +112,7 @@ def test_a_question_that_leaves_no_room_for_an_answer_is_refused(store, small, f
 @pytest.mark.parametrize("options", [
     {"temperature": math.nan}, {"temperature": math.inf}, {"top_p": math.nan}, {"top_p": -math.inf},
     {"seed": 2**70}, {"seed": -1}, {"max_new_tokens": 2.0}, {"max_new_tokens": True}, {"max_new_tokens": "8"},
-    {"top_k": 1.5}, {"stop": "end"}, {"max_tokens": 4, "max_new_tokens": 4}, {"colour": "red"},
+    {"top_k": 1.5}, {"stop": "end"}, {"stop": 3}, {"max_tokens": 4, "max_new_tokens": 4}, {"colour": "red"},
 ])
 def test_bad_sampling_options_are_one_line_errors(store, small, forwards, options):
     with pytest.raises(InvalidArgumentError) as error:
@@ -175,15 +175,16 @@ class _Row:
 def test_select_cache_is_one_rule():
     rows = [_Row(1, 1.0), _Row(2, 0.5), _Row(3, 0.2, fingerprint="g"), _Row(4, 0.6, "uniform")]
     kind = CacheKind("f", "t")
-    assert select_cache(rows, kind, AS_STORED).id == 2  # as stored: the smallest stored ratio (fewest bytes)
-    assert select_cache(rows, kind, Budget(0.3, "pair")).id == 2
+    assert select_cache(rows, kind, AS_STORED).id == 1  # as stored: the most kept
+    assert select_cache(rows, kind, Budget(None, "uniform")).id == 4  # its own level first
+    assert select_cache(rows, kind, Budget(0.3, "pair")).id == 2  # a ratio: the smallest that covers it
     assert select_cache(rows, kind, Budget(0.7, "pair")).id == 1
     assert select_cache(rows, kind, Budget(0.7, "uniform")).id == 1  # derived from ratio 1.0
     assert select_cache(rows, kind, Budget(0.3, "uniform")).id == 4
     assert select_cache(rows, kind, Budget(0.5, "head")) is None
     assert select_cache(rows, CacheKind("g", "t"), AS_STORED).id == 3
     assert select_cache(rows, CacheKind("h", "t"), AS_STORED) is None
-    assert matching_cache(rows, fingerprint="f", template_digest="t").id == 2
+    assert matching_cache(rows, fingerprint="f", template_digest="t", ratio=0.4).id == 2
 
 
 def test_loading_and_metadata_describe_the_same_cache(tmp_path, small):
@@ -191,11 +192,14 @@ def test_loading_and_metadata_describe_the_same_cache(tmp_path, small):
     store.add_document(small, HARBOUR, doc_id="harbour", ratio=0.5)
     store.add_document(small, HARBOUR, doc_id="harbour", ratio=1.0)
     records = store.caches_for("harbour", small)
-    chosen = matching_cache(records, fingerprint=small.fingerprint, template_digest=small.template.digest)
-    loaded = store.load_cache("harbour", small)
-    assert loaded.info.ratio == chosen.ratio == 0.5
-    target = QAService(store, small).route(QUESTION).targets[0]
-    assert target.cache.id == chosen.id
+    for ratio, stored in [(None, 1.0), (0.4, 0.5)]:
+        chosen = matching_cache(records, fingerprint=small.fingerprint, template_digest=small.template.digest,
+                                ratio=ratio)
+        assert chosen.ratio == stored
+        assert loading.pick(store, small, "harbour", 0, ratio, None)[0].id == chosen.id
+        assert store.load_cache("harbour", small, ratio=ratio).info.ratio == (ratio or stored)
+        target = QAService(store, small, ratio=ratio).route(QUESTION).targets[0]
+        assert target.cache.id == chosen.id
 
 
 # ------------------------------------------------------------------------------------------------ several models
