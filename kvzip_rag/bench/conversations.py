@@ -81,7 +81,7 @@ def conversation_documents(scripts: list[Script], header: dict, data_dir: Path) 
 class SearchEveryTurn(ChatSession):
     """The routing before issue 23: every turn routed on its own words; one that matches no word stays."""
 
-    def route_turn(self, question: str, documents: list[Target]) -> Routing | None:
+    def route_turn(self, question: str, documents: list[Target], previous: str) -> Routing | None:
         routing = self.service.route(question, self.k, self.doc_ids)
         return None if documents and routing.fallback else routing
 
