@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from kvzip_rag.bench.conversations import KINDS, conversation_documents, load_conversations
+from conftest import DATA_DIR
+
 from kvzip_rag import dialogue
+from kvzip_rag.bench.conversations import KINDS, conversation_documents, load_conversations
 from kvzip_rag.dialogue import REFERRING_MARGIN, SWITCH_MARGIN, ChatSession, switches, turn_words
+from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAService, Target
 from kvzip_rag.store import CacheStore
-
-from conftest import DATA_DIR
 
 # "she", "more", "why", "second" and "one" are in the bakery's text: routing a follow-up on them lands there
 DOCS = {
@@ -126,3 +127,21 @@ def test_the_scripted_conversations_load_and_every_label_resolves():
     documents = conversation_documents(scripts, header, DATA_DIR)
     assert {t.doc_id for t in turns} <= set(documents)
     assert all(text.strip() and meta["title"] for text, meta in documents.values())
+
+
+def test_the_conversation_benchmark_reports_each_routing(tiny_llama, tmp_path):
+    if not (DATA_DIR / "squad").is_dir():
+        pytest.skip(f"SQuAD data not found at {DATA_DIR}")
+    from kvzip_rag.bench.conversations import conversation_figures, markdown
+
+    with pytest.raises(InvalidArgumentError, match="unknown routing"):
+        conversation_figures(tiny_llama, tmp_path, routings=("bogus",))
+    result = conversation_figures(tiny_llama, tmp_path, limit=1, data_dir=DATA_DIR, max_new_tokens=2)
+    turns = len(load_conversations()[0][0].turns)
+    assert len(result["rows"]) == 2 * turns and result["documents"] == 2
+    for routing in ("search-every-turn", "follow-up"):
+        mine = [r for r in result["rows"] if r["routing"] == routing]
+        summary = result["summary"][routing]
+        assert summary["all"]["n"] == turns and summary["all"]["share"] == sum(r["on_label"] for r in mine) / turns
+        assert summary["repeats_previous"]["n"] == turns - 1
+    assert "| follow-up |" in markdown(result)
