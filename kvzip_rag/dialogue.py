@@ -110,29 +110,28 @@ def check_window(model, cache, question: str, max_new_tokens: int, first_turn: b
 # ------------------------------------------------------------------------------------------- follow-up routing
 
 # Words that point back into the conversation instead of naming a topic (full-text search would route on them:
-# "he" or "one" match nearly every document).
-PRONOUNS = frozenset("he him his she her hers it its they them their theirs this these those".split())
+# "he", "there" or "one" match nearly every document), and conversational filler ("tell me more", "give me an
+# example", "how much?").
+PRONOUNS = frozenset("he him his she her hers it its they them their theirs this these those there".split())
 FILLER = frozenset(
     """about again also another anything briefly continue describe detail details elaborate else example examples
-    explain expand first further go happen happened happens interesting last later me mean meant more next no now
-    ok okay one ones other others please previous really said say second so some something summarize tell thanks
-    then thing things third too us yes""".split()
+    explain expand first further give go happen happened happens interesting last later many me mean meant more
+    much next no now ok okay one ones other others please previous really said say second so some something
+    summarize tell thanks then thing things third too us yes""".split()
 )
 # How many times the best other document's full-text score must exceed the conversation's documents' best score
-# for a later turn to leave them: turns with content words of their own, and turns that also refer back (a pronoun,
-# or a word of a current document's name).
-SWITCH_MARGIN = 2.0
+# for a later turn to leave them: turns with content words of their own, and turns that also refer back with a
+# pronoun (scored with the previous question's content words added: what the pronoun stands for).
+SWITCH_MARGIN = 1.5
 REFERRING_MARGIN = 4.0
 
 
 def turn_words(question: str, documents: Sequence[Target]) -> tuple[list[str], bool]:
     """``(content words, refers back)`` of a later turn: its words less stop words, pronouns and conversational
-    filler; whether it holds a pronoun or a word of a current document's id or title."""
+    filler; whether it holds a pronoun."""
     found = words(question)
-    names = {w for t in documents for w in words(f"{t.doc_id} {t.metadata.get('title', '')}".replace("_", " "))}
     content = list(dict.fromkeys(w for w in found if w not in STOPWORDS and w not in PRONOUNS and w not in FILLER))
-    referring = any(w in PRONOUNS for w in found) or any(w in names for w in content)
-    return content, referring
+    return content, any(w in PRONOUNS for w in found)
 
 
 def switches(current: float, other: float, referring: bool) -> bool:
@@ -141,17 +140,19 @@ def switches(current: float, other: float, referring: bool) -> bool:
 
 
 def follow_up_routing(service: QAService, question: str, documents: Sequence[Target], k: int,
-                      doc_ids: Sequence[str] | None) -> Routing | None:
+                      doc_ids: Sequence[str] | None, previous: str = "") -> Routing | None:
     """A later turn's routing, or ``None`` when it stays in the conversation's ``documents``.
 
     It stays when it has no content words ("tell me more", "why?", "where was he from?"), when nothing matches
     them, or when the best-matching other document does not beat the conversation's documents by the margin
-    (:func:`switches`). Otherwise it is routed on its content words, as a first turn is on the whole question.
+    (:func:`switches`). A turn with a pronoun is scored with the content words of the ``previous`` question
+    added ("what nationality was he?" after "when did Martin Luther die?" asks "nationality martin luther die").
+    Otherwise it is routed on that query, as a first turn is on the whole question.
     """
     content, referring = turn_words(question, documents)
     if not content:
         return None
-    query = " ".join(content)
+    query = " ".join(dict.fromkeys(content + (turn_words(previous, documents)[0] if referring else [])))
     held = list(dict.fromkeys(t.doc_id for t in documents))
     routing = service.route(query, k + len(documents), doc_ids)
     if routing.fallback:
@@ -275,8 +276,9 @@ class ChatSession:
             live = self.conversation is not None
             documents: list[Target] = list(self.documents) if live else []
             dropped: list[Dropped] = []
+            previous = self.conversation.turns[-1][0] if live and self.conversation.turns else ""
             for text in ([] if live else [q for q, _ in history if q.strip()]) + [question]:
-                routing = self.route_turn(text, documents)
+                routing, previous = self.route_turn(text, documents, previous), text
                 if routing is None:
                     routed, how = list(documents), "follow-up"
                     continue
@@ -289,11 +291,12 @@ class ChatSession:
             return TurnPlan(question, routed, how, documents,
                             cache_change(self.documents if live else [], documents), dropped, self._version)
 
-    def route_turn(self, question: str, documents: list[Target]) -> Routing | None:
-        """A turn's routing given the conversation's ``documents`` so far; ``None``: it stays in them."""
+    def route_turn(self, question: str, documents: list[Target], previous: str) -> Routing | None:
+        """A turn's routing given the conversation's ``documents`` and ``previous`` question so far; ``None``: it
+        stays in them."""
         if not documents:
             return self.service.route(question, self.k, self.doc_ids)
-        return follow_up_routing(self.service, question, documents, self.k, self.doc_ids)
+        return follow_up_routing(self.service, question, documents, self.k, self.doc_ids, previous)
 
     def _admit(self, documents: list[Target], targets: list[Target]) -> tuple[list[Target], list[Dropped]]:
         """The documents after one routed question: its targets first, then the earlier ones by recency, at most

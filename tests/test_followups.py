@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import DATA_DIR
+
+from kvzip_rag import dialogue
 from kvzip_rag.bench.conversations import KINDS, conversation_documents, load_conversations
 from kvzip_rag.dialogue import REFERRING_MARGIN, SWITCH_MARGIN, ChatSession, switches, turn_words
+from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAService, Target
 from kvzip_rag.store import CacheStore
-
-from conftest import DATA_DIR
 
 # "she", "more", "why", "second" and "one" are in the bakery's text: routing a follow-up on them lands there
 DOCS = {
@@ -27,7 +29,7 @@ SHORT = {"max_new_tokens": 3}
 def service(tiny_llama, tmp_path_factory) -> QAService:
     store = CacheStore(tmp_path_factory.mktemp("followups"))
     for doc_id, text in DOCS.items():
-        store.add_document(tiny_llama, text, doc_id=doc_id, metadata={"title": f"The {doc_id}"}, ratio=0.3)
+        store.add_document(tiny_llama, text, doc_id=doc_id, ratio=0.3)
     return QAService(store, tiny_llama)
 
 
@@ -51,7 +53,8 @@ def test_a_pronoun_follow_up_with_words_of_its_own_stays_unless_they_point_elsew
     session = chat_about_the_harbour(service)
     stays = session.ask("When did he build it from granite?")
     assert stays.change == "kept" and stays.info["doc_ids"] == ["harbour"]
-    assert session.plan("Where did she learn baking?").documents[0].doc_id == "bakery"  # harbour scores 0
+    moved = session.plan("Did she learn baking in Lyon before the bakery on Mill Street opened?")
+    assert moved.routing == "search" and moved.documents[0].doc_id == "bakery"
 
 
 def test_a_clearly_different_topic_switches(service):
@@ -81,27 +84,36 @@ def test_the_margin_rule_at_its_boundary():
     assert switches(0.0, 1e-9, referring=True) and not switches(0.0, 0.0, referring=False)
 
 
-def test_turn_words_drop_filler_and_see_references_back():
-    harbour = [Target("harbour", 0, metadata={"title": "Old_Harbour"})]
+def test_turn_words_drop_filler_and_see_pronouns():
+    harbour = [Target("harbour", 0)]
     assert turn_words("Tell me more, why?", harbour) == ([], False)
     assert turn_words("Where was he from?", harbour) == ([], True)
-    assert turn_words("And the second one?", harbour) == ([], False)
-    assert turn_words("Who repaired the old harbour wall?", harbour) == (["repaired", "old", "harbour", "wall"], True)
+    assert turn_words("And the second one? Give me an example.", harbour) == ([], False)
+    assert turn_words("Who repaired its wall?", harbour) == (["repaired", "wall"], True)
     assert turn_words("What does the bakery sell?", harbour) == (["bakery", "sell"], False)
+
+
+def test_a_pronoun_is_scored_with_the_previous_question(service):
+    """"When was it baked?" after a question about the harbour wall stays there: "it" stands for the wall."""
+    held = [service.route("Who built the harbour wall of Wrenfield?").targets[0]]
+    kept = dialogue.follow_up_routing(service, "When was it baked?", held, 1, None,
+                                      previous="Who built the harbour wall of Wrenfield?")
+    assert kept is None or kept.targets[0].doc_id == "harbour"  # "baked built harbour wall wrenfield"
+    moved = dialogue.follow_up_routing(service, "When was it baked?", held, 1, None)
+    assert moved is not None and moved.targets[0].doc_id == "bakery"  # "baked" alone: only the bakery matches
 
 
 def test_the_margin_decides_a_real_turn(service, monkeypatch):
     """The same turn stays or switches as the margin moves across its score ratio."""
-    question = "When does the bakery on Mill Street open, and who built it?"
+    question = "Who built the bakery on Mill Street?"
     held = [service.route("Who built the harbour wall of Wrenfield?").targets[0]]
-    bakery = service.store.search("bakery mill street open built", k=1, doc_ids=["bakery"])[0].score
-    harbour = service.store.search("bakery mill street open built", k=1, doc_ids=["harbour"])[0].score
-    assert turn_words(question, held) == (["bakery", "mill", "street", "open", "built"], True)
-    from kvzip_rag import dialogue
-
-    monkeypatch.setattr(dialogue, "REFERRING_MARGIN", bakery / harbour * 1.001)
+    query = "built bakery mill street"
+    bakery = service.store.search(query, k=1, doc_ids=["bakery"])[0].score
+    harbour = service.store.search(query, k=1, doc_ids=["harbour"])[0].score
+    assert turn_words(question, held) == (query.split(), False)
+    monkeypatch.setattr(dialogue, "SWITCH_MARGIN", bakery / harbour * 1.001)
     assert dialogue.follow_up_routing(service, question, held, 1, None) is None
-    monkeypatch.setattr(dialogue, "REFERRING_MARGIN", bakery / harbour * 0.999)
+    monkeypatch.setattr(dialogue, "SWITCH_MARGIN", bakery / harbour * 0.999)
     assert dialogue.follow_up_routing(service, question, held, 1, None).targets[0].doc_id == "bakery"
 
 
@@ -115,3 +127,21 @@ def test_the_scripted_conversations_load_and_every_label_resolves():
     documents = conversation_documents(scripts, header, DATA_DIR)
     assert {t.doc_id for t in turns} <= set(documents)
     assert all(text.strip() and meta["title"] for text, meta in documents.values())
+
+
+def test_the_conversation_benchmark_reports_each_routing(tiny_llama, tmp_path):
+    if not (DATA_DIR / "squad").is_dir():
+        pytest.skip(f"SQuAD data not found at {DATA_DIR}")
+    from kvzip_rag.bench.conversations import conversation_figures, markdown
+
+    with pytest.raises(InvalidArgumentError, match="unknown routing"):
+        conversation_figures(tiny_llama, tmp_path, routings=("bogus",))
+    result = conversation_figures(tiny_llama, tmp_path, limit=1, data_dir=DATA_DIR, max_new_tokens=2)
+    turns = len(load_conversations()[0][0].turns)
+    assert len(result["rows"]) == 2 * turns and result["documents"] == 2
+    for routing in ("search-every-turn", "follow-up"):
+        mine = [r for r in result["rows"] if r["routing"] == routing]
+        summary = result["summary"][routing]
+        assert summary["all"]["n"] == turns and summary["all"]["share"] == sum(r["on_label"] for r in mine) / turns
+        assert summary["repeats_previous"]["n"] == turns - 1
+    assert "| follow-up |" in markdown(result)

@@ -81,7 +81,7 @@ def conversation_documents(scripts: list[Script], header: dict, data_dir: Path) 
 class SearchEveryTurn(ChatSession):
     """The routing before issue 23: every turn routed on its own words; one that matches no word stays."""
 
-    def route_turn(self, question: str, documents: list[Target]) -> Routing | None:
+    def route_turn(self, question: str, documents: list[Target], previous: str) -> Routing | None:
         routing = self.service.route(question, self.k, self.doc_ids)
         return None if documents and routing.fallback else routing
 
@@ -93,10 +93,15 @@ def share(hits: list[bool]) -> dict:
 
 
 def conversation_figures(model, work_dir: Path, limit: int | None = None, *, data_dir: Path | None = None,
-                         max_new_tokens: int = 32, log: Callable[[str], None] | None = None) -> dict:
-    """Run the first ``limit`` conversations (all: ``None``) under each routing; per-turn rows and shares."""
+                         max_new_tokens: int = 32, routings: tuple[str, ...] = ROUTINGS,
+                         log: Callable[[str], None] | None = None) -> dict:
+    """Run the first ``limit`` conversations (all: ``None``) under each of ``routings`` (of :data:`ROUTINGS`);
+    per-turn rows and shares."""
     from kvzip_rag.store import CacheStore
 
+    unknown = set(routings) - set(ROUTINGS)
+    if unknown:
+        raise InvalidArgumentError(f"unknown routing(s) {', '.join(sorted(unknown))}; use {', '.join(ROUTINGS)}")
     log = log or (lambda message: None)
     scripts, header = load_conversations()
     scripts = scripts[:limit] if limit is not None else scripts
@@ -109,6 +114,8 @@ def conversation_figures(model, work_dir: Path, limit: int | None = None, *, dat
     service = QAService(store, model, ratio=RATIO)
     rows = []
     for routing, session_type in zip(ROUTINGS, (SearchEveryTurn, ChatSession)):
+        if routing not in routings:
+            continue
         for script in scripts:
             session, previous = session_type(service, sampling={"max_new_tokens": max_new_tokens}), None
             for index, turn in enumerate(script.turns):
@@ -124,8 +131,8 @@ def conversation_figures(model, work_dir: Path, limit: int | None = None, *, dat
             log(f"conversations: {routing} {script.id} done")
     summary = {routing: {kind: share([r["on_label"] for r in rows if r["routing"] == routing
                                       and kind in ("all", r["kind"])]) for kind in ("all", *KINDS)}
-               for routing in ROUTINGS}
-    for routing in ROUTINGS:
+               for routing in routings}
+    for routing in routings:
         mine = [r for r in rows if r["routing"] == routing]
         summary[routing]["label_held"] = share([r["label_held"] for r in mine])
         summary[routing]["repeats_previous"] = share([r["repeats_previous"] for r in mine if r["turn"] > 0])
