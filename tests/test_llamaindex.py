@@ -376,6 +376,32 @@ def test_grounding_options_are_passed_to_the_service(index):
         index.as_query_engine(answer_styel="quote")  # a misspelt option still fails when the engine is built
 
 
+def test_the_engine_routing_itself_still_emits_the_retrieval_events(index):
+    """The engine routes through the service, not its retriever: it emits the retriever's events itself."""
+    from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+
+    seen: list = []
+
+    class Recorder(BaseEventHandler):
+        def handle(self, event, **kwargs):
+            seen.append(event)
+
+    recorder, debug = Recorder(), LlamaDebugHandler()
+    get_dispatcher().add_event_handler(recorder)
+    try:
+        index.as_query_engine(similarity_top_k=2, callback_manager=CallbackManager([debug]), **SHORT).query(
+            "Who built the harbour?")
+    finally:
+        get_dispatcher().event_handlers.remove(recorder)
+    ends = [e for e in seen if type(e).__name__ == "RetrievalEndEvent"]
+    assert len(ends) == 1 and any(type(e).__name__ == "RetrievalStartEvent" for e in seen)
+    assert [n.node.node_id for n in ends[0].nodes] == ["harbour:0"]  # the one segment that matches
+    (start, end), = debug.get_event_pairs(CBEventType.RETRIEVE)
+    assert [n.node.node_id for n in end.payload["nodes"]] == [n.node.node_id for n in ends[0].nodes]
+
+
 def test_nodes_and_langchain_documents_describe_a_segment_alike(index):
     """One Target.as_metadata: the retriever's node and the LangChain retriever's Document of the same segment
     carry the same metadata (cache id, bytes, ratio, level, score, routing...)."""

@@ -18,7 +18,7 @@ from kvzip_rag.qa import Composer, QAResult, Target, get_composer
 
 from ..segments import answer_options, grounding
 from .nodes import source_nodes, targets_of
-from .tracing import Trace
+from .tracing import Trace, retrieval
 
 if TYPE_CHECKING:
     from .index import KVzipIndex
@@ -110,8 +110,10 @@ class KVzipQueryEngine(BaseQueryEngine):
         """The service's routing, the routed nodes after the postprocessors, the Targets of the nodes kept (the
         ones routed here as routed; any a postprocessor added read from their metadata), and the seconds taken."""
         start = time.perf_counter()
-        targets = self._index.qa.route(query_bundle.query_str, self._retriever.similarity_top_k).targets
-        nodes = self._postprocess(self._index.nodes_for(targets), query_bundle)
+        with retrieval(self.callback_manager, query_bundle) as routed_nodes:
+            targets = self._index.qa.route(query_bundle.query_str, self._retriever.similarity_top_k).targets
+            routed_nodes += self._index.nodes_for(targets)
+        nodes = self._postprocess(routed_nodes, query_bundle)
         routed = {t.node_id: t for t in targets}
         kept = [routed.get(n.node.node_id) or targets_of([n])[0] for n in nodes]
         return nodes, kept, time.perf_counter() - start

@@ -1,14 +1,17 @@
-"""LLM and synthesis events, emitted the way LlamaIndex's own LLMs and synthesizers emit them.
+"""Retrieval, LLM and synthesis events, emitted the way LlamaIndex's own retrievers, LLMs and synthesizers emit them.
 
 Answering from a compressed cache is an LLM call whose "prompt" is the question (the document is already in the
-cache), so tracing and cost tools see: instrumentation ``SynthesizeStartEvent``/``SynthesizeEndEvent`` and
-``LLMCompletionStartEvent``/``LLMCompletionEndEvent``, and ``CallbackManager`` ``SYNTHESIZE`` and ``LLM`` events
+cache), so tracing and cost tools see: the retrieval events of a retriever (:func:`retrieval`), instrumentation
+``SynthesizeStartEvent``/``SynthesizeEndEvent`` and ``LLMCompletionStartEvent``/``LLMCompletionEndEvent``, and
+``CallbackManager`` ``RETRIEVE``, ``SYNTHESIZE`` and ``LLM`` events
 whose completion carries ``raw["usage"]`` (``prompt_tokens`` counts the cached document too, ``completion_tokens``
 the answer), which ``TokenCountingHandler`` reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 from llama_index.core.base.llms.types import CompletionResponse
@@ -16,10 +19,25 @@ from llama_index.core.callbacks.base import CallbackManager
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.llm import LLMCompletionEndEvent, LLMCompletionStartEvent
+from llama_index.core.instrumentation.events.retrieval import RetrievalEndEvent, RetrievalStartEvent
 from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent, SynthesizeStartEvent
 from llama_index.core.instrumentation.span import active_span_id
+from llama_index.core.schema import QueryBundle
 
 dispatcher = get_dispatcher(__name__)
+
+
+@contextmanager
+def retrieval(callback_manager: CallbackManager, query: QueryBundle) -> Iterator[list]:
+    """The events a LlamaIndex retriever emits around a retrieval (``RetrievalStart/EndEvent``, a ``RETRIEVE``
+    callback event), for the query engine, which routes through the service itself; put the retrieved nodes into
+    the yielded list."""
+    dispatcher.event(RetrievalStartEvent(str_or_query_bundle=query))
+    nodes: list = []
+    with callback_manager.event(CBEventType.RETRIEVE, payload={EventPayload.QUERY_STR: query.query_str}) as event:
+        yield nodes
+        event.on_end(payload={EventPayload.NODES: nodes})
+    dispatcher.event(RetrievalEndEvent(str_or_query_bundle=query, nodes=nodes))
 
 
 def usage_of(result: Any) -> dict:
