@@ -71,3 +71,14 @@ def squad() -> list[dict]:
     if not path.exists():
         pytest.skip(f"SQuAD data not found at {path} (set KVZIP_RAG_DATA)")
     return json.loads(path.read_text())["data"]
+
+
+def service_over(model: kvzip_rag.KVzipModel, folder, docs: dict[str, str], ratio: float = 0.3):
+    """A QA service over a fresh store holding ``docs`` (doc_id -> text), each compressed at ``ratio``."""
+    from kvzip_rag.qa import QAService
+    from kvzip_rag.store import CacheStore
+
+    store = CacheStore(folder)
+    for doc_id, text in docs.items():
+        store.add_document(model, text, doc_id=doc_id, ratio=ratio)
+    return QAService(store, model)

@@ -5,12 +5,12 @@ are dropped with the reason (tiny random model: answers are gibberish but determ
 from __future__ import annotations
 
 import pytest
+from conftest import service_over
 
 from kvzip_rag.compose import ComposedCache, compose
 from kvzip_rag.dialogue import ChatSession, fold_messages, question_tokens
 from kvzip_rag.generate import Conversation, turn_ids
 from kvzip_rag.qa import QAService
-from kvzip_rag.store import CacheStore
 
 DOCS = {  # "apple" is the longest, so a narrowed window can hold "bridge" but not "apple"
     "apple": "Apples ripen in the orchard of Brindle Farm every September. The oldest tree of the orchard was planted "
@@ -28,10 +28,7 @@ SHORT = {"max_new_tokens": 4}
 
 @pytest.fixture(scope="module")
 def service(tiny_llama, tmp_path_factory) -> QAService:
-    store = CacheStore(tmp_path_factory.mktemp("dialogue"))
-    for doc_id, text in DOCS.items():
-        store.add_document(tiny_llama, text, doc_id=doc_id, ratio=0.3)
-    return QAService(store, tiny_llama)
+    return service_over(tiny_llama, tmp_path_factory.mktemp("dialogue"), DOCS)
 
 
 def by_hand(service: QAService, doc_ids: list[str]) -> ComposedCache:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import DATA_DIR
+from conftest import service_over, DATA_DIR
 
 from kvzip_rag import dialogue
 from kvzip_rag.bench.conversations import KINDS, conversation_documents, load_conversations
 from kvzip_rag.dialogue import REFERRING_MARGIN, SWITCH_MARGIN, ChatSession, switches, turn_words
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAService, Target
-from kvzip_rag.store import CacheStore
 
 # "she", "more", "why", "second" and "one" are in the bakery's text: routing a follow-up on them lands there
 DOCS = {
@@ -27,10 +26,7 @@ SHORT = {"max_new_tokens": 3}
 
 @pytest.fixture(scope="module")
 def service(tiny_llama, tmp_path_factory) -> QAService:
-    store = CacheStore(tmp_path_factory.mktemp("followups"))
-    for doc_id, text in DOCS.items():
-        store.add_document(tiny_llama, text, doc_id=doc_id, ratio=0.3)
-    return QAService(store, tiny_llama)
+    return service_over(tiny_llama, tmp_path_factory.mktemp("followups"), DOCS)
 
 
 def chat_about_the_harbour(service: QAService) -> ChatSession:
