@@ -8,11 +8,12 @@
     kvzip-rag ls | rm DOC_ID | gc [--now] | inspect DOC_ID --out pictures/
 
 Options that apply to every command may go before or after the command name; each has an environment variable:
-``--store`` / ``KVZIP_RAG_STORE``, ``--db`` / ``KVZIP_RAG_DB``, ``--model`` / ``KVZIP_RAG_MODEL``, ``--ratio`` /
+``--store`` / ``KVZIP_RAG_STORE``, ``--db`` / ``KVZIP_RAG_DB``, ``--blob-url`` / ``KVZIP_RAG_BLOB_URL``,
+``--blob-timeout`` / ``KVZIP_RAG_BLOB_TIMEOUT``, ``--model`` / ``KVZIP_RAG_MODEL``, ``--ratio`` /
 ``KVZIP_RAG_RATIO``, ``--level`` / ``KVZIP_RAG_LEVEL``, ``--device`` / ``KVZIP_RAG_DEVICE``, ``--threads`` /
 ``KVZIP_RAG_THREADS``. Errors a user can fix print one red line on stderr and exit with code 1 (usage errors: 2).
 
-Modules: :mod:`.app` (the Typer app, global options), :mod:`.settings` (store, model, error boundary),
+Modules: :mod:`.app` (the Typer app; the global options, declared once), :mod:`.settings` (store, model, error boundary),
 :mod:`.output` (safe rendering), :mod:`.files`, :mod:`.progress`, and the commands: :mod:`.store_commands`
 (``ls``, ``rm``, ``gc``: no model, no torch import of ours), :mod:`.indexing`, :mod:`.answering` (``ask``,
 ``chat``: the core QA service), :mod:`.tools` (``inspect``, ``demo``, ``bench``). Answering goes through

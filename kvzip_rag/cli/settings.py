@@ -68,11 +68,11 @@ class Settings:
         if self._store is None:
             from kvzip_rag.store import CacheStore
 
-            if not create:
-                self._require_existing()
             try:
+                if not create:
+                    self._require_existing()
                 self._store = CacheStore(**self.store_location())
-            except KVzipError:
+            except (KVzipError, CLIError):
                 raise
             except ModuleNotFoundError as error:  # the database driver
                 raise CLIError(
@@ -87,13 +87,16 @@ class Settings:
         return self._store
 
     def _require_existing(self) -> None:
-        from urllib.parse import unquote, urlparse
-
+        """NoStoreError when the rows' database is not there; CLIError when a ``--blob-url`` folder is not (the
+        blob URL is checked first, as opening the store would: a bad scheme, obstore missing)."""
         from sqlalchemy.engine import make_url
 
         from kvzip_rag.qa import default_store_path
+        from kvzip_rag.store.blob import LocalBlobs
         from kvzip_rag.store.cache_store import DB_NAME
+        from kvzip_rag.store.objects import open_objects
 
+        blobs = open_objects(self.blob_url) if self.blob_url else None  # creates nothing
         if self.db:
             parsed = make_url(self.db)
             local = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
@@ -103,12 +106,9 @@ class Settings:
         if database is not None and not database.is_file():
             raise NoStoreError(f"the store at {self.describe_store()} holds no documents: it does not exist yet "
                                "(nothing was created); index some first: kvzip-rag index PATH")
-        url = urlparse(self.blob_url or "")
-        if self.blob_url and (url.scheme == "file" or len(url.scheme) <= 1):
-            folder = Path(unquote(url.path) if url.scheme == "file" else self.blob_url).expanduser()
-            if not folder.is_dir():
-                raise CLIError(f"the blob folder {folder} does not exist; check --blob-url (kvzip-rag index "
-                               "creates it)")
+        if isinstance(blobs, LocalBlobs) and not blobs.root.is_dir():
+            raise CLIError(f"the blob folder {blobs.root} does not exist; check --blob-url (kvzip-rag index "
+                           "creates it)")
 
     def service(self, model=None):
         """The core QA service over this store and model (loads the model unless given)."""

@@ -124,8 +124,10 @@ def verify(
     for item in report.problems:
         problem(item.error)
     if report.problems:
-        damaged = sorted({item.document_id for item in report.problems if item.document_id is not None})
-        named = f" in {len(damaged)} document(s)" if damaged else ""
-        raise CLIError(f"{len(report.problems)} of {report.checked} cache(s){named} are damaged or missing: "
-                       "re-index those documents (kvzip-rag index PATH --force)")
+        bad = sum(item.cache_id is not None for item in report.problems)
+        rowless = len(report.problems) - bad
+        without = f", {rowless} segment(s) without a cache" if rowless else ""
+        documents = len({item.document_id for item in report.problems})
+        raise CLIError(f"{bad} of {report.checked} cache(s) damaged or missing{without}, in {documents} "
+                       "document(s): re-index those documents (kvzip-rag index PATH --force)")
     console.print(f"{report.checked} cache(s) in {show(settings.describe_store())} verified")
