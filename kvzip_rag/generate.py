@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import PackedCache
+from .clean import answer_end, short_question
 from .errors import InvalidArgumentError
 from .models import KVzipModel
+from .quote import QuoteConstraint
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class SamplingOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    clean: bool = True  # a short answer: asked for in the prompt, cut at its end (kvzip_rag.clean)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -74,9 +77,9 @@ class AnswerStream:
     """Iterate to receive text pieces as they are generated; ``result`` holds the full ``Answer`` afterwards."""
 
     def __init__(self, model: KVzipModel, cache: PackedCache, prompt_ids: list[int], options: SamplingOptions,
-                 keep: bool, on_done: Callable[[Answer], None] | None = None):
+                 keep: bool, on_done: Callable[[Answer], None] | None = None, constraint: QuoteConstraint | None = None):
         self.model, self.cache, self.prompt_ids, self.options, self.keep = model, cache, prompt_ids, options, keep
-        self.on_done = on_done
+        self.on_done, self.constraint = on_done, constraint
         self.result: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -92,18 +95,24 @@ class AnswerStream:
             with torch.inference_mode():
                 logits = packed_forward(self.model, self.cache, self.prompt_ids)
                 for step in range(options.max_new_tokens):
+                    if self.constraint is not None:
+                        logits = self.constraint.mask(logits)
                     token = _pick(logits, options, generator)
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
                     if token in stop_ids:
                         finish = "stop"
                         break
+                    if self.constraint is not None:
+                        self.constraint.advance(token)
                     generated.append(token)
                     logprob_sum += float(torch.log_softmax(logits.float(), dim=-1)[token])
                     text = tokenizer.decode(generated, skip_special_tokens=True).lstrip()  # answers start at a word
                     cut = min((text.find(s) for s in options.stop if s and s in text), default=-1)
                     if cut >= 0:
                         text, finish = text[:cut], "stop"
+                    elif options.clean and (end := answer_end(text, generated, tokenizer)) is not None:
+                        text, finish = end, "stop"
                     if not text.endswith("\ufffd") and len(text) > len(emitted):
                         yield text[len(emitted) :]
                         emitted = text
@@ -129,9 +138,10 @@ class AnswerStream:
             self.on_done(self.result)
 
 
-def _prompt_ids(model: KVzipModel, question: str, first_turn: bool) -> list[int]:
+def _prompt_ids(model: KVzipModel, question: str, first_turn: bool, short: bool = True) -> list[int]:
     if not isinstance(question, str) or not question.strip():
         raise InvalidArgumentError("the question is empty")
+    question = short_question(question) if short else question
     return model.encode(model.template.question_text(question, first_turn=first_turn))
 
 
@@ -140,11 +150,15 @@ def turn_ids(model: KVzipModel, question: str, answer_text: str, first_turn: boo
     return _prompt_ids(model, question, first_turn) + model.encode(answer_text)
 
 
-def stream_answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> AnswerStream:
-    """Stream the answer to one independent question; the cache is back to the document afterwards."""
+def stream_answer(model: KVzipModel, cache: PackedCache, question: str, constraint: QuoteConstraint | None = None,
+                  **options) -> AnswerStream:
+    """Stream the answer to one independent question (a verbatim span of the documents with a ``constraint``);
+    the cache is back to the document afterwards."""
     cache.info.check_model(model)
     cache.reset()
-    return AnswerStream(model, cache, _prompt_ids(model, question, True), SamplingOptions(**options), keep=False)
+    sampling = SamplingOptions(**options)
+    return AnswerStream(model, cache, _prompt_ids(model, question, True, sampling.clean), sampling, keep=False,
+                        constraint=constraint)
 
 
 def answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> Answer:
@@ -168,9 +182,10 @@ class Conversation:
         self.cache.reset()
 
     def stream(self, question: str, **options) -> AnswerStream:
-        ids = _prompt_ids(self.model, question, first_turn=not self.turns)
+        sampling = SamplingOptions(**options)
+        ids = _prompt_ids(self.model, question, not self.turns, sampling.clean)
         return AnswerStream(
-            self.model, self.cache, ids, SamplingOptions(**options), keep=True,
+            self.model, self.cache, ids, sampling, keep=True,
             on_done=lambda result: self.turns.append((question, result.text)),
         )
 

@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # the engine and the store import torch: only when a service 
     from .models import KVzipModel
     from .store import CacheStore
 
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "clean", "answer_style")
 DEFAULT_RATIO = 0.3
 DEFAULT_LEVEL = "pair"
 
@@ -87,7 +87,11 @@ def check_sampling(sampling: dict) -> dict:
         raise InvalidArgumentError(f"unknown answer option(s) {', '.join(unknown)}; use {', '.join(SAMPLING_KEYS)}")
     if "stop" in sampling:
         sampling["stop"] = tuple(s for s in (sampling["stop"] or ()) if s)
-    SamplingOptions(**sampling)
+    if "answer_style" in sampling:
+        from .quote import check_answer_style
+
+        sampling["answer_style"] = check_answer_style(sampling["answer_style"])
+    SamplingOptions(**{k: v for k, v in sampling.items() if k != "answer_style"})
     return sampling
 
 
@@ -254,13 +258,18 @@ class QAService:
 
     # -------------------------------------------------------------------------------------- answering
 
-    def generate(self, cache, question: str, sampling: dict,
-                 emit: Callable[[str], None] | None = None) -> tuple[Any, list[str]]:
-        """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock."""
+    def generate(self, cache, question: str, sampling: dict, emit: Callable[[str], None] | None = None,
+                 sources: Sequence[Target] = ()) -> tuple[Any, list[str]]:
+        """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock.
+        ``sources``: the segments in the cache (quote mode quotes them)."""
         from .generate import stream_answer
+        from .quote import QuoteConstraint, segment_text
 
+        options = {k: v for k, v in sampling.items() if k != "answer_style"}
         with self.lock:
-            stream = stream_answer(self.model, cache, question, **sampling)
+            if sampling.get("answer_style") == "quote":
+                options["constraint"] = QuoteConstraint(self.model, [segment_text(self.store, t) for t in sources])
+            stream = stream_answer(self.model, cache, question, **options)
             pieces = []
             for piece in stream:
                 pieces.append(piece)
@@ -273,7 +282,7 @@ class QAService:
         """One cache's answer (a composer's building block); takes the lock."""
         with self.lock:
             cache, load_s, nbytes = self.load(target)
-            result, pieces = self.generate(cache, question, sampling, emit)
+            result, pieces = self.generate(cache, question, sampling, emit, [target])
         return CacheAnswer(target, result, pieces, is_refusal(result.text), load_s, nbytes, cache.nbytes,
                            cache.full_nbytes, cache.kept_ratio, cache.info.base_length,
                            cache.info.ratio, cache.info.level)
@@ -303,6 +312,11 @@ class QAService:
         with self.lock:
             result = composer.answer(self, question, targets, sampling, emit)
         result.retrieve_s, result.compose = retrieve_s, composer.name
+        if sampling.get("answer_style") == "quote":
+            from .quote import quote_citations, segment_text
+
+            result.citations = quote_citations(result.text, result.used,
+                                               [segment_text(self.store, t) for t in result.used])
         return result
 
     def stream(self, question: str, k: int = 1, **options: Any) -> QAStream:
