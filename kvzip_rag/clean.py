@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import re
 
-from .prompt import SHORT_ANSWER
+from .prompt import QUOTE_ANSWER, SHORT_ANSWER
 
 REPEAT_TOKENS = 6  # a repeated run this long, holding a word, is a loop (digit runs like 1,000,000 are not)
 _WORD = re.compile(r"[^\W\d_]{2}")
 
 
-def short_question(question: str) -> str:
-    """The question as the model reads it: followed by the request for the short answer only."""
-    return f"{question.strip()}\n{SHORT_ANSWER}"
+def short_question(question: str, quote: bool = False) -> str:
+    """The question as the model reads it: followed by the request for the short answer only (in quote mode: for
+    the shortest phrase of the context that answers it)."""
+    return f"{question.strip()}\n{QUOTE_ANSWER if quote else SHORT_ANSWER}"
 
 
 def answer_end(text: str, token_ids: list[int], tokenizer) -> str | None:

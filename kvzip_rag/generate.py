@@ -138,10 +138,10 @@ class AnswerStream:
             self.on_done(self.result)
 
 
-def _prompt_ids(model: KVzipModel, question: str, first_turn: bool, short: bool = True) -> list[int]:
+def _prompt_ids(model: KVzipModel, question: str, first_turn: bool, short: bool = True, quote: bool = False) -> list[int]:
     if not isinstance(question, str) or not question.strip():
         raise InvalidArgumentError("the question is empty")
-    question = short_question(question) if short else question
+    question = short_question(question, quote) if short else question
     return model.encode(model.template.question_text(question, first_turn=first_turn))
 
 
@@ -157,7 +157,7 @@ def stream_answer(model: KVzipModel, cache: PackedCache, question: str, constrai
     cache.info.check_model(model)
     cache.reset()
     sampling = SamplingOptions(**options)
-    return AnswerStream(model, cache, _prompt_ids(model, question, True, sampling.clean), sampling, keep=False,
+    return AnswerStream(model, cache, _prompt_ids(model, question, True, sampling.clean, constraint is not None), sampling, keep=False,
                         constraint=constraint)
 
 

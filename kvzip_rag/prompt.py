@@ -13,6 +13,7 @@ from dataclasses import dataclass
 INSTRUCTION = "Given the context, answer to the following question or request without explanation."
 # after each question, not in the cached prefix (stored caches stay valid): asks for a short answer (clean=True)
 SHORT_ANSWER = "Answer with the short answer only."
+QUOTE_ANSWER = "Copy the shortest phrase from the context that answers it."  # quote mode (kvzip_rag.quote)
 _SENTINELS = ("\x00KVZIP_A\x00", "\x00KVZIP_B\x00", "\x00KVZIP_C\x00")
 
 

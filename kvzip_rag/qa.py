@@ -268,7 +268,8 @@ class QAService:
         options = {k: v for k, v in sampling.items() if k != "answer_style"}
         with self.lock:
             if sampling.get("answer_style") == "quote":
-                options["constraint"] = QuoteConstraint(self.model, [segment_text(self.store, t) for t in sources])
+                options["constraint"] = QuoteConstraint(self.model, [segment_text(self.store, t) for t in sources],
+                                                         question)
             stream = stream_answer(self.model, cache, question, **options)
             pieces = []
             for piece in stream:

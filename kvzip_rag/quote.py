@@ -8,10 +8,14 @@ picks which span; the constraint guarantees it exists, so the answer's :class:`~
 (:func:`quote_citations` finds it in the stored text and checks it character for character).
 
 Spans never cross a line break (a paragraph boundary), and never start inside a character split over byte tokens.
+A span does not start with a function word or a word of the question (left alone, the small model starts by copying
+the sentence that restates the question; SQuAD answers almost never start so), and the prompt asks for the shortest
+phrase of the context that answers (``prompt.QUOTE_ANSWER``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -26,6 +30,8 @@ if TYPE_CHECKING:
 
 ANSWER_STYLES = ("free", "quote")
 DEFAULT_ANSWER_STYLE = "free"
+NO_START = frozenset("the a an in on at of it its this that these those to by for and or is was were are be as with "
+                     "from he she they his her their".split())
 
 
 def check_answer_style(style: object) -> str:
@@ -39,12 +45,13 @@ class QuoteConstraint:
 
     State: the document positions (document, index of the next token) the answer so far can end before."""
 
-    def __init__(self, model: KVzipModel, texts: Sequence[str]) -> None:
+    def __init__(self, model: KVzipModel, texts: Sequence[str], question: str = "") -> None:
         self.tokenizer = model.tokenizer
         self.stop_ids = sorted(model.stop_token_ids)
         self.documents = [model.encode(text) for text in texts]
         if not any(self.documents):
             raise InvalidArgumentError("quote mode needs at least one routed document with text")
+        self.no_start = NO_START | set(re.findall(r"\w+", question.lower()))
         self._usable: dict[int, bool] = {}
         self._stripped: dict[int, int | None] = {}
         self.positions: list[tuple[int, int]] | None = None  # None: nothing generated yet
@@ -69,7 +76,7 @@ class QuoteConstraint:
         starts: dict[int, list[tuple[int, int]]] = {}
         for d, ids in enumerate(self.documents):
             for i, token in enumerate(ids):
-                if self._is_usable(token):
+                if self._is_usable(token) and self.tokenizer.decode([token]).strip().lower() not in self.no_start:
                     starts.setdefault(token, []).append((d, i + 1))
                     plain = self._without_space(token)
                     if plain is not None:
