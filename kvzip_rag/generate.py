@@ -98,13 +98,14 @@ class AnswerStream:
                     if self.constraint is not None:
                         logits = self.constraint.mask(logits)
                     token = _pick(logits, options, generator)
+                    if token not in stop_ids and self.constraint is not None and not self.constraint.advance(token):
+                        logits = packed_forward(self.model, self.cache, [token])  # a lead-in: not in the answer
+                        continue
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
                     if token in stop_ids:
                         finish = "stop"
                         break
-                    if self.constraint is not None:
-                        self.constraint.advance(token)
                     generated.append(token)
                     logprob_sum += float(torch.log_softmax(logits.float(), dim=-1)[token])
                     text = tokenizer.decode(generated, skip_special_tokens=True).lstrip()  # answers start at a word

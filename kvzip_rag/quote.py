@@ -1,16 +1,18 @@
 """Quote mode (``answer_style="quote"``): the answer is a verbatim span of a routed document, by construction.
 
-Decoding is constrained by the routed segments' own tokens (their stored text, re-tokenized by the model's
-tokenizer): the first token may be any document token (or the same token without its leading space, since an answer
-starts at a word while the word inside the text carries the space), and every later token must be the token that
-follows, in some document, the span chosen so far. End of answer is allowed once the span holds some text. The model
-picks which span; the constraint guarantees it exists, so the answer's :class:`~kvzip_rag.answers.Citation` is exact
-(:func:`quote_citations` finds it in the stored text and checks it character for character).
+Decoding follows the routed segments' own tokens (their stored text, re-tokenized by the model's tokenizer):
 
-Spans never cross a line break (a paragraph boundary), and never start inside a character split over byte tokens.
-A span does not start with a function word or a word of the question (left alone, the small model starts by copying
-the sentence that restates the question; SQuAD answers almost never start so), and the prompt asks for the shortest
-phrase of the context that answers (``prompt.QUOTE_ANSWER``).
+1. **Lead-in.** The model answers as it would (these tokens are not part of the answer, and it may not end here)
+   until it writes a token that can start a quote: a document token (or that token without its leading space, as
+   an answer's first word is written) holding a word that is neither a function word nor part of the question (a
+   SQuAD answer almost never starts so; otherwise the small model quotes the sentence restating the question).
+   After ``LEAD_IN`` tokens without one, the next token is forced to be such a start.
+2. **Quote.** Every later token must be the one that follows, in some document, the span so far; the quote ends
+   (end of answer) as soon as the model's own choice leaves the document, or it ends the answer.
+
+The model picks the span; the constraint guarantees it exists, so the answer's :class:`~kvzip_rag.answers.Citation`
+is exact (:func:`quote_citations` finds it in the stored text and checks it character for character). Spans never
+cross a line break (a paragraph boundary) nor start inside a character split over byte tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 ANSWER_STYLES = ("free", "quote")
 DEFAULT_ANSWER_STYLE = "free"
+LEAD_IN = 16  # tokens the model may write before it starts quoting (at most half the answer's token cap)
 NO_START = frozenset("the a an in on at of it its this that these those to by for and or is was were are be as with "
                      "from he she they his her their".split())
 
@@ -41,72 +44,87 @@ def check_answer_style(style: object) -> str:
 
 
 class QuoteConstraint:
-    """The set of document spans that extend the answer so far; masks the logits to the tokens that keep it a span.
+    """Masks the logits so that the answer is a document span (see the module); ``advance`` follows each token.
 
-    State: the document positions (document, index of the next token) the answer so far can end before."""
+    State: ``positions``, the document positions (document, index of the next token) the quote so far can end
+    before, ``None`` during the lead-in (at most ``max_lead_in`` tokens)."""
 
-    def __init__(self, model: KVzipModel, texts: Sequence[str], question: str = "") -> None:
+    def __init__(self, model: KVzipModel, texts: Sequence[str], question: str = "", max_lead_in: int = LEAD_IN) -> None:
         self.tokenizer = model.tokenizer
         self.stop_ids = sorted(model.stop_token_ids)
         self.documents = [model.encode(text) for text in texts]
         if not any(self.documents):
             raise InvalidArgumentError("quote mode needs at least one routed document with text")
-        self.no_start = NO_START | set(re.findall(r"\w+", question.lower()))
-        self._usable: dict[int, bool] = {}
-        self._stripped: dict[int, int | None] = {}
-        self.positions: list[tuple[int, int]] | None = None  # None: nothing generated yet
-        self.has_text = False
+        self.question_words = re.findall(r"\w+", question.lower())
+        self._pieces: dict[int, str] = {}
+        self.starts = self._starts()
+        self.positions: list[tuple[int, int]] | None = None
+        self.lead_in, self.max_lead_in = 0, max_lead_in
+
+    def _piece(self, token: int) -> str:
+        if token not in self._pieces:
+            self._pieces[token] = self.tokenizer.decode([token])
+        return self._pieces[token]
 
     def _is_usable(self, token: int) -> bool:
         """A token a span may hold: no line break, no broken character."""
-        if token not in self._usable:
-            piece = self.tokenizer.decode([token])
-            self._usable[token] = bool(piece) and "\n" not in piece and "\ufffd" not in piece
-        return self._usable[token]
+        piece = self._piece(token)
+        return bool(piece) and "\n" not in piece and "\ufffd" not in piece
+
+    def _can_start(self, token: int) -> bool:
+        word = self._piece(token).strip().lower()
+        return (self._is_usable(token) and bool(re.search(r"\w", word)) and word not in NO_START
+                and not any(word in q for q in self.question_words))
 
     def _without_space(self, token: int) -> int | None:
         """The single token spelling ``token`` without its leading space (how an answer's first word is written)."""
-        if token not in self._stripped:
-            piece = self.tokenizer.decode([token])
-            ids = self.tokenizer.encode(piece.lstrip(), add_special_tokens=False) if piece[:1].isspace() else []
-            self._stripped[token] = ids[0] if len(ids) == 1 and ids[0] != token else None
-        return self._stripped[token]
+        piece = self._piece(token)
+        ids = self.tokenizer.encode(piece.lstrip(), add_special_tokens=False) if piece[:1].isspace() else []
+        return ids[0] if len(ids) == 1 and ids[0] != token else None
 
     def _starts(self) -> dict[int, list[tuple[int, int]]]:
+        """Every token that may start a quote, with the positions after it."""
         starts: dict[int, list[tuple[int, int]]] = {}
         for d, ids in enumerate(self.documents):
             for i, token in enumerate(ids):
-                if self._is_usable(token) and self.tokenizer.decode([token]).strip().lower() not in self.no_start:
-                    starts.setdefault(token, []).append((d, i + 1))
-                    plain = self._without_space(token)
-                    if plain is not None:
-                        starts.setdefault(plain, []).append((d, i + 1))
+                if self._can_start(token):
+                    for variant in (token, self._without_space(token)):
+                        if variant is not None:
+                            starts.setdefault(variant, []).append((d, i + 1))
         return starts
 
-    def allowed(self) -> list[int]:
-        """Token ids that keep the answer a document span (and end of answer once it holds text)."""
-        if self.positions is None:
-            self._start_map = self._starts()
-            return list(self._start_map)
-        following = {self.documents[d][i] for d, i in self.positions
-                     if i < len(self.documents[d]) and self._is_usable(self.documents[d][i])}
-        return sorted(following) + (self.stop_ids if self.has_text else [])
+    def _following(self) -> set[int]:
+        return {self.documents[d][i] for d, i in self.positions
+                if i < len(self.documents[d]) and self._is_usable(self.documents[d][i])}
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` with every token outside :meth:`allowed` set to ``-inf``."""
-        allowed = torch.tensor(self.allowed() or self.stop_ids, dtype=torch.long, device=logits.device)
+        """``logits`` with the tokens this step may not take set to ``-inf``."""
+        if self.positions is None:
+            if self.lead_in < self.max_lead_in and self.starts:
+                masked = logits.clone()
+                masked[self.stop_ids] = float("-inf")  # no answer without a quote
+                return masked
+            allowed = list(self.starts) or self.stop_ids
+        else:
+            following = self._following()
+            choice = int(logits.argmax())
+            allowed = sorted(following) + self.stop_ids if choice in following else self.stop_ids
+        index = torch.tensor(allowed, dtype=torch.long, device=logits.device)
         masked = torch.full_like(logits, float("-inf"))
-        masked[allowed] = logits[allowed]
+        masked[index] = logits[index]
         return masked
 
-    def advance(self, token: int) -> None:
-        """Follow ``token`` (one :meth:`allowed` returned)."""
+    def advance(self, token: int) -> bool:
+        """Follow ``token`` (one :meth:`mask` allowed); True when it is part of the quote (the answer)."""
         if self.positions is None:
-            self.positions = self._start_map.get(token, [])
-        else:
-            self.positions = [(d, i + 1) for d, i in self.positions
-                              if i < len(self.documents[d]) and self.documents[d][i] == token]
-        self.has_text = self.has_text or bool(self.tokenizer.decode([token]).strip())
+            if token not in self.starts:
+                self.lead_in += 1
+                return False
+            self.positions = self.starts[token]
+            return True
+        self.positions = [(d, i + 1) for d, i in self.positions
+                          if i < len(self.documents[d]) and self.documents[d][i] == token]
+        return True
 
 
 def segment_text(store: CacheStore, target: Target) -> str:
