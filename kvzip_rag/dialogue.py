@@ -230,6 +230,7 @@ class ChatSession:
         """Answer ``question`` from the cache :meth:`plan` decides (a given ``plan`` is used while the session has
         not changed since), passing the answer's pieces to ``emit`` as generated."""
         from .generate import Conversation, SamplingOptions
+        from .quote import engine_options
 
         options = {**self.sampling, **check_sampling(sampling)}
         max_new = options.get("max_new_tokens", SamplingOptions.max_new_tokens)
@@ -256,7 +257,7 @@ class ChatSession:
             self.conversation, self.documents = conversation, documents
             self._version += 1
             cached = cache.get_seq_length() - replayed
-            stream = conversation.stream(question, **options)
+            stream = conversation.stream(question, **engine_options(service, options, question, documents))
             for piece in stream:
                 if emit is not None:
                     emit(piece)

@@ -182,11 +182,11 @@ class Conversation:
         self.cache.info.check_model(self.model)
         self.cache.reset()
 
-    def stream(self, question: str, **options) -> AnswerStream:
+    def stream(self, question: str, constraint: QuoteConstraint | None = None, **options) -> AnswerStream:
         sampling = SamplingOptions(**options)
-        ids = _prompt_ids(self.model, question, not self.turns, sampling.clean)
+        ids = _prompt_ids(self.model, question, not self.turns, sampling.clean, constraint is not None)
         return AnswerStream(
-            self.model, self.cache, ids, sampling, keep=True,
+            self.model, self.cache, ids, sampling, keep=True, constraint=constraint,
             on_done=lambda result: self.turns.append((question, result.text)),
         )
 

@@ -262,15 +262,11 @@ class QAService:
                  sources: Sequence[Target] = ()) -> tuple[Any, list[str]]:
         """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock.
         ``sources``: the segments in the cache (quote mode quotes them)."""
-        from .generate import SamplingOptions, stream_answer
-        from .quote import LEAD_IN, QuoteConstraint, segment_text
+        from .generate import stream_answer
+        from .quote import engine_options
 
-        options = {k: v for k, v in sampling.items() if k != "answer_style"}
         with self.lock:
-            if sampling.get("answer_style") == "quote":
-                cap = options.get("max_new_tokens", SamplingOptions.max_new_tokens)
-                options["constraint"] = QuoteConstraint(self.model, [segment_text(self.store, t) for t in sources],
-                                                         question, min(LEAD_IN, cap // 2))
+            options = engine_options(self, sampling, question, sources)
             stream = stream_answer(self.model, cache, question, **options)
             pieces = []
             for piece in stream:

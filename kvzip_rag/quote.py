@@ -4,8 +4,9 @@ Decoding follows the routed segments' own tokens (their stored text, re-tokenize
 
 1. **Lead-in.** The model answers as it would (these tokens are not part of the answer, and it may not end here)
    until it writes a token that can start a quote: a document token (or that token without its leading space, as
-   an answer's first word is written) holding a word that is neither a function word nor part of the question (a
-   SQuAD answer almost never starts so; otherwise the small model quotes the sentence restating the question).
+   an answer's first word is written) that begins a word of the document which is neither a function word nor a
+   word of the question (a SQuAD answer almost never starts so; otherwise the small model quotes the sentence
+   restating the question).
    After ``LEAD_IN`` tokens without one, the next token is forced to be such a start.
 2. **Quote.** Every later token must be the one that follows, in some document, the span so far; the quote ends
    (end of answer) as soon as the model's own choice leaves the document, or it ends the answer.
@@ -28,6 +29,7 @@ from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from .models import KVzipModel
+    from .qa import QAService
     from .store import CacheStore
 
 ANSWER_STYLES = ("free", "quote")
@@ -55,7 +57,7 @@ class QuoteConstraint:
         self.documents = [model.encode(text) for text in texts]
         if not any(self.documents):
             raise InvalidArgumentError("quote mode needs at least one routed document with text")
-        self.question_words = re.findall(r"\w+", question.lower())
+        self.question_words = set(re.findall(r"\w+", question.lower()))
         self._pieces: dict[int, str] = {}
         self.starts = self._starts()
         self.positions: list[tuple[int, int]] | None = None
@@ -71,10 +73,15 @@ class QuoteConstraint:
         piece = self._piece(token)
         return bool(piece) and "\n" not in piece and "\ufffd" not in piece
 
-    def _can_start(self, token: int) -> bool:
-        word = self._piece(token).strip().lower()
-        return (self._is_usable(token) and bool(re.search(r"\w", word)) and word not in NO_START
-                and not any(word in q for q in self.question_words))
+    def _can_start(self, ids: list[int], i: int) -> bool:
+        """Position ``i`` begins a word (not inside one) that is neither a function word nor a question word."""
+        piece = self._piece(ids[i])
+        if not self._is_usable(ids[i]) or not piece.strip()[:1].isalnum():
+            return False
+        if i > 0 and not piece[:1].isspace() and self._piece(ids[i - 1])[-1:].isalnum():
+            return False
+        word = re.match(r"\s*(\w*)", self.tokenizer.decode(ids[i : i + 4])).group(1).lower()
+        return word not in NO_START and word not in self.question_words
 
     def _without_space(self, token: int) -> int | None:
         """The single token spelling ``token`` without its leading space (how an answer's first word is written)."""
@@ -87,7 +94,7 @@ class QuoteConstraint:
         starts: dict[int, list[tuple[int, int]]] = {}
         for d, ids in enumerate(self.documents):
             for i, token in enumerate(ids):
-                if self._can_start(token):
+                if self._can_start(ids, i):
                     for variant in (token, self._without_space(token)):
                         if variant is not None:
                             starts.setdefault(variant, []).append((d, i + 1))
@@ -125,6 +132,19 @@ class QuoteConstraint:
         self.positions = [(d, i + 1) for d, i in self.positions
                           if i < len(self.documents[d]) and self.documents[d][i] == token]
         return True
+
+
+def engine_options(service: QAService, sampling: dict, question: str, sources: Sequence[Target]) -> dict:
+    """The answer options the engine takes: ``answer_style="quote"`` becomes a :class:`QuoteConstraint` over the
+    ``sources`` (the segments in the cache that answers), its lead-in at most half the token cap."""
+    from .generate import SamplingOptions
+
+    options = {k: v for k, v in sampling.items() if k != "answer_style"}
+    if sampling.get("answer_style") == "quote":
+        cap = options.get("max_new_tokens", SamplingOptions.max_new_tokens)
+        options["constraint"] = QuoteConstraint(service.model, [segment_text(service.store, t) for t in sources],
+                                                question, min(LEAD_IN, cap // 2))
+    return options
 
 
 def segment_text(store: CacheStore, target: Target) -> str:
