@@ -1,5 +1,5 @@
-"""Short, clean free answers (``clean=True``, the default): the prompt asks for the short answer only, and the
-answer ends at its own end rather than at the token cap.
+"""Short, clean free answers (``clean=True``, the default): the answer ends at its own end rather than at the
+token cap. (A request for the short answer only, after the question, measured worse and is not made.)
 
 An answer ends at its first line break (the model has moved on to an explanation or a list), or where it starts
 repeating itself: when its last :data:`REPEAT_TOKENS` tokens already occurred earlier in it, it is cut before the
@@ -10,16 +10,8 @@ from __future__ import annotations
 
 import re
 
-from .prompt import QUOTE_ANSWER, SHORT_ANSWER
-
 REPEAT_TOKENS = 6  # a repeated run this long, holding a word, is a loop (digit runs like 1,000,000 are not)
 _WORD = re.compile(r"[^\W\d_]{2}")
-
-
-def short_question(question: str, quote: bool = False) -> str:
-    """The question as the model reads it: followed by the request for the short answer only (in quote mode: for
-    the shortest phrase of the context that answers it)."""
-    return f"{question.strip()}\n{QUOTE_ANSWER if quote else SHORT_ANSWER}"
 
 
 def answer_end(text: str, token_ids: list[int], tokenizer) -> str | None:

@@ -81,8 +81,11 @@ def fold_messages(messages: Iterable[tuple[str, str]]) -> Dialogue:
 
 
 def question_tokens(model, question: str, first_turn: bool) -> int:
-    """The positions a question's prompt takes in a conversation's cache."""
-    return len(model.encode(model.template.question_text(question, first_turn=first_turn)))
+    """The positions a question's prompt takes in a conversation's cache (the longer of the free and the quote
+    request: an upper bound whatever the answer style)."""
+    from .generate import prompt_ids
+
+    return max(len(prompt_ids(model, question, first_turn, quote=quote)) for quote in (False, True))
 
 
 def check_window(model, cache, question: str, max_new_tokens: int, first_turn: bool, pending: int = 0) -> None:

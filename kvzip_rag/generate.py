@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import PackedCache
-from .clean import answer_end, short_question
+from .clean import answer_end
 from .errors import InvalidArgumentError
 from .models import KVzipModel
+from .prompt import QUOTE_ANSWER
 from .quote import QuoteConstraint
 
 
@@ -25,7 +26,7 @@ class SamplingOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
-    clean: bool = True  # a short answer: asked for in the prompt, cut at its end (kvzip_rag.clean)
+    clean: bool = True  # the answer ends at its first line break or where it repeats itself (kvzip_rag.clean)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -77,7 +78,8 @@ class AnswerStream:
     """Iterate to receive text pieces as they are generated; ``result`` holds the full ``Answer`` afterwards."""
 
     def __init__(self, model: KVzipModel, cache: PackedCache, prompt_ids: list[int], options: SamplingOptions,
-                 keep: bool, on_done: Callable[[Answer], None] | None = None, constraint: QuoteConstraint | None = None):
+                 keep: bool, on_done: Callable[[Answer], None] | None = None,
+                 constraint: QuoteConstraint | None = None):
         self.model, self.cache, self.prompt_ids, self.options, self.keep = model, cache, prompt_ids, options, keep
         self.on_done, self.constraint = on_done, constraint
         self.result: Answer | None = None
@@ -139,16 +141,17 @@ class AnswerStream:
             self.on_done(self.result)
 
 
-def _prompt_ids(model: KVzipModel, question: str, first_turn: bool, short: bool = True, quote: bool = False) -> list[int]:
+def prompt_ids(model: KVzipModel, question: str, first_turn: bool, quote: bool = False) -> list[int]:
+    """The tokens a question takes after the cache (in quote mode, with the request for a quote)."""
     if not isinstance(question, str) or not question.strip():
         raise InvalidArgumentError("the question is empty")
-    question = short_question(question, quote) if short else question
+    question = f"{question.strip()}\n{QUOTE_ANSWER}" if quote else question
     return model.encode(model.template.question_text(question, first_turn=first_turn))
 
 
 def turn_ids(model: KVzipModel, question: str, answer_text: str, first_turn: bool) -> list[int]:
     """The tokens one answered turn takes in a conversation's cache (the question's prompt, then the answer)."""
-    return _prompt_ids(model, question, first_turn) + model.encode(answer_text)
+    return prompt_ids(model, question, first_turn) + model.encode(answer_text)
 
 
 def stream_answer(model: KVzipModel, cache: PackedCache, question: str, constraint: QuoteConstraint | None = None,
@@ -158,8 +161,8 @@ def stream_answer(model: KVzipModel, cache: PackedCache, question: str, constrai
     cache.info.check_model(model)
     cache.reset()
     sampling = SamplingOptions(**options)
-    return AnswerStream(model, cache, _prompt_ids(model, question, True, sampling.clean, constraint is not None), sampling, keep=False,
-                        constraint=constraint)
+    ids = prompt_ids(model, question, True, constraint is not None)
+    return AnswerStream(model, cache, ids, sampling, keep=False, constraint=constraint)
 
 
 def answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> Answer:
@@ -184,7 +187,7 @@ class Conversation:
 
     def stream(self, question: str, constraint: QuoteConstraint | None = None, **options) -> AnswerStream:
         sampling = SamplingOptions(**options)
-        ids = _prompt_ids(self.model, question, not self.turns, sampling.clean, constraint is not None)
+        ids = prompt_ids(self.model, question, not self.turns, constraint is not None)
         return AnswerStream(
             self.model, self.cache, ids, sampling, keep=True, constraint=constraint,
             on_done=lambda result: self.turns.append((question, result.text)),

@@ -4,8 +4,8 @@ Decoding follows the routed segments' own tokens (their stored text, re-tokenize
 
 1. **Lead-in.** The model answers as it would (these tokens are not part of the answer, and it may not end here)
    until it writes a token that can start a quote: a document token (or that token without its leading space, as
-   an answer's first word is written) that begins a word of the document which is neither a function word nor a
-   word of the question (a SQuAD answer almost never starts so; otherwise the small model quotes the sentence
+   an answer's first word is written) that begins a word of the document which is neither a function word nor
+   begins with a word of the question (a SQuAD answer almost never starts so; otherwise the small model quotes the sentence
    restating the question).
    After ``LEAD_IN`` tokens without one, the next token is forced to be such a start.
 2. **Quote.** Every later token must be the one that follows, in some document, the span so far; the quote ends
@@ -81,7 +81,8 @@ class QuoteConstraint:
         if i > 0 and not piece[:1].isspace() and self._piece(ids[i - 1])[-1:].isalnum():
             return False
         word = re.match(r"\s*(\w*)", self.tokenizer.decode(ids[i : i + 4])).group(1).lower()
-        return word not in NO_START and word not in self.question_words
+        # the model writes a word token by token: "50th" must not start where it means the question's "50"
+        return word not in NO_START and not any(word.startswith(q) for q in self.question_words - NO_START)
 
     def _without_space(self, token: int) -> int | None:
         """The single token spelling ``token`` without its leading space (how an answer's first word is written)."""

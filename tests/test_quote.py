@@ -10,9 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 import kvzip_rag
-from kvzip_rag.clean import answer_end, short_question
+from kvzip_rag.clean import answer_end
 from kvzip_rag.errors import InvalidArgumentError
-from kvzip_rag.prompt import QUOTE_ANSWER, SHORT_ANSWER
 from kvzip_rag.qa import QAService
 from kvzip_rag.quote import QuoteConstraint, quote_citations
 from kvzip_rag.store import CacheStore
@@ -160,12 +159,10 @@ def test_free_answer_ends_at_line_break_or_self_repeat():
     assert _generate("Ansel Brask") == "Ansel Brask"
     assert _generate("the harbour of the harbour of the harbour of") == "the harbour of"
     assert _generate("1,000,000,000,000") == "1,000,000,000,000"  # a repeated run without a word is no loop
-    assert short_question(" Who? ") == f"Who?\n{SHORT_ANSWER}"
-    assert short_question("Who?", quote=True) == f"Who?\n{QUOTE_ANSWER}"
 
 
 def test_clean_is_an_answer_option(tiny_store):
-    """``clean=False`` is free generation as before (no short-answer request, no early end); ``clean`` is checked
+    """``clean=False`` is free generation as before (no early end); ``clean`` is checked
     with the other answer options."""
     model, store = tiny_store
     service = QAService(store, model)
