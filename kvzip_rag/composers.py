@@ -69,8 +69,8 @@ class Composed(Composer):
         with service.lock:
             loaded = [service.load(target) for target in targets]
             composed = compose(service.model, [cache for cache, _, _ in loaded], layout=self.layout)
-            result, pieces = service.generate(composed, question, sampling, emit)
-        used = [targets[i] for i in composed.composition.used]
+            used = [targets[i] for i in composed.composition.used]
+            result, pieces = service.generate(composed, question, sampling, emit, used)
         first = loaded[composed.composition.used[0]][0].info
         answer = CacheAnswer(
             used[0], result, pieces, is_refusal(result.text),

@@ -83,11 +83,12 @@ def fold_messages(messages: Iterable[tuple[str, str]]) -> Dialogue:
 
 
 def question_tokens(model, question: str, first_turn: bool) -> int:
-    """The positions a question's prompt takes in a conversation's cache (``ContextTooLongError`` for one that
-    alone exceeds the window)."""
+    """The positions a question's prompt takes in a conversation's cache (the longer of the free and the quote
+    request: an upper bound whatever the answer style; ``ContextTooLongError`` for one that alone exceeds the
+    window)."""
     from .generate import prompt_ids
 
-    return len(prompt_ids(model, question, first_turn))
+    return max(len(prompt_ids(model, question, first_turn, quote=quote)) for quote in (False, True))
 
 
 def check_window(model, cache, question: str, max_new_tokens: int, first_turn: bool, pending: int = 0) -> None:
@@ -312,6 +313,7 @@ class ChatSession:
         """Answer ``question`` from the cache :meth:`plan` decides (a given ``plan`` is used while the session has
         not changed since), passing the answer's pieces to ``emit`` as generated."""
         from .generate import Conversation, SamplingOptions
+        from .quote import quote_constraint
 
         options = {**self.sampling, **check_sampling(sampling)}
         max_new = options.get("max_new_tokens", SamplingOptions.max_new_tokens)
@@ -338,7 +340,8 @@ class ChatSession:
             self.conversation, self.documents = conversation, documents
             self._version += 1
             cached = cache.get_seq_length() - replayed
-            stream = conversation.stream(question, **options)
+            constraint = quote_constraint(service, SamplingOptions.from_options(options), question, documents)
+            stream = conversation.stream(question, constraint=constraint, **options)
             for piece in stream:
                 if emit is not None:
                     emit(piece)

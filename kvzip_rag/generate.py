@@ -11,8 +11,11 @@ from typing import Any
 import torch
 
 from .cache import PackedCache
+from .clean import answer_end
 from .errors import ContextTooLongError, InvalidArgumentError
 from .models import KVzipModel
+from .prompt import QUOTE_ANSWER
+from .quote import DEFAULT_ANSWER_STYLE, QuoteConstraint, check_answer_style
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 CHARS_PER_TOKEN_BOUND = 8  # a question longer than window * this many characters is refused before tokenizing
@@ -39,6 +42,8 @@ class SamplingOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    clean: bool = True  # the answer ends at its first line break or where it repeats itself (kvzip_rag.clean)
+    answer_style: str = DEFAULT_ANSWER_STYLE  # "quote": a verbatim span of the routed documents (kvzip_rag.quote)
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -54,6 +59,7 @@ class SamplingOptions:
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
             raise InvalidArgumentError(f"stop must be a list of strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        check_answer_style(self.answer_style)
 
     @staticmethod
     def canonical(name: str) -> str:
@@ -120,9 +126,10 @@ class AnswerStream:
     """Iterate to receive text pieces as they are generated; ``result`` holds the full ``Answer`` afterwards."""
 
     def __init__(self, model: KVzipModel, cache: PackedCache, prompt_ids: list[int], options: SamplingOptions,
-                 keep: bool, on_done: Callable[[Answer], None] | None = None, limit: str = "length"):
+                 keep: bool, on_done: Callable[[Answer], None] | None = None, limit: str = "length",
+                 constraint: QuoteConstraint | None = None):
         self.model, self.cache, self.prompt_ids, self.options, self.keep = model, cache, prompt_ids, options, keep
-        self.on_done = on_done
+        self.on_done, self.constraint = on_done, constraint
         self.limit = limit  # the finish reason when max_new_tokens runs out: "window" when it was clamped to it
         self.result: Answer | None = None
 
@@ -139,7 +146,12 @@ class AnswerStream:
             with torch.inference_mode():
                 logits = packed_forward(self.model, self.cache, self.prompt_ids)
                 for step in range(options.max_new_tokens):
+                    if self.constraint is not None:
+                        logits = self.constraint.mask(logits)
                     token = _pick(logits, options, generator)
+                    if token not in stop_ids and self.constraint is not None and not self.constraint.advance(token):
+                        logits = packed_forward(self.model, self.cache, [token])  # a lead-in: not in the answer
+                        continue
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
                     if token in stop_ids:
@@ -151,6 +163,8 @@ class AnswerStream:
                     cut = min((text.find(s) for s in options.stop if s and s in text), default=-1)
                     if cut >= 0:
                         text, finish = text[:cut], "stop"
+                    elif options.clean and (end := answer_end(text, generated, tokenizer)) is not None:
+                        text, finish = end, "stop"
                     if not text.endswith("\ufffd") and len(text) > len(emitted):
                         yield text[len(emitted) :]
                         emitted = text
@@ -182,16 +196,18 @@ def window_room(model: KVzipModel, cache: PackedCache, prompt_tokens: int, pendi
     return model.max_positions - (cache.get_seq_length() + pending + prompt_tokens)
 
 
-def prompt_ids(model: KVzipModel, question: str, first_turn: bool) -> list[int]:
-    """The question's prompt tokens; ``ContextTooLongError`` for one that alone exceeds the model's window (a
-    question over window * 8 characters is refused on its length, before tokenizing it)."""
+def prompt_ids(model: KVzipModel, question: str, first_turn: bool, quote: bool = False) -> list[int]:
+    """The question's prompt tokens (in quote mode, with the request for a quote); ``ContextTooLongError`` for one
+    that alone exceeds the model's window (a question over window * 8 characters is refused on its length, before
+    tokenizing it)."""
     if not isinstance(question, str) or not question.strip():
         raise InvalidArgumentError("the question is empty")
     window = model.max_positions
     if len(question) > window * CHARS_PER_TOKEN_BOUND:
         raise ContextTooLongError(f"the question has {len(question):,} characters: more than model {model.name!r}'s "
                                   f"window of {window} tokens can hold; shorten it")
-    ids = model.encode(model.template.question_text(question, first_turn=first_turn))
+    text = f"{question.strip()}\n{QUOTE_ANSWER}" if quote else question
+    ids = model.encode(model.template.question_text(text, first_turn=first_turn))
     if len(ids) >= window:
         raise ContextTooLongError(f"the question takes {len(ids)} tokens but model {model.name!r} takes at most "
                                   f"{window} positions, documents and answer included; shorten it")
@@ -204,8 +220,9 @@ def turn_ids(model: KVzipModel, question: str, answer_text: str, first_turn: boo
 
 
 def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling: SamplingOptions | None = None,
-                  **options: Any) -> AnswerStream:
-    """Stream the answer to one independent question; the cache is back to the document afterwards.
+                  constraint: QuoteConstraint | None = None, **options: Any) -> AnswerStream:
+    """Stream the answer to one independent question (a verbatim span of the documents with a ``constraint``);
+    the cache is back to the document afterwards.
 
     ``sampling`` or the options by name (:meth:`SamplingOptions.from_options`). The answer is clamped to the
     window left after the cache and the question (``finish_reason="window"`` when that cut it);
@@ -216,7 +233,7 @@ def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling
         raise InvalidArgumentError("give sampling= or answer options by name, not both")
     cache.info.check_model(model)
     cache.reset()
-    ids = prompt_ids(model, question, True)
+    ids = prompt_ids(model, question, True, constraint is not None)
     room = window_room(model, cache, len(ids))
     if room < 1:
         raise ContextTooLongError(
@@ -224,8 +241,9 @@ def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling
             f"{model.name!r}'s window of {model.max_positions}: no room for an answer; shorten the question or "
             "answer from fewer documents")
     if sampling.max_new_tokens <= room:
-        return AnswerStream(model, cache, ids, sampling, keep=False)
-    return AnswerStream(model, cache, ids, replace(sampling, max_new_tokens=room), keep=False, limit="window")
+        return AnswerStream(model, cache, ids, sampling, keep=False, constraint=constraint)
+    return AnswerStream(model, cache, ids, replace(sampling, max_new_tokens=room), keep=False, limit="window",
+                        constraint=constraint)
 
 
 def answer(model: KVzipModel, cache: PackedCache, question: str, sampling: SamplingOptions | None = None,
@@ -249,10 +267,10 @@ class Conversation:
         self.cache.info.check_model(self.model)
         self.cache.reset()
 
-    def stream(self, question: str, **options) -> AnswerStream:
-        ids = prompt_ids(self.model, question, first_turn=not self.turns)
+    def stream(self, question: str, constraint: QuoteConstraint | None = None, **options) -> AnswerStream:
+        ids = prompt_ids(self.model, question, not self.turns, constraint is not None)
         return AnswerStream(
-            self.model, self.cache, ids, SamplingOptions.from_options(options), keep=True,
+            self.model, self.cache, ids, SamplingOptions.from_options(options), keep=True, constraint=constraint,
             on_done=lambda result: self.turns.append((question, result.text)),
         )
 

@@ -271,13 +271,16 @@ class QAService:
 
     # -------------------------------------------------------------------------------------- answering
 
-    def generate(self, cache, question: str, sampling: SamplingOptions,
-                 emit: Callable[[str], None] | None = None) -> tuple[Any, list[str]]:
-        """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock."""
+    def generate(self, cache, question: str, sampling: SamplingOptions, emit: Callable[[str], None] | None = None,
+                 sources: Sequence[Target] = ()) -> tuple[Any, list[str]]:
+        """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock.
+        ``sources``: the segments in the cache (quote mode quotes them)."""
         from .generate import stream_answer
+        from .quote import quote_constraint
 
         with self.lock:
-            stream = stream_answer(self.model, cache, question, sampling)
+            constraint = quote_constraint(self, sampling, question, sources)
+            stream = stream_answer(self.model, cache, question, sampling, constraint=constraint)
             pieces = []
             for piece in stream:
                 pieces.append(piece)
@@ -290,7 +293,7 @@ class QAService:
         """One cache's answer (a composer's building block); takes the lock."""
         with self.lock:
             cache, load_s, nbytes = self.load(target)
-            result, pieces = self.generate(cache, question, sampling, emit)
+            result, pieces = self.generate(cache, question, sampling, emit, [target])
         return CacheAnswer(target, result, pieces, is_refusal(result.text), load_s, nbytes, cache.nbytes,
                            cache.full_nbytes, cache.kept_ratio, cache.info.base_length,
                            cache.info.ratio, cache.info.level)
@@ -331,6 +334,11 @@ class QAService:
                 plan.targets = self.route(plan.question, plan.k, plan.doc_ids).targets
                 result = composer.answer(self, plan.question, plan.targets, sampling, emit)
         result.retrieve_s, result.compose = plan.retrieve_s, composer.name
+        if sampling.answer_style == "quote":
+            from .quote import quote_citations, segment_text
+
+            result.citations = quote_citations(result.text, result.used,
+                                               [segment_text(self.store, t) for t in result.used])
         return result
 
     def stream(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,

@@ -15,7 +15,7 @@ import typer
 from .presets import get_preset, parse_overrides
 
 TASKS = ("squad", "needle", "narrativeqa")
-EXTRA_TASKS = ("fidelity", "multidoc", "quant", "scale")  # run only when asked for with --task
+EXTRA_TASKS = ("fidelity", "grounding", "multidoc", "quant", "scale")  # run only when asked for with --task
 
 
 def run_bench(
@@ -30,13 +30,15 @@ def run_bench(
     preset_overrides: dict | None = None,
     command: str | None = None,
     log=None,
+    limit: int | None = None,
 ) -> dict:
     """Run the benchmark; returns the results dict and writes ``out_dir/{results.json,results.md,*.png}``.
 
     ``preset``: ``quick`` or ``full``; ``data_dir`` defaults to ``$KVZIP_RAG_DATA`` or ``../shared/data``;
     ``model``: an alias/path for ``kvzip_rag.load_model`` (default model when None); ``loaded_model``: an already
     wrapped ``KVzipModel`` (tests); ``embedding``: ``minilm`` (chunk retrieval with all-MiniLM-L6-v2, needs
-    ``kvzip-rag[bench]``) or ``hashing`` (dependency-free, for tests); ``threads``: torch intra-op threads.
+    ``kvzip-rag[bench]``) or ``hashing`` (dependency-free, for tests); ``threads``: torch intra-op threads;
+    ``limit``: at most this many questions per set in the grounding task (quick runs).
     """
     import torch
 
@@ -65,6 +67,14 @@ def run_bench(
         tasks = tuple(t for t in tasks if t != "scale")
         if not tasks:
             return {"scale": scale}
+    if "grounding" in tasks:
+        from .grounding import run_grounding_task
+
+        grounding = run_grounding_task(settings, data_dir, out_dir, model, loaded_model, log, embedding, limit)
+        log(f"grounding done: {out_dir / 'grounding.md'}")
+        tasks = tuple(t for t in tasks if t != "grounding")
+        if not tasks:
+            return {"grounding": grounding}
     start = time.perf_counter()
     kv_model = loaded_model or kvzip_rag.load_model(model)
     log(f"model {kv_model.name} loaded in {time.perf_counter() - start:.1f}s; preset {settings.name}; "
@@ -93,7 +103,7 @@ def bench(
     = Path("bench-out"),
     model: Annotated[str | None, typer.Option("--model", help="Model alias, folder, .gguf or hub id.")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="Run only this task (repeatable): squad, "
-                                                                  "needle, narrativeqa; fidelity, multidoc, quant (only when named); "
+                                                                  "needle, narrativeqa; fidelity, grounding, multidoc, quant (only when named); "
                                                                   "or contention "
                                                                   "(decode speed under a competing CPU load, Python API beside the "
                                                                   "CLI); or scale (10^6 segments, S3, Ray; only when named); or "
@@ -109,6 +119,8 @@ def bench(
     = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="gpu preset: longest context (default: "
                                                                        "the model's window).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="grounding task: at most this many questions "
+                                                                     "per question set (quick runs).")] = None,
 ) -> None:
     """Benchmark KVzip against the full cache, other scorers, re-prefilling and chunk retrieval."""
     if quick and full:
@@ -141,7 +153,7 @@ def bench(
         return
     try:
         run_bench(preset="full" if full else "quick", data_dir=data, out_dir=out, model=model,
-                  tasks=tuple(task) if task else TASKS, threads=threads, preset_overrides=overrides)
+                  tasks=tuple(task) if task else TASKS, threads=threads, preset_overrides=overrides, limit=limit)
     except FileNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error

@@ -56,6 +56,8 @@ def ask(
     compose: Annotated[str, typer.Option("--compose", help="With --k > 1: parallel or sequential (the k caches "
                                                            "joined into one that answers once), or best-of-k (each "
                                                            "cache answers, the best is kept).")] = DEFAULT_COMPOSE,
+    quote: Annotated[bool, typer.Option("--quote", help="Answer with a verbatim span of the documents (quote "
+                                                        "mode), cited exactly.")] = False,
 ) -> None:
     """Answer a question from the best matching compressed cache(s), streaming the answer."""
     from kvzip_rag.composers import get_composer
@@ -67,8 +69,12 @@ def ask(
     check_doc(settings, settings.open_store(), doc)
     qa = settings.service()
     routing = route(qa, question, k, doc)
-    stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens, compose=compose)
+    stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens, compose=compose,
+                       answer_style="quote" if quote else "free")
     stream_to_console(stream)
+    for cited in stream.result.citations if quote else ():
+        say(f"[dim]quoted from {show(cited.doc_id)} segment {cited.segment_index}, characters "
+            f"{cited.start}-{cited.end}[/dim]")
     print_footer(stream.result, routing)
 
 
@@ -116,6 +122,8 @@ def chat(
     doc: Annotated[str | None, typer.Option("--doc", help="Talk about this document (default: the one the first "
                                                           "question matches).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 128,
+    quote: Annotated[bool, typer.Option("--quote", help="Answer with a verbatim span of the documents (quote "
+                                                        "mode), cited exactly.")] = False,
 ) -> None:
     """A conversation over the compressed caches: every question is routed, follow-ups continue in the cache.
 
@@ -129,7 +137,8 @@ def chat(
     settings = settings_of(ctx)
     check_doc(settings, settings.open_store(), doc)  # before the model loads
     qa = settings.service()
-    session = ChatSession(qa, doc_ids=[doc] if doc else None, sampling={"max_new_tokens": max_tokens})
+    sampling = {"max_new_tokens": max_tokens, "answer_style": "quote" if quote else "free"}
+    session = ChatSession(qa, doc_ids=[doc] if doc else None, sampling=sampling)
     interactive = sys.stdin.isatty()
     say("[dim]Ask a question; follow-ups continue the conversation, another topic brings in its document. /reset "
         "starts over, exit or Ctrl-D quits.[/dim]")

@@ -1,0 +1,228 @@
+"""Quote mode (every answer a verbatim span of a routed document, cited exactly), the clean-answer rules of free
+generation, and ``kvzip-rag bench --task grounding`` (tiny random-weight models; a few SQuAD questions with the
+default model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import kvzip_rag
+from kvzip_rag.clean import answer_end
+from kvzip_rag.errors import InvalidArgumentError
+from kvzip_rag.qa import QAService
+from kvzip_rag.quote import QuoteConstraint, quote_citations
+from kvzip_rag.store import CacheStore
+from conftest import DATA_DIR, build_tiny
+
+DOCS = {
+    "harbour": "The harbour of Velmora was built in 1731 by the engineer Ansel Brask for 12,500 crowns.\n\n"
+               "Ferries leave the harbour for the island of Tessin every morning at seven.",
+    "cafe": "Le café Zoë, on the Rue Müller, serves crêpes — 3,40 € each — since 1998. Its owner, Anaïs Brûlé, "
+            "bakes them at dawn.",
+    "numbers": "The bridge is 1,204 metres long; 14 pillars carry it 62.5 m above the river Aare.",
+}
+QUESTIONS = ("Who built the harbour?", "How long is the bridge?", "What does the café serve?", "When do ferries leave?",
+             "Velmora crêpes pillars")
+
+
+@pytest.fixture(scope="module")
+def tiny_stores(tmp_path_factory, smol_tokenizer):
+    """(model, store holding DOCS for it) by seed, built on first use (caches belong to one model)."""
+    built: dict[int, tuple] = {}
+
+    def get(seed: int):
+        if seed not in built:
+            model = build_tiny("llama", smol_tokenizer, seed=seed)
+            store = CacheStore(tmp_path_factory.mktemp("quote-store"))
+            for doc_id, text in DOCS.items():
+                store.add_document(model, text, doc_id=doc_id, ratio=1.0)
+            built[seed] = model, store
+        return built[seed]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_stores):
+    return tiny_stores(3)
+
+
+def _check_quoted(result) -> None:
+    """The answer is a span of a routed segment, and its citation is that exact span of the stored text."""
+    texts = [DOCS[t.doc_id] for t in result.used]
+    assert result.text and any(result.text in text for text in texts), result.text
+    assert "\n" not in result.text
+    (cited,) = result.citations
+    assert cited.text == result.text == DOCS[cited.doc_id][cited.start : cited.end]
+    assert cited.doc_id in {t.doc_id for t in result.used} and cited.weight == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("k,compose", [(1, None), (3, None), (3, "best-of-k")])
+def test_random_weights_still_quote_a_document_span(tiny_stores, seed, k, compose):
+    """Random weights pick arbitrary tokens: every path the constraint lets through must still be a span, across
+    sampling, composition and caps (a cap below the lead-in included); ratio 0.3 and as stored."""
+    model, store = tiny_stores(seed)
+    for ratio in (0.3, None):
+        service = QAService(store, model, ratio=ratio)
+        for n, question in enumerate(QUESTIONS):
+            sampling = {"temperature": 1.5, "seed": seed * 10 + n} if n % 2 else {}
+            result = service.answer(question, k=k, compose=compose, answer_style="quote",
+                                    max_new_tokens=(3, 12, 40)[n % 3], **sampling)
+            _check_quoted(result)
+
+
+def test_quote_streams_and_is_checked(tiny_store):
+    model, store = tiny_store
+    service = QAService(store, model)
+    stream = service.stream("Who built the harbour?", k=2, answer_style="quote", max_new_tokens=8)
+    pieces = list(stream)
+    assert "".join(pieces).strip() == stream.result.text
+    _check_quoted(stream.result)
+    with pytest.raises(InvalidArgumentError, match="answer_style"):
+        service.answer("Who built the harbour?", answer_style="verbatim")
+    free = service.answer("Who built the harbour?", max_new_tokens=4)
+    assert free.citations == []  # free generation stays the default, without a quote's citation
+
+
+def test_constraint_lead_in_and_starts(tiny_store):
+    """Lead-in tokens are not the answer; a quote never starts at a function word or a question word; without a
+    quotable word within the lead-in the start is forced; once quoting, only the document's next token (or the
+    end) may follow, and the end as soon as the model's own choice leaves the document."""
+    import torch
+
+    model, _ = tiny_store
+    enc = lambda text: model.encode(text)
+    constraint = QuoteConstraint(model, ["The harbour of Velmora was built by Ansel Brask."], "Who built the harbour?",
+                                 max_lead_in=2)
+    words = {model.tokenizer.decode(ids[i - 1 : i + 1]).strip().lower() for positions in constraint.starts.values()
+             for d, i in positions for ids in [constraint.documents[d]]}  # the first two tokens of each start
+    assert words == {"velm", "ansel", "brask"}  # " An" starts "Ansel", never the article; not inside a word
+    logits = torch.zeros(model.config.vocab_size)
+    off = enc(" lighthouse")[0]
+    assert off not in constraint.starts and constraint.advance(off) is False  # a lead-in token
+    masked = constraint.mask(logits)
+    assert all(masked[s] == float("-inf") for s in constraint.stop_ids)  # no end before the quote
+    constraint.advance(off)
+    forced = constraint.mask(logits)  # the lead-in is used up: only starts
+    assert set(torch.nonzero(forced > float("-inf")).flatten().tolist()) == set(constraint.starts)
+    ansel = enc(" Ansel")[0]  # " An"
+    assert constraint.advance(ansel) is True
+    follow = enc(" Ansel Brask")[1]
+    logits[follow] = 5.0
+    allowed = set(torch.nonzero(constraint.mask(logits) > float("-inf")).flatten().tolist())
+    assert allowed == {follow, *constraint.stop_ids}
+    logits[off] = 9.0  # the model would leave the document: the quote ends
+    ended = set(torch.nonzero(constraint.mask(logits) > float("-inf")).flatten().tolist())
+    assert ended == set(constraint.stop_ids)
+
+
+def test_quote_citations_are_verified():
+    from kvzip_rag.answers import Target
+
+    targets = [Target("a", 0, text="alpha beta"), Target("b", 2, text="gamma delta")]
+    (cited,) = quote_citations("delta", targets, [t.text for t in targets])
+    assert (cited.doc_id, cited.segment_index, cited.start, cited.end) == ("b", 2, 6, 11)
+    assert quote_citations("epsilon", targets, [t.text for t in targets]) == []
+    assert quote_citations("", targets, [t.text for t in targets]) == []
+
+
+# ------------------------------------------------------------------------------------------ clean free answers
+
+
+class _Tok:
+    """Decodes ids as their characters (one id = one character), enough for the ending rules."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def _ids(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def _generate(text: str) -> str:
+    """The answer a stream keeps when the model writes ``text`` one id at a time."""
+    tok = _Tok()
+    for n in range(1, len(text) + 1):
+        end = answer_end(text[:n].lstrip(), _ids(text[:n]), tok)
+        if end is not None:
+            return end
+    return text.strip()
+
+
+def test_free_answer_ends_at_line_break_or_self_repeat():
+    assert _generate("Ansel Brask.\nHe also built") == "Ansel Brask."
+    assert _generate("Ansel Brask") == "Ansel Brask"
+    assert _generate("the harbour of the harbour of the harbour of") == "the harbour of"
+    assert _generate("1,000,000,000,000") == "1,000,000,000,000"  # a repeated run without a word is no loop
+
+
+def test_clean_is_an_answer_option(tiny_store):
+    """``clean=False`` is free generation as before (no early end); ``clean`` is checked
+    with the other answer options."""
+    model, store = tiny_store
+    service = QAService(store, model)
+    raw = service.answer("Who built the harbour?", clean=False, max_new_tokens=40)
+    assert raw.best.answer.finish_reason == "length" and len(raw.best.answer.token_ids) == 40  # random weights
+    assert service.answer("Who built the harbour?", clean=True, max_new_tokens=40).text
+    with pytest.raises(InvalidArgumentError):
+        service.answer("Who built the harbour?", cleanly=True)
+
+
+def test_cli_ask_quote(tiny_store, tmp_path, smol_tokenizer):
+    from kvzip_rag.cli import app
+    from test_cli import WIDE
+
+    model, store = tiny_store
+    folder = tmp_path / "model"
+    model.model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    result = CliRunner(env=WIDE).invoke(app, ["--store", str(store.path), "--model", str(folder), "ask",
+                                              "Who built the harbour?", "--quote", "--max-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert "quoted from" in result.output
+
+
+# ------------------------------------------------------------------------------------------ the benchmark task
+
+
+@pytest.mark.skipif(not (DATA_DIR / "squad").is_dir(), reason="shared data not found")
+def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer):
+    from kvzip_rag.bench.cli import run_bench
+
+    model = build_tiny("llama", smol_tokenizer)
+    out = run_bench(data_dir=DATA_DIR, out_dir=tmp_path, tasks=("grounding",), loaded_model=model,
+                    embedding="hashing", limit=2, log=lambda _: None,
+                    preset_overrides={"grounding_articles": 2, "grounding_hotpot": 2, "grounding_max_new_tokens": 4,
+                                      "grounding_ratios": (0.3,)})
+    saved = json.loads((tmp_path / "grounding.json").read_text())
+    assert saved["summary"] == out["grounding"]["summary"]
+    table = saved["summary"]["table"]
+    assert set(table) == {"squad", "squad-unanswerable", "hotpotqa"}
+    assert set(table["squad"]) == {"free-raw@0.3", "free@0.3", "quote@0.3", "chunk-rag"}
+    assert all(m["n"] == 2 for m in table["squad"].values())
+    for row in saved["rows"]:
+        if row["method"].startswith("quote"):
+            assert row["citation"]["text"] == row["answer"]
+    assert saved["summary"]["free_minus_raw_f1"]["squad"]["free@0.3"]["n"] == 2
+    assert "## hotpotqa" in (tmp_path / "grounding.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ the default model
+
+
+def test_default_model_quotes_squad(default_model, squad, tmp_path):
+    """A few SQuAD questions with the real model: every quote is a span of the article, cited exactly."""
+    store = CacheStore(tmp_path / "store")
+    paragraph = squad[0]["paragraphs"][0]
+    store.add_document(default_model, paragraph["context"], doc_id="sb50", ratio=1.0)
+    service = QAService(store, default_model, ratio=0.3)
+    for qa in paragraph["qas"][:3]:
+        result = service.answer(qa["question"], answer_style="quote", max_new_tokens=16)
+        cited = result.citations[0]
+        assert result.text in paragraph["context"]
+        assert paragraph["context"][cited.start : cited.end] == result.text
