@@ -287,7 +287,7 @@ def test_doc_option_answers_without_a_matching_word_and_chat_window(cli, docs):
     assert result.exit_code == 0, result.output
     assert "harbour.txt segment 0 (no word of the question matched" in result.stderr
     # Many long turns: the conversation starts over instead of running past the model's positions.
-    turns = "".join(f"Tell me about the harbour of Velmora, turn {i}.\n" for i in range(6))
+    turns = "".join(f"Tell me about the harbour of Velmora, turn {i}.\n" for i in range(16))
     chat = cli("chat", "--doc", "harbour.txt", "--max-tokens", "400", input=turns)
     assert chat.exit_code == 0, chat.output
     assert "filled the model's window" in chat.stderr
