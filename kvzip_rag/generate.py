@@ -10,6 +10,7 @@ import torch
 
 from .cache import PackedCache
 from .errors import InvalidArgumentError
+from .evidence import Evidence, EvidenceRecorder
 from .models import KVzipModel
 
 
@@ -42,6 +43,7 @@ class Answer:
     decode_s: float
     finish_reason: str  # "stop" (end of turn or stop string) or "length"
     mean_logprob: float | None = None  # mean log-probability of the answer tokens: a confidence to rank answers
+    evidence: Evidence | None = field(default=None, repr=False)  # where its attention went (when recorded)
 
     @property
     def seconds_per_token(self) -> float:
@@ -74,9 +76,10 @@ class AnswerStream:
     """Iterate to receive text pieces as they are generated; ``result`` holds the full ``Answer`` afterwards."""
 
     def __init__(self, model: KVzipModel, cache: PackedCache, prompt_ids: list[int], options: SamplingOptions,
-                 keep: bool, on_done: Callable[[Answer], None] | None = None):
+                 keep: bool, on_done: Callable[[Answer], None] | None = None, evidence: bool = False):
         self.model, self.cache, self.prompt_ids, self.options, self.keep = model, cache, prompt_ids, options, keep
         self.on_done = on_done
+        self.evidence = evidence
         self.result: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -88,6 +91,7 @@ class AnswerStream:
         emitted, finish = "", "length"
         start = time.perf_counter()
         first_token_at = None
+        recorder = EvidenceRecorder(self.cache) if self.evidence else None
         try:
             with torch.inference_mode():
                 logits = packed_forward(self.model, self.cache, self.prompt_ids)
@@ -112,6 +116,7 @@ class AnswerStream:
                     if step + 1 < options.max_new_tokens or self.keep:
                         logits = packed_forward(self.model, self.cache, [token])
         finally:
+            evidence = recorder.finish() if recorder is not None else None
             end = time.perf_counter()
             if not self.keep:
                 self.cache.reset()
@@ -124,6 +129,7 @@ class AnswerStream:
             decode_s=end - first_token_at,
             finish_reason=finish,
             mean_logprob=logprob_sum / len(generated) if generated else None,
+            evidence=evidence,
         )
         if self.on_done:
             self.on_done(self.result)
@@ -140,11 +146,14 @@ def turn_ids(model: KVzipModel, question: str, answer_text: str, first_turn: boo
     return _prompt_ids(model, question, first_turn) + model.encode(answer_text)
 
 
-def stream_answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> AnswerStream:
-    """Stream the answer to one independent question; the cache is back to the document afterwards."""
+def stream_answer(model: KVzipModel, cache: PackedCache, question: str, evidence: bool = False,
+                  **options) -> AnswerStream:
+    """Stream the answer to one independent question; the cache is back to the document afterwards.
+    ``evidence=True`` records where the answer attended (``Answer.evidence``, :mod:`kvzip_rag.evidence`)."""
     cache.info.check_model(model)
     cache.reset()
-    return AnswerStream(model, cache, _prompt_ids(model, question, True), SamplingOptions(**options), keep=False)
+    return AnswerStream(model, cache, _prompt_ids(model, question, True), SamplingOptions(**options), keep=False,
+                        evidence=evidence)
 
 
 def answer(model: KVzipModel, cache: PackedCache, question: str, **options) -> Answer:
