@@ -10,7 +10,7 @@ import torch
 
 from .cache import PackedCache
 from .errors import InvalidArgumentError
-from .evidence import Evidence, EvidenceRecorder
+from .evidence import Evidence, EvidenceRecorder, is_recording
 from .models import KVzipModel
 
 
@@ -176,11 +176,13 @@ class Conversation:
         self.cache.info.check_model(self.model)
         self.cache.reset()
 
-    def stream(self, question: str, **options) -> AnswerStream:
+    def stream(self, question: str, evidence: bool | None = None, **options) -> AnswerStream:
+        """``evidence``: record where the answer attended (``None``: when inside ``kvzip_rag.evidence.recording``)."""
         ids = _prompt_ids(self.model, question, first_turn=not self.turns)
         return AnswerStream(
             self.model, self.cache, ids, SamplingOptions(**options), keep=True,
             on_done=lambda result: self.turns.append((question, result.text)),
+            evidence=is_recording() if evidence is None else evidence,
         )
 
     def add_turn(self, question: str, answer_text: str) -> int:

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .abstain import DEFAULT_ABSTAIN_TEXT, DEFAULT_THRESHOLD, Grounding
 from .answers import CacheAnswer, QAResult, Target, choose_best, is_refusal
 from .composers import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, get_composer, register_composer
 from .errors import InvalidArgumentError, KVzipError, ModelMismatchError
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # the engine and the store import torch: only when a service 
     from .store import CacheStore
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+GROUNDING_KEYS = ("evidence", "abstain_threshold", "abstain_text")  # see kvzip_rag.abstain.Grounding
 DEFAULT_RATIO = 0.3
 DEFAULT_LEVEL = "pair"
 
@@ -257,10 +259,11 @@ class QAService:
     def generate(self, cache, question: str, sampling: dict,
                  emit: Callable[[str], None] | None = None) -> tuple[Any, list[str]]:
         """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock."""
+        from .evidence import is_recording
         from .generate import stream_answer
 
         with self.lock:
-            stream = stream_answer(self.model, cache, question, **sampling)
+            stream = stream_answer(self.model, cache, question, evidence=is_recording(), **sampling)
             pieces = []
             for piece in stream:
                 pieces.append(piece)
@@ -290,26 +293,37 @@ class QAService:
 
     def answer(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,
                targets: Iterable[Any] | None = None, compose: str | Composer | None = None,
+               evidence: bool = True, abstain_threshold: Any = DEFAULT_THRESHOLD,
+               abstain_text: str = DEFAULT_ABSTAIN_TEXT,
                _emit: Callable[[str], None] | None = None, **sampling: Any) -> QAResult:
-        """Route (or take ``targets``), load and answer with the composition strategy; runs in this thread."""
+        """Route (or take ``targets``), load and answer with the composition strategy; runs in this thread.
+        ``evidence``, ``abstain_threshold`` and ``abstain_text``: citations and abstention (:mod:`kvzip_rag.abstain`)."""
+        grounding = Grounding(evidence, abstain_threshold, abstain_text)
         sampling = check_sampling(sampling)
         question, planned, retrieve_s = self._plan(question, k, doc_ids, targets)
-        return self.compose_answer(compose, question, planned, sampling, _emit, retrieve_s)
+        return self.compose_answer(compose, question, planned, sampling, _emit, retrieve_s, grounding)
 
     def compose_answer(self, compose: str | Composer | None, question: str, targets: list[Target], sampling: dict,
-                       emit: Callable[[str], None] | None, retrieve_s: float | None) -> QAResult:
-        """The chosen strategy's answer (``None``: the service's) from checked targets; takes the lock."""
+                       emit: Callable[[str], None] | None, retrieve_s: float | None,
+                       grounding: Grounding | None = None) -> QAResult:
+        """The chosen strategy's answer (``None``: the service's) from checked targets, with its evidence and
+        abstention (``grounding``, default :class:`~kvzip_rag.abstain.Grounding`); takes the lock."""
+        from .abstain import ground
+        from .evidence import recording
+
+        grounding = grounding or Grounding()
         composer = get_composer(compose) if compose is not None else self.composer
-        with self.lock:
+        with self.lock, recording(grounding.evidence):
             result = composer.answer(self, question, targets, sampling, emit)
-        result.retrieve_s, result.compose = retrieve_s, composer.name
-        return result
+            result.retrieve_s, result.compose = retrieve_s, composer.name
+            return ground(self, result, grounding)
 
     def stream(self, question: str, k: int = 1, **options: Any) -> QAStream:
         """:meth:`answer` as text pieces (``for`` or ``async for``); the model runs in a worker thread. Arguments
         are checked and routing is done here, before any piece."""
         options["sampling"] = check_sampling({k_: options.pop(k_) for k_ in list(options) if k_ in SAMPLING_KEYS
                                               or k_ == "max_tokens"})
+        options["grounding"] = Grounding(**{name: options.pop(name) for name in GROUNDING_KEYS if name in options})
         question, planned, retrieve_s = self._plan(question, k, options.pop("doc_ids", None),
                                                    options.pop("targets", None))
         return QAStream(self, question, planned, retrieve_s, **options)
@@ -336,16 +350,16 @@ class QAStream:
     """Text pieces of a :class:`QAService` answer as produced (iterate once, sync or async); ``result`` afterwards."""
 
     def __init__(self, service: QAService, question: str, targets: list[Target], retrieve_s: float | None,
-                 sampling: dict, compose: str | Composer | None = None) -> None:
+                 sampling: dict, compose: str | Composer | None = None, grounding: Grounding | None = None) -> None:
         self._service, self.question, self.targets = service, question, targets
-        self._retrieve_s, self._sampling = retrieve_s, sampling
+        self._retrieve_s, self._sampling, self._grounding = retrieve_s, sampling, grounding
         self._compose = get_composer(compose) if compose is not None else None  # checked before any piece
         self.result: QAResult | None = None
         self._started = False
 
     def _work(self, emit: Callable[[str], None]) -> None:
         self.result = self._service.compose_answer(self._compose, self.question, self.targets, self._sampling, emit,
-                                                   self._retrieve_s)
+                                                   self._retrieve_s, self._grounding)
 
     def _claim(self) -> None:
         if self._started:

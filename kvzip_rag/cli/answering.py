@@ -69,10 +69,18 @@ def ask(
     compose: Annotated[str, typer.Option("--compose", help="With --k > 1: parallel or sequential (the k caches "
                                                            "joined into one that answers once), or best-of-k (each "
                                                            "cache answers, the best is kept).")] = DEFAULT_COMPOSE,
+    evidence: Annotated[bool, typer.Option("--evidence/--no-evidence", help="Quote the sentences the answer "
+                                                                            "attended to (and allow abstention).")] = True,
+    abstain_threshold: Annotated[float | None, typer.Option(
+        "--abstain-threshold", min=0.0, max=1.0, show_default="calibrated",
+        help="Abstain when the evidence score (a probability) is below this.")] = None,
+    no_abstain: Annotated[bool, typer.Option("--no-abstain", help="Never abstain.")] = False,
     store: StoreOpt = None, db: DbOpt = None, blob_url: BlobUrlOpt = None, model: ModelOpt = None,
     ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
-    """Answer a question from the best matching compressed cache(s), streaming the answer."""
+    """Answer a question from the best matching compressed cache(s), streaming the answer, then the evidence it
+    rests on (or that the documents do not say)."""
+    from kvzip_rag.abstain import DEFAULT_THRESHOLD
     from kvzip_rag.qa import check_question
 
     settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
@@ -80,9 +88,23 @@ def ask(
     question = check_question(question)
     qa = settings.service()
     routing = route(settings, qa, question, k, doc)
-    stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens, compose=compose)
+    threshold = None if no_abstain else DEFAULT_THRESHOLD if abstain_threshold is None else abstain_threshold
+    stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens, compose=compose,
+                       evidence=evidence, abstain_threshold=threshold)
     stream_to_console(stream)
+    print_evidence(stream.result)
     print_footer(stream.result, routing)
+
+
+def print_evidence(result) -> None:
+    """The abstention (the streamed text was only a candidate), then the quoted evidence, dim, by document."""
+    if result.abstained:
+        say(f"[bold yellow]{show(result.text)}[/bold yellow] [dim](evidence score {result.evidence_score:.2f} is "
+            "below the abstention threshold: the answer above is not supported by the documents)[/dim]")
+    for citation in result.citations:
+        quote = " ".join(citation.text.split())
+        say(f"[dim]  “{show(quote)}” — [cyan]{show(citation.doc_id)}[/cyan] segment {citation.segment_index}, "
+            f"{citation.weight:.0%} of the evidence[/dim]", soft_wrap=True)
 
 
 def print_footer(result, routing) -> None:
