@@ -64,7 +64,8 @@ class Calibration:
 def default_calibration() -> Calibration:
     data = json.loads(CALIBRATION_FILE.read_text())
     if tuple(data["features"]) != FEATURES:
-        raise InvalidArgumentError(f"{CALIBRATION_FILE} was fitted on other features; rerun python -m kvzip_rag.abstain")
+        raise InvalidArgumentError(f"{CALIBRATION_FILE} was fitted on other features; rerun "
+                                   "python -m kvzip_rag.abstain")
     return Calibration(tuple(data["weights"]), data["bias"], tuple(data["mean"]), tuple(data["scale"]),
                        data["threshold"], data["fitted_on"])
 
@@ -310,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     fitted_on = {"data": "SQuAD v1.1 dev (shared data), load_squad 300-700 tokens per document",
                  "documents": len({r["article"] for r in rows}), "questions": len(rows) // 2, "model": model_name,
                  "ratio": args.ratio,
-                 "max_new_tokens": args.max_new_tokens, "command": " ".join(["python -m kvzip_rag.abstain", *(sys.argv[1:] if argv is None else argv)]),
+                 "max_new_tokens": args.max_new_tokens, "command": " ".join(["python -m kvzip_rag.abstain",
+                                                                        *(sys.argv[1:] if argv is None else argv)]),
                  "held_out": cross_validated(rows)}
     calibration = calibrate(rows, fitted_on=fitted_on)
     args.out.write_text(json.dumps(calibration.as_dict(), indent=1) + "\n")

@@ -1,13 +1,14 @@
 """Evidence from the cache itself: which stored sentences an answer attended to, as verified citations.
 
 While an answer is generated, an :class:`EvidenceRecorder` attached to the packed cache receives, in the compressed
-layers of the upper half of the model (:data:`FIRST_LAYER_SHARE`), the attention probabilities of the query that predicts each answer token (the last prompt token, then every
-generated token) over the packed rows: the same softmax the packed attention computes (``PackedLayer.evidence``), no
-second model and no re-reading. Their sum per kept pair is mapped to the document token at the pair's position (in
-a composed cache, of the document the pair came from: ``ComposedCache.sources``), then to the sentence holding that
-token's characters in the stored segment text (tokenizer offsets), and the best sentences become
-:class:`~kvzip_rag.answers.Citation` s. A citation is only returned when the stored text still encodes to the
-cache's own token ids and its quote equals ``text[start:end]``.
+layers of the upper half of the model (:data:`FIRST_LAYER_SHARE`), the attention probabilities of the query that
+predicts each answer token (the last prompt token, then every generated token) over the packed rows: the same
+softmax the packed attention computes (``PackedLayer.evidence``), no second model and no re-reading. Their sum per
+kept pair is mapped to the document token at the pair's position (in a composed cache, of the document the pair
+came from: ``ComposedCache.sources``), then to the sentence holding that token's characters in the stored segment
+text (tokenizer offsets), and the best sentences become :class:`~kvzip_rag.answers.Citation` s. A document is
+cited only when its stored text still encodes to the cache's own token ids, and each quote is checked against the
+segment text read back from the store (:func:`verified`).
 
     >>> from kvzip_rag.evidence import EvidenceRecorder
     >>> recorder = EvidenceRecorder(cache)          # attach while generating, then
@@ -193,18 +194,22 @@ def sentence_mass(text: str, token_mass: torch.Tensor, tokenizer) -> list[tuple[
 
 def citations(evidence: Evidence, documents: Sequence[tuple[Target, str]], tokenizer,
               limit: int = MAX_CITATIONS) -> list[Citation]:
-    """The best-attended sentences of the documents (``(target, stored segment text)`` in the evidence's document
-    order), best first.
+    """The best-attended sentences of the documents (``(target, stored segment text)``), best first.
 
-    A document is read only if its stored text encodes to exactly the ids its cache was built from (else its
-    positions would point at other words). ``weight`` is the sentence's share of the attention mass that fell on
+    Each of the evidence's documents is matched to the given document whose stored text encodes to exactly the ids
+    its cache was built from (so neither an edited text nor another order can point positions at other words); a
+    document without a match is not cited. ``weight`` is the sentence's share of the attention mass that fell on
     all documents."""
     total = sum(float(m.sum()) for m in evidence.token_mass) or 1.0
+    encoded = [(target, text, tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
+               for target, text in documents if text]
     candidates: list[tuple[float, Target, str, int, int]] = []
-    for (target, text), mass, ids in zip(documents, evidence.token_mass, evidence.token_ids):
-        if not text or tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) != tuple(ids):
+    for token_mass, ids in zip(evidence.token_mass, evidence.token_ids):
+        match = next(((target, text) for target, text, own in encoded if own == tuple(ids)), None)
+        if match is None:
             continue
-        for (start, end), mass in sentence_mass(text, mass, tokenizer) or []:
+        target, text = match
+        for (start, end), mass in sentence_mass(text, token_mass, tokenizer) or []:
             candidates.append((mass / total, target, text, start, end))
     candidates.sort(key=lambda c: -c[0])
     out: list[Citation] = []

@@ -297,7 +297,8 @@ class QAService:
                abstain_text: str = DEFAULT_ABSTAIN_TEXT,
                _emit: Callable[[str], None] | None = None, **sampling: Any) -> QAResult:
         """Route (or take ``targets``), load and answer with the composition strategy; runs in this thread.
-        ``evidence``, ``abstain_threshold`` and ``abstain_text``: citations and abstention (:mod:`kvzip_rag.abstain`)."""
+        ``evidence``, ``abstain_threshold`` and ``abstain_text``: citations and abstention
+        (:mod:`kvzip_rag.abstain`)."""
         grounding = Grounding(evidence, abstain_threshold, abstain_text)
         sampling = check_sampling(sampling)
         question, planned, retrieve_s = self._plan(question, k, doc_ids, targets)

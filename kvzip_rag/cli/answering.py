@@ -2,7 +2,9 @@
 
 ``ask --k N`` does what ``similarity_top_k=N`` and LangChain's ``k=N`` do: the N routed caches are joined into one
 that answers once (``--compose``, default parallel; best-of-k keeps the best of N answers); ``--k 1`` answers from
-the one cache. Tokens stream live (best-of-k: once the best answer is chosen).
+the one cache. Tokens stream live (best-of-k: once the best answer is chosen) when stdout is a terminal; piped,
+stdout gets the final answer only, which is the abstention when the evidence is too weak (:mod:`kvzip_rag.abstain`).
+The quoted evidence and the abstention notice go to stderr with the sources.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def ask(
                                                            "joined into one that answers once), or best-of-k (each "
                                                            "cache answers, the best is kept).")] = DEFAULT_COMPOSE,
     evidence: Annotated[bool, typer.Option("--evidence/--no-evidence", help="Quote the sentences the answer "
-                                                                            "attended to (and allow abstention).")] = True,
+                                           "attended to (and allow abstention).")] = True,
     abstain_threshold: Annotated[float | None, typer.Option(
         "--abstain-threshold", min=0.0, max=1.0, show_default="calibrated",
         help="Abstain when the evidence score (a probability) is below this.")] = None,
@@ -91,16 +93,24 @@ def ask(
     threshold = None if no_abstain else DEFAULT_THRESHOLD if abstain_threshold is None else abstain_threshold
     stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens, compose=compose,
                        evidence=evidence, abstain_threshold=threshold)
-    stream_to_console(stream)
-    print_evidence(stream.result)
+    live = console.is_terminal  # a person watching: stream; a pipe gets only the final answer (or the abstention)
+    if live:
+        stream_to_console(stream)
+    else:
+        for _ in stream:
+            pass
+        stream_to_console([stream.result.text])
+    print_evidence(stream.result, live)
     print_footer(stream.result, routing)
 
 
-def print_evidence(result) -> None:
-    """The abstention (the streamed text was only a candidate), then the quoted evidence, dim, by document."""
+def print_evidence(result, streamed: bool) -> None:
+    """The abstention (a ``streamed`` text was only the candidate), then the quoted evidence, dim, by document."""
     if result.abstained:
-        say(f"[bold yellow]{show(result.text)}[/bold yellow] [dim](evidence score {result.evidence_score:.2f} is "
-            "below the abstention threshold: the answer above is not supported by the documents)[/dim]")
+        candidate = "the answer above" if streamed else f"the candidate “{show(result.candidate)}”"
+        say(f"[bold yellow]{show(result.abstain_text)}[/bold yellow] [dim](evidence score "
+            f"{result.evidence_score:.2f} is below the abstention threshold: {candidate} is not supported by the "
+            "documents)[/dim]", soft_wrap=True)
     for citation in result.citations:
         quote = " ".join(citation.text.split())
         say(f"[dim]  “{show(quote)}” — [cyan]{show(citation.doc_id)}[/cyan] segment {citation.segment_index}, "
