@@ -15,7 +15,7 @@ from kvzip_rag.evidence import Evidence, EvidenceRecorder, citations, document_p
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.generate import answer
 
-from conftest import build_tiny
+from conftest import DATA_DIR, build_tiny
 from test_cli import WIDE, tiny_model_dir  # noqa: F401  (fixture)
 from test_engine import TEXT
 
@@ -198,3 +198,39 @@ def test_cli_ask_prints_the_evidence_and_the_abstention(service, tiny_model_dir)
     quiet = CliRunner(env=WIDE).invoke(app, base + ["--no-evidence"])
     assert quiet.exit_code == 0 and "of the evidence" not in quiet.output
     assert abstain.DEFAULT_ABSTAIN_TEXT not in quiet.output
+
+
+# ---------------------------------------------------------------- end to end (the default model, SQuAD)
+
+
+def test_default_model_cites_the_gold_sentence_and_abstains_without_the_article(default_model, tmp_path):
+    from kvzip_rag.bench.data import load_squad
+    from kvzip_rag.bench.metrics import contains_gold
+    from kvzip_rag.qa import QAService
+    from kvzip_rag.store import CacheStore
+
+    if not (DATA_DIR / "squad").is_dir():
+        pytest.skip(f"SQuAD data not found under {DATA_DIR}")
+    documents = load_squad(DATA_DIR, lambda t: len(default_model.encode(t)), 3, 300, 700, 6)  # as calibrated
+    store = CacheStore(tmp_path / "store")
+    for document in documents:
+        store.add_document(default_model, document.text, doc_id=document.id, ratio=0.3)
+    service = QAService(store, default_model, ratio=0.3)
+    question = next(q for q in documents[0].questions if q.question == "Where did Super Bowl 50 take place?")
+    answered = service.answer(question.question, max_new_tokens=64)
+    assert not answered.abstained and answered.citations[0].doc_id == documents[0].id
+    assert any(contains_gold(answered.citations[0].text, gold) for gold in question.answers)
+    without = service.answer(question.question, doc_ids=[d.id for d in documents[1:]], max_new_tokens=64)
+    assert without.abstained and without.text == abstain.DEFAULT_ABSTAIN_TEXT
+    assert without.metadata()["candidate_answer"] == without.candidate != ""
+
+
+def test_cli_chat_prints_each_turns_evidence(service, tiny_model_dir):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from kvzip_rag.cli import app
+
+    chat = CliRunner(env=WIDE).invoke(app, ["--store", str(service.store.path), "--model", str(tiny_model_dir),
+                                            "chat", "--max-tokens", "3"], input="Who built the harbour?\nexit\n")
+    assert chat.exit_code == 0, chat.output
+    assert chat.output.count("of the evidence") >= 1 and "harbour" in chat.output
