@@ -211,16 +211,18 @@ def test_default_model_cites_the_gold_sentence_and_abstains_without_the_article(
 
     if not (DATA_DIR / "squad").is_dir():
         pytest.skip(f"SQuAD data not found under {DATA_DIR}")
-    documents = load_squad(DATA_DIR, lambda t: len(default_model.encode(t)), 3, 300, 700, 6)  # as calibrated
+    documents = load_squad(DATA_DIR, lambda t: len(default_model.encode(t)), 5, 300, 700, 6)  # as calibrated
     store = CacheStore(tmp_path / "store")
     for document in documents:
         store.add_document(default_model, document.text, doc_id=document.id, ratio=0.3)
     service = QAService(store, default_model, ratio=0.3)
-    question = next(q for q in documents[0].questions if q.question == "Where did Super Bowl 50 take place?")
-    answered = service.answer(question.question, max_new_tokens=64)
+    question = next(q for q in documents[0].questions
+                    if q.question == "Which NFL team represented the NFC at Super Bowl 50?")
+    scope = [d.id for d in documents[:3]]
+    answered = service.answer(question.question, doc_ids=scope, max_new_tokens=64)
     assert not answered.abstained and answered.citations[0].doc_id == documents[0].id
     assert any(contains_gold(answered.citations[0].text, gold) for gold in question.answers)
-    without = service.answer(question.question, doc_ids=[d.id for d in documents[1:]], max_new_tokens=64)
+    without = service.answer(question.question, doc_ids=scope[1:], max_new_tokens=64)
     assert without.abstained and without.text == abstain.DEFAULT_ABSTAIN_TEXT
     assert without.metadata()["candidate_answer"] == without.candidate != ""
 
