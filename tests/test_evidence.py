@@ -4,6 +4,8 @@ the service returns them (or abstains) in every composition strategy; one end-to
 
 from __future__ import annotations
 
+import html
+
 import pytest
 import torch
 
@@ -236,3 +238,18 @@ def test_cli_chat_prints_each_turns_evidence(service, tiny_model_dir):  # noqa: 
                                             "chat", "--max-tokens", "3"], input="Who built the harbour?\nexit\n")
     assert chat.exit_code == 0, chat.output
     assert chat.output.count("of the evidence") >= 1 and "harbour" in chat.output
+
+
+def test_cli_inspect_marks_the_evidence_of_a_question(service, tiny_model_dir, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from kvzip_rag.cli import app
+
+    shown = CliRunner(env=WIDE).invoke(app, ["--store", str(service.store.path), "--model", str(tiny_model_dir),
+                                             "inspect", "harbour", "--out", str(tmp_path), "--question",
+                                             "Who built the harbour?"])
+    assert shown.exit_code == 0, shown.output
+    page = (tmp_path / "harbour.tokens.html").read_text()
+    assert "Evidence for: Who built the harbour?" in page
+    marked = page.split("<mark", 1)[1].split(">", 1)[1].split("</mark>", 1)[0]
+    assert marked and html.unescape(marked) in TEXT
