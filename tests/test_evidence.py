@@ -253,3 +253,8 @@ def test_cli_inspect_marks_the_evidence_of_a_question(service, tiny_model_dir, t
     assert "Evidence for: Who built the harbour?" in page
     marked = page.split("<mark", 1)[1].split(">", 1)[1].split("</mark>", 1)[0]
     assert marked and html.unescape(marked) in TEXT
+
+
+async def test_aanswer_takes_the_same_grounding_options(service):
+    result = await service.aanswer("Who built the harbour?", max_new_tokens=3, abstain_threshold=1.0)
+    assert result.abstained and result.citations and result.text == abstain.DEFAULT_ABSTAIN_TEXT
