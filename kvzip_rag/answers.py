@@ -145,15 +145,21 @@ class QAResult:
     compose: str | None = None  # the name of the composition strategy that answered (set by the service)
     citations: list[Citation] = field(default_factory=list)  # the evidence the answer rests on, best first
     abstained: bool = False  # the evidence was too weak: ``text`` is the abstention, the candidate in metadata
+    abstain_text: str = ""  # what ``text`` says when abstained
+    evidence_score: float | None = None  # calibrated probability that the answer rests on the documents
+    evidence_features: dict = field(default_factory=dict)  # what the score was computed from (kvzip_rag.abstain)
+    no_evidence: tuple[Target, ...] = ()  # composed documents the answer paid (almost) no attention to
 
     best = property(lambda self: self.answers[self.chosen])
-    text = property(lambda self: self.best.text)
+    text = property(lambda self: self.abstain_text if self.abstained else self.best.text)
+    candidate = property(lambda self: self.best.text)  # the generated answer, abstained or not
     # "stop", "length" (max_new_tokens) or "window" (the answer was cut by the model's positions)
     finish_reason = property(lambda self: self.best.answer.finish_reason)
     cache_load_s = property(lambda self: sum(a.cache_load_s for a in self.answers))
     bytes_loaded = property(lambda self: sum(a.bytes_loaded for a in self.answers))
     targets = property(lambda self: [t for a in self.answers for t in (a.target, *a.also)])
-    used = property(lambda self: [self.best.target, *self.best.also])  # the caches the answer was generated from
+    # the caches the answer was generated from, less composed documents that contributed no evidence
+    used = property(lambda self: [t for t in (self.best.target, *self.best.also) if t not in self.no_evidence])
     dropped = property(lambda self: list(self.best.dropped))  # routed, left out of the composition (window full)
     # one answer from several routed caches joined (some may have been dropped), rather than one answer per cache
     composed = property(lambda self: len(self.answers) == 1 and bool(self.best.also or self.best.dropped))
@@ -166,6 +172,7 @@ class QAResult:
         ``mean_logprob``, ``refusal``, and ``chosen`` for the one whose answer was kept."""
         if self.composed:
             return {**{t.node_id: {"composed": True} for t in self.used},
+                    **{t.node_id: {"composed": True, "evidence": False} for t in self.no_evidence},
                     **{t.node_id: {"composed": False} for t in self.dropped}}
         return {a.node_id: {"answer": a.text, "mean_logprob": a.mean_logprob, "refusal": a.refusal,
                             "chosen": n == self.chosen} for n, a in enumerate(self.answers)}
@@ -184,8 +191,12 @@ class QAResult:
             "prompt_tokens": best.answer.prompt_tokens, "finish_reason": best.answer.finish_reason,
             "chosen_node_id": best.node_id, "compose": self.compose,
             "strategy": self.strategy if self.composed or len(self.answers) > 1 else "single",
-            "composed_node_ids": [t.node_id for t in self.used],
+            "composed_node_ids": [t.node_id for t in (best.target, *best.also)],
             "dropped_node_ids": [t.node_id for t in self.dropped],
+            "no_evidence_node_ids": [t.node_id for t in self.no_evidence],
+            "citations": [c.as_dict() for c in self.citations], "abstained": self.abstained,
+            "evidence_score": self.evidence_score, "evidence_features": dict(self.evidence_features),
+            **({"candidate_answer": self.candidate} if self.abstained else {}),
             "answers": [a.as_dict() for a in self.answers],
         }
 

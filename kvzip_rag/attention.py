@@ -155,20 +155,16 @@ def packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) 
     ``T - L + i`` and sees tail entries up to it; every packed entry precedes all queries in position.
     """
     if use_flash(query):
-        return flash_packed_attention(query, layer, scaling)
+        out = flash_packed_attention(query, layer, scaling)
+        if layer.evidence is not None and not layer.sliding_window:  # the one extra softmax (last query only)
+            layer.evidence(layer, packed_probabilities(query[:, :, -1:], layer, scaling))
+        return out
     return torch_packed_attention(query, layer, scaling)
 
 
-def torch_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
-    """CPU path: all heads at once over the layer's buffer as it is, no per-head loop and no copy.
-
-    Every query head scores every buffer row in one GEMM and a mask keeps, per query, the rows of its own kv head
-    that precede it (positions; reserved rows sit at ``NO_POSITION``) and fall inside a sliding window; a decoding
-    step uses the mask the layer maintains (``RowMeta.decode_bias``), added inside the GEMM. Decoding is bound by
-    reading the keys and values once, which this does; scoring other heads' rows is the price of having no loop.
-    Measured fastest of the options tried (per-head loop, per-head fused kernel on views, padded batch, nested
-    tensors): see BENCHMARKS.md.
-    """
+def packed_probabilities(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
+    """The attention probabilities of ``query`` (1, H, L, d) over the layer's buffer rows, ``(H * L, rows)``
+    (query heads outer, float32): the softmax both attention paths compute, and what an evidence recorder reads."""
     _, num_q_heads, length, head_dim = query.shape
     meta = layer.row_meta(num_q_heads)
     q = query[0].reshape(num_q_heads * length, head_dim)
@@ -183,7 +179,24 @@ def torch_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: f
         if layer.sliding_window:
             visible &= meta.positions[None, :] > query_positions[:, None] - layer.sliding_window
         logits = torch.mm(q, layer.buffer_keys.T).mul_(scaling).masked_fill_(~visible, float("-inf"))
-    weights = torch.softmax(logits.float(), dim=-1).to(layer.buffer_values.dtype)
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def torch_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) -> torch.Tensor:
+    """CPU path: all heads at once over the layer's buffer as it is, no per-head loop and no copy.
+
+    Every query head scores every buffer row in one GEMM and a mask keeps, per query, the rows of its own kv head
+    that precede it (positions; reserved rows sit at ``NO_POSITION``) and fall inside a sliding window; a decoding
+    step uses the mask the layer maintains (``RowMeta.decode_bias``), added inside the GEMM. Decoding is bound by
+    reading the keys and values once, which this does; scoring other heads' rows is the price of having no loop.
+    Measured fastest of the options tried (per-head loop, per-head fused kernel on views, padded batch, nested
+    tensors): see BENCHMARKS.md.
+    """
+    _, num_q_heads, length, head_dim = query.shape
+    probabilities = packed_probabilities(query, layer, scaling)
+    if layer.evidence is not None and not layer.sliding_window:  # the last query's row of the same softmax
+        layer.evidence(layer, probabilities.view(num_q_heads, length, -1)[:, -1])
+    weights = probabilities.to(layer.buffer_values.dtype)
     out = torch.mm(weights, layer.buffer_values)  # (H * L, d)
     return out.reshape(num_q_heads, length, head_dim).transpose(0, 1).unsqueeze(0)
 

@@ -10,6 +10,7 @@ go to a per-head *tail* written in reserved rows right after that head's entries
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -68,6 +69,9 @@ class PackedLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
     MIN_ROOM = 32  # tail rows reserved per head at the first append: a question fits without a regrowth
+    # Off by default: a recorder (kvzip_rag.evidence) set here receives, in every forward pass, the attention
+    # probabilities of the pass's last query over this layer's buffer rows, ``(query heads, rows)``.
+    evidence: Callable[["PackedLayer", torch.Tensor], None] | None = None
 
     def __init__(
         self,

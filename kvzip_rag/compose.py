@@ -75,11 +75,15 @@ class Composition:
 
 
 class ComposedCache(PackedCache):
-    """A packed cache over several documents; ``composition`` says which ones and where."""
+    """A packed cache over several documents; ``composition`` says which ones and where. ``sources[i]`` gives, for
+    each entry of compressed layer ``i`` (``keys``/``positions`` indexing), the index of the input cache it came
+    from (-1 for the shared prefix): in the parallel layout positions overlap, so only this tells documents apart."""
 
-    def __init__(self, layers: list[PackedLayer], info: CacheInfo, composition: Composition):
+    def __init__(self, layers: list[PackedLayer], info: CacheInfo, composition: Composition,
+                 sources: dict[int, torch.Tensor] | None = None):
         super().__init__(layers, info)
         self.composition = composition
+        self.sources = sources or {}
 
     @property
     def kept_ratio(self) -> float:
@@ -196,9 +200,14 @@ def _head_ids(offsets: torch.Tensor, skip: int) -> tuple[torch.Tensor, torch.Ten
     return starts + within, heads
 
 
+def _head_order(heads: torch.Tensor) -> torch.Tensor:
+    """The entry order of a built layer: grouped by head, each head's entries in the given order."""
+    return torch.sort(heads, stable=True).indices
+
+
 def _build_layer(keys, values, positions, scores, heads, num_heads, next_position, like: PackedLayer) -> PackedLayer:
     """Group entries by head through the public constructor: each head's entries in the given order."""
-    order = torch.sort(heads, stable=True).indices
+    order = _head_order(heads)
     offsets = torch.zeros(num_heads + 1, dtype=torch.int64)
     offsets[1:] = torch.bincount(heads, minlength=num_heads).cumsum(0)
     dev = order.to(keys.device)
@@ -206,25 +215,29 @@ def _build_layer(keys, values, positions, scores, heads, num_heads, next_positio
                        like.compressed, like.sliding_window)
 
 
-def _compose_scored(index: int, caches, parts, prefix: int, next_position: int, rotate) -> PackedLayer:
-    """A compressed layer: the prefix once, then every document's kept entries, each head best-first."""
+def _compose_scored(index: int, caches, parts, prefix: int, next_position: int,
+                    rotate) -> tuple[PackedLayer, torch.Tensor]:
+    """A compressed layer: the prefix once, then every document's kept entries, each head best-first; and the
+    source (input cache index, -1 for the prefix) of each of its entries."""
     first = caches[parts[0].source].layers[index]
     entry, heads = _head_ids(first.offsets, 0)
     is_prefix = (entry - torch.repeat_interleave(first.offsets[:-1], first.counts)) < prefix
     keep = entry[is_prefix]
     pieces = [(first.keys[keep.to(first.keys.device)], first.values[keep.to(first.keys.device)],
-               first.positions[keep], first.scores[keep], heads[is_prefix])]
+               first.positions[keep], first.scores[keep], heads[is_prefix], torch.full((len(keep),), -1))]
     for part in parts:
         layer = caches[part.source].layers[index]
         entry, heads = _head_ids(layer.offsets, prefix)
         dev = entry.to(layer.keys.device)
         keys = rotate(layer.keys[dev], part.shift, index)
-        pieces.append((keys, layer.values[dev], layer.positions[entry] + part.shift, layer.scores[entry], heads))
-    keys, values, positions, scores, heads = (torch.cat(x) for x in zip(*pieces))
+        pieces.append((keys, layer.values[dev], layer.positions[entry] + part.shift, layer.scores[entry], heads,
+                       torch.full((len(entry),), part.source)))
+    keys, values, positions, scores, heads, sources = (torch.cat(x) for x in zip(*pieces))
     best_first = torch.sort(scores, descending=True, stable=True).indices  # prefix (inf) first, then by score
     keys, values = keys[best_first.to(keys.device)], values[best_first.to(keys.device)]
-    return _build_layer(keys, values, positions[best_first], scores[best_first], heads[best_first],
-                        first.num_heads, next_position, first)
+    layer = _build_layer(keys, values, positions[best_first], scores[best_first], heads[best_first],
+                         first.num_heads, next_position, first)
+    return layer, sources[best_first][_head_order(heads[best_first])]
 
 
 def _compose_window(index: int, caches, parts, layout: str, prefix: int, next_position: int, rotate) -> PackedLayer:
@@ -264,11 +277,13 @@ def _compose_window(index: int, caches, parts, layout: str, prefix: int, next_po
 def _compose(model, caches, parts, layout: str, next_position: int, rotate, dropped=(), repaired=0) -> ComposedCache:
     prefix = caches[0].info.prefix_length
     template = caches[parts[0].source]
-    layers = [
-        _compose_scored(i, caches, parts, prefix, next_position, rotate) if layer.compressed
-        else _compose_window(i, caches, parts, layout, prefix, next_position, rotate)
-        for i, layer in enumerate(template.layers)
-    ]
+    layers, sources = [], {}
+    for i, layer in enumerate(template.layers):
+        if layer.compressed:
+            built, sources[i] = _compose_scored(i, caches, parts, prefix, next_position, rotate)
+            layers.append(built)
+        else:
+            layers.append(_compose_window(i, caches, parts, layout, prefix, next_position, rotate))
     used = [caches[p.source].info for p in parts]
     tokens = sum(p.length for p in parts)
     prefix_bytes = template.info.full_nbytes * prefix // max(template.info.base_length, 1)
@@ -285,7 +300,7 @@ def _compose(model, caches, parts, layout: str, next_position: int, rotate, drop
         # the documents' tokens in order (in the parallel layout their positions overlap)
         input_ids=template.info.input_ids[:prefix] + sum((i.input_ids[prefix:] for i in used), ()),
     )
-    return ComposedCache(layers, info, Composition(layout, tuple(parts), tuple(dropped), repaired))
+    return ComposedCache(layers, info, Composition(layout, tuple(parts), tuple(dropped), repaired), sources)
 
 
 def _unmoved(keys: torch.Tensor, shift: int, layer: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from .cache import PackedCache
 from .clean import answer_end
 from .errors import ContextTooLongError, InvalidArgumentError
+from .evidence import Evidence, EvidenceRecorder, is_recording
 from .models import KVzipModel
 from .prompt import QUOTE_ANSWER
 from .quote import DEFAULT_ANSWER_STYLE, QuoteConstraint, check_answer_style
@@ -94,6 +95,7 @@ class Answer:
     decode_s: float
     finish_reason: str  # "stop" (end of turn or stop string), "length" (max_new_tokens) or "window" (model's positions)
     mean_logprob: float | None = None  # mean log-probability of the answer tokens: a confidence to rank answers
+    evidence: Evidence | None = field(default=None, repr=False)  # where its attention went (when recorded)
 
     @property
     def seconds_per_token(self) -> float:
@@ -127,9 +129,9 @@ class AnswerStream:
 
     def __init__(self, model: KVzipModel, cache: PackedCache, prompt_ids: list[int], options: SamplingOptions,
                  keep: bool, on_done: Callable[[Answer], None] | None = None, limit: str = "length",
-                 constraint: QuoteConstraint | None = None):
+                 constraint: QuoteConstraint | None = None, evidence: bool = False):
         self.model, self.cache, self.prompt_ids, self.options, self.keep = model, cache, prompt_ids, options, keep
-        self.on_done, self.constraint = on_done, constraint
+        self.on_done, self.constraint, self.evidence = on_done, constraint, evidence
         self.limit = limit  # the finish reason when max_new_tokens runs out: "window" when it was clamped to it
         self.result: Answer | None = None
 
@@ -142,6 +144,7 @@ class AnswerStream:
         emitted, finish = "", self.limit
         start = time.perf_counter()
         first_token_at = None
+        recorder = EvidenceRecorder(self.cache) if self.evidence else None
         try:
             with torch.inference_mode():
                 logits = packed_forward(self.model, self.cache, self.prompt_ids)
@@ -173,6 +176,7 @@ class AnswerStream:
                     if step + 1 < options.max_new_tokens or self.keep:
                         logits = packed_forward(self.model, self.cache, [token])
         finally:
+            evidence = recorder.finish() if recorder is not None else None
             end = time.perf_counter()
             if not self.keep:
                 self.cache.reset()
@@ -185,6 +189,7 @@ class AnswerStream:
             decode_s=end - first_token_at,
             finish_reason=finish,
             mean_logprob=logprob_sum / len(generated) if generated else None,
+            evidence=evidence,
         )
         if self.on_done:
             self.on_done(self.result)
@@ -220,9 +225,10 @@ def turn_ids(model: KVzipModel, question: str, answer_text: str, first_turn: boo
 
 
 def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling: SamplingOptions | None = None,
-                  constraint: QuoteConstraint | None = None, **options: Any) -> AnswerStream:
+                  constraint: QuoteConstraint | None = None, evidence: bool = False, **options: Any) -> AnswerStream:
     """Stream the answer to one independent question (a verbatim span of the documents with a ``constraint``);
-    the cache is back to the document afterwards.
+    the cache is back to the document afterwards. ``evidence=True`` records where the answer attended
+    (``Answer.evidence``, :mod:`kvzip_rag.evidence`).
 
     ``sampling`` or the options by name (:meth:`SamplingOptions.from_options`). The answer is clamped to the
     window left after the cache and the question (``finish_reason="window"`` when that cut it);
@@ -240,10 +246,9 @@ def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling
             f"the document(s) ({cache.get_seq_length()} positions) and the question ({len(ids)} tokens) fill model "
             f"{model.name!r}'s window of {model.max_positions}: no room for an answer; shorten the question or "
             "answer from fewer documents")
-    if sampling.max_new_tokens <= room:
-        return AnswerStream(model, cache, ids, sampling, keep=False, constraint=constraint)
-    return AnswerStream(model, cache, ids, replace(sampling, max_new_tokens=room), keep=False, limit="window",
-                        constraint=constraint)
+    limit = "length" if sampling.max_new_tokens <= room else "window"
+    return AnswerStream(model, cache, ids, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)),
+                        keep=False, limit=limit, constraint=constraint, evidence=evidence)
 
 
 def answer(model: KVzipModel, cache: PackedCache, question: str, sampling: SamplingOptions | None = None,
@@ -267,11 +272,14 @@ class Conversation:
         self.cache.info.check_model(self.model)
         self.cache.reset()
 
-    def stream(self, question: str, constraint: QuoteConstraint | None = None, **options) -> AnswerStream:
+    def stream(self, question: str, constraint: QuoteConstraint | None = None, evidence: bool | None = None,
+               **options) -> AnswerStream:
+        """``evidence``: record where the answer attended (``None``: when inside ``kvzip_rag.evidence.recording``)."""
         ids = prompt_ids(self.model, question, not self.turns, constraint is not None)
         return AnswerStream(
             self.model, self.cache, ids, SamplingOptions.from_options(options), keep=True, constraint=constraint,
             on_done=lambda result: self.turns.append((question, result.text)),
+            evidence=is_recording() if evidence is None else evidence,
         )
 
     def add_turn(self, question: str, answer_text: str) -> int:

@@ -82,6 +82,7 @@ h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
 .doc { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92rem; line-height: 1.9;
        white-space: pre-wrap; word-wrap: break-word; border: 1px solid #ddd; padding: 1rem; border-radius: 6px; }
 .doc span { border-radius: 2px; }
+mark { background: #ffd54f; }
 .legend { display: flex; align-items: center; gap: 0.5rem; font-size: 0.85rem; margin: 0.5rem 0 1rem; }
 .legend .bar { width: 16rem; height: 0.9rem; border: 1px solid #ccc; background: linear-gradient(to right, GRADIENT); }
 """.replace("GRADIENT", ", ".join(f"rgb{c}" for c in _SCALE))
@@ -105,14 +106,33 @@ def token_html(cache: PackedCache, tokenizer) -> str:
     return '<div class="doc">' + "".join(spans) + "</div>"
 
 
+def evidence_html(question: str, answer: str, citations: Sequence, texts: dict[int, str]) -> str:
+    """An answer and the stored segment texts (``segment index -> text``) it cites, each cited sentence marked
+    with its share of the evidence (``citations``: :class:`~kvzip_rag.answers.Citation` s of one document)."""
+    parts = [f"<h2>Evidence for: {html.escape(question)}</h2>", f'<p class="meta">answer: {html.escape(answer)}</p>']
+    for index, text in texts.items():
+        cited = sorted((c for c in citations if c.segment_index == index), key=lambda c: c.start)
+        if not cited:
+            continue
+        pieces, cursor = [], 0
+        for c in cited:
+            pieces += [html.escape(text[cursor : c.start]),
+                       f'<mark title="{c.weight:.0%} of the evidence">{html.escape(text[c.start : c.end])}</mark>']
+            cursor = c.end
+        pieces.append(html.escape(text[cursor:]))
+        parts.append(f'<p class="meta">segment {index}</p><div class="doc">{"".join(pieces)}</div>')
+    return "\n".join(parts)
+
+
 def write_token_html(
     caches: Sequence[PackedCache], tokenizer, path: str | os.PathLike, title: str = "What KVzip kept",
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None, evidence: str = "",
 ) -> Path:
-    """Write an HTML page showing every cache's context (e.g. the segments of one document), tokens shaded."""
+    """Write an HTML page showing every cache's context (e.g. the segments of one document), tokens shaded;
+    ``evidence`` (:func:`evidence_html`) goes first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = [f"<h1>{html.escape(title)}</h1>"]
+    body = [f"<h1>{html.escape(title)}</h1>", evidence]
     body.append(
         '<div class="legend">kept by no head <span class="bar"></span> kept by every (layer, kv head) pair</div>'
     )

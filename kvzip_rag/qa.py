@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .abstain import DEFAULT_ABSTAIN_TEXT, DEFAULT_THRESHOLD, Grounding
 from .answers import CacheAnswer, QAResult, Target, choose_best, is_refusal
 from .budget import DEFAULT_BUDGET, Budget, CacheKind, select_cache
 from .composers import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, get_composer, register_composer
@@ -274,13 +275,16 @@ class QAService:
     def generate(self, cache, question: str, sampling: SamplingOptions, emit: Callable[[str], None] | None = None,
                  sources: Sequence[Target] = ()) -> tuple[Any, list[str]]:
         """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock.
-        ``sources``: the segments in the cache (quote mode quotes them)."""
+        ``sources``: the segments in the cache (quote mode quotes them); evidence is recorded inside
+        :func:`kvzip_rag.evidence.recording`."""
+        from .evidence import is_recording
         from .generate import stream_answer
         from .quote import quote_constraint
 
         with self.lock:
             constraint = quote_constraint(self, sampling, question, sources)
-            stream = stream_answer(self.model, cache, question, sampling, constraint=constraint)
+            stream = stream_answer(self.model, cache, question, sampling, constraint=constraint,
+                                   evidence=is_recording())
             pieces = []
             for piece in stream:
                 pieces.append(piece)
@@ -316,25 +320,37 @@ class QAService:
 
     def answer(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,
                targets: Iterable[Any] | None = None, compose: str | Composer | None = None,
+               evidence: bool = True, abstain_threshold: Any = DEFAULT_THRESHOLD,
+               abstain_text: str = DEFAULT_ABSTAIN_TEXT,
                _emit: Callable[[str], None] | None = None, **sampling: Any) -> QAResult:
-        """Route (or take ``targets``), load and answer with the composition strategy; runs in this thread."""
+        """Route (or take ``targets``), load and answer with the composition strategy; runs in this thread.
+        ``evidence``, ``abstain_threshold`` and ``abstain_text``: citations and abstention
+        (:mod:`kvzip_rag.abstain`)."""
+        grounding = Grounding(evidence, abstain_threshold, abstain_text)
         options = sampling_options(sampling)
         composer = get_composer(compose) if compose is not None else None
-        return self.compose_answer(composer, self._plan(question, k, doc_ids, targets), options, _emit)
+        return self.compose_answer(composer, self._plan(question, k, doc_ids, targets), options, _emit, grounding)
 
     def compose_answer(self, composer: Composer | None, plan: Plan, sampling: SamplingOptions,
-                       emit: Callable[[str], None] | None) -> QAResult:
-        """The strategy's answer (``None``: the service's) to a checked plan; takes the lock. When a routed cache
-        changed since routing (its document was replaced), routes once more and answers from the new caches."""
+                       emit: Callable[[str], None] | None, grounding: Grounding | None = None) -> QAResult:
+        """The strategy's answer (``None``: the service's) to a checked plan, with its evidence and abstention
+        (``grounding``, default :class:`~kvzip_rag.abstain.Grounding`); takes the lock. When a routed cache changed
+        since routing (its document was replaced), routes once more and answers from the new caches. A quote's
+        citation is its exact place in the stored text."""
+        from .abstain import ground
+        from .evidence import recording
+
+        grounding = grounding or Grounding()
         composer = composer or self.composer
-        with self.lock:
+        with self.lock, recording(grounding.evidence):
             try:
                 result = composer.answer(self, plan.question, plan.targets, sampling, emit)
             except CacheChangedError:
                 plan.targets = self.route(plan.question, plan.k, plan.doc_ids).targets
                 result = composer.answer(self, plan.question, plan.targets, sampling, emit)
-        result.retrieve_s, result.compose = plan.retrieve_s, composer.name
-        if sampling.answer_style == "quote":
+            result.retrieve_s, result.compose = plan.retrieve_s, composer.name
+            result = ground(self, result, grounding)
+        if sampling.answer_style == "quote" and not result.abstained:
             from .quote import quote_citations, segment_text
 
             result.citations = quote_citations(result.text, result.used,
@@ -343,12 +359,14 @@ class QAService:
 
     def stream(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,
                targets: Iterable[Any] | None = None, compose: str | Composer | None = None,
-               **sampling: Any) -> QAStream:
+               evidence: bool = True, abstain_threshold: Any = DEFAULT_THRESHOLD,
+               abstain_text: str = DEFAULT_ABSTAIN_TEXT, **sampling: Any) -> QAStream:
         """:meth:`answer` as text pieces (``for`` or ``async for``); the model runs in a worker thread. Arguments
         are checked and routing is done here, before any piece."""
+        grounding = Grounding(evidence, abstain_threshold, abstain_text)
         options = sampling_options(sampling)
         composer = get_composer(compose) if compose is not None else None
-        return QAStream(self, self._plan(question, k, doc_ids, targets), options, composer)
+        return QAStream(self, self._plan(question, k, doc_ids, targets), options, composer, grounding)
 
     async def aanswer(self, question: str, k: int = 1, **options: Any) -> QAResult:
         from .bridge import run_in_thread
@@ -388,14 +406,15 @@ class QAStream:
     """Text pieces of a :class:`QAService` answer as produced (iterate once, sync or async); ``result`` afterwards."""
 
     def __init__(self, service: QAService, plan: Plan, sampling: SamplingOptions,
-                 composer: Composer | None = None) -> None:
+                 composer: Composer | None = None, grounding: Grounding | None = None) -> None:
         self._service, self._plan, self._sampling, self._composer = service, plan, sampling, composer
+        self._grounding = grounding
         self.question, self.targets = plan.question, list(plan.targets)  # the sources, before any piece
         self.result: QAResult | None = None
         self._started = False
 
     def _work(self, emit: Callable[[str], None]) -> None:
-        self.result = self._service.compose_answer(self._composer, self._plan, self._sampling, emit)
+        self.result = self._service.compose_answer(self._composer, self._plan, self._sampling, emit, self._grounding)
 
     def _claim(self) -> None:
         if self._started:

@@ -2,7 +2,9 @@
 
 ``ask --k N`` does what ``similarity_top_k=N`` and LangChain's ``k=N`` do: the N routed caches are joined into one
 that answers once (``--compose``, default parallel; best-of-k keeps the best of N answers); ``--k 1`` answers from
-the one cache. Tokens stream live (best-of-k: once the best answer is chosen).
+the one cache. Tokens stream live (best-of-k: once the best answer is chosen) when stdout is a terminal; piped,
+stdout gets the final answer only, which is the abstention when the evidence is too weak (:mod:`kvzip_rag.abstain`).
+The quoted evidence and the abstention notice go to stderr with the sources.
 """
 
 from __future__ import annotations
@@ -58,8 +60,16 @@ def ask(
                                                            "cache answers, the best is kept).")] = DEFAULT_COMPOSE,
     quote: Annotated[bool, typer.Option("--quote", help="Answer with a verbatim span of the documents (quote "
                                                         "mode), cited exactly.")] = False,
+    evidence: Annotated[bool, typer.Option("--evidence/--no-evidence", help="Quote the sentences the answer "
+                                           "attended to (and allow abstention).")] = True,
+    abstain_threshold: Annotated[float | None, typer.Option(
+        "--abstain-threshold", min=0.0, max=1.0, show_default="calibrated",
+        help="Abstain when the evidence score (a probability) is below this.")] = None,
+    no_abstain: Annotated[bool, typer.Option("--no-abstain", help="Never abstain.")] = False,
 ) -> None:
-    """Answer a question from the best matching compressed cache(s), streaming the answer."""
+    """Answer a question from the best matching compressed cache(s), streaming the answer, then the evidence it
+    rests on (or that the documents do not say)."""
+    from kvzip_rag.abstain import DEFAULT_THRESHOLD
     from kvzip_rag.composers import get_composer
     from kvzip_rag.qa import check_question
 
@@ -69,13 +79,40 @@ def ask(
     check_doc(settings, settings.open_store(), doc)
     qa = settings.service()
     routing = route(qa, question, k, doc)
+    threshold = None if no_abstain else DEFAULT_THRESHOLD if abstain_threshold is None else abstain_threshold
     stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens, compose=compose,
-                       answer_style="quote" if quote else "free")
-    stream_to_console(stream)
-    for cited in stream.result.citations if quote else ():
-        say(f"[dim]quoted from {show(cited.doc_id)} segment {cited.segment_index}, characters "
-            f"{cited.start}-{cited.end}[/dim]")
+                       answer_style="quote" if quote else "free", evidence=evidence, abstain_threshold=threshold)
+    live = console.is_terminal  # a person watching: stream; a pipe gets only the final answer (or the abstention)
+    if live:
+        stream_to_console(stream)
+    else:
+        for _ in stream:
+            pass
+        stream_to_console([stream.result.text])
+    print_evidence(stream.result, live, quoted=quote and not stream.result.abstained)
     print_footer(stream.result, routing)
+
+
+def print_evidence(result, streamed: bool, quoted: bool = False) -> None:
+    """The abstention (a ``streamed`` text was only the candidate), then the evidence, dim, by document (a
+    ``quoted`` answer's exact place in the stored text)."""
+    if result.abstained:
+        candidate = "the answer above" if streamed else f"the candidate “{show(result.candidate)}”"
+        say(f"[bold yellow]{show(result.abstain_text)}[/bold yellow] [dim](evidence score "
+            f"{result.evidence_score:.2f} is below the abstention threshold: {candidate} is not supported by the "
+            "documents)[/dim]", soft_wrap=True)
+    print_citations(result.citations, quoted)
+
+
+def print_citations(citations, quoted: bool = False) -> None:
+    for citation in citations:
+        if quoted:
+            say(f"[dim]quoted from {show(citation.doc_id)} segment {citation.segment_index}, characters "
+                f"{citation.start}-{citation.end}[/dim]")
+            continue
+        quote = " ".join(citation.text.split())
+        say(f"[dim]  “{show(quote)}” — [cyan]{show(citation.doc_id)}[/cyan] segment {citation.segment_index}, "
+            f"{citation.weight:.0%} of the evidence[/dim]", soft_wrap=True)
 
 
 def print_footer(result, routing) -> None:
@@ -171,6 +208,7 @@ def chat(
                 session.conversation.reset()
                 say("[yellow]the conversation filled the model's window: it starts over from the document[/yellow]")
                 turn = _turn(session, question, None)
+            print_turn_evidence(session, turn)
             print_chat_footer(session, turn)
         except CLIError as error:  # e.g. no document matches: say so and keep the loop going
             say(f"[red]{show(str(error))}[/red]")
@@ -178,10 +216,28 @@ def chat(
 
 def _turn(session, question: str, plan):
     from kvzip_rag.bridge import push_in_thread
+    from kvzip_rag.evidence import recording
+
+    def work(emit) -> None:
+        with recording():  # the conversation's answer records its evidence (read out by print_turn_evidence)
+            holder.append(session.ask(question, emit=emit, plan=plan))
 
     holder = []
-    stream_to_console(push_in_thread(lambda emit: holder.append(session.ask(question, emit=emit, plan=plan))))
+    stream_to_console(push_in_thread(work))
     return holder[0]
+
+
+def print_turn_evidence(session, turn) -> None:
+    """A chat turn's abstention and quoted evidence, as ``ask`` prints them (:func:`kvzip_rag.abstain.assess`)."""
+    from kvzip_rag.abstain import Grounding, assess
+
+    found = assess(session.service, turn.answer, turn.documents, turn.routed, Grounding())
+    if found is None:
+        return
+    if found.abstained:
+        say(f"[bold yellow]{show(Grounding().abstain_text)}[/bold yellow] [dim](evidence score {found.score:.2f} is "
+            "below the abstention threshold: the answer above is not supported by the documents)[/dim]")
+    print_citations(found.citations)
 
 
 _CHANGES = {"new": "talking about", "recomposed": "now talking about", "switched": "switched to"}

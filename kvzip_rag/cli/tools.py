@@ -29,9 +29,11 @@ def inspect_document(
     doc_id: Annotated[str, typer.Argument(help="Document id (see `kvzip-rag ls`).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", file_okay=False, help="Folder for the PNG and HTML files.")]
     = Path("kvzip-inspect"),
+    question: Annotated[str | None, typer.Option("--question", help="Answer this from the document and mark the "
+                                                                     "sentences the answer rests on.")] = None,
 ) -> None:
     """Draw what compression kept: a PNG heatmap of (layer, kv head) budgets and an HTML view of the tokens."""
-    from kvzip_rag.inspect import draw_budget_heatmap, write_token_html
+    from kvzip_rag.inspect import draw_budget_heatmap, evidence_html, write_token_html
 
     settings = settings_of(ctx)
     store_ = settings.open_store()
@@ -52,8 +54,16 @@ def inspect_document(
     out.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in doc_id).strip("._") or "document"
     png = draw_budget_heatmap(caches, out / f"{stem}.budgets.png", title=doc_id)
+    evidence = ""
+    if question is not None:
+        from kvzip_rag.qa import QAService, check_question
+
+        result = QAService(store_, kv_model, ratio=settings.ratio, level=settings.level).answer(
+            check_question(question), doc_ids=[doc_id], abstain_threshold=None)
+        evidence = evidence_html(question, result.text, result.citations,
+                                 {s.index: s.text for s in record.segments})
     page = write_token_html(caches, kv_model.tokenizer, out / f"{stem}.tokens.html", title=f"What KVzip kept: {doc_id}",
-                            labels=[f"segment {s.index}" for s in record.segments])
+                            labels=[f"segment {s.index}" for s in record.segments], evidence=evidence)
     kept = sum(c.nbytes for c in caches)
     full = sum(c.full_nbytes for c in caches)
     console.print(f"[bold]{show(doc_id)}[/bold]: {len(caches)} segment(s), KV {human_bytes(kept)} vs "
