@@ -12,9 +12,10 @@ from typing import Any
 from kvzip_rag.answers import Citation, Target
 from kvzip_rag.qa import QAService, check_sampling, matching_cache
 
-# Answer options the adapters forward to the service unchanged, for the service to check (the grounding options:
-# ``answer_style="quote"``, ``abstain_threshold=``); everything else is a sampling option.
-SERVICE_OPTIONS = ("answer_style", "abstain_threshold")
+# Answer options the adapters forward to the service unchanged, for the service to check (the grounding options of
+# ``QAService.answer``: ``evidence=False``, ``abstain_threshold=``, ``abstain_text=``); everything else, quote mode's
+# ``answer_style`` included, is a sampling option.
+SERVICE_OPTIONS = ("evidence", "abstain_threshold", "abstain_text")
 
 # Metadata keys the adapters write (hidden from embedding models and LLM prompts in LlamaIndex).
 TECHNICAL_KEYS = (

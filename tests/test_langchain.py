@@ -274,9 +274,9 @@ def test_answers_and_sources_carry_their_grounding(index):
     from kvzip_rag.integrations.langchain._service import segment_documents, with_grounding
 
     question = "Who built the harbour?"
-    meta = ChatKVzip(qa=index, max_new_tokens=3).invoke(question).response_metadata
+    meta = ChatKVzip(qa=index, max_new_tokens=3, evidence=False).invoke(question).response_metadata
     assert meta["citations"] == [] and meta["abstained"] is False
-    chain_out = create_kvzip_qa_chain(index, k=2, max_new_tokens=3).invoke(question)
+    chain_out = create_kvzip_qa_chain(index, k=2, max_new_tokens=3, evidence=False).invoke(question)
     assert all("citations" not in d.metadata for d in chain_out["sources"])  # no evidence recorded: unchanged
     result = index.answer(question, k=2, max_new_tokens=3)
     stored = index.store.get_document("harbour").segments[0].text

@@ -52,7 +52,7 @@ DOCS = {
               "noon, except on Sundays.",
 }
 METADATA_KEYS = {"doc_id", "cache_id", "segment_index", "ratio", "bytes"}
-SHORT = {"max_new_tokens": 6}
+SHORT = {"max_new_tokens": 6, "evidence": False}  # sources: the routed nodes (cited spans: test_evidence)
 
 
 def documents(**extra_metadata) -> list[Document]:
@@ -148,12 +148,12 @@ def test_documents_are_segmented_only_to_fit_the_window(tiny_llama, tmp_path):
 
     # Every segment routed: one answer across them all (parallel: each fits the window on its own) ...
     question, k = "When does the harbour master post the new ferry hours?", len(long_nodes) + 1
-    response = index.as_query_engine(similarity_top_k=k, max_new_tokens=4).query(question)
+    response = index.as_query_engine(similarity_top_k=k, max_new_tokens=4, evidence=False).query(question)
     ids = [n.node.node_id for n in response.source_nodes]
     assert sorted(ids) == sorted([*long_nodes, "medium:0"]) and response.metadata["composed_node_ids"] == ids
     assert response.metadata["dropped_node_ids"] == []
     # ... while one after another they overflow the window: the ones left out stay attached, marked, and listed.
-    sequential = index.as_query_engine(similarity_top_k=k, compose="sequential", max_new_tokens=4).query(question)
+    sequential = index.as_query_engine(similarity_top_k=k, compose="sequential", max_new_tokens=4, evidence=False).query(question)
     meta = sequential.metadata
     assert meta["composed_node_ids"] and meta["dropped_node_ids"]
     assert sorted(meta["composed_node_ids"] + meta["dropped_node_ids"]) == sorted(ids)
@@ -280,8 +280,8 @@ def test_refusals_rank_below_real_answers():
 
 def test_streaming_yields_tokens_as_they_are_generated(index):
     question = "Who built the harbour?"
-    expected = index.as_query_engine(max_new_tokens=8).query(question).response
-    response = index.as_query_engine(streaming=True, max_new_tokens=8).query(question)
+    expected = index.as_query_engine(max_new_tokens=8, evidence=False).query(question).response
+    response = index.as_query_engine(streaming=True, max_new_tokens=8, evidence=False).query(question)
     assert isinstance(response, StreamingResponse)
     assert [n.node.node_id for n in response.source_nodes] == ["harbour:0"]  # sources before any token
     with ForwardProbe(index) as probe:
@@ -416,7 +416,7 @@ def test_nodes_and_langchain_documents_describe_a_segment_alike(index):
 
 
 async def test_aquery_runs_the_model_off_the_event_loop(index):
-    engine = index.as_query_engine(max_new_tokens=8)
+    engine = index.as_query_engine(max_new_tokens=8, evidence=False)
     expected = engine.query("Who built the harbour?").response
     ticks = 0
 
@@ -429,7 +429,7 @@ async def test_aquery_runs_the_model_off_the_event_loop(index):
     task = asyncio.create_task(ticker())
     with ForwardProbe(index, delay_s=0.03) as probe:  # ~0.3 s of generation
         response = await engine.aquery("Who built the harbour?")
-        stream = await index.as_query_engine(streaming=True, max_new_tokens=8).aquery("Who built the harbour?")
+        stream = await index.as_query_engine(streaming=True, max_new_tokens=8, evidence=False).aquery("Who built the harbour?")
         assert isinstance(stream, AsyncStreamingResponse)
         pieces = [piece async for piece in stream.async_response_gen()]
     task.cancel()

@@ -60,7 +60,8 @@ def _cli_sources(stderr: str) -> list[str]:
 def test_cli_llamaindex_and_langchain_give_the_same_answer_and_sources(filled, tiny, tiny_model_dir,  # noqa: F811
                                                                      compose):
     """k=3 through every interface: by default one answer from the 3 caches composed (parallel), every routed
-    segment a source marked composed; best-of-k stays selectable by name in each, the kept answer marked."""
+    segment a source marked composed; best-of-k stays selectable by name in each, the kept answer marked. (Evidence
+    off: with it, sources are the cited spans, compared in test_evidence.)"""
     from llama_index.core import Document
 
     from kvzip_rag.integrations.langchain import create_kvzip_qa_chain
@@ -69,13 +70,13 @@ def test_cli_llamaindex_and_langchain_give_the_same_answer_and_sources(filled, t
     store, _ = filled
     chosen_by = ["--compose", compose] if compose else []
     cli = CliRunner(env=WIDE).invoke(app, ["--store", str(store), "--model", str(tiny_model_dir), "ask", QUESTION,
-                                           "--k", "3", "--max-tokens", "6", *chosen_by])
+                                           "--k", "3", "--max-tokens", "6", "--no-evidence", *chosen_by])
     assert cli.exit_code == 0, cli.output
     cli_answer, cli_sources = cli.stdout.strip(), _cli_sources(cli.stderr)
 
     index = KVzipIndex.from_documents([Document(text=t, id_=d) for d, t in DOCS.items()], model=tiny,
                                       store=CacheStore(store))
-    options = {"compose": compose} if compose else {}
+    options = {"compose": compose, "evidence": False} if compose else {"evidence": False}
     response = index.as_query_engine(similarity_top_k=3, max_new_tokens=6, **options).query(QUESTION)
     chain = create_kvzip_qa_chain(str(store), k=3, model=tiny, max_new_tokens=6, **options)
     out = chain.invoke(QUESTION)
@@ -206,9 +207,9 @@ def test_response_mode_and_node_postprocessors(index):
         def _postprocess_nodes(self, nodes, query_bundle=None):
             return [n for n in nodes if n.node.metadata["doc_id"] != "lighthouse.txt"]
 
-    plain = index.as_query_engine(similarity_top_k=3, max_new_tokens=4).query(QUESTION)
+    plain = index.as_query_engine(similarity_top_k=3, max_new_tokens=4, evidence=False).query(QUESTION)
     assert "lighthouse.txt" in [n.node.metadata["doc_id"] for n in plain.source_nodes]
-    filtered = index.as_query_engine(similarity_top_k=3, max_new_tokens=4,
+    filtered = index.as_query_engine(similarity_top_k=3, max_new_tokens=4, evidence=False,
                                      node_postprocessors=[DropLighthouse()]).query(QUESTION)
     kept = [n.node.metadata["doc_id"] for n in filtered.source_nodes]
     assert "lighthouse.txt" not in kept and len(kept) == 2

@@ -87,7 +87,8 @@ class KVzipLLM(CustomLLM):
                     max(1, model.max_positions - len(ids)))
         temperature = kwargs.get("temperature", self.temperature)
         options = SamplingOptions(max_new_tokens=limit, temperature=temperature, top_p=self.top_p,
-                                  seed=0 if temperature > 0 else None)  # sampled completions are repeatable
+                                  seed=0 if temperature > 0 else None,  # sampled completions are repeatable
+                                  clean=False)  # a completion (JSON, a list) may span lines: not a short answer
         text = ""
         with self._lock:
             stream = AnswerStream(model, DynamicCache(config=model.model.config), ids, options, keep=True)
