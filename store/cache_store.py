@@ -35,6 +35,7 @@ from .backup import copy_folder_store
 from .blob import BlobBackend, BlobReader, LocalBlobs, ReadStats, full_error, is_disk_full, new_blob_name
 from .filters import metadata_condition
 from .lru import CacheLRU
+from .reserve import DiskReserve
 from .records import (
     CacheRecord,
     DocumentRecord,
@@ -71,8 +72,6 @@ if TYPE_CHECKING:
 
 DB_NAME = "index.sqlite"
 BLOB_DIR_NAME = "blobs"
-RESERVE_NAME = ".kvzip-reserve"  # freed when the disk is full so that deletes (which write to the WAL) still work
-RESERVE_NBYTES = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
 GC_MIN_AGE_S = 600.0
 
@@ -160,13 +159,14 @@ class CacheStore:
         self.url = url
         self._database = database
         self.engine = make_engine(url, read_only=read_only, **(engine_options or {}))
+        disk = self.blob_dir or (database.parent if database is not None else None)
+        self.reserve = DiskReserve(None if read_only else database, disk, self.engine)
         self._writer = writer(self.engine)
         self.search_method = self._open_schema(where)  # "fts5", "postgres" or "terms"
         self._lru = CacheLRU(cache_bytes)
         self._prefixes: dict[tuple[str, str], PrefixKV] = {}  # (payload_sha256, device): small, kept for good
         self.last_read_nbytes = 0  # bytes read from disk by the latest load_cache (0 when served from memory)
-        if not read_only:
-            self._keep_reserve()
+        self.reserve.keep()
 
     def _open_schema(self, where: str) -> str:
         """Check the schema with a read; create it only when missing (a full disk can still open a store)."""
@@ -192,7 +192,7 @@ class CacheStore:
             raise StoreError(rebuild.format(error)) from None
         except sa.exc.OperationalError as error:
             if is_disk_full(error.orig or error, self._database.parent if self._database else None):
-                if self._release_reserve():
+                if self.reserve.release():
                     return self._open_schema(where)
                 raise full_error(where, None, error.orig or error) from None
             raise StoreError(f"cannot open the store at {where}: {error.orig or error}") from None
@@ -254,59 +254,11 @@ class CacheStore:
 
     # ---------------------------------------------------------------------------------- full disks and blobs
 
-    def _disk(self) -> Path | None:
-        """A local folder on the disk that fills up (None when nothing is local)."""
-        return self.blob_dir or (self._database.parent if self._database else None)
-
-    def _reserve(self) -> Path | None:
-        """Beside the SQLite database (None for other databases, whose disk is not ours to manage)."""
-        return self._database.parent / RESERVE_NAME if self._database is not None else None
-
-    def _keep_reserve(self) -> None:
-        """A small file that a full disk gives back, so deletes (which append to the WAL) can free space."""
-        reserve = self._reserve()
-        if reserve is None or self.read_only:
-            return
-        try:
-            if not reserve.exists() and shutil_free(reserve.parent) > 8 * RESERVE_NBYTES:
-                with reserve.open("wb") as handle:
-                    handle.write(b"\0" * RESERVE_NBYTES)
-        except OSError:
-            reserve.unlink(missing_ok=True)
-
-    def _release_reserve(self) -> bool:
-        reserve = self._reserve()
-        if reserve is None:
-            return False
-        try:
-            reserve.unlink()
-            return True
-        except OSError:
-            return False
-
     def _retry_full(self, action, where: str, needed: int | None = None):
-        """Run ``action``; on a full disk free the reserve and retry once, else ``StoreFullError``."""
-        try:
-            return action()
-        except (sa.exc.OperationalError, OSError) as error:
-            cause = getattr(error, "orig", None) or error
-            if not is_disk_full(cause, self._disk()):
-                raise
-            if self._release_reserve():
-                try:
-                    return action()
-                except (sa.exc.OperationalError, OSError) as again:
-                    cause = getattr(again, "orig", None) or again
-                    if not is_disk_full(cause, self._disk()):
-                        raise
-            raise full_error(where, needed, cause) from None
+        return self.reserve.retry(action, where, needed)
 
     def _raise_if_full(self, error: BaseException) -> None:
-        if isinstance(error, StoreFullError):
-            return
-        cause = getattr(error, "orig", None) or error
-        if isinstance(error, (sa.exc.OperationalError, OSError)) and is_disk_full(cause, self._disk()):
-            raise full_error(self._where(), None, cause) from error
+        self.reserve.raise_if_full(error, self._where())
 
     def _put_blob(self, data: bytes) -> str:
         self._require_writable()
@@ -397,7 +349,7 @@ class CacheStore:
             return False
         # Rows first: a crash here leaves orphan blobs (gc removes them), never rows without blobs.
         self._forget(caches)
-        self._keep_reserve()
+        self.reserve.keep()
         return True
 
     def add_document(
@@ -617,11 +569,3 @@ class CacheStore:
         more). Works on a full disk."""
         return maintenance.collect_garbage(self, min_age_s=0.0 if now else min_age_s, dry_run=dry_run)
 
-
-def shutil_free(path: Path) -> int:
-    import shutil
-
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return 0

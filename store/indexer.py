@@ -283,7 +283,7 @@ class Indexer:
 
     def _check_room(self, needed: int) -> None:
         """Refuse before writing the remaining segments when they cannot fit (plus 5% and 1 MiB of slack)."""
-        root = self.store._disk()
+        root = self.store.reserve.disk
         if root is None:
             return
         try:

@@ -100,7 +100,7 @@ def collect_garbage(store, *, min_age_s: float, dry_run: bool = False) -> GCRepo
     report.missing = sorted(cid for rel, cid in referenced.items() if rel not in present)
     _collect_prefixes(store, min_age_s, dry_run, report)
     if not dry_run:
-        store._keep_reserve()
+        store.reserve.keep()
     return report
 
 
