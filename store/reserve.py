@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from kvzip_rag.errors import StoreFullError
 
-from .blob import full_error, is_disk_full
+from .backends import full_error, is_disk_full
 
 RESERVE_NAME = ".kvzip-reserve"
 RESERVE_NBYTES = 1 << 20
