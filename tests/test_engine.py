@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import kvzip_rag
-from kvzip_rag.compress import compressed_layer_indices, prefill, prefill_document
+from kvzip_rag.prefill import compressed_layer_indices, prefill, prefill_document
 from kvzip_rag.scorers import KVzipScorer
 
 from conftest import build_tiny

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import data as bench_data
 from . import measure
+from .methods import method_order
 from .metrics import best_over, f1_score
 
 FAST = "kvzip-fast"
@@ -181,8 +182,6 @@ def summarize(record: dict, ratios_le: float = 0.5, samples: int = 2000, seed: i
                     [x for v in per[other]["nll"].values() for x in v]))
                 entry[f"nll_minus_{name}_ci"] = [float(x) for x in np.percentile(diff, [2.5, 97.5])]
         out[method] = entry
-    from .summary import method_order
-
     return dict(sorted(out.items(), key=lambda kv: method_order(kv[0])))
 
 

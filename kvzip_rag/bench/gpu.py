@@ -24,9 +24,10 @@ from transformers import DynamicCache
 
 from kvzip_rag.attention import packed_attention
 from kvzip_rag.cache import PackedCache
-from kvzip_rag.compress import pack, prefill_document
+from kvzip_rag.compress import pack
 from kvzip_rag.generate import packed_forward
 from kvzip_rag.models import KVzipModel
+from kvzip_rag.prefill import prefill_document
 from kvzip_rag.scorers import KVzipScorer
 
 from .data import essays_text

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from kvzip_rag.calibrate import agreement, spearman
-from kvzip_rag.compress import pack, prefill_document
+from kvzip_rag.compress import pack
+from kvzip_rag.prefill import prefill_document
 from kvzip_rag.scorers import KVzipScorer
 
 from . import data as bench_data

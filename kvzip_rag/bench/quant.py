@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from kvzip_rag.compress import pack, prefill_document
+from kvzip_rag.compress import pack
+from kvzip_rag.prefill import prefill_document
 from kvzip_rag.quant import quantize
 from kvzip_rag.scorers import KVzipScorer
 

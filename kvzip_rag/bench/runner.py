@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from kvzip_rag.cache import PackedCache
-from kvzip_rag.compress import pack, prefill_document
+from kvzip_rag.compress import pack
 from kvzip_rag.models import KVzipModel
+from kvzip_rag.prefill import prefill_document
 from kvzip_rag.scorers import SCORERS, Scorer
 from kvzip_rag.scorers.calibration import head_scores
 

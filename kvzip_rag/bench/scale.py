@@ -393,7 +393,7 @@ def ray_throughput(model_name: str | None, data_dir: Path, documents: int = 12, 
     (``paragraphs`` consecutive paragraphs each) into a fresh folder store per run; model loading is timed apart."""
     import ray
 
-    from kvzip_rag.distributed import index_documents, init_ray
+    from kvzip_rag.store.distributed import index_documents, init_ray
 
     articles = json.loads((Path(data_dir) / "squad" / "dev-v1.1-even-articles.json").read_text())["data"]
     contexts = [p["context"] for a in articles for p in a["paragraphs"]]

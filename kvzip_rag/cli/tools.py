@@ -160,7 +160,7 @@ class DemoRow:
 
 def reprefill_seconds(model, cache, question: str) -> float:
     """Time to the first token without a stored cache: prefill the whole document and the question again."""
-    from kvzip_rag.compress import prefill
+    from kvzip_rag.prefill import prefill
 
     ids = list(cache.info.input_ids) + model.encode(model.template.question_text(question))
     start = time.perf_counter()

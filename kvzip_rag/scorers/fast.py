@@ -7,7 +7,8 @@ import logging
 import torch
 
 from ..errors import ModelMismatchError
-from .base import PrefilledDocument, Scorer
+from ..prefill import PrefilledDocument
+from .base import Scorer
 from .kvzip import KVzipScorer
 
 logger = logging.getLogger("kvzip_rag")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import PrefilledDocument, Scorer
+from ..prefill import PrefilledDocument
+from .base import Scorer
 from .calibration import head_scores
 
 
