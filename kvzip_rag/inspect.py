@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .cache import PackedCache
+from .extras import pyplot
 
 
 def budget_fractions(cache: PackedCache) -> torch.Tensor:
@@ -147,11 +148,7 @@ def draw_budget_heatmap(
 
     Several caches (segments of one document) are averaged, weighted by their context length.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     caches = [caches] if isinstance(caches, PackedCache) else list(caches)
     if not caches:
         raise ValueError("no cache to draw")
