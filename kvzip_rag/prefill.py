@@ -1,5 +1,5 @@
 """text -> tokens -> the full cache of ``prefix + context``: the prefilled document every scorer ranks and
-:func:`~kvzip_rag.compress.pack` packs (scorers and compression both build on this module, not on each other)."""
+:func:`~kvzip_rag.compression.pack` packs (scorers and compression both build on this module, not on each other)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def content_hash(text: str) -> str:
 
 
 def scorer_name(scorer, level: str) -> str:
-    from kvzip_rag.compress import resolve_scorer
+    from kvzip_rag.compression import resolve_scorer
 
     return resolve_scorer(scorer, level).name
 
@@ -265,7 +265,7 @@ class Indexer:
         self, texts: list[str], kind: CacheKind, scorer, written: list[str], progress: Progress | None
     ) -> list[Cache]:
         """Compress and store every segment's blob; returns the (unsaved) rows."""
-        from kvzip_rag.compress import compress
+        from kvzip_rag.compression import compress
 
         rows: list[Cache] = []
         if progress:

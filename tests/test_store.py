@@ -66,7 +66,7 @@ def test_loaded_cache_reproduces_the_in_memory_logits(store, tiny_llama):
         a = tiny_llama.forward(ids, memory)
         b = tiny_llama.forward(ids, loaded)
     assert torch.equal(a.logits, b.logits)
-    loaded.reset()
+    loaded.rewind()
     assert kvzip_rag.answer(tiny_llama, loaded, "When do ferries leave?", max_new_tokens=8).token_ids == \
         kvzip_rag.answer(tiny_llama, memory, "When do ferries leave?", max_new_tokens=8).token_ids
     # The template prefix is stored once per model and template: a document's own bytes exclude it.

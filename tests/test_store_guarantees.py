@@ -50,10 +50,10 @@ def same_layers(a, b) -> None:
 
 def logits(model, cache, question: str = "Who built the harbour?") -> torch.Tensor:
     ids = model.encode(model.template.question_text(question))
-    cache.reset()
+    cache.rewind()
     with torch.inference_mode():
         out = model.forward(ids, cache)
-    cache.reset()
+    cache.rewind()
     return out.logits[0, -1]
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import kvzip_rag
 from kvzip_rag.cache import PackedCache
 from kvzip_rag.compose import compose
-from kvzip_rag.compress import pack
+from kvzip_rag.compression import pack
 from kvzip_rag.prefill import prefill_document
 from kvzip_rag.scorers import KVzipScorer
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kvzip_rag.compress import pack
+from kvzip_rag.compression import pack
 from kvzip_rag.extras import pyplot
 from kvzip_rag.prefill import prefill_document
 from kvzip_rag.quant import quantize

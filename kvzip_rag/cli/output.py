@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kvzip_rag.text import safe_path, safe_text
+from kvzip_rag.text import safe_text
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -15,10 +15,6 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 def show(value: object) -> str:
     """Any id, metadata value or file name, ready for rich markup: control characters escaped, markup escaped."""
     return escape(safe_text(value))
-
-
-def show_path(path) -> str:
-    return escape(safe_path(path))
 
 
 def say(*objects, **options) -> None:

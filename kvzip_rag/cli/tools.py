@@ -44,7 +44,7 @@ def inspect_document(
     ratio: RatioOpt = None, level: LevelOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """Draw what compression kept: a PNG heatmap of (layer, kv head) budgets and an HTML view of the tokens."""
-    from kvzip_rag.inspect import draw_budget_heatmap, write_token_html
+    from kvzip_rag.visualize import draw_budget_heatmap, write_token_html
 
     settings = settings_of(ctx, store=store, db=db, blob_url=blob_url, model=model, ratio=ratio, level=level,
                          device=device, threads=threads)

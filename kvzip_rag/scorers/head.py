@@ -6,7 +6,7 @@ import torch
 
 from ..prefill import PrefilledDocument
 from .base import Scorer
-from .calibration import head_scores
+from .head_calibration import head_scores
 
 
 class HeadScorer(Scorer):

@@ -5,7 +5,7 @@ HTML view the original ``positions`` of the entries each compressed (layer, head
 and divided by the number of (layer, head) pairs. A token shaded dark was kept by nearly every head; a pale one
 survives in few or none.
 
-    >>> from kvzip_rag.inspect import draw_budget_heatmap, write_token_html
+    >>> from kvzip_rag.visualize import draw_budget_heatmap, write_token_html
     >>> draw_budget_heatmap(cache, "budgets.png")
     >>> write_token_html([cache], tokenizer, "kept.html")
 """
