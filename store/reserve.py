@@ -42,6 +42,11 @@ def free_bytes(path: str | os.PathLike) -> int:
         return 0
 
 
+def _cause(error: BaseException) -> BaseException:
+    """The driver's error inside SQLAlchemy's wrapper (it says why), or ``error`` itself."""
+    return getattr(error, "orig", None) or error
+
+
 class DiskReserve:
     """The reserve of one store and the full-disk retry that uses it. ``database`` None (a server database, whose
     disk is not ours to manage) keeps no file; ``disk`` is a local folder on the disk that fills up (None when
@@ -89,23 +94,19 @@ class DiskReserve:
             pass  # a reader holds the WAL or the checkpoint itself needs room: the released file must do
 
     def is_full(self, error: BaseException) -> bool:
-        return is_disk_full(getattr(error, "orig", None) or error, self.disk)
+        return is_disk_full(_cause(error), self.disk)
 
     def retry(self, action: Callable[[], T], where: str, needed: int | None = None) -> T:
         """Run ``action``; on a full disk release the reserve and retry once, else ``StoreFullError``."""
-        try:
-            return action()
-        except (sa.exc.OperationalError, OSError) as error:
-            if not self.is_full(error):
-                raise
-            cause = getattr(error, "orig", None) or error
-        if self.release():
+        for attempt in range(2):
             try:
                 return action()
-            except (sa.exc.OperationalError, OSError) as again:
-                if not self.is_full(again):
+            except (sa.exc.OperationalError, OSError) as error:
+                if not self.is_full(error):
                     raise
-                cause = getattr(again, "orig", None) or again
+                cause = _cause(error)
+            if attempt or not self.release():
+                break
         raise full_error(where, needed, cause) from None
 
     def raise_if_full(self, error: BaseException, where: str) -> None:
@@ -113,4 +114,4 @@ class DiskReserve:
         if isinstance(error, StoreFullError):
             return
         if isinstance(error, (sa.exc.OperationalError, OSError)) and self.is_full(error):
-            raise full_error(where, None, getattr(error, "orig", None) or error) from error
+            raise full_error(where, None, _cause(error)) from error
