@@ -15,8 +15,9 @@ blob: blob (temp file, fsync, rename) first, then the rows in one transaction; a
 blobs, and :meth:`CacheStore.gc` removes blobs that a crash left without a row. Modules: :mod:`.cache_store`
 (storage API), :mod:`.indexer` (segment -> compress -> store), :mod:`.blob` (the checked blob format),
 :mod:`.backends` (where blob bytes live: a local folder; :mod:`.objects`: object storage), :mod:`.reserve` (full
-disks), :mod:`.cachefile` (cache <-> blob, ratio policy), :mod:`.schema`, :mod:`.records`, :mod:`.lru`, :mod:`.filters`,
-:mod:`.validate`, :mod:`.backup`.
+disks), :mod:`.cachefile` (cache <-> blob, ratio policy), :mod:`.prefixes` (the shared prefix), :mod:`.schema` (ORM,
+migrations), :mod:`.ranking` (full-text ranking), :mod:`.loading`, :mod:`.maintenance`, :mod:`.records`, :mod:`.lru`,
+:mod:`.filters`, :mod:`.validate`, :mod:`.backup`, :mod:`.distributed` (indexing on Ray).
 
 The cache codec and the indexer (which import torch) are imported on first use: a store opened to list, search,
 delete or gc never imports torch or transformers (``kvzip-rag ls`` starts fast).
