@@ -104,11 +104,6 @@ async def apush_in_thread(work: Callable[[Callable[[Any], None]], None],
         cancelled.set()
 
 
-def iterate_in_thread(factory: Callable[[], Iterator[T]], name: str = "kvzip-worker") -> Iterator[T]:
-    """Items of ``factory()`` produced in a worker thread, yielded here."""
-    return push_in_thread(_pushing(factory), name)
-
-
 def aiterate_in_thread(factory: Callable[[], Iterator[T]], name: str = "kvzip-worker") -> AsyncIterator[T]:
     """Items of ``factory()`` produced in a worker thread, yielded on the event loop."""
     return apush_in_thread(_pushing(factory), name)

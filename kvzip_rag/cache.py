@@ -5,7 +5,7 @@ head after head; ``offsets`` (``num_heads + 1``) delimit the heads. Inside a hea
 descending importance (the never-evicted prefix first), with their original positions and scores beside them, so
 a prefix of each head's slice is exactly the cache at a lower ratio. Tokens appended later (questions, answers)
 go to a per-head *tail* written in reserved rows right after that head's entries (see ``PackedLayer``), which
-``reset()`` forgets, bringing the cache back to the compressed document.
+``rewind()`` forgets, bringing the cache back to the compressed document.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class PackedLayer(CacheLayerMixin):
     ``room`` reserved rows where that head's tail is written. Head ``h``'s live rows are therefore one contiguous
     range ``[start_h, start_h + count_h + tail)``, which both attention paths read as they are (no per-token copy).
     When the tail outgrows the room the buffer is rebuilt with geometrically more room (amortised O(1) appends);
-    ``reset()`` only forgets the tail.
+    ``rewind()`` only forgets the tail.
     """
 
     is_sliding = False
@@ -247,8 +247,13 @@ class PackedLayer(CacheLayerMixin):
             self._row_meta.dropped(dropped.to(self._row_meta.positions.device))
         self._tail = keep
 
-    def reset(self) -> None:
+    def rewind(self) -> None:
+        """Forget the tail: back to the packed entries."""
         self.crop(0)
+
+    def reset(self) -> None:
+        """transformers' name for emptying a layer; a packed layer empties back to its entries (:meth:`rewind`)."""
+        self.rewind()
 
     def tail_states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The appended tokens' keys and values, ``(1, heads, tail, head_dim)`` each (a copy; for inspection)."""
@@ -368,10 +373,15 @@ class PackedCache(Cache):
         budgets = self.head_budgets()
         return budgets.sum().item() / max(budgets.numel() * self.info.context_length, 1)
 
-    def reset(self) -> None:
+    def rewind(self) -> None:
         """Forget appended questions and answers: back to the compressed document."""
         for layer in self.layers:
-            layer.reset()
+            layer.rewind()
+
+    def reset(self) -> None:
+        """transformers' name for emptying a cache (there it zeroes the values); a packed cache empties back to
+        its document: :meth:`rewind`."""
+        self.rewind()
 
     @property
     def tail_length(self) -> int:

@@ -1,4 +1,5 @@
-"""Optional frameworks are extras; importing an adapter without its extra says which one to install."""
+"""Optional frameworks are extras; importing an adapter (or drawing a plot) without its extra says which one to
+install."""
 
 from __future__ import annotations
 
@@ -22,3 +23,15 @@ def require(module: str, extra: str, what: str) -> None:
             f"{what} needs the {module!r} package, which is not installed: pip install 'kvzip-rag[{extra}]' "
             "(or 'kvzip-rag[all]')"
         )
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (plots are written as PNGs, never shown), or
+    :class:`MissingExtraError` naming the ``[plots]`` extra."""
+    require("matplotlib", "plots", "drawing plots")
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt

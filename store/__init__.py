@@ -13,9 +13,11 @@ generated name; the template prefix, identical for every document of a model and
 (``prefixes`` table) and joined on load. Writes are ordered so that no row ever points at a missing or partial
 blob: blob (temp file, fsync, rename) first, then the rows in one transaction; a failed transaction removes its
 blobs, and :meth:`CacheStore.gc` removes blobs that a crash left without a row. Modules: :mod:`.cache_store`
-(storage API), :mod:`.indexer` (segment -> compress -> store), :mod:`.blob` (checked bytes through a backend),
-:mod:`.cachefile` (cache <-> blob, ratio policy), :mod:`.schema`, :mod:`.records`, :mod:`.lru`, :mod:`.filters`,
-:mod:`.validate`, :mod:`.backup`.
+(storage API), :mod:`.indexer` (segment -> compress -> store), :mod:`.blob` (the checked blob format),
+:mod:`.backends` (where blob bytes live: a local folder; :mod:`.objects`: object storage), :mod:`.reserve` (full
+disks), :mod:`.cachefile` (cache <-> blob, ratio policy), :mod:`.prefixes` (the shared prefix), :mod:`.schema` (ORM,
+migrations), :mod:`.ranking` (full-text ranking), :mod:`.loading`, :mod:`.maintenance`, :mod:`.records`, :mod:`.lru`,
+:mod:`.filters`, :mod:`.validate`, :mod:`.backup`, :mod:`.distributed` (indexing on Ray).
 
 The cache codec and the indexer (which import torch) are imported on first use: a store opened to list, search,
 delete or gc never imports torch or transformers (``kvzip-rag ls`` starts fast).
@@ -23,7 +25,8 @@ delete or gc never imports torch or transformers (``kvzip-rag ls`` starts fast).
 
 import importlib
 
-from .blob import FORMAT, BlobBackend, BlobReader, LocalBlobs, ReadStats
+from .backends import BlobBackend, LocalBlobs
+from .blob import FORMAT, BlobReader, ReadStats
 from .cache_store import DB_NAME, GC_MIN_AGE_S, CacheStore
 from .records import (
     CacheRecord,

@@ -1,9 +1,10 @@
 """CacheStore: documents, segments and compressed caches as SQL rows plus one blob per cache (storage only).
 
 Compression lives in :mod:`.indexer` (``add_document``/``recompress`` delegate to an ``Indexer``), blob bytes in
-:mod:`.blob`, the cache <-> blob mapping and ratio policy in :mod:`.cachefile`, metadata filters in
-:mod:`.filters`, copying in :mod:`.backup`. Choosing and reading a cache for a question is in
-:mod:`.loading`, verify/gc in :mod:`.maintenance`. Over 400 lines because it is the store's whole public API
+:mod:`.blob` (format) and :mod:`.backends` (transport), the cache <-> blob mapping and ratio policy in
+:mod:`.cachefile`, metadata filters in :mod:`.filters`, copying in :mod:`.backup`, full disks in :mod:`.reserve`,
+the shared template prefix in :mod:`.prefixes`. Choosing and reading a cache for a question is in :mod:`.loading`,
+verify/gc in :mod:`.maintenance`. Over 400 lines because it is the store's whole public API
 (documents, search, loading, verify/gc/copy) plus the full-disk and read-only handling every write shares.
 
 torch (and the cache, indexing and loading modules that need it) is imported only by the methods that compress,
@@ -23,7 +24,6 @@ from sqlalchemy.orm import Session, selectinload
 
 from kvzip_rag.budget import AS_STORED, DEFAULT_BUDGET, Budget, CacheKind, select_cache
 from kvzip_rag.errors import (
-    CorruptBlobError,
     DocumentNotFoundError,
     InvalidArgumentError,
     OrphanBlobWarning,
@@ -33,10 +33,13 @@ from kvzip_rag.errors import (
 from kvzip_rag.paths import default_store_path
 
 from . import maintenance
+from .backends import BlobBackend, LocalBlobs, full_error, is_disk_full, new_blob_name
 from .backup import copy_folder_store
-from .blob import BlobBackend, BlobReader, LocalBlobs, ReadStats, full_error, is_disk_full, new_blob_name
+from .blob import ReadStats
 from .filters import metadata_condition
 from .lru import CacheLRU
+from .prefixes import SharedPrefixes
+from .ranking import search_segments
 from .records import (
     CacheRecord,
     DocumentRecord,
@@ -45,7 +48,9 @@ from .records import (
     VerifyReport,
     cache_record,
     document_record,
+    segment_label,
 )
+from .reserve import DiskReserve
 from .schema import (
     Cache,
     Document,
@@ -58,7 +63,6 @@ from .schema import (
     make_engine,
     schema_state,
     search_method,
-    search_segments,
     writer,
 )
 from .segment import MAX_SEGMENTS
@@ -67,14 +71,12 @@ from .validate import check_k, check_query
 if TYPE_CHECKING:
     import torch
 
-    from kvzip_rag.cache import PackedCache, PrefixKV
+    from kvzip_rag.cache import PackedCache
 
     from .indexer import Indexer, Progress
 
 DB_NAME = "index.sqlite"
 BLOB_DIR_NAME = "blobs"
-RESERVE_NAME = ".kvzip-reserve"  # freed when the disk is full so that deletes (which write to the WAL) still work
-RESERVE_NBYTES = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
 GC_MIN_AGE_S = 600.0
 
@@ -89,8 +91,8 @@ class CacheStore:
     ``CacheStore(path)`` keeps ``index.sqlite`` and ``blobs/`` in the folder ``path`` (default: the user data dir,
     or ``$KVZIP_RAG_STORE``). ``CacheStore(url="postgresql+psycopg2://...", blob_dir=...)`` takes any SQLAlchemy URL;
     blobs live in the folder ``blob_dir``, at ``blob_url`` (``s3://bucket/prefix`` through obstore, credentials
-    from its usual environment; or ``file:///folder``), or in any :class:`~kvzip_rag.store.blob.BlobBackend` given
-    as ``blobs=``; ``blob_timeout`` (seconds) makes a request to an object store that is down fail in seconds
+    from its usual environment; or ``file:///folder``), or in any :class:`~kvzip_rag.store.backends.BlobBackend`
+    given as ``blobs=``; ``blob_timeout`` (seconds) makes a request to an object store that is down fail in seconds
     (``kvzip-rag`` uses 5) instead of after obstore's 3 minutes of retries. ``cache_bytes`` bounds the in-memory
     LRU of loaded caches. A folder that
     cannot be written (a mounted snapshot) opens read-only (``read_only=None``, the default, decides by the file
@@ -165,13 +167,14 @@ class CacheStore:
         self.url = url
         self._database = database
         self.engine = make_engine(url, read_only=read_only, **(engine_options or {}))
+        disk = self.blob_dir or (database.parent if database is not None else None)
+        self.reserve = DiskReserve(None if read_only else database, disk, self.engine)
         self._writer = writer(self.engine)
         self.search_method = self._open_schema(where)  # "fts5", "postgres" or "terms"
         self._lru = CacheLRU(cache_bytes)
-        self._prefixes: dict[tuple[str, str], PrefixKV] = {}  # (payload_sha256, device): small, kept for good
+        self.prefixes = SharedPrefixes(self)
         self.last_read_nbytes = 0  # bytes read from disk by the latest load_cache (0 when served from memory)
-        if not read_only:
-            self._keep_reserve()
+        self.reserve.keep()
 
     def _open_schema(self, where: str) -> str:
         """Check the schema with a read; create it only when missing (a full disk can still open a store)."""
@@ -182,7 +185,7 @@ class CacheStore:
             with self.engine.connect() as connection:
                 state = schema_state(connection)
             if state is None and not self.read_only:
-                return self._retry_full(lambda: create_schema(self.engine), where)
+                return self.reserve.retry(lambda: create_schema(self.engine), where)
             if state is None:
                 raise StoreError(f"{where} holds no kvzip-rag store (and it is read-only, so none can be created)")
             if state != "2":
@@ -191,13 +194,13 @@ class CacheStore:
                 if self.read_only:
                     raise StoreError(f"the store at {where} predates quantized caches; open it once writable to "
                                      "upgrade it (one column is added)")
-                self._retry_full(lambda: add_kv_bits(self.engine), where)
+                self.reserve.retry(lambda: add_kv_bits(self.engine), where)
             return search_method(self.engine)
         except OldStoreError as error:
             raise StoreError(rebuild.format(error)) from None
         except sa.exc.OperationalError as error:
             if is_disk_full(error.orig or error, self._database.parent if self._database else None):
-                if self._release_reserve():
+                if self.reserve.release():
                     return self._open_schema(where)
                 raise full_error(where, None, error.orig or error) from None
             raise StoreError(f"cannot open the store at {where}: {error.orig or error}") from None
@@ -219,7 +222,7 @@ class CacheStore:
 
     def close(self) -> None:
         self._lru.clear()
-        self._prefixes.clear()
+        self.prefixes.clear()
         self.engine.dispose()
 
     def __enter__(self) -> "CacheStore":
@@ -240,81 +243,29 @@ class CacheStore:
         options.setdefault("max_segments", self.max_segments)
         return Indexer(model, self, **options)
 
-    def _read(self) -> Session:
+    def read_session(self) -> Session:
+        """A session for reads (its objects stay usable after it closes)."""
         return Session(self.engine, expire_on_commit=False)
 
-    def _write(self) -> Session:
+    def write_session(self) -> Session:
+        """A session for one write transaction (``with store.write_session() as s, s.begin(): ...``)."""
         return Session(self._writer, expire_on_commit=False)
 
-    def _require_writable(self) -> None:
+    def require_writable(self) -> None:
         if self.read_only:
-            raise StoreError(f"the store at {self._where()} is open read-only (a read-only folder or "
+            raise StoreError(f"the store at {self.where} is open read-only (a read-only folder or "
                              "read_only=True): it can be searched and loaded, not changed")
 
-    def _where(self) -> str:
+    @property
+    def where(self) -> str:
+        """The store's location, for messages."""
         return str(self.path or self._database or self.blob_dir or self.url)
 
-    def _label(self, document_id: str, segment_index: int) -> str:
-        return f"document {document_id!r} segment {segment_index}"
+    # ---------------------------------------------------------------------------------- blobs
 
-    # ---------------------------------------------------------------------------------- full disks and blobs
-
-    def _disk(self) -> Path | None:
-        """A local folder on the disk that fills up (None when nothing is local)."""
-        return self.blob_dir or (self._database.parent if self._database else None)
-
-    def _reserve(self) -> Path | None:
-        """Beside the SQLite database (None for other databases, whose disk is not ours to manage)."""
-        return self._database.parent / RESERVE_NAME if self._database is not None else None
-
-    def _keep_reserve(self) -> None:
-        """A small file that a full disk gives back, so deletes (which append to the WAL) can free space."""
-        reserve = self._reserve()
-        if reserve is None or self.read_only:
-            return
-        try:
-            if not reserve.exists() and shutil_free(reserve.parent) > 8 * RESERVE_NBYTES:
-                with reserve.open("wb") as handle:
-                    handle.write(b"\0" * RESERVE_NBYTES)
-        except OSError:
-            reserve.unlink(missing_ok=True)
-
-    def _release_reserve(self) -> bool:
-        reserve = self._reserve()
-        if reserve is None:
-            return False
-        try:
-            reserve.unlink()
-            return True
-        except OSError:
-            return False
-
-    def _retry_full(self, action, where: str, needed: int | None = None):
-        """Run ``action``; on a full disk free the reserve and retry once, else ``StoreFullError``."""
-        try:
-            return action()
-        except (sa.exc.OperationalError, OSError) as error:
-            cause = getattr(error, "orig", None) or error
-            if not is_disk_full(cause, self._disk()):
-                raise
-            if self._release_reserve():
-                try:
-                    return action()
-                except (sa.exc.OperationalError, OSError) as again:
-                    cause = getattr(again, "orig", None) or again
-                    if not is_disk_full(cause, self._disk()):
-                        raise
-            raise full_error(where, needed, cause) from None
-
-    def _raise_if_full(self, error: BaseException) -> None:
-        if isinstance(error, StoreFullError):
-            return
-        cause = getattr(error, "orig", None) or error
-        if isinstance(error, (sa.exc.OperationalError, OSError)) and is_disk_full(cause, self._disk()):
-            raise full_error(self._where(), None, cause) from error
-
-    def _put_blob(self, data: bytes) -> str:
-        self._require_writable()
+    def put_blob(self, data: bytes) -> str:
+        """Write ``data`` as a new blob (before any row points at it); its generated name."""
+        self.require_writable()
         name = new_blob_name()
         self.blobs.write(name, data)
         return name
@@ -326,7 +277,8 @@ class CacheStore:
             if touch is not None:
                 touch(name)
 
-    def _remove_blobs(self, names: Iterable[str]) -> None:
+    def remove_blobs(self, names: Iterable[str]) -> None:
+        """Delete blobs (after the rows that pointed at them are gone; missing ones are fine)."""
         for name in names:
             self.blobs.delete(name)
 
@@ -349,7 +301,7 @@ class CacheStore:
     # -------------------------------------------------------------------------------------------- documents
 
     def __len__(self) -> int:
-        with self._read() as session:
+        with self.read_session() as session:
             return session.scalar(sa.select(sa.func.count()).select_from(Document)) or 0
 
     def __contains__(self, doc_id: object) -> bool:
@@ -368,14 +320,14 @@ class CacheStore:
 
     def get_document(self, doc_id: str) -> DocumentRecord | None:
         """The document with its segments and caches, or None."""
-        with self._read() as session:
+        with self.read_session() as session:
             document = self._load_document(session, doc_id)
             return document_record(document, self._prefix_sizes(session)) if document else None
 
     def _document_or_raise(self, doc_id: str) -> DocumentRecord:
         record = self.get_document(doc_id)
         if record is None:
-            raise DocumentNotFoundError(f"no document {doc_id!r} in the store at {self._where()}")
+            raise DocumentNotFoundError(f"no document {doc_id!r} in the store at {self.where}")
         return record
 
     def list_documents(
@@ -383,7 +335,7 @@ class CacheStore:
     ) -> list[DocumentRecord]:
         """Documents in insertion order (id order within a second), optionally only those whose metadata has
         all the given ``key: value`` pairs."""
-        with self._read() as session:
+        with self.read_session() as session:
             stmt = sa.select(Document).options(selectinload(Document.segments).selectinload(Segment.caches))
             condition = metadata_condition(session, metadata)
             if condition is not None:
@@ -397,10 +349,10 @@ class CacheStore:
     def delete_document(self, doc_id: str) -> bool:
         """Remove the document's rows, then its blobs. False if there was no such document. Works on a full disk
         (the store's reserve file is given back for the database's journal)."""
-        self._require_writable()
+        self.require_writable()
 
         def delete():
-            with self._write() as session, session.begin():
+            with self.write_session() as session, session.begin():
                 document = self._load_document(session, doc_id)
                 if document is None:
                     return None
@@ -408,12 +360,12 @@ class CacheStore:
                 session.delete(document)
             return caches
 
-        caches = self._retry_full(delete, self._where())
+        caches = self.reserve.retry(delete, self.where)
         if caches is None:
             return False
         # Rows first: a crash here leaves orphan blobs (gc removes them), never rows without blobs.
         self._forget(caches, f"document {doc_id!r} was deleted")
-        self._keep_reserve()
+        self.reserve.keep()
         return True
 
     def add_document(
@@ -458,60 +410,6 @@ class CacheStore:
         return self.indexer(model).recompress(doc_id, ratio=ratio, level=level, scorer=scorer, replace=replace,
                                               progress=progress, kv_bits=kv_bits)
 
-    # -------------------------------------------------------------------------------------------- the prefix
-
-    def _ensure_prefix(self, prefix: PrefixKV, model_name: str) -> tuple[int, PrefixKV]:
-        """The stored prefix of ``prefix``'s model and template (storing ``prefix`` if there is none yet). gc
-        removes prefixes no cache uses (:mod:`.maintenance`); one it removes while we look is stored again."""
-        key = (Prefix.model_fingerprint == prefix.model_fingerprint, Prefix.template_digest == prefix.template_digest)
-        for _ in range(4):
-            with self._read() as session:
-                row = session.scalars(sa.select(Prefix).where(*key)).first()
-            if row is None:
-                self._store_prefix(prefix, model_name)
-                continue
-            try:
-                return row.id, self._load_prefix(row, "cpu")
-            except CorruptBlobError:
-                with self._read() as session:
-                    if session.get(Prefix, row.id) is not None:  # really damaged, not removed by gc
-                        raise
-        raise StoreError(f"the shared prefix of model {model_name!r} was removed by gc while it was being stored; "
-                         "run gc --now only when no other process is indexing")
-
-    def _store_prefix(self, prefix: PrefixKV, model_name: str) -> None:
-        """Blob first, then the row; a concurrent writer's row for the same model and template wins."""
-        from .cachefile import encode_prefix
-
-        blob = encode_prefix(prefix, model_name)
-        name = self._put_blob(blob.data)
-        try:
-            with self._write() as session, session.begin():
-                session.add(Prefix(
-                    model_name=model_name, model_fingerprint=prefix.model_fingerprint,
-                    template_digest=prefix.template_digest, prefix_length=prefix.prefix_length,
-                    blob_path=name, nbytes=len(blob.data), kv_nbytes=prefix.nbytes, sha256=blob.sha256,
-                    payload_sha256=blob.payload_sha256,
-                ))
-        except sa.exc.IntegrityError:  # another writer stored it first: use theirs
-            self._remove_blobs([name])
-        except BaseException as error:
-            self._remove_blobs([name])
-            self._raise_if_full(error)
-            raise
-
-    def _load_prefix(self, row: Prefix, device: str) -> PrefixKV:
-        from .cachefile import read_prefix
-
-        key = (row.payload_sha256, device)
-        if key not in self._prefixes:
-            with BlobReader(self.blobs, row.blob_path, f"the shared prefix of model {row.model_name!r}") as reader:
-                if reader.payload_sha256 != row.payload_sha256:
-                    raise CorruptBlobError(f"{reader.where} holds another blob than its row records; run verify()")
-                prefix = read_prefix(reader)
-            self._prefixes[key] = prefix if device == "cpu" else prefix.to(device)
-        return self._prefixes[key]
-
     # -------------------------------------------------------------------------------------------- search
 
     def search(
@@ -534,7 +432,7 @@ class CacheStore:
         if query is None:
             return []
         check_query(query)
-        with self._read() as session:
+        with self.read_session() as session:
             conditions = []
             if doc_ids is not None:
                 ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
@@ -578,7 +476,7 @@ class CacheStore:
     def caches_for(self, doc_id: str, model=None, *, segment: int | None = None) -> list[CacheRecord]:
         """Stored caches of a document (of one segment index, of one model's fingerprint and template); empty for
         a document that is not stored."""
-        with self._read() as session:
+        with self.read_session() as session:
             stmt = sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id).where(
                 Segment.document_id == doc_id
             )
@@ -621,8 +519,8 @@ class CacheStore:
         Budget(ratio, level)
         record, prefix_row = loading.pick(self, model, target, segment, ratio, level)
         device = str(torch.device(device) if device is not None else model.device)
-        ratio, level = check_loadable(cache_info(record), ratio, level, self._label(record.document_id,
-                                                                                       record.segment_index))
+        label = segment_label(record.document_id, record.segment_index)
+        ratio, level = check_loadable(cache_info(record), ratio, level, label)
         key = (record.payload_sha256, ratio, level, device)
         cached = self._lru.get(key, record.payload_sha256)
         if cached is not None:
@@ -651,11 +549,3 @@ class CacheStore:
         more). Works on a full disk."""
         return maintenance.collect_garbage(self, min_age_s=0.0 if now else min_age_s, dry_run=dry_run)
 
-
-def shutil_free(path: Path) -> int:
-    import shutil
-
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return 0

@@ -36,7 +36,8 @@ from kvzip_rag.cache import (
 from kvzip_rag.errors import CorruptBlobError, InvalidArgumentError, ModelMismatchError
 from kvzip_rag.quant import QuantizedCache, QuantizedLayer
 
-from .blob import BlobReader, EncodedBlob, ReadStats, atomic_write, encode_blob, local_reader
+from .backends import atomic_write
+from .blob import BlobReader, EncodedBlob, ReadStats, encode_blob, local_reader
 from .quantfile import TENSORS as QUANT_TENSORS
 from .quantfile import layer_requests, quant_metadata, quantized_tensors, read_layer, read_spec
 

@@ -24,7 +24,7 @@ from kvzip_rag.cache import PackedCache, PrefixKV
 from kvzip_rag.errors import InvalidArgumentError, KVzipError, ModelMismatchError, StoreError
 from kvzip_rag.quant import check_bits
 
-from .blob import full_error
+from .backends import full_error
 from .cachefile import encode_document
 from .records import CacheRecord, DocumentRecord
 from .schema import Cache, Document, Prefix, Segment
@@ -40,7 +40,7 @@ def content_hash(text: str) -> str:
 
 
 def scorer_name(scorer, level: str) -> str:
-    from kvzip_rag.compress import resolve_scorer
+    from kvzip_rag.compression import resolve_scorer
 
     return resolve_scorer(scorer, level).name
 
@@ -117,7 +117,7 @@ class Indexer:
         digest = content_hash(text)
         doc_id = check_doc_id(doc_id) if doc_id is not None else digest[:32]
         meta = check_metadata(metadata) if metadata is not None else None
-        self.store._require_writable()
+        self.store.require_writable()
         existing = self.store.get_document(doc_id)
         if existing is not None and existing.content_hash == digest:
             return self._ensure(existing, kind, scorer, force=force, metadata=meta, progress=progress)
@@ -138,19 +138,19 @@ class Indexer:
             self.store._touch(written)
             old_blobs = self._commit_new(doc_id, digest, text, meta, pieces, rows, force)
         except _Raced:
-            self.store._remove_blobs(written)
+            self.store.remove_blobs(written)
             return self.add(text, doc_id=doc_id, metadata=metadata, ratio=ratio, level=level, scorer=scorer,
                             progress=progress, kv_bits=kv_bits)
         except IntegrityError:
-            self.store._remove_blobs(written)
+            self.store.remove_blobs(written)
             if force:
                 raise
             # Another process added this id meanwhile: same text -> their caches serve us; other text -> error.
             return self.add(text, doc_id=doc_id, metadata=metadata, ratio=ratio, level=level, scorer=scorer,
                             progress=progress, kv_bits=kv_bits)
         except BaseException as error:
-            self.store._remove_blobs(written)
-            self.store._raise_if_full(error)
+            self.store.remove_blobs(written)
+            self.store.reserve.raise_if_full(error, self.store.where)
             raise
         self.store._forget(old_blobs)
         return self.store.get_document(doc_id)
@@ -161,13 +161,13 @@ class Indexer:
         not depend on which row holds the prefix)."""
         for _ in range(3):
             try:
-                with self.store._write() as session, session.begin():
+                with self.store.write_session() as session, session.begin():
                     _hold_prefixes(session, rows)
                     return write(session)
             except _PrefixGone as gone:
                 for old_id in gone.args[0]:
                     prefix, model_name = self._prefixes.pop(old_id)
-                    new_id, _ = self.store._ensure_prefix(prefix, model_name)
+                    new_id, _ = self.store.prefixes.ensure(prefix, model_name)
                     self._prefixes[new_id] = (prefix, model_name)
                     for row in rows:
                         if row.prefix_id == old_id:
@@ -207,7 +207,7 @@ class Indexer:
     ) -> DocumentRecord:
         """See :meth:`CacheStore.recompress`."""
         kind = self.kind(ratio, level, scorer, kv_bits)
-        self.store._require_writable()
+        self.store.require_writable()
         record = self.store._document_or_raise(doc_id)
         return self._ensure(record, kind, scorer, force=True, metadata=None, progress=progress, drop_others=replace)
 
@@ -221,7 +221,7 @@ class Indexer:
         others = [c for c in document.caches if c.model_fingerprint == kind.fingerprint and not kind.matches(c)]
         if not todo and (metadata is None or metadata == document.metadata) and not (drop_others and others):
             return document  # the no-op
-        self.store._require_writable()
+        self.store.require_writable()
         written: list[str] = []
         replaced: list[tuple[str, str]] = []
         try:
@@ -250,11 +250,11 @@ class Indexer:
             self._commit(list(rows.values()), write)
         except IntegrityError:
             # A concurrent add stored the same kind of cache first: theirs is as good as ours.
-            self.store._remove_blobs(written)
+            self.store.remove_blobs(written)
             return self.store.get_document(document.id)
         except BaseException as error:
-            self.store._remove_blobs(written)
-            self.store._raise_if_full(error)
+            self.store.remove_blobs(written)
+            self.store.reserve.raise_if_full(error, self.store.where)
             raise
         self.store._forget(replaced)
         return self.store.get_document(document.id)
@@ -265,7 +265,7 @@ class Indexer:
         self, texts: list[str], kind: CacheKind, scorer, written: list[str], progress: Progress | None
     ) -> list[Cache]:
         """Compress and store every segment's blob; returns the (unsaved) rows."""
-        from kvzip_rag.compress import compress
+        from kvzip_rag.compression import compress
 
         rows: list[Cache] = []
         if progress:
@@ -283,7 +283,7 @@ class Indexer:
 
     def _check_room(self, needed: int) -> None:
         """Refuse before writing the remaining segments when they cannot fit (plus 5% and 1 MiB of slack)."""
-        root = self.store._disk()
+        root = self.store.reserve.disk
         if root is None:
             return
         try:
@@ -297,7 +297,7 @@ class Indexer:
     def _store_one(self, cache: PackedCache, kind: CacheKind, text: str, written: list[str]) -> Cache:
         prefix_id, _ = self._shared_prefix(cache)
         encoded = encode_document(cache, shared_prefix=True, segment_sha256=content_hash(text))
-        name = self.store._put_blob(encoded.blob.data)
+        name = self.store.put_blob(encoded.blob.data)
         written.append(name)
         info = cache.info
         return Cache(
@@ -314,7 +314,7 @@ class Indexer:
         from kvzip_rag.cache import split_prefix
 
         own, _ = split_prefix(cache)
-        prefix_id, stored = self.store._ensure_prefix(own, cache.info.model_name)
+        prefix_id, stored = self.store.prefixes.ensure(own, cache.info.model_name)
         self._prefixes[prefix_id] = (stored, cache.info.model_name)
         for a, b in zip(own.keys + own.values, stored.keys + stored.values):
             a, b = a.detach().float().cpu(), b.float()

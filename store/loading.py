@@ -18,7 +18,7 @@ from kvzip_rag.errors import (
 
 from .blob import BlobReader
 from .cachefile import document_header, read_document
-from .records import CacheRecord, CacheRef, SearchHit, SegmentRecord, cache_record
+from .records import CacheRecord, CacheRef, SearchHit, SegmentRecord, cache_record, segment_label
 from .schema import Cache, Document, Prefix, Segment
 
 
@@ -37,7 +37,7 @@ def segment_for(store, session: Session, target, segment: int) -> Segment:
     if found is None:
         doc_id = target if isinstance(target, str) else target.document_id
         if session.get(Document, doc_id) is None:
-            raise DocumentNotFoundError(f"no document {doc_id!r} in the store at {store._where()}")
+            raise DocumentNotFoundError(f"no document {doc_id!r} in the store at {store.where}")
         raise DocumentNotFoundError(f"document {doc_id!r} has no segment {segment} (it was re-added?)")
     return found
 
@@ -45,25 +45,25 @@ def pick(
     store, model, target, segment: int, ratio: float | None, level: str | None
 ) -> tuple[CacheRecord, Prefix | None]:
     """The stored cache that serves ``target`` for ``model`` at ``ratio``/``level``, with its prefix row."""
-    with store._read() as session:
+    with store.read_session() as session:
         if isinstance(target, (CacheRecord, CacheRef)) or (isinstance(target, int) and not isinstance(target, bool)):
             cache_id = target if isinstance(target, int) else target.id
             found = session.execute(
                 sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id).where(Cache.id == cache_id)
             ).first()
             if found is None:
-                raise CacheChangedError(f"no cache {cache_id} in the store at {store._where()} (deleted?)")
+                raise CacheChangedError(f"no cache {cache_id} in the store at {store.where} (deleted?)")
             record = cache_record(*found)
             if not isinstance(target, int) and target.payload_sha256 not in ("", record.payload_sha256):
                 raise CacheChangedError(f"cache {cache_id} was replaced since it was listed; list it again")
-            cache_info(record).check_model(model, store._label(record.document_id, record.segment_index))
+            cache_info(record).check_model(model, segment_label(record.document_id, record.segment_index))
             prefix_id = found[0].prefix_id
             return record, session.get(Prefix, prefix_id) if prefix_id is not None else None
         seg = segment_for(store, session, target, segment)
         records = [cache_record(c, seg) for c in seg.caches]
         prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}
         rows = {c.id: c for c in seg.caches}
-    label = store._label(seg.document_id, seg.index)
+    label = segment_label(seg.document_id, seg.index)
     kind = CacheKind.of_model(model)
     mine = [c for c in records if kind.holds(c)]
     if not mine:
@@ -88,7 +88,7 @@ def pick(
 def read_cache(store, record: CacheRecord, prefix_row: Prefix | None, ratio, level, stats) -> PackedCache:
     """``record``'s cache at ``ratio``/``level``, its blob checked against the row (content hash, then what the
     header describes) before anything else is read, the shared prefix joined."""
-    label = store._label(record.document_id, record.segment_index)
+    label = segment_label(record.document_id, record.segment_index)
     with BlobReader(store.blobs, record.blob_path, label, stats) as reader:
         if reader.payload_sha256 != record.payload_sha256:
             raise CorruptBlobError(misplaced(store, reader, record, label))
@@ -102,7 +102,7 @@ def read_cache(store, record: CacheRecord, prefix_row: Prefix | None, ratio, lev
         if header.prefix == "shared":
             if prefix_row is None:
                 raise CorruptBlobError(f"{label}: its shared template prefix is not in the store; run verify()")
-            prefix = store._load_prefix(prefix_row, "cpu")
+            prefix = store.prefixes.load(prefix_row, "cpu")
         cache = read_document(reader, ratio=ratio, level=level, prefix=prefix)
     cache.quantized = None  # the memory cache holds the dequantized form only (faster first token on a hit)
     return cache
@@ -110,7 +110,7 @@ def read_cache(store, record: CacheRecord, prefix_row: Prefix | None, ratio, lev
 
 def misplaced(store, reader: BlobReader, record: CacheRecord, label: str) -> str:
     """A valid blob under the wrong row: say whose it is, when the store knows."""
-    with store._read() as session:
+    with store.read_session() as session:
         owner = session.execute(
             sa.select(Segment.document_id, Segment.index).join(Cache, Cache.segment_id == Segment.id)
             .where(Cache.payload_sha256 == reader.payload_sha256)

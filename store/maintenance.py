@@ -11,8 +11,9 @@ import sqlalchemy as sa
 
 from kvzip_rag.errors import BlobStorageError, CorruptBlobError, KVzipError
 
-from .blob import BlobReader, ReadStats, file_sha256
-from .records import GCReport, VerifyProblem, VerifyReport, cache_record
+from .backends import file_sha256
+from .blob import BlobReader, ReadStats
+from .records import GCReport, VerifyProblem, VerifyReport, cache_record, segment_label
 from .schema import Cache, Prefix, Segment
 
 
@@ -26,7 +27,7 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
     from .loading import read_cache
 
     report = VerifyReport()
-    with store._read() as session:
+    with store.read_session() as session:
         stmt = sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id)
         bare = (sa.select(Segment.document_id, Segment.index).outerjoin(Cache, Cache.segment_id == Segment.id)
                 .where(Cache.id.is_(None)))
@@ -53,7 +54,7 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
             bad_prefixes[row.id] = error
     for record, prefix_row, text in found:
         report.checked += 1
-        label = store._label(record.document_id, record.segment_index)
+        label = segment_label(record.document_id, record.segment_index)
 
         def check(record=record, prefix_row=prefix_row, text=text, label=label) -> None:
             if prefix_row is not None and prefix_row.id in bad_prefixes:
@@ -72,7 +73,7 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
             report.problems.append(VerifyProblem(record.id, record.document_id, record.segment_index,
                                                  record.blob_path, error))
     for document_id, segment_index in uncached:
-        label = store._label(document_id, segment_index)
+        label = segment_label(document_id, segment_index)
         report.problems.append(VerifyProblem(None, document_id, segment_index, None,
                                              f"{label} has no cache (its row is gone): re-index the document"))
     return report
@@ -101,9 +102,9 @@ def collect_garbage(store, *, min_age_s: float, dry_run: bool = False) -> GCRepo
     Works on a full disk (orphan blobs go first: that frees space before any row is deleted) and, with
     ``dry_run``, on a read-only store (it only reads)."""
     if not dry_run:
-        store._require_writable()
+        store.require_writable()
     report = GCReport()
-    with store._read() as session:
+    with store.read_session() as session:
         referenced = dict(session.execute(sa.select(Cache.blob_path, Cache.id)).all())
         prefixes = set(session.scalars(sa.select(Prefix.blob_path)))
     clock = time.time()
@@ -124,7 +125,7 @@ def collect_garbage(store, *, min_age_s: float, dry_run: bool = False) -> GCRepo
     report.missing = sorted(cid for rel, cid in referenced.items() if rel not in present)
     _collect_prefixes(store, min_age_s, dry_run, report)
     if not dry_run:
-        store._keep_reserve()
+        store.reserve.keep()
     return report
 
 
@@ -142,14 +143,14 @@ def _collect_prefixes(store, min_age_s: float, dry_run: bool, report: GCReport) 
     them (SQLite serialises the two transactions; on PostgreSQL the foreign key refuses the delete, which is
     then skipped)."""
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=min_age_s)
-    with store._read() as session:
+    with store.read_session() as session:
         candidates = session.execute(
             sa.select(Prefix.id, Prefix.blob_path, Prefix.nbytes, Prefix.model_name).where(_unused(cutoff))
         ).all()
 
     def delete(prefix_id: int) -> bool:
         try:
-            with store._write() as session, session.begin():
+            with store.write_session() as session, session.begin():
                 gone = session.execute(sa.delete(Prefix).where(Prefix.id == prefix_id, _unused(cutoff))
                                        .execution_options(synchronize_session=False))
         except sa.exc.IntegrityError:  # a writer's caches reference it now
@@ -158,7 +159,7 @@ def _collect_prefixes(store, min_age_s: float, dry_run: bool, report: GCReport) 
 
     for prefix_id, blob_path, nbytes, model_name in candidates:
         if not dry_run:
-            if not store._retry_full(lambda: delete(prefix_id), store._where()):
+            if not store.reserve.retry(lambda: delete(prefix_id), store.where):
                 continue
             store.blobs.delete(blob_path)
         report.removed.append(blob_path)

@@ -1,4 +1,4 @@
-"""Blobs in object storage (S3 and S3-compatible servers): the store's :class:`~kvzip_rag.store.blob.BlobBackend`
+"""Blobs in object storage (S3 and S3-compatible servers): the store's :class:`~kvzip_rag.store.backends.BlobBackend`
 over `obstore <https://developmentseed.org/obstore>`_, and :func:`open_objects` for a ``blob_url``.
 
 Blobs are immutable and named by a fresh uuid, so writing atomically is simple: an object is uploaded whole (one PUT,
@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlparse
 from kvzip_rag.errors import BlobStorageError, InvalidArgumentError
 from kvzip_rag.extras import require
 
-from .blob import BlobBackend, LocalBlobs
+from .backends import BlobBackend, LocalBlobs
 
 
 TIMEOUT_RETRIES = 2  # with a timeout: retries of a request that timed out or found the server down

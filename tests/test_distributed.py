@@ -21,7 +21,7 @@ from test_cli import tiny_model_dir  # noqa: F401  (fixture: a tiny model saved 
 from test_store import HARBOUR, ORCHARD
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'kvzip-rag[ray]')")
-from kvzip_rag.distributed import index_documents, init_ray  # noqa: E402
+from kvzip_rag.store.distributed import index_documents, init_ray  # noqa: E402
 
 DOCS = [(f"doc-{i}", f"{text} Note number {i}: the {word} ledger is kept in room {100 + i}.")
         for i, (text, word) in enumerate([(HARBOUR, "blue"), (ORCHARD, "green"), (HARBOUR, "red"),

@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import kvzip_rag
-from kvzip_rag.compress import compressed_layer_indices, prefill, prefill_document
+from kvzip_rag.prefill import compressed_layer_indices, prefill, prefill_document
 from kvzip_rag.scorers import KVzipScorer
 
 from conftest import build_tiny
@@ -57,8 +57,21 @@ def test_ratio_one_reproduces_full_cache_logits(family, smol_tokenizer):
     # Decoding step by step appends to the packed cache's tail: still identical to the full cache.
     expected_next = full_cache_logits(model, document + question, follow)
     assert torch.allclose(packed_logits(model, cache, follow), expected_next, atol=ATOL)
-    cache.reset()
+    cache.rewind()
     assert cache.tail_length == 0
+
+
+def test_rewind_returns_to_the_document_and_reset_means_the_same(tiny_llama):
+    """``rewind()`` names what a packed cache does; transformers' ``reset()`` (which zeroes a plain cache) keeps
+    working on it and rewinds too, never wiping the document."""
+    cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
+    question = tiny_llama.encode(tiny_llama.template.question_text("Who built the harbour?"))
+    first = packed_logits(tiny_llama, cache, question)
+    assert cache.tail_length == len(question)
+    cache.rewind()
+    assert cache.tail_length == 0 and torch.equal(packed_logits(tiny_llama, cache, question), first)
+    cache.reset()
+    assert cache.tail_length == 0 and torch.equal(packed_logits(tiny_llama, cache, question), first)
 
 
 def masked_reference_logits(model: kvzip_rag.KVzipModel, cache: kvzip_rag.PackedCache, new_ids: list[int]):
@@ -211,10 +224,10 @@ def test_uniform_and_head_levels(tiny_llama):
 def test_head_level_is_its_own_scorer(tiny_llama):
     """Head level ranks by ``HeadScorer`` (calibrated once per model, constant per head); scorers refuse levels
     they do not rank at, by name."""
-    from kvzip_rag.compress import resolve_scorer
+    from kvzip_rag.compression import resolve_scorer
     from kvzip_rag.errors import InvalidArgumentError
     from kvzip_rag.scorers import HeadScorer, SnapKVScorer
-    from kvzip_rag.scorers.calibration import head_scores
+    from kvzip_rag.scorers.head_calibration import head_scores
 
     assert isinstance(resolve_scorer("kvzip", "head"), HeadScorer)
     assert isinstance(resolve_scorer("kvzip-head", "head"), HeadScorer)

@@ -11,11 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 import kvzip_rag
-from kvzip_rag.calibrate import calibrate, gate_inputs, read_corpus, spearman
-from kvzip_rag.compress import compress, pack, prefill_document
+from kvzip_rag.compression import compress, pack
 from kvzip_rag.errors import ModelMismatchError
-from kvzip_rag.gate import Gate, find_gate, gate_path
+from kvzip_rag.prefill import prefill_document
 from kvzip_rag.scorers import KVzipFastScorer, KVzipScorer
+from kvzip_rag.scorers.fast_calibration import calibrate, gate_inputs, read_corpus, spearman
+from kvzip_rag.scorers.fast_gate import Gate, find_gate, gate_path
 
 from conftest import build_tiny
 

@@ -10,7 +10,7 @@ import pytest
 from kvzip_rag.bench import measure
 from kvzip_rag.bench.cli import run_bench
 from kvzip_rag.bench.fidelity import summarize, teacher_forced
-from kvzip_rag.compress import compress
+from kvzip_rag.compression import compress
 from test_bench import tiny_data  # noqa: F401  (fixture)
 
 

@@ -41,7 +41,7 @@ from kvzip_rag.integrations.llamaindex import (
 )
 from kvzip_rag.store import CacheStore
 
-COMPRESS = importlib.import_module("kvzip_rag.compress")  # the module (kvzip_rag.compress is the function)
+COMPRESS = importlib.import_module("kvzip_rag.compression")  # the module of kvzip_rag.compress (the function)
 
 DOCS = {
     "harbour": "The harbour of Skerry Point was built by Ellen Hale in 1887. Ferries to the mainland leave at dawn "

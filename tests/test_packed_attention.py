@@ -91,7 +91,7 @@ def test_cuda_path_arguments_match_torch_path(family, smol_tokenizer, monkeypatc
     question = model.encode(model.template.question_text("Who built the harbour?"))
     steps = kvzip_rag.PackedLayer.MIN_ROOM + 8  # past the first reserved room: one regrowth mid-decoding
     expected = decode_logits(model, cache, question, steps)
-    cache.reset()
+    cache.rewind()
     calls = []
 
     def spy(*args, **kwargs):
@@ -142,7 +142,7 @@ def test_decoding_grows_in_place_and_reset_keeps_the_buffer(smol_tokenizer):
     assert layer.buffer_keys.data_ptr() == buffer and layer.tail_length == room
     expected = masked_reference_logits(model, cache, question + question[-1:] + generated)  # same tokens
     assert torch.allclose(torch.stack(steps), expected[len(question) :], atol=ATOL)
-    cache.reset()
+    cache.rewind()
     assert layer.tail_length == 0 and layer.buffer_keys.data_ptr() == buffer
     again = packed_logits(model, cache, question + question[-1:] + generated)
     assert torch.allclose(again, expected, atol=ATOL)

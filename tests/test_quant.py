@@ -105,7 +105,7 @@ def test_values_beyond_float16_are_refused(tiny_llama):
 
 def _max_logit_error(model, cache, quantized, question):
     expected = packed_logits(model, cache, question)
-    cache.reset()
+    cache.rewind()
     return (packed_logits(model, quantized, question) - expected).abs().max().item()
 
 

@@ -14,7 +14,7 @@ import torch
 import kvzip_rag
 from kvzip_rag.errors import CorruptBlobError, EmptyDocumentError, InvalidArgumentError, ModelMismatchError
 from kvzip_rag.store import CacheStore, SearchHit
-from kvzip_rag.store.schema import search_segments
+from kvzip_rag.store.ranking import search_segments
 
 from conftest import build_tiny
 
@@ -66,7 +66,7 @@ def test_loaded_cache_reproduces_the_in_memory_logits(store, tiny_llama):
         a = tiny_llama.forward(ids, memory)
         b = tiny_llama.forward(ids, loaded)
     assert torch.equal(a.logits, b.logits)
-    loaded.reset()
+    loaded.rewind()
     assert kvzip_rag.answer(tiny_llama, loaded, "When do ferries leave?", max_new_tokens=8).token_ids == \
         kvzip_rag.answer(tiny_llama, memory, "When do ferries leave?", max_new_tokens=8).token_ids
     # The template prefix is stored once per model and template: a document's own bytes exclude it.
@@ -272,7 +272,7 @@ def test_ids_and_metadata_never_become_paths_or_sql(store, tiny_llama, tmp_path)
 def test_portable_search_fallback(store, tiny_llama):
     store.add_document(tiny_llama, HARBOUR, doc_id="h", ratio=0.3)
     store.add_document(tiny_llama, ORCHARD, doc_id="o", ratio=0.3)
-    with store._read() as session:
+    with store.read_session() as session:
         ranked = search_segments(session, "Which apple variety was planted in 1899?", 5, method="terms")
         assert ranked and ranked[0][0] == store.get_document("o").segments[0].id
         assert search_segments(session, "100%_ sure \\ '", 5, method="terms") == []
@@ -282,7 +282,7 @@ def test_portable_search_fallback(store, tiny_llama):
 
 
 def test_failed_writes_leave_no_row_and_no_blob(store, tiny_llama, monkeypatch):
-    import kvzip_rag.store.blob as blob
+    import kvzip_rag.store.backends as blob
 
     def boom(*args, **kwargs):
         raise OSError("disk full (simulated)")
@@ -322,7 +322,7 @@ def _tokenizer():
 
 def _crash_worker(store_dir: str, where: str) -> None:
     """Add a 3-segment document and die (os._exit: no cleanup, no rollback code) at ``where``."""
-    import kvzip_rag.store.blob as blob
+    import kvzip_rag.store.backends as blob
     from sqlalchemy.orm import Session
 
     model = build_tiny("llama", _tokenizer())

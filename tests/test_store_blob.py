@@ -37,10 +37,10 @@ def assert_same_cache(a: kvzip_rag.PackedCache, b: kvzip_rag.PackedCache) -> Non
 
 def next_token_logits(model, cache, question: str) -> torch.Tensor:
     ids = model.encode(model.template.question_text(question))
-    cache.reset()
+    cache.rewind()
     with torch.inference_mode():
         out = model.forward(ids, cache)
-    cache.reset()
+    cache.rewind()
     return out.logits[0, -1]
 
 

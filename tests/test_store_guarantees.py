@@ -50,10 +50,10 @@ def same_layers(a, b) -> None:
 
 def logits(model, cache, question: str = "Who built the harbour?") -> torch.Tensor:
     ids = model.encode(model.template.question_text(question))
-    cache.reset()
+    cache.rewind()
     with torch.inference_mode():
         out = model.forward(ids, cache)
-    cache.reset()
+    cache.rewind()
     return out.logits[0, -1]
 
 
@@ -218,16 +218,26 @@ def test_hostile_queries_and_filters_are_invalid_argument_errors(tmp_path, tiny_
 # ------------------------------------------------------------------------------------------ full and read-only disks
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 12 MiB tmpfs (root only): a disk that really fills up."""
+def _mount(tmp_path: Path, size: str):
+    """A real tmpfs of ``size`` (root only): a disk that really fills up."""
     mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from _mount(tmp_path, "12m")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """Under 8 MiB: the old store made no reserve file here, so a delete on the full disk failed."""
+    yield from _mount(tmp_path, "3m")
 
 
 def _fill(folder: Path, leave: int = 0) -> Path:
@@ -284,6 +294,18 @@ def test_full_disk_rm_and_gc_free_space_and_the_store_still_opens(small_disk, ti
         filler.unlink()
         reopened.add_document(tiny_llama, HARBOUR, doc_id="c", ratio=0.5)
         assert reopened.verify().ok and [d.id for d in reopened.list_documents()] == ["b", "c"]
+
+
+def test_full_small_disk_still_deletes(tiny_disk, tiny_llama):
+    store = CacheStore(tiny_disk / "s")
+    assert store.reserve.path.stat().st_size > 0  # sized to the small disk, not skipped
+    store.add_document(tiny_llama, HARBOUR, doc_id="a", ratio=0.5)
+    store.add_document(tiny_llama, ORCHARD, doc_id="b", ratio=0.5)
+    _fill(tiny_disk, 0)
+    assert shutil.disk_usage(tiny_disk).free < 4096
+    assert store.delete_document("a") is True
+    assert store.get_document("a") is None and store.verify().ok
+    store.close()
 
 
 def test_read_only_store_can_be_searched_and_loaded(small_disk, tiny_llama):

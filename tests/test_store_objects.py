@@ -9,7 +9,7 @@ import time
 import pytest
 
 from kvzip_rag.errors import InvalidArgumentError
-from kvzip_rag.store.blob import LocalBlobs
+from kvzip_rag.store.backends import LocalBlobs
 from kvzip_rag.store.objects import ObstoreObjects, open_objects
 
 from s3_server import s3_blob_url, s3_server  # noqa: F401  (fixtures)

@@ -5,14 +5,6 @@ extra ``[test]``)."""
 
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import pytest
 
 import kvzip_rag
@@ -20,58 +12,28 @@ from kvzip_rag.errors import CorruptBlobError, ModelMismatchError
 from kvzip_rag.store import CacheStore
 
 from conftest import build_tiny
+from services import TempPostgres
 from test_store import HARBOUR, ORCHARD
-
-
-def _pg_bin() -> Path | None:
-    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if (Path(candidate) / "initdb").exists():
-            return Path(candidate)
-    found = shutil.which("initdb")
-    return Path(found).resolve().parent if found else None
 
 
 @pytest.fixture(scope="module")
 def postgres_url():
     pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install psycopg2-binary)")
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")
-    prefix: list[str] = []
-    root = tempfile.mkdtemp(prefix="kvzip-pg-")
-    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres user
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the server as")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        runuser = shutil.which("runuser") or shutil.which("su")
-        if runuser is None:
-            pytest.skip("running as root and neither runuser nor su is available")
-        prefix = [runuser, "-u", "postgres", "--"] if runuser.endswith("runuser") else None
-        if prefix is None:
-            pytest.skip("only runuser is supported to drop root privileges")
-    data = Path(root) / "data"
-
-    def run(*args):
-        return subprocess.run(prefix + [str(a) for a in args], capture_output=True, text=True, timeout=120)
-
-    init = run(bindir / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync",
-               "--locale=C")
-    if init.returncode != 0:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
-    options = f"-k {root} -c listen_addresses='' -c fsync=off -c full_page_writes=off"
-    start = run(bindir / "pg_ctl", "-D", data, "-o", options, "-l", Path(root) / "log", "-w", "-t", "60", "start")
-    if start.returncode != 0:
-        log = (Path(root) / "log").read_text() if (Path(root) / "log").exists() else ""
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"PostgreSQL did not start: {start.stderr.strip()} {log[-500:]}")
     try:
-        yield f"postgresql+psycopg2://postgres@/postgres?host={root}"
+        server = TempPostgres(options="")
+    except (RuntimeError, KeyError) as error:  # no server binaries; root without a 'postgres' user to run it as
+        pytest.skip(f"cannot run a PostgreSQL server here: {error}")
+    try:
+        url = server.start()
+    except RuntimeError as error:
+        server.stop()
+        if str(error).startswith("initdb"):
+            pytest.skip(str(error))
+        pytest.fail(str(error))
+    try:
+        yield url
     finally:
-        run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        server.stop()
 
 
 def test_store_on_postgresql(postgres_url, tmp_path, tiny_llama, smol_tokenizer):

@@ -9,7 +9,8 @@ import kvzip_rag
 from kvzip_rag.errors import CorruptBlobError
 from kvzip_rag.quant import quantize
 from kvzip_rag.store import blob as blob_module
-from kvzip_rag.store.blob import BlobReader, LocalBlobs, ReadStats, encode_blob, local_reader
+from kvzip_rag.store.backends import LocalBlobs
+from kvzip_rag.store.blob import BlobReader, ReadStats, encode_blob, local_reader
 from kvzip_rag.store.cachefile import encode_document, read_cache, read_cache_header, verify_cache, write_cache
 
 from conftest import build_tiny

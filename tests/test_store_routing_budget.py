@@ -1,4 +1,4 @@
-"""Routing on a large store (schema.MATCH_BUDGET), checked against exact ranking on small synthetic stores.
+"""Routing on a large store (ranking.MATCH_BUDGET), checked against exact ranking on small synthetic stores.
 
 The budget is lowered to 10 so that a 30-segment store exercises all three cases: queries whose matches fit are
 ranked exactly as before; beyond it, the most frequent terms are left out and the result is exactly the ranking of
@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy.orm import Session
 
 from kvzip_rag.bench.scale import PostgresFiller, SQLiteFiller
-from kvzip_rag.store import CacheStore, schema
-from kvzip_rag.store.schema import search_segments
+from kvzip_rag.store import CacheStore, ranking
+from kvzip_rag.store.ranking import search_segments
 
 from test_store_postgres import postgres_url  # noqa: F401  (fixture)
 
@@ -26,12 +26,12 @@ def _store(url: str, tmp_path) -> CacheStore:
     filler = (PostgresFiller if store.engine.dialect.name == "postgresql" else SQLiteFiller)(store.engine, 1)
     filler.add(TEXTS)
     filler.finish()
-    schema._PG_FREQUENCIES.clear()
+    ranking._PG_FREQUENCIES.clear()
     return store
 
 
 def _search(store: CacheStore, query: str, budget: int, monkeypatch) -> list[tuple[int, float]]:
-    monkeypatch.setattr(schema, "MATCH_BUDGET", budget)
+    monkeypatch.setattr(ranking, "MATCH_BUDGET", budget)
     with Session(store.engine) as session:
         return search_segments(session, query, 30, method=store.search_method)
 
@@ -51,7 +51,7 @@ def _check_budget(store: CacheStore, monkeypatch) -> None:
     # a term with no matches never hides the frequent ones: they are still ranked (bounded)
     assert _search(store, "absentword common", 10, monkeypatch) == capped
     # the store's search uses the same path
-    monkeypatch.setattr(schema, "MATCH_BUDGET", 10)
+    monkeypatch.setattr(ranking, "MATCH_BUDGET", 10)
     assert [h.segment_id for h in store.search("rare common", k=2)] == [i for i, _ in pruned[:2]]
 
 
@@ -60,7 +60,7 @@ def test_routing_budget_sqlite(tmp_path, monkeypatch):
     try:
         _check_budget(store, monkeypatch)
         # SQLite ranks the first MATCH_BUDGET matches in segment order, scored as in the full ranking
-        monkeypatch.setattr(schema, "MATCH_BUDGET", 10)
+        monkeypatch.setattr(ranking, "MATCH_BUDGET", 10)
         capped = _search(store, "common", 10, monkeypatch)
         reference = [r for r in _search(store, "common", 10**9, monkeypatch) if r[0] <= 10]
         assert capped == reference
@@ -72,7 +72,7 @@ def test_routing_budget_postgresql(postgres_url, tmp_path, monkeypatch):  # noqa
     store = _store(postgres_url, tmp_path)
     try:
         with Session(store.engine) as session:  # the estimates come from ANALYZE's statistics
-            counts = schema._postgres_counts(session, ["common", "rare", "absent"])
+            counts = ranking._postgres_counts(session, ["common", "rare", "absent"])
         assert counts["common"] == pytest.approx(30, rel=0.01) and counts["absent"] == 0
         _check_budget(store, monkeypatch)
     finally:

@@ -9,7 +9,7 @@ resamples *documents* (the questions of one document share a cache, so they are 
 differences to the full cache and to KVzip pair level at the same ratio are paired (same resamples).
 
 Methods: ``full``, ``kvzip-{pair,uniform,head}@r``, ``kvzip-fast@r`` (pair level, the learned gate of
-:mod:`kvzip_rag.gate`; calibrated on the Paul Graham essays first when the model has none) and the query-agnostic
+:mod:`kvzip_rag.scorers.fast_gate`; calibrated on the Paul Graham essays first when the model has none) and the query-agnostic
 baselines (``snapkv@r``, ``h2o@r`` at the baseline level). Results: ``raw["fidelity"]`` and
 ``summary.quality.fidelity``; the scoring cost of every scorer, ``kvzip-fast`` included, joins ``summary.scoring``.
 """
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import data as bench_data
 from . import measure
+from .methods import method_order
 from .metrics import best_over, f1_score
 
 FAST = "kvzip-fast"
@@ -41,8 +42,8 @@ def grid(ratios, levels, baselines, baseline_level):
 
 def ensure_gate(bench) -> dict:
     """The model's gate, calibrated on the essays (never on SQuAD) when missing; returns what was done."""
-    from kvzip_rag.calibrate import calibrate, read_corpus
-    from kvzip_rag.gate import find_gate, gate_path
+    from kvzip_rag.scorers.fast_calibration import calibrate, read_corpus
+    from kvzip_rag.scorers.fast_gate import find_gate, gate_path
 
     gate = find_gate(bench.model)
     if gate is not None:
@@ -60,13 +61,13 @@ def teacher_forced(model, cache, question: str, gold: str) -> dict:
     """Log-probabilities at the answer positions (the first answer token, then after each gold token).
 
     The LM head runs only where needed (``logits_to_keep``): on a 135M model it is a fifth of the pass."""
-    cache.reset()
+    cache.rewind()
     prompt, target = measure.question_ids(model, question), measure.gold_ids(model, gold)
     try:
         with torch.inference_mode():
             out = model.forward(prompt + target, cache, logits_to_keep=len(target) + 1)
     finally:
-        cache.reset()
+        cache.rewind()
     logprobs = F.log_softmax(out.logits[0, :-1].float(), dim=-1)
     nll = float(F.nll_loss(logprobs, torch.tensor(target, device=logprobs.device)))
     return {"logprobs": logprobs.cpu(), "nll": nll, "greedy": logprobs.argmax(-1).cpu()}
@@ -181,8 +182,6 @@ def summarize(record: dict, ratios_le: float = 0.5, samples: int = 2000, seed: i
                     [x for v in per[other]["nll"].values() for x in v]))
                 entry[f"nll_minus_{name}_ci"] = [float(x) for x in np.percentile(diff, [2.5, 97.5])]
         out[method] = entry
-    from .summary import method_order
-
     return dict(sorted(out.items(), key=lambda kv: method_order(kv[0])))
 
 

@@ -24,9 +24,10 @@ from transformers import DynamicCache
 
 from kvzip_rag.attention import packed_attention
 from kvzip_rag.cache import PackedCache
-from kvzip_rag.compress import pack, prefill_document
+from kvzip_rag.compression import pack
 from kvzip_rag.generate import packed_forward
 from kvzip_rag.models import KVzipModel
+from kvzip_rag.prefill import prefill_document
 from kvzip_rag.scorers import KVzipScorer
 
 from .data import essays_text
@@ -104,7 +105,7 @@ def measure_length(model: KVzipModel, text: str, ratio: float, steps: int, quest
         return ttft, statistics.median(times)
 
     def packed_steps(cache: PackedCache) -> tuple[float, float, float]:
-        cache.reset()
+        cache.rewind()
         with torch.inference_mode():
             ttft, logits = _timed(device, lambda: packed_forward(model, cache, prompt))
             if device.type == "cuda":
@@ -115,14 +116,14 @@ def measure_length(model: KVzipModel, text: str, ratio: float, steps: int, quest
                 step, logits = _timed(device, lambda: packed_forward(model, cache, [int(logits.argmax())]))
                 times.append(step)
             peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else 0
-        cache.reset()
+        cache.rewind()
         return ttft, statistics.median(times), peak / 2**20
 
     def attention_ms(cache: PackedCache) -> float:
         config = model.config
         head_dim = cache.layers[0].buffer_keys.shape[-1]
         scaling = head_dim**-0.5
-        cache.reset()
+        cache.rewind()
         with torch.inference_mode():
             packed_forward(model, cache, prompt)  # a real tail, as while decoding
             query = torch.randn(1, config.num_attention_heads, 1, head_dim, device=device, dtype=model.dtype)
@@ -130,7 +131,7 @@ def measure_length(model: KVzipModel, text: str, ratio: float, steps: int, quest
                 _timed(device, lambda: [packed_attention(query, layer, scaling) for layer in cache.layers])[0]
                 for _ in range(steps)
             ]
-        cache.reset()
+        cache.rewind()
         return statistics.median(times) * 1e3
 
     _, decode_full, _ = packed_steps(full)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from kvzip_rag.calibrate import agreement, spearman
-from kvzip_rag.compress import pack, prefill_document
+from kvzip_rag.compression import pack
+from kvzip_rag.prefill import prefill_document
 from kvzip_rag.scorers import KVzipScorer
+from kvzip_rag.scorers.fast_calibration import agreement, spearman
 
 from . import data as bench_data
 from .fidelity import teacher_forced

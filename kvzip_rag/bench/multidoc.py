@@ -32,7 +32,8 @@ from pathlib import Path
 import kvzip_rag
 from kvzip_rag.cache import PackedCache
 from kvzip_rag.compose import compose
-from kvzip_rag.compress import pack, prefill_document
+from kvzip_rag.compression import pack
+from kvzip_rag.prefill import prefill_document
 from kvzip_rag.scorers import KVzipScorer
 
 from . import data as bench_data

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from kvzip_rag.compress import pack, prefill_document
+from kvzip_rag.compression import pack
+from kvzip_rag.extras import pyplot
+from kvzip_rag.prefill import prefill_document
 from kvzip_rag.quant import quantize
 from kvzip_rag.scorers import KVzipScorer
 
@@ -331,11 +333,7 @@ def plot(results: dict, out_dir: Path) -> Path | None:
     quant = results.get("quant")
     if not quant or not quant["pareto"]:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for bits, marker in ((16, "o"), (8, "s"), (4, "^")):
         points = sorted((p["file_vs_full"], p["nll_common"], p["f1"], p["ratio"]) for p in quant["pareto"]

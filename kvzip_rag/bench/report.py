@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvzip_rag.extras import pyplot
+
 from . import fidelity
-from .summary import parse_method
+from .methods import parse_method
 
 PLOT_FAMILIES = ("kvzip-pair", "kvzip-uniform", "kvzip-head", "snapkv", "h2o", "keynorm", "random")
 
@@ -178,11 +180,7 @@ def markdown(results: dict, command: str | None = None) -> str:
 
 
 def plots(results: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     summary = results["summary"]
     written = []
     quality = summary["quality"]
@@ -276,9 +274,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
 
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 

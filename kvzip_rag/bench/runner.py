@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from kvzip_rag.cache import PackedCache
-from kvzip_rag.compress import pack, prefill_document
+from kvzip_rag.compression import pack
 from kvzip_rag.models import KVzipModel
+from kvzip_rag.prefill import prefill_document
 from kvzip_rag.scorers import SCORERS, Scorer
-from kvzip_rag.scorers.calibration import head_scores
+from kvzip_rag.scorers.head_calibration import head_scores
 
 from . import data as bench_data
 from .fidelity import run_fidelity

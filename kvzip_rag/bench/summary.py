@@ -5,25 +5,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from .methods import method_order, parse_method
 from .metrics import exact_match, f1_score, mean, median, ratio, stderr
 from .presets import Preset
 
 REFERENCE_METHODS = ("full", "reprefill", "chunk-rag")
-
-
-def parse_method(method: str) -> tuple[str, float | None]:
-    """``kvzip-pair@0.3`` -> (``kvzip-pair``, 0.3); ``full`` -> (``full``, 1.0); others -> (name, None)."""
-    if "@" in method:
-        family, value = method.rsplit("@", 1)
-        return family, float(value)
-    return method, 1.0 if method == "full" else None
-
-
-def method_order(method: str) -> tuple:
-    family, r = parse_method(method)
-    families = ["full", "reprefill", "chunk-rag", "kvzip-pair", "kvzip-uniform", "kvzip-head", "snapkv", "h2o",
-                "keynorm", "random"]
-    return (families.index(family) if family in families else len(families), -(r or 0), method)
 
 
 def quality(rows: list[dict]) -> dict:

@@ -27,10 +27,10 @@ def calibrate(
         TimeRemainingColumn
 
     import kvzip_rag
-    from kvzip_rag.calibrate import calibrate as run_calibration
-    from kvzip_rag.calibrate import read_corpus
+    from kvzip_rag.scorers.fast_calibration import calibrate as run_calibration
+    from kvzip_rag.scorers.fast_calibration import read_corpus
     from kvzip_rag.errors import KVzipError
-    from kvzip_rag.gate import gate_path
+    from kvzip_rag.scorers.fast_gate import gate_path
 
     console = Console(stderr=True)
     try:

@@ -54,8 +54,8 @@ def index(
 
 def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | None, doc_id: str | None = None,
                        force: bool = False, kv_bits: int = 16) -> None:
-    """Index files and folders with kvzip_rag.distributed (a worker that dies has its document retried)."""
-    from kvzip_rag.distributed import index_documents
+    """Index files and folders with kvzip_rag.store.distributed (a worker that dies has its document retried)."""
+    from kvzip_rag.store.distributed import index_documents
 
     texts, failed = read_texts(paths, doc_id)
     settings.open_store(create=True)  # a bad --db or --blob-url fails here, once, not in every worker

@@ -33,7 +33,7 @@ def inspect_document(
                                                                      "sentences the answer rests on.")] = None,
 ) -> None:
     """Draw what compression kept: a PNG heatmap of (layer, kv head) budgets and an HTML view of the tokens."""
-    from kvzip_rag.inspect import draw_budget_heatmap, evidence_html, write_token_html
+    from kvzip_rag.visualize import draw_budget_heatmap, evidence_html, write_token_html
 
     settings = settings_of(ctx)
     store_ = settings.open_store()
@@ -153,7 +153,7 @@ class DemoRow:
 
 def reprefill_seconds(model, cache, question: str) -> float:
     """Time to the first token without a stored cache: prefill the whole document and the question again."""
-    from kvzip_rag.compress import prefill
+    from kvzip_rag.prefill import prefill
 
     ids = list(cache.info.input_ids) + model.encode(model.template.question_text(question))
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Scorers: one small class per way of ranking a document's KV pairs."""
 
-from .base import PrefilledDocument, Scorer
+from .base import Scorer
 from .baselines import H2OScorer, KeyNormScorer, RandomScorer, SnapKVScorer
 from .fast import KVzipFastScorer
 from .head import HeadScorer
@@ -11,5 +11,5 @@ SCORERS: dict[str, type[Scorer]] = {
     for cls in (KVzipScorer, HeadScorer, KVzipFastScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
 }
 
-__all__ = ["SCORERS", "H2OScorer", "HeadScorer", "KVzipScorer", "KeyNormScorer", "PrefilledDocument",
-           "RandomScorer", "Scorer", "SnapKVScorer", "KVzipFastScorer"]
+__all__ = ["SCORERS", "H2OScorer", "HeadScorer", "KVzipScorer", "KeyNormScorer", "RandomScorer", "Scorer",
+           "SnapKVScorer", "KVzipFastScorer"]

@@ -1,47 +1,15 @@
-"""What every scorer sees and returns: the prefilled document and one score per (layer, kv head, token)."""
+"""What every scorer sees and returns: the prefilled document (:mod:`kvzip_rag.prefill`) and one score per
+(layer, kv head, token)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from ..attention import AttentionObserver
 from ..errors import InvalidArgumentError
-from ..models import KVzipModel
-
-
-@dataclass
-class PrefilledDocument:
-    """The full cache of ``prefix + context`` and where things are in it."""
-
-    model: KVzipModel
-    cache: DynamicCache
-    prefix_ids: list[int]
-    context_ids: list[int]
-    compressed_layers: list[int]
-
-    @property
-    def prefix_length(self) -> int:
-        return len(self.prefix_ids)
-
-    @property
-    def context_length(self) -> int:
-        return len(self.context_ids)
-
-    @property
-    def base_length(self) -> int:
-        return self.prefix_length + self.context_length
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.model.config.num_key_value_heads
-
-    def context_keys(self, layer: int) -> torch.Tensor:
-        """Cached (post-RoPE) keys of the context tokens, shape (kv_heads, context, head_dim)."""
-        return self.cache.layers[layer].keys[0, :, self.prefix_length : self.base_length]
+from ..prefill import PrefilledDocument
 
 
 class Scorer(ABC):

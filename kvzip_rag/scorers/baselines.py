@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionObserver
-from .base import PrefilledDocument, Scorer, causal_softmax, grouped_queries
+from ..prefill import PrefilledDocument
+from .base import Scorer, causal_softmax, grouped_queries
 
 
 class _PrefillAttentionScorer(Scorer):

@@ -7,14 +7,15 @@ import logging
 import torch
 
 from ..errors import ModelMismatchError
-from .base import PrefilledDocument, Scorer
+from ..prefill import PrefilledDocument
+from .base import Scorer
 from .kvzip import KVzipScorer
 
 logger = logging.getLogger("kvzip_rag")
 
 
 class KVzipFastScorer(Scorer):
-    """Score each context KV pair with the model's calibrated gate (:mod:`kvzip_rag.gate`), no repeat pass.
+    """Score each context KV pair with the model's calibrated gate (:mod:`.fast_gate`), no repeat pass.
 
     The gate is loaded automatically from the cache dir (``kvzip-rag calibrate`` writes it). A model without one
     is scored by KVzip itself, with a one-line notice; ``name`` then reads ``kvzip`` so the cache records which
@@ -27,7 +28,7 @@ class KVzipFastScorer(Scorer):
         self.gate = gate
 
     def score(self, document: PrefilledDocument) -> torch.Tensor:
-        from ..gate import find_gate
+        from .fast_gate import find_gate
 
         gate = self.gate or find_gate(document.model)
         if gate is None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import PrefilledDocument, Scorer
-from .calibration import head_scores
+from ..prefill import PrefilledDocument
+from .base import Scorer
+from .head_calibration import head_scores
 
 
 class HeadScorer(Scorer):

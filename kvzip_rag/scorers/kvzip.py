@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..attention import AttentionObserver, expand_kv, flash_cpu
-from .base import PrefilledDocument, Scorer, grouped_queries
+from ..prefill import PrefilledDocument
+from .base import Scorer, grouped_queries
 
 FIRST_REPEAT = "\n\nRepeat the previous context exactly."
 NEXT_REPEAT = "\n\nRepeat the part of the previous context exactly, starting with "

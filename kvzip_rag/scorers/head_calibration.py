@@ -8,6 +8,7 @@ import json
 import torch
 
 from ..models import KVzipModel, cache_dir
+from ..prefill import prefill_document
 from .kvzip import KVzipScorer
 
 CALIBRATION_TEXT = """\
@@ -37,8 +38,6 @@ def head_scores(model: KVzipModel) -> torch.Tensor:
     if path.exists():
         scores = torch.tensor(json.loads(path.read_text()))
     else:
-        from ..compress import prefill_document  # compress builds on the scorers: import at use
-
         document = prefill_document(model, CALIBRATION_TEXT)
         scores = KVzipScorer().score(document).amax(dim=-1)
         path.parent.mkdir(parents=True, exist_ok=True)

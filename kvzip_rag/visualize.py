@@ -5,7 +5,7 @@ HTML view the original ``positions`` of the entries each compressed (layer, head
 and divided by the number of (layer, head) pairs. A token shaded dark was kept by nearly every head; a pale one
 survives in few or none.
 
-    >>> from kvzip_rag.inspect import draw_budget_heatmap, write_token_html
+    >>> from kvzip_rag.visualize import draw_budget_heatmap, write_token_html
     >>> draw_budget_heatmap(cache, "budgets.png")
     >>> write_token_html([cache], tokenizer, "kept.html")
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .cache import PackedCache
+from .extras import pyplot
 
 
 def budget_fractions(cache: PackedCache) -> torch.Tensor:
@@ -167,11 +168,7 @@ def draw_budget_heatmap(
 
     Several caches (segments of one document) are averaged, weighted by their context length.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     caches = [caches] if isinstance(caches, PackedCache) else list(caches)
     if not caches:
         raise ValueError("no cache to draw")

@@ -1,26 +1,16 @@
-"""text -> tokens -> full cache -> scores -> packed cache."""
+"""text -> tokens -> full cache (:mod:`.prefill`) -> scores -> packed cache."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from transformers import DynamicCache
 
 from .budget import DEFAULT_BUDGET, allocate_budgets, check_ratio_level
 from .cache import CacheInfo, PackedCache, PackedLayer
-from .errors import ContextTooLongError, EmptyDocumentError, InvalidArgumentError
+from .errors import InvalidArgumentError
 from .models import KVzipModel
+from .prefill import PrefilledDocument, Progress, prefill_document
 from .quant import check_bits, quantize
-from .scorers import SCORERS, KVzipScorer, PrefilledDocument, Scorer
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-def compressed_layer_indices(model: KVzipModel) -> list[int]:
-    """Layers KVzip compresses: all of them, except sliding-window layers, which keep their window."""
-    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
-    return [i for i, kind in enumerate(layer_types) if kind != "sliding_attention"]
+from .scorers import SCORERS, KVzipScorer, Scorer
 
 
 def resolve_scorer(scorer: str | Scorer, level: str | None = None) -> Scorer:
@@ -30,52 +20,6 @@ def resolve_scorer(scorer: str | Scorer, level: str | None = None) -> Scorer:
             raise InvalidArgumentError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
         scorer = SCORERS[scorer]()
     return scorer if level is None else scorer.for_level(level)
-
-
-def tokenize_document(model: KVzipModel, text: str) -> tuple[list[int], list[int]]:
-    """Prefix and context token ids, with the checks a user can act on."""
-    if not isinstance(text, str) or not text.strip():
-        raise EmptyDocumentError("the document is empty or whitespace only; there is nothing to compress")
-    prefix_ids = model.encode(model.template.prefix)
-    context_ids = model.encode(text)
-    limit = model.context_limit - len(prefix_ids)
-    if len(context_ids) > limit:
-        raise ContextTooLongError(
-            f"the context has {len(context_ids)} tokens but model {model.name!r} takes at most {limit} context tokens "
-            f"({model.max_positions} positions, minus the {len(prefix_ids)}-token prefix and room for answers); "
-            "split the document (KVzipIndex and the CLI segment long documents automatically)"
-        )
-    return prefix_ids, context_ids
-
-
-def prefill(
-    model: KVzipModel, input_ids: list[int], chunk_size: int = 2048, observer=None, progress: Progress | None = None
-) -> DynamicCache:
-    """Chunked prefill into transformers' own DynamicCache, so long contexts never need the whole attention matrix."""
-    cache = DynamicCache(config=model.model.config)
-    chunks = list(range(0, len(input_ids), chunk_size))
-    with torch.inference_mode():
-        for done, start in enumerate(chunks):
-            model.forward(
-                input_ids[start : start + chunk_size], cache, logits_to_keep=1, kvzip_observer=observer,
-                kvzip_prefill=True,
-            )
-            if progress:
-                progress("prefill", done + 1, len(chunks))
-    return cache
-
-
-def prefill_document(
-    model: KVzipModel, text: str, chunk_size: int = 2048, scorer: Scorer | None = None,
-    progress: Progress | None = None,
-) -> PrefilledDocument:
-    prefix_ids, context_ids = tokenize_document(model, text)
-    layers = compressed_layer_indices(model)
-    observer = None
-    if scorer is not None:
-        observer = scorer.prefill_observer(len(prefix_ids) + len(context_ids), len(prefix_ids), layers)
-    cache = prefill(model, prefix_ids + context_ids, chunk_size, observer, progress)
-    return PrefilledDocument(model, cache, prefix_ids, context_ids, layers)
 
 
 def compress(

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .compress import prefill_document
-from .errors import EmptyDocumentError, InvalidArgumentError
-from .gate import Gate
-from .models import KVzipModel
-from .scorers import KVzipScorer, PrefilledDocument
+from ..errors import EmptyDocumentError, InvalidArgumentError
+from ..models import KVzipModel
+from ..prefill import PrefilledDocument, prefill_document
+from .fast_gate import Gate
+from .kvzip import KVzipScorer
 
 Progress = Callable[[int, int], None]  # (segments done, total)
 TEXT_SUFFIXES = (".txt", ".md")
