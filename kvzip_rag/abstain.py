@@ -115,13 +115,6 @@ def features(evidence: Evidence, top_weight: float, mean_logprob: float | None, 
             routing_score or 0.0, float(refusal)]
 
 
-def stored_text(service: QAService, target: Target) -> str | None:
-    """The segment's text as the store holds it now (None if the document or segment is gone)."""
-    record = service.store.get_document(target.doc_id)
-    segment = next((s for s in record.segments if s.index == target.segment_index), None) if record else None
-    return segment.text if segment is not None else None
-
-
 @dataclass(frozen=True)
 class Assessment:
     """One answer's evidence read out: its citations, the composed documents that gave none, the score and its
@@ -144,7 +137,7 @@ def assess(service: QAService, answer: Answer, used: Sequence[Target], routed: S
     evidence = answer.evidence
     if not grounding.evidence or evidence is None:
         return None
-    texts = {t: stored_text(service, t) for t in used}
+    texts = {t: service.stored_text(t) for t in used}
     documents = [(t, t.text or texts[t] or "") for t in used]
     cited = [c for c in citations(evidence, documents, service.model.tokenizer)
              if verified(c, next(texts[t] for t in used if t.node_id == c.node_id))]

@@ -313,7 +313,6 @@ class ChatSession:
         """Answer ``question`` from the cache :meth:`plan` decides (a given ``plan`` is used while the session has
         not changed since), passing the answer's pieces to ``emit`` as generated."""
         from .generate import Conversation, SamplingOptions
-        from .quote import quote_constraint
 
         options = {**self.sampling, **check_sampling(sampling)}
         max_new = options.get("max_new_tokens", SamplingOptions.max_new_tokens)
@@ -340,7 +339,7 @@ class ChatSession:
             self.conversation, self.documents = conversation, documents
             self._version += 1
             cached = cache.get_seq_length() - replayed
-            constraint = quote_constraint(service, SamplingOptions.from_options(options), question, documents)
+            constraint = service.quote_constraint(SamplingOptions.from_options(options), question, documents)
             stream = conversation.stream(question, constraint=constraint, **options)
             for piece in stream:
                 if emit is not None:

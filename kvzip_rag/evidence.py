@@ -168,9 +168,9 @@ class EvidenceRecorder:
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
     """Character spans of the text's sentences (paragraphs, then sentence ends: the store's own segmentation)."""
-    from .store.segment import _paragraphs, _sentences
+    from .sentences import paragraphs, sentences
 
-    return [s for a, b in _paragraphs(text) for s in _sentences(text, a, b)]
+    return [s for a, b in paragraphs(text) for s in sentences(text, a, b)]
 
 
 def sentence_mass(text: str, token_mass: torch.Tensor, tokenizer) -> list[tuple[tuple[int, int], float]] | None:

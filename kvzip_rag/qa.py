@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # the engine and the store import torch: only when a service 
     from .generate import SamplingOptions
     from .models import KVzipModel
     from .store import CacheStore
+    from .quote import QuoteConstraint
 
 DEFAULT_RATIO, DEFAULT_LEVEL = DEFAULT_BUDGET.ratio, DEFAULT_BUDGET.level
 
@@ -272,6 +273,24 @@ class QAService:
 
     # -------------------------------------------------------------------------------------- answering
 
+    def stored_text(self, target: Target) -> str | None:
+        """The segment's text as the store holds it now (``None`` if the document or segment is gone): what quotes
+        follow and citations are checked against."""
+        record = self.store.get_document(target.doc_id)
+        segment = next((s for s in record.segments if s.index == target.segment_index), None) if record else None
+        return segment.text if segment is not None else None
+
+    def quote_constraint(self, sampling: SamplingOptions, question: str,
+                         sources: Sequence[Target]) -> QuoteConstraint | None:
+        """``answer_style="quote"``: a :class:`~kvzip_rag.quote.QuoteConstraint` over the ``sources`` (the segments
+        in the cache that answers), its lead-in at most half the token cap; ``None`` for free answers."""
+        from .quote import LEAD_IN, QuoteConstraint
+
+        if sampling.answer_style != "quote":
+            return None
+        return QuoteConstraint(self.model, [self.stored_text(t) or "" for t in sources], question,
+                               min(LEAD_IN, sampling.max_new_tokens // 2))
+
     def generate(self, cache, question: str, sampling: SamplingOptions, emit: Callable[[str], None] | None = None,
                  sources: Sequence[Target] = ()) -> tuple[Any, list[str]]:
         """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock.
@@ -279,10 +298,9 @@ class QAService:
         :func:`kvzip_rag.evidence.recording`."""
         from .evidence import is_recording
         from .generate import stream_answer
-        from .quote import quote_constraint
 
         with self.lock:
-            constraint = quote_constraint(self, sampling, question, sources)
+            constraint = self.quote_constraint(sampling, question, sources)
             stream = stream_answer(self.model, cache, question, sampling, constraint=constraint,
                                    evidence=is_recording())
             pieces = []
@@ -351,10 +369,10 @@ class QAService:
             result.retrieve_s, result.compose = plan.retrieve_s, composer.name
             result = ground(self, result, grounding)
         if sampling.answer_style == "quote" and not result.abstained:
-            from .quote import quote_citations, segment_text
+            from .quote import quote_citations
 
             result.citations = quote_citations(result.text, result.used,
-                                               [segment_text(self.store, t) for t in result.used])
+                                               [self.stored_text(t) or "" for t in result.used])
         return result
 
     def stream(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,

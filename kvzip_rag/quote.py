@@ -28,10 +28,7 @@ from .answers import Citation, Target
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from .generate import SamplingOptions
     from .models import KVzipModel
-    from .qa import QAService
-    from .store import CacheStore
 
 ANSWER_STYLES = ("free", "quote")
 DEFAULT_ANSWER_STYLE = "free"
@@ -134,27 +131,6 @@ class QuoteConstraint:
         self.positions = [(d, i + 1) for d, i in self.positions
                           if i < len(self.documents[d]) and self.documents[d][i] == token]
         return True
-
-
-def quote_constraint(service: QAService, sampling: SamplingOptions, question: str,
-                     sources: Sequence[Target]) -> QuoteConstraint | None:
-    """``answer_style="quote"``: a :class:`QuoteConstraint` over the ``sources`` (the segments in the cache that
-    answers), its lead-in at most half the token cap; ``None`` for free answers."""
-    if sampling.answer_style != "quote":
-        return None
-    return QuoteConstraint(service.model, [segment_text(service.store, t) for t in sources], question,
-                           min(LEAD_IN, sampling.max_new_tokens // 2))
-
-
-def segment_text(store: CacheStore, target: Target) -> str:
-    """The stored text of a routed segment (a target built from an id pair carries none)."""
-    if target.text:
-        return target.text
-    record = store.get_document(target.doc_id)
-    for segment in record.segments if record is not None else ():
-        if segment.index == target.segment_index:
-            return segment.text
-    return ""
 
 
 def quote_citations(answer: str, targets: Sequence[Target], texts: Sequence[str]) -> list[Citation]:

@@ -7,17 +7,15 @@ sentence longer than the limit. Every segment's token count (as the model encode
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError
+from kvzip_rag.sentences import paragraphs, sentences, trimmed
 
 MAX_SEGMENT_TOKENS = 4096
 MAX_SEGMENTS = 1024  # per document: ~4M tokens at the default segment size
 
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
-_SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*(?=\s|$)")
 
 
 @dataclass(frozen=True)
@@ -35,32 +33,6 @@ def default_max_tokens(model) -> int:
     """min(model.context_limit - prefix tokens, 4096): what one compressed cache can hold."""
     prefix = len(model.encode(model.template.prefix))
     return max(1, min(model.context_limit - prefix, MAX_SEGMENT_TOKENS))
-
-
-def _trimmed(text: str, start: int, end: int) -> tuple[int, int] | None:
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    return (start, end) if start < end else None
-
-
-def _paragraphs(text: str) -> list[tuple[int, int]]:
-    spans, start = [], 0
-    for match in _PARAGRAPH_BREAK.finditer(text):
-        spans.append((start, match.start()))
-        start = match.end()
-    spans.append((start, len(text)))
-    return [s for s in (_trimmed(text, a, b) for a, b in spans) if s]
-
-
-def _sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
-    spans, cursor = [], start
-    for match in _SENTENCE_END.finditer(text, start, end):
-        spans.append((cursor, match.end()))
-        cursor = match.end()
-    spans.append((cursor, end))
-    return [s for s in (_trimmed(text, a, b) for a, b in spans) if s]
 
 
 def _token_pieces(text: str, start: int, end: int, max_tokens: int, encode: Encode, tokenizer) -> list[tuple[int, int]]:
@@ -91,7 +63,7 @@ def _token_pieces(text: str, start: int, end: int, max_tokens: int, encode: Enco
                     hi = mid - 1
             spans.append((cursor, lo))
             cursor = lo
-    return [s for s in (_trimmed(text, a, b) for a, b in spans) if s]
+    return [s for s in (trimmed(text, a, b) for a, b in spans) if s]
 
 
 def split_text(text: str, encode: Encode, max_tokens: int, tokenizer=None) -> list[TextSegment]:
@@ -120,12 +92,12 @@ def split_text(text: str, encode: Encode, max_tokens: int, tokenizer=None) -> li
             else:
                 raise InvalidArgumentError(f"cannot split the text into pieces of at most {max_tokens} tokens")
 
-    for pa, pb in _paragraphs(text):
+    for pa, pb in paragraphs(text):
         n = count(pa, pb)
         if n <= max_tokens:
             units.append((pa, pb, n))
             continue
-        for sa, sb in _sentences(text, pa, pb):
+        for sa, sb in sentences(text, pa, pb):
             add_unit(sa, sb, max_tokens)
 
     segments: list[TextSegment] = []

@@ -1,0 +1,38 @@
+"""Paragraphs and sentences of a text, as character spans: the one rule the store segments documents by and
+citations quote whole sentences by."""
+
+from __future__ import annotations
+
+import re
+
+PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*(?=\s|$)")
+
+
+def trimmed(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """``text[start:end]`` without its surrounding white space, as a span (None when nothing is left)."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return (start, end) if start < end else None
+
+
+def paragraphs(text: str) -> list[tuple[int, int]]:
+    """Spans of the text's paragraphs (split at blank lines)."""
+    spans, start = [], 0
+    for match in PARAGRAPH_BREAK.finditer(text):
+        spans.append((start, match.start()))
+        start = match.end()
+    spans.append((start, len(text)))
+    return [s for s in (trimmed(text, a, b) for a, b in spans) if s]
+
+
+def sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """Spans of the sentences of ``text[start:end]`` (split after . ! ? and their CJK forms, closing quotes kept)."""
+    spans, cursor = [], start
+    for match in SENTENCE_END.finditer(text, start, end):
+        spans.append((cursor, match.end()))
+        cursor = match.end()
+    spans.append((cursor, end))
+    return [s for s in (trimmed(text, a, b) for a, b in spans) if s]
