@@ -56,4 +56,7 @@ def grounding(result: Any) -> dict:
     """``citations`` (dicts, best first) and ``abstained`` of a :class:`kvzip_rag.answers.QAResult` (or None)."""
     if result is None:
         return {"citations": [], "abstained": False}
-    return {"citations": [c.as_dict() for c in result.citations], "abstained": bool(result.abstained)}
+    out = {"citations": [c.as_dict() for c in result.citations], "abstained": bool(result.abstained)}
+    if result.abstained:
+        out.update(candidate_answer=result.candidate, abstain_text=result.abstain_text)
+    return out

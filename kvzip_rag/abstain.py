@@ -108,6 +108,19 @@ class Grounding:
         return self.abstain_threshold
 
 
+GROUNDING_OPTIONS = ("evidence", "abstain_threshold", "abstain_text")  # the fields of Grounding given by name
+
+
+def split_grounding(options: dict, base: Grounding | None = None) -> tuple[dict, Grounding]:
+    """Answer options given by name as (sampling options, :class:`Grounding`): the grounding names override
+    ``base`` (default: the default grounding), for interfaces that take both in one set of keywords (chats)."""
+    from dataclasses import replace
+
+    named = {k: options[k] for k in GROUNDING_OPTIONS if k in options}
+    rest = {k: v for k, v in options.items() if k not in GROUNDING_OPTIONS}
+    return rest, replace(base or Grounding(), **named)
+
+
 def features(evidence: Evidence, top_weight: float, mean_logprob: float | None, routing_score: float | None,
              refusal: bool) -> list[float]:
     """The values of :data:`FEATURES` for one answer (a missing log-probability, i.e. an empty answer, is -10)."""

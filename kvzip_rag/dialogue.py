@@ -21,6 +21,7 @@ from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_ques
 from .store.ranking import STOPWORDS, words
 
 if TYPE_CHECKING:
+    from .abstain import Assessment, Grounding
     from .cache import PackedCache
     from .generate import Answer, Conversation
 
@@ -222,6 +223,32 @@ class Turn:
     dropped: list[Dropped]
     cached_tokens: int = 0  # documents + earlier turns served from the cache
     replayed_tokens: int = 0  # earlier turns put into the cache for this call
+    assessment: Assessment | None = None  # its evidence read out (None: recorded none, ``evidence=False``)
+    abstain_text: str = ""  # what ``text`` says when it abstained
+
+    @property
+    def abstained(self) -> bool:
+        return self.assessment is not None and self.assessment.abstained
+
+    @property
+    def text(self) -> str:
+        """The answer shown: the abstention when the evidence was too weak (the conversation keeps the candidate,
+        ``answer.text``, as what was said)."""
+        return self.abstain_text if self.abstained else self.answer.text
+
+    @property
+    def citations(self) -> list:
+        return list(self.assessment.citations) if self.assessment is not None else []
+
+    def grounding(self) -> dict:
+        """``citations`` (dicts), ``abstained``, ``evidence_score`` and (abstained) ``candidate_answer`` and
+        ``abstain_text``: the same keys a :class:`~kvzip_rag.answers.QAResult`'s metadata has."""
+        found = self.assessment
+        out = {"citations": [c.as_dict() for c in self.citations], "abstained": self.abstained,
+               "evidence_score": found.score if found is not None else None}
+        if self.abstained:
+            out.update(candidate_answer=self.answer.text, abstain_text=self.abstain_text)
+        return out
 
 
 @dataclass
@@ -239,17 +266,21 @@ class ChatSession:
     service: QAService
     k: int = 1
     doc_ids: Sequence[str] | None = None
-    sampling: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)  # answer options by name, grounding ones included (``evidence``...)
     max_documents: int = 4
     compose: str | None = None  # the layout of the conversation's cache (None: the service's; see ``layout``)
     documents: list[Target] = field(default_factory=list)  # those of the live conversation's cache
     conversation: Conversation | None = None
     _version: int = field(default=0, init=False, repr=False)
+    _grounding: Grounding | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_k(self.k)
         check_k(self.max_documents, "max_documents")
-        self.sampling = check_sampling(self.sampling)
+        from .abstain import split_grounding
+
+        sampling, self._grounding = split_grounding(self.sampling)
+        self.sampling = check_sampling(sampling)
         if self.compose is not None and not hasattr(get_composer(self.compose), "layout"):
             raise InvalidArgumentError(
                 f"compose={self.compose!r} answers from separate caches; a conversation continues in one cache: "
@@ -311,9 +342,13 @@ class ChatSession:
     def ask(self, question: str, history: Sequence[tuple[str, str]] = (), emit: Callable[[str], None] | None = None,
             plan: TurnPlan | None = None, **sampling: Any) -> Turn:
         """Answer ``question`` from the cache :meth:`plan` decides (a given ``plan`` is used while the session has
-        not changed since), passing the answer's pieces to ``emit`` as generated."""
+        not changed since), passing the answer's pieces to ``emit`` as generated (the candidate: ``Turn.text`` is
+        the abstention when its evidence is too weak). ``sampling``: answer options for this turn, grounding ones
+        (``evidence``, ``abstain_threshold``, ``abstain_text``) included."""
+        from .abstain import assess, split_grounding
         from .generate import Conversation, SamplingOptions
 
+        sampling, grounding = split_grounding(sampling, self._grounding)
         options = {**self.sampling, **check_sampling(sampling)}
         max_new = options.get("max_new_tokens", SamplingOptions.max_new_tokens)
         service = self.service
@@ -340,11 +375,12 @@ class ChatSession:
             self._version += 1
             cached = cache.get_seq_length() - replayed
             constraint = service.quote_constraint(SamplingOptions.from_options(options), question, documents)
-            stream = conversation.stream(question, constraint=constraint, **options)
+            stream = conversation.stream(question, constraint=constraint, evidence=grounding.evidence, **options)
             for piece in stream:
                 if emit is not None:
                     emit(piece)
             result = stream.result
+            found = assess(service, result, documents, plan.routed, grounding)
             info.update(
                 ttft_s=result.time_to_first_token_s, decode_s=result.decode_s, ratio=cache.info.ratio,
                 level=cache.info.level, kept_ratio=cache.kept_ratio, cache_bytes=cache.nbytes,
@@ -355,7 +391,10 @@ class ChatSession:
                 routed_node_ids=[t.node_id for t in plan.routed], routing=plan.routing,
                 cache_change=change, dropped=[d.as_dict() for d in dropped],
             )
-            return Turn(result, info, documents, plan.routed, change, dropped, cached, replayed)
+            turn = Turn(result, info, documents, plan.routed, change, dropped, cached, replayed, found,
+                        grounding.abstain_text)
+            info.update(turn.grounding())
+            return turn
 
     def _cache(self, documents: list[Target], turns: list[tuple[str, str]], question: str, max_new: int,
                info: dict) -> tuple[PackedCache, list[Target], list[Dropped]]:

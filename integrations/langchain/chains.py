@@ -36,6 +36,35 @@ def _question_of(value: Any) -> str:
 
 
 
+def _closing(sources: list[Document], result: QAResult | None) -> AddableDict:
+    """The last chunk: the sources with their grounding, ``abstained``, and (abstained) the ``abstention`` that
+    :class:`KVzipQAChain`'s ``invoke`` returns as the answer."""
+    abstained = bool(result is not None and result.abstained)
+    return AddableDict(sources=_annotated(sources, result), abstained=abstained,
+                       **({"abstention": result.text} if abstained else {}))
+
+
+def _settled(output: dict) -> dict:
+    """An invoked chain's output: when it abstained, the answer is the abstention and the streamed text, the
+    candidate, is kept as ``candidate_answer``."""
+    if not output.get("abstained"):
+        return output
+    output = dict(output)
+    output["candidate_answer"], output["answer"] = output["answer"], output.pop("abstention")
+    return output
+
+
+class KVzipQAChain(RunnableGenerator):
+    """The QA chain's Runnable: a generator (streams the candidate's pieces, then the sources) whose ``invoke``
+    and ``ainvoke`` (hence ``batch``) return the abstention as the answer when the evidence was too weak."""
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return _settled(super().invoke(input, config, **kwargs))
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return _settled(await super().ainvoke(input, config, **kwargs))
+
+
 def _annotated(sources: list[Document], result: QAResult | None) -> list[Document]:
     """With several sources, what each one did for the answer (:meth:`QAResult.source_metadata`, as the LlamaIndex
     engine attaches it): ``composed`` True/False, or its own ``answer`` and ``chosen`` (best-of-k); then what the
@@ -71,7 +100,8 @@ def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: st
     ``qa``: a :class:`kvzip_rag.qa.QAService` (shared with other adapters), or a store folder / ``CacheStore``
     (then ``model=`` and ``threads=`` build the service), or anything carrying ``.qa`` (a ``KVzipIndex``).
     Input: a question string, ``{"question": ...}`` (``"query"``/``"input"`` too), a prompt value or a message.
-    Output: ``{"answer": str, "sources": list[Document]}``: ``sources`` are the ``k`` routed segments (the Documents
+    Output: ``{"answer": str, "sources": list[Document], "abstained": bool}``: when the evidence was too weak,
+    ``answer`` is the abstention and ``candidate_answer`` the generated text. ``sources`` are the ``k`` routed segments (the Documents
     :class:`KVzipRetriever` returns), ``answer`` comes from their caches through the service. ``k > 1``: the caches
     make one answer by ``compose`` (default: the service's, ``"parallel"``: joined into one cache that answers once,
     each source then marked ``composed`` True, or False where the model's window could not take it; ``"best-of-k"``:
@@ -80,10 +110,11 @@ def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: st
     evidence (or abstained), every source carries ``citations`` (its cited spans as dicts: ``start``/``end`` in its
     text, ``text``, ``weight``; ``[]`` if not cited) and ``abstained``. ``options``: sampling (``max_new_tokens``
     or ``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``), and ``answer_style``,
-    ``abstain_threshold`` passed to the service.
+    ``evidence``, ``abstain_threshold``, ``abstain_text`` passed to the service.
 
     ``stream``/``astream`` yield ``{"answer": piece}`` as tokens are generated (best-of-k with ``k > 1``: once the
-    best answer is chosen), then ``{"sources": [...]}``; ``invoke``/``batch``/``ainvoke`` return the dict. It
+    best answer is chosen: the candidate), then ``{"sources": [...], "abstained": bool}`` (and, abstained, the
+    ``abstention``); ``invoke``/``batch``/``ainvoke`` return the dict. It
     composes like any Runnable: ``chain.pick("answer") | StrOutputParser()``,
     ``{"question": RunnablePassthrough()} | chain``.
     """
@@ -110,7 +141,7 @@ def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: st
         yield AddableDict(answer="")  # the answer key comes first, even for an empty answer
         for piece in stream:
             yield AddableDict(answer=piece)
-        yield AddableDict(sources=_annotated(sources, stream.result))
+        yield _closing(sources, stream.result)
 
     async def aanswer(inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[AddableDict]:
         from kvzip_rag.bridge import run_in_thread
@@ -122,6 +153,6 @@ def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: st
         yield AddableDict(answer="")
         async for piece in stream:
             yield AddableDict(answer=piece)
-        yield AddableDict(sources=_annotated(sources, stream.result))
+        yield _closing(sources, stream.result)
 
-    return RunnableGenerator(answer, aanswer, name="KVzipQAChain")
+    return KVzipQAChain(answer, aanswer, name="KVzipQAChain")

@@ -101,8 +101,11 @@ class ChatKVzip(BaseChatModel):
     ``kept_ratio``, ``cache_bytes``, ``full_cache_bytes``, ``bytes_loaded`` (read from disk), ``document_tokens``,
     ``reused_conversation`` and timings ``retrieve_s``, ``cache_load_s``, ``replay_s``, ``ttft_s``, ``decode_s``;
     and the answer's grounding: ``citations`` (the cited spans as dicts: ``doc_id``, ``segment_index``, ``start``,
-    ``end``, ``text``, ``weight``; best first) and ``abstained`` (the evidence was too weak: the content is the
-    abstention). ``answer_style`` and ``abstain_threshold`` (fields, or per call) are passed to the service.
+    ``end``, ``text``, ``weight``; best first), ``abstained`` (the evidence was too weak: ``invoke``'s content is
+    the abstention, ``candidate_answer`` the generated text; a stream's pieces are the candidate as generated and
+    its last chunk says so), for an answer from retrieved Documents and for a conversation turn alike.
+    ``answer_style``, ``abstain_threshold``, ``evidence`` and ``abstain_text`` (fields, or per call) are passed to
+    the service.
 
     Sampling: greedy when ``temperature=0`` (default); ``max_new_tokens`` (alias ``max_tokens``), ``top_k``,
     ``top_p``, ``seed`` and ``stop`` as in ``kvzip_rag.answer``; each can also be given per call, as can
@@ -134,6 +137,10 @@ class ChatKVzip(BaseChatModel):
     """Passed to the service when set (``"quote"``: a verbatim span of a document; see ``QAService.answer``)."""
     abstain_threshold: float | None = None
     """Passed to the service when set (``None`` given explicitly: never abstain)."""
+    evidence: bool | None = None
+    """Passed to the service when set (``False``: no citations and no abstention)."""
+    abstain_text: str | None = None
+    """Passed to the service when set: what the answer says when it abstains."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
 
@@ -278,8 +285,9 @@ class ChatKVzip(BaseChatModel):
                      "compose": result.compose, "strategy": info["strategy"],
                      "composed_node_ids": info["composed_node_ids"], "dropped_node_ids": info["dropped_node_ids"]}
             cached_read = document_tokens
+            extra_grounding = grounding(result)
         else:
-            result = None  # a conversation turn: an answer without evidence records yet
+            result = None  # a conversation turn: its grounding comes with the turn
             layout = getattr(get_composer(compose), "layout", None) if compose is not None else None
             key = self._session_key(doc_ids, dialogue.turns, layout)
             session = self._sessions.pop(key, None) if self.reuse_conversations else None
@@ -298,6 +306,7 @@ class ChatKVzip(BaseChatModel):
                     self._sessions.popitem(last=False)
             info = turn.info
             turn_answer, target, used = turn.answer, turn.documents[0], turn.documents
+            extra_grounding = turn.grounding()
             document_tokens = session.conversation.cache.info.base_length
             cached_read = turn.cached_tokens
             usage_in = turn.cached_tokens + turn.replayed_tokens + turn_answer.prompt_tokens
@@ -319,7 +328,7 @@ class ChatKVzip(BaseChatModel):
             "bytes_loaded": info.get("bytes_loaded"), "document_tokens": document_tokens,
             "retrieve_s": info.get("retrieve_s"), "cache_load_s": info.get("cache_load_s"),
             "ttft_s": turn_answer.time_to_first_token_s, "decode_s": turn_answer.decode_s, **extra,
-            **grounding(result),
+            **extra_grounding,
         }
         emit(ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata,
                                                         chunk_position="last")))
@@ -336,6 +345,8 @@ class ChatKVzip(BaseChatModel):
             text += chunk.message.content
             usage = chunk.message.usage_metadata or usage
             metadata.update(chunk.message.response_metadata)
+        if metadata.get("abstained"):  # the pieces were the candidate; the answer is the abstention
+            text = metadata["abstain_text"]
         message = AIMessage(content=text, usage_metadata=usage, response_metadata=metadata)
         return ChatResult(generations=[ChatGeneration(message=message)])
 

@@ -88,8 +88,8 @@ class KVzipChatEngine(BaseChatEngine):
                 self._source_nodes = self._index.nodes_for(turn.documents)
             self._pairs.append((message, turn.answer.text))
             self._history += [ChatMessage(role=MessageRole.USER, content=message),
-                              ChatMessage(role=MessageRole.ASSISTANT, content=turn.answer.text)]
-            return {"text": turn.answer.text, **turn.info}
+                              ChatMessage(role=MessageRole.ASSISTANT, content=turn.text)]
+            return {"text": turn.text, **turn.info}
 
     def chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AgentChatResponse:
         with self._index.lock:

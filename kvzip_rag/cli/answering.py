@@ -208,7 +208,7 @@ def chat(
                 session.conversation.reset()
                 say("[yellow]the conversation filled the model's window: it starts over from the document[/yellow]")
                 turn = _turn(session, question, None)
-            print_turn_evidence(session, turn)
+            print_turn_evidence(turn)
             print_chat_footer(session, turn)
         except CLIError as error:  # e.g. no document matches: say so and keep the loop going
             say(f"[red]{show(str(error))}[/red]")
@@ -216,28 +216,21 @@ def chat(
 
 def _turn(session, question: str, plan):
     from kvzip_rag.bridge import push_in_thread
-    from kvzip_rag.evidence import recording
 
     def work(emit) -> None:
-        with recording():  # the conversation's answer records its evidence (read out by print_turn_evidence)
-            holder.append(session.ask(question, emit=emit, plan=plan))
+        holder.append(session.ask(question, emit=emit, plan=plan))
 
     holder = []
     stream_to_console(push_in_thread(work))
     return holder[0]
 
 
-def print_turn_evidence(session, turn) -> None:
-    """A chat turn's abstention and quoted evidence, as ``ask`` prints them (:func:`kvzip_rag.abstain.assess`)."""
-    from kvzip_rag.abstain import Grounding, assess
-
-    found = assess(session.service, turn.answer, turn.documents, turn.routed, Grounding())
-    if found is None:
-        return
-    if found.abstained:
-        say(f"[bold yellow]{show(Grounding().abstain_text)}[/bold yellow] [dim](evidence score {found.score:.2f} is "
+def print_turn_evidence(turn) -> None:
+    """A chat turn's abstention and quoted evidence, as ``ask`` prints them."""
+    if turn.abstained:
+        say(f"[bold yellow]{show(turn.text)}[/bold yellow] [dim](evidence score {turn.assessment.score:.2f} is "
             "below the abstention threshold: the answer above is not supported by the documents)[/dim]")
-    print_citations(found.citations)
+    print_citations(turn.citations)
 
 
 _CHANGES = {"new": "talking about", "recomposed": "now talking about", "switched": "switched to"}
