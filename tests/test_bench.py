@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvzip_rag
-from kvzip_rag.bench import metrics
+from kvzip_rag.bench import measure, metrics
 from kvzip_rag.bench.cli import run_bench
 from kvzip_rag.bench.data import NEEDLE, needle_haystack
 from kvzip_rag.bench.runner import PreparedDocument, Variant, cut, variant_grid
@@ -92,6 +92,19 @@ def test_cut_from_ratio_one_equals_compress(tiny_llama, scorer, level):
         assert torch.equal(a.offsets, b.offsets)
         assert torch.equal(a.positions, b.positions)
         assert torch.allclose(a.keys, b.keys)
+
+
+def test_dense_and_packed_answers_share_one_decode_loop(tiny_llama):
+    """The re-prefill baseline decodes through the package's decode loop with the packed answers' options (an answer
+    ends where it repeats itself, in both): over a full cache of the same document both give the same answers,
+    lengths and gold NLLs."""
+    doc = PreparedDocument(tiny_llama, " ".join(PARAGRAPHS))
+    cache, _ = doc.base("full")
+    for question, gold in QUESTIONS:
+        packed = measure.packed_answer(tiny_llama, cache, question, 64, gold=gold)
+        dense = measure.dense_answer(tiny_llama, doc.ids + measure.question_ids(tiny_llama, question), 64, gold=gold)
+        assert (dense.text, dense.tokens) == (packed.text, packed.tokens), question
+        assert dense.nll == pytest.approx(packed.nll, rel=1e-3)
 
 
 def test_variant_grid_names():
