@@ -224,3 +224,21 @@ def test_preset_overrides_parse_and_validate():
         get_preset("quick", nope=1)
     with pytest.raises(ValueError, match="name=value"):
         parse_overrides(["squad_docs"])
+
+
+def test_every_task_is_one_interface_and_the_runner_only_dispatches(tiny_llama, tmp_path, monkeypatch):
+    from kvzip_rag.bench.presets import get_preset
+    from kvzip_rag.bench.tasks import TASKS, Context, StandaloneTask, run_tasks
+
+    for name, task in TASKS.items():
+        assert task.name == name and isinstance(task.standalone, bool)
+        assert callable(task.run) and callable(task.section)
+    # a task plugs in by name, without touching the runner: run, its own files, its report section
+    echo = StandaloneTask("echo", lambda context: {"preset": context.preset.name},
+                          lambda results: f"# echo\n\npreset {results['preset']}\n")
+    monkeypatch.setitem(TASKS, "echo", echo)
+    context = Context(get_preset("quick"), tmp_path, tmp_path / "out", loaded_model=tiny_llama, log=lambda m: None)
+    assert run_tasks(["echo"], context) == {"echo": {"preset": "quick"}}
+    assert json.loads((tmp_path / "out" / "echo.json").read_text()) == {"preset": "quick"}
+    assert (tmp_path / "out" / "echo.md").read_text() == "# echo\n\npreset quick\n"
+    assert echo.section({"preset": "quick"}) == ["# echo", "", "preset quick"]

@@ -107,6 +107,37 @@ def test_benchmark_fidelity_summary_report_import_one_way():
     assert "kvzip_rag.bench.methods" in graph["kvzip_rag.bench.fidelity"]
 
 
+@pytest.mark.parametrize("task", ["fidelity", "multidoc", "quant", "grounding", "scale", "contention",
+                                  "conversations", "report", "summary", "tasks"])
+def test_the_benchmark_runner_knows_no_task(task):
+    """Tasks use the runner's shared pipeline; the runner only dispatches (bench/tasks.py names the tasks)."""
+    assert _reaches("kvzip_rag.bench.runner", f"kvzip_rag.bench.{task}") is None, \
+        _reaches("kvzip_rag.bench.runner", f"kvzip_rag.bench.{task}")
+
+
+@pytest.mark.parametrize("above", ["kvzip_rag.composers", "kvzip_rag.compose"])
+def test_composition_does_not_import_the_service(above):
+    """qa -> composers -> compose, never back (the composers get the service as an argument)."""
+    assert _reaches(above, "kvzip_rag.qa") is None, _reaches(above, "kvzip_rag.qa")
+
+
+def test_the_llamaindex_engines_reach_no_private_index_member():
+    """The retriever, the engines and persistence call the service (``index.qa``) and the index's public members,
+    never its private ones (``index._store``, ``self._index._qa``)."""
+    folder = PACKAGES["kvzip_rag.integrations"] / "llamaindex"
+
+    def private(tree: ast.AST, own: bool) -> set[str]:
+        """Private attributes read on ``self`` (``own``) or on anything else."""
+        return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+                and not n.attr.startswith("__") and (isinstance(n.value, ast.Name) and n.value.id == "self") == own}
+
+    index_members = private(ast.parse((folder / "index.py").read_text()), own=True)
+    assert {"_qa", "_store"} <= index_members
+    for name in ("retriever.py", "query_engine.py", "chat_engine.py", "persistence.py"):
+        reached = private(ast.parse((folder / name).read_text()), own=False) & index_members
+        assert not reached, (name, reached)
+
+
 def test_store_modules_import_no_private_store_member():
     for name, path in _module_files().items():
         if name.startswith("kvzip_rag.store.") and name not in ("kvzip_rag.store.cache_store",

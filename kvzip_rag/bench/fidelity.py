@@ -73,10 +73,10 @@ def teacher_forced(model, cache, question: str, gold: str) -> dict:
     return {"logprobs": logprobs.cpu(), "nll": nll, "greedy": logprobs.argmax(-1).cpu()}
 
 
-def run_fidelity(bench) -> None:
+def run_fidelity(bench) -> dict:
+    """The fidelity task's record (rows, the gate, the methods answered for F1), kept as ``results["fidelity"]``."""
     p = bench.preset
     record = {"rows": [], "gate": ensure_gate(bench), "f1_methods": []}
-    bench.fidelity = record
     docs = bench_data.load_squad(bench.data_dir, bench.count, 10_000, p.fidelity_min_tokens,
                                  min(p.fidelity_max_tokens, bench.max_context()), p.fidelity_questions_per_doc,
                                  p.fidelity_first_article)
@@ -98,6 +98,7 @@ def run_fidelity(bench) -> None:
             continue
         answered = run_document(bench, doc, variants, f1_methods, answered, record["rows"])
     bench.mark_memory("fidelity")
+    return record
 
 
 def run_document(bench, doc, variants, f1_methods, answered: int, rows: list) -> int:

@@ -225,13 +225,14 @@ class QuantTask:
             })
             paths[bits].unlink()
 
-    def run(self) -> None:
+    def run(self) -> dict:
+        """The quant task's summary (kept as ``results["quant"]``); its rows go into the bench's tables."""
         for part in (self.squad, self.needle):
             try:
                 part()
             except FileNotFoundError as error:
                 self.bench.skipped[f"quant-{part.__name__}"] = f"data not found: {error}"
-        self.bench.quant = summarize(self.bench.rows, self.bench.variants, self.bench.disk, self.ttft)
+        return summarize(self.bench.rows, self.bench.variants, self.bench.disk, self.ttft)
 
 
 def _evict_from_page_cache(path: Path) -> bool:

@@ -36,7 +36,6 @@ from kvzip_rag.scorers import SCORERS, Scorer
 from kvzip_rag.scorers.head_calibration import head_scores
 
 from . import data as bench_data
-from .fidelity import run_fidelity
 from . import measure
 from .metrics import best_over, contains_gold, exact_match, f1_score, needle_hit
 from .presets import Preset
@@ -393,46 +392,23 @@ class Bench:
             path.unlink()
         self.ttft.append(row)
 
-    def multidoc(self) -> None:
-        from .multidoc import run_multidoc
-
-        run_multidoc(self)
-
-    def quant_task(self) -> None:
-        from .quant import QuantTask
-
-        QuantTask(self).run()
-
     # ------------------------------------------------------------------ whole run
-    def run(self, tasks=("squad", "needle", "narrativeqa")) -> dict:
+    def start(self) -> None:
+        """Before the first task: the memory after the model load, and the head scores calibrated once."""
         self.mark_memory("model_load")
         if "head" in self.preset.levels:
             start = time.perf_counter()
             head_scores(self.model)
             self.calibration_s = time.perf_counter() - start
-        for task in tasks:
-            runner = {"squad": self.squad, "needle": self.needle, "narrativeqa": self.narrativeqa,
-                      "multidoc": self.multidoc, "quant": self.quant_task,
-                      "fidelity": lambda: run_fidelity(self)}[task]
-            try:
-                runner()
-            except FileNotFoundError as error:
-                self.skipped[task] = f"data not found: {error}"
-                self.say(f"{task} skipped: {error}")
+
+    def results(self, tasks: list[str], own: dict[str, dict]) -> dict:
+        """The run's results: the shared tables, what tasks returned as their own (``own``, by task), and meta (the
+        summary over them is the tasks' to add)."""
         self._tmp.cleanup()
-        return self.results(tasks)
-
-    def results(self, tasks) -> dict:
-        from .summary import summarize
-
         raw = {
             "rows": self.rows, "documents": self.documents, "variants": self.variants, "indexing": self.indexing,
-            "decode": self.decode, "ttft": self.ttft, "disk": self.disk,
+            "decode": self.decode, "ttft": self.ttft, "disk": self.disk, **own,
         }
-        if getattr(self, "fidelity", None):
-            raw["fidelity"] = self.fidelity
-        if getattr(self, "quant", None):
-            raw["quant"] = self.quant
         meta = {
             "preset": asdict(self.preset),
             "model": self.model.name,
@@ -450,7 +426,7 @@ class Bench:
             "memory": self.memory,
             "machine": machine_info(),
         }
-        return {"meta": meta, "summary": summarize(raw, self.preset), **raw}
+        return {"meta": meta, **raw}
 
 
 def _main_ratio(preset: Preset) -> float:
@@ -486,3 +462,11 @@ def machine_info() -> dict:
 
 def write_json(results: dict, path: Path) -> None:
     path.write_text(json.dumps(results, indent=1, default=str))
+
+
+def write_outputs(out_dir: Path, name: str, results: dict, markdown: str) -> Path:
+    """A standalone task's ``<name>.json`` and ``<name>.md`` (written again as it goes, where it checkpoints)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(results, out_dir / f"{name}.json")
+    (out_dir / f"{name}.md").write_text(markdown)
+    return out_dir / f"{name}.md"
