@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import sys
 import tomllib
 from functools import cache
@@ -115,6 +116,12 @@ def test_the_benchmark_runner_knows_no_task(task):
         _reaches("kvzip_rag.bench.runner", f"kvzip_rag.bench.{task}")
 
 
+def test_benchmark_tasks_use_the_bench_through_public_members():
+    for name, path in _module_files().items():
+        if name.startswith("kvzip_rag.bench.") and name != "kvzip_rag.bench.runner":
+            assert not re.search(r"\bbench\._[a-z]", path.read_text()), name
+
+
 @pytest.mark.parametrize("above", ["kvzip_rag.composers", "kvzip_rag.compose"])
 def test_composition_does_not_import_the_service(above):
     """qa -> composers -> compose, never back (the composers get the service as an argument)."""
@@ -171,3 +178,14 @@ def test_compress_is_the_function_and_its_module_has_another_name():
 
     assert callable(kvzip_rag.compress) and module.compress is kvzip_rag.compress
     assert importlib.util.find_spec("kvzip_rag.compress") is None
+
+
+def test_the_readme_architecture_names_modules_that_exist():
+    """Every module the README's "How it works" section names is there (a rename updates the README)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## How it works"):text.index("\n## ", text.index("### Repository layout"))]
+    files = [path.as_posix() for folder in (*PACKAGES.values(), ROOT / "tests") for path in folder.rglob("*.py")]
+    named = set(re.findall(r"[\w/]+\.py\b", section))
+    assert {"kvzip_rag/qa.py", "store/ranking.py", "budget.py", "generate.py"} <= named
+    missing = [name for name in named if not any(f.endswith("/" + name) for f in files)]
+    assert not missing, missing

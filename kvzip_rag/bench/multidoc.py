@@ -101,7 +101,7 @@ class StoredDocument:
         self.compress_s = time.perf_counter() - start
         self.ids = list(cache.info.input_ids)
         self.prefix_length = cache.info.prefix_length
-        self.path = Path(bench._tmp.name) / f"{name}.safetensors"
+        self.path = bench.scratch / f"{name}.safetensors"
         self.file_bytes = write_cache(cache, self.path).nbytes
 
     def load(self, model, ratio: float) -> tuple[PackedCache, int]:

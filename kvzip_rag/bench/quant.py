@@ -168,7 +168,7 @@ class QuantTask:
         from kvzip_rag.store.cachefile import read_cache, write_cache
 
         model, question = self.model, bench_data.NEEDLE_QUESTION
-        paths = {bits: Path(self.bench._tmp.name) / f"quant-ttft-{bits}.safetensors" for _, _, bits, _ in timed}
+        paths = {bits: self.bench.scratch / f"quant-ttft-{bits}.safetensors" for _, _, bits, _ in timed}
         sizes = {bits: len(write_cache(cache, paths[bits]).blob.data) for _, _, bits, cache in timed}
         times = {bits: {"stored": [], "load": [], "cold": [], "cold_stored": [], "memory": [], "quantized_memory": []}
                  for _, _, bits, _ in timed}

@@ -159,6 +159,11 @@ class Bench:
         self._tmp = tempfile.TemporaryDirectory(prefix="kvzip-bench-")
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def scratch(self) -> Path:
+        """A folder for the run's temporary blobs (removed when the results are taken)."""
+        return Path(self._tmp.name)
+
     def say(self, message: str) -> None:
         self.log(f"[{time.perf_counter() - self.t0:7.1f}s] {message}")
 
@@ -274,7 +279,7 @@ class Bench:
             self.skipped.setdefault("disk", "kvzip_rag.store.blob not importable")
             return
         _, write_blob = store
-        path = Path(self._tmp.name) / "disk.safetensors"
+        path = self.scratch / "disk.safetensors"
         result = write_blob(cache, path)
         self.disk.append({"task": task, "doc": doc.id, "method": variant.name, "ratio": variant.ratio,
                           "context_tokens": context_tokens, "file_bytes": result.nbytes,
@@ -370,7 +375,7 @@ class Bench:
             self.skipped.setdefault("ttft-store", "kvzip_rag.store.blob not importable")
         else:
             read_blob, write_blob = store
-            path = Path(self._tmp.name) / f"ttft-{variant.name}.safetensors"
+            path = self.scratch / f"ttft-{variant.name}.safetensors"
             written = write_blob(cache, path)
             load, total = [], []
             for _ in range(p.ttft_repeats):
