@@ -242,3 +242,10 @@ def test_every_task_is_one_interface_and_the_runner_only_dispatches(tiny_llama, 
     assert json.loads((tmp_path / "out" / "echo.json").read_text()) == {"preset": "quick"}
     assert (tmp_path / "out" / "echo.md").read_text() == "# echo\n\npreset quick\n"
     assert echo.section({"preset": "quick"}) == ["# echo", "", "preset quick"]
+    from typer.testing import CliRunner
+
+    from kvzip_rag.bench.cli import app
+
+    shown = CliRunner().invoke(app, ["--task", "echo", "--data", str(tmp_path), "--out", str(tmp_path / "cli")])
+    assert shown.exit_code == 0, shown.output
+    assert "preset quick" in shown.stdout and (tmp_path / "cli" / "echo.md").exists()

@@ -105,11 +105,15 @@ def bench(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     try:
-        run_bench(preset="full" if full else "quick", data_dir=data, out_dir=out, model=model,
-                  tasks=tuple(task) if task else DEFAULT_TASKS, threads=threads, preset_overrides=overrides, limit=limit)
+        results = run_bench(preset="full" if full else "quick", data_dir=data, out_dir=out, model=model,
+                            tasks=tuple(task) if task else DEFAULT_TASKS, threads=threads, preset_overrides=overrides,
+                            limit=limit)
     except FileNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
+    for name in dict.fromkeys(task or ()):  # a standalone task's report is short: shown as well as written
+        if TASKS[name].standalone:
+            typer.echo("\n".join(TASKS[name].section(results[name])))
 
 
 def _gpu(model: str | None, data: Path | None, out: Path, max_length: int | None) -> None:

@@ -176,8 +176,8 @@ DEFAULT_TASKS = ("squad", "needle", "narrativeqa")  # what runs when no --task i
 
 def run_tasks(names: Sequence[str], context: Context, command: str | None = None) -> dict:
     """Run the named tasks: the standalone ones each on its own, then the shared ones on one bench, whose
-    results.json, results.md and plots are written here. Returns the shared run's results, else the standalone
-    tasks' by name."""
+    results.json, results.md and plots are written here. Returns the shared run's results (if any) with each
+    standalone task's under its name."""
     tasks = [TASKS[name] for name in dict.fromkeys(names)]  # in the order given
     out = {task.name: task.run(context) for task in tasks if task.standalone}
     shared = [task for task in tasks if not task.standalone]
@@ -204,4 +204,4 @@ def run_tasks(names: Sequence[str], context: Context, command: str | None = None
         markdown(results, command, [task.section for task in in_report_order]))
     plots(results, context.out_dir)
     context.log(f"done in {results['meta']['duration_s'] / 60:.1f} min: {context.out_dir / 'results.md'}")
-    return results
+    return {**results, **out}
