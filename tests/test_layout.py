@@ -189,3 +189,8 @@ def test_the_readme_architecture_names_modules_that_exist():
     assert {"kvzip_rag/qa.py", "store/ranking.py", "budget.py", "generate.py"} <= named
     missing = [name for name in named if not any(f.endswith("/" + name) for f in files)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("module", sorted(m for m in _module_files() if m.startswith("kvzip_rag.bench.")))
+def test_no_benchmark_module_is_imported_back_by_what_it_imports(module):
+    assert _reaches(module, module) is None, _reaches(module, module)
