@@ -214,6 +214,14 @@ def test_budget_skips_documents_but_still_reports(tiny_llama, tiny_data, tmp_pat
     assert (out / "ttft.png").exists()
 
 
+def test_timings_are_reported_at_the_package_default_ratio_when_measured():
+    from kvzip_rag.bench.presets import main_ratio
+    from kvzip_rag.budget import DEFAULT_BUDGET
+
+    assert main_ratio((0.1, DEFAULT_BUDGET.ratio, 0.5)) == DEFAULT_BUDGET.ratio
+    assert main_ratio((0.5, 0.2)) == 0.5
+
+
 def test_preset_overrides_parse_and_validate():
     from kvzip_rag.bench.presets import get_preset, parse_overrides
 

@@ -38,7 +38,7 @@ from kvzip_rag.scorers.head_calibration import head_scores
 from . import data as bench_data
 from . import measure
 from .metrics import best_over, contains_gold, exact_match, f1_score, needle_hit
-from .presets import Preset
+from .presets import Preset, main_ratio
 
 Log = Callable[[str], None]
 
@@ -195,6 +195,15 @@ class Bench:
         self.rows.append(row)
         return row
 
+    def over_budget(self, task: str, doc_id: str) -> bool:
+        """The benchmark's time budget (``budget_minutes``) is spent: skip the document and list it."""
+        budget = self.preset.budget_minutes
+        if budget is None or time.perf_counter() - self.t0 <= budget * 60:
+            return False
+        self.skipped.setdefault("over_budget", []).append(doc_id)
+        self.say(f"{task} {doc_id}: skipped, past the {budget:g}-minute budget")
+        return True
+
     def mark_memory(self, label: str) -> None:
         self.memory[f"peak_rss_mb_after_{label}"] = measure.peak_rss_mb()
         self.memory[f"rss_mb_after_{label}"] = measure.current_rss_mb()
@@ -205,10 +214,7 @@ class Bench:
                      on_prepared: Callable[[PreparedDocument], None] | None = None,
                      write_blobs: bool = False) -> PreparedDocument | None:
         model = self.model
-        budget = self.preset.budget_minutes
-        if budget is not None and time.perf_counter() - self.t0 > budget * 60:
-            self.skipped.setdefault("over_budget", []).append(doc.id)
-            self.say(f"{task} {doc.id}: skipped, past the {budget:g}-minute budget")
+        if self.over_budget(task, doc.id):
             return None
         prep = PreparedDocument(model, doc.text, self.preset.prefill_repeats)
         cost = {"task": task, "doc": doc.id, "context_tokens": prep.context_length, "prefill_s": prep.prefill_s,
@@ -346,7 +352,7 @@ class Bench:
                            length=length, prompt=prompt, doc_id=doc.id) -> None:
                 if not first:
                     return
-                if variant.name == "full" or variant.name == f"kvzip-pair@{_main_ratio(p):g}":
+                if variant.name == "full" or variant.name == f"kvzip-pair@{main_ratio(p.needle_ratios):g}":
                     label = "packed-full" if variant.name == "full" else variant.name
                     seconds = measure.packed_decode_latency(model, cache, prompt, p.decode_steps)
                     self.decode.append({"context_tokens": prep.context_length, "method": label,
@@ -432,10 +438,6 @@ class Bench:
             "machine": machine_info(),
         }
         return {"meta": meta, **raw}
-
-
-def _main_ratio(preset: Preset) -> float:
-    return 0.3 if 0.3 in preset.needle_ratios else preset.needle_ratios[0]
 
 
 def machine_info() -> dict:
