@@ -54,12 +54,17 @@ def run_bench(
         raise FileNotFoundError(f"benchmark data folder {data_dir} not found (set --data or KVZIP_RAG_DATA)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if command is None and sys.argv[1:2] == ["bench"]:
-        command = "kvzip-rag bench " + " ".join(sys.argv[2:])
-    elif command is None and Path(sys.argv[0]).parts[-2:] == ("bench", "cli.py"):
-        command = "python -m kvzip_rag.bench.cli " + " ".join(sys.argv[1:])
     context = Context(settings, data_dir, out_dir, model, loaded_model, log, embedding, limit)
-    return run_tasks(tasks, context, command)
+    return run_tasks(tasks, context, command if command is not None else invoked_command())
+
+
+def invoked_command() -> str | None:
+    """The command line this process runs as, for the report (``None`` when not the benchmark's CLI)."""
+    if sys.argv[1:2] == ["bench"]:
+        return "kvzip-rag bench " + " ".join(sys.argv[2:])
+    if Path(sys.argv[0]).parts[-2:] == ("bench", "cli.py"):
+        return "python -m kvzip_rag.bench.cli " + " ".join(sys.argv[1:])
+    return None
 
 
 def bench(
@@ -120,7 +125,7 @@ def _gpu(model: str | None, data: Path | None, out: Path, max_length: int | None
     from .data import default_data_dir
     from .gpu import GPUUnavailableError, run_gpu_bench
 
-    command = "kvzip-rag bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else ""
+    command = invoked_command() or ""
     try:
         if model is None:
             raise FileNotFoundError("the gpu preset needs --model <local model folder> (it never downloads)")
