@@ -138,11 +138,9 @@ class GroundingTask:
 
     def chunk_rag(self, question: bench_data.Question, doc_id: str, retriever) -> None:
         start = time.perf_counter()
-        context = retriever.context(question.question)
-        retrieval_s = time.perf_counter() - start
-        ids = measure.document_ids(self.model, context) + measure.question_ids(self.model, question.question)
-        gen = measure.dense_answer(self.model, ids, self.preset.grounding_max_new_tokens)
-        self.add("squad", question, doc_id, "chunk-rag", gen.text, gen.tokens, retrieval_s + gen.ttft_s,
+        gen, _, _ = measure.chunk_answer(self.model, retriever.context, question.question,
+                                         self.preset.grounding_max_new_tokens)
+        self.add("squad", question, doc_id, "chunk-rag", gen.text, gen.tokens, gen.ttft_s,
                  time.perf_counter() - start, False, None)
 
     def hotpot_items(self) -> list[tuple]:

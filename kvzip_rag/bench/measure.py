@@ -92,6 +92,20 @@ def dense_answer(model: KVzipModel, ids: list[int], max_new_tokens: int, gold: s
     return result
 
 
+def chunk_answer(model: KVzipModel, context: Callable[[str], str], question: str, max_new_tokens: int,
+                 gold: str | None = None) -> tuple[Generation, float, int]:
+    """The chunk-retrieval baseline: ``context(question)`` (the retrieved chunks) as the document, then
+    :func:`dense_answer`, its time to first token counting the retrieval. Returns (answer, retrieval seconds, prompt
+    tokens)."""
+    start = time.perf_counter()
+    text = context(question)
+    retrieval_s = time.perf_counter() - start
+    ids = document_ids(model, text) + question_ids(model, question)
+    gen = dense_answer(model, ids, max_new_tokens, gold=gold)
+    gen.ttft_s += retrieval_s
+    return gen, retrieval_s, len(ids)
+
+
 def median_decode_time(step: Callable[[list[int]], torch.Tensor], prompt: list[int], steps: int) -> float:
     """Median seconds of one greedy decode step after feeding ``prompt`` (``step`` runs ids, returns logits)."""
     times = []

@@ -22,7 +22,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,6 +109,17 @@ class PreparedDocument:
         scores = scorer.score(doc)
         scoring_s = time.perf_counter() - start
         return pack(doc, scores, 1.0, "pair", scorer.name), scoring_s
+
+    def caches(self, grid: list[Variant], scoring_s: dict[str, float]) -> Iterator[tuple[Variant, PackedCache]]:
+        """Each variant of ``grid`` with its cache, cut from one ratio-1.0 base per source (scored once, its
+        scoring seconds put in ``scoring_s``; a base is dropped before the next is scored)."""
+        for source in dict.fromkeys(v.source for v in grid):
+            base, seconds = self.base(source)
+            if source not in ("full", "kvzip-head"):
+                scoring_s[source] = seconds
+            for variant in (v for v in grid if v.source == source):
+                yield variant, cut(base, variant)
+            del base
 
 
 def cut(base: PackedCache, variant: Variant) -> PackedCache:
@@ -223,27 +234,20 @@ class Bench:
                  f"{len(doc.questions)} questions x {len(grid) + 2} methods")
         if on_prepared:
             on_prepared(prep)
-        sources = list(dict.fromkeys(v.source for v in grid))
-        for source in sources:
-            base, scoring_s = prep.base(source)
-            if source not in ("full", "kvzip-head"):
-                cost["scoring_s"][source] = scoring_s
-            for variant in (v for v in grid if v.source == source):
-                cache = cut(base, variant)
-                self.variants.append({
-                    "task": task, "doc": doc.id, "method": variant.name, "context_tokens": prep.context_length,
-                    "nbytes": cache.nbytes, "full_nbytes": cache.full_nbytes, "kept_ratio": cache.kept_ratio,
-                })
-                if write_blobs and (variant.source in ("full", "kvzip") and variant.level == "pair"):
-                    self.record_disk(task, doc, variant, cache, prep.context_length)
-                for question in doc.questions:
-                    gen = measure.packed_answer(model, cache, question.question, max_new_tokens,
-                                                gold=question.answers[0])
-                    self.add_row(task, doc, question, variant.name, gen)
-                if on_variant:
-                    on_variant(variant, cache, prep)
-                del cache
-            del base
+        for variant, cache in prep.caches(grid, cost["scoring_s"]):
+            self.variants.append({
+                "task": task, "doc": doc.id, "method": variant.name, "context_tokens": prep.context_length,
+                "nbytes": cache.nbytes, "full_nbytes": cache.full_nbytes, "kept_ratio": cache.kept_ratio,
+            })
+            if write_blobs and (variant.source in ("full", "kvzip") and variant.level == "pair"):
+                self.record_disk(task, doc, variant, cache, prep.context_length)
+            for question in doc.questions:
+                gen = measure.packed_answer(model, cache, question.question, max_new_tokens,
+                                            gold=question.answers[0])
+                self.add_row(task, doc, question, variant.name, gen)
+            if on_variant:
+                on_variant(variant, cache, prep)
+            del cache
         self.documents.append(cost)
         for question in doc.questions:  # no stored cache: the whole document again for every question
             ids = prep.ids + measure.question_ids(model, question.question)
@@ -252,14 +256,20 @@ class Bench:
         self.run_chunks(task, doc, max_new_tokens)
         return prep
 
-    def run_chunks(self, task: str, doc: bench_data.Document, max_new_tokens: int) -> None:
+    def chunk_embedder(self):
+        """The chunk-retrieval baseline's embedding model, or None when it is unavailable (then skipped, once)."""
         if "chunk-rag" in self.skipped:
-            return
+            return None
         try:
-            embed = self.embedder()
+            return self.embedder()
         except Exception as error:  # the optional extra is not installed
             self.skipped["chunk-rag"] = f"{type(error).__name__}: {error}"
             self.say(f"chunk-rag skipped: {error}")
+            return None
+
+    def run_chunks(self, task: str, doc: bench_data.Document, max_new_tokens: int) -> None:
+        embed = self.chunk_embedder()
+        if embed is None:
             return
         from .retrieval import ChunkRetriever
 
@@ -271,13 +281,9 @@ class Bench:
                               "chunks": len(retriever.chunks), "index_s": index_s,
                               "tokens_per_s": doc.tokens / index_s if index_s else None})
         for question in doc.questions:
-            start = time.perf_counter()
-            context = retriever.context(question.question)
-            retrieval_s = time.perf_counter() - start
-            ids = measure.document_ids(self.model, context) + measure.question_ids(self.model, question.question)
-            gen = measure.dense_answer(self.model, ids, max_new_tokens, gold=question.answers[0])
-            gen.ttft_s += retrieval_s
-            self.add_row(task, doc, question, "chunk-rag", gen, prompt_tokens=len(ids), retrieval_s=retrieval_s)
+            gen, retrieval_s, prompt_tokens = measure.chunk_answer(self.model, retriever.context, question.question,
+                                                                   max_new_tokens, gold=question.answers[0])
+            self.add_row(task, doc, question, "chunk-rag", gen, prompt_tokens=prompt_tokens, retrieval_s=retrieval_s)
 
     def record_disk(self, task, doc, variant: Variant, cache: PackedCache, context_tokens: int) -> None:
         store = _store()
