@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from kvzip_rag.answers import Citation, Target
-from kvzip_rag.qa import QAService, check_sampling, matching_cache
+from kvzip_rag.budget import CacheKind, select_cache
+from kvzip_rag.qa import QAService
 
 # Answer options the adapters forward to the service unchanged, for the service to check (the grounding options of
 # ``QAService.answer``: ``evidence=False``, ``abstain_threshold=``, ``abstain_text=``); everything else, quote mode's
@@ -26,23 +27,25 @@ TECHNICAL_KEYS = (
 
 
 def answer_options(options: dict) -> dict:
-    """An adapter's answer options, as given when it is built: sampling options checked now (a bad name or value
-    fails when the engine/chain is built, by the service's own rule), the :data:`SERVICE_OPTIONS` passed along."""
-    sampling = check_sampling({k: v for k, v in options.items() if k not in SERVICE_OPTIONS})
-    return {**sampling, **{k: v for k, v in options.items() if k in SERVICE_OPTIONS}}
+    """An adapter's answer options, as given when it is built: the sampling options are checked now by the
+    service's own rule (:meth:`SamplingOptions.from_options`: a bad name or value fails when the engine/chain is
+    built), and all are passed along by name for the service to take."""
+    from kvzip_rag.generate import SamplingOptions  # imports torch: only when an engine or chain is built
+
+    SamplingOptions.from_options({k: v for k, v in options.items() if k not in SERVICE_OPTIONS})
+    return dict(options)
 
 
-def segment_metadata(qa: QAService, target: Target, record: Any = None, *, fingerprint: str | None = None,
-                     template_digest: str | None = None, model: str | None = None) -> dict:
-    """``target.as_metadata`` for the cache record the service answers it from (``record``: the stored document,
-    looked up when not given; ``fingerprint``/``template_digest``: whose caches, default the loaded model's)."""
-    if fingerprint is None and qa.model_loaded:
-        fingerprint, template_digest = qa.model.fingerprint, qa.model.template.digest
+def segment_metadata(qa: QAService, target: Target, record: Any = None, *, kind: CacheKind | None = None,
+                     model: str | None = None) -> dict:
+    """``target.as_metadata`` for the cache record the service answers it from (:func:`select_cache` at the
+    service's budget; ``record``: the stored document, looked up when not given; ``kind``: whose caches, default
+    the loaded model's, else any model's)."""
+    if kind is None and qa.model_loaded:
+        kind = qa.kind
     record = record if record is not None else qa.store.get_document(target.doc_id)
     caches = [c for c in (record.caches if record is not None else []) if c.segment_index == target.segment_index]
-    cache = matching_cache(caches, fingerprint=fingerprint, template_digest=template_digest, ratio=qa.ratio,
-                           level=qa.level)
-    return target.as_metadata(cache, ratio=qa.ratio, level=qa.level, model=model)
+    return target.as_metadata(select_cache(caches, kind, qa.budget), ratio=qa.ratio, level=qa.level, model=model)
 
 
 def citation_metadata(citation: Citation) -> dict:

@@ -41,6 +41,15 @@ def _run(work: Callable[[Callable[[Any], None]], None], post: Callable[[str, Any
         post(_DONE, None)
 
 
+def _is_item(message: tuple[str, Any]) -> bool:
+    """What the consumer does with one message from the worker, sync or async alike: an item is yielded (True),
+    the end stops (False), an error is raised here, in the consumer's thread."""
+    kind, value = message
+    if kind == _ERROR:
+        raise value
+    return kind == _ITEM
+
+
 def _pushing(factory: Callable[[], Iterator[T]]) -> Callable[[Callable[[Any], None]], None]:
     def work(emit: Callable[[Any], None]) -> None:
         iterator = factory()
@@ -64,14 +73,8 @@ def push_in_thread(work: Callable[[Callable[[Any], None]], None], name: str = "k
                               name=name, daemon=True)
     thread.start()
     try:
-        while True:
-            kind, value = pipe.get()
-            if kind == _ITEM:
-                yield value
-            elif kind == _ERROR:
-                raise value
-            else:
-                return
+        while _is_item(message := pipe.get()):
+            yield message[1]
     finally:
         cancelled.set()
 
@@ -92,14 +95,8 @@ async def apush_in_thread(work: Callable[[Callable[[Any], None]], None],
 
     threading.Thread(target=context.run, args=(_run, work, post, cancelled), name=name, daemon=True).start()
     try:
-        while True:
-            kind, value = await pipe.get()
-            if kind == _ITEM:
-                yield value
-            elif kind == _ERROR:
-                raise value
-            else:
-                return
+        while _is_item(message := await pipe.get()):
+            yield message[1]
     finally:
         cancelled.set()
 

@@ -53,7 +53,7 @@ from .store.validate import check_k, check_query
 __all__ = [
     "COMPOSERS", "DEFAULT_COMPOSE", "BestOfK", "CacheAnswer", "Composer", "EmptyIndexError", "QAResult",
     "Plan", "QAService", "QAStream", "Routing", "Target", "as_target", "check_k", "check_question", "check_sampling",
-    "choose_best", "default_store_path", "get_composer", "is_refusal", "matching_cache", "open_store",
+    "choose_best", "default_store_path", "get_composer", "is_refusal", "open_store",
     "register_composer",
 ]
 
@@ -107,14 +107,6 @@ def open_store(store: CacheStore | str | os.PathLike | None) -> CacheStore:
     if store is not None and not isinstance(store, (str, os.PathLike)):
         raise InvalidArgumentError(f"store must be a kvzip_rag.store.CacheStore or a folder, got {type(store).__name__}")
     return CacheStore(default_store_path() if store is None else store)
-
-
-def matching_cache(records: Iterable[Any], *, fingerprint: str | None = None, template_digest: str | None = None,
-                   ratio: float | None = None, level: str | None = None) -> Any | None:
-    """:func:`kvzip_rag.budget.select_cache` by loose arguments (``fingerprint=None``: any model's), for callers
-    that describe a cache without a model at hand."""
-    kind = CacheKind(fingerprint, template_digest or "") if fingerprint is not None else None
-    return select_cache(records, kind, Budget(ratio, level))
 
 
 # ------------------------------------------------------------------------------------------------ the service

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvzip_rag
-from kvzip_rag.bench import metrics
+from kvzip_rag.bench import measure, metrics
 from kvzip_rag.bench.cli import run_bench
 from kvzip_rag.bench.data import NEEDLE, needle_haystack
 from kvzip_rag.bench.runner import PreparedDocument, Variant, cut, variant_grid
@@ -92,6 +92,19 @@ def test_cut_from_ratio_one_equals_compress(tiny_llama, scorer, level):
         assert torch.equal(a.offsets, b.offsets)
         assert torch.equal(a.positions, b.positions)
         assert torch.allclose(a.keys, b.keys)
+
+
+def test_dense_and_packed_answers_share_one_decode_loop(tiny_llama):
+    """The re-prefill baseline decodes through the package's decode loop with the packed answers' options (an answer
+    ends where it repeats itself, in both): over a full cache of the same document both give the same answers,
+    lengths and gold NLLs."""
+    doc = PreparedDocument(tiny_llama, " ".join(PARAGRAPHS))
+    cache, _ = doc.base("full")
+    for question, gold in QUESTIONS:
+        packed = measure.packed_answer(tiny_llama, cache, question, 64, gold=gold)
+        dense = measure.dense_answer(tiny_llama, doc.ids + measure.question_ids(tiny_llama, question), 64, gold=gold)
+        assert (dense.text, dense.tokens) == (packed.text, packed.tokens), question
+        assert dense.nll == pytest.approx(packed.nll, rel=1e-3)
 
 
 def test_variant_grid_names():
@@ -201,6 +214,14 @@ def test_budget_skips_documents_but_still_reports(tiny_llama, tiny_data, tmp_pat
     assert (out / "ttft.png").exists()
 
 
+def test_timings_are_reported_at_the_package_default_ratio_when_measured():
+    from kvzip_rag.bench.presets import main_ratio
+    from kvzip_rag.budget import DEFAULT_BUDGET
+
+    assert main_ratio((0.1, DEFAULT_BUDGET.ratio, 0.5)) == DEFAULT_BUDGET.ratio
+    assert main_ratio((0.5, 0.2)) == 0.5
+
+
 def test_preset_overrides_parse_and_validate():
     from kvzip_rag.bench.presets import get_preset, parse_overrides
 
@@ -211,3 +232,28 @@ def test_preset_overrides_parse_and_validate():
         get_preset("quick", nope=1)
     with pytest.raises(ValueError, match="name=value"):
         parse_overrides(["squad_docs"])
+
+
+def test_every_task_is_one_interface_and_the_runner_only_dispatches(tiny_llama, tmp_path, monkeypatch):
+    from kvzip_rag.bench.presets import get_preset
+    from kvzip_rag.bench.tasks import TASKS, Context, StandaloneTask, run_tasks
+
+    for name, task in TASKS.items():
+        assert task.name == name and isinstance(task.standalone, bool)
+        assert callable(task.run) and callable(task.section)
+    # a task plugs in by name, without touching the runner: run, its own files, its report section
+    echo = StandaloneTask("echo", lambda context: {"preset": context.preset.name},
+                          lambda results: f"# echo\n\npreset {results['preset']}\n")
+    monkeypatch.setitem(TASKS, "echo", echo)
+    context = Context(get_preset("quick"), tmp_path, tmp_path / "out", loaded_model=tiny_llama, log=lambda m: None)
+    assert run_tasks(["echo"], context) == {"echo": {"preset": "quick"}}
+    assert json.loads((tmp_path / "out" / "echo.json").read_text()) == {"preset": "quick"}
+    assert (tmp_path / "out" / "echo.md").read_text() == "# echo\n\npreset quick\n"
+    assert echo.section({"preset": "quick"}) == ["# echo", "", "preset quick"]
+    from typer.testing import CliRunner
+
+    from kvzip_rag.bench.cli import app
+
+    shown = CliRunner().invoke(app, ["--task", "echo", "--data", str(tmp_path), "--out", str(tmp_path / "cli")])
+    assert shown.exit_code == 0, shown.output
+    assert "preset quick" in shown.stdout and (tmp_path / "cli" / "echo.md").exists()

@@ -15,7 +15,7 @@ from conftest import build_tiny
 from kvzip_rag.budget import AS_STORED, DEFAULT_BUDGET, Budget, CacheKind, select_cache
 from kvzip_rag.errors import CacheChangedError, ContextTooLongError, InvalidArgumentError, ModelMismatchError
 from kvzip_rag.generate import SamplingOptions
-from kvzip_rag.qa import DEFAULT_RATIO, QAService, check_k, check_question, check_sampling, matching_cache
+from kvzip_rag.qa import DEFAULT_RATIO, QAService, check_k, check_question, check_sampling
 from kvzip_rag.store import CacheStore, loading
 
 WINDOW = 700  # positions of the small-window tiny model: answers reach the window within a few hundred tokens
@@ -184,7 +184,7 @@ def test_select_cache_is_one_rule():
     assert select_cache(rows, kind, Budget(0.5, "head")) is None
     assert select_cache(rows, CacheKind("g", "t"), AS_STORED).id == 3
     assert select_cache(rows, CacheKind("h", "t"), AS_STORED) is None
-    assert matching_cache(rows, fingerprint="f", template_digest="t", ratio=0.4).id == 2
+    assert select_cache(rows, kind, Budget(0.4, None)).id == 2
 
 
 def test_loading_and_metadata_describe_the_same_cache(tmp_path, small):
@@ -193,8 +193,7 @@ def test_loading_and_metadata_describe_the_same_cache(tmp_path, small):
     store.add_document(small, HARBOUR, doc_id="harbour", ratio=1.0)
     records = store.caches_for("harbour", small)
     for ratio, stored in [(None, 1.0), (0.4, 0.5)]:
-        chosen = matching_cache(records, fingerprint=small.fingerprint, template_digest=small.template.digest,
-                                ratio=ratio)
+        chosen = select_cache(records, CacheKind.of_model(small), Budget(ratio, None))
         assert chosen.ratio == stored
         assert loading.pick(store, small, "harbour", 0, ratio, None)[0].id == chosen.id
         assert store.load_cache("harbour", small, ratio=ratio).info.ratio == (ratio or stored)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import sys
 import tomllib
 from functools import cache
@@ -107,6 +108,43 @@ def test_benchmark_fidelity_summary_report_import_one_way():
     assert "kvzip_rag.bench.methods" in graph["kvzip_rag.bench.fidelity"]
 
 
+@pytest.mark.parametrize("task", ["fidelity", "multidoc", "quant", "grounding", "scale", "contention",
+                                  "conversations", "report", "summary", "tasks"])
+def test_the_benchmark_runner_knows_no_task(task):
+    """Tasks use the runner's shared pipeline; the runner only dispatches (bench/tasks.py names the tasks)."""
+    assert _reaches("kvzip_rag.bench.runner", f"kvzip_rag.bench.{task}") is None, \
+        _reaches("kvzip_rag.bench.runner", f"kvzip_rag.bench.{task}")
+
+
+def test_benchmark_tasks_use_the_bench_through_public_members():
+    for name, path in _module_files().items():
+        if name.startswith("kvzip_rag.bench.") and name != "kvzip_rag.bench.runner":
+            assert not re.search(r"\bbench\._[a-z]", path.read_text()), name
+
+
+@pytest.mark.parametrize("above", ["kvzip_rag.composers", "kvzip_rag.compose"])
+def test_composition_does_not_import_the_service(above):
+    """qa -> composers -> compose, never back (the composers get the service as an argument)."""
+    assert _reaches(above, "kvzip_rag.qa") is None, _reaches(above, "kvzip_rag.qa")
+
+
+def test_the_llamaindex_engines_reach_no_private_index_member():
+    """The retriever, the engines and persistence call the service (``index.qa``) and the index's public members,
+    never its private ones (``index._store``, ``self._index._qa``)."""
+    folder = PACKAGES["kvzip_rag.integrations"] / "llamaindex"
+
+    def private(tree: ast.AST, own: bool) -> set[str]:
+        """Private attributes read on ``self`` (``own``) or on anything else."""
+        return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+                and not n.attr.startswith("__") and (isinstance(n.value, ast.Name) and n.value.id == "self") == own}
+
+    index_members = private(ast.parse((folder / "index.py").read_text()), own=True)
+    assert {"_qa", "_store"} <= index_members
+    for name in ("retriever.py", "query_engine.py", "chat_engine.py", "persistence.py"):
+        reached = private(ast.parse((folder / name).read_text()), own=False) & index_members
+        assert not reached, (name, reached)
+
+
 def test_store_modules_import_no_private_store_member():
     for name, path in _module_files().items():
         if name.startswith("kvzip_rag.store.") and name not in ("kvzip_rag.store.cache_store",
@@ -140,3 +178,19 @@ def test_compress_is_the_function_and_its_module_has_another_name():
 
     assert callable(kvzip_rag.compress) and module.compress is kvzip_rag.compress
     assert importlib.util.find_spec("kvzip_rag.compress") is None
+
+
+def test_the_readme_architecture_names_modules_that_exist():
+    """Every module the README's "How it works" section names is there (a rename updates the README)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## How it works"):text.index("\n## ", text.index("### Repository layout"))]
+    files = [path.as_posix() for folder in (*PACKAGES.values(), ROOT / "tests") for path in folder.rglob("*.py")]
+    named = set(re.findall(r"[\w/]+\.py\b", section))
+    assert {"kvzip_rag/qa.py", "store/ranking.py", "budget.py", "generate.py"} <= named
+    missing = [name for name in named if not any(f.endswith("/" + name) for f in files)]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("module", sorted(m for m in _module_files() if m.startswith("kvzip_rag.bench.")))
+def test_no_benchmark_module_is_imported_back_by_what_it_imports(module):
+    assert _reaches(module, module) is None, _reaches(module, module)

@@ -15,7 +15,7 @@ from kvzip_rag.store.blob import FORMAT, ReadStats
 from kvzip_rag.store.cachefile import read_cache, read_cache_header, verify_cache, write_cache
 
 from conftest import build_tiny
-from test_store_guarantees import same_layers
+from test_store_guarantees import logits, same_layers
 
 TEXT = " ".join(
     [
@@ -35,15 +35,6 @@ def assert_same_cache(a: kvzip_rag.PackedCache, b: kvzip_rag.PackedCache) -> Non
     assert all(y.tail_length == 0 for y in b.layers)
 
 
-def next_token_logits(model, cache, question: str) -> torch.Tensor:
-    ids = model.encode(model.template.question_text(question))
-    cache.rewind()
-    with torch.inference_mode():
-        out = model.forward(ids, cache)
-    cache.rewind()
-    return out.logits[0, -1]
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window layers stored uncompressed
 def test_round_trip_reproduces_the_in_memory_cache(family, smol_tokenizer, tmp_path):
     model = build_tiny(family, smol_tokenizer)
@@ -53,8 +44,7 @@ def test_round_trip_reproduces_the_in_memory_cache(family, smol_tokenizer, tmp_p
     loaded = read_cache(tmp_path / "c.safetensors")
     loaded.info.check_model(model)
     assert_same_cache(cache, loaded)
-    assert torch.equal(next_token_logits(model, cache, "Who built the harbour?"),
-                       next_token_logits(model, loaded, "Who built the harbour?"))
+    assert torch.equal(logits(model, cache, "Who built the harbour?"), logits(model, loaded, "Who built the harbour?"))
     assert kvzip_rag.answer(model, loaded, "Who built it?", max_new_tokens=6).token_ids == \
         kvzip_rag.answer(model, cache, "Who built it?", max_new_tokens=6).token_ids
     header = read_cache_header(tmp_path / "c.safetensors")

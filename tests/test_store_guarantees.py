@@ -273,13 +273,19 @@ def test_full_disk_raises_store_full_at_every_level_and_loses_nothing(small_disk
     store.close()
 
 
+def orphan_blob(store: CacheStore, name: str, size: int = 10) -> Path:
+    """A blob file that no row names, as a crashed or concurrent add leaves it."""
+    orphan = store.blob_dir / name[:2] / f"{name}.safetensors"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"x" * size)
+    return orphan
+
+
 def test_full_disk_rm_and_gc_free_space_and_the_store_still_opens(small_disk, tiny_llama):
     store = CacheStore(small_disk / "s")
     store.add_document(tiny_llama, HARBOUR, doc_id="a", ratio=0.5)
     store.add_document(tiny_llama, ORCHARD, doc_id="b", ratio=0.5)
-    orphan = store.blob_dir / "ab" / "ab0123.safetensors"
-    orphan.parent.mkdir(parents=True, exist_ok=True)
-    orphan.write_bytes(b"x" * 4096)
+    orphan_blob(store, "ab0123", 4096)
     filler = _fill(small_disk, 0)
     assert shutil.disk_usage(small_disk).free < 4096
     assert store.delete_document("a") is True  # rm works on a full disk (the store's reserve file is given back)
@@ -337,9 +343,7 @@ def test_explicitly_read_only_store(tmp_path, tiny_llama):
 def test_gc_now_removes_young_orphans(tmp_path, tiny_llama):
     with CacheStore(tmp_path / "s") as store:
         store.add_document(tiny_llama, HARBOUR, doc_id="a", ratio=0.5)
-        orphan = store.blob_dir / "ab" / "ab0123.safetensors"
-        orphan.parent.mkdir(parents=True, exist_ok=True)
-        orphan.write_bytes(b"x" * 10)
+        orphan_blob(store, "ab0123")
         assert store.gc().removed == []  # younger than the 600 s default: may belong to an add in progress
         assert store.gc(now=True).removed == ["ab/ab0123.safetensors"] and store.verify().ok
 
@@ -351,9 +355,7 @@ def test_cli_gc_now(tmp_path, tiny_llama):
 
     with CacheStore(tmp_path / "s") as store:
         store.add_document(tiny_llama, HARBOUR, doc_id="a", ratio=0.5)
-        orphan = store.blob_dir / "cd" / "cd0123.safetensors"
-        orphan.parent.mkdir(parents=True, exist_ok=True)
-        orphan.write_bytes(b"x" * 10)
+        orphan = orphan_blob(store, "cd0123")
     runner = CliRunner()
     kept = runner.invoke(app, ["--store", str(tmp_path / "s"), "gc"])
     assert kept.exit_code == 0 and "removed 0" in kept.stdout and orphan.exists()

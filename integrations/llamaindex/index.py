@@ -32,7 +32,7 @@ from llama_index.core.storage.docstore.types import RefDocInfo
 from llama_index.core.storage.storage_context import DEFAULT_PERSIST_DIR, StorageContext
 
 from kvzip_rag.bridge import run_in_thread
-from kvzip_rag.budget import check_ratio_level
+from kvzip_rag.budget import DEFAULT_BUDGET, Budget, CacheKind
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
 from kvzip_rag.models import KVzipModel, load_model
 from kvzip_rag.quant import check_bits
@@ -107,8 +107,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
     Args:
         model: a :class:`kvzip_rag.KVzipModel`, or a model alias / folder / ``.gguf`` / hub id loaded on first use
             (default: the model that built a loaded index, else :func:`kvzip_rag.load_model`'s default).
-        ratio: fraction of KV pairs kept, in (0, 1] (default 0.3; a loaded index keeps its own unless given, and
-            a lower one loads the stored caches at that ratio without re-scoring).
+        ratio: fraction of KV pairs kept, in (0, 1] (default ``DEFAULT_BUDGET``'s, 0.3; a loaded index keeps its own
+            unless given, and a lower one loads the stored caches at that ratio without re-scoring).
         level: ``"pair"`` (default), ``"uniform"`` or ``"head"``.
         kv_bits: 16 (default; a loaded index keeps its own unless given) keeps the model's dtype; 8 or 4 store the
             caches quantized (:mod:`kvzip_rag.quant`: about 3x / 5x smaller blobs). Applies to documents added from
@@ -153,12 +153,9 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         self.lock = threading.RLock()  # held around every use of the model
         self._model_arg = model
         self._model: Optional[KVzipModel] = model if isinstance(model, KVzipModel) else None  # given
-        if ratio is None:
-            ratio = index_struct.ratio if index_struct is not None else 0.3
-        if level is None:
-            level = index_struct.level if index_struct is not None else "pair"
-        check_ratio_level(ratio, level)
-        self._ratio, self._level = float(ratio), level
+        stored = index_struct if index_struct is not None else DEFAULT_BUDGET  # what is not given
+        budget = Budget(stored.ratio if ratio is None else ratio, stored.level if level is None else level)
+        self._ratio, self._level = budget.ratio, budget.level
         self._kv_bits = check_bits(kv_bits if kv_bits is not None
                                    else index_struct.kv_bits if index_struct is not None else 16)
         self._store = self._open_store(store, index_struct, persist_dir)
@@ -193,8 +190,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         transformations: Optional[list] = None,
         *,
         model: KVzipModel | str | os.PathLike | None = None,
-        ratio: float = 0.3,
-        level: str = "pair",
+        ratio: Optional[float] = None,
+        level: Optional[str] = None,
         kv_bits: int = 16,
         store: CacheStore | str | os.PathLike | None = None,
         **kwargs: Any,
@@ -530,13 +527,14 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         (the cache this index's model answers each from)."""
         struct = self._index_struct
         model = self._model.name if self._model is not None else struct.model_name
+        kind = (CacheKind(struct.model_fingerprint, struct.template_digest or "")
+                if struct.model_fingerprint is not None else None)  # who built this index's caches
         records: dict[str, Any] = {}
         out = []
         for target in targets:
             if target.doc_id not in records:
                 records[target.doc_id] = self._store.get_document(target.doc_id)
-            metadata = segment_metadata(self._qa, target, records[target.doc_id], model=model,
-                                        fingerprint=struct.model_fingerprint, template_digest=struct.template_digest)
+            metadata = segment_metadata(self._qa, target, records[target.doc_id], model=model, kind=kind)
             node = segment_node(target.doc_id, target.segment_index, target.text, metadata)
             out.append(NodeWithScore(node=node, score=float(target.score or 0.0)))
         return out

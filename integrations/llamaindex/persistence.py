@@ -25,6 +25,7 @@ from llama_index.core.storage.index_store.simple_index_store import SimpleIndexS
 from llama_index.core.storage.index_store.types import DEFAULT_PERSIST_PATH
 from llama_index.core.storage.storage_context import StorageContext
 
+from kvzip_rag.budget import DEFAULT_BUDGET
 from kvzip_rag.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -48,8 +49,8 @@ class KVzipIndexStruct(IndexStruct):
     """
 
     node_ids: Dict[str, List[str]] = field(default_factory=dict)
-    ratio: float = 0.3
-    level: str = "pair"
+    ratio: float = DEFAULT_BUDGET.ratio
+    level: str = DEFAULT_BUDGET.level
     kv_bits: int = 16  # of the caches this index adds (8 or 4: quantized)
     model_name: Optional[str] = None
     model_fingerprint: Optional[str] = None

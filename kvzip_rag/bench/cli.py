@@ -6,24 +6,20 @@ The main CLI registers the command with ``app.command("bench")(bench)``; ``run_b
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .presets import get_preset, parse_overrides
-
-TASKS = ("squad", "needle", "narrativeqa")
-EXTRA_TASKS = ("fidelity", "grounding", "multidoc", "quant", "scale")  # run only when asked for with --task
-
+from .tasks import DEFAULT_TASKS, TASKS
 
 def run_bench(
     preset: str = "quick",
     data_dir: Path | None = None,
     out_dir: Path = Path("bench-out"),
     model: str | None = None,
-    tasks: tuple[str, ...] | list[str] = TASKS,
+    tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS,
     embedding: str = "minilm",
     threads: int | None = None,
     loaded_model=None,
@@ -32,7 +28,8 @@ def run_bench(
     log=None,
     limit: int | None = None,
 ) -> dict:
-    """Run the benchmark; returns the results dict and writes ``out_dir/{results.json,results.md,*.png}``.
+    """Run the benchmark's ``tasks`` (:data:`~.tasks.TASKS`) and write their results (results.json, results.md and
+    PNG plots for the tasks that share them; ``<task>.json``/``<task>.md`` for the others); returns the results.
 
     ``preset``: ``quick`` or ``full``; ``data_dir`` defaults to ``$KVZIP_RAG_DATA`` or ``../shared/data``;
     ``model``: an alias/path for ``kvzip_rag.load_model`` (default model when None); ``loaded_model``: an already
@@ -42,55 +39,32 @@ def run_bench(
     """
     import torch
 
-    import kvzip_rag
-
-    from . import report
     from .data import default_data_dir
-    from .runner import Bench, write_json
+    from .tasks import Context, run_tasks
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if threads:
         torch.set_num_threads(threads)
-    unknown = set(tasks) - set(TASKS) - set(EXTRA_TASKS)
+    unknown = set(tasks) - set(TASKS)
     if unknown:
-        raise typer.BadParameter(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS + EXTRA_TASKS)}")
+        raise typer.BadParameter(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
     settings = get_preset(preset, **(preset_overrides or {}))
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if not data_dir.is_dir():
         raise FileNotFoundError(f"benchmark data folder {data_dir} not found (set --data or KVZIP_RAG_DATA)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if "scale" in tasks:
-        from .scale import run_scale_task
+    context = Context(settings, data_dir, out_dir, model, loaded_model, log, embedding, limit)
+    return run_tasks(tasks, context, command if command is not None else invoked_command())
 
-        scale = run_scale_task(settings, data_dir, out_dir, model, loaded_model, log)
-        tasks = tuple(t for t in tasks if t != "scale")
-        if not tasks:
-            return {"scale": scale}
-    if "grounding" in tasks:
-        from .grounding import run_grounding_task
 
-        grounding = run_grounding_task(settings, data_dir, out_dir, model, loaded_model, log, embedding, limit)
-        log(f"grounding done: {out_dir / 'grounding.md'}")
-        tasks = tuple(t for t in tasks if t != "grounding")
-        if not tasks:
-            return {"grounding": grounding}
-    start = time.perf_counter()
-    kv_model = loaded_model or kvzip_rag.load_model(model)
-    log(f"model {kv_model.name} loaded in {time.perf_counter() - start:.1f}s; preset {settings.name}; "
-        f"data {data_dir}; output {out_dir}")
-    bench = Bench(kv_model, settings, data_dir, embedding=embedding, log=log)
-    results = bench.run(tuple(tasks))
-    if command is None and sys.argv[1:2] == ["bench"]:
-        command = "kvzip-rag bench " + " ".join(sys.argv[2:])
-    elif command is None and Path(sys.argv[0]).parts[-2:] == ("bench", "cli.py"):
-        command = "python -m kvzip_rag.bench.cli " + " ".join(sys.argv[1:])
-    results["meta"]["command"] = command
-    write_json(results, out_dir / "results.json")
-    (out_dir / "results.md").write_text(report.markdown(results, command))
-    report.plots(results, out_dir)
-    log(f"done in {results['meta']['duration_s'] / 60:.1f} min: {out_dir / 'results.md'}")
-    return results
+def invoked_command() -> str | None:
+    """The command line this process runs as, for the report (``None`` when not the benchmark's CLI)."""
+    if sys.argv[1:2] == ["bench"]:
+        return "kvzip-rag bench " + " ".join(sys.argv[2:])
+    if Path(sys.argv[0]).parts[-2:] == ("bench", "cli.py"):
+        return "python -m kvzip_rag.bench.cli " + " ".join(sys.argv[1:])
+    return None
 
 
 def bench(
@@ -102,13 +76,11 @@ def bench(
     out: Annotated[Path, typer.Option("--out", help="Output folder for results.json, results.md and plots.")]
     = Path("bench-out"),
     model: Annotated[str | None, typer.Option("--model", help="Model alias, folder, .gguf or hub id.")] = None,
-    task: Annotated[list[str] | None, typer.Option("--task", help="Run only this task (repeatable): squad, "
-                                                                  "needle, narrativeqa; fidelity, grounding, multidoc, quant (only when named); "
-                                                                  "or contention "
-                                                                  "(decode speed under a competing CPU load, Python API beside the "
-                                                                  "CLI); or scale (10^6 segments, S3, Ray; only when named); or "
-                                                                  "conversations (scripted chats: turns answered from the "
-                                                                  "labelled document).")]
+    task: Annotated[list[str] | None, typer.Option("--task", help=f"Run only this task (repeatable): "
+                                                                  f"{', '.join(TASKS)} (default: "
+                                                                  f"{', '.join(DEFAULT_TASKS)}). contention: decode "
+                                                                  "speed under a competing CPU load; scale: 10^6 "
+                                                                  "segments, S3, Ray; conversations: scripted chats.")]
     = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "
@@ -137,56 +109,23 @@ def bench(
         get_preset("quick", **overrides)  # validate names before loading anything
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
-    if task and "contention" in task:  # a separate measurement: decode speed under a competing CPU load
-        import json
-
-        from .contention import markdown, run_contention
-
-        result = run_contention(model, log=lambda message: typer.echo(message, err=True))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "contention.json").write_text(json.dumps(result, indent=2))
-        (out / "contention.md").write_text(markdown(result))
-        typer.echo(markdown(result))
-        return
-    if task and "conversations" in task:  # a separate measurement: chat routing over scripted conversations
-        _conversations(model, data, out, threads)
-        return
     try:
-        run_bench(preset="full" if full else "quick", data_dir=data, out_dir=out, model=model,
-                  tasks=tuple(task) if task else TASKS, threads=threads, preset_overrides=overrides, limit=limit)
+        results = run_bench(preset="full" if full else "quick", data_dir=data, out_dir=out, model=model,
+                            tasks=tuple(task) if task else DEFAULT_TASKS, threads=threads, preset_overrides=overrides,
+                            limit=limit)
     except FileNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
-
-
-def _conversations(model: str | None, data: Path | None, out: Path, threads: int | None) -> None:
-    import json
-
-    import kvzip_rag
-
-    from .conversations import conversation_figures, markdown
-
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        result = conversation_figures(kvzip_rag.load_model(model), out, data_dir=data,
-                                      log=lambda message: typer.echo(message, err=True))
-    except FileNotFoundError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from error
-    (out / "conversations.json").write_text(json.dumps(result, indent=1))
-    (out / "conversations.md").write_text(markdown(result))
-    typer.echo(markdown(result))
+    for name in dict.fromkeys(task or ()):  # a standalone task's report is short: shown as well as written
+        if TASKS[name].standalone:
+            typer.echo("\n".join(TASKS[name].section(results[name])))
 
 
 def _gpu(model: str | None, data: Path | None, out: Path, max_length: int | None) -> None:
     from .data import default_data_dir
     from .gpu import GPUUnavailableError, run_gpu_bench
 
-    command = "kvzip-rag bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else ""
+    command = invoked_command() or ""
     try:
         if model is None:
             raise FileNotFoundError("the gpu preset needs --model <local model folder> (it never downloads)")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import data as bench_data
 from . import measure
-from .methods import method_order
+from .methods import method_order, target_row
 from .metrics import best_over, f1_score
 
 FAST = "kvzip-fast"
@@ -73,10 +73,10 @@ def teacher_forced(model, cache, question: str, gold: str) -> dict:
     return {"logprobs": logprobs.cpu(), "nll": nll, "greedy": logprobs.argmax(-1).cpu()}
 
 
-def run_fidelity(bench) -> None:
+def run_fidelity(bench) -> dict:
+    """The fidelity task's record (rows, the gate, the methods answered for F1), kept as ``results["fidelity"]``."""
     p = bench.preset
     record = {"rows": [], "gate": ensure_gate(bench), "f1_methods": []}
-    bench.fidelity = record
     docs = bench_data.load_squad(bench.data_dir, bench.count, 10_000, p.fidelity_min_tokens,
                                  min(p.fidelity_max_tokens, bench.max_context()), p.fidelity_questions_per_doc,
                                  p.fidelity_first_article)
@@ -98,11 +98,12 @@ def run_fidelity(bench) -> None:
             continue
         answered = run_document(bench, doc, variants, f1_methods, answered, record["rows"])
     bench.mark_memory("fidelity")
+    return record
 
 
 def run_document(bench, doc, variants, f1_methods, answered: int, rows: list) -> int:
     """Every method on one document; returns the running count of questions answered for F1."""
-    from .runner import PreparedDocument, cut
+    from .runner import PreparedDocument
 
     p, model = bench.preset, bench.model
     prep = PreparedDocument(model, doc.text, p.prefill_repeats)
@@ -114,26 +115,20 @@ def run_document(bench, doc, variants, f1_methods, answered: int, rows: list) ->
     per_doc = math.ceil(p.fidelity_f1_questions * p.fidelity_questions_per_doc / max(p.fidelity_questions, 1))
     f1_questions = {q.id for q in doc.questions[: min(per_doc, max(0, p.fidelity_f1_questions - answered))]}
     reference: dict[str, dict] = {}
-    for source in dict.fromkeys(v.source for v in variants):
-        base, scoring_s = prep.base(source)
-        if source not in ("full", "kvzip-head"):
-            cost["scoring_s"][source] = scoring_s
-        for variant in (v for v in variants if v.source == source):
-            cache = cut(base, variant)
-            for question in doc.questions:
-                out = teacher_forced(model, cache, question.question, question.answers[0])
-                full = reference.setdefault(question.id, out)  # "full" runs first
-                kl = F.kl_div(out["logprobs"], full["logprobs"], log_target=True, reduction="none").sum(-1)
-                row = {"doc": doc.id, "qid": question.id, "method": variant.name, "nll": out["nll"],
-                       "first_token_match": float(out["greedy"][0] == full["greedy"][0]),
-                       "token_agreement": float((out["greedy"] == full["greedy"]).float().mean()),
-                       "kl_from_full": float(kl.mean()), "f1": None, "answer": None}
-                if question.id in f1_questions and variant.name in f1_methods:
-                    gen = measure.packed_answer(model, cache, question.question, p.fidelity_max_new_tokens)
-                    row["answer"], row["f1"] = gen.text, best_over(f1_score, gen.text, question.answers)
-                rows.append(row)
-            del cache
-        del base
+    for variant, cache in prep.caches(variants, cost["scoring_s"]):
+        for question in doc.questions:
+            out = teacher_forced(model, cache, question.question, question.answers[0])
+            full = reference.setdefault(question.id, out)  # "full" runs first
+            kl = F.kl_div(out["logprobs"], full["logprobs"], log_target=True, reduction="none").sum(-1)
+            row = {"doc": doc.id, "qid": question.id, "method": variant.name, "nll": out["nll"],
+                   "first_token_match": float(out["greedy"][0] == full["greedy"][0]),
+                   "token_agreement": float((out["greedy"] == full["greedy"]).float().mean()),
+                   "kl_from_full": float(kl.mean()), "f1": None, "answer": None}
+            if question.id in f1_questions and variant.name in f1_methods:
+                gen = measure.packed_answer(model, cache, question.question, p.fidelity_max_new_tokens)
+                row["answer"], row["f1"] = gen.text, best_over(f1_score, gen.text, question.answers)
+            rows.append(row)
+        del cache
     bench.documents.append(cost)
     return answered + len(f1_questions)
 
@@ -195,9 +190,8 @@ def targets(table: dict, ratios, scoring: dict) -> list[dict]:
     """The issue's fidelity targets, decided from the intervals (None when the run could not decide)."""
     out = []
 
-    def add(name, value, threshold, met, measured, n=None, note=""):
-        out.append({"target": name, "value": value, "threshold": threshold, "met": met, "measured": measured,
-                    "n": n, "note": note})
+    def add(*row, **named) -> None:
+        out.append(target_row(*row, **named))
 
     cost = scoring.get(FAST, {})
     add("kvzip-fast indexing: (prefill + scoring) / prefill <= 1.1", cost.get("overhead"), 1.1,

@@ -22,7 +22,6 @@ Rows are written after every question (``grounding.json``, ``grounding.md``), so
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from . import data as bench_data
 from . import measure
+from .runner import write_outputs
 from .metrics import best_over, contains_gold, f1_score, mean, stderr
 
 SETS = ("squad", "squad-unanswerable", "hotpotqa")
@@ -138,11 +138,9 @@ class GroundingTask:
 
     def chunk_rag(self, question: bench_data.Question, doc_id: str, retriever) -> None:
         start = time.perf_counter()
-        context = retriever.context(question.question)
-        retrieval_s = time.perf_counter() - start
-        ids = measure.document_ids(self.model, context) + measure.question_ids(self.model, question.question)
-        gen = measure.dense_answer(self.model, ids, self.preset.grounding_max_new_tokens)
-        self.add("squad", question, doc_id, "chunk-rag", gen.text, gen.tokens, retrieval_s + gen.ttft_s,
+        gen, _, _ = measure.chunk_answer(self.model, retriever.context, question.question,
+                                         self.preset.grounding_max_new_tokens)
+        self.add("squad", question, doc_id, "chunk-rag", gen.text, gen.tokens, gen.ttft_s,
                  time.perf_counter() - start, False, None)
 
     def hotpot_items(self) -> list[tuple]:
@@ -207,9 +205,7 @@ class GroundingTask:
                             "duration_s": time.perf_counter() - self.t0, "skipped": self.skipped,
                             "methods": [{"label": m.label, "options": m.options} for m in self.methods]},
                    "summary": summarize(self.rows), "rows": self.rows}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "grounding.json").write_text(json.dumps(results, indent=1, default=str))
-        (self.out_dir / "grounding.md").write_text(markdown(results))
+        write_outputs(self.out_dir, "grounding", results, markdown(results))  # a checkpoint after every round
         return results
 
 
@@ -290,11 +286,3 @@ def markdown(results: dict) -> str:
                 lines.append(f"- {set_name} {method}: {_ci(value)} (n = {value['n']})")
         lines.append("")
     return "\n".join(lines)
-
-
-def run_grounding_task(preset, data_dir: Path, out_dir: Path, model_name: str | None, loaded_model, log,
-                       embedding: str = "minilm", limit: int | None = None) -> dict:
-    import kvzip_rag
-
-    model = loaded_model or kvzip_rag.load_model(model_name)
-    return GroundingTask(model, preset, data_dir, out_dir, log, embedding, limit).run()

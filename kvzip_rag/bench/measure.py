@@ -1,5 +1,6 @@
-"""Timed primitives the benchmark is built from: dense (plain transformers) prefill and greedy decoding,
-answers and teacher-forced likelihoods from a packed cache, per-token decode latency, memory."""
+"""Timed primitives the benchmark is built from: dense (plain transformers) prefill, answers (dense or from a packed
+cache, both decoded by :class:`~kvzip_rag.generate.AnswerStream`, the package's one decode loop) and teacher-forced
+likelihoods, per-token decode latency (forced length: a timing loop, not an answer), memory."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from transformers import DynamicCache
 
 import kvzip_rag
 from kvzip_rag.cache import PackedCache
-from kvzip_rag.generate import packed_forward
+from kvzip_rag.generate import AnswerStream, SamplingOptions, packed_forward
 from kvzip_rag.models import KVzipModel
 
 
@@ -69,36 +70,40 @@ def _dense_step(model: KVzipModel, cache: DynamicCache, ids: list[int], keep_all
 
 
 def dense_answer(model: KVzipModel, ids: list[int], max_new_tokens: int, gold: str | None = None) -> Generation:
-    """Greedy answer from scratch: prefill the whole prompt (document + question), then decode (what
-    ``generate`` does greedily, timed per phase). With ``gold``, also the teacher-forced NLL of the gold
-    answer, from the same prefill."""
-    stop = model.stop_token_ids
+    """Greedy answer from scratch: prefill the whole prompt (document + question, chunked as compress does), then
+    the one decode loop (:class:`~kvzip_rag.generate.AnswerStream`, here over transformers' DynamicCache) with the
+    options packed answers take, timed per phase. With ``gold``, also the teacher-forced NLL of the gold answer,
+    from the same prefill."""
     start = time.perf_counter()
-    cache, logits = dense_prefill(model, ids)
-    prompt_logits = logits
-    generated: list[int] = []
-    first = None
-    with torch.inference_mode():
-        for step in range(max_new_tokens):
-            token = int(logits.argmax())
-            if first is None:
-                first = time.perf_counter()
-            if token in stop:
-                break
-            generated.append(token)
-            if step + 1 < max_new_tokens:
-                logits = _dense_step(model, cache, [token])
-    end = time.perf_counter()
-    result = Generation(model.tokenizer.decode(generated, skip_special_tokens=True).strip(), len(generated),
-                        (first or end) - start, end - (first or end))
+    cache, _ = dense_prefill(model, ids[:-1])  # the last prompt token is the decode loop's, for its first logits
+    prefill_s = time.perf_counter() - start
+    stream = AnswerStream(model, cache, ids[-1:], SamplingOptions(max_new_tokens=max_new_tokens), keep=True)
+    for _ in stream:
+        pass
+    answer = stream.result
+    result = Generation(answer.text, len(answer.token_ids), prefill_s + answer.time_to_first_token_s,
+                        answer.decode_s)
     target = gold_ids(model, gold) if gold is not None else []
     if target:
-        _crop_to(cache, len(ids))
+        _crop_to(cache, len(ids) - 1)
         with torch.inference_mode():
-            rest = _dense_step(model, cache, target[:-1], keep_all=True) if len(target) > 1 else None
-        all_logits = prompt_logits[None] if rest is None else torch.cat([prompt_logits[None], rest])
-        result.nll = float(F.cross_entropy(all_logits.float(), torch.tensor(target, device=all_logits.device)))
+            logits = _dense_step(model, cache, ids[-1:] + target[:-1], keep_all=True).float()
+        result.nll = float(F.cross_entropy(logits, torch.tensor(target, device=logits.device)))
     return result
+
+
+def chunk_answer(model: KVzipModel, context: Callable[[str], str], question: str, max_new_tokens: int,
+                 gold: str | None = None) -> tuple[Generation, float, int]:
+    """The chunk-retrieval baseline: ``context(question)`` (the retrieved chunks) as the document, then
+    :func:`dense_answer`, its time to first token counting the retrieval. Returns (answer, retrieval seconds, prompt
+    tokens)."""
+    start = time.perf_counter()
+    text = context(question)
+    retrieval_s = time.perf_counter() - start
+    ids = document_ids(model, text) + question_ids(model, question)
+    gen = dense_answer(model, ids, max_new_tokens, gold=gold)
+    gen.ttft_s += retrieval_s
+    return gen, retrieval_s, len(ids)
 
 
 def median_decode_time(step: Callable[[list[int]], torch.Tensor], prompt: list[int], steps: int) -> float:

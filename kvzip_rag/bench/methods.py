@@ -1,5 +1,5 @@
 """Benchmark method names (``family@ratio``): how they parse and the order tables list them in, shared by the
-tasks, the summary and the report."""
+tasks, the summary and the report; and the rows of the report's targets table."""
 
 from __future__ import annotations
 
@@ -17,3 +17,9 @@ def method_order(method: str) -> tuple:
     families = ["full", "reprefill", "chunk-rag", "kvzip-pair", "kvzip-uniform", "kvzip-head", "snapkv", "h2o",
                 "keynorm", "random"]
     return (families.index(family) if family in families else len(families), -(r or 0), method)
+
+
+def target_row(name: str, value, threshold, met: bool | None, measured: str, n=None, note: str = "") -> dict:
+    """One row of the targets table (``met`` None: the run could not decide it)."""
+    return {"target": name, "value": value, "threshold": threshold, "met": met, "measured": measured, "n": n,
+            "note": note}

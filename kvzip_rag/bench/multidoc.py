@@ -101,7 +101,7 @@ class StoredDocument:
         self.compress_s = time.perf_counter() - start
         self.ids = list(cache.info.input_ids)
         self.prefix_length = cache.info.prefix_length
-        self.path = Path(bench._tmp.name) / f"{name}.safetensors"
+        self.path = bench.scratch / f"{name}.safetensors"
         self.file_bytes = write_cache(cache, self.path).nbytes
 
     def load(self, model, ratio: float) -> tuple[PackedCache, int]:
@@ -169,13 +169,9 @@ def answer_question(bench, task: str, doc: bench_data.Document, question: bench_
         bench.add_row(task, doc, question, f"best-of-k@{r:g}", gen, bytes_loaded=loaded_bytes,
                       cache_bytes=cache_bytes, **extra)
     if chunk_context is not None:
-        start = time.perf_counter()
-        context = chunk_context(question.question)
-        retrieval_s = time.perf_counter() - start
-        ids = measure.document_ids(model, context) + measure.question_ids(model, question.question)
-        gen = measure.dense_answer(model, ids, max_new, gold=gold)
-        gen.ttft_s += retrieval_s
-        bench.add_row(task, doc, question, "chunk-rag", gen, prompt_tokens=len(ids), retrieval_s=retrieval_s,
+        gen, retrieval_s, prompt_tokens = measure.chunk_answer(model, chunk_context, question.question, max_new,
+                                                               gold=gold)
+        bench.add_row(task, doc, question, "chunk-rag", gen, prompt_tokens=prompt_tokens, retrieval_s=retrieval_s,
                       bytes_loaded=0, **extra)
     ids = routed[0].ids[: routed[0].prefix_length] + [t for d in routed for t in d.ids[d.prefix_length:]]
     ids += measure.question_ids(model, question.question)
@@ -189,12 +185,8 @@ def answer_question(bench, task: str, doc: bench_data.Document, question: bench_
 
 def _chunk_context(bench, text: str):
     """A chunk retriever over ``text`` (top ``multidoc_k`` chunks), or None when chunk retrieval is unavailable."""
-    if "chunk-rag" in bench.skipped:
-        return None
-    try:
-        embed = bench.embedder()
-    except Exception as error:  # the optional extra is not installed
-        bench.skipped["chunk-rag"] = f"{type(error).__name__}: {error}"
+    embed = bench.chunk_embedder()
+    if embed is None:
         return None
     from .retrieval import ChunkRetriever
 

@@ -35,6 +35,7 @@ from kvzip_rag.scorers import KVzipScorer
 from . import data as bench_data
 from . import measure
 from .metrics import mean, median, median_interval, needle_hit, stderr
+from .presets import main_ratio
 
 BITS = (16, 8, 4)
 
@@ -96,12 +97,12 @@ class QuantTask:
                                      min(p.squad_max_tokens, bench.max_context()), p.quant_squad_questions,
                                      first_article=p.quant_first_article)
         for doc in docs:
-            if _over_budget(bench, "quant-squad", doc.id):
+            if bench.over_budget("quant-squad", doc.id):
                 continue
             base, full = self.prepared(doc.text)
             bench.say(f"quant-squad {doc.id}: {base.info.context_length} tokens, {len(doc.questions)} questions")
             grid = [("full", 1.0, 16, full), *variants(base, p.quant_ratios)]
-            main = _main(p.quant_ratios)
+            main = main_ratio(p.quant_ratios)
             for method, ratio, bits, cache in grid:
                 self.record_bytes("quant-squad", doc.id, method, ratio, bits, cache, base.info.context_length)
                 answered = ratio in p.quant_answer_ratios or method == "full"
@@ -140,7 +141,7 @@ class QuantTask:
         ttft_doc = next(f"needle:{n}@{d:g}" for n, d in cases if n == ttft_length)
         for length, depth in cases:
             doc_id = f"needle:{length}@{depth:g}"
-            if _over_budget(bench, "quant-needle", doc_id):
+            if bench.over_budget("quant-needle", doc_id):
                 continue
             text = bench_data.needle_haystack(haystack, encode, decode, length, depth)
             while bench.count(text) > limit:
@@ -157,7 +158,7 @@ class QuantTask:
                                             gold=question.answers[0])
                 row = bench.add_row("quant-needle", doc, question, method, gen, kv_bits=bits, ratio=ratio)
                 row["hit"] = needle_hit(gen.text)
-                if doc_id == ttft_doc and ratio == _main(p.quant_needle_ratios):
+                if doc_id == ttft_doc and ratio == main_ratio(p.quant_needle_ratios):
                     timed.append((method, ratio, bits, cache))
             if timed:
                 self.measure_ttft(doc_id, timed)
@@ -168,7 +169,7 @@ class QuantTask:
         from kvzip_rag.store.cachefile import read_cache, write_cache
 
         model, question = self.model, bench_data.NEEDLE_QUESTION
-        paths = {bits: Path(self.bench._tmp.name) / f"quant-ttft-{bits}.safetensors" for _, _, bits, _ in timed}
+        paths = {bits: self.bench.scratch / f"quant-ttft-{bits}.safetensors" for _, _, bits, _ in timed}
         sizes = {bits: len(write_cache(cache, paths[bits]).blob.data) for _, _, bits, cache in timed}
         times = {bits: {"stored": [], "load": [], "cold": [], "cold_stored": [], "memory": [], "quantized_memory": []}
                  for _, _, bits, _ in timed}
@@ -225,13 +226,14 @@ class QuantTask:
             })
             paths[bits].unlink()
 
-    def run(self) -> None:
+    def run(self) -> dict:
+        """The quant task's summary (kept as ``results["quant"]``); its rows go into the bench's tables."""
         for part in (self.squad, self.needle):
             try:
                 part()
             except FileNotFoundError as error:
                 self.bench.skipped[f"quant-{part.__name__}"] = f"data not found: {error}"
-        self.bench.quant = summarize(self.bench.rows, self.bench.variants, self.bench.disk, self.ttft)
+        return summarize(self.bench.rows, self.bench.variants, self.bench.disk, self.ttft)
 
 
 def _evict_from_page_cache(path: Path) -> bool:
@@ -247,20 +249,6 @@ def _evict_from_page_cache(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def _over_budget(bench, task: str, doc_id: str) -> bool:
-    """The benchmark's time budget (``budget_minutes``) is spent: skip the document and list it."""
-    budget = bench.preset.budget_minutes
-    if budget is None or time.perf_counter() - bench.t0 <= budget * 60:
-        return False
-    bench.skipped.setdefault("over_budget", []).append(doc_id)
-    bench.say(f"{task} {doc_id}: skipped, past the {budget:g}-minute budget")
-    return True
-
-
-def _main(ratios) -> float:
-    return 0.3 if 0.3 in ratios else ratios[0]
 
 
 def summarize(rows: list[dict], variants_: list[dict], disk: list[dict], ttft: list[dict]) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from kvzip_rag.extras import pyplot
@@ -49,7 +50,88 @@ def _target_value(t: dict) -> str:
     return _f(value)
 
 
-def markdown(results: dict, command: str | None = None) -> str:
+def qa_section(task: str, title: str) -> Callable[[dict], list[str]]:
+    """The report section of a question-answering task over single documents (squad, narrativeqa)."""
+
+    def section(results: dict) -> list[str]:
+        quality, memory = results["summary"]["quality"], results["summary"]["bytes"]["memory"]
+        if task not in quality:
+            return []
+        lines = [f"## {title}", ""]
+        rows = []
+        for method, q in quality[task].items():
+            mem = memory.get(task, {}).get(method, {})
+            rows.append([
+                f"`{method}`", str(q["n"]), _f(q["em"]), _f(q["f1"]) + (f" ± {q['f1_se']:.3f}" if q["f1_se"] else ""),
+                _f(q["f1_vs_full"], 2), _f(q["contains"]), _f(q["agree_f1"]), _f(q["nll"]),
+                _f(q["nll_minus_full"]), _ms(q["ttft_s"]), _f(q["ttft_vs_reprefill"], 2), _ms(q["s_per_token"]),
+                _f(mem.get("memory_vs_full"), 3),
+            ])
+        return lines + _table(["method", "n", "EM", "F1 ± se", "F1/full", "contains", "agree F1 w/ full", "NLL",
+                               "NLL - full", "TTFT ms", "TTFT/reprefill", "ms/token", "bytes/full"], rows) + [""]
+
+    return section
+
+
+def multidoc_section(results: dict) -> list[str]:
+    """Composed caches over several documents (HotpotQA) and the cross-segment needle."""
+    quality, lines = results["summary"]["quality"], []
+    for task, title in (("multidoc", "Multi-document questions (HotpotQA distractor, composed caches)"),
+                        ("multidoc-needle", "Cross-segment needle (two facts in two segments of one essay)")):
+        if task in quality:
+            lines += [f"## {title}", ""]
+            rows = [[f"`{m}`", str(q["n"]) + (f" ({q['n_answered']} answered)" if q.get("n_answered") not in
+                                                (None, q["n"]) else ""), _f(q["f1"]), _f(q.get("f1_vs_oracle"), 2), _f(q["contains"]),
+                     _f(q.get("both"), 2), _f(q["nll"]), _f(q.get("nll_minus_oracle")), _ms(q["ttft_s"]),
+                     _f(q.get("ttft_speedup_vs_oracle"), 1), _f((q.get("bytes_loaded") or 0) / 1e6, 2),
+                     _f((q.get("cache_bytes") or 0) / 1e6, 2), _f(q.get("routed_gold"), 2)] for m, q in quality[task].items()]
+            lines += _table(["method", "n", "F1", "F1/oracle", "contains", "both facts", "NLL", "NLL - oracle",
+                             "TTFT ms", "oracle TTFT / TTFT", "MB read", "MB in memory", "gold docs routed"], rows) + [""]
+    return lines
+
+
+def needle_section(results: dict) -> list[str]:
+    """Needle in a haystack: accuracy per method and haystack length."""
+    quality, preset = results["summary"]["quality"], results["meta"]["preset"]
+    if "needle" not in quality:
+        return []
+    needle = quality["needle"]
+    lengths = sorted({n for q in needle.values() for n in q.get("hit_by_length", {})})
+    lines = ["## Needle in a haystack (Paul Graham essays)", "",
+             f"Cases (length, depth): {[tuple(c) for c in preset.get('needle_cases', ())]} (lengths clamped to the model's "
+             "window); one question per haystack; a hit is an answer mentioning the sandwich or Dolores Park.", ""]
+    rows = [[f"`{m}`", str(q["n"]), _f(q["hit"], 2), _f(q["hit_vs_full"], 2), _f(q["agree_f1"]),
+             *(_f(q["hit_by_length"].get(n), 2) for n in lengths), _f(q["nll"]), _ms(q["ttft_s"])]
+            for m, q in needle.items()]
+    return lines + _table(["method", "n", "accuracy", "acc/full", "agree F1 w/ full",
+                           *(f"acc @{n}" for n in lengths), "NLL", "TTFT ms"], rows) + [""]
+
+
+def fidelity_section(results: dict) -> list[str]:
+    return fidelity.markdown(results["summary"])
+
+
+def quant_section(results: dict) -> list[str]:
+    from .quant import markdown as quant_markdown
+
+    return quant_markdown(results)
+
+
+# The sections of the tasks that share results.md, by task, in the report's order (a task without results: none).
+SECTIONS: dict[str, Callable[[dict], list[str]]] = {
+    "fidelity": fidelity_section,
+    "squad": qa_section("squad", "SQuAD (one compressed cache per document, all its questions)"),
+    "narrativeqa": qa_section("narrativeqa", "NarrativeQA summaries"),
+    "multidoc": multidoc_section,
+    "needle": needle_section,
+    "quant": quant_section,
+}
+
+
+def markdown(results: dict, command: str | None = None,
+             sections: Iterable[Callable[[dict], list[str]]] | None = None) -> str:
+    """results.md: the run, the targets, each task's section (``sections``: those of the tasks run, default every
+    task's that has results), then the costs all tasks share."""
     meta, summary = results["meta"], results["summary"]
     machine = meta["machine"]
     preset = meta["preset"]
@@ -75,49 +157,9 @@ def markdown(results: dict, command: str | None = None) -> str:
              _f(t["n"]), (t["measured"] + ("; " + t["note"] if t["note"] else ""))] for t in summary["targets"]]
     lines += _table(["target", "measured", "threshold", "met", "n", "how"], rows) + [""]
 
-    quality = summary["quality"]
     memory = summary["bytes"]["memory"]
-    lines += fidelity.markdown(summary)
-    for task, title in (("squad", "SQuAD (one compressed cache per document, all its questions)"),
-                        ("narrativeqa", "NarrativeQA summaries")):
-        if task not in quality:
-            continue
-        lines += [f"## {title}", ""]
-        rows = []
-        for method, q in quality[task].items():
-            mem = memory.get(task, {}).get(method, {})
-            rows.append([
-                f"`{method}`", str(q["n"]), _f(q["em"]), _f(q["f1"]) + (f" ± {q['f1_se']:.3f}" if q["f1_se"] else ""),
-                _f(q["f1_vs_full"], 2), _f(q["contains"]), _f(q["agree_f1"]), _f(q["nll"]),
-                _f(q["nll_minus_full"]), _ms(q["ttft_s"]), _f(q["ttft_vs_reprefill"], 2), _ms(q["s_per_token"]),
-                _f(mem.get("memory_vs_full"), 3),
-            ])
-        lines += _table(["method", "n", "EM", "F1 ± se", "F1/full", "contains", "agree F1 w/ full", "NLL",
-                         "NLL - full", "TTFT ms", "TTFT/reprefill", "ms/token", "bytes/full"], rows) + [""]
-
-    for task, title in (("multidoc", "Multi-document questions (HotpotQA distractor, composed caches)"),
-                        ("multidoc-needle", "Cross-segment needle (two facts in two segments of one essay)")):
-        if task in quality:
-            lines += [f"## {title}", ""]
-            rows = [[f"`{m}`", str(q["n"]) + (f" ({q['n_answered']} answered)" if q.get("n_answered") not in
-                                                (None, q["n"]) else ""), _f(q["f1"]), _f(q.get("f1_vs_oracle"), 2), _f(q["contains"]),
-                     _f(q.get("both"), 2), _f(q["nll"]), _f(q.get("nll_minus_oracle")), _ms(q["ttft_s"]),
-                     _f(q.get("ttft_speedup_vs_oracle"), 1), _f((q.get("bytes_loaded") or 0) / 1e6, 2),
-                     _f((q.get("cache_bytes") or 0) / 1e6, 2), _f(q.get("routed_gold"), 2)] for m, q in quality[task].items()]
-            lines += _table(["method", "n", "F1", "F1/oracle", "contains", "both facts", "NLL", "NLL - oracle",
-                             "TTFT ms", "oracle TTFT / TTFT", "MB read", "MB in memory", "gold docs routed"], rows) + [""]
-
-    if "needle" in quality:
-        needle = quality["needle"]
-        lengths = sorted({n for q in needle.values() for n in q.get("hit_by_length", {})})
-        lines += ["## Needle in a haystack (Paul Graham essays)", "",
-                  f"Cases (length, depth): {[tuple(c) for c in preset.get('needle_cases', ())]} (lengths clamped to the model's "
-                  "window); one question per haystack; a hit is an answer mentioning the sandwich or Dolores Park.", ""]
-        rows = [[f"`{m}`", str(q["n"]), _f(q["hit"], 2), _f(q["hit_vs_full"], 2), _f(q["agree_f1"]),
-                 *(_f(q["hit_by_length"].get(n), 2) for n in lengths), _f(q["nll"]), _ms(q["ttft_s"])]
-                for m, q in needle.items()]
-        lines += _table(["method", "n", "accuracy", "acc/full", "agree F1 w/ full",
-                         *(f"acc @{n}" for n in lengths), "NLL", "TTFT ms"], rows) + [""]
+    for section in sections if sections is not None else SECTIONS.values():
+        lines += section(results)
 
     lines += ["## Costs", "", "### Prefill and scoring (per scorer, over all documents)", ""]
     rows = [[f"`{s}`", str(v["n_docs"]), str(v["tokens"]), _f(v["prefill_s"], 2), _f(v.get("scoring_s"), 2),
@@ -174,9 +216,7 @@ def markdown(results: dict, command: str | None = None) -> str:
                      for k, v in mem.items() if k.startswith("peak_rss")]) + [""]
     lines += ["## Plots", "", "![SQuAD quality vs ratio](squad_quality.png)", "", "![Needle](needle.png)", "",
               "![Decode latency](decode_latency.png)", "", "![Time to first token](ttft.png)", ""]
-    from .quant import markdown as quant_markdown
-
-    return "\n".join(lines + quant_markdown(results))
+    return "\n".join(lines)
 
 
 def plots(results: dict, out_dir: Path) -> list[Path]:

@@ -22,7 +22,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,10 +36,9 @@ from kvzip_rag.scorers import SCORERS, Scorer
 from kvzip_rag.scorers.head_calibration import head_scores
 
 from . import data as bench_data
-from .fidelity import run_fidelity
 from . import measure
 from .metrics import best_over, contains_gold, exact_match, f1_score, needle_hit
-from .presets import Preset
+from .presets import Preset, main_ratio
 
 Log = Callable[[str], None]
 
@@ -111,6 +110,17 @@ class PreparedDocument:
         scoring_s = time.perf_counter() - start
         return pack(doc, scores, 1.0, "pair", scorer.name), scoring_s
 
+    def caches(self, grid: list[Variant], scoring_s: dict[str, float]) -> Iterator[tuple[Variant, PackedCache]]:
+        """Each variant of ``grid`` with its cache, cut from one ratio-1.0 base per source (scored once, its
+        scoring seconds put in ``scoring_s``; a base is dropped before the next is scored)."""
+        for source in dict.fromkeys(v.source for v in grid):
+            base, seconds = self.base(source)
+            if source not in ("full", "kvzip-head"):
+                scoring_s[source] = seconds
+            for variant in (v for v in grid if v.source == source):
+                yield variant, cut(base, variant)
+            del base
+
 
 def cut(base: PackedCache, variant: Variant) -> PackedCache:
     if variant.ratio >= 1.0:
@@ -160,6 +170,11 @@ class Bench:
         self._tmp = tempfile.TemporaryDirectory(prefix="kvzip-bench-")
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def scratch(self) -> Path:
+        """A folder for the run's temporary blobs (removed when the results are taken)."""
+        return Path(self._tmp.name)
+
     def say(self, message: str) -> None:
         self.log(f"[{time.perf_counter() - self.t0:7.1f}s] {message}")
 
@@ -191,6 +206,15 @@ class Bench:
         self.rows.append(row)
         return row
 
+    def over_budget(self, task: str, doc_id: str) -> bool:
+        """The benchmark's time budget (``budget_minutes``) is spent: skip the document and list it."""
+        budget = self.preset.budget_minutes
+        if budget is None or time.perf_counter() - self.t0 <= budget * 60:
+            return False
+        self.skipped.setdefault("over_budget", []).append(doc_id)
+        self.say(f"{task} {doc_id}: skipped, past the {budget:g}-minute budget")
+        return True
+
     def mark_memory(self, label: str) -> None:
         self.memory[f"peak_rss_mb_after_{label}"] = measure.peak_rss_mb()
         self.memory[f"rss_mb_after_{label}"] = measure.current_rss_mb()
@@ -201,10 +225,7 @@ class Bench:
                      on_prepared: Callable[[PreparedDocument], None] | None = None,
                      write_blobs: bool = False) -> PreparedDocument | None:
         model = self.model
-        budget = self.preset.budget_minutes
-        if budget is not None and time.perf_counter() - self.t0 > budget * 60:
-            self.skipped.setdefault("over_budget", []).append(doc.id)
-            self.say(f"{task} {doc.id}: skipped, past the {budget:g}-minute budget")
+        if self.over_budget(task, doc.id):
             return None
         prep = PreparedDocument(model, doc.text, self.preset.prefill_repeats)
         cost = {"task": task, "doc": doc.id, "context_tokens": prep.context_length, "prefill_s": prep.prefill_s,
@@ -213,27 +234,20 @@ class Bench:
                  f"{len(doc.questions)} questions x {len(grid) + 2} methods")
         if on_prepared:
             on_prepared(prep)
-        sources = list(dict.fromkeys(v.source for v in grid))
-        for source in sources:
-            base, scoring_s = prep.base(source)
-            if source not in ("full", "kvzip-head"):
-                cost["scoring_s"][source] = scoring_s
-            for variant in (v for v in grid if v.source == source):
-                cache = cut(base, variant)
-                self.variants.append({
-                    "task": task, "doc": doc.id, "method": variant.name, "context_tokens": prep.context_length,
-                    "nbytes": cache.nbytes, "full_nbytes": cache.full_nbytes, "kept_ratio": cache.kept_ratio,
-                })
-                if write_blobs and (variant.source in ("full", "kvzip") and variant.level == "pair"):
-                    self.record_disk(task, doc, variant, cache, prep.context_length)
-                for question in doc.questions:
-                    gen = measure.packed_answer(model, cache, question.question, max_new_tokens,
-                                                gold=question.answers[0])
-                    self.add_row(task, doc, question, variant.name, gen)
-                if on_variant:
-                    on_variant(variant, cache, prep)
-                del cache
-            del base
+        for variant, cache in prep.caches(grid, cost["scoring_s"]):
+            self.variants.append({
+                "task": task, "doc": doc.id, "method": variant.name, "context_tokens": prep.context_length,
+                "nbytes": cache.nbytes, "full_nbytes": cache.full_nbytes, "kept_ratio": cache.kept_ratio,
+            })
+            if write_blobs and (variant.source in ("full", "kvzip") and variant.level == "pair"):
+                self.record_disk(task, doc, variant, cache, prep.context_length)
+            for question in doc.questions:
+                gen = measure.packed_answer(model, cache, question.question, max_new_tokens,
+                                            gold=question.answers[0])
+                self.add_row(task, doc, question, variant.name, gen)
+            if on_variant:
+                on_variant(variant, cache, prep)
+            del cache
         self.documents.append(cost)
         for question in doc.questions:  # no stored cache: the whole document again for every question
             ids = prep.ids + measure.question_ids(model, question.question)
@@ -242,14 +256,20 @@ class Bench:
         self.run_chunks(task, doc, max_new_tokens)
         return prep
 
-    def run_chunks(self, task: str, doc: bench_data.Document, max_new_tokens: int) -> None:
+    def chunk_embedder(self):
+        """The chunk-retrieval baseline's embedding model, or None when it is unavailable (then skipped, once)."""
         if "chunk-rag" in self.skipped:
-            return
+            return None
         try:
-            embed = self.embedder()
+            return self.embedder()
         except Exception as error:  # the optional extra is not installed
             self.skipped["chunk-rag"] = f"{type(error).__name__}: {error}"
             self.say(f"chunk-rag skipped: {error}")
+            return None
+
+    def run_chunks(self, task: str, doc: bench_data.Document, max_new_tokens: int) -> None:
+        embed = self.chunk_embedder()
+        if embed is None:
             return
         from .retrieval import ChunkRetriever
 
@@ -261,13 +281,9 @@ class Bench:
                               "chunks": len(retriever.chunks), "index_s": index_s,
                               "tokens_per_s": doc.tokens / index_s if index_s else None})
         for question in doc.questions:
-            start = time.perf_counter()
-            context = retriever.context(question.question)
-            retrieval_s = time.perf_counter() - start
-            ids = measure.document_ids(self.model, context) + measure.question_ids(self.model, question.question)
-            gen = measure.dense_answer(self.model, ids, max_new_tokens, gold=question.answers[0])
-            gen.ttft_s += retrieval_s
-            self.add_row(task, doc, question, "chunk-rag", gen, prompt_tokens=len(ids), retrieval_s=retrieval_s)
+            gen, retrieval_s, prompt_tokens = measure.chunk_answer(self.model, retriever.context, question.question,
+                                                                   max_new_tokens, gold=question.answers[0])
+            self.add_row(task, doc, question, "chunk-rag", gen, prompt_tokens=prompt_tokens, retrieval_s=retrieval_s)
 
     def record_disk(self, task, doc, variant: Variant, cache: PackedCache, context_tokens: int) -> None:
         store = _store()
@@ -275,7 +291,7 @@ class Bench:
             self.skipped.setdefault("disk", "kvzip_rag.store.blob not importable")
             return
         _, write_blob = store
-        path = Path(self._tmp.name) / "disk.safetensors"
+        path = self.scratch / "disk.safetensors"
         result = write_blob(cache, path)
         self.disk.append({"task": task, "doc": doc.id, "method": variant.name, "ratio": variant.ratio,
                           "context_tokens": context_tokens, "file_bytes": result.nbytes,
@@ -342,7 +358,7 @@ class Bench:
                            length=length, prompt=prompt, doc_id=doc.id) -> None:
                 if not first:
                     return
-                if variant.name == "full" or variant.name == f"kvzip-pair@{_main_ratio(p):g}":
+                if variant.name == "full" or variant.name == f"kvzip-pair@{main_ratio(p.needle_ratios):g}":
                     label = "packed-full" if variant.name == "full" else variant.name
                     seconds = measure.packed_decode_latency(model, cache, prompt, p.decode_steps)
                     self.decode.append({"context_tokens": prep.context_length, "method": label,
@@ -371,7 +387,7 @@ class Bench:
             self.skipped.setdefault("ttft-store", "kvzip_rag.store.blob not importable")
         else:
             read_blob, write_blob = store
-            path = Path(self._tmp.name) / f"ttft-{variant.name}.safetensors"
+            path = self.scratch / f"ttft-{variant.name}.safetensors"
             written = write_blob(cache, path)
             load, total = [], []
             for _ in range(p.ttft_repeats):
@@ -393,46 +409,23 @@ class Bench:
             path.unlink()
         self.ttft.append(row)
 
-    def multidoc(self) -> None:
-        from .multidoc import run_multidoc
-
-        run_multidoc(self)
-
-    def quant_task(self) -> None:
-        from .quant import QuantTask
-
-        QuantTask(self).run()
-
     # ------------------------------------------------------------------ whole run
-    def run(self, tasks=("squad", "needle", "narrativeqa")) -> dict:
+    def start(self) -> None:
+        """Before the first task: the memory after the model load, and the head scores calibrated once."""
         self.mark_memory("model_load")
         if "head" in self.preset.levels:
             start = time.perf_counter()
             head_scores(self.model)
             self.calibration_s = time.perf_counter() - start
-        for task in tasks:
-            runner = {"squad": self.squad, "needle": self.needle, "narrativeqa": self.narrativeqa,
-                      "multidoc": self.multidoc, "quant": self.quant_task,
-                      "fidelity": lambda: run_fidelity(self)}[task]
-            try:
-                runner()
-            except FileNotFoundError as error:
-                self.skipped[task] = f"data not found: {error}"
-                self.say(f"{task} skipped: {error}")
+
+    def results(self, tasks: list[str], own: dict[str, dict]) -> dict:
+        """The run's results: the shared tables, what tasks returned as their own (``own``, by task), and meta (the
+        summary over them is the tasks' to add)."""
         self._tmp.cleanup()
-        return self.results(tasks)
-
-    def results(self, tasks) -> dict:
-        from .summary import summarize
-
         raw = {
             "rows": self.rows, "documents": self.documents, "variants": self.variants, "indexing": self.indexing,
-            "decode": self.decode, "ttft": self.ttft, "disk": self.disk,
+            "decode": self.decode, "ttft": self.ttft, "disk": self.disk, **own,
         }
-        if getattr(self, "fidelity", None):
-            raw["fidelity"] = self.fidelity
-        if getattr(self, "quant", None):
-            raw["quant"] = self.quant
         meta = {
             "preset": asdict(self.preset),
             "model": self.model.name,
@@ -450,11 +443,7 @@ class Bench:
             "memory": self.memory,
             "machine": machine_info(),
         }
-        return {"meta": meta, "summary": summarize(raw, self.preset), **raw}
-
-
-def _main_ratio(preset: Preset) -> float:
-    return 0.3 if 0.3 in preset.needle_ratios else preset.needle_ratios[0]
+        return {"meta": meta, **raw}
 
 
 def machine_info() -> dict:
@@ -486,3 +475,11 @@ def machine_info() -> dict:
 
 def write_json(results: dict, path: Path) -> None:
     path.write_text(json.dumps(results, indent=1, default=str))
+
+
+def write_outputs(out_dir: Path, name: str, results: dict, markdown: str) -> Path:
+    """A standalone task's ``<name>.json`` and ``<name>.md`` (written again as it goes, where it checkpoints)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(results, out_dir / f"{name}.json")
+    (out_dir / f"{name}.md").write_text(markdown)
+    return out_dir / f"{name}.md"

@@ -386,11 +386,9 @@ def blob_loads(model, data_dir: Path, log: Log = print, words: int = 1500, repea
     return out
 
 
-def run_scale_task(preset, data_dir: Path, out_dir: Path, model_name: str | None, loaded_model, log: Log) -> dict:
-    """``kvzip-rag bench --task scale``: routing, blob loads and Ray throughput; writes scale.json and scale.md."""
-    import kvzip_rag
-
-    model = loaded_model or kvzip_rag.load_model(model_name)
+def run_scale_task(preset, data_dir: Path, model_name: str | None, model, log: Log) -> dict:
+    """``kvzip-rag bench --task scale``: routing, blob loads and Ray throughput (written to scale.json and scale.md
+    by the task runner)."""
     results = run_scale(data_dir, sizes=tuple(preset.scale_sizes), words=preset.scale_words,
                         queries=preset.scale_queries, log=log, model=model)
     try:
@@ -399,9 +397,6 @@ def run_scale_task(preset, data_dir: Path, out_dir: Path, model_name: str | None
         results["ray"] = {"skipped": f"Ray is not installed ({error}): pip install 'kvzip-rag[ray]'"}
     except (RuntimeError, KVzipError) as error:
         results["ray"] = {"skipped": str(error)}
-    (Path(out_dir) / "scale.json").write_text(json.dumps(results, indent=1))
-    (Path(out_dir) / "scale.md").write_text(markdown(results))
-    log(f"scale results: {Path(out_dir) / 'scale.md'}")
     return results
 
 

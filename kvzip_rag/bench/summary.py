@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .methods import method_order, parse_method
+from .methods import method_order, parse_method, target_row
 from .metrics import exact_match, f1_score, mean, median, ratio, stderr
 from .presets import Preset
 
@@ -148,9 +148,8 @@ def targets(summary: dict, preset: Preset) -> list[dict]:
     main = "kvzip-pair@0.3"
     out = []
 
-    def add(name, value, threshold, met, measured, n=None, note=""):
-        out.append({"target": name, "value": value, "threshold": threshold, "met": met, "measured": measured,
-                    "n": n, "note": note})
+    def add(*row, **named) -> None:
+        out.append(target_row(*row, **named))
 
     f1 = squad.get(main, {}).get("f1_vs_full")
     add("SQuAD F1 at ratio 0.3 >= 95% of the full cache's", f1, 0.95, None if f1 is None else f1 >= 0.95,

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from kvzip_rag.budget import Budget
 from kvzip_rag.errors import BlobStorageError, KVzipError
 from kvzip_rag.text import safe_path
 
@@ -17,9 +18,6 @@ from .files import collect_files, extract_text
 from .output import console, human_bytes, note, print_table, problem, show
 from .progress import IndexProgress
 from .settings import CLIError, Settings, handle_errors
-
-DEFAULT_RATIO = 0.3
-DEFAULT_LEVEL = "pair"
 
 
 @app.command()
@@ -60,11 +58,11 @@ def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | Non
     texts, failed = read_texts(paths, doc_id)
     settings.open_store(create=True)  # a bad --db or --blob-url fails here, once, not in every worker
     where = {{"url": "store_url", "path": "store_path"}.get(k, k): v for k, v in settings.store_location().items()}
-    ratio, level = settings.ratio or DEFAULT_RATIO, settings.level or DEFAULT_LEVEL
+    budget = settings.index_budget()
     report = index_documents(
         [(name, text, {"source": safe_path(path.resolve()), "file": safe_path(path.name)})
          for path, name, text in texts],
-        model=settings.model, ratio=ratio, level=level, force=force, kv_bits=kv_bits, address=address,
+        model=settings.model, ratio=budget.ratio, level=budget.level, force=force, kv_bits=kv_bits, address=address,
         threads=settings.threads or 1,
         **where,
     )
@@ -110,16 +108,16 @@ def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None
     texts, failed = read_texts(paths, doc_id)
     kv_model = settings.load_model()
     store = settings.open_store(create=True)
-    ratio, level = settings.ratio or DEFAULT_RATIO, settings.level or DEFAULT_LEVEL
+    budget = settings.index_budget()
     table = Table(title=f"Indexed into {show(settings.describe_store())}", title_justify="left")
     for column in ("document", "segments", "tokens", "kept KV", "full KV", "time"):
         table.add_column(column, justify="left" if column == "document" else "right")
     start_all = time.perf_counter()
-    with IndexProgress(len(texts), scoring=level != "head") as bars:
+    with IndexProgress(len(texts), scoring=budget.level != "head") as bars:
         for path, name, text in texts:
             bars.start_document(name)
             try:
-                row = _index_one(store, kv_model, path, name, text, ratio, level, force, bars.callback, kv_bits)
+                row = _index_one(store, kv_model, path, name, text, budget, force, bars.callback, kv_bits)
             except BlobStorageError:  # the object store refused or failed: every other file would fail alike
                 raise
             except (KVzipError, OSError) as error:
@@ -132,16 +130,15 @@ def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None
                 table.add_row(*row)
     if table.row_count:
         print_table(table)
-        console.print(f"[dim]{table.row_count} document(s) at ratio {ratio:g} ({level}) in "
+        console.print(f"[dim]{table.row_count} document(s) at ratio {budget.ratio:g} ({budget.level}) in "
                       f"{time.perf_counter() - start_all:.1f}s[/dim]")
     if failed:
         raise CLIError(f"{len(failed)} file(s) could not be indexed (see above)")
 
 
-def _index_one(store, kv_model, path: Path, name: str, text: str, ratio: float, level: str, force: bool,
+def _index_one(store, kv_model, path: Path, name: str, text: str, budget: Budget, force: bool,
                progress, kv_bits: int = 16) -> list[str] | None:
-    from kvzip_rag.budget import same_ratio
-    from kvzip_rag.qa import matching_cache
+    from kvzip_rag.budget import CacheKind, same_ratio, select_cache
 
     before = store.get_document(name)
     if before is not None and before.text != text and not force:
@@ -152,12 +149,13 @@ def _index_one(store, kv_model, path: Path, name: str, text: str, ratio: float, 
     start = time.perf_counter()
     record = store.add_document(kv_model, text, doc_id=name, metadata={"source": safe_path(path.resolve()),
                                                                        "file": safe_path(path.name)},
-                                ratio=ratio, level=level, force=force, progress=progress, kv_bits=kv_bits)
+                                ratio=budget.ratio, level=budget.level, force=force, progress=progress,
+                                kv_bits=kv_bits)
     elapsed = time.perf_counter() - start
-    caches = [matching_cache([c for c in record.caches if c.segment_index == s.index],
-                             fingerprint=kv_model.fingerprint, template_digest=kv_model.template.digest,
-                             ratio=ratio, level=level) for s in record.segments]
-    caches = [c for c in caches if c is not None and same_ratio(c.ratio, ratio)]
+    kind = CacheKind.of_model(kv_model)
+    caches = [select_cache([c for c in record.caches if c.segment_index == s.index], kind, budget)
+              for s in record.segments]
+    caches = [c for c in caches if c is not None and same_ratio(c.ratio, budget.ratio)]
     reused = bool(caches) and all(c.blob_path in before_blobs for c in caches)
     return [show(name), str(len(record.segments)), str(record.token_count),
             human_bytes(sum(c.kv_nbytes for c in caches)), human_bytes(sum(c.full_nbytes for c in caches)),

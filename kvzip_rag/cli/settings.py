@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from kvzip_rag.budget import DEFAULT_BUDGET, LEVELS, Budget
 from kvzip_rag.errors import KVzipError
 
 from .output import fail, say, show
@@ -46,6 +47,10 @@ class Settings:
     device: str | None = None
     threads: int | None = None
     _store: object = field(default=None, repr=False)
+
+    def index_budget(self) -> Budget:
+        """What ``index`` compresses at: ``--ratio``/``--level`` where given, else the package's default budget."""
+        return Budget(self.ratio or DEFAULT_BUDGET.ratio, self.level or DEFAULT_BUDGET.level)
 
     def load_model(self, name: str | None = None):
         return load_model_cached(name or self.model, self.device, self.threads)
@@ -157,8 +162,6 @@ def load_model_cached(name: str | None, device: str | None, threads: int | None)
 
 
 def _parse_ratio(value: str | None) -> float | None:
-    from kvzip_rag.budget import check_ratio_level
-
     if value is None or value == "":
         return None
     try:
@@ -166,18 +169,16 @@ def _parse_ratio(value: str | None) -> float | None:
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not a number; the ratio is the fraction of KV pairs kept, e.g. 0.3")
     try:
-        check_ratio_level(ratio, "pair")
+        Budget(ratio, None)
     except KVzipError as error:
         raise typer.BadParameter(str(error)) from None
     return ratio
 
 
 def _check_level(value: str | None) -> str | None:
-    from kvzip_rag.budget import check_ratio_level
-
     if value is not None:
         try:
-            check_ratio_level(1.0, value)
+            Budget(None, value)
         except KVzipError as error:
             raise typer.BadParameter(str(error)) from None
     return value
@@ -206,11 +207,13 @@ ModelOpt = Annotated[str | None, typer.Option(
     help="Model alias (smollm2-135m-instruct, gemma3-270m), local folder, .gguf file or hub id.", show_default=False)]
 RatioOpt = Annotated[str | None, typer.Option(
     "--ratio", envvar="KVZIP_RAG_RATIO", callback=_parse_ratio, metavar="RATIO",
-    help="Fraction of KV pairs kept (0, 1]. index: 0.3; ask/chat: as stored (a lower ratio reads fewer bytes).",
+    help=f"Fraction of KV pairs kept (0, 1]. index: {DEFAULT_BUDGET.ratio:g}; ask/chat: as stored (a lower ratio "
+         "reads fewer bytes).",
     show_default=False)]
 LevelOpt = Annotated[str | None, typer.Option(
     "--level", envvar="KVZIP_RAG_LEVEL", callback=_check_level,
-    help="Eviction level: pair (default), uniform or head.", show_default=False)]
+    help=f"Eviction level: {', '.join(LEVELS)} (index: {DEFAULT_BUDGET.level}; ask/chat: as stored).",
+    show_default=False)]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", envvar="KVZIP_RAG_DEVICE", help="cpu, cuda, cuda:1… Default: cuda when available.",
     show_default=False)]
