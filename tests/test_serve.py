@@ -259,3 +259,31 @@ def test_langchain_chat_openai_talks_to_the_server(served, service):
                                        max_tokens=8, temperature=0, max_retries=0)
     assert chat.invoke(question).content == local(service, question)
     assert "".join(chunk.content for chunk in chat.stream(question)) == local(service, question)
+
+
+def test_ask_and_chat_with_server_print_as_the_local_commands_do(served, service, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kvzip_rag.cli import app
+    from kvzip_rag.cli import settings as cli_settings
+
+    monkeypatch.setattr(cli_settings, "load_model_cached", lambda *a: pytest.fail("--server loaded a model"))
+    runner = CliRunner(env={"COLUMNS": "200", "KVZIP_RAG_SERVER": None})
+    question = QUESTIONS["varnay.txt"]
+    result = runner.invoke(app, ["ask", question, "--server", served.url, "--max-tokens", "8", "--no-abstain"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == local(service, question, abstain_threshold=None).strip()
+    assert "sources" in result.stderr and "varnay.txt segment 0" in result.stderr
+    assert "answered by" in result.stderr
+    by_env = CliRunner(env={"COLUMNS": "200", "KVZIP_RAG_SERVER": served.url}).invoke(
+        app, ["ask", question, "--max-tokens", "8", "--doc", "morrow.txt"])
+    assert by_env.exit_code == 0, by_env.output
+    assert "morrow.txt segment 0" in by_env.stderr
+    refused = runner.invoke(app, ["ask", question, "--server", served.url, "--doc", "nowhere"])
+    assert refused.exit_code == 1 and "nowhere" in refused.stderr and "Traceback" not in refused.output
+    down = runner.invoke(app, ["ask", question, "--server", "http://127.0.0.1:9"])
+    assert down.exit_code == 1 and "cannot talk to the kvzip-rag server" in down.stderr
+    chat = runner.invoke(app, ["chat", "--server", served.url, "--max-tokens", "6"],
+                         input=f"{QUESTIONS['sellick.txt']}\nWho was the engineer?\nexit\n")
+    assert chat.exit_code == 0, chat.output
+    assert chat.stdout.count("kvzip>") == 2 and "turn 2 · from sellick.txt" in chat.stderr

@@ -14,7 +14,6 @@ for _module in ("fastapi", "uvicorn"):
     require(_module, "serve", "kvzip-rag serve")
 
 from .app import ALIAS, create_app  # noqa: E402  (after the extra check)
-
 from .server import DEFAULT_HOST, DEFAULT_PORT, make_server  # noqa: E402
 
 __all__ = ["ALIAS", "DEFAULT_HOST", "DEFAULT_PORT", "create_app", "make_server"]
