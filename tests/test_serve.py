@@ -19,6 +19,7 @@ openai = pytest.importorskip("openai", reason="the [serve] extra is not installe
 import httpx  # noqa: E402  (the openai client's own HTTP library)
 
 from conftest import service_over  # noqa: E402
+from test_cli import tiny_model_dir  # noqa: E402,F401  (fixture)
 from kvzip_rag.qa import QAService  # noqa: E402
 from kvzip_rag.serve import make_server  # noqa: E402
 
@@ -287,3 +288,54 @@ def test_ask_and_chat_with_server_print_as_the_local_commands_do(served, service
                          input=f"{QUESTIONS['sellick.txt']}\nWho was the engineer?\nexit\n")
     assert chat.exit_code == 0, chat.output
     assert chat.stdout.count("kvzip>") == 2 and "turn 2 · from sellick.txt" in chat.stderr
+
+
+def test_serve_command_answers_and_finishes_a_stream_in_flight_on_sigterm(tmp_path, tiny_model_dir):  # noqa: F811
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import kvzip_rag
+    from kvzip_rag.store import CacheStore
+
+    store = tmp_path / "store"
+    CacheStore(store).add_document(kvzip_rag.load_model(str(tiny_model_dir), threads=1), DOCS["tessin.txt"],
+                                   doc_id="tessin.txt")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "kvzip_rag.cli", "--store", str(store), "--model",
+                                str(tiny_model_dir), "--threads", "1", "serve", "--port", str(port)],
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        for _ in range(1200):
+            if process.poll() is not None:
+                break
+            try:
+                if httpx.get(f"{url}/health").json()["documents"] == 1:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.skip("kvzip-rag serve did not answer /health within two minutes")
+        if process.poll() is not None:
+            pytest.skip(f"kvzip-rag serve could not start: {process.stderr.read()[-500:]}")
+        body = {"model": "kvzip-rag", "messages": [{"role": "user", "content": QUESTIONS["tessin.txt"]}],
+                "max_tokens": 300, "clean": False, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)  # in flight: the answer is finished, then the server exits
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]
+        assert process.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        assert "serving" in process.stderr.read()
+        with pytest.raises(httpx.ConnectError):  # gone: it accepts nothing after the shutdown
+            httpx.get(f"{url}/health", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
