@@ -168,6 +168,8 @@ def test_documents_add_list_answer_delete(served):
         ask(client, "What does the windmill grind?", max_tokens=4, extra_body={"doc_ids": ["pellaro"]})
     assert httpx.post(documents, json={"text": "  "}).status_code == 400
     assert httpx.post(documents, json={"txt": "x"}).status_code == 400
+    typed = httpx.get(documents, params={"limit": "many"})
+    assert typed.status_code == 400 and typed.json()["error"]["message"].startswith("query.limit:")
 
 
 @pytest.mark.parametrize("options, reason", [

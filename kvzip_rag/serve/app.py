@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kvzip_rag.errors import InvalidArgumentError
+from kvzip_rag.errors import InvalidArgumentError, ModelNotFoundError
 
 from . import errors
 from .answers import Answering, Outcome
@@ -53,9 +53,7 @@ def create_app(service: QAService, *, timeout: float | None = None) -> FastAPI:
 
     def check_model(request: AnswerRequest) -> None:
         if request.model not in (model.name, ALIAS):
-            from kvzip_rag.errors import DocumentNotFoundError  # a 404, as OpenAI answers an unknown model
-
-            raise DocumentNotFoundError(f"model {request.model!r} is not served here; use {model.name!r} (or "
+            raise ModelNotFoundError(f"model {request.model!r} is not served here; use {model.name!r} (or "
                                         f"{ALIAS!r})")
 
     async def within(step: Awaitable[T], deadline: float | None) -> T:

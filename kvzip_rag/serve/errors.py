@@ -1,10 +1,12 @@
 """Errors as HTTP answers, one rule: a mistake in the request is a 4xx with the library's one-line reason
-(``InvalidArgumentError`` and a context too long: 400, an unknown document: 404), a request past the server's
+(``InvalidArgumentError``, a context too long, a parameter of the wrong type: 400; an unknown document or
+model: 404), a request past the server's
 timeout 504, anything else 500 with its first line (never a traceback to the client)."""
 
 from __future__ import annotations
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from kvzip_rag.errors import (
@@ -13,6 +15,7 @@ from kvzip_rag.errors import (
     EmptyDocumentError,
     InvalidArgumentError,
     KVzipError,
+    ModelNotFoundError,
     StoreError,
 )
 
@@ -27,9 +30,10 @@ def one_line(error: BaseException) -> str:
 def status_of(error: BaseException) -> int:
     from kvzip_rag.qa import EmptyIndexError
 
-    if isinstance(error, DocumentNotFoundError):
+    if isinstance(error, (DocumentNotFoundError, ModelNotFoundError)):
         return 404
-    if isinstance(error, (InvalidArgumentError, ContextTooLongError, EmptyDocumentError, EmptyIndexError)):
+    if isinstance(error, (InvalidArgumentError, ContextTooLongError, EmptyDocumentError, EmptyIndexError,
+                          RequestValidationError)):
         return 400
     if isinstance(error, TimeoutError):
         return 504
@@ -43,6 +47,9 @@ def describe(error: BaseException, timeout: float | None = None) -> tuple[str, i
     status = status_of(error)
     if status == 504:
         return f"the request took longer than the server's timeout ({timeout:g} s)", 504
+    if isinstance(error, RequestValidationError):  # a query or path parameter of the wrong type
+        first = error.errors()[0]
+        return f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid')}", 400
     if status == 500 and not isinstance(error, KVzipError):
         return f"internal error: {type(error).__name__}: {one_line(error)}", 500
     return one_line(error), status
@@ -55,5 +62,5 @@ def install(app, timeout: float | None) -> None:
         message, status = describe(error, timeout)
         return JSONResponse(error_body(message, status), status_code=status)
 
-    for kind in (KVzipError, TimeoutError, Exception):
+    for kind in (KVzipError, TimeoutError, RequestValidationError, Exception):
         app.add_exception_handler(kind, handle)

@@ -9,9 +9,8 @@ from typing import Any
 
 from kvzip_rag.errors import InvalidArgumentError
 
-# our options, given as extra body fields (``extra_body=`` in the OpenAI client)
-EXTRA_FIELDS = ("doc_ids", "k", "compose", "answer_style", "evidence", "abstain_threshold", "ratio", "top_k", "clean")
-# OpenAI fields read here; other OpenAI fields that do not change an answer (user, metadata, penalties...) are ignored
+# answer options by body field (OpenAI's, and our extras top_k, clean, answer_style); our other extra fields are
+# read by _extras. Other OpenAI fields that do not change an answer (user, metadata, penalties...) are ignored.
 SAMPLING_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                    "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
                    "top_k": "top_k", "clean": "clean", "answer_style": "answer_style"}
