@@ -341,3 +341,19 @@ def test_serve_command_answers_and_finishes_a_stream_in_flight_on_sigterm(tmp_pa
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_bench_serve_task_measures_the_api_beside_the_server_and_ask_server(tmp_path, tiny_model_dir):  # noqa: F811
+    import json
+
+    from kvzip_rag.bench.serving import markdown, run_serve
+
+    squad = tmp_path / "data" / "squad"
+    squad.mkdir(parents=True)
+    articles = [{"title": doc, "paragraphs": [{"context": DOCS[doc], "qas": [
+        {"id": doc, "question": QUESTIONS[doc], "answers": []}]}]} for doc in list(DOCS)[:3]]
+    (squad / "dev-v1.1-even-articles.json").write_text(json.dumps({"data": articles}))
+    result = run_serve(str(tiny_model_dir), tmp_path / "data", threads=1, tokens=4, rounds=1, log=lambda _: None)
+    for key in ("api_ttft_s", "http_ttft_s", "http_over_api", "cli_first_token_s", "cli_wall_s"):
+        assert result[key]["n"] == 3 and result[key]["low"] <= result[key]["median"] <= result[key]["high"], key
+    assert result["documents"] == 3 and "HTTP / API TTFT" in markdown(result)

@@ -108,7 +108,8 @@ def bench(
                                                                   "(decode speed under a competing CPU load, Python API beside the "
                                                                   "CLI); or scale (10^6 segments, S3, Ray; only when named); or "
                                                                   "conversations (scripted chats: turns answered from the "
-                                                                  "labelled document).")]
+                                                                  "labelled document); or serve (TTFT through "
+                                                                  "kvzip-rag serve beside the Python API).")]
     = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "
@@ -148,6 +149,9 @@ def bench(
         (out / "contention.md").write_text(markdown(result))
         typer.echo(markdown(result))
         return
+    if task and "serve" in task:  # a separate measurement: TTFT through the HTTP server beside the Python API
+        _serve(model, data, out, threads)
+        return
     if task and "conversations" in task:  # a separate measurement: chat routing over scripted conversations
         _conversations(model, data, out, threads)
         return
@@ -157,6 +161,20 @@ def bench(
     except FileNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
+
+
+def _serve(model: str | None, data: Path | None, out: Path, threads: int | None) -> None:
+    import json
+
+    from .data import default_data_dir
+    from .serving import markdown, run_serve
+
+    result = run_serve(model, Path(data) if data else default_data_dir(), threads=threads or 2,
+                       log=lambda message: typer.echo(message, err=True))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=1))
+    (out / "serve.md").write_text(markdown(result))
+    typer.echo(markdown(result))
 
 
 def _conversations(model: str | None, data: Path | None, out: Path, threads: int | None) -> None:

@@ -71,15 +71,15 @@ def ask(
 ) -> None:
     """Answer a question from the best matching compressed cache(s), streaming the answer, then the evidence it
     rests on (or that the documents do not say)."""
+    if server:  # the server checks everything; nothing heavy is imported here
+        return remote_ask(server, question, remote_fields(doc, k, max_tokens, compose, quote, evidence,
+                                                          abstain_threshold, not no_abstain))
     from kvzip_rag.abstain import DEFAULT_THRESHOLD
     from kvzip_rag.composers import get_composer
     from kvzip_rag.qa import check_question
 
     settings = settings_of(ctx)
     question = check_question(question)
-    if server:
-        return remote_ask(server, question, remote_fields(doc, k, max_tokens, compose, quote, evidence,
-                                                          abstain_threshold, not no_abstain))
     get_composer(compose)  # arguments and the store first: a mistake is reported before the model loads
     check_doc(settings, settings.open_store(), doc)
     qa = settings.service()

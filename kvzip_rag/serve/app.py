@@ -14,16 +14,21 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from kvzip_rag.extras import require
 
-from kvzip_rag.errors import InvalidArgumentError, ModelNotFoundError
+for _module in ("fastapi", "uvicorn"):
+    require(_module, "serve", "kvzip-rag serve")
 
-from . import errors
-from .answers import Answering, Outcome
-from .documents import router as documents_router
-from .requests import AnswerRequest, chat_request, completion_request
-from .wire import Completion
+from fastapi import FastAPI, Request  # noqa: E402  (after the extra check)
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+
+from kvzip_rag.errors import InvalidArgumentError, ModelNotFoundError  # noqa: E402
+
+from . import errors  # noqa: E402
+from .answers import Answering, Outcome  # noqa: E402
+from .documents import router as documents_router  # noqa: E402
+from .requests import AnswerRequest, chat_request, completion_request  # noqa: E402
+from .wire import Completion  # noqa: E402
 
 if TYPE_CHECKING:
     from kvzip_rag.qa import QAService
