@@ -54,12 +54,11 @@ def create_app(service: QAService, *, timeout: float | None = None) -> FastAPI:
     app = FastAPI(title="kvzip-rag", summary="Answers from KVzip-compressed KV caches (OpenAI-compatible)")
     errors.install(app, timeout)
     app.include_router(documents_router(service, read_body))
-    app.state.answering = answering
 
     def check_model(request: AnswerRequest) -> None:
         if request.model not in (model.name, ALIAS):
             raise ModelNotFoundError(f"model {request.model!r} is not served here; use {model.name!r} (or "
-                                        f"{ALIAS!r})")
+                                     f"{ALIAS!r})")
 
     async def within(step: Awaitable[T], deadline: float | None) -> T:
         if deadline is None:

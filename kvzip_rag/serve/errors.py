@@ -5,6 +5,8 @@ timeout 504, anything else 500 with its first line (never a traceback to the cli
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -35,7 +37,7 @@ def status_of(error: BaseException) -> int:
     if isinstance(error, (InvalidArgumentError, ContextTooLongError, EmptyDocumentError, EmptyIndexError,
                           RequestValidationError)):
         return 400
-    if isinstance(error, TimeoutError):
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):  # one class from Python 3.11 on
         return 504
     if isinstance(error, StoreError):
         return 503
@@ -62,5 +64,5 @@ def install(app, timeout: float | None) -> None:
         message, status = describe(error, timeout)
         return JSONResponse(error_body(message, status), status_code=status)
 
-    for kind in (KVzipError, TimeoutError, RequestValidationError, Exception):
+    for kind in (KVzipError, TimeoutError, asyncio.TimeoutError, RequestValidationError, Exception):
         app.add_exception_handler(kind, handle)
