@@ -1,5 +1,5 @@
 """A client of a running ``kvzip-rag serve`` for ``kvzip-rag ask/chat --server URL`` (or ``$KVZIP_RAG_SERVER``): the
-chat endpoint streamed over HTTP (httpx), so a question costs no model load. Failures are one-line
+chat endpoint streamed over HTTP, so a question costs no model load. Failures are one-line
 :class:`ServerError` s."""
 
 from __future__ import annotations
@@ -33,42 +33,48 @@ class RemoteAnswer:
 
 
 class Remote:
-    """The server at ``url`` (``http://host:port``, with or without ``/v1``)."""
+    """The server at ``url`` (``http://host:port``, with or without ``/v1``). The standard library's HTTP client:
+    a ``--server`` command imports nothing more, so its first token comes soon after it starts."""
 
     def __init__(self, url: str, timeout: float | None = None) -> None:
-        from kvzip_rag.extras import require
-
-        require("httpx", "serve", "--server")
         self.url = url.rstrip("/").removesuffix("/v1")
         self.timeout = timeout
 
     def stream(self, messages: Sequence[tuple[str, str]], answer: RemoteAnswer,
                **fields: Any) -> Iterator[str]:
         """The answer's text pieces as the server streams them; ``answer`` is filled as they come and at the end."""
-        import httpx
+        import http.client
+        from urllib.parse import urlsplit
 
-        body = {"model": "kvzip-rag", "stream": True, **{k: v for k, v in fields.items()},
+        body = {"model": "kvzip-rag", "stream": True, **fields,
                 "messages": [{"role": role, "content": text} for role, text in messages]}
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ServerError(f"the server URL must be http://HOST:PORT or https://..., got {self.url!r}")
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         start = time.perf_counter()
+        connection = kind(parts.hostname, parts.port, timeout=self.timeout)
         try:
-            # no TLS context for plain http (building one costs a third of a second)
-            with httpx.Client(timeout=self.timeout, verify=self.url.startswith("https://")) as client, \
-                    client.stream("POST", f"{self.url}/v1/chat/completions", json=body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise ServerError(f"the server at {self.url} refused the question ({response.status_code}): "
-                                      f"{_reason(response.text)}")
-                for line in response.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    for piece in _read(json.loads(line[6:]), answer):
-                        if answer.first_token_s is None:
-                            answer.first_token_s = time.perf_counter() - start
-                        answer.text += piece
-                        yield piece
-        except httpx.HTTPError as error:
+            connection.request("POST", f"{parts.path}/v1/chat/completions", body=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+            response = connection.getresponse()
+            if response.status >= 400:
+                raise ServerError(f"the server at {self.url} refused the question ({response.status}): "
+                                  f"{_reason(response.read().decode('utf-8', 'replace'))}")
+            for raw in response:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for piece in _read(json.loads(line[6:]), answer):
+                    if answer.first_token_s is None:
+                        answer.first_token_s = time.perf_counter() - start
+                    answer.text += piece
+                    yield piece
+        except (OSError, http.client.HTTPException) as error:
             raise ServerError(f"cannot talk to the kvzip-rag server at {self.url}: {error} (is `kvzip-rag serve` "
                               "running there?)") from None
+        finally:
+            connection.close()
         answer.total_s = time.perf_counter() - start
 
 
