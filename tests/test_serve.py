@@ -354,6 +354,6 @@ def test_bench_serve_task_measures_the_api_beside_the_server_and_ask_server(tmp_
         {"id": doc, "question": QUESTIONS[doc], "answers": []}]}]} for doc in list(DOCS)[:3]]
     (squad / "dev-v1.1-even-articles.json").write_text(json.dumps({"data": articles}))
     result = run_serve(str(tiny_model_dir), tmp_path / "data", threads=1, tokens=4, rounds=1, log=lambda _: None)
-    for key in ("api_ttft_s", "http_ttft_s", "http_over_api", "cli_first_token_s", "cli_wall_s"):
+    for key in ("api_ttft_s", "http_ttft_s", "http_over_api", "cli_first_token_s", "cli_wall_s", "cli_over_http"):
         assert result[key]["n"] == 3 and result[key]["low"] <= result[key]["median"] <= result[key]["high"], key
     assert result["documents"] == 3 and "HTTP / API TTFT" in markdown(result)

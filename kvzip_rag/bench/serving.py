@@ -1,7 +1,8 @@
 """``kvzip-rag bench --task serve``: what HTTP costs. One client at a time asks held SQuAD questions over a store of
 20 documents (one paragraph of each of the first 20 articles), through the Python API (:class:`QAService.stream`)
 and through ``kvzip-rag serve`` (a separate process, the ``openai`` client streaming), interleaved question by
-question so both see the same machine load; then ``kvzip-rag ask --server`` as a user runs it.
+question so both see the same machine load; then ``kvzip-rag ask --server`` as a user runs it (a new process per
+question), each beside the same question through the openai client.
 
 Time to first token (TTFT) is measured by the caller: from the call (the request) to the first text piece, so it
 includes routing, loading the cache and the question's prefill. Ratios are per question (paired), reported as the
@@ -121,7 +122,10 @@ def run_serve(model_name: str | None, data_dir: Path, threads: int = 2, tokens: 
                         http.append(_http_ttft(client, question, tokens))
                 log(f"round {round_ + 1}: api median {sorted(api)[len(api) // 2]:.3f} s, "
                     f"http {sorted(http)[len(http) // 2]:.3f} s")
-            cli = [_cli(url, question, tokens) for _, _, question in held[:10]]
+            cli, cli_http = [], []  # the same questions through the openai client, paired
+            for _, _, question in held[:10]:
+                cli_http.append(_http_ttft(client, question, tokens))
+                cli.append(_cli(url, question, tokens))
         finally:
             server.terminate()
             server.wait(60)
@@ -130,6 +134,7 @@ def run_serve(model_name: str | None, data_dir: Path, threads: int = 2, tokens: 
         "api_ttft_s": _summary(api), "http_ttft_s": _summary(http),
         "http_over_api": _summary([h / a for h, a in zip(http, api)]),
         "cli_first_token_s": _summary([c[0] for c in cli]), "cli_wall_s": _summary([c[1] for c in cli]),
+        "cli_over_http": _summary([c[0] / h for c, h in zip(cli, cli_http)]),
     }
 
 
@@ -151,6 +156,7 @@ def markdown(result: dict) -> str:
         row("TTFT, HTTP server (openai client, streaming)", "http_ttft_s"),
         row("HTTP / API TTFT, paired per question", "http_over_api", "x"),
         row("`ask --server`: first token after its request", "cli_first_token_s"),
+        row("`ask --server` first token / HTTP TTFT, paired per question", "cli_over_http", "x"),
         row("`ask --server`: whole command (process start to exit)", "cli_wall_s"),
         "",
     ])
