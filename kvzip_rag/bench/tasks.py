@@ -144,6 +144,12 @@ def _conversations(context: Context) -> dict:
     return conversation_figures(context.model, context.out_dir, data_dir=context.data_dir, log=context.log)
 
 
+def _serve_http(context: Context) -> dict:
+    from .serving import run_serve
+
+    return run_serve(context.model_name, context.data_dir, log=context.log)
+
+
 def _markdown(module: str) -> Callable[[dict], str]:
     """A standalone task's report, its module's ``markdown`` (imported when the report is written)."""
 
@@ -170,6 +176,7 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     StandaloneTask("scale", _scale, _markdown("scale")),
     StandaloneTask("contention", _contention, _markdown("contention")),
     StandaloneTask("conversations", _conversations, _markdown("conversations")),
+    StandaloneTask("serve-http", _serve_http, _markdown("serving")),
 )}
 DEFAULT_TASKS = ("squad", "needle", "narrativeqa")  # what runs when no --task is named
 

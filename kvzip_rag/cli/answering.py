@@ -18,6 +18,7 @@ from kvzip_rag.composers import DEFAULT_COMPOSE
 
 from .app import app, settings_of
 from .output import answer_figures, compression_line, console, say, show, stream_to_console
+from .serving import ServerOpt, remote_ask, remote_chat, remote_fields
 from .settings import CLIError, Settings, handle_errors
 
 
@@ -66,9 +67,13 @@ def ask(
         "--abstain-threshold", min=0.0, max=1.0, show_default="calibrated",
         help="Abstain when the evidence score (a probability) is below this.")] = None,
     no_abstain: Annotated[bool, typer.Option("--no-abstain", help="Never abstain.")] = False,
+    server: ServerOpt = None,
 ) -> None:
     """Answer a question from the best matching compressed cache(s), streaming the answer, then the evidence it
     rests on (or that the documents do not say)."""
+    if server:  # the server checks everything; nothing heavy is imported here
+        return remote_ask(server, question, remote_fields(doc, k, max_tokens, compose, quote, evidence,
+                                                          abstain_threshold, not no_abstain))
     from kvzip_rag.abstain import DEFAULT_THRESHOLD
     from kvzip_rag.composers import get_composer
     from kvzip_rag.qa import check_question
@@ -161,6 +166,7 @@ def chat(
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 128,
     quote: Annotated[bool, typer.Option("--quote", help="Answer with a verbatim span of the documents (quote "
                                                         "mode), cited exactly.")] = False,
+    server: ServerOpt = None,
 ) -> None:
     """A conversation over the compressed caches: every question is routed, follow-ups continue in the cache.
 
@@ -171,6 +177,9 @@ def chat(
     from kvzip_rag.dialogue import ChatSession
     from kvzip_rag.errors import ContextTooLongError
 
+    if server:
+        return remote_chat(server, remote_fields(doc, 1, max_tokens, None, quote, True, None, True),
+                           sys.stdin.isatty())
     settings = settings_of(ctx)
     check_doc(settings, settings.open_store(), doc)  # before the model loads
     qa = settings.service()
