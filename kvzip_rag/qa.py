@@ -39,6 +39,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,16 @@ def sampling_options(options: Mapping[str, Any]) -> SamplingOptions:
     from .generate import SamplingOptions
 
     return SamplingOptions.from_options(options)
+
+
+def batch_sizes(max_batch: int | None, max_queue: int | None) -> tuple[int, int]:
+    """``(max_batch, max_queue)`` of a batching service, defaults filled in, checked (:mod:`kvzip_rag.scheduler`)."""
+    from .scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, check_sizes
+
+    sizes = (DEFAULT_MAX_BATCH if max_batch is None else max_batch,
+             DEFAULT_MAX_QUEUE if max_queue is None else max_queue)
+    check_sizes(*sizes)
+    return sizes
 
 
 def check_sampling(sampling: Mapping[str, Any]) -> dict:
@@ -140,6 +151,9 @@ class QAService:
             override it with ``compose=``.
         scope: a callable giving the document ids this service may route to (``None``: the whole store).
         lock: share a lock with other users of the same model (default: a new ``RLock``).
+        batching: decode the answers of concurrent calls together (:mod:`kvzip_rag.scheduler`, continuous
+            batching; off by default); ``max_batch`` answers per forward pass (default 8) and ``max_queue`` waiting
+            (default 64; beyond, ``QueueFullError``). Routing, loading and composing stay per call.
     """
 
     def __init__(self, store: CacheStore | str | os.PathLike | None = None,
@@ -147,7 +161,8 @@ class QAService:
                  level: str | None = None, threads: int | None = None, device: str | None = None,
                  compose: str | Composer = DEFAULT_COMPOSE, scope: Callable[[], list[str]] | None = None,
                  lock: threading.RLock | None = None,
-                 model_loader: Callable[[], KVzipModel] | None = None) -> None:
+                 model_loader: Callable[[], KVzipModel] | None = None, batching: bool = False,
+                 max_batch: int | None = None, max_queue: int | None = None) -> None:
         from .models import KVzipModel
         from .runtime import resolve_threads
 
@@ -167,6 +182,8 @@ class QAService:
         self._model = model if isinstance(model, KVzipModel) else None
         self._model_spec = None if isinstance(model, KVzipModel) else model
         self._model_loader = model_loader
+        self._batch_sizes = batch_sizes(max_batch, max_queue) if batching else None
+        self._scheduler = None
         if self._model is not None and self.threads is not None:
             from .runtime import apply_thread_policy
 
@@ -188,6 +205,22 @@ class QAService:
                         spec = os.fspath(self._model_spec) if self._model_spec is not None else None
                         self._model = load_model(spec, device=self.device, threads=self.threads)
         return self._model
+
+    @property
+    def batching(self) -> bool:
+        return self._batch_sizes is not None
+
+    @property
+    def scheduler(self):
+        """The :class:`~kvzip_rag.scheduler.BatchScheduler` decoding this service's answers together (``batching=True``;
+        started on first use), else ``None``."""
+        if self._scheduler is None and self._batch_sizes is not None:
+            from .scheduler import BatchScheduler
+
+            with self.lock:
+                if self._scheduler is None:
+                    self._scheduler = BatchScheduler(self.model, self.lock, *self._batch_sizes)
+        return self._scheduler
 
     @property
     def model_loaded(self) -> bool:
@@ -304,10 +337,12 @@ class QAService:
             stream = stream_answer(self.model, cache, question, sampling, constraint=constraint,
                                    evidence=is_recording())
             pieces = []
-            for piece in stream:
-                pieces.append(piece)
-                if emit is not None:
-                    emit(piece)
+            source = self.scheduler.submit(stream) if self.batching else stream  # the batch waits without the lock
+            with closing(iter(source)) as produced:
+                for piece in produced:
+                    pieces.append(piece)
+                    if emit is not None:
+                        emit(piece)
         return stream.result, pieces
 
     def answer_one(self, question: str, target: Target, sampling: SamplingOptions,

@@ -93,3 +93,160 @@ def test_a_batch_needs_one_token_per_cache(tiny_llama):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
     with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="one token per cache"):
         batched_forward(tiny_llama, [cache], [1, 2])
+
+
+# ---------------------------------------------------------------------------------------------- the scheduler
+
+PLACES = ["Arvik", "Belmora", "Corrin", "Dunhal", "Esker", "Falby", "Gorran", "Hesket", "Illow", "Jarnby", "Kessel",
+          "Lorne", "Marrow", "Nesbit", "Orrin", "Pellow"]
+FOUNDERS = ["Ada Roth", "Bram Voss", "Cora Lind", "Dag Moen", "Eli Stark", "Fay Holt", "Gus Berg", "Hal Dunn",
+            "Ivy Kerr", "Jon Alm", "Kai Brun", "Lea Sund", "Max Ekel", "Nia Falk", "Olaf Ring", "Pia Tor"]
+DOCS = {place.lower(): f"The town of {place} was founded in {1700 + 7 * i} by {founder}. Its market sells "
+                       f"{['rye', 'salt', 'wool', 'tin'][i % 4]} every {['Monday', 'Friday'][i % 2]}."
+        for i, (place, founder) in enumerate(zip(PLACES, FOUNDERS))}
+ASKED = [(f"Who founded the town of {place}?", place.lower()) for place in PLACES]
+LONG = dict(clean=False, max_new_tokens=12, evidence=False)  # random weights: long answers keep the batch full
+
+
+def options_for(i: int) -> dict:
+    """Per-request sampling: even requests greedy, odd ones sampled with their own seed."""
+    return dict(LONG) if i % 2 == 0 else dict(LONG, temperature=0.9, top_k=50, seed=i)
+
+
+@pytest.fixture(scope="module")
+def stored(tiny_llama, tmp_path_factory):
+    from conftest import service_over
+
+    return service_over(tiny_llama, tmp_path_factory.mktemp("batch-store"), DOCS, ratio=0.5).store
+
+
+@pytest.fixture(scope="module")
+def serial(stored, tiny_llama):
+    """Every question answered one at a time by the unbatched service: the reference."""
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama)
+    return [service.answer(q, **options_for(i)) for i, (q, _) in enumerate(ASKED)]
+
+
+def same_answer(got, expected, doc_id: str) -> None:
+    assert got.text == expected.text
+    assert got.answers[0].answer.token_ids == expected.answers[0].answer.token_ids
+    assert got.answers[0].answer.finish_reason == expected.answers[0].answer.finish_reason
+    assert [t.doc_id for t in got.used] == [t.doc_id for t in expected.used] == [doc_id]
+
+
+def test_threads_decode_together_and_each_gets_its_serial_answer(stored, tiny_llama, serial):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+    with ThreadPoolExecutor(len(ASKED)) as pool:
+        got = list(pool.map(lambda i: service.answer(ASKED[i][0], **options_for(i)), range(len(ASKED))))
+    for i, (result, (_, doc_id)) in enumerate(zip(got, ASKED)):
+        same_answer(result, serial[i], doc_id)
+    assert service.scheduler.peak_batch > 1  # they did decode together
+    assert service.scheduler.running == service.scheduler.waiting == 0
+
+
+def test_coroutines_decode_together_and_each_gets_its_serial_answer(stored, tiny_llama, serial):
+    import asyncio
+
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+
+    async def streamed(i: int):
+        stream = service.stream(ASKED[i][0], **options_for(i))
+        pieces = [piece async for piece in stream]
+        assert "".join(pieces).strip() == stream.result.text
+        return stream.result
+
+    async def main():
+        return await asyncio.gather(*(service.aanswer(q, **options_for(i)) if i % 2 else streamed(i)
+                                      for i, (q, _) in enumerate(ASKED)))
+
+    for i, (result, (_, doc_id)) in enumerate(zip(asyncio.run(main()), ASKED)):
+        same_answer(result, serial[i], doc_id)
+    assert service.scheduler.peak_batch > 1
+
+
+def test_stop_strings_are_per_request(stored, tiny_llama, serial):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvzip_rag.qa import QAService
+
+    text = serial[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip()
+    service = QAService(stored, tiny_llama, batching=True)
+    with ThreadPoolExecutor(2) as pool:
+        cut = pool.submit(service.answer, ASKED[0][0], **dict(options_for(0), stop=[stop]))
+        whole = pool.submit(service.answer, ASKED[2][0], **options_for(2))
+    assert cut.result().text == text[: text.find(stop)].strip()
+    assert cut.result().answers[0].answer.finish_reason == "stop"
+    same_answer(whole.result(), serial[2], ASKED[2][1])
+
+
+def prepared(service, i: int):
+    """The AnswerStream of question ``i`` as the service would submit it (routed, loaded, checked)."""
+    from kvzip_rag.generate import SamplingOptions, stream_answer
+
+    target = service.route(ASKED[i][0]).targets[0]
+    cache, _, _ = service.load(target)
+    return stream_answer(service.model, cache, ASKED[i][0], SamplingOptions(clean=False, max_new_tokens=40))
+
+
+def test_closing_a_request_frees_its_slot_at_once(stored, tiny_llama):
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True, max_batch=1)
+    scheduler = service.scheduler
+    first, second = prepared(service, 0), prepared(service, 1)
+    running = scheduler.submit(first)
+    queued = scheduler.submit(second)
+    pieces = iter(running)
+    next(pieces)  # it is decoding (max_batch=1: the other one waits)
+    with service.lock:  # between two steps
+        assert scheduler.running == 1 and scheduler.waiting == 1
+        pieces.close()  # the consumer stops iterating
+        assert scheduler.running == 0 and first.cache.tail_length == 0 and running.result is None
+    assert "".join(queued) and second.result.finish_reason == "length"  # the slot went to the waiting one
+    assert scheduler.running == scheduler.waiting == 0
+
+
+def test_a_stream_consumer_that_stops_frees_its_slot(stored, tiny_llama):
+    import time
+
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+    for piece in service.stream(ASKED[3][0], clean=False, max_new_tokens=200):
+        break
+    deadline = time.monotonic() + 60  # a wait for the state, not a timing assertion
+    while service.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.scheduler.running == 0 and service.scheduler.steps < 199
+
+
+def test_a_full_queue_raises_at_once(stored, tiny_llama):
+    from kvzip_rag.errors import QueueFullError
+
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True, max_batch=1, max_queue=1)
+    scheduler = service.scheduler
+    with service.lock:  # the scheduler cannot step: nothing leaves the queue meanwhile
+        first = scheduler.submit(prepared(service, 0))
+        with pytest.raises(QueueFullError, match="1 answers already wait"):
+            scheduler.submit(prepared(service, 1))
+    first.close()
+
+
+@pytest.mark.parametrize("sizes", [dict(max_batch=0), dict(max_queue=-1), dict(max_batch=True)])
+def test_bad_batch_sizes_are_refused(stored, tiny_llama, sizes):
+    from kvzip_rag.qa import QAService
+
+    with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="must be a positive integer"):
+        QAService(stored, tiny_llama, batching=True, **sizes)
