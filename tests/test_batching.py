@@ -250,3 +250,51 @@ def test_bad_batch_sizes_are_refused(stored, tiny_llama, sizes):
 
     with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="must be a positive integer"):
         QAService(stored, tiny_llama, batching=True, **sizes)
+
+
+# ---------------------------------------------------------------------------------------------- the adapters
+
+GREEDY = range(0, len(ASKED), 2)  # the questions answered with the LONG greedy options in ``serial``
+
+
+def test_langchain_batch_and_abatch_decode_together(stored, tiny_llama, serial):
+    import asyncio
+
+    from kvzip_rag.integrations.langchain import create_kvzip_qa_chain
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+    chain = create_kvzip_qa_chain(service, **LONG)
+    questions = [ASKED[i][0] for i in GREEDY]
+    batched = chain.batch(questions, config={"max_concurrency": len(questions)})
+    assert service.scheduler.peak_batch > 1
+    service.scheduler.peak_batch = 0
+    awaited = asyncio.run(chain.abatch(questions))
+    assert service.scheduler.peak_batch > 1
+    for i, one, other in zip(GREEDY, batched, awaited):
+        for out in (one, other):
+            assert out["answer"] == serial[i].text
+            assert [d.metadata["doc_id"] for d in out["sources"]] == [ASKED[i][1]]
+
+
+def test_llamaindex_concurrent_aquery_decodes_together(tiny_llama, tmp_path):
+    import asyncio
+
+    from llama_index.core import Document
+
+    from kvzip_rag import KVzipIndex
+
+    index = KVzipIndex.from_documents([Document(text=text, doc_id=doc_id) for doc_id, text in DOCS.items()],
+                                      model=tiny_llama, store=tmp_path / "store", batching=True)
+    engine = index.as_query_engine(**LONG)
+
+    async def main():
+        return await asyncio.gather(*(engine.aquery(q) for q, _ in ASKED))
+
+    responses = asyncio.run(main())
+    assert index.qa.scheduler.peak_batch > 1
+    for response, (question, doc_id) in zip(responses, ASKED):
+        assert [n.node.ref_doc_id for n in response.source_nodes] == [doc_id]
+        cache = index.store.load_cache(doc_id, tiny_llama)
+        assert response.response == kvzip_rag.answer(tiny_llama, cache, question, clean=False,
+                                                      max_new_tokens=12).text

@@ -118,6 +118,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         persist_dir: where a loaded index's ``kvzip_store`` copy is looked up.
         threads: CPU threads for a model this index loads (:mod:`kvzip_rag.runtime`; also applied to a given
             model; default ``$KVZIP_RAG_THREADS``, else by load average).
+        batching: concurrent queries (``aquery``, threads) decode their answers together
+            (``QAService(batching=True)``, :mod:`kvzip_rag.scheduler`; off by default).
     """
 
     index_struct_cls = KVzipIndexStruct
@@ -139,6 +141,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         store: CacheStore | str | os.PathLike | None = None,
         persist_dir: str | os.PathLike | None = None,
         threads: Optional[int] = None,
+        batching: bool = False,
         **kwargs: Any,
     ) -> None:
         if objects:
@@ -163,7 +166,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
                                    else index_struct.kv_bits if index_struct is not None else 16)
         self._store = self._open_store(store, index_struct, persist_dir)
         self._qa = QAService(self._store, self._model, ratio=self._ratio, level=self._level, threads=threads,
-                             scope=lambda: self.doc_ids, lock=self.lock, model_loader=self._load_model)
+                             scope=lambda: self.doc_ids, lock=self.lock, model_loader=self._load_model,
+                             batching=batching)
         self._threads = self._qa.threads
         storage_context = storage_context or StorageContext.from_defaults(index_store=KVzipIndexStore())
         upgrade_index_store(storage_context)
