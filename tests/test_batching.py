@@ -15,6 +15,7 @@ from kvzip_rag.quant import quantize
 
 from conftest import build_tiny
 from test_engine import ATOL, TEXT
+from test_cli import tiny_model_dir  # noqa: F401  (fixture)
 from test_packed_attention import reference_flash_attn_varlen_func
 
 OTHER = ("The Orlen valley railway opened in 1884 and climbs 900 metres in eleven kilometres. Its steepest part uses a "
@@ -298,3 +299,31 @@ def test_llamaindex_concurrent_aquery_decodes_together(tiny_llama, tmp_path):
         cache = index.store.load_cache(doc_id, tiny_llama)
         assert response.response == kvzip_rag.answer(tiny_llama, cache, question, clean=False,
                                                       max_new_tokens=12).text
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+
+
+def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from conftest import DATA_DIR
+    from kvzip_rag.bench import serve
+    from kvzip_rag.cli import app
+
+    if not (DATA_DIR / "squad").exists():
+        pytest.skip("SQuAD data not found")
+    result = serve.run_serve(str(tiny_model_dir), DATA_DIR, requests=4, max_new_tokens=6, threads=1,
+                             log=lambda message: None)
+    assert result["documents"] >= 20
+    assert [(r["path"], r["clients"]) for r in result["settings"]] == [
+        (path, clients) for clients in serve.CLIENTS for path in ("serial", "batched")]
+    assert all(r["n"] == 4 and r["tokens_per_s"] > 0 and r["ttft_p50_s"] <= r["latency_p95_s"]
+               for r in result["settings"])
+    assert result["agreement"]["compared"] == 4 * len(serve.CLIENTS)
+    assert result["agreement"]["equal"] == result["agreement"]["compared"]  # greedy: the same answers
+    assert "| batched | 8 | 4 |" in serve.markdown(result)
+    run = CliRunner().invoke(app, ["bench", "--task", "serve", "--model", str(tiny_model_dir), "--threads", "1",
+                                   "--data", str(DATA_DIR), "--out", str(tmp_path / "out")])
+    assert run.exit_code == 0, run.output
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"serve.json", "serve.md", "serve.png"}

@@ -108,7 +108,8 @@ def bench(
                                                                   "(decode speed under a competing CPU load, Python API beside the "
                                                                   "CLI); or scale (10^6 segments, S3, Ray; only when named); or "
                                                                   "conversations (scripted chats: turns answered from the "
-                                                                  "labelled document).")]
+                                                                  "labelled document); or serve (concurrent clients, "
+                                                                  "serial beside batched decoding).")]
     = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "
@@ -148,6 +149,9 @@ def bench(
         (out / "contention.md").write_text(markdown(result))
         typer.echo(markdown(result))
         return
+    if task and "serve" in task:  # a separate measurement: concurrent clients, serial beside batched decoding
+        _serve(model, data, out, threads)
+        return
     if task and "conversations" in task:  # a separate measurement: chat routing over scripted conversations
         _conversations(model, data, out, threads)
         return
@@ -157,6 +161,19 @@ def bench(
     except FileNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
+
+
+def _serve(model: str | None, data: Path | None, out: Path, threads: int | None) -> None:
+    import json
+
+    from .serve import markdown, plot, run_serve
+
+    result = run_serve(model, data, threads=threads, log=lambda message: typer.echo(message, err=True))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=2))
+    (out / "serve.md").write_text(markdown(result))
+    plot(result, out)
+    typer.echo(markdown(result))
 
 
 def _conversations(model: str | None, data: Path | None, out: Path, threads: int | None) -> None:
