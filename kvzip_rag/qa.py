@@ -25,7 +25,9 @@ One place for each rule:
   the better retrieval rank. One routed cache answers as it is. New strategies subclass :class:`Composer` and call
   :func:`register_composer`.
 * **One model lock** (``service.lock``, an ``RLock``) around every use of the model, and **one bridge** to worker
-  threads (:mod:`kvzip_rag.bridge`) for streaming and async.
+  threads (:mod:`kvzip_rag.bridge`) for streaming and async. With ``batching=True`` the answers of concurrent calls
+  decode together (:mod:`kvzip_rag.scheduler`, its steps under the same lock); a call waits for its pieces without
+  holding the lock.
 * **Argument checks, once, at the boundary**: the public methods take the question (:func:`check_question`), ``k``
   (:func:`check_k`) and answer options (:meth:`~kvzip_rag.generate.SamplingOptions.from_options`); inner layers take
   ``Target``, ``Budget`` and ``SamplingOptions``. A question that alone exceeds the model's window raises
@@ -63,6 +65,7 @@ if TYPE_CHECKING:  # the engine and the store import torch: only when a service 
     from .models import KVzipModel
     from .store import CacheStore
     from .quote import QuoteConstraint
+    from .scheduler import BatchScheduler
 
 DEFAULT_RATIO, DEFAULT_LEVEL = DEFAULT_BUDGET.ratio, DEFAULT_BUDGET.level
 
@@ -211,7 +214,7 @@ class QAService:
         return self._batch_sizes is not None
 
     @property
-    def scheduler(self):
+    def scheduler(self) -> BatchScheduler | None:
         """The :class:`~kvzip_rag.scheduler.BatchScheduler` decoding this service's answers together (``batching=True``;
         started on first use), else ``None``."""
         if self._scheduler is None and self._batch_sizes is not None:
@@ -326,7 +329,8 @@ class QAService:
 
     def generate(self, cache, question: str, sampling: SamplingOptions, emit: Callable[[str], None] | None = None,
                  sources: Sequence[Target] = ()) -> tuple[Any, list[str]]:
-        """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock.
+        """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock
+        (with ``batching``, the answer decodes in the scheduler's batch and the lock is free while it waits).
         ``sources``: the segments in the cache (quote mode quotes them); evidence is recorded inside
         :func:`kvzip_rag.evidence.recording`."""
         from .evidence import is_recording
