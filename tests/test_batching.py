@@ -308,7 +308,7 @@ def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, t
     from typer.testing import CliRunner
 
     from conftest import DATA_DIR
-    from kvzip_rag.bench import serve
+    from kvzip_rag.bench import serve_batching as serve
     from kvzip_rag.cli import app
 
     if not (DATA_DIR / "squad").exists():
@@ -326,4 +326,4 @@ def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, t
     run = CliRunner().invoke(app, ["bench", "--task", "serve", "--model", str(tiny_model_dir), "--threads", "1",
                                    "--data", str(DATA_DIR), "--out", str(tmp_path / "out")])
     assert run.exit_code == 0, run.output
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"serve.json", "serve.md", "serve.png"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {f"serve_batching.{ext}" for ext in ("json", "md", "png")}

@@ -150,7 +150,7 @@ def bench(
         typer.echo(markdown(result))
         return
     if task and "serve" in task:  # a separate measurement: concurrent clients, serial beside batched decoding
-        _serve(model, data, out, threads)
+        _serve_batching(model, data, out, threads)
         return
     if task and "conversations" in task:  # a separate measurement: chat routing over scripted conversations
         _conversations(model, data, out, threads)
@@ -163,15 +163,15 @@ def bench(
         raise typer.Exit(2) from error
 
 
-def _serve(model: str | None, data: Path | None, out: Path, threads: int | None) -> None:
+def _serve_batching(model: str | None, data: Path | None, out: Path, threads: int | None) -> None:
     import json
 
-    from .serve import markdown, plot, run_serve
+    from .serve_batching import markdown, plot, run_serve
 
     result = run_serve(model, data, threads=threads, log=lambda message: typer.echo(message, err=True))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(result, indent=2))
-    (out / "serve.md").write_text(markdown(result))
+    (out / "serve_batching.json").write_text(json.dumps(result, indent=2))
+    (out / "serve_batching.md").write_text(markdown(result))
     plot(result, out)
     typer.echo(markdown(result))
 

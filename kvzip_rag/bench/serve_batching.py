@@ -169,7 +169,7 @@ def plot(result: dict, out_dir: Path) -> Path:
         ax.set_xscale("log", base=2)
         ax.legend()
     fig.tight_layout()
-    path = out_dir / "serve.png"
+    path = out_dir / "serve_batching.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
