@@ -103,6 +103,13 @@ def batch_sizes(max_batch: int | None, max_queue: int | None) -> tuple[int, int]
     return sizes
 
 
+def fair_lock():
+    """The lock a batching service takes by default (:class:`kvzip_rag.scheduler.FairRLock`)."""
+    from .scheduler import FairRLock
+
+    return FairRLock()
+
+
 def check_sampling(sampling: Mapping[str, Any]) -> dict:
     """The given answer options checked and normalised by :meth:`SamplingOptions.from_options`, by name again (for
     callers that pass them on as keywords; only the names given, ``max_tokens`` as ``max_new_tokens``)."""
@@ -153,7 +160,8 @@ class QAService:
         compose: the composition strategy's name (default ``"parallel"``) or a :class:`Composer`; each call can
             override it with ``compose=``.
         scope: a callable giving the document ids this service may route to (``None``: the whole store).
-        lock: share a lock with other users of the same model (default: a new ``RLock``).
+        lock: share a lock with other users of the same model (default: a new ``RLock``; with ``batching``, a
+            :class:`~kvzip_rag.scheduler.FairRLock`, handed to waiting threads between decoding steps).
         batching: decode the answers of concurrent calls together (:mod:`kvzip_rag.scheduler`, continuous
             batching; off by default); ``max_batch`` answers per forward pass (default 8) and ``max_queue`` waiting
             (default 64; beyond, ``QueueFullError``). Routing, loading and composing stay per call.
@@ -181,11 +189,11 @@ class QAService:
         self.device = device
         self.composer = get_composer(compose)
         self.scope = scope
-        self.lock = lock or threading.RLock()
+        self._batch_sizes = batch_sizes(max_batch, max_queue) if batching else None
+        self.lock = lock or (fair_lock() if batching else threading.RLock())
         self._model = model if isinstance(model, KVzipModel) else None
         self._model_spec = None if isinstance(model, KVzipModel) else model
         self._model_loader = model_loader
-        self._batch_sizes = batch_sizes(max_batch, max_queue) if batching else None
         self._scheduler = None
         if self._model is not None and self.threads is not None:
             from .runtime import apply_thread_policy

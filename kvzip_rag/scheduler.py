@@ -11,6 +11,7 @@ so does a closed one (``BatchRequest.close``, or a consumer that stops iterating
 Locking: every step runs under the model's one lock (``QAService.lock``), so routing, loading, composing and the
 unbatched paths (conversations, indexing) interleave with steps; a request waits for its pieces on a ``Condition`` of
 that lock, which releases it fully meanwhile, so a caller that holds it (the composers do) never blocks the batch.
+The lock is a :class:`FairRLock`: between two steps every thread already waiting for it gets its turn.
 
 Memory: a request's cache is loaded before it is queued (loading is per request, under the lock, so one at a time);
 at most ``max_batch`` running and ``max_queue`` waiting requests hold caches, and a request beyond that is refused at
@@ -34,6 +35,79 @@ from .models import KVzipModel
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 64
+
+
+class FairRLock:
+    """A reentrant lock handed to its waiters in arrival order, usable with ``threading.Condition``.
+
+    ``threading.RLock`` lets the thread that releases it take it straight back; the batch scheduler releases and
+    retakes the lock at every step, so on a busy CPU the threads waiting to route, load or receive pieces would
+    rarely get it and the batch would stay small. Here a release hands the lock to the longest waiter."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._owner: int | None = None
+        self._count = 0
+        self._waiters: deque[tuple[int, threading.Lock]] = deque()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        me = threading.get_ident()
+        with self._mutex:
+            if self._owner == me:
+                self._count += 1
+                return True
+            if self._owner is None and not self._waiters:
+                self._owner, self._count = me, 1
+                return True
+            if not blocking:
+                return False
+            baton = threading.Lock()
+            baton.acquire()
+            self._waiters.append((me, baton))
+        if baton.acquire(timeout=timeout):  # released by the thread that hands the lock over
+            return True
+        with self._mutex:
+            if (me, baton) in self._waiters:
+                self._waiters.remove((me, baton))
+                return False
+        return True  # handed over while the wait timed out
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("cannot release un-acquired lock")
+            self._count -= 1
+            if not self._count:
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        """To the longest waiter, or free (under ``_mutex``)."""
+        if self._waiters:
+            owner, baton = self._waiters.popleft()
+            self._owner, self._count = owner, 1
+            baton.release()
+        else:
+            self._owner = None
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # what threading.Condition uses to release a reentrant lock fully while it waits
+    def _is_owned(self) -> bool:
+        return self._owner == threading.get_ident()
+
+    def _release_save(self) -> int:
+        with self._mutex:
+            count, self._count = self._count, 0
+            self._hand_over()
+        return count
+
+    def _acquire_restore(self, count: int) -> None:
+        self.acquire()
+        self._count = count
 
 
 def check_sizes(max_batch: int, max_queue: int) -> None:
@@ -101,9 +175,10 @@ class BatchRequest:
 
 
 class BatchScheduler:
-    """Continuous batching of one model's answers (see the module). ``lock``: the model's one lock."""
+    """Continuous batching of one model's answers (see the module). ``lock``: the model's one lock (a
+    :class:`FairRLock`, so that waiting threads get it between steps)."""
 
-    def __init__(self, model: KVzipModel, lock: threading.RLock, max_batch: int = DEFAULT_MAX_BATCH,
+    def __init__(self, model: KVzipModel, lock: threading.RLock | FairRLock, max_batch: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE) -> None:
         check_sizes(max_batch, max_queue)
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
@@ -113,6 +188,7 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0  # batched forward passes so far
+        self.decoded = 0  # tokens decoded by them (decoded / steps: the mean batch)
         self.peak_batch = 0  # most answers decoded in one pass
 
     @property
@@ -166,7 +242,6 @@ class BatchScheduler:
                     return
                 with torch.inference_mode():
                     self._step()
-            time.sleep(0)  # the lock is free between steps: requests route, load and join here
 
     def _step(self) -> None:
         """Admit, one token each, then one forward pass for those that go on; a failure fails only its own."""
@@ -195,6 +270,7 @@ class BatchScheduler:
             return
         self.peak_batch = max(self.peak_batch, len(self._running))
         self.steps += 1
+        self.decoded += len(self._running)
         try:
             logits = batched_forward(self.model, [r.stream.cache for r in self._running],
                                      [r.decoding.feed for r in self._running])

@@ -245,6 +245,38 @@ def test_a_full_queue_raises_at_once(stored, tiny_llama):
     first.close()
 
 
+def test_the_fair_lock_goes_to_the_waiting_thread_first():
+    """A thread that releases and retakes the lock at once (the scheduler between steps) queues behind the threads
+    already waiting (a plain RLock lets it take the lock straight back)."""
+    import threading
+    import time
+
+    from kvzip_rag.scheduler import FairRLock
+
+    lock, holding = FairRLock(), threading.Event()
+
+    def waiter() -> None:
+        with lock:
+            holding.wait()
+
+    lock.acquire()
+    lock.acquire()  # reentrant
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    while not lock._waiters:  # a wait for the state, not a timing assertion
+        time.sleep(0.001)
+    lock.release()
+    assert lock._is_owned()  # released once of twice: still ours
+    lock.release()  # handed over to the waiting thread, now, whoever runs first
+    assert not lock._is_owned() and not lock.acquire(blocking=False)
+    holding.set()
+    thread.join()
+    assert lock.acquire(blocking=False)
+    lock.release()
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
 @pytest.mark.parametrize("sizes", [dict(max_batch=0), dict(max_queue=-1), dict(max_batch=True)])
 def test_bad_batch_sizes_are_refused(stored, tiny_llama, sizes):
     from kvzip_rag.qa import QAService

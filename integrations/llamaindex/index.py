@@ -36,7 +36,7 @@ from kvzip_rag.budget import check_ratio_level
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
 from kvzip_rag.models import KVzipModel, load_model
 from kvzip_rag.quant import check_bits
-from kvzip_rag.qa import QAService, Target, check_model_matches
+from kvzip_rag.qa import QAService, Target, check_model_matches, fair_lock
 from kvzip_rag.store import DB_NAME, CacheStore
 
 from ..segments import segment_metadata
@@ -153,7 +153,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             )
         if index_struct is not None and not isinstance(index_struct, KVzipIndexStruct):
             raise InvalidArgumentError(f"KVzipIndex needs a KVzipIndexStruct, got {type(index_struct).__name__}")
-        self.lock = threading.RLock()  # held around every use of the model
+        self.lock = fair_lock() if batching else threading.RLock()  # held around every use of the model
         self._model_arg = model
         self._model: Optional[KVzipModel] = model if isinstance(model, KVzipModel) else None  # given
         if ratio is None:

@@ -115,15 +115,17 @@ def run_serve(model_name: str | None = None, data_dir: Path | None = None, docum
             service.answer(questions[0], max_new_tokens=4)  # warm up (and start the scheduler)
         for clients in CLIENTS:
             for path, service in (("serial", serial), ("batched", batched)):
-                if service.scheduler is not None:
-                    service.scheduler.peak_batch = 0
+                scheduler = service.scheduler
+                if scheduler is not None:
+                    scheduler.peak_batch = scheduler.steps = scheduler.decoded = 0
                 row = {"path": path, **closed_loop(service, questions, clients, requests, options)}
-                row["peak_batch"] = service.scheduler.peak_batch if service.scheduler is not None else 1
+                row["peak_batch"] = scheduler.peak_batch if scheduler is not None else 1
+                row["mean_batch"] = scheduler.decoded / max(scheduler.steps, 1) if scheduler is not None else 1.0
                 settings.append(row)
                 log(f"{path:8s} clients={clients} answers/s={row['answers_per_s']:.2f} "
                     f"tok/s={row['tokens_per_s']:.1f} ttft p50/p95={row['ttft_p50_s']:.2f}/{row['ttft_p95_s']:.2f} s "
                     f"latency p50/p95={row['latency_p50_s']:.2f}/{row['latency_p95_s']:.2f} s "
-                    f"peak batch={row['peak_batch']} rss={row['peak_rss_mb']:.0f} MiB")
+                    f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} rss={row['peak_rss_mb']:.0f} MiB")
     return {"task": "serve", "model": model.name, "threads": torch.get_num_threads(), "documents": len(docs),
             "requests": requests, "max_new_tokens": max_new_tokens, "settings": settings,
             "agreement": agreement(settings)}
@@ -143,10 +145,10 @@ def markdown(result: dict) -> str:
              f"{result['threads']} torch threads, {result['requests']} answers per setting, at most "
              f"{result['max_new_tokens']} tokens each", "",
              "| path | clients | n | answers/s | generated tok/s | TTFT p50 / p95 (s) | latency p50 / p95 (s) | "
-             "peak batch | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+             "batch mean / peak | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['path']} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | {r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} | "
-              f"{r['peak_batch']} | {r['peak_rss_mb']:.0f} |" for r in result["settings"]]
+              f"{r['mean_batch']:.1f} / {r['peak_batch']} | {r['peak_rss_mb']:.0f} |" for r in result["settings"]]
     agree = result["agreement"]
     lines += ["", f"Batched answers equal to the serial path's (text and sources, same question): "
                   f"{agree['equal']} of {agree['compared']}."]
