@@ -403,6 +403,60 @@ class PackedCache(Cache):
         return self
 
 
+class BatchedLayer(CacheLayerMixin):
+    """One layer of a :class:`BatchedPackedCache`: sequence ``b``'s new tokens go to ``parts[b]`` (its own packed
+    layer, its own tail); attention reads each part as it is (see ``kvzip_rag.attention.packed_attention``)."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, parts: list[PackedLayer]):
+        self.is_initialized = True
+        self.parts = parts
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: the parts are built complete."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Row ``b`` of the new states into part ``b``; the marker tags this layer (batched attention only)."""
+        if key_states.shape[0] != len(self.parts):
+            raise ValueError(f"a batch of {key_states.shape[0]} sequences over {len(self.parts)} caches")
+        for b, part in enumerate(self.parts):
+            part.update(key_states[b : b + 1], value_states[b : b + 1])
+        return PackedStates.mark(key_states, self), PackedStates.mark(value_states, self)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Masks are built by transformers but unused by the packed attention (as in PackedLayer).
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return max(part.get_seq_length() for part in self.parts)
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class BatchedPackedCache(Cache):
+    """B packed caches decoded together: one forward pass appends one token to each (``kvzip_rag.batch``).
+
+    A view, not a copy: layer ``i`` is the B caches' layer ``i`` side by side, each keeping its own variable-length
+    heads and tail, so a sequence's logits are those it would get alone. ``positions`` is where each sequence's next
+    token sits (its own cache's length: documents, composed or not, and its tail)."""
+
+    def __init__(self, caches: list[PackedCache]):
+        if not caches:
+            raise ValueError("a batch needs at least one cache")
+        if len({len(cache.layers) for cache in caches}) != 1:
+            raise ModelMismatchError("the caches of one batch were built by models with different layer counts")
+        super().__init__(layers=[BatchedLayer([cache.layers[i] for cache in caches])
+                                 for i in range(len(caches[0].layers))])
+        self.caches = caches
+
+    @property
+    def positions(self) -> list[int]:
+        return [cache.get_seq_length() for cache in self.caches]
+
+
 def ratio_keep(layers, info: CacheInfo, ratio: float, level: str) -> dict[int, torch.Tensor]:
     """Entries to keep per head (prefix included) of every compressed layer at ``ratio``: :func:`rows_at_ratio` on
     the stored scores, for packed and quantized layers alike (``layers`` have offsets, scores and compressed)."""

@@ -67,3 +67,7 @@ class ClusterError(KVzipError, RuntimeError):
 class OrphanBlobWarning(UserWarning):
     """Rows were changed (a document deleted or its caches replaced) but some of their old blobs could not be
     removed (e.g. the object store refused the delete): nothing refers to them any more, ``gc`` removes them."""
+
+
+class QueueFullError(KVzipError):
+    """The batch scheduler's queue of waiting answers is full: retry later, or raise ``max_queue``/``max_batch``."""

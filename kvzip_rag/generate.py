@@ -124,6 +124,71 @@ def _pick(logits: torch.Tensor, options: SamplingOptions, generator: torch.Gener
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class Decoding:
+    """One answer's per-token rule, the only one: the quote constraint, sampling, stop ids and strings, clean ends
+    and the text pieces. Drivers feed it each next-token distribution and forward ``feed`` until ``done``:
+    :class:`AnswerStream` one answer at a time, :mod:`kvzip_rag.scheduler` several answers in one forward pass."""
+
+    def __init__(self, model: KVzipModel, options: SamplingOptions, constraint: QuoteConstraint | None = None,
+                 limit: str = "length") -> None:
+        self.tokenizer, self.stop_ids = model.tokenizer, model.stop_token_ids
+        self.options, self.constraint = options, constraint
+        self.generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+        self.generated: list[int] = []
+        self.logprob_sum = 0.0
+        self.emitted, self.finish = "", limit  # the finish reason when max_new_tokens runs out
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.feed: int | None = None  # the token the next forward appends (None: nothing to append)
+        self.done = False
+
+    def step(self, logits: torch.Tensor) -> str:
+        """Take the next-token ``logits``; returns the new text ('' for none) and sets ``feed`` and ``done``."""
+        options = self.options
+        self.steps += 1
+        last = self.steps >= options.max_new_tokens
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        token = _pick(logits, options, self.generator)
+        if token not in self.stop_ids and self.constraint is not None and not self.constraint.advance(token):
+            self.feed, self.done = token, last  # a lead-in: in the cache, not in the answer
+            return ""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if token in self.stop_ids:
+            self.finish, self.feed, self.done = "stop", None, True
+            return ""
+        self.generated.append(token)
+        self.logprob_sum += float(torch.log_softmax(logits.float(), dim=-1)[token])
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True).lstrip()  # answers start at a word
+        cut = min((text.find(s) for s in options.stop if s and s in text), default=-1)
+        if cut >= 0:
+            text, self.finish = text[:cut], "stop"
+        elif options.clean and (end := answer_end(text, self.generated, self.tokenizer)) is not None:
+            text, self.finish = end, "stop"
+        piece = ""
+        if not text.endswith("\ufffd") and len(text) > len(self.emitted):
+            piece, self.emitted = text[len(self.emitted) :], text
+        stopped = self.finish == "stop"
+        self.feed, self.done = (None if stopped else token), stopped or last
+        return piece
+
+    def result(self, prompt_tokens: int, end: float, evidence: Evidence | None = None) -> Answer:
+        """The finished ``Answer`` (``end``: when decoding stopped)."""
+        first_token_at = self.first_token_at or end
+        return Answer(
+            text=self.emitted.strip(),
+            token_ids=self.generated,
+            prompt_tokens=prompt_tokens,
+            time_to_first_token_s=first_token_at - self.start,
+            decode_s=end - first_token_at,
+            finish_reason=self.finish,
+            mean_logprob=self.logprob_sum / len(self.generated) if self.generated else None,
+            evidence=evidence,
+        )
+
+
 class AnswerStream:
     """Iterate to receive text pieces as they are generated; ``result`` holds the full ``Answer`` afterwards."""
 
@@ -135,62 +200,31 @@ class AnswerStream:
         self.limit = limit  # the finish reason when max_new_tokens runs out: "window" when it was clamped to it
         self.result: Answer | None = None
 
+    def decoding(self) -> Decoding:
+        """A fresh per-token state for this answer (its clock starts now)."""
+        return Decoding(self.model, self.options, self.constraint, self.limit)
+
     def __iter__(self) -> Iterator[str]:
-        options, tokenizer = self.options, self.model.tokenizer
-        stop_ids = self.model.stop_token_ids
-        generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
-        generated: list[int] = []
-        logprob_sum = 0.0
-        emitted, finish = "", self.limit
-        start = time.perf_counter()
-        first_token_at = None
+        decoding = self.decoding()
         recorder = EvidenceRecorder(self.cache) if self.evidence else None
         try:
             with torch.inference_mode():
                 logits = packed_forward(self.model, self.cache, self.prompt_ids)
-                for step in range(options.max_new_tokens):
-                    if self.constraint is not None:
-                        logits = self.constraint.mask(logits)
-                    token = _pick(logits, options, generator)
-                    if token not in stop_ids and self.constraint is not None and not self.constraint.advance(token):
-                        logits = packed_forward(self.model, self.cache, [token])  # a lead-in: not in the answer
-                        continue
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    if token in stop_ids:
-                        finish = "stop"
+                while True:
+                    piece = decoding.step(logits)
+                    if piece:
+                        yield piece
+                    if decoding.feed is None or (decoding.done and not self.keep):
                         break
-                    generated.append(token)
-                    logprob_sum += float(torch.log_softmax(logits.float(), dim=-1)[token])
-                    text = tokenizer.decode(generated, skip_special_tokens=True).lstrip()  # answers start at a word
-                    cut = min((text.find(s) for s in options.stop if s and s in text), default=-1)
-                    if cut >= 0:
-                        text, finish = text[:cut], "stop"
-                    elif options.clean and (end := answer_end(text, generated, tokenizer)) is not None:
-                        text, finish = end, "stop"
-                    if not text.endswith("\ufffd") and len(text) > len(emitted):
-                        yield text[len(emitted) :]
-                        emitted = text
-                    if finish == "stop":
+                    logits = packed_forward(self.model, self.cache, [decoding.feed])
+                    if decoding.done:
                         break
-                    if step + 1 < options.max_new_tokens or self.keep:
-                        logits = packed_forward(self.model, self.cache, [token])
         finally:
             evidence = recorder.finish() if recorder is not None else None
             end = time.perf_counter()
             if not self.keep:
                 self.cache.reset()
-        first_token_at = first_token_at or end
-        self.result = Answer(
-            text=emitted.strip(),
-            token_ids=generated,
-            prompt_tokens=len(self.prompt_ids),
-            time_to_first_token_s=first_token_at - start,
-            decode_s=end - first_token_at,
-            finish_reason=finish,
-            mean_logprob=logprob_sum / len(generated) if generated else None,
-            evidence=evidence,
-        )
+        self.result = decoding.result(len(self.prompt_ids), end, evidence)
         if self.on_done:
             self.on_done(self.result)
 

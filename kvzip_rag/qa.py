@@ -25,7 +25,9 @@ One place for each rule:
   the better retrieval rank. One routed cache answers as it is. New strategies subclass :class:`Composer` and call
   :func:`register_composer`.
 * **One model lock** (``service.lock``, an ``RLock``) around every use of the model, and **one bridge** to worker
-  threads (:mod:`kvzip_rag.bridge`) for streaming and async.
+  threads (:mod:`kvzip_rag.bridge`) for streaming and async. With ``batching=True`` the answers of concurrent calls
+  decode together (:mod:`kvzip_rag.scheduler`, its steps under the same lock); a call waits for its pieces without
+  holding the lock.
 * **Argument checks, once, at the boundary**: the public methods take the question (:func:`check_question`), ``k``
   (:func:`check_k`) and answer options (:meth:`~kvzip_rag.generate.SamplingOptions.from_options`); inner layers take
   ``Target``, ``Budget`` and ``SamplingOptions``. A question that alone exceeds the model's window raises
@@ -39,6 +41,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +65,7 @@ if TYPE_CHECKING:  # the engine and the store import torch: only when a service 
     from .models import KVzipModel
     from .store import CacheStore
     from .quote import QuoteConstraint
+    from .scheduler import BatchScheduler
 
 DEFAULT_RATIO, DEFAULT_LEVEL = DEFAULT_BUDGET.ratio, DEFAULT_BUDGET.level
 
@@ -87,6 +91,23 @@ def sampling_options(options: Mapping[str, Any]) -> SamplingOptions:
     from .generate import SamplingOptions
 
     return SamplingOptions.from_options(options)
+
+
+def batch_sizes(max_batch: int | None, max_queue: int | None) -> tuple[int, int]:
+    """``(max_batch, max_queue)`` of a batching service, defaults filled in, checked (:mod:`kvzip_rag.scheduler`)."""
+    from .scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, check_sizes
+
+    sizes = (DEFAULT_MAX_BATCH if max_batch is None else max_batch,
+             DEFAULT_MAX_QUEUE if max_queue is None else max_queue)
+    check_sizes(*sizes)
+    return sizes
+
+
+def fair_lock():
+    """The lock a batching service takes by default (:class:`kvzip_rag.scheduler.FairRLock`)."""
+    from .scheduler import FairRLock
+
+    return FairRLock()
 
 
 def check_sampling(sampling: Mapping[str, Any]) -> dict:
@@ -131,7 +152,11 @@ class QAService:
         compose: the composition strategy's name (default ``"parallel"``) or a :class:`Composer`; each call can
             override it with ``compose=``.
         scope: a callable giving the document ids this service may route to (``None``: the whole store).
-        lock: share a lock with other users of the same model (default: a new ``RLock``).
+        lock: share a lock with other users of the same model (default: a new ``RLock``; with ``batching``, a
+            :class:`~kvzip_rag.scheduler.FairRLock`, handed to waiting threads between decoding steps).
+        batching: decode the answers of concurrent calls together (:mod:`kvzip_rag.scheduler`, continuous
+            batching; off by default); ``max_batch`` answers per forward pass (default 8) and ``max_queue`` waiting
+            (default 64; beyond, ``QueueFullError``). Routing, loading and composing stay per call.
     """
 
     def __init__(self, store: CacheStore | str | os.PathLike | None = None,
@@ -139,7 +164,8 @@ class QAService:
                  level: str | None = None, threads: int | None = None, device: str | None = None,
                  compose: str | Composer = DEFAULT_COMPOSE, scope: Callable[[], list[str]] | None = None,
                  lock: threading.RLock | None = None,
-                 model_loader: Callable[[], KVzipModel] | None = None) -> None:
+                 model_loader: Callable[[], KVzipModel] | None = None, batching: bool = False,
+                 max_batch: int | None = None, max_queue: int | None = None) -> None:
         from .models import KVzipModel
         from .runtime import resolve_threads
 
@@ -155,10 +181,12 @@ class QAService:
         self.device = device
         self.composer = get_composer(compose)
         self.scope = scope
-        self.lock = lock or threading.RLock()
+        self._batch_sizes = batch_sizes(max_batch, max_queue) if batching else None
+        self.lock = lock or (fair_lock() if batching else threading.RLock())
         self._model = model if isinstance(model, KVzipModel) else None
         self._model_spec = None if isinstance(model, KVzipModel) else model
         self._model_loader = model_loader
+        self._scheduler = None
         if self._model is not None and self.threads is not None:
             from .runtime import apply_thread_policy
 
@@ -180,6 +208,22 @@ class QAService:
                         spec = os.fspath(self._model_spec) if self._model_spec is not None else None
                         self._model = load_model(spec, device=self.device, threads=self.threads)
         return self._model
+
+    @property
+    def batching(self) -> bool:
+        return self._batch_sizes is not None
+
+    @property
+    def scheduler(self) -> BatchScheduler | None:
+        """The :class:`~kvzip_rag.scheduler.BatchScheduler` decoding this service's answers together (``batching=True``;
+        started on first use), else ``None``."""
+        if self._scheduler is None and self._batch_sizes is not None:
+            from .scheduler import BatchScheduler
+
+            with self.lock:
+                if self._scheduler is None:
+                    self._scheduler = BatchScheduler(self.model, self.lock, *self._batch_sizes)
+        return self._scheduler
 
     @property
     def model_loaded(self) -> bool:
@@ -285,7 +329,8 @@ class QAService:
 
     def generate(self, cache, question: str, sampling: SamplingOptions, emit: Callable[[str], None] | None = None,
                  sources: Sequence[Target] = ()) -> tuple[Any, list[str]]:
-        """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock.
+        """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock
+        (with ``batching``, the answer decodes in the scheduler's batch and the lock is free while it waits).
         ``sources``: the segments in the cache (quote mode quotes them); evidence is recorded inside
         :func:`kvzip_rag.evidence.recording`."""
         from .evidence import is_recording
@@ -296,10 +341,12 @@ class QAService:
             stream = stream_answer(self.model, cache, question, sampling, constraint=constraint,
                                    evidence=is_recording())
             pieces = []
-            for piece in stream:
-                pieces.append(piece)
-                if emit is not None:
-                    emit(piece)
+            source = self.scheduler.submit(stream) if self.batching else stream  # the batch waits without the lock
+            with closing(iter(source)) as produced:
+                for piece in produced:
+                    pieces.append(piece)
+                    if emit is not None:
+                        emit(piece)
         return stream.result, pieces
 
     def answer_one(self, question: str, target: Target, sampling: SamplingOptions,

@@ -36,7 +36,7 @@ from kvzip_rag.budget import DEFAULT_BUDGET, Budget, CacheKind
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
 from kvzip_rag.models import KVzipModel, load_model
 from kvzip_rag.quant import check_bits
-from kvzip_rag.qa import QAService, Target, check_model_matches
+from kvzip_rag.qa import QAService, Target, check_model_matches, fair_lock
 from kvzip_rag.store import DB_NAME, CacheStore
 
 from ..segments import segment_metadata
@@ -118,6 +118,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         persist_dir: where a loaded index's ``kvzip_store`` copy is looked up.
         threads: CPU threads for a model this index loads (:mod:`kvzip_rag.runtime`; also applied to a given
             model; default ``$KVZIP_RAG_THREADS``, else by load average).
+        batching: concurrent queries (``aquery``, threads) decode their answers together
+            (``QAService(batching=True)``, :mod:`kvzip_rag.scheduler`; off by default).
     """
 
     index_struct_cls = KVzipIndexStruct
@@ -139,6 +141,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         store: CacheStore | str | os.PathLike | None = None,
         persist_dir: str | os.PathLike | None = None,
         threads: Optional[int] = None,
+        batching: bool = False,
         **kwargs: Any,
     ) -> None:
         if objects:
@@ -150,7 +153,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             )
         if index_struct is not None and not isinstance(index_struct, KVzipIndexStruct):
             raise InvalidArgumentError(f"KVzipIndex needs a KVzipIndexStruct, got {type(index_struct).__name__}")
-        self.lock = threading.RLock()  # held around every use of the model
+        self.lock = fair_lock() if batching else threading.RLock()  # held around every use of the model
         self._model_arg = model
         self._model: Optional[KVzipModel] = model if isinstance(model, KVzipModel) else None  # given
         stored = index_struct if index_struct is not None else DEFAULT_BUDGET  # what is not given
@@ -160,7 +163,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
                                    else index_struct.kv_bits if index_struct is not None else 16)
         self._store = self._open_store(store, index_struct, persist_dir)
         self._qa = QAService(self._store, self._model, ratio=self._ratio, level=self._level, threads=threads,
-                             scope=lambda: self.doc_ids, lock=self.lock, model_loader=self._load_model)
+                             scope=lambda: self.doc_ids, lock=self.lock, model_loader=self._load_model,
+                             batching=batching)
         self._threads = self._qa.threads
         storage_context = storage_context or StorageContext.from_defaults(index_store=KVzipIndexStore())
         upgrade_index_store(storage_context)

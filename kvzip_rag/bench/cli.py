@@ -81,8 +81,9 @@ def bench(
                                                                   f"{', '.join(DEFAULT_TASKS)}). contention: decode "
                                                                   "speed under a competing CPU load; scale: 10^6 "
                                                                   "segments, S3, Ray; conversations: scripted chats; "
-                                                                  "serve-http: TTFT through kvzip-rag serve beside the "
-                                                                  "Python API.")]
+                                                                  "serve: concurrent clients, serial beside batched "
+                                                                  "decoding; serve-http: TTFT through kvzip-rag serve "
+                                                                  "beside the Python API.")]
     = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "

@@ -144,6 +144,14 @@ def _conversations(context: Context) -> dict:
     return conversation_figures(context.model, context.out_dir, data_dir=context.data_dir, log=context.log)
 
 
+def _serve(context: Context) -> dict:
+    from .serve_batching import plot, run_serve
+
+    results = run_serve(context.model_name, context.data_dir, log=context.log)
+    plot(results, context.out_dir)
+    return results
+
+
 def _serve_http(context: Context) -> dict:
     from .serving import run_serve
 
@@ -176,6 +184,7 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     StandaloneTask("scale", _scale, _markdown("scale")),
     StandaloneTask("contention", _contention, _markdown("contention")),
     StandaloneTask("conversations", _conversations, _markdown("conversations")),
+    StandaloneTask("serve", _serve, _markdown("serve_batching")),
     StandaloneTask("serve-http", _serve_http, _markdown("serving")),
 )}
 DEFAULT_TASKS = ("squad", "needle", "narrativeqa")  # what runs when no --task is named

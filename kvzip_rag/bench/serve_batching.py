@@ -1,0 +1,177 @@
+"""``kvzip-rag bench --task serve`` (in-process part): many users at once, today's serial path beside batching.
+
+Closed-loop clients (1, 2, 4, 8 at once) ask held SQuAD questions over a store of >= 20 paragraphs, each client
+sending its next question as soon as its answer is complete, through :meth:`QAService.stream` (routing, loading
+and grounding included): once with the serial service (one lock, one answer at a time) and once with
+``batching=True`` (:mod:`kvzip_rag.scheduler`), in the same run and process. Per setting: answers/s, generated
+tokens/s, time to first piece and total latency (p50/p95, as the client sees them), and the peak resident memory
+sampled while the setting ran. Greedy answers of both paths are compared question by question.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CLIENTS = (1, 2, 4, 8)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by linear interpolation (statistics' 'inclusive' method)."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+class RssPeak:
+    """The peak resident memory (MiB) of this process while the block runs, sampled every 20 ms."""
+
+    def __enter__(self) -> RssPeak:
+        from .measure import current_rss_mb
+
+        self.peak, self._stop = current_rss_mb() or 0.0, threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, current_rss_mb() or 0.0)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def closed_loop(service, questions: list[str], clients: int, requests: int, options: dict) -> dict:
+    """``clients`` threads answering ``requests`` questions in all (round-robin over ``questions``)."""
+    taken = iter(range(requests))
+    lock = threading.Lock()
+    rows: list[dict] = []
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(taken, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            stream = service.stream(questions[i % len(questions)], **options)
+            first = None
+            for _ in stream:
+                first = first or time.perf_counter()
+            end = time.perf_counter()
+            answer = stream.result.best.answer
+            with lock:
+                rows.append({"question": i % len(questions), "text": stream.result.text,
+                             "doc_ids": [t.doc_id for t in stream.result.used], "tokens": len(answer.token_ids),
+                             "ttft_s": (first or end) - start, "latency_s": end - start})
+
+    with RssPeak() as memory:
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - start
+    ttft, latency = [r["ttft_s"] for r in rows], [r["latency_s"] for r in rows]
+    return {
+        "clients": clients, "n": len(rows), "wall_s": wall, "answers_per_s": len(rows) / wall,
+        "tokens_per_s": sum(r["tokens"] for r in rows) / wall,
+        "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
+        "latency_p50_s": percentile(latency, 0.5), "latency_p95_s": percentile(latency, 0.95),
+        "peak_rss_mb": memory.peak, "answers": rows,
+    }
+
+
+def run_serve(model_name: str | None = None, data_dir: Path | None = None, documents: int = 20,
+              requests: int = 24, max_new_tokens: int = 32, threads: int | None = None, log=print) -> dict:
+    """Both paths at every client count; ``requests`` answers per setting."""
+    import kvzip_rag
+    from kvzip_rag.qa import QAService
+
+    from .data import default_data_dir, load_squad
+
+    model = kvzip_rag.load_model(model_name, threads=threads)
+    import torch
+
+    docs = load_squad(data_dir or default_data_dir(), lambda text: len(model.encode(text)), docs=documents,
+                      min_tokens=1, max_tokens=400, questions_per_doc=1)
+    questions = [doc.questions[0].question for doc in docs]
+    options = {"max_new_tokens": max_new_tokens}
+    settings = []
+    with tempfile.TemporaryDirectory(prefix="kvzip-serve-") as folder:
+        serial = QAService(folder, model)
+        for doc in docs:
+            serial.store.add_document(model, doc.text, doc_id=doc.id, ratio=0.3)
+        batched = QAService(serial.store, model, batching=True)
+        log(f"{len(docs)} documents stored; {torch.get_num_threads()} torch threads")
+        for service in (serial, batched):
+            service.answer(questions[0], max_new_tokens=4)  # warm up (and start the scheduler)
+        for clients in CLIENTS:
+            for path, service in (("serial", serial), ("batched", batched)):
+                scheduler = service.scheduler
+                if scheduler is not None:
+                    scheduler.peak_batch = scheduler.steps = scheduler.decoded = 0
+                row = {"path": path, **closed_loop(service, questions, clients, requests, options)}
+                row["peak_batch"] = scheduler.peak_batch if scheduler is not None else 1
+                row["mean_batch"] = scheduler.decoded / max(scheduler.steps, 1) if scheduler is not None else 1.0
+                settings.append(row)
+                log(f"{path:8s} clients={clients} answers/s={row['answers_per_s']:.2f} "
+                    f"tok/s={row['tokens_per_s']:.1f} ttft p50/p95={row['ttft_p50_s']:.2f}/{row['ttft_p95_s']:.2f} s "
+                    f"latency p50/p95={row['latency_p50_s']:.2f}/{row['latency_p95_s']:.2f} s "
+                    f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} rss={row['peak_rss_mb']:.0f} MiB")
+    return {"task": "serve", "model": model.name, "threads": torch.get_num_threads(), "documents": len(docs),
+            "requests": requests, "max_new_tokens": max_new_tokens, "settings": settings,
+            "agreement": agreement(settings)}
+
+
+def agreement(settings: list[dict]) -> dict:
+    """Greedy answers (text and sources) of the batched path that equal the serial path's for the same question."""
+    serial = {(r["question"]): (r["text"], r["doc_ids"]) for s in settings if s["path"] == "serial"
+              for r in s["answers"]}
+    compared = [(serial[r["question"]] == (r["text"], r["doc_ids"])) for s in settings if s["path"] == "batched"
+                for r in s["answers"] if r["question"] in serial]
+    return {"compared": len(compared), "equal": sum(compared)}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"## Serving (batched decoding): {result['documents']} SQuAD paragraphs, model {result['model']}, "
+             f"{result['threads']} torch threads, {result['requests']} answers per setting, at most "
+             f"{result['max_new_tokens']} tokens each", "",
+             "| path | clients | n | answers/s | generated tok/s | TTFT p50 / p95 (s) | latency p50 / p95 (s) | "
+             "batch mean / peak | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+              f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | {r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} | "
+              f"{r['mean_batch']:.1f} / {r['peak_batch']} | {r['peak_rss_mb']:.0f} |" for r in result["settings"]]
+    agree = result["agreement"]
+    lines += ["", f"Batched answers equal to the serial path's (text and sources, same question): "
+                  f"{agree['equal']} of {agree['compared']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, out_dir: Path) -> Path:
+    """Generated tokens/s and p95 latency against concurrent clients, serial beside batched."""
+    from kvzip_rag.extras import pyplot
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for path, marker in (("serial", "o"), ("batched", "s")):
+        rows = [r for r in result["settings"] if r["path"] == path]
+        left.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], marker=marker, label=path)
+        right.plot([r["clients"] for r in rows], [r["latency_p95_s"] for r in rows], marker=marker, label=path)
+    left.set(xlabel="concurrent clients", ylabel="generated tokens/s", title="throughput")
+    right.set(xlabel="concurrent clients", ylabel="p95 latency (s)", title="latency")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    fig.tight_layout()
+    path = out_dir / "serve.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

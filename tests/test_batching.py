@@ -1,0 +1,361 @@
+"""Batched decoding over different caches (kvzip_rag.batch) and the continuous-batching scheduler
+(kvzip_rag.scheduler): each sequence gets its batch-1 logits and answers; no cross-talk between requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvzip_rag
+from kvzip_rag import attention
+from kvzip_rag.batch import batched_forward
+from kvzip_rag.compose import compose
+from kvzip_rag.generate import packed_forward
+from kvzip_rag.quant import quantize
+
+from conftest import build_tiny
+from test_engine import ATOL, TEXT
+from test_cli import tiny_model_dir  # noqa: F401  (fixture)
+from test_packed_attention import reference_flash_attn_varlen_func
+
+OTHER = ("The Orlen valley railway opened in 1884 and climbs 900 metres in eleven kilometres. Its steepest part uses a "
+         "rack, and the trains are pushed, never pulled, by small green locomotives built in Winterthur.")
+QUESTIONS = ["Who built the harbour?", "When did the railway open?", "What colour is the lighthouse?"]
+STEPS = kvzip_rag.PackedLayer.MIN_ROOM + 4  # past the first reserved room: every tail regrows mid-batch
+
+
+def varied_caches(model: kvzip_rag.KVzipModel) -> list[kvzip_rag.PackedCache]:
+    """Caches of different shapes: compressed (unequal head budgets), whole, composed of two, quantized."""
+    compressed = kvzip_rag.compress(model, " ".join([TEXT] * 2), ratio=0.3)
+    whole = kvzip_rag.compress(model, OTHER, ratio=1.0)
+    composed = compose(model, [kvzip_rag.compress(model, TEXT, ratio=0.5), kvzip_rag.compress(model, OTHER, ratio=0.5)])
+    quantized = quantize(kvzip_rag.compress(model, OTHER, ratio=0.6), 8).dequantize()
+    return [compressed, whole, composed, quantized]
+
+
+def serial_logits(model, caches, prompts, steps: int) -> list[torch.Tensor]:
+    """Reference: each cache alone, its prompt then ``steps`` greedy tokens, batch size 1."""
+    out = []
+    with torch.inference_mode():
+        for cache, prompt in zip(caches, prompts):
+            rows = [packed_forward(model, cache, prompt)]
+            for _ in range(steps):
+                rows.append(packed_forward(model, cache, [int(rows[-1].argmax())]))
+            out.append(torch.stack(rows))
+            cache.reset()
+    return out
+
+
+def batched_logits(model, caches, prompts, steps: int) -> list[torch.Tensor]:
+    """Per-sequence prefill, then ``steps`` batched greedy steps over all the caches at once."""
+    with torch.inference_mode():
+        rows = [torch.stack([packed_forward(model, c, p) for c, p in zip(caches, prompts)])]
+        for _ in range(steps):
+            rows.append(batched_forward(model, caches, [int(r.argmax()) for r in rows[-1]]))
+    for cache in caches:
+        cache.reset()
+    return list(torch.stack(rows, 1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_batched_decoding_gives_each_sequence_its_batch_one_logits(family, smol_tokenizer):
+    model = build_tiny(family, smol_tokenizer, seed=5)
+    caches = varied_caches(model)
+    prompts = [model.encode(model.template.question_text(q)) for q in QUESTIONS + ["Why?"]]
+    expected = serial_logits(model, caches, prompts, STEPS)
+    got = batched_logits(model, caches, prompts, STEPS)
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
+    assert not torch.allclose(got[0], got[1], atol=ATOL)  # the sequences really differ
+
+
+def test_flash_path_in_a_batch_matches_the_torch_path(smol_tokenizer, monkeypatch):
+    """The CUDA code path (flash_attn_varlen_func over each cache's buffer in place) run on CPU with the reference
+    kernel gives the batched torch path's logits; one kernel call per sequence and layer."""
+    model = build_tiny("gemma3", smol_tokenizer, seed=2)
+    caches = varied_caches(model)[:3]
+    prompts = [model.encode(model.template.question_text(q)) for q in QUESTIONS]
+    expected = batched_logits(model, caches, prompts, 6)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return reference_flash_attn_varlen_func(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "use_flash", lambda query: True)
+    monkeypatch.setattr(attention, "_flash_varlen", lambda: spy)
+    got = batched_logits(model, caches, prompts, 6)
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, atol=ATOL)
+    assert len(calls) == 7 * len(caches) * len(caches[0].layers)
+
+
+def test_a_batch_needs_one_token_per_cache(tiny_llama):
+    cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
+    with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="one token per cache"):
+        batched_forward(tiny_llama, [cache], [1, 2])
+
+
+# ---------------------------------------------------------------------------------------------- the scheduler
+
+PLACES = ["Arvik", "Belmora", "Corrin", "Dunhal", "Esker", "Falby", "Gorran", "Hesket", "Illow", "Jarnby", "Kessel",
+          "Lorne", "Marrow", "Nesbit", "Orrin", "Pellow"]
+FOUNDERS = ["Ada Roth", "Bram Voss", "Cora Lind", "Dag Moen", "Eli Stark", "Fay Holt", "Gus Berg", "Hal Dunn",
+            "Ivy Kerr", "Jon Alm", "Kai Brun", "Lea Sund", "Max Ekel", "Nia Falk", "Olaf Ring", "Pia Tor"]
+DOCS = {place.lower(): f"The town of {place} was founded in {1700 + 7 * i} by {founder}. Its market sells "
+                       f"{['rye', 'salt', 'wool', 'tin'][i % 4]} every {['Monday', 'Friday'][i % 2]}."
+        for i, (place, founder) in enumerate(zip(PLACES, FOUNDERS))}
+ASKED = [(f"Who founded the town of {place}?", place.lower()) for place in PLACES]
+LONG = dict(clean=False, max_new_tokens=12, evidence=False)  # random weights: long answers keep the batch full
+
+
+def options_for(i: int) -> dict:
+    """Per-request sampling: even requests greedy, odd ones sampled with their own seed."""
+    return dict(LONG) if i % 2 == 0 else dict(LONG, temperature=0.9, top_k=50, seed=i)
+
+
+@pytest.fixture(scope="module")
+def stored(tiny_llama, tmp_path_factory):
+    from conftest import service_over
+
+    return service_over(tiny_llama, tmp_path_factory.mktemp("batch-store"), DOCS, ratio=0.5).store
+
+
+@pytest.fixture(scope="module")
+def serial(stored, tiny_llama):
+    """Every question answered one at a time by the unbatched service: the reference."""
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama)
+    return [service.answer(q, **options_for(i)) for i, (q, _) in enumerate(ASKED)]
+
+
+def same_answer(got, expected, doc_id: str) -> None:
+    assert got.text == expected.text
+    assert got.answers[0].answer.token_ids == expected.answers[0].answer.token_ids
+    assert got.answers[0].answer.finish_reason == expected.answers[0].answer.finish_reason
+    assert [t.doc_id for t in got.used] == [t.doc_id for t in expected.used] == [doc_id]
+
+
+def test_threads_decode_together_and_each_gets_its_serial_answer(stored, tiny_llama, serial):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+    with ThreadPoolExecutor(len(ASKED)) as pool:
+        got = list(pool.map(lambda i: service.answer(ASKED[i][0], **options_for(i)), range(len(ASKED))))
+    for i, (result, (_, doc_id)) in enumerate(zip(got, ASKED)):
+        same_answer(result, serial[i], doc_id)
+    assert service.scheduler.peak_batch > 1  # they did decode together
+    assert service.scheduler.running == service.scheduler.waiting == 0
+
+
+def test_coroutines_decode_together_and_each_gets_its_serial_answer(stored, tiny_llama, serial):
+    import asyncio
+
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+
+    async def streamed(i: int):
+        stream = service.stream(ASKED[i][0], **options_for(i))
+        pieces = [piece async for piece in stream]
+        assert "".join(pieces).strip() == stream.result.text
+        return stream.result
+
+    async def main():
+        return await asyncio.gather(*(service.aanswer(q, **options_for(i)) if i % 2 else streamed(i)
+                                      for i, (q, _) in enumerate(ASKED)))
+
+    for i, (result, (_, doc_id)) in enumerate(zip(asyncio.run(main()), ASKED)):
+        same_answer(result, serial[i], doc_id)
+    assert service.scheduler.peak_batch > 1
+
+
+def test_stop_strings_are_per_request(stored, tiny_llama, serial):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvzip_rag.qa import QAService
+
+    text = serial[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip()
+    service = QAService(stored, tiny_llama, batching=True)
+    with ThreadPoolExecutor(2) as pool:
+        cut = pool.submit(service.answer, ASKED[0][0], **dict(options_for(0), stop=[stop]))
+        whole = pool.submit(service.answer, ASKED[2][0], **options_for(2))
+    assert cut.result().text == text[: text.find(stop)].strip()
+    assert cut.result().answers[0].answer.finish_reason == "stop"
+    same_answer(whole.result(), serial[2], ASKED[2][1])
+
+
+def prepared(service, i: int):
+    """The AnswerStream of question ``i`` as the service would submit it (routed, loaded, checked)."""
+    from kvzip_rag.generate import SamplingOptions, stream_answer
+
+    target = service.route(ASKED[i][0]).targets[0]
+    cache, _, _ = service.load(target)
+    return stream_answer(service.model, cache, ASKED[i][0], SamplingOptions(clean=False, max_new_tokens=40))
+
+
+def test_closing_a_request_frees_its_slot_at_once(stored, tiny_llama):
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True, max_batch=1)
+    scheduler = service.scheduler
+    first, second = prepared(service, 0), prepared(service, 1)
+    running = scheduler.submit(first)
+    queued = scheduler.submit(second)
+    pieces = iter(running)
+    next(pieces)  # it is decoding (max_batch=1: the other one waits)
+    with service.lock:  # between two steps
+        assert scheduler.running == 1 and scheduler.waiting == 1
+        pieces.close()  # the consumer stops iterating
+        assert scheduler.running == 0 and first.cache.tail_length == 0 and running.result is None
+    assert "".join(queued) and second.result.finish_reason == "length"  # the slot went to the waiting one
+    assert scheduler.running == scheduler.waiting == 0
+
+
+def test_a_stream_consumer_that_stops_frees_its_slot(stored, tiny_llama):
+    import time
+
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+    for piece in service.stream(ASKED[3][0], clean=False, max_new_tokens=200):
+        break
+    deadline = time.monotonic() + 60  # a wait for the state, not a timing assertion
+    while service.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.scheduler.running == 0 and service.scheduler.steps < 199
+
+
+def test_a_full_queue_raises_at_once(stored, tiny_llama):
+    from kvzip_rag.errors import QueueFullError
+
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True, max_batch=1, max_queue=1)
+    scheduler = service.scheduler
+    with service.lock:  # the scheduler cannot step: nothing leaves the queue meanwhile
+        first = scheduler.submit(prepared(service, 0))
+        with pytest.raises(QueueFullError, match="1 answers already wait"):
+            scheduler.submit(prepared(service, 1))
+    first.close()
+
+
+def test_the_fair_lock_goes_to_the_waiting_thread_first():
+    """A thread that releases and retakes the lock at once (the scheduler between steps) queues behind the threads
+    already waiting (a plain RLock lets it take the lock straight back)."""
+    import threading
+    import time
+
+    from kvzip_rag.scheduler import FairRLock
+
+    lock, holding = FairRLock(), threading.Event()
+
+    def waiter() -> None:
+        with lock:
+            holding.wait()
+
+    lock.acquire()
+    lock.acquire()  # reentrant
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    while not lock._waiters:  # a wait for the state, not a timing assertion
+        time.sleep(0.001)
+    lock.release()
+    assert lock._is_owned()  # released once of twice: still ours
+    lock.release()  # handed over to the waiting thread, now, whoever runs first
+    assert not lock._is_owned() and not lock.acquire(blocking=False)
+    holding.set()
+    thread.join()
+    assert lock.acquire(blocking=False)
+    lock.release()
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
+@pytest.mark.parametrize("sizes", [dict(max_batch=0), dict(max_queue=-1), dict(max_batch=True)])
+def test_bad_batch_sizes_are_refused(stored, tiny_llama, sizes):
+    from kvzip_rag.qa import QAService
+
+    with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="must be a positive integer"):
+        QAService(stored, tiny_llama, batching=True, **sizes)
+
+
+# ---------------------------------------------------------------------------------------------- the adapters
+
+GREEDY = range(0, len(ASKED), 2)  # the questions answered with the LONG greedy options in ``serial``
+
+
+def test_langchain_batch_and_abatch_decode_together(stored, tiny_llama, serial):
+    import asyncio
+
+    from kvzip_rag.integrations.langchain import create_kvzip_qa_chain
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+    chain = create_kvzip_qa_chain(service, **LONG)
+    questions = [ASKED[i][0] for i in GREEDY]
+    batched = chain.batch(questions, config={"max_concurrency": len(questions)})
+    assert service.scheduler.peak_batch > 1
+    service.scheduler.peak_batch = 0
+    awaited = asyncio.run(chain.abatch(questions))
+    assert service.scheduler.peak_batch > 1
+    for i, one, other in zip(GREEDY, batched, awaited):
+        for out in (one, other):
+            assert out["answer"] == serial[i].text
+            assert [d.metadata["doc_id"] for d in out["sources"]] == [ASKED[i][1]]
+
+
+def test_llamaindex_concurrent_aquery_decodes_together(tiny_llama, tmp_path):
+    import asyncio
+
+    from llama_index.core import Document
+
+    from kvzip_rag import KVzipIndex
+
+    index = KVzipIndex.from_documents([Document(text=text, doc_id=doc_id) for doc_id, text in DOCS.items()],
+                                      model=tiny_llama, store=tmp_path / "store", batching=True)
+    engine = index.as_query_engine(**LONG)
+
+    async def main():
+        return await asyncio.gather(*(engine.aquery(q) for q, _ in ASKED))
+
+    responses = asyncio.run(main())
+    assert index.qa.scheduler.peak_batch > 1
+    for response, (question, doc_id) in zip(responses, ASKED):
+        assert [n.node.ref_doc_id for n in response.source_nodes] == [doc_id]
+        cache = index.store.load_cache(doc_id, tiny_llama)
+        assert response.response == kvzip_rag.answer(tiny_llama, cache, question, clean=False,
+                                                      max_new_tokens=12).text
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+
+
+def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from conftest import DATA_DIR
+    from kvzip_rag.bench import serve_batching as serve
+    from kvzip_rag.cli import app
+
+    if not (DATA_DIR / "squad").exists():
+        pytest.skip("SQuAD data not found")
+    result = serve.run_serve(str(tiny_model_dir), DATA_DIR, requests=4, max_new_tokens=6, threads=1,
+                             log=lambda message: None)
+    assert result["documents"] >= 20
+    assert [(r["path"], r["clients"]) for r in result["settings"]] == [
+        (path, clients) for clients in serve.CLIENTS for path in ("serial", "batched")]
+    assert all(r["n"] == 4 and r["tokens_per_s"] > 0 and r["ttft_p50_s"] <= r["latency_p95_s"]
+               for r in result["settings"])
+    assert result["agreement"]["compared"] == 4 * len(serve.CLIENTS)
+    assert result["agreement"]["equal"] == result["agreement"]["compared"]  # greedy: the same answers
+    assert "| batched | 8 | 4 |" in serve.markdown(result)
+    run = CliRunner().invoke(app, ["bench", "--task", "serve", "--model", str(tiny_model_dir), "--threads", "1",
+                                   "--data", str(DATA_DIR), "--out", str(tmp_path / "out")])
+    assert run.exit_code == 0, run.output
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {f"serve.{ext}" for ext in ("json", "md", "png")}
