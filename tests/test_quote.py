@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import kvzip_rag
+from kvzip_rag.abstain import DEFAULT_ABSTAIN_TEXT
 from kvzip_rag.clean import answer_end
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAService
@@ -192,8 +193,14 @@ def test_cli_ask_quote(tiny_store, tmp_path, smol_tokenizer):
 
 
 @pytest.mark.skipif(not (DATA_DIR / "squad").is_dir(), reason="shared data not found")
-def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer):
+def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer, monkeypatch):
+    from dataclasses import replace
+
+    from kvzip_rag import abstain
     from kvzip_rag.bench.cli import run_bench
+
+    calibration = replace(abstain.default_calibration(), threshold=1.0)  # the abstaining methods always abstain
+    monkeypatch.setattr(abstain, "default_calibration", lambda: calibration)
 
     model = build_tiny("llama", smol_tokenizer)
     out = run_bench(data_dir=DATA_DIR, out_dir=tmp_path, tasks=("grounding",), loaded_model=model,
@@ -204,13 +211,38 @@ def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer):
     assert saved["summary"] == out["grounding"]["summary"]
     table = saved["summary"]["table"]
     assert set(table) == {"squad", "squad-unanswerable", "hotpotqa"}
-    assert set(table["squad"]) == {"free-raw@0.3", "free@0.3", "quote@0.3", "chunk-rag"}
+    assert set(table["squad"]) == {"free@0.3", "free+abstain@0.3", "quote@0.3", "quote+abstain@0.3", "chunk-rag"}
     assert all(m["n"] == 2 for m in table["squad"].values())
+    base = {(r["set"], r["qid"], r["method"]): r for r in saved["rows"]}
     for row in saved["rows"]:
-        if row["method"].startswith("quote"):
+        if row["method"].startswith("quote") and not row["abstained"]:
             assert row["citation"]["text"] == row["answer"]
-    assert saved["summary"]["free_minus_raw_f1"]["squad"]["free@0.3"]["n"] == 2
+        if "+abstain" in row["method"]:  # the same answer as its method without abstention, or the abstention
+            same = base[(row["set"], row["qid"], row["method"].replace("+abstain", ""))]
+            assert not same["abstained"]
+            assert row["answer"] == (DEFAULT_ABSTAIN_TEXT if row["abstained"] else same["answer"])
+            assert row["total_s"] == same["total_s"]
+            assert row["abstained"] and row["citation"] is None
+    assert saved["summary"]["quote_minus_free_f1"]["squad"]["quote@0.3"]["n"] == 2
     assert "## hotpotqa" in (tmp_path / "grounding.md").read_text()
+
+
+def test_bench_abstains_as_the_service_would(monkeypatch):
+    """The abstaining methods apply the calibrated default threshold to the answer's evidence score."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from kvzip_rag import abstain
+    from kvzip_rag.bench.grounding import abstained, methods
+
+    threshold = 0.4
+    calibration = replace(abstain.default_calibration(), threshold=threshold)
+    monkeypatch.setattr(abstain, "default_calibration", lambda: calibration)
+    assert abstained(SimpleNamespace(evidence_score=threshold / 2))
+    assert not abstained(SimpleNamespace(evidence_score=threshold))
+    assert not abstained(SimpleNamespace(evidence_score=None))
+    assert all(m.options["abstain_threshold"] is None for m in methods((0.3, 1.0)))
+    assert [m.label for m in methods((0.3,))] == ["free@0.3", "free+abstain@0.3", "quote@0.3", "quote+abstain@0.3"]
 
 
 # ------------------------------------------------------------------------------------------ the default model
