@@ -93,7 +93,7 @@ def test_quote_streams_and_is_checked(tiny_store):
 def test_constraint_lead_in_and_starts(tiny_store):
     """Lead-in tokens are not the answer; a quote never starts at a function word or a question word; without a
     quotable word within the lead-in the start is forced; once quoting, only the document's next token (or the
-    end) may follow, and the end as soon as the model's own choice leaves the document."""
+    end) may follow, and the end as soon as the model's own choice leaves the document, but not inside a word."""
     import torch
 
     model, _ = tiny_store
@@ -111,15 +111,17 @@ def test_constraint_lead_in_and_starts(tiny_store):
     constraint.advance(off)
     forced = constraint.mask(logits)  # the lead-in is used up: only starts
     assert set(torch.nonzero(forced > float("-inf")).flatten().tolist()) == set(constraint.starts)
-    ansel = enc(" Ansel")[0]  # " An"
-    assert constraint.advance(ansel) is True
-    follow = enc(" Ansel Brask")[1]
-    logits[follow] = 5.0
-    allowed = set(torch.nonzero(constraint.mask(logits) > float("-inf")).flatten().tolist())
-    assert allowed == {follow, *constraint.stop_ids}
+    an, sel, br = enc(" Ansel Brask")[:3]  # " An", "sel", " Br"
+    assert constraint.advance(an) is True
+    allowed = lambda: set(torch.nonzero(constraint.mask(logits) > float("-inf")).flatten().tolist())
+    logits[off] = 9.0  # the model would leave the document, but " An" is inside a word: the word goes on
+    assert allowed() == {sel}
+    constraint.advance(sel)
+    logits[br] = 5.0
+    logits[off] = 0.0
+    assert allowed() == {br, *constraint.stop_ids}  # at a word's end: the document's next token or the end
     logits[off] = 9.0  # the model would leave the document: the quote ends
-    ended = set(torch.nonzero(constraint.mask(logits) > float("-inf")).flatten().tolist())
-    assert ended == set(constraint.stop_ids)
+    assert allowed() == set(constraint.stop_ids)
 
 
 def test_quote_citations_are_verified():
