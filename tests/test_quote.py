@@ -247,6 +247,22 @@ def test_bench_abstains_as_the_service_would(monkeypatch):
     assert [m.label for m in methods((0.3,))] == ["free@0.3", "free+abstain@0.3", "quote@0.3", "quote+abstain@0.3"]
 
 
+def test_bench_citation_accuracy_counts_uncited_correct_answers_as_misses():
+    from kvzip_rag.bench.grounding import summarize
+
+    def row(method, citations, has_gold):
+        return {"set": "squad", "qid": method + str(has_gold), "method": method, "f1": 1.0, "contains": 1.0,
+                "abstained": False, "answer_tokens": 2, "ttft_s": 0.1, "total_s": 0.2, "citations": citations,
+                "citation": citations[0] if citations else None, "citation_has_gold": has_gold,
+                "citation_in_gold": None}
+
+    cited = {"doc_id": "d", "text": "Ansel Brask built it."}
+    table = summarize([row("free@0.3", [cited], 1.0), row("free@0.3", [], None), row("chunk-rag", None, None)])
+    assert table["table"]["squad"]["free@0.3"]["citation_accuracy"] == 0.5
+    assert table["table"]["squad"]["free@0.3"]["cited_correct"] == 2
+    assert table["table"]["squad"]["chunk-rag"]["citation_accuracy"] is None
+
+
 # ------------------------------------------------------------------------------------------ the default model
 
 

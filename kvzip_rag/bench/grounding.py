@@ -18,7 +18,8 @@ prefilled with the question by the same LLM) is the outside reference on ``squad
 
 Per set and method: F1 and contains-gold (mean with a 95% interval, normal approximation), abstention rate (on
 ``squad`` and ``hotpotqa`` the answerable questions, on ``squad-unanswerable`` the unanswerable ones), citation
-accuracy (SQuAD: share of correct answers, contains-gold, whose first citation contains the gold answer; HotpotQA:
+accuracy (SQuAD: share of correct answers, contains-gold, whose first citation contains the gold answer, an answer
+without citation counting as a miss; HotpotQA:
 share of all answers whose citation lies in a gold paragraph), answer tokens, median TTFT and total time; per set
 and ratio, the paired F1 difference of ``quote`` minus ``free``.
 Rows are written after every question (``grounding.json``, ``grounding.md``), so a run stopped early still reports.
@@ -141,19 +142,22 @@ class GroundingTask:
             result, total = answered[key]
             meta = result.metadata()
             dropped = method.abstain and abstained(result)
-            citation = result.citations[0] if result.citations and not dropped else None
+            cited = [] if dropped else [c.as_dict() for c in result.citations]
             self.add(set_name, question, doc_id, method.label, DEFAULT_ABSTAIN_TEXT if dropped else result.text,
                      meta["answer_tokens"], (result.retrieve_s or 0.0) + result.cache_load_s + meta["ttft_s"], total,
-                     result.abstained or dropped, citation.as_dict() if citation else None,
-                     None if citation is None or gold_docs is None else float(citation.doc_id in gold_docs))
+                     result.abstained or dropped, cited,
+                     None if not cited or gold_docs is None else float(cited[0]["doc_id"] in gold_docs))
 
-    def add(self, set_name, question, doc_id, method, text, tokens, ttft_s, total_s, abstained, citation,
+    def add(self, set_name, question, doc_id, method, text, tokens, ttft_s, total_s, abstained, citations,
             citation_in_gold=None) -> None:
+        """One answer's row; ``citations`` as dicts, best first (``None``: a method that never cites)."""
+        citation = citations[0] if citations else None
         golds = question.answers
         row = {"set": set_name, "qid": question.id, "doc": doc_id, "method": method, "question": question.question,
                "answer": text, "gold": golds, "f1": best_over(f1_score, text, golds),
                "contains": best_over(contains_gold, text, golds), "abstained": bool(abstained),
                "answer_tokens": tokens, "ttft_s": ttft_s, "total_s": total_s, "citation": citation,
+               "citations": citations,
                "citation_has_gold": (best_over(contains_gold, citation["text"], golds) if citation else None),
                "citation_in_gold": citation_in_gold}
         self.rows.append(row)
@@ -165,7 +169,7 @@ class GroundingTask:
         ids = measure.document_ids(self.model, context) + measure.question_ids(self.model, question.question)
         gen = measure.dense_answer(self.model, ids, self.preset.grounding_max_new_tokens)
         self.add("squad", question, doc_id, "chunk-rag", gen.text, gen.tokens, retrieval_s + gen.ttft_s,
-                 time.perf_counter() - start, False, None)
+                 time.perf_counter() - start, False, None)  # chunk RAG cites nothing
 
     def hotpot_items(self) -> list[tuple]:
         """(question, stored ids, gold ids among them, routed paragraph indices, paragraph texts) per item."""
@@ -251,7 +255,8 @@ def summarize(rows: list[dict]) -> dict:
                 by_method.setdefault(row["method"], []).append(row)
         for method, group in by_method.items():
             correct = [r for r in group if r["contains"]]
-            cited = [r["citation_has_gold"] for r in correct if r["citation"] is not None]
+            cites = any(r["citations"] is not None for r in group)  # a correct answer without a citation misses
+            cited = [r["citation_has_gold"] or 0.0 for r in correct] if cites else []
             in_gold = [r["citation_in_gold"] for r in group if r["citation_in_gold"] is not None]
             table.setdefault(set_name, {})[method] = {
                 "n": len(group), "f1": interval([r["f1"] for r in group]),
