@@ -215,6 +215,7 @@ def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer, monkeypatch):
     assert set(table) == {"squad", "squad-unanswerable", "hotpotqa"}
     assert set(table["squad"]) == {"free@0.3", "free+abstain@0.3", "quote@0.3", "quote+abstain@0.3", "chunk-rag"}
     assert all(m["n"] == 2 for m in table["squad"].values())
+    assert len({r["doc"] for r in saved["rows"] if r["set"] == "squad"}) == 2  # round-robin over the articles
     base = {(r["set"], r["qid"], r["method"]): r for r in saved["rows"]}
     for row in saved["rows"]:
         if row["method"].startswith("quote") and not row["abstained"]:

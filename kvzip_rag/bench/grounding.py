@@ -195,7 +195,9 @@ class GroundingTask:
     def run(self) -> dict:
         p = self.preset
         docs = self.squad()
-        squad_qs = [(q, doc) for doc in docs for q in doc.questions]
+        # round-robin over the articles: a run stopped by its budget still covers every article
+        squad_qs = [(q, doc) for rank in range(p.grounding_questions_per_doc) for doc in docs
+                    for q in doc.questions[rank : rank + 1]]
         hotpot = self.hotpot_items()
         limit = self.limit or 10**9
         squad_qs, hotpot = squad_qs[:limit], hotpot[:limit]
