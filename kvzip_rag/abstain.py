@@ -4,7 +4,7 @@ The evidence score of an answer is a logistic model over what answering already 
 
 - ``document_share``: the share of the answer's attention that fell on document pairs rather than on the template
   prefix or the question and answer tokens (:class:`~kvzip_rag.evidence.Evidence`);
-- ``top_weight``: the best citation's share of that document mass (evidence concentrated in one sentence);
+- ``top_weight``: the best-attended citation's share of that document mass (evidence concentrated in one sentence);
 - ``mean_logprob``: the answer tokens' mean log-probability;
 - ``routing_score``: the best routed segment's full-text (BM25) score, 0 when routing fell back or was skipped;
 - ``refusal``: 1 when the candidate itself says the context does not tell (:func:`~kvzip_rag.answers.is_refusal`).
@@ -152,14 +152,14 @@ def assess(service: QAService, answer: Answer, used: Sequence[Target], routed: S
         return None
     texts = {t: service.stored_text(t) for t in used}
     documents = [(t, t.text or texts[t] or "") for t in used]
-    cited = [c for c in citations(evidence, documents, service.model.tokenizer)
+    cited = [c for c in citations(evidence, documents, service.model.tokenizer, answer.text)
              if verified(c, next(texts[t] for t in used if t.node_id == c.node_id))]
     no_evidence: tuple[Target, ...] = ()
     if len(used) > 1:  # the best-attended document always stays
         shares = evidence.shares()
         no_evidence = tuple(t for t, share in zip(used, shares) if share < min(NO_EVIDENCE_SHARE, max(shares)))
     routing = max((t.score for t in routed if t.score is not None and t.routing == "search"), default=0.0)
-    values = features(evidence, cited[0].weight if cited else 0.0, answer.mean_logprob, routing,
+    values = features(evidence, max((c.weight for c in cited), default=0.0), answer.mean_logprob, routing,
                       is_refusal(answer.text))
     score = (grounding.calibration or default_calibration()).probability(values)
     threshold = grounding.threshold

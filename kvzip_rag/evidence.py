@@ -192,9 +192,18 @@ def sentence_mass(text: str, token_mass: torch.Tensor, tokenizer) -> list[tuple[
     return list(zip(spans, totals))
 
 
-def citations(evidence: Evidence, documents: Sequence[tuple[Target, str]], tokenizer,
+def content_words(text: str) -> set[str]:
+    """The text's lower-cased words without stop words (the store's full-text rule)."""
+    from .store.ranking import STOPWORDS, words
+
+    return set(words(text)) - STOPWORDS
+
+
+def citations(evidence: Evidence, documents: Sequence[tuple[Target, str]], tokenizer, answer: str = "",
               limit: int = MAX_CITATIONS) -> list[Citation]:
-    """The best-attended sentences of the documents (``(target, stored segment text)``), best first.
+    """The best-attended sentences of the documents (``(target, stored segment text)``), best first: first the one
+    sharing most content words with ``answer``, then by attention mass (an answer's words name the sentence it
+    took them from, where attention mass spreads over the sentences the answer restates).
 
     Each of the evidence's documents is matched to the given document whose stored text encodes to exactly the ids
     its cache was built from (so neither an edited text nor another order can point positions at other words); a
@@ -217,7 +226,8 @@ def citations(evidence: Evidence, documents: Sequence[tuple[Target, str]], token
         if out and weight < MIN_RELATIVE_WEIGHT * out[0].weight:
             break
         out.append(Citation(target.doc_id, target.segment_index, start, end, text[start:end], weight))
-    return out
+    wanted = content_words(answer)
+    return sorted(out, key=lambda c: -len(wanted & content_words(c.text)))  # stable: mass order among ties
 
 
 def verified(citation: Citation, stored_text: str | None) -> bool:

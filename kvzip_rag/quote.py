@@ -9,7 +9,9 @@ Decoding follows the routed segments' own tokens (their stored text, re-tokenize
    restating the question).
    After ``LEAD_IN`` tokens without one, the next token is forced to be such a start.
 2. **Quote.** Every later token must be the one that follows, in some document, the span so far; the quote ends
-   (end of answer) as soon as the model's own choice leaves the document, or it ends the answer.
+   (end of answer) as soon as the model's own choice leaves the document, or it ends the answer, but never inside
+   a word: while the span so far ends mid-word everywhere it occurs, the word's next token is taken (the best the
+   model scores), so a quote is never "Norm" of "Normans".
 
 The model picks the span; the constraint guarantees it exists, so the answer's :class:`~kvzip_rag.answers.Citation`
 is exact (:func:`quote_citations` finds it in the stored text and checks it character for character). Spans never
@@ -71,12 +73,15 @@ class QuoteConstraint:
         piece = self._piece(token)
         return bool(piece) and "\n" not in piece and "\ufffd" not in piece
 
+    def _inside_word(self, ids: list[int], i: int) -> bool:
+        """The token at position ``i`` continues the word the token before it began."""
+        piece = self._piece(ids[i])
+        return i > 0 and piece[:1].isalnum() and self._piece(ids[i - 1])[-1:].isalnum()
+
     def _can_start(self, ids: list[int], i: int) -> bool:
         """Position ``i`` begins a word (not inside one) that is neither a function word nor a question word."""
         piece = self._piece(ids[i])
-        if not self._is_usable(ids[i]) or not piece.strip()[:1].isalnum():
-            return False
-        if i > 0 and not piece[:1].isspace() and self._piece(ids[i - 1])[-1:].isalnum():
+        if not self._is_usable(ids[i]) or not piece.strip()[:1].isalnum() or self._inside_word(ids, i):
             return False
         word = re.match(r"\s*(\w*)", self.tokenizer.decode(ids[i : i + 4])).group(1).lower()
         # the model writes a word token by token: "50th" must not start where it means the question's "50"
@@ -114,7 +119,11 @@ class QuoteConstraint:
         else:
             following = self._following()
             choice = int(logits.argmax())
-            allowed = sorted(following) + self.stop_ids if choice in following else self.stop_ids
+            if following and not any(i >= len(self.documents[d]) or not self._inside_word(self.documents[d], i)
+                                     for d, i in self.positions):
+                allowed = sorted(following)  # mid-word everywhere: the word goes on
+            else:
+                allowed = sorted(following) + self.stop_ids if choice in following else self.stop_ids
         index = torch.tensor(allowed, dtype=torch.long, device=logits.device)
         masked = torch.full_like(logits, float("-inf"))
         masked[index] = logits[index]

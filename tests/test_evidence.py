@@ -99,6 +99,23 @@ def test_citations_are_the_attended_sentences_of_the_stored_text(tiny):
     assert citations(Evidence([mass], [ids], 1.0, 1), [(target, edited)], tiny.tokenizer) == []
 
 
+def test_the_sentence_holding_the_answers_words_is_cited_first(tiny):
+    """Among the attended sentences, the one an answer takes its words from comes first, whatever their masses;
+    an answer sharing no words keeps the mass order (and the weights stay each sentence's own mass)."""
+    cache = kvzip_rag.compress(tiny, OTHER, ratio=1.0)
+    offsets = tiny.tokenizer(OTHER, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    second = OTHER.index("It sells")
+    mass = torch.tensor([0.2 if b - 1 >= second else 0.3 for _, b in offsets], dtype=torch.float64)
+    evidence = Evidence([mass], [tuple(cache.info.input_ids[cache.info.prefix_length :])], 1.0, 1)
+    documents = [(Target("bakery", 0, 1.0, OTHER), OTHER)]
+    by_mass = citations(evidence, documents, tiny.tokenizer)
+    assert [c.text for c in by_mass] == [OTHER[:second - 1], OTHER[second:]]
+    cited = citations(evidence, documents, tiny.tokenizer, "They sell rye bread.")
+    assert [c.text for c in cited] == [OTHER[second:], OTHER[:second - 1]]
+    assert [c.weight for c in cited] == [by_mass[1].weight, by_mass[0].weight]
+    assert citations(evidence, documents, tiny.tokenizer, "Nobody knows.") == by_mass
+
+
 # ---------------------------------------------------------------- the service and the CLI (tiny model)
 
 DOCS = {"harbour": TEXT, "bakery": OTHER,

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import kvzip_rag
+from kvzip_rag.abstain import DEFAULT_ABSTAIN_TEXT
 from kvzip_rag.clean import answer_end
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAService
@@ -92,7 +93,7 @@ def test_quote_streams_and_is_checked(tiny_store):
 def test_constraint_lead_in_and_starts(tiny_store):
     """Lead-in tokens are not the answer; a quote never starts at a function word or a question word; without a
     quotable word within the lead-in the start is forced; once quoting, only the document's next token (or the
-    end) may follow, and the end as soon as the model's own choice leaves the document."""
+    end) may follow, and the end as soon as the model's own choice leaves the document, but not inside a word."""
     import torch
 
     model, _ = tiny_store
@@ -110,15 +111,17 @@ def test_constraint_lead_in_and_starts(tiny_store):
     constraint.advance(off)
     forced = constraint.mask(logits)  # the lead-in is used up: only starts
     assert set(torch.nonzero(forced > float("-inf")).flatten().tolist()) == set(constraint.starts)
-    ansel = enc(" Ansel")[0]  # " An"
-    assert constraint.advance(ansel) is True
-    follow = enc(" Ansel Brask")[1]
-    logits[follow] = 5.0
-    allowed = set(torch.nonzero(constraint.mask(logits) > float("-inf")).flatten().tolist())
-    assert allowed == {follow, *constraint.stop_ids}
+    an, sel, br = enc(" Ansel Brask")[:3]  # " An", "sel", " Br"
+    assert constraint.advance(an) is True
+    allowed = lambda: set(torch.nonzero(constraint.mask(logits) > float("-inf")).flatten().tolist())
+    logits[off] = 9.0  # the model would leave the document, but " An" is inside a word: the word goes on
+    assert allowed() == {sel}
+    constraint.advance(sel)
+    logits[br] = 5.0
+    logits[off] = 0.0
+    assert allowed() == {br, *constraint.stop_ids}  # at a word's end: the document's next token or the end
     logits[off] = 9.0  # the model would leave the document: the quote ends
-    ended = set(torch.nonzero(constraint.mask(logits) > float("-inf")).flatten().tolist())
-    assert ended == set(constraint.stop_ids)
+    assert allowed() == set(constraint.stop_ids)
 
 
 def test_quote_citations_are_verified():
@@ -192,8 +195,14 @@ def test_cli_ask_quote(tiny_store, tmp_path, smol_tokenizer):
 
 
 @pytest.mark.skipif(not (DATA_DIR / "squad").is_dir(), reason="shared data not found")
-def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer):
+def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer, monkeypatch):
+    from dataclasses import replace
+
+    from kvzip_rag import abstain
     from kvzip_rag.bench.cli import run_bench
+
+    calibration = replace(abstain.default_calibration(), threshold=1.0)  # the abstaining methods always abstain
+    monkeypatch.setattr(abstain, "default_calibration", lambda: calibration)
 
     model = build_tiny("llama", smol_tokenizer)
     out = run_bench(data_dir=DATA_DIR, out_dir=tmp_path, tasks=("grounding",), loaded_model=model,
@@ -204,13 +213,55 @@ def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer):
     assert saved["summary"] == out["grounding"]["summary"]
     table = saved["summary"]["table"]
     assert set(table) == {"squad", "squad-unanswerable", "hotpotqa"}
-    assert set(table["squad"]) == {"free-raw@0.3", "free@0.3", "quote@0.3", "chunk-rag"}
+    assert set(table["squad"]) == {"free@0.3", "free+abstain@0.3", "quote@0.3", "quote+abstain@0.3", "chunk-rag"}
     assert all(m["n"] == 2 for m in table["squad"].values())
+    assert len({r["doc"] for r in saved["rows"] if r["set"] == "squad"}) == 2  # round-robin over the articles
+    base = {(r["set"], r["qid"], r["method"]): r for r in saved["rows"]}
     for row in saved["rows"]:
-        if row["method"].startswith("quote"):
+        if row["method"].startswith("quote") and not row["abstained"]:
             assert row["citation"]["text"] == row["answer"]
-    assert saved["summary"]["free_minus_raw_f1"]["squad"]["free@0.3"]["n"] == 2
+        if "+abstain" in row["method"]:  # the same answer as its method without abstention, or the abstention
+            same = base[(row["set"], row["qid"], row["method"].replace("+abstain", ""))]
+            assert not same["abstained"]
+            assert row["answer"] == (DEFAULT_ABSTAIN_TEXT if row["abstained"] else same["answer"])
+            assert row["total_s"] == same["total_s"]
+            assert row["abstained"] and row["citation"] is None
+    assert saved["summary"]["quote_minus_free_f1"]["squad"]["quote@0.3"]["n"] == 2
     assert "## hotpotqa" in (tmp_path / "grounding.md").read_text()
+
+
+def test_bench_abstains_as_the_service_would(monkeypatch):
+    """The abstaining methods apply the calibrated default threshold to the answer's evidence score."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from kvzip_rag import abstain
+    from kvzip_rag.bench.grounding import abstained, methods
+
+    threshold = 0.4
+    calibration = replace(abstain.default_calibration(), threshold=threshold)
+    monkeypatch.setattr(abstain, "default_calibration", lambda: calibration)
+    assert abstained(SimpleNamespace(evidence_score=threshold / 2))
+    assert not abstained(SimpleNamespace(evidence_score=threshold))
+    assert not abstained(SimpleNamespace(evidence_score=None))
+    assert all(m.options["abstain_threshold"] is None for m in methods((0.3, 1.0)))
+    assert [m.label for m in methods((0.3,))] == ["free@0.3", "free+abstain@0.3", "quote@0.3", "quote+abstain@0.3"]
+
+
+def test_bench_citation_accuracy_counts_uncited_correct_answers_as_misses():
+    from kvzip_rag.bench.grounding import summarize
+
+    def row(method, citations, has_gold):
+        return {"set": "squad", "qid": method + str(has_gold), "method": method, "f1": 1.0, "contains": 1.0,
+                "abstained": False, "answer_tokens": 2, "ttft_s": 0.1, "total_s": 0.2, "citations": citations,
+                "citation": citations[0] if citations else None, "citation_has_gold": has_gold,
+                "citation_in_gold": None}
+
+    cited = {"doc_id": "d", "text": "Ansel Brask built it."}
+    table = summarize([row("free@0.3", [cited], 1.0), row("free@0.3", [], None), row("chunk-rag", None, None)])
+    assert table["table"]["squad"]["free@0.3"]["citation_accuracy"] == 0.5
+    assert table["table"]["squad"]["free@0.3"]["cited_correct"] == 2
+    assert table["table"]["squad"]["chunk-rag"]["citation_accuracy"] is None
 
 
 # ------------------------------------------------------------------------------------------ the default model

@@ -8,15 +8,20 @@ ratio 1.0, read at each method's ratio):
 - ``hotpotqa``: HotpotQA distractor questions, the ``multidoc_k`` paragraphs BM25 routes (of the 10) stored and
   composed (the service's default, parallel).
 
-Methods are entries of :func:`methods`: a name, a ratio and the options given to ``QAService.answer``. ``free-raw``
-is free generation as it was before the clean-answer rules (``clean=False``), ``free`` today's default, ``quote``
-quote mode; an abstention variant is one more entry whose options turn abstention on (``QAResult.abstained`` is
-read for every method). ``chunk-rag`` (LlamaIndex ``VectorStoreIndex`` over the article's chunks, the top chunks
+Methods are entries of :func:`methods`: a name, a ratio, the options given to ``QAService.answer`` and whether
+the method abstains. ``free`` is free generation (today's default answer) and ``quote`` quote mode, both with
+abstention off (``abstain_threshold=None``); ``free+abstain`` and ``quote+abstain`` are the same answers with the
+service's calibrated abstention applied to them (:func:`abstained`: the evidence score of the answer against the
+default threshold, exactly what the service does with its default ``abstain_threshold``), so each pair differs only
+by abstention and is generated once. ``chunk-rag`` (LlamaIndex ``VectorStoreIndex`` over the article's chunks, the top chunks
 prefilled with the question by the same LLM) is the outside reference on ``squad``.
 
-Per set and method: F1 and contains-gold (mean with a 95% interval, normal approximation), abstention rate,
-citation accuracy (SQuAD: share of correct answers, contains-gold, whose first citation contains the gold answer;
-HotpotQA: share of all answers whose citation lies in a gold paragraph), answer tokens, median TTFT and total time.
+Per set and method: F1 and contains-gold (mean with a 95% interval, normal approximation), abstention rate (on
+``squad`` and ``hotpotqa`` the answerable questions, on ``squad-unanswerable`` the unanswerable ones), citation
+accuracy (SQuAD: share of correct answers, contains-gold, whose first citation contains the gold answer, an answer
+without citation counting as a miss; HotpotQA:
+share of all answers whose citation lies in a gold paragraph), answer tokens, median TTFT and total time; per set
+and ratio, the paired F1 difference of ``quote`` minus ``free``.
 Rows are written after every question (``grounding.json``, ``grounding.md``), so a run stopped early still reports.
 """
 
@@ -43,6 +48,7 @@ class Method:
     name: str
     ratio: float
     options: dict = field(default_factory=dict)  # keyword arguments of QAService.answer
+    abstain: bool = False  # the calibrated abstention applied to the answer of the same options
 
     @property
     def label(self) -> str:
@@ -50,9 +56,19 @@ class Method:
 
 
 def methods(ratios: tuple[float, ...]) -> list[Method]:
-    """Every method of the run, at every ratio (one entry per method: add abstention variants here)."""
-    kinds = (("free-raw", {"clean": False}), ("free", {}), ("quote", {"answer_style": "quote"}))
-    return [Method(name, r, options) for r in ratios for name, options in kinds]
+    """Every method of the run, at every ratio: each answer style without abstention, then with it."""
+    styles = (("free", {}), ("quote", {"answer_style": "quote"}))
+    return [Method(name + suffix, r, {**options, "abstain_threshold": None}, abstain)
+            for r in ratios for name, options in styles for suffix, abstain in (("", False), ("+abstain", True))]
+
+
+def abstained(result) -> bool:
+    """Whether the service's default abstention would replace this answer (its evidence score below the calibrated
+    threshold); an answer without recorded evidence is kept, as the service keeps it."""
+    from kvzip_rag.abstain import default_calibration
+
+    score = result.evidence_score
+    return score is not None and score < default_calibration().threshold
 
 
 def interval(values: list[float]) -> dict:
@@ -112,26 +128,36 @@ class GroundingTask:
     # -------------------------------------------------------------------------------- answering
     def ask(self, set_name: str, question: bench_data.Question, doc_id: str, doc_ids: list[str], k: int,
             gold_docs: set[str] | None = None) -> None:
-        for method in self.methods:
-            service = self.services[method.ratio]
-            start = time.perf_counter()
-            result = service.answer(question.question, k, doc_ids=doc_ids,
-                                    max_new_tokens=self.preset.grounding_max_new_tokens, **method.options)
-            total = time.perf_counter() - start
-            meta = result.metadata()
-            citation = result.citations[0] if result.citations else None
-            self.add(set_name, question, doc_id, method.label, result.text, meta["answer_tokens"],
-                     (result.retrieve_s or 0.0) + result.cache_load_s + meta["ttft_s"], total, result.abstained,
-                     citation.as_dict() if citation else None,
-                     None if citation is None or gold_docs is None else float(citation.doc_id in gold_docs))
+        from kvzip_rag.abstain import DEFAULT_ABSTAIN_TEXT
 
-    def add(self, set_name, question, doc_id, method, text, tokens, ttft_s, total_s, abstained, citation,
+        answered: dict[tuple, tuple] = {}  # an abstaining method reads the answer of the same options
+        for method in self.methods:
+            key = (method.ratio, tuple(sorted(method.options.items())))
+            if key not in answered:
+                start = time.perf_counter()
+                result = self.services[method.ratio].answer(
+                    question.question, k, doc_ids=doc_ids, max_new_tokens=self.preset.grounding_max_new_tokens,
+                    **method.options)
+                answered[key] = (result, time.perf_counter() - start)
+            result, total = answered[key]
+            meta = result.metadata()
+            dropped = method.abstain and abstained(result)
+            cited = [] if dropped else [c.as_dict() for c in result.citations]
+            self.add(set_name, question, doc_id, method.label, DEFAULT_ABSTAIN_TEXT if dropped else result.text,
+                     meta["answer_tokens"], (result.retrieve_s or 0.0) + result.cache_load_s + meta["ttft_s"], total,
+                     result.abstained or dropped, cited,
+                     None if not cited or gold_docs is None else float(cited[0]["doc_id"] in gold_docs))
+
+    def add(self, set_name, question, doc_id, method, text, tokens, ttft_s, total_s, abstained, citations,
             citation_in_gold=None) -> None:
+        """One answer's row; ``citations`` as dicts, best first (``None``: a method that never cites)."""
+        citation = citations[0] if citations else None
         golds = question.answers
         row = {"set": set_name, "qid": question.id, "doc": doc_id, "method": method, "question": question.question,
                "answer": text, "gold": golds, "f1": best_over(f1_score, text, golds),
                "contains": best_over(contains_gold, text, golds), "abstained": bool(abstained),
                "answer_tokens": tokens, "ttft_s": ttft_s, "total_s": total_s, "citation": citation,
+               "citations": citations,
                "citation_has_gold": (best_over(contains_gold, citation["text"], golds) if citation else None),
                "citation_in_gold": citation_in_gold}
         self.rows.append(row)
@@ -141,7 +167,7 @@ class GroundingTask:
         gen, _, _ = measure.chunk_answer(self.model, retriever.context, question.question,
                                          self.preset.grounding_max_new_tokens)
         self.add("squad", question, doc_id, "chunk-rag", gen.text, gen.tokens, gen.ttft_s,
-                 time.perf_counter() - start, False, None)
+                 time.perf_counter() - start, False, None)  # chunk RAG cites nothing
 
     def hotpot_items(self) -> list[tuple]:
         """(question, stored ids, gold ids among them, routed paragraph indices, paragraph texts) per item."""
@@ -167,7 +193,9 @@ class GroundingTask:
     def run(self) -> dict:
         p = self.preset
         docs = self.squad()
-        squad_qs = [(q, doc) for doc in docs for q in doc.questions]
+        # round-robin over the articles: a run stopped by its budget still covers every article
+        squad_qs = [(q, doc) for rank in range(p.grounding_questions_per_doc) for doc in docs
+                    for q in doc.questions[rank : rank + 1]]
         hotpot = self.hotpot_items()
         limit = self.limit or 10**9
         squad_qs, hotpot = squad_qs[:limit], hotpot[:limit]
@@ -216,7 +244,7 @@ def _median(values: list[float]) -> float | None:
 
 def summarize(rows: list[dict]) -> dict:
     """Per set and method: quality with intervals, abstention, citation accuracy, length and time; per set, the
-    paired F1 difference of ``free`` minus ``free-raw`` at each ratio (what the clean-answer rules cost)."""
+    paired F1 difference of ``quote`` minus ``free`` at each ratio (quote mode's target)."""
     table: dict[str, dict[str, dict]] = {}
     for set_name in SETS:
         by_method: dict[str, list[dict]] = {}
@@ -225,7 +253,8 @@ def summarize(rows: list[dict]) -> dict:
                 by_method.setdefault(row["method"], []).append(row)
         for method, group in by_method.items():
             correct = [r for r in group if r["contains"]]
-            cited = [r["citation_has_gold"] for r in correct if r["citation"] is not None]
+            cites = any(r["citations"] is not None for r in group)  # a correct answer without a citation misses
+            cited = [r["citation_has_gold"] or 0.0 for r in correct] if cites else []
             in_gold = [r["citation_in_gold"] for r in group if r["citation_in_gold"] is not None]
             table.setdefault(set_name, {})[method] = {
                 "n": len(group), "f1": interval([r["f1"] for r in group]),
@@ -239,15 +268,15 @@ def summarize(rows: list[dict]) -> dict:
     paired = {}
     for set_name, by_method in table.items():
         for method in by_method:
-            if not method.startswith("free@"):
+            if not method.startswith("quote@"):
                 continue
-            raw = method.replace("free@", "free-raw@")
-            before = {r["qid"]: r["f1"] for r in rows if r["set"] == set_name and r["method"] == raw}
+            free = method.replace("quote@", "free@")
+            before = {r["qid"]: r["f1"] for r in rows if r["set"] == set_name and r["method"] == free}
             after = {r["qid"]: r["f1"] for r in rows if r["set"] == set_name and r["method"] == method}
             diffs = [after[q] - before[q] for q in after if q in before]
             if diffs:
                 paired.setdefault(set_name, {})[method] = interval(diffs)
-    return {"table": table, "free_minus_raw_f1": paired}
+    return {"table": table, "quote_minus_free_f1": paired}
 
 
 def _ci(value: dict) -> str:
@@ -279,9 +308,9 @@ def markdown(results: dict) -> str:
                      _f(q["total_s"] * 1000 if q["total_s"] is not None else None, 0)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    if summary["free_minus_raw_f1"]:
-        lines += ["## Clean free answers: F1(free) - F1(free-raw), paired, same run", ""]
-        for set_name, by_method in summary["free_minus_raw_f1"].items():
+    if summary["quote_minus_free_f1"]:
+        lines += ["## Quote mode: F1(quote) - F1(free), paired, same questions", ""]
+        for set_name, by_method in summary["quote_minus_free_f1"].items():
             for method, value in by_method.items():
                 lines.append(f"- {set_name} {method}: {_ci(value)} (n = {value['n']})")
         lines.append("")
