@@ -10,8 +10,12 @@ differences to the full cache and to KVzip pair level at the same ratio are pair
 
 Methods: ``full``, ``kvzip-{pair,uniform,head}@r``, ``kvzip-fast@r`` (pair level, the learned gate of
 :mod:`kvzip_rag.scorers.fast_gate`; calibrated on the Paul Graham essays first when the model has none) and the query-agnostic
-baselines (``snapkv@r``, ``h2o@r`` at the baseline level). Results: ``raw["fidelity"]`` and
-``summary.quality.fidelity``; the scoring cost of every scorer, ``kvzip-fast`` included, joins ``summary.scoring``.
+baselines (``snapkv@r``, ``h2o@r`` at the baseline level), further pair-level scorers (``fidelity_scorers``, e.g.
+``kvzip-structure@r``) and, for every KVzip-family method, each stored precision of ``fidelity_bits``
+(``kvzip-pair-int4@r``, ``kvzip-fast-k4v2@r``: the cache quantized as ``compress(kv_bits=b)`` stores it). Every
+method also records the bytes its blob takes in a store (template prefix shared) per document token. Results:
+``raw["fidelity"]`` and ``summary.quality.fidelity``; the scoring cost of every scorer, ``kvzip-fast`` included,
+joins ``summary.scoring``.
 """
 
 from __future__ import annotations
@@ -26,18 +30,37 @@ import torch.nn.functional as F
 
 from . import data as bench_data
 from . import measure
-from .methods import method_order
+from .methods import coded, method_order, parse_method
 from .metrics import best_over, f1_score
 
 FAST = "kvzip-fast"
 
 
-def grid(ratios, levels, baselines, baseline_level):
+def grid(ratios, levels, baselines, baseline_level, scorers=()):
     from .runner import Variant, variant_grid
 
     out = variant_grid(ratios, levels, baselines, baseline_level)
-    out += [Variant(f"{FAST}@{r:g}", FAST, "pair", r) for r in ratios]
+    out += [Variant(f"{name}@{r:g}", name, "pair", r) for name in (FAST, *scorers) for r in ratios]
     return out
+
+
+def precisions(variant, bits: tuple[int, ...]) -> list[int]:
+    """The stored precisions measured for ``variant``: every one of ``bits`` for KVzip-family caches below ratio 1,
+    16 (as computed) for the full cache and the baselines."""
+    family, ratio = parse_method(variant.name)
+    return list(bits) if family.startswith("kvzip") and ratio is not None and ratio < 1 else [16]
+
+
+def stored(cache, bits: int):
+    """``cache`` as a store holds it with ``bits`` (what ``compress(kv_bits=bits)`` returns) and its blob's bytes
+    in a store (the template prefix is shared per model) and of its keys and values alone."""
+    from kvzip_rag.quant import quantize
+    from kvzip_rag.store.cachefile import encode_document
+
+    if bits != 16:
+        cache = quantize(cache, bits).dequantize()
+    encoded = encode_document(cache, shared_prefix=True)
+    return cache, encoded.nbytes, encoded.kv_nbytes
 
 
 def ensure_gate(bench) -> dict:
@@ -55,6 +78,13 @@ def ensure_gate(bench) -> dict:
     gate = calibrate(bench.model, texts, progress=lambda done, total: bench.say(f"calibration {done}/{total}"))
     gate.save(gate_path(bench.model))
     return {"calibrated_now": True, **gate.meta}
+
+
+def fp16_bytes_per_token(config) -> int:
+    """Bytes one token takes in the full cache stored as float16 (keys and values of every layer): the yardstick of
+    the issue's compression targets."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
 
 
 def teacher_forced(model, cache, question: str, gold: str) -> dict:
@@ -75,7 +105,8 @@ def teacher_forced(model, cache, question: str, gold: str) -> dict:
 
 def run_fidelity(bench) -> None:
     p = bench.preset
-    record = {"rows": [], "gate": ensure_gate(bench), "f1_methods": []}
+    record = {"rows": [], "bytes": [], "gate": ensure_gate(bench), "f1_methods": [],
+              "fp16_bytes_per_token": fp16_bytes_per_token(bench.model.config)}
     bench.fidelity = record
     docs = bench_data.load_squad(bench.data_dir, bench.count, 10_000, p.fidelity_min_tokens,
                                  min(p.fidelity_max_tokens, bench.max_context()), p.fidelity_questions_per_doc,
@@ -87,7 +118,7 @@ def run_fidelity(bench) -> None:
         doc.questions = doc.questions[: p.fidelity_questions - total]
         chosen.append(doc)
         total += len(doc.questions)
-    variants = grid(p.fidelity_ratios, p.levels, p.fidelity_baselines, p.baseline_level)
+    variants = grid(p.fidelity_ratios, p.levels, p.fidelity_baselines, p.baseline_level, p.fidelity_scorers)
     f1_methods = ["full"] + [v.name for v in variants if v.ratio in p.fidelity_f1_ratios]
     record["f1_methods"] = f1_methods
     answered, start = 0, time.perf_counter()
@@ -119,20 +150,25 @@ def run_document(bench, doc, variants, f1_methods, answered: int, rows: list) ->
         if source not in ("full", "kvzip-head"):
             cost["scoring_s"][source] = scoring_s
         for variant in (v for v in variants if v.source == source):
-            cache = cut(base, variant)
-            for question in doc.questions:
-                out = teacher_forced(model, cache, question.question, question.answers[0])
-                full = reference.setdefault(question.id, out)  # "full" runs first
-                kl = F.kl_div(out["logprobs"], full["logprobs"], log_target=True, reduction="none").sum(-1)
-                row = {"doc": doc.id, "qid": question.id, "method": variant.name, "nll": out["nll"],
-                       "first_token_match": float(out["greedy"][0] == full["greedy"][0]),
-                       "token_agreement": float((out["greedy"] == full["greedy"]).float().mean()),
-                       "kl_from_full": float(kl.mean()), "f1": None, "answer": None}
-                if question.id in f1_questions and variant.name in f1_methods:
-                    gen = measure.packed_answer(model, cache, question.question, p.fidelity_max_new_tokens)
-                    row["answer"], row["f1"] = gen.text, best_over(f1_score, gen.text, question.answers)
-                rows.append(row)
-            del cache
+            for bits in precisions(variant, p.fidelity_bits):
+                method = coded(variant.name, bits)
+                cache, blob_bytes, kv_bytes = stored(cut(base, variant), bits)
+                bench.fidelity["bytes"].append(
+                    {"doc": doc.id, "method": method, "context_tokens": prep.context_length,
+                     "blob_bytes": blob_bytes, "kv_bytes": kv_bytes})
+                for question in doc.questions:
+                    out = teacher_forced(model, cache, question.question, question.answers[0])
+                    full = reference.setdefault(question.id, out)  # "full" runs first
+                    kl = F.kl_div(out["logprobs"], full["logprobs"], log_target=True, reduction="none").sum(-1)
+                    row = {"doc": doc.id, "qid": question.id, "method": method, "nll": out["nll"],
+                           "first_token_match": float(out["greedy"][0] == full["greedy"][0]),
+                           "token_agreement": float((out["greedy"] == full["greedy"]).float().mean()),
+                           "kl_from_full": float(kl.mean()), "f1": None, "answer": None}
+                    if question.id in f1_questions and method in f1_methods:
+                        gen = measure.packed_answer(model, cache, question.question, p.fidelity_max_new_tokens)
+                        row["answer"], row["f1"] = gen.text, best_over(f1_score, gen.text, question.answers)
+                    rows.append(row)
+                del cache
         del base
     bench.documents.append(cost)
     return answered + len(f1_questions)
@@ -182,7 +218,23 @@ def summarize(record: dict, ratios_le: float = 0.5, samples: int = 2000, seed: i
                     [x for v in per[other]["nll"].values() for x in v]))
                 entry[f"nll_minus_{name}_ci"] = [float(x) for x in np.percentile(diff, [2.5, 97.5])]
         out[method] = entry
+    for method, entry in _bytes(record).items():
+        if method in out:
+            out[method].update(entry)
     return dict(sorted(out.items(), key=lambda kv: method_order(kv[0])))
+
+
+def _bytes(record: dict) -> dict[str, dict]:
+    """Per method: blob and key/value bytes per document token (totals over documents), and the blob as a
+    fraction of the full cache in float16."""
+    totals = defaultdict(lambda: [0, 0, 0])
+    for r in record.get("bytes", ()):
+        t = totals[r["method"]]
+        t[0], t[1], t[2] = t[0] + r["blob_bytes"], t[1] + r["kv_bytes"], t[2] + r["context_tokens"]
+    fp16 = record.get("fp16_bytes_per_token")
+    return {m: {"blob_bytes_per_token": b / n, "kv_bytes_per_token": kv / n,
+                "blob_vs_full_fp16": b / n / fp16 if fp16 else None}
+            for m, (b, kv, n) in totals.items() if n}
 
 
 def _twin(method: str, family: str) -> str:
@@ -236,6 +288,13 @@ def targets(table: dict, ratios, scoring: dict) -> list[dict]:
     return out
 
 
+def _size(q: dict) -> str:
+    if q.get("blob_bytes_per_token") is None:
+        return "-"
+    share = q.get("blob_vs_full_fp16")
+    return f"{q['blob_bytes_per_token']:.0f}" + (f" ({share:.4f})" if share is not None else "")
+
+
 def _f(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -258,9 +317,10 @@ def markdown(summary: dict) -> list[str]:
                      f"{q['first_token_match']:.3f} {_ci(q.get('first_token_match_ci'), False)}",
                      f"{q['token_agreement']:.3f} {_ci(q.get('token_agreement_ci'), False)}",
                      f"{q['kl_from_full']:.3f} {_ci(q.get('kl_from_full_ci'), False)}",
-                     f"{q['f1']:.3f} {_ci(q.get('f1_ci'), False)} (n={q['n_f1']})" if q.get("f1") is not None else "-"])
+                     f"{q['f1']:.3f} {_ci(q.get('f1_ci'), False)} (n={q['n_f1']})" if q.get("f1") is not None else "-",
+                     _size(q)])
     header = ["method", "n", "gold NLL", "NLL - full (paired)", "first token = full's", "greedy agreement",
-              "KL(full ‖ method)", "F1"]
+              "KL(full ‖ method)", "F1", "blob bytes / token (x full fp16)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     return lines
