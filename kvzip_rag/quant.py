@@ -146,8 +146,7 @@ def unpack_codes(codes: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
         return codes
     if bits == 4:
         return spread_nibbles(codes, sys.byteorder).view(torch.uint8)[:, :head_dim]
-    crumbs = torch.stack([(codes >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1)
-    return crumbs.reshape(codes.shape[0], codes.shape[1] * 4)[:, :head_dim]
+    return spread_crumbs(codes, sys.byteorder).view(torch.uint8)[:, :head_dim]
 
 
 def spread_nibbles(codes: torch.Tensor, byteorder: str) -> torch.Tensor:
@@ -157,6 +156,17 @@ def spread_nibbles(codes: torch.Tensor, byteorder: str) -> torch.Tensor:
     if byteorder == "little":
         return words.bitwise_or_(words << 4).bitwise_and_(0x0F0F)
     return (words << 8).bitwise_or_(words >> 4).bitwise_and_(0x0F0F)
+
+
+def spread_crumbs(codes: torch.Tensor, byteorder: str) -> torch.Tensor:
+    """Every byte of four 2-bit codes widened to an int32 word whose four bytes in memory are the codes in channel
+    order (as :func:`spread_nibbles`: a few shifts, ors and one mask over the whole tensor)."""
+    words = codes.to(torch.int32)
+    if byteorder == "little":
+        spread = words | (words << 6) | (words << 12) | (words << 18)
+    else:
+        spread = (words << 24) | (words << 14) | (words << 4) | (words >> 6)
+    return spread.bitwise_and_(0x03030303)
 
 
 def _segments(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

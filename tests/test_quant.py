@@ -17,6 +17,7 @@ from kvzip_rag.quant import (
     quantize,
     quantize_keys,
     quantize_values,
+    spread_crumbs,
     spread_nibbles,
 )
 
@@ -330,3 +331,14 @@ def test_nibbles_spread_for_either_byte_order():
     other = spread_nibbles(codes, "big" if sys.byteorder == "little" else "little").view(torch.uint8)
     assert native.tolist() == [[1, 2, 0, 15, 15, 0]]
     assert other.tolist() == [[2, 1, 15, 0, 0, 15]]
+
+
+def test_crumbs_spread_for_either_byte_order():
+    """Four 2-bit codes per byte, channel order in memory on this machine, reversed per word in the other order."""
+    import sys
+
+    codes = torch.tensor([[0b11100100, 0b00000011]], dtype=torch.uint8)
+    native = spread_crumbs(codes, sys.byteorder).view(torch.uint8)
+    other = spread_crumbs(codes, "big" if sys.byteorder == "little" else "little").view(torch.uint8)
+    assert native.tolist() == [[0, 1, 2, 3, 3, 0, 0, 0]]
+    assert other.tolist() == [[3, 2, 1, 0, 0, 0, 0, 3]]
