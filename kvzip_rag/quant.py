@@ -5,6 +5,9 @@ What is quantized, and why this way (KIVI, Liu et al. 2024: keys have outlier *c
 - keys per channel: one fp16 (scale, min) per channel for each group of ``key_group`` consecutive entries of a
   head; values per entry: one fp16 (scale, min) per group of ``value_group`` channels of that entry. Asymmetric
   (min-max) rounding to ``bits`` = 8 or 4; two 4-bit codes share a byte (even channel in the low nibble).
+- ``bits`` = 3 names KIVI's asymmetric codec: 4-bit keys with 2-bit values (3 bits per element on average; keys'
+  outlier channels need the bits, per-entry values tolerate fewer). Four 2-bit codes share a byte (channel ``4i+j``
+  in bits ``2j..2j+1``).
 - the first ``full_rows`` entries of every head stay in the cache dtype: in compressed layers the never-evicted
   prefix (chat template and attention sink: quantizing it raised the mean |NLL change| at 4 bits from 0.095 to
   0.135 nats, and a store keeps it once per model anyway), plus in every layer the ``full_precision`` most
@@ -31,7 +34,8 @@ import torch
 from .cache import CacheInfo, PackedCache, PackedLayer, ratio_keep
 from .errors import InvalidArgumentError
 
-KV_BITS = (16, 8, 4)  # 16: not quantized (the cache dtype as computed, float32 or bfloat16/float16)
+KV_BITS = (16, 8, 4, 3)  # 16: not quantized (the cache dtype as computed, float32 or bfloat16/float16); 3: K4V2
+_KEY_VALUE_BITS = {8: (8, 8), 4: (4, 4), 3: (4, 2)}  # kv_bits -> (key code bits, value code bits)
 DEFAULT_KEY_GROUP = 16  # entries per key scale group (measured: see BENCHMARKS.md, "Quantized caches")
 DEFAULT_VALUE_GROUP = 64  # channels per value scale group (the whole head for head_dim 64)
 # important entries per head kept unquantized beyond the prefix: 16 lowered the mean |NLL change| at 4 bits from
@@ -44,7 +48,8 @@ def check_bits(bits) -> int:
     """The bit width as an int, or a clear error for anything but 16, 8 and 4."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in KV_BITS:
         raise InvalidArgumentError(
-            f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (16 = not quantized), got {bits!r}"
+            f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (16 = not quantized, 3 = 4-bit keys with 2-bit "
+            f"values), got {bits!r}"
         )
     return bits
 
@@ -60,7 +65,8 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if check_bits(self.bits) == 16:
-            raise InvalidArgumentError("a QuantSpec describes 8- or 4-bit caches; 16 bits is the plain PackedCache")
+            raise InvalidArgumentError("a QuantSpec describes 8-, 4- or 3-bit (K4V2) caches; 16 bits is the plain "
+                                       "PackedCache")
         for name in ("key_group", "value_group"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -69,18 +75,27 @@ class QuantSpec:
             raise InvalidArgumentError(f"full_precision must be an int >= 0, got {self.full_precision!r}")
 
     @property
-    def levels(self) -> int:
-        return (1 << self.bits) - 1
+    def key_bits(self) -> int:
+        return _KEY_VALUE_BITS[self.bits][0]
 
-    def code_width(self, head_dim: int) -> int:
-        """Bytes per entry of a code row."""
-        return head_dim if self.bits == 8 else (head_dim + 1) // 2
+    @property
+    def value_bits(self) -> int:
+        return _KEY_VALUE_BITS[self.bits][1]
 
     def value_group_for(self, head_dim: int) -> int:
-        """The value group actually used: ``value_group`` when it divides ``head_dim`` (and is even at 4 bits, so
-        nibble pairs never straddle groups), else the whole head_dim."""
-        fits = head_dim % self.value_group == 0 and (self.bits == 8 or self.value_group % 2 == 0)
+        """The value group actually used: ``value_group`` when it divides ``head_dim`` (and is a multiple of the
+        codes per byte, so packed bytes never straddle groups), else the whole head_dim."""
+        fits = head_dim % self.value_group == 0 and self.value_group % (8 // self.value_bits) == 0
         return self.value_group if fits else head_dim
+
+
+def code_width(bits: int, head_dim: int) -> int:
+    """Bytes per entry of a row of ``bits``-bit codes (8 // bits codes per byte)."""
+    return -(-head_dim // (8 // bits))
+
+
+def levels(bits: int) -> int:
+    return (1 << bits) - 1
 
 
 # --------------------------------------------------------------------------------------------- tensor kernels
@@ -109,22 +124,29 @@ def affine_params(low: torch.Tensor, high: torch.Tensor, levels: int) -> tuple[t
     return scale, minimum
 
 
-def _encode(x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """uint8 codes of ``x`` (rows, channels) given per-element broadcastable scale/min; 4-bit packed in pairs."""
-    codes = ((x.float() - minimum.float()) / scale.float()).round_().clamp_(0, spec.levels).to(torch.uint8)
-    if spec.bits == 4:
-        if codes.shape[-1] % 2:
-            codes = torch.nn.functional.pad(codes, (0, 1))
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+def _encode(x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes of ``x`` (rows, channels) given per-element broadcastable scale/min; below 8 bits ``8 // bits``
+    codes per byte, channel ``i`` of each run in bits ``i * bits`` and up."""
+    codes = ((x.float() - minimum.float()) / scale.float()).round_().clamp_(0, levels(bits)).to(torch.uint8)
+    per_byte = 8 // bits
+    if per_byte > 1:
+        if codes.shape[-1] % per_byte:
+            codes = torch.nn.functional.pad(codes, (0, per_byte - codes.shape[-1] % per_byte))
+        packed = codes[..., 0::per_byte] | (codes[..., 1::per_byte] << bits)  # a new tensor, contiguous
+        for i in range(2, per_byte):
+            packed |= codes[..., i::per_byte] << (bits * i)
+        codes = packed
     return codes.contiguous()
 
 
 def unpack_codes(codes: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     """uint8 codes (rows, head_dim) from stored code rows (4 bits: two per byte, the even channel in the low
-    nibble), without a per-element interleaving copy: see :func:`spread_nibbles`."""
+    nibble, without a per-element interleaving copy: see :func:`spread_nibbles`; 2 bits: four per byte)."""
     if bits == 8:
         return codes
-    return spread_nibbles(codes, sys.byteorder).view(torch.uint8)[:, :head_dim]
+    if bits == 4:
+        return spread_nibbles(codes, sys.byteorder).view(torch.uint8)[:, :head_dim]
+    return spread_crumbs(codes, sys.byteorder).view(torch.uint8)[:, :head_dim]
 
 
 def spread_nibbles(codes: torch.Tensor, byteorder: str) -> torch.Tensor:
@@ -134,6 +156,17 @@ def spread_nibbles(codes: torch.Tensor, byteorder: str) -> torch.Tensor:
     if byteorder == "little":
         return words.bitwise_or_(words << 4).bitwise_and_(0x0F0F)
     return (words << 8).bitwise_or_(words >> 4).bitwise_and_(0x0F0F)
+
+
+def spread_crumbs(codes: torch.Tensor, byteorder: str) -> torch.Tensor:
+    """Every byte of four 2-bit codes widened to an int32 word whose four bytes in memory are the codes in channel
+    order (as :func:`spread_nibbles`: a few shifts, ors and one mask over the whole tensor)."""
+    words = codes.to(torch.int32)
+    if byteorder == "little":
+        spread = words | (words << 6) | (words << 12) | (words << 18)
+    else:
+        spread = (words << 24) | (words << 14) | (words << 4) | (words >> 6)
+    return spread.bitwise_and_(0x03030303)
 
 
 def _segments(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +185,8 @@ def quantize_keys(x: torch.Tensor, counts: torch.Tensor, spec: QuantSpec):
     xf = x.float()
     low = xf.new_full((groups, x.shape[1]), float("inf")).scatter_reduce(0, index, xf, "amin")
     high = xf.new_full((groups, x.shape[1]), float("-inf")).scatter_reduce(0, index, xf, "amax")
-    scale, minimum = affine_params(low, high, spec.levels)
-    return _encode(xf, scale[group_of_row], minimum[group_of_row], spec), scale, minimum
+    scale, minimum = affine_params(low, high, levels(spec.key_bits))
+    return _encode(xf, scale[group_of_row], minimum[group_of_row], spec.key_bits), scale, minimum
 
 
 def dequantize_keys(
@@ -168,7 +201,7 @@ def dequantize_keys(
     out, starts = _output(out, starts, counts, head_dim, codes.device)
     size = spec.key_group
     groups = [-(-count // size) for count in counts]
-    heads = zip(starts, counts, unpack_codes(codes, spec.bits, head_dim).split(counts),
+    heads = zip(starts, counts, unpack_codes(codes, spec.key_bits, head_dim).split(counts),
                 scale.float().split(groups), minimum.float().split(groups))
     for start, count, head_codes, head_scale, head_min in heads:
         if not count:
@@ -202,9 +235,9 @@ def quantize_values(x: torch.Tensor, spec: QuantSpec):
     rows, dim = x.shape
     group = spec.value_group_for(dim)
     xf = x.float().reshape(rows, dim // group, group)
-    scale, minimum = affine_params(xf.amin(-1), xf.amax(-1), spec.levels) if rows else (
+    scale, minimum = affine_params(xf.amin(-1), xf.amax(-1), levels(spec.value_bits)) if rows else (
         xf.new_zeros(0, dim // group, dtype=SCALE_DTYPE), xf.new_zeros(0, dim // group, dtype=SCALE_DTYPE))
-    codes = _encode(xf, scale[..., None], minimum[..., None], spec)
+    codes = _encode(xf, scale[..., None], minimum[..., None], spec.value_bits)
     codes = codes.reshape(rows, codes.shape[1] * codes.shape[2])
     return codes, scale, minimum
 
@@ -219,7 +252,7 @@ def dequantize_values(
     counts = [codes.shape[0]] if counts is None else [int(c) for c in counts]
     out, starts = _output(out, starts, counts, head_dim, codes.device)
     group = spec.value_group_for(head_dim)
-    heads = zip(starts, counts, unpack_codes(codes, spec.bits, head_dim).split(counts),
+    heads = zip(starts, counts, unpack_codes(codes, spec.value_bits, head_dim).split(counts),
                 scale.float()[..., None].split(counts), minimum.float()[..., None].split(counts))
     for start, count, head_codes, head_scale, head_min in heads:
         if not count:
@@ -325,11 +358,11 @@ class QuantizedLayer:
         rows_full = sum(full)
         rows_q = sum(counts) - rows_full
         groups = sum(-(-(count - f) // self.spec.key_group) for count, f in zip(counts, full))
-        width = self.spec.code_width(self.head_dim)
         value_groups = self.head_dim // self.spec.value_group_for(self.head_dim)
         expected = {
             "full_keys": (rows_full, self.head_dim), "full_values": (rows_full, self.head_dim),
-            "key_codes": (rows_q, width), "value_codes": (rows_q, width),
+            "key_codes": (rows_q, code_width(self.spec.key_bits, self.head_dim)),
+            "value_codes": (rows_q, code_width(self.spec.value_bits, self.head_dim)),
             "key_scale": (groups, self.head_dim), "key_min": (groups, self.head_dim),
             "value_scale": (rows_q, value_groups), "value_min": (rows_q, value_groups),
         }
@@ -494,7 +527,8 @@ def quantize(
     full_precision: int = DEFAULT_FULL_PRECISION,
     full_rows: int | None = None,
 ) -> QuantizedCache:
-    """Quantize a packed cache's entries to ``bits`` (8 or 4); the cache's tail is not included.
+    """Quantize a packed cache's entries to ``bits`` (8, 4, or 3: 4-bit keys with 2-bit values); the cache's tail
+    is not included.
 
     Unquantized: the never-evicted prefix of the compressed layers plus the first ``full_precision`` (most
     important) entries of every head; ``full_rows`` instead sets the unquantized rows per head of every layer (for

@@ -7,7 +7,7 @@ tensors, so a load makes as few range reads as an unquantized blob's ``k``/``v``
     f.{l}   (rows, 2, head_dim) cache dtype: keys and values of each head's unquantized leading entries
             (the ``full_precision`` most important ones)
     q.{l}   (rows, bytes) uint8, one row per quantized entry: key codes | value codes | value scales | value mins
-            (codes: 4 bits two per byte; scales and mins: fp16 bytes)
+            (codes: 4 bits two per byte, 2 bits four; scales and mins: fp16 bytes)
     g.{l}   (groups, 2, head_dim) fp16: key scale and min of each group of ``key_group`` consecutive entries
 
 Every tensor is row-grouped by head, so the blob's block checksums cover codes and scales alike and a lower ratio
@@ -21,7 +21,7 @@ import json
 
 import torch
 
-from kvzip_rag.quant import KV_BITS, SCALE_DTYPE, QuantizedLayer, QuantSpec, group_counts, split_counts
+from kvzip_rag.quant import KV_BITS, SCALE_DTYPE, QuantizedLayer, QuantSpec, code_width, group_counts, split_counts
 
 from .blob import BlobReader
 
@@ -56,7 +56,8 @@ def quantized_tensors(index: int, layer: QuantizedLayer) -> tuple[dict[str, torc
 def quant_metadata(layers: list[QuantizedLayer]) -> dict[str, str]:
     spec = layers[0].spec
     return {
-        "kv_bits": str(spec.bits), "key_group": str(spec.key_group), "value_group": str(spec.value_group),
+        "kv_bits": str(spec.bits), "key_bits": str(spec.key_bits), "value_bits": str(spec.value_bits),
+        "key_group": str(spec.key_group), "value_group": str(spec.value_group),
         "full_precision": str(spec.full_precision), "full_rows": json.dumps([layer.full_rows for layer in layers]),
         "head_dim": json.dumps([layer.head_dim for layer in layers]),
     }
@@ -80,6 +81,9 @@ def read_spec(reader: BlobReader, num_layers: int) -> tuple[QuantSpec, list[int]
         head_dims = [int(x) for x in json.loads(meta["head_dim"])]
     except (KeyError, ValueError, TypeError) as error:
         raise reader.fail(f"incomplete quantization header ({type(error).__name__}: {error})") from None
+    stated = (meta.get("key_bits", str(spec.key_bits)), meta.get("value_bits", str(spec.value_bits)))
+    if stated != (str(spec.key_bits), str(spec.value_bits)):
+        raise reader.fail(f"it states {stated[0]}-bit keys and {stated[1]}-bit values, which kv_bits {bits} is not")
     if len(full_rows) != num_layers or len(head_dims) != num_layers or min(full_rows + [0]) < 0:
         raise reader.fail("its quantization header does not match its layers")
     return spec, full_rows, head_dims
@@ -107,10 +111,11 @@ def read_layer(
     """Quantized layer ``index`` from the tensors :func:`layer_requests` asked for (each block read was checked);
     the shapes and scales are checked too."""
     full, entries, groups = tensors
-    width = spec.code_width(head_dim)
+    width, value_width = code_width(spec.key_bits, head_dim), code_width(spec.value_bits, head_dim)
+    codes = width + value_width
     value_groups = head_dim // spec.value_group_for(head_dim)
     if full.dim() != 3 or full.shape[1:] != (2, head_dim) or full.dtype != dtype \
-            or entries.dim() != 2 or entries.shape[1] != 2 * width + 4 * value_groups or entries.dtype != torch.uint8 \
+            or entries.dim() != 2 or entries.shape[1] != codes + 4 * value_groups or entries.dtype != torch.uint8 \
             or groups.dim() != 3 or groups.shape[1:] != (2, head_dim) or groups.dtype != SCALE_DTYPE:
         raise reader.fail(f"quantized tensors of layer {index} do not match the header")
     fp16 = lambda a, z: entries[:, a:z].contiguous().view(SCALE_DTYPE)  # noqa: E731
@@ -119,8 +124,8 @@ def read_layer(
     layer = QuantizedLayer(
         spec=spec, full_rows=full_rows, dtype=dtype, head_dim=head_dim, offsets=new_offsets,
         positions=positions, scores=scores, full_keys=full[:, 0], full_values=full[:, 1],
-        key_codes=entries[:, :width], value_codes=entries[:, width : 2 * width],
-        value_scale=fp16(2 * width, 2 * width + 2 * value_groups), value_min=fp16(2 * width + 2 * value_groups, None),
+        key_codes=entries[:, :width], value_codes=entries[:, width:codes],
+        value_scale=fp16(codes, codes + 2 * value_groups), value_min=fp16(codes + 2 * value_groups, None),
         key_scale=groups[:, 0], key_min=groups[:, 1],
         base_length=base_length, compressed=compressed, sliding_window=sliding_window,
     )

@@ -9,7 +9,7 @@ import pytest
 
 from kvzip_rag.bench import measure
 from kvzip_rag.bench.cli import run_bench
-from kvzip_rag.bench.fidelity import summarize, teacher_forced
+from kvzip_rag.bench.fidelity import frontier_targets, summarize, teacher_forced
 from kvzip_rag.compression import compress
 from test_bench import tiny_data  # noqa: F401  (fixture)
 
@@ -71,3 +71,55 @@ def test_fidelity_smoke_run(tiny_llama, tiny_data, tmp_path, monkeypatch):  # no
     names = [t["target"] for t in stored["summary"]["targets"]]
     assert any(n.startswith("kvzip-fast at 0.3") for n in names)
     assert "## Fidelity" in (out / "results.md").read_text()
+
+
+def test_frontier_grid_measures_codecs_scorers_and_bytes(tiny_llama, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """fidelity_bits and fidelity_scorers add stored-precision and scorer variants of the KVzip methods; each
+    method reports its blob bytes per document token, smaller at fewer bits and at lower ratios."""
+    monkeypatch.setenv("KVZIP_RAG_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    overrides = dict(fidelity_questions=4, fidelity_f1_questions=0, fidelity_min_tokens=100, fidelity_max_tokens=400,
+                     fidelity_ratios=(0.125, 0.0625), levels=("pair",), fidelity_baselines=("snapkv",),
+                     fidelity_calibration_tokens=120, fidelity_calibration_segments=4,
+                     fidelity_scorers=("kvzip-structure",), fidelity_bits=(16, 4, 3))
+    run_bench("quick", data_dir=tiny_data, out_dir=out, loaded_model=tiny_llama, embedding="hashing",
+              tasks=("fidelity",), preset_overrides=overrides, log=lambda message: None)
+    table = json.loads((out / "results.json").read_text())["summary"]["quality"]["fidelity"]
+    for family in ("kvzip-pair", "kvzip-fast", "kvzip-structure"):
+        for ratio in ("0.125", "0.0625"):
+            sizes = [table[f"{family}{suffix}@{ratio}"]["blob_bytes_per_token"] for suffix in ("", "-int4", "-k4v2")]
+            assert sizes[0] > sizes[1] > sizes[2]
+            assert table[f"{family}-k4v2@{ratio}"]["n"] == 4 and "nll_minus_full_ci" in table[f"{family}-k4v2@{ratio}"]
+        assert table[f"{family}-int4@0.0625"]["kv_bytes_per_token"] < table[f"{family}-int4@0.125"]["kv_bytes_per_token"]
+    assert "snapkv-int4@0.125" not in table and "full-int4" not in table  # baselines: as computed only
+    assert 0 < table["kvzip-pair-k4v2@0.125"]["blob_vs_full_fp16"] < table["kvzip-pair@0.125"]["blob_vs_full_fp16"]
+    assert "nll_minus_kvzip_ci" in table["kvzip-structure@0.125"]
+    assert list(table).index("kvzip-pair@0.125") < list(table).index("kvzip-pair-int4@0.125")
+
+
+def test_frontier_targets_and_codec_twins():
+    """Paired differences compare a scorer with KVzip at the same stored precision; the issue's frontier targets are
+    decided from the paired intervals and the bytes."""
+    rows = []
+    methods = {"full": 0.0, "kvzip-pair@0.125": 0.05, "kvzip-pair-int4@0.125": 0.08, "kvzip-structure-int4@0.125": 0.02,
+               "snapkv@0.125": 0.6, "h2o@0.125": 0.5}
+    for d in range(5):
+        for q in range(4):
+            for method, shift in methods.items():
+                rows.append({"doc": f"d{d}", "qid": f"d{d}q{q}", "method": method, "nll": 2.0 + 0.2 * d + shift,
+                             "first_token_match": 1.0, "token_agreement": 1.0, "kl_from_full": shift, "f1": None,
+                             "answer": None})
+    sizes = {"kvzip-pair@0.125": 4000, "kvzip-pair-int4@0.125": 600, "kvzip-structure-int4@0.125": 300,
+             "snapkv@0.125": 4000, "h2o@0.125": 4000}
+    record = {"rows": rows, "fp16_bytes_per_token": 20000,
+              "bytes": [{"doc": "d0", "method": m, "context_tokens": 100, "blob_bytes": b * 100, "kv_bytes": b * 90}
+                        for m, b in sizes.items()]}
+    table = summarize(record)
+    assert table["kvzip-structure-int4@0.125"]["nll_minus_kvzip"] == pytest.approx(0.02 - 0.08)  # int4 twin
+    assert table["kvzip-structure-int4@0.125"]["blob_vs_full_fp16"] == pytest.approx(0.015)
+    targets = {t["target"].split(":")[0].split(" (")[0]: t for t in frontier_targets(table)}
+    assert targets["KVzip pair at 0.125"]["met"] is True
+    smallest = targets["bytes stored <= 0.02x the full fp16 cache with NLL within 0.1 nats of full"]
+    assert smallest["met"] is True and smallest["note"] == "method kvzip-structure-int4@0.125"
+    ahead = targets["KVzip pair ahead of SnapKV and H2O at 0.125 and 0.0625"]
+    assert ahead["met"] is True and len(ahead["value"]) == 2

@@ -17,6 +17,7 @@ from kvzip_rag.quant import (
     quantize,
     quantize_keys,
     quantize_values,
+    spread_crumbs,
     spread_nibbles,
 )
 
@@ -35,14 +36,14 @@ def _rows(seed: int, rows: int, dim: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3])
 @pytest.mark.parametrize("key_group", [1, 5, 32])
 def test_key_error_is_at_most_half_a_step_per_group(bits, key_group):
     counts = torch.tensor([37, 0, 64, 3])  # uneven heads, an empty one, partial last groups
     x = _rows(0, int(counts.sum()), 16)
     spec = QuantSpec(bits, key_group=key_group)
     codes, scale, minimum = quantize_keys(x, counts, spec)
-    assert codes.dtype == torch.uint8 and codes.shape == (x.shape[0], 16 if bits == 8 else 8)
+    assert codes.dtype == torch.uint8 and codes.shape == (x.shape[0], 16 if bits == 8 else 8)  # 3: 4-bit keys
     assert scale.dtype == torch.float16 and scale.shape[0] == sum(-(-int(c) // key_group) for c in counts)
     restored = dequantize_keys(codes, scale, minimum, counts, spec, 16)
     step = scale[key_group_index(counts, key_group)].float()
@@ -58,7 +59,7 @@ def test_key_error_is_at_most_half_a_step_per_group(bits, key_group):
             assert head == 0 or first > groups[starts[head] - 1]
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3])
 @pytest.mark.parametrize("value_group", [8, 16, 12])  # 12 does not divide 16: the whole head_dim is one group
 def test_value_error_is_at_most_half_a_step_per_group(bits, value_group):
     x = _rows(1, 50, 16)
@@ -83,10 +84,24 @@ def test_grid_values_round_trip_exactly_through_the_nibble_packing():
     assert torch.equal(dequantize_values(packed, scale, minimum, spec, 8), x)
 
 
+def test_k4v2_packs_four_value_codes_per_byte_and_round_trips_grid_values():
+    """kv_bits 3: 2-bit values (channel 4i+j in bits 2j..2j+1 of byte i), 4-bit keys; grid values come back exact."""
+    spec = QuantSpec(3, value_group=8)
+    assert (spec.key_bits, spec.value_bits) == (4, 2)
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0, 3.0, 0.0, 0.0, 1.0]])
+    packed, scale, minimum = quantize_values(x, spec)
+    assert packed.tolist() == [[0b11100100, 0b01000011]]
+    assert torch.equal(dequantize_values(packed, scale, minimum, spec, 8), x)
+    keys = torch.arange(16.0).repeat(4, 1).T  # 16 rows, 4 channels: the 4-bit grid
+    codes, k_scale, k_min = quantize_keys(keys, torch.tensor([16]), QuantSpec(3, key_group=16))
+    assert codes.shape == (16, 2)
+    assert torch.equal(dequantize_keys(codes, k_scale, k_min, [16], QuantSpec(3, key_group=16), 4), keys)
+
+
 def test_unknown_bit_widths_are_refused_clearly(tiny_llama):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
-    for bits in (3, 2, 1, 32, 0, "4", 4.0, True, None):
-        with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4"):
+    for bits in (2, 1, 5, 32, 0, "4", 4.0, True, None):
+        with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4, 3"):
             check_bits(bits)
     with pytest.raises(InvalidArgumentError, match="kv_bits must be one of"):
         quantize(cache, 2)
@@ -143,7 +158,7 @@ def test_structure_and_full_precision_rows_survive(tiny_llama):
 
 
 @pytest.mark.parametrize("level", ["pair", "uniform"])
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3])
 def test_lower_ratio_is_a_prefix_of_the_quantized_cache(bits, level, tiny_llama):
     """Truncating the quantized cache (what a partial blob read does) equals truncating the dequantized cache."""
     cache = kvzip_rag.compress(tiny_llama, LONG_TEXT, ratio=0.8, level=level)
@@ -237,7 +252,7 @@ def test_adding_the_prefix_back_restores_the_layer(tiny_llama):
         assert joined.full_rows == layer.full_rows
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3])
 def test_layers_with_nothing_to_quantize(bits, tiny_llama):
     """A layer whose heads keep only the (unquantized) prefix: empty codes and scales, still a valid layer."""
     cache = kvzip_rag.compress(tiny_llama, LONG_TEXT, ratio=0.5)
@@ -259,11 +274,10 @@ def _plain_dequantize(layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor
     """The plain reference for ``QuantizedLayer.dequantize``: nibbles unpacked with ``stack``, every quantized row
     given its own scale and min rows (Python loops over heads and rows), ``min + code * scale`` in float32 with one
     ``addcmul`` over the whole layer, cast to the cache dtype, rows placed one by one."""
-    def unpack(codes):
-        if layer.spec.bits == 8:
-            return codes.float()
-        pairs = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
-        return pairs[:, : layer.head_dim].float()
+    def unpack(codes, bits):
+        per_byte = 8 // bits
+        parts = torch.stack([(codes >> (bits * i)) & ((1 << bits) - 1) for i in range(per_byte)], dim=-1)
+        return parts.reshape(codes.shape[0], -1)[:, : layer.head_dim].float()
 
     counts = layer.counts.tolist()
     full = [min(c, layer.full_rows) for c in counts]
@@ -278,8 +292,8 @@ def _plain_dequantize(layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor
     k_scale, k_min = layer.key_scale.float()[key_rows], layer.key_min.float()[key_rows]
     v_scale = layer.value_scale.float()[value_rows].repeat_interleave(value_group, dim=1)
     v_min = layer.value_min.float()[value_rows].repeat_interleave(value_group, dim=1)
-    k = torch.addcmul(k_min, unpack(layer.key_codes), k_scale).to(layer.dtype)
-    v = torch.addcmul(v_min, unpack(layer.value_codes), v_scale).to(layer.dtype)
+    k = torch.addcmul(k_min, unpack(layer.key_codes, layer.spec.key_bits), k_scale).to(layer.dtype)
+    v = torch.addcmul(v_min, unpack(layer.value_codes, layer.spec.value_bits), v_scale).to(layer.dtype)
     keys = torch.empty(sum(counts), layer.head_dim, dtype=layer.dtype)
     values = torch.empty_like(keys)
     out_row, full_row, code_row = 0, 0, 0
@@ -293,7 +307,7 @@ def _plain_dequantize(layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3])
 def test_fast_dequantization_equals_the_plain_reference_exactly(bits, dtype, tiny_llama):
     """Bit for bit (the same float32 ``min + code * scale``, then one rounding to the cache dtype), with uneven
     heads, partial key groups, unquantized leading rows and value groups smaller than the head."""
@@ -317,3 +331,14 @@ def test_nibbles_spread_for_either_byte_order():
     other = spread_nibbles(codes, "big" if sys.byteorder == "little" else "little").view(torch.uint8)
     assert native.tolist() == [[1, 2, 0, 15, 15, 0]]
     assert other.tolist() == [[2, 1, 15, 0, 0, 15]]
+
+
+def test_crumbs_spread_for_either_byte_order():
+    """Four 2-bit codes per byte, channel order in memory on this machine, reversed per word in the other order."""
+    import sys
+
+    codes = torch.tensor([[0b11100100, 0b00000011]], dtype=torch.uint8)
+    native = spread_crumbs(codes, sys.byteorder).view(torch.uint8)
+    other = spread_crumbs(codes, "big" if sys.byteorder == "little" else "little").view(torch.uint8)
+    assert native.tolist() == [[0, 1, 2, 3, 3, 0, 0, 0]]
+    assert other.tolist() == [[3, 2, 1, 0, 0, 0, 0, 3]]

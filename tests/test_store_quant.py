@@ -21,10 +21,10 @@ from test_store_blob import TEXT, assert_same_cache
 @pytest.fixture(scope="module")
 def caches(smol_tokenizer):
     model = build_tiny("llama", smol_tokenizer)
-    return {bits: kvzip_rag.compress(model, TEXT, ratio=0.7, kv_bits=bits) for bits in (16, 8, 4)}
+    return {bits: kvzip_rag.compress(model, TEXT, ratio=0.7, kv_bits=bits) for bits in (16, 8, 4, 3)}
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3])
 def test_round_trip_equals_the_compressed_cache(bits, caches, tmp_path):
     cache = caches[bits]
     write_cache(cache, tmp_path / "c.safetensors")
@@ -40,15 +40,16 @@ def test_round_trip_equals_the_compressed_cache(bits, caches, tmp_path):
 
 def test_bits_shrink_the_blob(caches, tmp_path):
     sizes = {bits: write_cache(cache, tmp_path / f"{bits}.safetensors").kv_nbytes for bits, cache in caches.items()}
-    assert sizes[4] < sizes[8] < sizes[16] / 2
+    assert sizes[3] < sizes[4] < sizes[8] < sizes[16] / 2
 
 
+@pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("level", ["pair", "uniform"])
-def test_lower_ratio_reads_only_the_groups_it_needs(level, smol_tokenizer, tmp_path):
+def test_lower_ratio_reads_only_the_groups_it_needs(level, bits, smol_tokenizer, tmp_path):
     """A 4-bit blob at ratio 0.7 loaded at r' equals quantizing then cutting in memory (``QuantizedCache.at_ratio``,
     itself equal to cutting the dequantized cache), and reads fewer bytes."""
     model = build_tiny("llama", smol_tokenizer)
-    cache = kvzip_rag.compress(model, TEXT, ratio=0.7, level=level, kv_bits=4)
+    cache = kvzip_rag.compress(model, TEXT, ratio=0.7, level=level, kv_bits=bits)
     write_cache(cache, tmp_path / "c.safetensors")
     whole = ReadStats()
     read_cache(tmp_path / "c.safetensors", stats=whole)
@@ -68,10 +69,11 @@ def _offset_of(path, name: str) -> tuple[int, int]:
     return reader.data_start + start, reader.data_start + stop
 
 
+@pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("name", ["g.0", "g.1", "q.0", "q.1", "score.0"])  # g: key scales, q: codes + value scales
-def test_corrupted_scales_or_codes_are_caught(name, caches, tmp_path):
+def test_corrupted_scales_or_codes_are_caught(name, bits, caches, tmp_path):
     path = tmp_path / "c.safetensors"
-    write_cache(caches[4], path)
+    write_cache(caches[bits], path)
     start, stop = _offset_of(path, name)
     data = bytearray(path.read_bytes())
     data[(start + stop) // 2] ^= 0x10
@@ -94,9 +96,21 @@ def _reencode(path, out, **metadata_changes) -> None:
 
 def test_unknown_bit_width_is_refused_clearly(caches, tmp_path):
     write_cache(caches[4], tmp_path / "c.safetensors")
-    _reencode(tmp_path / "c.safetensors", tmp_path / "three.safetensors", kv_bits="3")
-    with pytest.raises(CorruptBlobError, match="3-bit keys and values.*upgrade kvzip-rag or rebuild"):
-        read_cache(tmp_path / "three.safetensors")
+    _reencode(tmp_path / "c.safetensors", tmp_path / "two.safetensors", kv_bits="2")
+    with pytest.raises(CorruptBlobError, match="2-bit keys and values.*upgrade kvzip-rag or rebuild"):
+        read_cache(tmp_path / "two.safetensors")
+
+
+def test_k4v2_header_says_the_codec(caches, tmp_path):
+    """kv_bits 3 blobs state 4-bit keys and 2-bit values; a header that says otherwise is refused; they are the
+    smallest quantized blobs."""
+    path = tmp_path / "c.safetensors"
+    write_cache(caches[3], path)
+    meta = local_reader(path).metadata
+    assert (meta["kv_bits"], meta["key_bits"], meta["value_bits"]) == ("3", "4", "2")
+    _reencode(path, tmp_path / "lie.safetensors", value_bits="4")
+    with pytest.raises(CorruptBlobError, match="4-bit keys and 4-bit values"):
+        read_cache(tmp_path / "lie.safetensors")
 
 
 def test_scales_that_lie_consistently_are_caught(caches, tmp_path):
@@ -188,8 +202,8 @@ def test_unknown_kv_bits_are_refused_by_the_store(smol_tokenizer, tmp_path):
 
     model = build_tiny("llama", smol_tokenizer)
     with CacheStore(tmp_path / "store") as store:
-        with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4"):
-            store.add_document(model, TEXT, doc_id="doc", kv_bits=3)
+        with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4, 3"):
+            store.add_document(model, TEXT, doc_id="doc", kv_bits=2)
         assert len(store) == 0
 
 
@@ -202,5 +216,5 @@ def test_cli_index_kv_bits_and_ls(cli, docs):
     assert "0.3 pair" in row and " 4 " in row
     answer = cli("ask", "Who built the harbour of Velmora?", "--max-tokens", "4", "--ratio", "0.2")
     assert answer.exit_code == 0, answer.output
-    refused = cli("index", str(docs / "harbour.txt"), "--kv-bits", "3")
-    assert refused.exit_code != 0 and "--kv-bits takes 16, 8 or 4" in refused.output
+    refused = cli("index", str(docs / "harbour.txt"), "--kv-bits", "2")
+    assert refused.exit_code != 0 and "--kv-bits takes 16, 8, 4 or 3" in refused.output

@@ -10,8 +10,12 @@ differences to the full cache and to KVzip pair level at the same ratio are pair
 
 Methods: ``full``, ``kvzip-{pair,uniform,head}@r``, ``kvzip-fast@r`` (pair level, the learned gate of
 :mod:`kvzip_rag.scorers.fast_gate`; calibrated on the Paul Graham essays first when the model has none) and the query-agnostic
-baselines (``snapkv@r``, ``h2o@r`` at the baseline level). Results: ``raw["fidelity"]`` and
-``summary.quality.fidelity``; the scoring cost of every scorer, ``kvzip-fast`` included, joins ``summary.scoring``.
+baselines (``snapkv@r``, ``h2o@r`` at the baseline level), further pair-level scorers (``fidelity_scorers``, e.g.
+``kvzip-structure@r``) and, for every KVzip-family method, each stored precision of ``fidelity_bits``
+(``kvzip-pair-int4@r``, ``kvzip-fast-k4v2@r``: the cache quantized as ``compress(kv_bits=b)`` stores it). Every
+method also records the bytes its blob takes in a store (template prefix shared) per document token. Results:
+``raw["fidelity"]`` and ``summary.quality.fidelity``; the scoring cost of every scorer, ``kvzip-fast`` included,
+joins ``summary.scoring``.
 """
 
 from __future__ import annotations
@@ -26,18 +30,37 @@ import torch.nn.functional as F
 
 from . import data as bench_data
 from . import measure
-from .methods import method_order, target_row
+from .methods import coded, method_order, parse_method, split_codec, target_row
 from .metrics import best_over, f1_score
 
 FAST = "kvzip-fast"
 
 
-def grid(ratios, levels, baselines, baseline_level):
+def grid(ratios, levels, baselines, baseline_level, scorers=()):
     from .runner import Variant, variant_grid
 
     out = variant_grid(ratios, levels, baselines, baseline_level)
-    out += [Variant(f"{FAST}@{r:g}", FAST, "pair", r) for r in ratios]
+    out += [Variant(f"{name}@{r:g}", name, "pair", r) for name in (FAST, *scorers) for r in ratios]
     return out
+
+
+def precisions(variant, bits: tuple[int, ...]) -> list[int]:
+    """The stored precisions measured for ``variant``: every one of ``bits`` for KVzip-family caches below ratio 1,
+    16 (as computed) for the full cache and the baselines."""
+    family, ratio = parse_method(variant.name)
+    return list(bits) if family.startswith("kvzip") and ratio is not None and ratio < 1 else [16]
+
+
+def stored(cache, bits: int):
+    """``cache`` as a store holds it with ``bits`` (what ``compress(kv_bits=bits)`` returns) and its blob's bytes
+    in a store (the template prefix is shared per model) and of its keys and values alone."""
+    from kvzip_rag.quant import quantize
+    from kvzip_rag.store.cachefile import encode_document
+
+    if bits != 16:
+        cache = quantize(cache, bits).dequantize()
+    encoded = encode_document(cache, shared_prefix=True)
+    return cache, encoded.nbytes, encoded.kv_nbytes
 
 
 def ensure_gate(bench) -> dict:
@@ -55,6 +78,13 @@ def ensure_gate(bench) -> dict:
     gate = calibrate(bench.model, texts, progress=lambda done, total: bench.say(f"calibration {done}/{total}"))
     gate.save(gate_path(bench.model))
     return {"calibrated_now": True, **gate.meta}
+
+
+def fp16_bytes_per_token(config) -> int:
+    """Bytes one token takes in the full cache stored as float16 (keys and values of every layer): the yardstick of
+    the issue's compression targets."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
 
 
 def teacher_forced(model, cache, question: str, gold: str) -> dict:
@@ -76,7 +106,8 @@ def teacher_forced(model, cache, question: str, gold: str) -> dict:
 def run_fidelity(bench) -> dict:
     """The fidelity task's record (rows, the gate, the methods answered for F1), kept as ``results["fidelity"]``."""
     p = bench.preset
-    record = {"rows": [], "gate": ensure_gate(bench), "f1_methods": []}
+    record = {"rows": [], "bytes": [], "gate": ensure_gate(bench), "f1_methods": [],
+              "fp16_bytes_per_token": fp16_bytes_per_token(bench.model.config)}
     docs = bench_data.load_squad(bench.data_dir, bench.count, 10_000, p.fidelity_min_tokens,
                                  min(p.fidelity_max_tokens, bench.max_context()), p.fidelity_questions_per_doc,
                                  p.fidelity_first_article)
@@ -87,7 +118,7 @@ def run_fidelity(bench) -> dict:
         doc.questions = doc.questions[: p.fidelity_questions - total]
         chosen.append(doc)
         total += len(doc.questions)
-    variants = grid(p.fidelity_ratios, p.levels, p.fidelity_baselines, p.baseline_level)
+    variants = grid(p.fidelity_ratios, p.levels, p.fidelity_baselines, p.baseline_level, p.fidelity_scorers)
     f1_methods = ["full"] + [v.name for v in variants if v.ratio in p.fidelity_f1_ratios]
     record["f1_methods"] = f1_methods
     answered, start = 0, time.perf_counter()
@@ -96,13 +127,14 @@ def run_fidelity(bench) -> dict:
         if budget is not None and time.perf_counter() - start > budget * 60:
             bench.skipped.setdefault("fidelity_over_budget", []).append(doc.id)
             continue
-        answered = run_document(bench, doc, variants, f1_methods, answered, record["rows"])
+        answered = run_document(bench, doc, variants, f1_methods, answered, record["rows"], record["bytes"])
     bench.mark_memory("fidelity")
     return record
 
 
-def run_document(bench, doc, variants, f1_methods, answered: int, rows: list) -> int:
-    """Every method on one document; returns the running count of questions answered for F1."""
+def run_document(bench, doc, variants, f1_methods, answered: int, rows: list, sizes: list) -> int:
+    """Every method (at every stored precision) on one document, its blob sizes put in ``sizes``; returns the
+    running count of questions answered for F1."""
     from .runner import PreparedDocument
 
     p, model = bench.preset, bench.model
@@ -115,20 +147,25 @@ def run_document(bench, doc, variants, f1_methods, answered: int, rows: list) ->
     per_doc = math.ceil(p.fidelity_f1_questions * p.fidelity_questions_per_doc / max(p.fidelity_questions, 1))
     f1_questions = {q.id for q in doc.questions[: min(per_doc, max(0, p.fidelity_f1_questions - answered))]}
     reference: dict[str, dict] = {}
-    for variant, cache in prep.caches(variants, cost["scoring_s"]):
-        for question in doc.questions:
-            out = teacher_forced(model, cache, question.question, question.answers[0])
-            full = reference.setdefault(question.id, out)  # "full" runs first
-            kl = F.kl_div(out["logprobs"], full["logprobs"], log_target=True, reduction="none").sum(-1)
-            row = {"doc": doc.id, "qid": question.id, "method": variant.name, "nll": out["nll"],
-                   "first_token_match": float(out["greedy"][0] == full["greedy"][0]),
-                   "token_agreement": float((out["greedy"] == full["greedy"]).float().mean()),
-                   "kl_from_full": float(kl.mean()), "f1": None, "answer": None}
-            if question.id in f1_questions and variant.name in f1_methods:
-                gen = measure.packed_answer(model, cache, question.question, p.fidelity_max_new_tokens)
-                row["answer"], row["f1"] = gen.text, best_over(f1_score, gen.text, question.answers)
-            rows.append(row)
-        del cache
+    for variant, base in prep.caches(variants, cost["scoring_s"]):
+        for bits in precisions(variant, p.fidelity_bits):
+            method = coded(variant.name, bits)
+            cache, blob_bytes, kv_bytes = stored(base, bits)
+            sizes.append({"doc": doc.id, "method": method, "context_tokens": prep.context_length,
+                          "blob_bytes": blob_bytes, "kv_bytes": kv_bytes})
+            for question in doc.questions:
+                out = teacher_forced(model, cache, question.question, question.answers[0])
+                full = reference.setdefault(question.id, out)  # "full" runs first
+                kl = F.kl_div(out["logprobs"], full["logprobs"], log_target=True, reduction="none").sum(-1)
+                row = {"doc": doc.id, "qid": question.id, "method": method, "nll": out["nll"],
+                       "first_token_match": float(out["greedy"][0] == full["greedy"][0]),
+                       "token_agreement": float((out["greedy"] == full["greedy"]).float().mean()),
+                       "kl_from_full": float(kl.mean()), "f1": None, "answer": None}
+                if question.id in f1_questions and method in f1_methods:
+                    gen = measure.packed_answer(model, cache, question.question, p.fidelity_max_new_tokens)
+                    row["answer"], row["f1"] = gen.text, best_over(f1_score, gen.text, question.answers)
+                rows.append(row)
+            del cache
     bench.documents.append(cost)
     return answered + len(f1_questions)
 
@@ -177,13 +214,32 @@ def summarize(record: dict, ratios_le: float = 0.5, samples: int = 2000, seed: i
                     [x for v in per[other]["nll"].values() for x in v]))
                 entry[f"nll_minus_{name}_ci"] = [float(x) for x in np.percentile(diff, [2.5, 97.5])]
         out[method] = entry
+    for method, entry in _bytes(record).items():
+        if method in out:
+            out[method].update(entry)
     return dict(sorted(out.items(), key=lambda kv: method_order(kv[0])))
 
 
+def _bytes(record: dict) -> dict[str, dict]:
+    """Per method: blob and key/value bytes per document token (totals over documents), and the blob as a
+    fraction of the full cache in float16."""
+    totals = defaultdict(lambda: [0, 0, 0])
+    for r in record.get("bytes", ()):
+        t = totals[r["method"]]
+        t[0], t[1], t[2] = t[0] + r["blob_bytes"], t[1] + r["kv_bytes"], t[2] + r["context_tokens"]
+    fp16 = record.get("fp16_bytes_per_token")
+    return {m: {"blob_bytes_per_token": b / n, "kv_bytes_per_token": kv / n,
+                "blob_vs_full_fp16": b / n / fp16 if fp16 else None}
+            for m, (b, kv, n) in totals.items() if n}
+
+
 def _twin(method: str, family: str) -> str:
-    """``family`` at the same ratio (KVzip pair level: what kvzip-fast must match; kvzip-fast: what the baselines
-    are compared with, paired)."""
-    return f"{family}@" + method.rsplit("@", 1)[1] if "@" in method else "full"
+    """``family`` at the same ratio and stored precision (KVzip pair level: what kvzip-fast and kvzip-structure
+    must match; kvzip-fast: what the baselines are compared with, paired)."""
+    if "@" not in method:
+        return "full"
+    own, ratio = method.rsplit("@", 1)
+    return coded(f"{family}@{ratio}", split_codec(own)[1])
 
 
 def targets(table: dict, ratios, scoring: dict) -> list[dict]:
@@ -221,12 +277,60 @@ def targets(table: dict, ratios, scoring: dict) -> list[dict]:
         verdicts, 0.0, met, "unpaired NLL intervals of kvzip-fast@r vs snapkv@r and h2o@r", fast.get("n"),
         "paired_margin_ci: 95% CI of NLL(best baseline) - NLL(kvzip-fast), same resampled documents; "
         "kl_separated: KL(full ‖ method) intervals do not overlap")
+    out += frontier_targets(table)
     for r, limit in ((0.3, 0.05), (0.2, 0.1)):
         entry = kvzip if r == 0.3 else table.get(f"kvzip-pair@{r:g}", {})
         d = entry.get("nll_minus_full")
         add(f"KVzip at {r:g}: gold NLL within {limit:g} nats of the full cache", d, limit,
             None if d is None else abs(d) <= limit, f"NLL(kvzip-pair@{r:g}) - NLL(full)", entry.get("n"),
             f"paired 95% CI {_ci(entry.get('nll_minus_full_ci'))}")
+    return out
+
+
+def _size(q: dict) -> str:
+    if q.get("blob_bytes_per_token") is None:
+        return "-"
+    share = q.get("blob_vs_full_fp16")
+    return f"{q['blob_bytes_per_token']:.0f}" + (f" ({share:.4f})" if share is not None else "")
+
+
+NLL_LOSS = 0.1  # issue #25: nats of gold NLL over the full cache's that still count as fidelity held
+FRONTIER_SHARE = 0.02  # ... at <= 0.02x the bytes of the full float16 cache (50x)
+
+
+def frontier_targets(table: dict) -> list[dict]:
+    """Issue #25's targets (None where the run did not measure them): KVzip pair at 0.125 within 0.1 nats of full;
+    the fewest bytes of a method whose paired interval of NLL - full stays below +0.1 against 0.02x full fp16;
+    KVzip ahead of SnapKV and H2O at 0.125 and 0.0625 (paired intervals excluding 0)."""
+    out = []
+    pair = table.get("kvzip-pair@0.125", {})
+    diff = pair.get("nll_minus_full")
+    high = (pair.get("nll_minus_full_ci") or [None, None])[1]
+    out.append({"target": f"KVzip pair at 0.125: gold NLL within {NLL_LOSS:g} nats of the full cache",
+                "value": diff, "threshold": NLL_LOSS, "met": None if high is None else high <= NLL_LOSS,
+                "measured": "NLL(kvzip-pair@0.125) - NLL(full), paired 95% CI upper end", "n": pair.get("n"),
+                "note": f"paired 95% CI {_ci(pair.get('nll_minus_full_ci'))}"})
+    held = {m: q for m, q in table.items() if q.get("blob_vs_full_fp16") is not None and m != "full"
+            and q.get("nll_minus_full_ci") and q["nll_minus_full_ci"][1] <= NLL_LOSS}
+    best = min(held, key=lambda m: held[m]["blob_vs_full_fp16"], default=None)
+    share = held[best]["blob_vs_full_fp16"] if best else None
+    out.append({"target": f"bytes stored <= {FRONTIER_SHARE:g}x the full fp16 cache with NLL within {NLL_LOSS:g} "
+                          "nats of full", "value": share, "threshold": FRONTIER_SHARE,
+                "met": None if share is None else share <= FRONTIER_SHARE,
+                "measured": "smallest blob / full fp16 cache among methods whose paired CI of NLL - full ends "
+                            f"<= {NLL_LOSS:g}", "n": held[best]["n"] if best else None, "note": f"method {best}"})
+    verdicts, met = [], None
+    for r in (0.125, 0.0625):
+        for baseline in ("snapkv", "h2o"):
+            entry = table.get(f"{baseline}@{r:g}", {})
+            ci = entry.get("nll_minus_kvzip_ci")
+            if ci:
+                verdicts.append({"ratio": r, "vs": baseline, "margin": entry["nll_minus_kvzip"],
+                                 "paired_margin_ci": ci, "ahead": ci[0] > 0})
+                met = ci[0] > 0 if met is None else met and ci[0] > 0
+    out.append({"target": "KVzip pair ahead of SnapKV and H2O at 0.125 and 0.0625 (paired intervals excluding 0)",
+                "value": verdicts, "threshold": 0.0, "met": met,
+                "measured": "paired 95% CI of NLL(baseline@r) - NLL(kvzip-pair@r)", "n": pair.get("n"), "note": ""})
     return out
 
 
@@ -252,9 +356,10 @@ def markdown(summary: dict) -> list[str]:
                      f"{q['first_token_match']:.3f} {_ci(q.get('first_token_match_ci'), False)}",
                      f"{q['token_agreement']:.3f} {_ci(q.get('token_agreement_ci'), False)}",
                      f"{q['kl_from_full']:.3f} {_ci(q.get('kl_from_full_ci'), False)}",
-                     f"{q['f1']:.3f} {_ci(q.get('f1_ci'), False)} (n={q['n_f1']})" if q.get("f1") is not None else "-"])
+                     f"{q['f1']:.3f} {_ci(q.get('f1_ci'), False)} (n={q['n_f1']})" if q.get("f1") is not None else "-",
+                     _size(q)])
     header = ["method", "n", "gold NLL", "NLL - full (paired)", "first token = full's", "greedy agreement",
-              "KL(full ‖ method)", "F1"]
+              "KL(full ‖ method)", "F1", "blob bytes / token (x full fp16)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     return lines

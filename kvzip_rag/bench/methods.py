@@ -12,11 +12,29 @@ def parse_method(method: str) -> tuple[str, float | None]:
     return method, 1.0 if method == "full" else None
 
 
+CODECS = {16: "", 8: "-int8", 4: "-int4", 3: "-k4v2"}  # kv_bits -> method-name suffix (3: 4-bit keys, 2-bit values)
+
+
+def coded(method: str, bits: int) -> str:
+    """``kvzip-pair@0.125`` stored with ``bits`` -> ``kvzip-pair-int4@0.125`` (16: unchanged)."""
+    family, at, ratio = method.partition("@")
+    return f"{family}{CODECS[bits]}{at}{ratio}"
+
+
+def split_codec(family: str) -> tuple[str, int]:
+    """``kvzip-pair-int4`` -> (``kvzip-pair``, 4); a family without a codec suffix -> (family, 16)."""
+    for bits, suffix in CODECS.items():
+        if suffix and family.endswith(suffix):
+            return family[: -len(suffix)], bits
+    return family, 16
+
+
 def method_order(method: str) -> tuple:
     family, r = parse_method(method)
-    families = ["full", "reprefill", "chunk-rag", "kvzip-pair", "kvzip-uniform", "kvzip-head", "snapkv", "h2o",
-                "keynorm", "random"]
-    return (families.index(family) if family in families else len(families), -(r or 0), method)
+    family, bits = split_codec(family)
+    families = ["full", "reprefill", "chunk-rag", "kvzip-pair", "kvzip-fast", "kvzip-structure", "kvzip-uniform",
+                "kvzip-head", "snapkv", "h2o", "keynorm", "random"]
+    return (families.index(family) if family in families else len(families), -(r or 0), -bits, method)
 
 
 def target_row(name: str, value, threshold, met: bool | None, measured: str, n=None, note: str = "") -> dict:

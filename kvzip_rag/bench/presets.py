@@ -93,6 +93,8 @@ class Preset:
     fidelity_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     fidelity_f1_ratios: tuple[float, ...] = (0.3,)
     fidelity_baselines: tuple[str, ...] = ("snapkv", "h2o")
+    fidelity_scorers: tuple[str, ...] = ()  # further pair-level scorers measured beside KVzip, e.g. kvzip-structure
+    fidelity_bits: tuple[int, ...] = (16,)  # stored precisions of the KVzip methods (kvzip-pair-int4@r, ...)
     fidelity_max_new_tokens: int = 16
     fidelity_budget_minutes: float | None = None
     fidelity_calibration_tokens: int = 1024  # kvzip-fast gate calibration (Paul Graham essays) when none exists

@@ -31,7 +31,11 @@ def index(
     force: Annotated[bool, typer.Option("--force", help="Recompress documents already stored, and replace a "
                                                         "document whose id exists with other text.")] = False,
     kv_bits: Annotated[int, typer.Option("--kv-bits", help="16: keep the model's dtype; 8 or 4: quantize the kept "
-                                                           "keys and values (about 3x / 5x smaller blobs).")] = 16,
+                                                           "keys and values (about 3x / 5x smaller blobs); 3: "
+                                                           "4-bit keys with 2-bit values.")] = 16,
+    scorer: Annotated[str, typer.Option("--scorer", help="How KV pairs are ranked: kvzip (default), kvzip-fast "
+                                                         "(a calibrated gate, one prefill), kvzip-structure "
+                                                         "(punctuation and whitespace demoted).")] = "kvzip",
     ray: Annotated[bool, typer.Option("--ray", help="Compress on a Ray cluster (kvzip-rag\\[ray]): one worker per "
                                                     "GPU, else per CPU; $RAY_ADDRESS or a local cluster.")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="The Ray cluster to join (auto, "
@@ -39,19 +43,22 @@ def index(
 ) -> None:
     """Prefill, score and compress documents into the store (long files are split into segments)."""
     from kvzip_rag.quant import KV_BITS  # imports torch: not at module level (ls, rm, gc must start fast)
+    from kvzip_rag.scorers import SCORERS
 
     if kv_bits not in KV_BITS:
         raise typer.BadParameter(f"--kv-bits takes {', '.join(map(str, KV_BITS[:-1]))} or {KV_BITS[-1]}, "
                                  f"got {kv_bits}")
+    if scorer not in SCORERS:
+        raise typer.BadParameter(f"--scorer takes one of {', '.join(SCORERS)}, got {scorer!r}")
     settings = settings_of(ctx)
     if ray or ray_address:
-        index_paths_on_ray(settings, paths, ray_address, doc_id=doc_id, force=force, kv_bits=kv_bits)
+        index_paths_on_ray(settings, paths, ray_address, doc_id=doc_id, force=force, kv_bits=kv_bits, scorer=scorer)
     else:
-        index_paths(settings, paths, doc_id=doc_id, force=force, kv_bits=kv_bits)
+        index_paths(settings, paths, doc_id=doc_id, force=force, kv_bits=kv_bits, scorer=scorer)
 
 
 def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | None, doc_id: str | None = None,
-                       force: bool = False, kv_bits: int = 16) -> None:
+                       force: bool = False, kv_bits: int = 16, scorer: str = "kvzip") -> None:
     """Index files and folders with kvzip_rag.store.distributed (a worker that dies has its document retried)."""
     from kvzip_rag.store.distributed import index_documents
 
@@ -62,7 +69,8 @@ def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | Non
     report = index_documents(
         [(name, text, {"source": safe_path(path.resolve()), "file": safe_path(path.name)})
          for path, name, text in texts],
-        model=settings.model, ratio=budget.ratio, level=budget.level, force=force, kv_bits=kv_bits, address=address,
+        model=settings.model, ratio=budget.ratio, level=budget.level, force=force, kv_bits=kv_bits, scorer=scorer,
+        address=address,
         threads=settings.threads or 1,
         **where,
     )
@@ -102,7 +110,7 @@ def read_texts(paths: list[Path], doc_id: str | None = None) -> tuple[list[tuple
 
 
 def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None, force: bool = False,
-                kv_bits: int = 16) -> None:
+                kv_bits: int = 16, scorer: str = "kvzip") -> None:
     """Index files and folders; a file that cannot be read or compressed is reported and the others go on
     (exit code 1 at the end if any failed)."""
     texts, failed = read_texts(paths, doc_id)
@@ -117,7 +125,7 @@ def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None
         for path, name, text in texts:
             bars.start_document(name)
             try:
-                row = _index_one(store, kv_model, path, name, text, budget, force, bars.callback, kv_bits)
+                row = _index_one(store, kv_model, path, name, text, budget, force, bars.callback, kv_bits, scorer)
             except BlobStorageError:  # the object store refused or failed: every other file would fail alike
                 raise
             except (KVzipError, OSError) as error:
@@ -137,7 +145,7 @@ def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None
 
 
 def _index_one(store, kv_model, path: Path, name: str, text: str, budget: Budget, force: bool,
-               progress, kv_bits: int = 16) -> list[str] | None:
+               progress, kv_bits: int = 16, scorer: str = "kvzip") -> list[str] | None:
     from kvzip_rag.budget import CacheKind, same_ratio, select_cache
 
     before = store.get_document(name)
@@ -150,7 +158,7 @@ def _index_one(store, kv_model, path: Path, name: str, text: str, budget: Budget
     record = store.add_document(kv_model, text, doc_id=name, metadata={"source": safe_path(path.resolve()),
                                                                        "file": safe_path(path.name)},
                                 ratio=budget.ratio, level=budget.level, force=force, progress=progress,
-                                kv_bits=kv_bits)
+                                kv_bits=kv_bits, scorer=scorer)
     elapsed = time.perf_counter() - start
     kind = CacheKind.of_model(kv_model)
     caches = [select_cache([c for c in record.caches if c.segment_index == s.index], kind, budget)
