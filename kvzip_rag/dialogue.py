@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ContextTooLongError, InvalidArgumentError
 from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_question, check_sampling, get_composer
-from .store.ranking import STOPWORDS, words
+from .language import STOPWORDS, words
 
 if TYPE_CHECKING:
     from .abstain import Assessment, Grounding

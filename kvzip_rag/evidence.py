@@ -168,7 +168,7 @@ class EvidenceRecorder:
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
     """Character spans of the text's sentences (paragraphs, then sentence ends: the store's own segmentation)."""
-    from .sentences import paragraphs, sentences
+    from .language import paragraphs, sentences
 
     return [s for a, b in paragraphs(text) for s in sentences(text, a, b)]
 
@@ -194,7 +194,7 @@ def sentence_mass(text: str, token_mass: torch.Tensor, tokenizer) -> list[tuple[
 
 def content_words(text: str) -> set[str]:
     """The text's lower-cased words without stop words (the store's full-text rule)."""
-    from .store.ranking import STOPWORDS, words
+    from .language import STOPWORDS, words
 
     return set(words(text)) - STOPWORDS
 

@@ -5,24 +5,13 @@ index, and, on any other database (or a SQLite without FTS5), a count of matchin
 
 from __future__ import annotations
 
-import re
-
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from kvzip_rag.language import STOPWORDS, words
+
 from .schema import Document, Segment
 
-STOPWORDS = frozenset(
-    """a an and are as at be been but by can could did do does for from had has have how i if in into is it its
-    of on or that the their there these they this to was were what when where which who whom whose why will with
-    would you your""".split()
-)
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased words, as full-text search splits a question (one rule for the store and chat routing)."""
-    return [w.lower() for w in _WORD.findall(text or "")]
 # Segments one unfiltered query ranks exactly. Ranking costs time per matching segment, so on a large store the
 # most frequent query terms (the ones with the least weight, e.g. "year" in a million segments) are left out
 # while the rarer ones match more than this many segments; a query of only such terms ranks the first MATCH_BUDGET

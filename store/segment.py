@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError
-from kvzip_rag.sentences import paragraphs, sentences, trimmed
+from kvzip_rag.language import paragraphs, sentences, trimmed
 
 MAX_SEGMENT_TOKENS = 4096
 MAX_SEGMENTS = 1024  # per document: ~4M tokens at the default segment size

@@ -1,12 +1,25 @@
-"""Paragraphs and sentences of a text, as character spans: the one rule the store segments documents by and
-citations quote whole sentences by."""
+"""The language rules the store and the answers share: words (as full-text search splits a question) and stop
+words; paragraphs and sentences as character spans (what the store segments documents by and citations quote
+whole)."""
 
 from __future__ import annotations
 
 import re
 
+STOPWORDS = frozenset(
+    """a an and are as at be been but by can could did do does for from had has have how i if in into is it its
+    of on or that the their there these they this to was were what when where which who whom whose why will with
+    would you your""".split()
+)
+WORD = re.compile(r"\w+", re.UNICODE)
 PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*(?=\s|$)")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words, as full-text search splits a question (one rule for the store, chat routing and
+    citations)."""
+    return [w.lower() for w in WORD.findall(text or "")]
 
 
 def trimmed(text: str, start: int, end: int) -> tuple[int, int] | None:
