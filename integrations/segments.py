@@ -7,6 +7,7 @@ with the stored cache the service loads), and a cited span is described the same
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from kvzip_rag.answers import Citation, Target
@@ -36,16 +37,23 @@ def answer_options(options: dict) -> dict:
     return dict(options)
 
 
-def segment_metadata(qa: QAService, target: Target, record: Any = None, *, kind: CacheKind | None = None,
-                     model: str | None = None) -> dict:
-    """``target.as_metadata`` for the cache record the service answers it from (:func:`select_cache` at the
-    service's budget; ``record``: the stored document, looked up when not given; ``kind``: whose caches, default
-    the loaded model's, else any model's)."""
+def segment_metadata(qa: QAService, targets: Sequence[Target], *, kind: CacheKind | None = None,
+                     model: str | None = None) -> list[dict]:
+    """``target.as_metadata`` of each routed segment, for the cache record the service answers it from
+    (:func:`select_cache` at the service's budget; ``kind``: whose caches, default the loaded model's, else any
+    model's); each document is read from the store once."""
     if kind is None and qa.model_loaded:
         kind = qa.kind
-    record = record if record is not None else qa.store.get_document(target.doc_id)
-    caches = [c for c in (record.caches if record is not None else []) if c.segment_index == target.segment_index]
-    return target.as_metadata(select_cache(caches, kind, qa.budget), ratio=qa.ratio, level=qa.level, model=model)
+    records: dict[str, Any] = {}
+    out = []
+    for target in targets:
+        if target.doc_id not in records:
+            records[target.doc_id] = qa.store.get_document(target.doc_id)
+        record = records[target.doc_id]
+        caches = [c for c in (record.caches if record is not None else []) if c.segment_index == target.segment_index]
+        out.append(target.as_metadata(select_cache(caches, kind, qa.budget), ratio=qa.ratio, level=qa.level,
+                                      model=model))
+    return out
 
 
 def citation_metadata(citation: Citation) -> dict:

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import torch
 
 from .attention import ATTENTION_NAME, register_attention
-from .errors import ModelNotFoundError
+from .errors import InvalidArgumentError, ModelNotFoundError
 from .prompt import PromptTemplate
 from .runtime import apply_thread_policy
 
@@ -305,6 +305,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_model_arg(model: object) -> None:
+    """What a ``model=`` argument may be (a loaded model, or what :func:`load_model` takes), checked where one is
+    given."""
+    if model is not None and not isinstance(model, (KVzipModel, str, os.PathLike)):
+        raise InvalidArgumentError(
+            "model must be a kvzip_rag.KVzipModel (see kvzip_rag.load_model / wrap_model) or a model name/path, "
+            f"got {type(model).__name__}"
+        )
 
 
 def load_model(

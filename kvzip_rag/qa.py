@@ -166,15 +166,11 @@ class QAService:
                  lock: threading.RLock | None = None,
                  model_loader: Callable[[], KVzipModel] | None = None, batching: bool = False,
                  max_batch: int | None = None, max_queue: int | None = None) -> None:
-        from .models import KVzipModel
+        from .models import KVzipModel, check_model_arg
         from .runtime import resolve_threads
 
         budget = Budget(ratio, level)
-        if model is not None and not isinstance(model, (KVzipModel, str, os.PathLike)):
-            raise InvalidArgumentError(
-                "model must be a kvzip_rag.KVzipModel (see kvzip_rag.load_model / wrap_model) or a model name/path, "
-                f"got {type(model).__name__}"
-            )
+        check_model_arg(model)
         self.store = open_store(store)
         self.budget = budget
         self.threads = resolve_threads(threads) if threads is not None else None

@@ -245,3 +245,12 @@ def test_a_document_replaced_between_routing_and_loading_is_routed_again(tmp_pat
     store.add_document(small, HARBOUR, doc_id="harbour", force=True)
     "".join(stream)
     assert [t.text for t in stream.result.used] == [HARBOUR]
+
+
+def test_a_model_argument_is_checked_by_one_rule():
+    from kvzip_rag.integrations.llamaindex import KVzipIndex
+
+    for build in (lambda: QAService(None, model=42), lambda: KVzipIndex(model=42)):
+        with pytest.raises(InvalidArgumentError, match="model must be a kvzip_rag.KVzipModel") as error:
+            build()
+        assert "\n" not in str(error.value)

@@ -17,7 +17,6 @@ import io
 import re
 import tokenize
 from collections.abc import Callable
-from typing import Any
 
 from langchain_core.documents import Document
 
@@ -48,14 +47,8 @@ def build_service(values: dict) -> QAService:
 def segment_documents(service: QAService, targets: list[Target]) -> list[Document]:
     """Documents for routed segments (page content: the segment's text; id: its node id; metadata:
     :func:`~kvzip_rag.integrations.segments.segment_metadata`, the cache the service answers it from)."""
-    records: dict[str, Any] = {}
-    out = []
-    for target in targets:
-        if target.doc_id not in records:
-            records[target.doc_id] = service.store.get_document(target.doc_id)
-        out.append(Document(page_content=target.text, id=target.node_id,
-                            metadata=segment_metadata(service, target, records[target.doc_id])))
-    return out
+    return [Document(page_content=target.text, id=target.node_id, metadata=metadata)
+            for target, metadata in zip(targets, segment_metadata(service, targets))]
 
 
 def target_of(document: Document) -> Target:

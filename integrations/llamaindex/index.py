@@ -34,7 +34,7 @@ from llama_index.core.storage.storage_context import DEFAULT_PERSIST_DIR, Storag
 from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.budget import DEFAULT_BUDGET, Budget, CacheKind
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
-from kvzip_rag.models import KVzipModel, load_model
+from kvzip_rag.models import KVzipModel, check_model_arg, load_model
 from kvzip_rag.quant import check_bits
 from kvzip_rag.qa import QAService, Target, check_model_matches, fair_lock
 from kvzip_rag.store import DB_NAME, CacheStore
@@ -146,11 +146,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
     ) -> None:
         if objects:
             raise InvalidArgumentError("KVzipIndex indexes documents, not objects")
-        if model is not None and not isinstance(model, (KVzipModel, str, os.PathLike)):
-            raise InvalidArgumentError(
-                "model must be a kvzip_rag.KVzipModel (see kvzip_rag.load_model / wrap_model) or a model name/path, "
-                f"got {type(model).__name__}"
-            )
+        check_model_arg(model)
         if index_struct is not None and not isinstance(index_struct, KVzipIndexStruct):
             raise InvalidArgumentError(f"KVzipIndex needs a KVzipIndexStruct, got {type(index_struct).__name__}")
         self.lock = fair_lock() if batching else threading.RLock()  # held around every use of the model
@@ -533,15 +529,9 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         model = self._model.name if self._model is not None else struct.model_name
         kind = (CacheKind(struct.model_fingerprint, struct.template_digest or "")
                 if struct.model_fingerprint is not None else None)  # who built this index's caches
-        records: dict[str, Any] = {}
-        out = []
-        for target in targets:
-            if target.doc_id not in records:
-                records[target.doc_id] = self._store.get_document(target.doc_id)
-            metadata = segment_metadata(self._qa, target, records[target.doc_id], model=model, kind=kind)
-            node = segment_node(target.doc_id, target.segment_index, target.text, metadata)
-            out.append(NodeWithScore(node=node, score=float(target.score or 0.0)))
-        return out
+        return [NodeWithScore(node=segment_node(target.doc_id, target.segment_index, target.text, metadata),
+                              score=float(target.score or 0.0))
+                for target, metadata in zip(targets, segment_metadata(self._qa, targets, model=model, kind=kind))]
 
     # ------------------------------------------------------------------------------------- engines
 
