@@ -41,7 +41,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -337,13 +337,21 @@ class QAService:
             stream = stream_answer(self.model, cache, question, sampling, constraint=constraint,
                                    evidence=is_recording())
             pieces = []
-            source = self.scheduler.submit(stream) if self.batching else stream  # the batch waits without the lock
-            with closing(iter(source)) as produced:
+            source = self.scheduler.submit(stream) if self.batching else stream
+            with self._waiting(), closing(iter(source)) as produced:
                 for piece in produced:
                     pieces.append(piece)
                     if emit is not None:
                         emit(piece)
         return stream.result, pieces
+
+    def _waiting(self):
+        """Where an answer is produced: with ``batching``, the lock let go (the batch decodes it meanwhile)."""
+        if not self.batching:
+            return nullcontext()
+        from .scheduler import released
+
+        return released(self.lock)
 
     def answer_one(self, question: str, target: Target, sampling: SamplingOptions,
                    emit: Callable[[str], None] | None = None) -> CacheAnswer:

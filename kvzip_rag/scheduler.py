@@ -9,9 +9,10 @@ are decoded together in one forward pass (:func:`~kvzip_rag.batch.batched_forwar
 so does a closed one (``BatchRequest.close``, or a consumer that stops iterating), its cache reset.
 
 Locking: every step runs under the model's one lock (``QAService.lock``), so routing, loading, composing and the
-unbatched paths (conversations, indexing) interleave with steps; a request waits for its pieces on a ``Condition`` of
-that lock, which releases it fully meanwhile, so a caller that holds it (the composers do) never blocks the batch.
-The lock is a :class:`FairRLock`: between two steps every thread already waiting for it gets its turn.
+unbatched paths (conversations, indexing) interleave with steps; a request waits for its pieces with that lock let
+go (:func:`released`), so a caller that holds it (the composers do) never blocks the batch, and pieces reach it
+without taking the lock. The lock is a :class:`FairRLock`: between two steps every thread already waiting for it
+gets its turn.
 
 Memory: a request's cache is loaded before it is queued (loading is per request, under the lock, so one at a time);
 at most ``max_batch`` running and ``max_queue`` waiting requests hold caches, and a request beyond that is refused at
@@ -24,13 +25,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from .batch import batched_forward
 from .errors import InvalidArgumentError, KVzipError, QueueFullError
 from .evidence import EvidenceRecorder
-from .generate import AnswerStream, packed_forward
+from .generate import Answer, AnswerStream, packed_forward
 from .models import KVzipModel
 
 DEFAULT_MAX_BATCH = 8
@@ -110,6 +112,20 @@ class FairRLock:
         self._count = count
 
 
+@contextmanager
+def released(lock: threading.RLock | FairRLock) -> Iterator[None]:
+    """Let go of the calling thread's hold on ``lock`` (however many times it took it) meanwhile: a request waits for
+    its pieces this way, so the batch steps while its caller (e.g. a composer) holds the lock."""
+    if not lock._is_owned():
+        yield
+        return
+    state = lock._release_save()
+    try:
+        yield
+    finally:
+        lock._acquire_restore(state)
+
+
 def check_sizes(max_batch: int, max_queue: int) -> None:
     """Both must be positive integers (a one-line ``InvalidArgumentError``)."""
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
@@ -123,6 +139,7 @@ class BatchRequest:
 
     def __init__(self, scheduler: BatchScheduler, stream: AnswerStream) -> None:
         self.scheduler, self.stream = scheduler, stream
+        self.ready = threading.Condition()  # its own: a consumer waits for pieces without the model's lock
         self.decoding = stream.decoding()  # its clock starts at submission: queueing counts in time to first token
         self.recorder: EvidenceRecorder | None = None
         self.logits: torch.Tensor | None = None
@@ -131,15 +148,14 @@ class BatchRequest:
         self.error: BaseException | None = None
 
     @property
-    def result(self):
+    def result(self) -> Answer | None:
         return self.stream.result
 
     def __iter__(self) -> Iterator[str]:
-        condition = self.scheduler.condition
         try:
             while True:
-                with condition:
-                    condition.wait_for(lambda: self.pieces or self.finished)
+                with self.ready:
+                    self.ready.wait_for(lambda: self.pieces or self.finished)
                     if self.pieces:
                         piece = self.pieces.popleft()
                     elif self.error is not None:
@@ -170,8 +186,14 @@ class BatchRequest:
         self.stream.cache.reset()
         if done:
             self.stream.result = self.decoding.result(len(self.stream.prompt_ids), end, evidence)
-        self.error, self.finished = error, True
-        self.scheduler.condition.notify_all()
+        with self.ready:
+            self.error, self.finished = error, True
+            self.ready.notify_all()
+
+    def _post(self, piece: str) -> None:
+        with self.ready:
+            self.pieces.append(piece)
+            self.ready.notify_all()
 
 
 class BatchScheduler:
@@ -261,11 +283,10 @@ class BatchScheduler:
                 request._end(error)
                 continue
             if piece:
-                request.pieces.append(piece)
+                request._post(piece)
             if request.decoding.feed is None or request.decoding.done:
                 self._running.remove(request)
                 request._end(None, done=True)
-        self.condition.notify_all()
         if not self._running:
             return
         self.peak_batch = max(self.peak_batch, len(self._running))
