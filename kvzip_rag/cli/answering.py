@@ -10,6 +10,7 @@ The quoted evidence and the abstention notice go to stderr with the sources.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
@@ -188,22 +189,7 @@ def chat(
     interactive = sys.stdin.isatty()
     say("[dim]Ask a question; follow-ups continue the conversation, another topic brings in its document. /reset "
         "starts over, exit or Ctrl-D quits.[/dim]")
-    while True:
-        try:
-            question = _read_line(interactive)
-        except UnicodeError:  # one bad line is refused; the conversation goes on
-            say("[red]that line is not UTF-8 text: it was ignored; type the question again[/red]")
-            continue
-        if question is None or question.lower() in ("exit", "quit", "/exit", "/quit"):
-            break
-        if not question:
-            continue
-        if question == "/reset":
-            session.reset()
-            say("[dim]conversation reset[/dim]")
-            continue
-        if not interactive:
-            console.print(f"[bold green]you>[/bold green] {show(question)}")
+    for question in chat_questions(interactive, session.reset):
         try:
             plan = session.plan(question)
             if plan.change == "new":
@@ -257,6 +243,28 @@ def print_chat_footer(session, turn) -> None:
         say(f"[yellow]left {show(dropped.target.doc_id)} out of the conversation ({why})[/yellow]")
     say(f"[dim]{answer_figures(turn.answer, turn.info['cache_load_s'])} · turn {len(session.conversation.turns)} "
         f"· from {names}[/dim]")
+
+
+def chat_questions(interactive: bool, reset: Callable[[], None]) -> Iterator[str]:
+    """The questions typed into a chat (local or ``--server``): a line that is not UTF-8 is refused and the chat
+    goes on, ``exit``/``quit`` or the end of input ends it, ``/reset`` calls ``reset``; piped questions are echoed."""
+    while True:
+        try:
+            question = _read_line(interactive)
+        except UnicodeError:
+            say("[red]that line is not UTF-8 text: it was ignored; type the question again[/red]")
+            continue
+        if question is None or question.lower() in ("exit", "quit", "/exit", "/quit"):
+            return
+        if not question:
+            continue
+        if question == "/reset":
+            reset()
+            say("[dim]conversation reset[/dim]")
+            continue
+        if not interactive:
+            console.print(f"[bold green]you>[/bold green] {show(question)}")
+        yield question
 
 
 def _read_line(interactive: bool) -> str | None:

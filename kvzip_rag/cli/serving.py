@@ -100,25 +100,10 @@ def remote_ask(server: str, question: str, fields: dict) -> None:
 
 def remote_chat(server: str, fields: dict, interactive: bool) -> None:
     """``chat --server``: the conversation is kept here and sent whole each turn (the server replays it)."""
-    from .answering import _read_line
+    from .answering import chat_questions
 
     messages: list[tuple[str, str]] = []
-    while True:
-        try:
-            question = _read_line(interactive)
-        except UnicodeError:
-            say("[red]that line is not UTF-8 text: it was ignored; type the question again[/red]")
-            continue
-        if question is None or question.lower() in ("exit", "quit", "/exit", "/quit"):
-            break
-        if not question:
-            continue
-        if question == "/reset":
-            messages = []
-            say("[dim]conversation reset[/dim]")
-            continue
-        if not interactive:
-            console.print(f"[bold green]you>[/bold green] {show(question)}")
+    for question in chat_questions(interactive, messages.clear):
         console.print("[bold blue]kvzip>[/bold blue] ", end="")
         answer = remote_turn(server, [*messages, ("user", question)], fields, True)
         messages += [("user", question), ("assistant", answer.text)]
