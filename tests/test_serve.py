@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
@@ -242,6 +243,37 @@ def test_eight_concurrent_questions_each_get_their_own_answer_and_sources(served
     for doc, response in answers:
         assert [s["doc_id"] for s in response.model_extra["sources"]] == [doc]
         assert response.choices[0].message.content == expected[doc]
+
+
+def test_a_batching_server_answers_concurrent_questions_as_one_at_a_time(service, tiny_llama):
+    """``kvzip-rag serve --batching``: the server over a batching service; concurrent questions (plain and streamed)
+    decode together and each gets the answer and sources it gets alone."""
+    batching = QAService(service.store, tiny_llama, batching=True)
+    expected = {doc: local(service, question, 6) for doc, question in QUESTIONS.items()}
+    running = Served(batching)
+    try:
+        client = running.client()
+
+        def one(item):
+            (doc, question), streamed = item
+            if not streamed:
+                return doc, ask(client, question, max_tokens=6)
+            chunks = list(ask(client, question, max_tokens=6, stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+            return doc, SimpleNamespace(text=text, sources=last.model_extra["sources"])
+
+        work = [(item, i % 2 == 1) for i, item in enumerate(list(QUESTIONS.items()) * 2)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, work))
+        for doc, response in answers:
+            if isinstance(response, SimpleNamespace):
+                text, sources = response.text, response.sources
+            else:
+                text, sources = response.choices[0].message.content, response.model_extra["sources"]
+            assert [s["doc_id"] for s in sources] == [doc] and text == expected[doc]
+    finally:
+        running.stop()
 
 
 def test_a_request_past_the_timeout_is_a_504(service):

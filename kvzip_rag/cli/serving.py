@@ -26,6 +26,9 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0.001, metavar="SECONDS",
                                                   help="Most seconds a request may take (then 504).")] = None,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching",
+                                           help="Decode concurrent requests' answers together (continuous batching; "
+                                                "see the README's Batched answering).")] = False,
 ) -> None:
     """Serve the store over HTTP with the OpenAI chat-completions and completions API (streaming by SSE), plus
     /v1/documents and /health. Ctrl-C (or SIGTERM) stops it after the requests in flight."""
@@ -33,7 +36,7 @@ def serve(
 
     settings = settings_of(ctx)
     settings.open_store(create=True)  # a new store is fine: documents can be added through /v1/documents
-    service = settings.service()
+    service = settings.service(batching=batching)
     server = make_server(service, host, port, timeout=timeout)
     say(f"[bold]serving[/bold] {show(service.model.name)} over {show(settings.describe_store())} at "
         f"[cyan]http://{host}:{port}/v1[/cyan] [dim](Ctrl-C stops)[/dim]")

@@ -115,12 +115,13 @@ class Settings:
             raise CLIError(f"the blob folder {blobs.root} does not exist; check --blob-url (kvzip-rag index "
                            "creates it)")
 
-    def service(self, model=None):
-        """The core QA service over this store and model (loads the model unless given)."""
+    def service(self, model=None, **options):
+        """The core QA service over this store and model (loads the model unless given); ``options``: more
+        ``QAService`` arguments (``batching=True`` for the server)."""
         from kvzip_rag.qa import QAService
 
         model = model or self.load_model()  # the model first: its errors come before the store's
-        return QAService(self.open_store(), model, ratio=self.ratio, level=self.level)
+        return QAService(self.open_store(), model, ratio=self.ratio, level=self.level, **options)
 
     def describe_store(self) -> str:
         blobs = f" (blobs at {self.blob_url})" if self.blob_url else ""
