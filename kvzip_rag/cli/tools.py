@@ -133,11 +133,15 @@ class Found:
 
 
 def _answer(qa, question: str, max_tokens: int) -> Found:
-    """One demo question through the core service (the routed best segment answers; tokens stream live)."""
+    """One demo question through the core service (the routed best segment answers; tokens stream live, then the
+    evidence it rests on, or the abstention)."""
+    from .answering import print_evidence
+
     routing = route(qa, question, 1, None)
     console.print("[bold blue]A:[/bold blue] ", end="")
     stream = qa.stream(question, targets=routing.targets, max_new_tokens=max_tokens)
     stream_to_console(stream)
+    print_evidence(stream.result, streamed=True)
     best = stream.result.best
     cache, _, _ = qa.load(best.target)  # served from the store's LRU: for the figures below
     return Found(best.doc_id, best.answer, cache, routing.seconds, best.cache_load_s, best.bytes_loaded)
