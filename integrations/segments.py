@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from kvzip_rag.abstain import GROUNDING_OPTIONS
 from kvzip_rag.answers import Citation, Target
 from kvzip_rag.budget import CacheKind, select_cache
 from kvzip_rag.qa import QAService
 
-# Answer options the adapters forward to the service unchanged, for the service to check (the grounding options of
-# ``QAService.answer``: ``evidence=False``, ``abstain_threshold=``, ``abstain_text=``); everything else, quote mode's
+# Answer options the adapters forward to the service unchanged, for the service to check: the grounding options of
+# ``QAService.answer`` (``evidence=False``, ``abstain_threshold=``, ``abstain_text=``); everything else, quote mode's
 # ``answer_style`` included, is a sampling option.
-SERVICE_OPTIONS = ("evidence", "abstain_threshold", "abstain_text")
+SERVICE_OPTIONS = GROUNDING_OPTIONS
 
 # Metadata keys the adapters write (hidden from embedding models and LLM prompts in LlamaIndex).
 TECHNICAL_KEYS = (
@@ -61,13 +62,3 @@ def citation_metadata(citation: Citation) -> dict:
     the segment's text), how much of the answer's evidence points at it (``weight``), ``citation`` True."""
     return {"doc_id": citation.doc_id, "segment_index": citation.segment_index, "start": citation.start,
             "end": citation.end, "weight": citation.weight, "citation": True}
-
-
-def grounding(result: Any) -> dict:
-    """``citations`` (dicts, best first) and ``abstained`` of a :class:`kvzip_rag.answers.QAResult` (or None)."""
-    if result is None:
-        return {"citations": [], "abstained": False}
-    out = {"citations": [c.as_dict() for c in result.citations], "abstained": bool(result.abstained)}
-    if result.abstained:
-        out.update(candidate_answer=result.candidate, abstain_text=result.abstain_text)
-    return out

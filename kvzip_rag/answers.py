@@ -194,11 +194,20 @@ class QAResult:
             "composed_node_ids": [t.node_id for t in (best.target, *best.also)],
             "dropped_node_ids": [t.node_id for t in self.dropped],
             "no_evidence_node_ids": [t.node_id for t in self.no_evidence],
-            "citations": [c.as_dict() for c in self.citations], "abstained": self.abstained,
-            "evidence_score": self.evidence_score, "evidence_features": dict(self.evidence_features),
-            **({"candidate_answer": self.candidate} if self.abstained else {}),
+            **grounding_metadata(self), "evidence_features": dict(self.evidence_features),
             "answers": [a.as_dict() for a in self.answers],
         }
+
+
+def grounding_metadata(grounded: Any) -> dict:
+    """What an answer rests on, as every interface's metadata shows it: ``citations`` (dicts, best first),
+    ``abstained``, ``evidence_score`` and, abstained, ``candidate_answer`` and ``abstain_text``. ``grounded``: a
+    :class:`QAResult` or a conversation's ``Turn`` (both have these attributes)."""
+    out = {"citations": [c.as_dict() for c in grounded.citations], "abstained": grounded.abstained,
+           "evidence_score": grounded.evidence_score}
+    if grounded.abstained:
+        out.update(candidate_answer=grounded.candidate, abstain_text=grounded.abstain_text)
+    return out
 
 
 def choose_best(answers: Sequence[CacheAnswer]) -> int:

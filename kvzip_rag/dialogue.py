@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .answers import grounding_metadata
 from .errors import ContextTooLongError, InvalidArgumentError
 from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_question, check_sampling, get_composer
 from .language import STOPWORDS, words
@@ -240,15 +241,14 @@ class Turn:
     def citations(self) -> list:
         return list(self.assessment.citations) if self.assessment is not None else []
 
-    def grounding(self) -> dict:
-        """``citations`` (dicts), ``abstained``, ``evidence_score`` and (abstained) ``candidate_answer`` and
-        ``abstain_text``: the same keys a :class:`~kvzip_rag.answers.QAResult`'s metadata has."""
-        found = self.assessment
-        out = {"citations": [c.as_dict() for c in self.citations], "abstained": self.abstained,
-               "evidence_score": found.score if found is not None else None}
-        if self.abstained:
-            out.update(candidate_answer=self.answer.text, abstain_text=self.abstain_text)
-        return out
+    @property
+    def evidence_score(self) -> float | None:
+        return self.assessment.score if self.assessment is not None else None
+
+    @property
+    def candidate(self) -> str:
+        """The generated answer, abstained or not (as :attr:`QAResult.candidate`)."""
+        return self.answer.text
 
 
 @dataclass
@@ -393,7 +393,7 @@ class ChatSession:
             )
             turn = Turn(result, info, documents, plan.routed, change, dropped, cached, replayed, found,
                         grounding.abstain_text)
-            info.update(turn.grounding())
+            info.update(grounding_metadata(turn))
             return turn
 
     def _cache(self, documents: list[Target], turns: list[tuple[str, str]], question: str, max_new: int,

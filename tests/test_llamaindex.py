@@ -328,7 +328,6 @@ def test_cited_spans_are_the_source_nodes_with_citation_metadata(index):
     """An answer with citations: one source node per cited span (text = the span, score = its weight, metadata
     where it is), as llama-index's CitationQueryEngine gives chunk nodes; the response metadata lists them."""
     from kvzip_rag.integrations.llamaindex.nodes import source_nodes
-    from kvzip_rag.integrations.llamaindex.query_engine import response_metadata
 
     question = "When does the harbour bakery open?"
     result = _cited(index, question)
@@ -344,12 +343,12 @@ def test_cited_spans_are_the_source_nodes_with_citation_metadata(index):
     assert node.ref_doc_id == "harbour" and node.metadata["topic"] == "harbour"  # the segment's metadata kept
     assert len({n.node.node_id for n in sources}) == 2 and "harbour:0" not in {n.node.node_id for n in sources}
     assert "start" in node.excluded_llm_metadata_keys and "topic" not in node.excluded_llm_metadata_keys
-    meta = response_metadata(result, 0.01)
+    meta = result.metadata(0.01)
     assert meta["citations"] == [c.as_dict() for c in result.citations] and meta["abstained"] is False
     assert meta["composed_node_ids"] == result.metadata()["composed_node_ids"]  # the usual figures stay
     result.citations, result.abstained = [], True  # an abstention without evidence: the routed segments stay
     assert [n.node.node_id for n in source_nodes(result, routed)] == [n.node.node_id for n in routed]
-    assert response_metadata(result, None)["abstained"] is True
+    assert result.metadata(None)["abstained"] is True
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -24,7 +24,7 @@ from kvzip_rag.answers import QAResult
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAService, Target
 
-from ..segments import grounding, segment_metadata
+from ..segments import segment_metadata
 
 
 def build_service(values: dict) -> QAService:
@@ -65,13 +65,12 @@ def with_grounding(sources: list[Document], result: QAResult | None) -> list[Doc
     (its cited spans as dicts, best first; ``[]`` for a segment not cited) and ``abstained``."""
     if result is None or not (result.citations or result.abstained):
         return sources
-    found = grounding(result)
     out = []
     for doc in sources:
         node_id = target_of(doc).node_id
-        spans = [c for c in found["citations"] if c["node_id"] == node_id]
+        spans = [c.as_dict() for c in result.citations if c.node_id == node_id]
         out.append(Document(page_content=doc.page_content, id=doc.id,
-                            metadata={**doc.metadata, "citations": spans, "abstained": found["abstained"]}))
+                            metadata={**doc.metadata, "citations": spans, "abstained": result.abstained}))
     return out
 
 

@@ -16,12 +16,13 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
+from kvzip_rag.answers import grounding_metadata
 from kvzip_rag.bridge import apush_in_thread
 from kvzip_rag.dialogue import ChatSession, fold_messages
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAService, Target, get_composer
 
-from ..segments import SERVICE_OPTIONS, grounding
+from ..segments import SERVICE_OPTIONS
 from ._service import build_service, documents_in, target_of
 
 
@@ -285,9 +286,8 @@ class ChatKVzip(BaseChatModel):
                      "compose": result.compose, "strategy": info["strategy"],
                      "composed_node_ids": info["composed_node_ids"], "dropped_node_ids": info["dropped_node_ids"]}
             cached_read = document_tokens
-            extra_grounding = grounding(result)
+            extra_grounding = grounding_metadata(result)
         else:
-            result = None  # a conversation turn: its grounding comes with the turn
             layout = getattr(get_composer(compose), "layout", None) if compose is not None else None
             key = self._session_key(doc_ids, dialogue.turns, layout)
             session = self._sessions.pop(key, None) if self.reuse_conversations else None
@@ -306,7 +306,7 @@ class ChatKVzip(BaseChatModel):
                     self._sessions.popitem(last=False)
             info = turn.info
             turn_answer, target, used = turn.answer, turn.documents[0], turn.documents
-            extra_grounding = turn.grounding()
+            extra_grounding = grounding_metadata(turn)
             document_tokens = session.conversation.cache.info.base_length
             cached_read = turn.cached_tokens
             usage_in = turn.cached_tokens + turn.replayed_tokens + turn_answer.prompt_tokens

@@ -16,7 +16,7 @@ from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import Composer, QAResult, Target, get_composer
 
-from ..segments import answer_options, grounding
+from ..segments import answer_options
 from .nodes import source_nodes, targets_of
 from .tracing import Trace, retrieval
 
@@ -148,7 +148,7 @@ class KVzipQueryEngine(BaseQueryEngine):
                 trace.fail(error)
                 raise
             response = Response(result.text, source_nodes=source_nodes(result, nodes) + extra,
-                                metadata=response_metadata(result, retrieve_s))
+                                metadata=result.metadata(retrieve_s))
             trace.end(result.text, result, response)
             return response
         stream = qa.stream(question, targets=targets, compose=self._compose, **self._options)
@@ -157,7 +157,7 @@ class KVzipQueryEngine(BaseQueryEngine):
 
         def finish(response) -> None:
             if stream.result is not None:
-                metadata.update(response_metadata(stream.result, retrieve_s))
+                metadata.update(stream.result.metadata(retrieve_s))
                 sources[:] = source_nodes(stream.result, nodes) + extra
                 trace.end(stream.result.text, stream.result, response)
 
@@ -188,7 +188,3 @@ def _targets(nodes: Sequence[NodeWithScore]) -> list[Target]:
     """Targets of nodes handed to ``synthesize`` from outside (none when there are none: nothing is answered)."""
     return targets_of(nodes) if nodes else []
 
-
-def response_metadata(result: QAResult, retrieve_s: Optional[float]) -> dict:
-    """A response's metadata: :meth:`QAResult.metadata` with ``citations`` (dicts, best first) and ``abstained``."""
-    return {**result.metadata(retrieve_s), **grounding(result)}

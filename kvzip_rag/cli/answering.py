@@ -101,7 +101,7 @@ def ask(
 
 def print_evidence(result, streamed: bool, quoted: bool = False) -> None:
     """The abstention (a ``streamed`` text was only the candidate), then the evidence, dim, by document (a
-    ``quoted`` answer's exact place in the stored text)."""
+    ``quoted`` answer's exact place in the stored text). ``result``: a ``QAResult`` or a chat ``Turn``."""
     if result.abstained:
         candidate = "the answer above" if streamed else f"the candidate “{show(result.candidate)}”"
         say(f"[bold yellow]{show(result.abstain_text)}[/bold yellow] [dim](evidence score "
@@ -203,7 +203,7 @@ def chat(
                 session.conversation.reset()
                 say("[yellow]the conversation filled the model's window: it starts over from the document[/yellow]")
                 turn = _turn(session, question, None)
-            print_turn_evidence(turn)
+            print_evidence(turn, streamed=True)
             print_chat_footer(session, turn)
         except CLIError as error:  # e.g. no document matches: say so and keep the loop going
             say(f"[red]{show(str(error))}[/red]")
@@ -218,14 +218,6 @@ def _turn(session, question: str, plan):
     holder = []
     stream_to_console(push_in_thread(work))
     return holder[0]
-
-
-def print_turn_evidence(turn) -> None:
-    """A chat turn's abstention and quoted evidence, as ``ask`` prints them."""
-    if turn.abstained:
-        say(f"[bold yellow]{show(turn.text)}[/bold yellow] [dim](evidence score {turn.assessment.score:.2f} is "
-            "below the abstention threshold: the answer above is not supported by the documents)[/dim]")
-    print_citations(turn.citations)
 
 
 _CHANGES = {"new": "talking about", "recomposed": "now talking about", "switched": "switched to"}

@@ -98,20 +98,13 @@ class Answering:
     def _chat(self, request: AnswerRequest, emit: Any) -> None:
         """A conversation's last turn: earlier turns replayed into the routed caches
         (:class:`kvzip_rag.dialogue.ChatSession`), then graded as ``ask`` grades them."""
-        from kvzip_rag.abstain import Grounding, assess
         from kvzip_rag.dialogue import ChatSession
-        from kvzip_rag.evidence import recording
 
         service = self.service_for(request.ratio)
-        grounding = Grounding(**request.grounding)
-        session = ChatSession(service, k=request.k, doc_ids=request.doc_ids, sampling=request.sampling,
-                              compose=request.compose)
-        with recording(grounding.evidence):
-            turn = session.ask(request.question, history=request.turns, emit=emit)
-        found = assess(service, turn.answer, turn.documents, turn.routed, grounding)
-        abstained = bool(found and found.abstained)
-        emit(Outcome(grounding.abstain_text if abstained else turn.answer.text,
-                     finish_reason(turn.answer.finish_reason), [source(t) for t in turn.documents],
-                     _citations(found.citations) if found else [], abstained,
+        session = ChatSession(service, k=request.k, doc_ids=request.doc_ids,
+                              sampling={**request.sampling, **request.grounding}, compose=request.compose)
+        turn = session.ask(request.question, history=request.turns, emit=emit)  # records and grades its evidence
+        emit(Outcome(turn.text, finish_reason(turn.answer.finish_reason), [source(t) for t in turn.documents],
+                     _citations(turn.citations), turn.abstained,
                      turn.cached_tokens + turn.replayed_tokens + turn.answer.prompt_tokens,
                      len(turn.answer.token_ids)))
