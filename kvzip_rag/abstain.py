@@ -6,7 +6,10 @@ The evidence score of an answer is a logistic model over what answering already 
   prefix or the question and answer tokens (:class:`~kvzip_rag.evidence.Evidence`);
 - ``top_weight``: the best-attended citation's share of that document mass (evidence concentrated in one sentence);
 - ``mean_logprob``: the answer tokens' mean log-probability;
-- ``routing_score``: the best routed segment's full-text (BM25) score, 0 when routing fell back or was skipped;
+- ``question_coverage``: the share of the question's search terms (:func:`~kvzip_rag.language.query_terms`) that
+  occur in the text of the segments that answered (:func:`question_coverage`). It replaces the routing's BM25
+  score, which depends on the store (its term weights come from the other documents: in a store of three
+  documents every score is low), so the same question and document now get the same score in any store;
 - ``refusal``: 1 when the candidate itself says the context does not tell (:func:`~kvzip_rag.answers.is_refusal`).
 
 Its coefficients and the default threshold are fitted on shared SQuAD data (answerable: a question asked of a store
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from .answers import Citation, QAResult, Target, is_refusal
 from .errors import InvalidArgumentError
+from .language import query_terms, words
 
 if TYPE_CHECKING:  # the evidence module imports torch: only when an answer is grounded
     from .evidence import Evidence
@@ -36,7 +40,7 @@ if TYPE_CHECKING:  # the evidence module imports torch: only when an answer is g
 
 CALIBRATION_FILE = Path(__file__).with_name("abstain_calibration.json")
 DEFAULT_ABSTAIN_TEXT = "The documents do not say."
-FEATURES = ("document_share", "top_weight", "mean_logprob", "routing_score", "refusal")
+FEATURES = ("document_share", "top_weight", "mean_logprob", "question_coverage", "refusal")
 NO_EVIDENCE_SHARE = 0.1  # a composed document with less of the documents' attention than this gave no evidence
 
 
@@ -121,11 +125,19 @@ def split_grounding(options: dict, base: Grounding | None = None) -> tuple[dict,
     return rest, replace(base or Grounding(), **named)
 
 
-def features(evidence: Evidence, top_weight: float, mean_logprob: float | None, routing_score: float | None,
+def question_coverage(question: str, texts: Sequence[str]) -> float:
+    """The share of ``question``'s search terms found among the words of ``texts`` (the answering segments): how
+    well the documents match the question, by nothing but the question and those documents."""
+    terms = query_terms(question)
+    found = {w for text in texts for w in words(text)}
+    return sum(term in found for term in terms) / len(terms) if terms else 0.0
+
+
+def features(evidence: Evidence, top_weight: float, mean_logprob: float | None, coverage: float,
              refusal: bool) -> list[float]:
     """The values of :data:`FEATURES` for one answer (a missing log-probability, i.e. an empty answer, is -10)."""
-    return [evidence.document_share, top_weight, mean_logprob if mean_logprob is not None else -10.0,
-            routing_score or 0.0, float(refusal)]
+    return [evidence.document_share, top_weight, mean_logprob if mean_logprob is not None else -10.0, coverage,
+            float(refusal)]
 
 
 @dataclass(frozen=True)
@@ -140,11 +152,11 @@ class Assessment:
     abstained: bool
 
 
-def assess(service: QAService, answer: Answer, used: Sequence[Target], routed: Sequence[Target],
+def assess(service: QAService, question: str, answer: Answer, used: Sequence[Target],
            grounding: Grounding) -> Assessment | None:
-    """Read ``answer``'s recorded evidence (None if it recorded none): ``used`` are the documents of the cache
-    that answered in its order (target, then ``also``), ``routed`` every routed segment (for the routing score).
-    Any answer of a service can be assessed this way, a chat turn's too."""
+    """Read ``answer``'s (to ``question``) recorded evidence (None if it recorded none): ``used`` are the documents
+    of the cache that answered in its order (target, then ``also``). Any answer of a service can be assessed this
+    way, a chat turn's too."""
     from .evidence import citations, verified
 
     evidence = answer.evidence
@@ -158,9 +170,8 @@ def assess(service: QAService, answer: Answer, used: Sequence[Target], routed: S
     if len(used) > 1:  # the best-attended document always stays
         shares = evidence.shares()
         no_evidence = tuple(t for t, share in zip(used, shares) if share < min(NO_EVIDENCE_SHARE, max(shares)))
-    routing = max((t.score for t in routed if t.score is not None and t.routing == "search"), default=0.0)
-    values = features(evidence, max((c.weight for c in cited), default=0.0), answer.mean_logprob, routing,
-                      is_refusal(answer.text))
+    values = features(evidence, max((c.weight for c in cited), default=0.0), answer.mean_logprob,
+                      question_coverage(question, [text for _, text in documents]), is_refusal(answer.text))
     score = (grounding.calibration or default_calibration()).probability(values)
     threshold = grounding.threshold
     return Assessment(cited, no_evidence, dict(zip(FEATURES, values)), score,
@@ -170,7 +181,7 @@ def assess(service: QAService, answer: Answer, used: Sequence[Target], routed: S
 def ground(service: QAService, result: QAResult, grounding: Grounding) -> QAResult:
     """Fill ``result``'s citations, evidence score and abstention from the chosen answer's recorded evidence."""
     best = result.best
-    found = assess(service, best.answer, [best.target, *best.also], result.targets, grounding)
+    found = assess(service, result.question, best.answer, [best.target, *best.also], grounding)
     if found is not None:
         result.citations, result.no_evidence = found.citations, found.no_evidence
         result.evidence_features, result.evidence_score = found.features, found.score

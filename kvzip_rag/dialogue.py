@@ -380,7 +380,7 @@ class ChatSession:
                 if emit is not None:
                     emit(piece)
             result = stream.result
-            found = assess(service, result, documents, plan.routed, grounding)
+            found = assess(service, question, result, documents, grounding)
             info.update(
                 ttft_s=result.time_to_first_token_s, decode_s=result.decode_s, ratio=cache.info.ratio,
                 level=cache.info.level, kept_ratio=cache.kept_ratio, cache_bytes=cache.nbytes,

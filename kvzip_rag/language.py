@@ -22,6 +22,15 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in WORD.findall(text or "")]
 
 
+def query_terms(query: str, max_terms: int = 32) -> list[str]:
+    """Lower-cased words of a free-text question, stop words dropped (all kept if nothing else is left): what
+    full-text search matches, and what an answer's question coverage counts (:mod:`kvzip_rag.abstain`)."""
+    found = words(query)
+    kept = [w for w in found if w not in STOPWORDS] or found
+    unique = list(dict.fromkeys(kept))
+    return unique[:max_terms]
+
+
 def trimmed(text: str, start: int, end: int) -> tuple[int, int] | None:
     """``text[start:end]`` without its surrounding white space, as a span (None when nothing is left)."""
     while start < end and text[start].isspace():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from kvzip_rag.language import STOPWORDS, words
+from kvzip_rag.language import query_terms
 
 from .schema import Document, Segment
 
@@ -17,14 +17,6 @@ from .schema import Document, Segment
 # while the rarer ones match more than this many segments; a query of only such terms ranks the first MATCH_BUDGET
 # segments that hold its rarest term. Stores where every query matches fewer segments rank exactly.
 MATCH_BUDGET = 1_000
-
-
-def query_terms(query: str, max_terms: int = 32) -> list[str]:
-    """Lower-cased words of a free-text question, stop words dropped (all kept if nothing else is left)."""
-    found = words(query)
-    kept = [w for w in found if w not in STOPWORDS] or found
-    unique = list(dict.fromkeys(kept))
-    return unique[:max_terms]
 
 
 def search_segments(

@@ -180,6 +180,34 @@ def test_default_threshold_is_the_calibrated_one():
     assert calibration.fitted_on["ratio"] == 0.3 and calibration.fitted_on["questions"] > 0
 
 
+def test_question_coverage_counts_the_search_terms_the_answering_text_holds():
+    assert abstain.question_coverage("Who built the harbour?", [TEXT]) == 1.0  # "who", "the": stop words
+    assert abstain.question_coverage("Who built the bakery?", [TEXT]) == 0.5
+    assert abstain.question_coverage("Who built the bakery?", [TEXT, OTHER]) == 1.0
+    assert abstain.question_coverage("Who built the harbour?", [OTHER]) == 0.0
+
+
+def test_the_same_answer_gets_the_same_score_in_a_store_of_3_and_of_30(tiny_model_dir, tmp_path):  # noqa: F811
+    """The evidence score (and so the decision) depends on the question and the answering document, not on how
+    many other documents the store holds (BM25's term weights do)."""
+    from conftest import service_over
+
+    model = kvzip_rag.load_model(str(tiny_model_dir), threads=1)
+    filler = {f"market-{i}": f"The market of village {i} sells apples and pears on Tuesdays." for i in range(27)}
+    results = []
+    for name, docs in (("three", DOCS), ("thirty", {**DOCS, **filler})):
+        service = service_over(model, tmp_path / name, docs, ratio=0.5)
+        assert len(service.store) == len(docs)
+        result = service.answer("Who built the harbour of Velmora?", max_new_tokens=4)
+        assert result.best.target.doc_id == "harbour" and result.targets[0].routing == "search"
+        results.append(result)
+    small, large = results
+    assert small.targets[0].score != pytest.approx(large.targets[0].score)  # the routing score differs
+    assert small.evidence_features == large.evidence_features
+    assert small.evidence_score == pytest.approx(large.evidence_score)
+    assert small.abstained == large.abstained
+
+
 @pytest.mark.parametrize("options", [{"abstain_threshold": 1.5}, {"abstain_threshold": "high"},
                                      {"evidence": "yes"}, {"abstain_text": " "}])
 def test_bad_grounding_options_are_refused(service, options):
