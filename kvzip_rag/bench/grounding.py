@@ -146,11 +146,14 @@ class GroundingTask:
             self.add(set_name, question, doc_id, method.label, DEFAULT_ABSTAIN_TEXT if dropped else result.text,
                      meta["answer_tokens"], (result.retrieve_s or 0.0) + result.cache_load_s + meta["ttft_s"], total,
                      result.abstained or dropped, cited,
-                     None if not cited or gold_docs is None else float(cited[0]["doc_id"] in gold_docs))
+                     None if not cited or gold_docs is None else float(cited[0]["doc_id"] in gold_docs),
+                     {"evidence_features": result.evidence_features, "evidence_score": result.evidence_score,
+                      "answered_from": [t.doc_id for t in result.used]})
 
     def add(self, set_name, question, doc_id, method, text, tokens, ttft_s, total_s, abstained, citations,
-            citation_in_gold=None) -> None:
-        """One answer's row; ``citations`` as dicts, best first (``None``: a method that never cites)."""
+            citation_in_gold=None, grounding: dict | None = None) -> None:
+        """One answer's row; ``citations`` as dicts, best first (``None``: a method that never cites);
+        ``grounding``: what the abstention decision read (kept so it can be re-scored, e.g. by a refit)."""
         citation = citations[0] if citations else None
         golds = question.answers
         row = {"set": set_name, "qid": question.id, "doc": doc_id, "method": method, "question": question.question,
@@ -159,7 +162,7 @@ class GroundingTask:
                "answer_tokens": tokens, "ttft_s": ttft_s, "total_s": total_s, "citation": citation,
                "citations": citations,
                "citation_has_gold": (best_over(contains_gold, citation["text"], golds) if citation else None),
-               "citation_in_gold": citation_in_gold}
+               "citation_in_gold": citation_in_gold, **(grounding or {})}
         self.rows.append(row)
 
     def chunk_rag(self, question: bench_data.Question, doc_id: str, retriever) -> None:
