@@ -208,6 +208,24 @@ def test_the_same_answer_gets_the_same_score_in_a_store_of_3_and_of_30(tiny_mode
     assert small.abstained == large.abstained
 
 
+def test_the_calibration_fit_separates_and_keeps_answerable_abstention_low():
+    from kvzip_rag.bench.abstention import calibrate, cross_validated
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for article in range(10):
+        for answerable in (True, False) * 10:
+            noise = torch.rand(5, generator=generator).tolist()
+            coverage = (0.6 if answerable else 0.1) + 0.3 * noise[3]  # the only feature that tells them apart
+            rows.append({"article": f"a{article}", "answerable": answerable,
+                         "features": [noise[0], noise[1], -noise[2], coverage, 0.0]})
+    model = calibrate(rows, answerable_abstention=0.05)
+    assert model.weights[3] > 0 and model.probability([0.5, 0.5, -0.5, 0.85, 0.0]) > model.threshold
+    held = cross_validated(rows, folds=2, answerable_abstention=0.05)
+    assert held["unanswerable_abstained"] == 1.0 and held["answerable_abstained"] <= 0.1
+    assert held["n_answerable"] == held["n_unanswerable"] == 100
+
+
 @pytest.mark.parametrize("options", [{"abstain_threshold": 1.5}, {"abstain_threshold": "high"},
                                      {"evidence": "yes"}, {"abstain_text": " "}])
 def test_bad_grounding_options_are_refused(service, options):

@@ -128,6 +128,11 @@ def test_composition_does_not_import_the_service(above):
     assert _reaches(above, "kvzip_rag.qa") is None, _reaches(above, "kvzip_rag.qa")
 
 
+def test_abstention_does_not_import_the_service():
+    """qa -> abstain, never back: fitting the calibration, which answers through the service, is a bench module."""
+    assert _reaches("kvzip_rag.abstain", "kvzip_rag.qa") is None, _reaches("kvzip_rag.abstain", "kvzip_rag.qa")
+
+
 def test_the_llamaindex_engines_reach_no_private_index_member():
     """The retriever, the engines and persistence call the service (``index.qa``) and the index's public members,
     never its private ones (``index._store``, ``self._index._qa``)."""
