@@ -136,6 +136,18 @@ def test_extra_body_fields_route_and_compose_on_the_server(served, service):
         question, max_new_tokens=6).text
 
 
+def test_abstain_text_is_an_extra_body_field(served, service):
+    question = QUESTIONS["morrow.txt"]
+    said = "Not in the documents."
+    response = ask(served.client(), question, max_tokens=6,
+                   extra_body={"abstain_threshold": 1.0, "abstain_text": said})
+    assert response.model_extra["abstained"] is True and response.choices[0].message.content == said
+    assert response.choices[0].message.content == local(service, question, 6, abstain_threshold=1.0,
+                                                         abstain_text=said)
+    with pytest.raises(openai.BadRequestError, match="abstain_text"):
+        ask(served.client(), question, max_tokens=6, extra_body={"abstain_text": " "})
+
+
 def test_chat_history_is_replayed_and_answered_as_a_session_does(served, service):
     from kvzip_rag.dialogue import ChatSession
 
