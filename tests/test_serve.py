@@ -288,6 +288,51 @@ def test_a_batching_server_answers_concurrent_questions_as_one_at_a_time(service
         running.stop()
 
 
+ASKED = ["When was the {thing} of {town} opened?", "Who opened the {thing} of {town}?",
+         "At what hour do visitors come to the {thing} of {town}?", "Which engineer built the {thing} of {town}?",
+         "What is in {town}?", "Tell me about the {thing} of {town}.", "Is the {thing} of {town} old?",
+         "Who is Ansel {town}son?"]
+
+
+def test_sixty_four_concurrent_clients_get_their_own_answers_and_sources(service, tiny_llama):
+    """64 distinct questions (8 per document, different lengths) at once against a batching server: each answer
+    and its sources equal that question's one-at-a-time answer (no cross-talk), and every request ends (no hang:
+    the client's timeout and the pool's wait bound the test)."""
+    from concurrent.futures import wait
+
+    work = [(f"{town.lower()}.txt", asked.format(town=town, thing=thing), 3 + n % 6, n % 2 == 1)
+            for n, ((town, thing), asked) in enumerate((pair, asked) for pair in zip(TOWNS, THINGS) for asked in ASKED)]
+    assert len({question for _, question, _, _ in work}) == 64
+    expected = {question: service.answer(question, max_new_tokens=tokens) for _, question, tokens, _ in work}
+    batching = QAService(service.store, tiny_llama, batching=True)
+    running = Served(batching)
+    try:
+        client = running.client(timeout=60)
+
+        def one(item):
+            _, question, tokens, streamed = item
+            if not streamed:
+                response = ask(client, question, max_tokens=tokens)
+                return response.choices[0].message.content, response.model_extra["sources"]
+            chunks = list(ask(client, question, max_tokens=tokens, stream=True))
+            last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), last.model_extra["sources"]
+
+        with ThreadPoolExecutor(64) as pool:
+            futures = [pool.submit(one, item) for item in work]
+            done, pending = wait(futures, timeout=120)
+        assert not pending, f"{len(pending)} of 64 requests hung"
+        assert batching.scheduler.peak_batch > 1  # answers were decoded together
+        for (doc, question, _, _), future in zip(work, futures):
+            text, sources = future.result()
+            alone = expected[question]
+            assert text == alone.text, question
+            assert [(s["doc_id"], s["segment_index"]) for s in sources] == [
+                (t.doc_id, t.segment_index) for t in alone.used], question
+    finally:
+        running.stop()
+
+
 def test_a_request_past_the_timeout_is_a_504(service):
     running = Served(service, timeout=0.001)
     try:
