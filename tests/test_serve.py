@@ -446,3 +446,30 @@ def test_bench_serve_task_measures_the_api_beside_the_server_and_ask_server(tmp_
     for key in ("api_ttft_s", "http_ttft_s", "http_over_api", "cli_first_token_s", "cli_wall_s", "cli_over_http"):
         assert result[key]["n"] == 3 and result[key]["low"] <= result[key]["median"] <= result[key]["high"], key
     assert result["documents"] == 3 and "HTTP / API TTFT" in markdown(result)
+
+
+def test_bench_serve_http_sweep_rows_table_and_plot(tmp_path, tiny_model_dir):  # noqa: F811
+    import json
+
+    from kvzip_rag.bench.serve_sweep import plot
+    from kvzip_rag.bench.serving import markdown, run_serve
+
+    squad = tmp_path / "data" / "squad"
+    squad.mkdir(parents=True)
+    articles = [{"title": doc, "paragraphs": [{"context": DOCS[doc], "qas": [
+        {"id": doc, "question": QUESTIONS[doc], "answers": []}]}]} for doc in list(DOCS)[:3]]
+    (squad / "dev-v1.1-even-articles.json").write_text(json.dumps({"data": articles}))
+    result = run_serve(str(tiny_model_dir), tmp_path / "data", threads=1, tokens=3, log=lambda _: None,
+                       overhead=False, sweep={"clients": (1, 2), "requests": 3, "tokens": 3,
+                                              "servers": ("serial", "batched")})
+    rows = result["sweep"]["rows"]
+    assert [(r["server"], r["clients"]) for r in rows] == [("serial", 1), ("serial", 2), ("batched", 1),
+                                                          ("batched", 2)]
+    for row in rows:
+        assert row["n"] == 3 and row["failed"] == 0 and row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["ttft_p50_s"] <= row["latency_p95_s"]
+    assert "| batched | 2 | 3 | 0 |" in markdown(result) and "api_ttft_s" not in result
+    assert plot(result["sweep"], tmp_path).stat().st_size > 0
+    cut = run_serve(str(tiny_model_dir), tmp_path / "data", threads=1, log=lambda _: None, overhead=False,
+                    sweep={"servers": ("serial",), "budget_s": 0})
+    assert cut["sweep"]["cut"] and cut["sweep"]["rows"] == []
