@@ -136,6 +136,18 @@ def test_extra_body_fields_route_and_compose_on_the_server(served, service):
         question, max_new_tokens=6).text
 
 
+def test_abstain_text_is_an_extra_body_field(served, service):
+    question = QUESTIONS["morrow.txt"]
+    said = "Not in the documents."
+    response = ask(served.client(), question, max_tokens=6,
+                   extra_body={"abstain_threshold": 1.0, "abstain_text": said})
+    assert response.model_extra["abstained"] is True and response.choices[0].message.content == said
+    assert response.choices[0].message.content == local(service, question, 6, abstain_threshold=1.0,
+                                                         abstain_text=said)
+    with pytest.raises(openai.BadRequestError, match="abstain_text"):
+        ask(served.client(), question, max_tokens=6, extra_body={"abstain_text": " "})
+
+
 def test_chat_history_is_replayed_and_answered_as_a_session_does(served, service):
     from kvzip_rag.dialogue import ChatSession
 
@@ -276,6 +288,51 @@ def test_a_batching_server_answers_concurrent_questions_as_one_at_a_time(service
         running.stop()
 
 
+ASKED = ["When was the {thing} of {town} opened?", "Who opened the {thing} of {town}?",
+         "At what hour do visitors come to the {thing} of {town}?", "Which engineer built the {thing} of {town}?",
+         "What is in {town}?", "Tell me about the {thing} of {town}.", "Is the {thing} of {town} old?",
+         "Who is Ansel {town}son?"]
+
+
+def test_sixty_four_concurrent_clients_get_their_own_answers_and_sources(service, tiny_llama):
+    """64 distinct questions (8 per document, different lengths) at once against a batching server: each answer
+    and its sources equal that question's one-at-a-time answer (no cross-talk), and every request ends (no hang:
+    the client's timeout and the pool's wait bound the test)."""
+    from concurrent.futures import wait
+
+    work = [(f"{town.lower()}.txt", asked.format(town=town, thing=thing), 3 + n % 6, n % 2 == 1)
+            for n, ((town, thing), asked) in enumerate((pair, asked) for pair in zip(TOWNS, THINGS) for asked in ASKED)]
+    assert len({question for _, question, _, _ in work}) == 64
+    expected = {question: service.answer(question, max_new_tokens=tokens) for _, question, tokens, _ in work}
+    batching = QAService(service.store, tiny_llama, batching=True)
+    running = Served(batching)
+    try:
+        client = running.client(timeout=60)
+
+        def one(item):
+            _, question, tokens, streamed = item
+            if not streamed:
+                response = ask(client, question, max_tokens=tokens)
+                return response.choices[0].message.content, response.model_extra["sources"]
+            chunks = list(ask(client, question, max_tokens=tokens, stream=True))
+            last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), last.model_extra["sources"]
+
+        with ThreadPoolExecutor(64) as pool:
+            futures = [pool.submit(one, item) for item in work]
+            done, pending = wait(futures, timeout=120)
+        assert not pending, f"{len(pending)} of 64 requests hung"
+        assert batching.scheduler.peak_batch > 1  # answers were decoded together
+        for (doc, question, _, _), future in zip(work, futures):
+            text, sources = future.result()
+            alone = expected[question]
+            assert text == alone.text, question
+            assert [(s["doc_id"], s["segment_index"]) for s in sources] == [
+                (t.doc_id, t.segment_index) for t in alone.used], question
+    finally:
+        running.stop()
+
+
 def test_a_request_past_the_timeout_is_a_504(service):
     running = Served(service, timeout=0.001)
     try:
@@ -389,3 +446,30 @@ def test_bench_serve_task_measures_the_api_beside_the_server_and_ask_server(tmp_
     for key in ("api_ttft_s", "http_ttft_s", "http_over_api", "cli_first_token_s", "cli_wall_s", "cli_over_http"):
         assert result[key]["n"] == 3 and result[key]["low"] <= result[key]["median"] <= result[key]["high"], key
     assert result["documents"] == 3 and "HTTP / API TTFT" in markdown(result)
+
+
+def test_bench_serve_http_sweep_rows_table_and_plot(tmp_path, tiny_model_dir):  # noqa: F811
+    import json
+
+    from kvzip_rag.bench.serve_sweep import plot
+    from kvzip_rag.bench.serving import markdown, run_serve
+
+    squad = tmp_path / "data" / "squad"
+    squad.mkdir(parents=True)
+    articles = [{"title": doc, "paragraphs": [{"context": DOCS[doc], "qas": [
+        {"id": doc, "question": QUESTIONS[doc], "answers": []}]}]} for doc in list(DOCS)[:3]]
+    (squad / "dev-v1.1-even-articles.json").write_text(json.dumps({"data": articles}))
+    result = run_serve(str(tiny_model_dir), tmp_path / "data", threads=1, tokens=3, log=lambda _: None,
+                       overhead=False, sweep={"clients": (1, 2), "requests": 3, "tokens": 3,
+                                              "servers": ("serial", "batched")})
+    rows = result["sweep"]["rows"]
+    assert [(r["server"], r["clients"]) for r in rows] == [("serial", 1), ("serial", 2), ("batched", 1),
+                                                          ("batched", 2)]
+    for row in rows:
+        assert row["n"] == 3 and row["failed"] == 0 and row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["ttft_p50_s"] <= row["latency_p95_s"]
+    assert "| batched | 2 | 3 | 0 |" in markdown(result) and "api_ttft_s" not in result
+    assert plot(result["sweep"], tmp_path).stat().st_size > 0
+    cut = run_serve(str(tiny_model_dir), tmp_path / "data", threads=1, log=lambda _: None, overhead=False,
+                    sweep={"servers": ("serial",), "budget_s": 0})
+    assert cut["sweep"]["cut"] and cut["sweep"]["rows"] == []

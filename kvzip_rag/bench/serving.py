@@ -4,6 +4,9 @@ and through ``kvzip-rag serve`` (a separate process, the ``openai`` client strea
 question so both see the same machine load; then ``kvzip-rag ask --server`` as a user runs it (a new process per
 question), each beside the same question through the openai client.
 
+Then the concurrency sweep (:mod:`.serve_sweep`): closed-loop clients through the serial, batched and Ray Serve
+(1 and 2 replicas) servers.
+
 Time to first token (TTFT) is measured by the caller: from the call (the request) to the first text piece, so it
 includes routing, loading the cache and the question's prefill. Ratios are per question (paired), reported as the
 median with a 95% bootstrap interval (:func:`kvzip_rag.bench.metrics.median_interval`).
@@ -14,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,75 +64,65 @@ def _cli(url: str, question: str, tokens: int) -> tuple[float, float]:
     return (float(found.group(1)) if found else float("nan")), wall
 
 
-def _start_server(store: Path, model: str | None, threads: int, log) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    command = [sys.executable, "-m", "kvzip_rag.cli", "--store", str(store), "--threads", str(threads),
-               *(["--model", model] if model else []), "serve", "--port", str(port)]
-    server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        if server.poll() is not None:
-            raise RuntimeError(f"kvzip-rag serve exited with code {server.returncode}")
-        try:
-            httpx.get(f"{url}/health", timeout=5).raise_for_status()
-            log(f"server up at {url}")
-            return server, url
-        except httpx.HTTPError:
-            time.sleep(0.25)
-    server.kill()
-    raise RuntimeError("kvzip-rag serve did not answer /health within 5 minutes")
-
-
 def _summary(values: list[float]) -> dict:
     found = median_interval([v for v in values if v == v])
     return {"n": len(values), "median": found[0], "low": found[1], "high": found[2]} if found else {"n": len(values)}
 
 
 def run_serve(model_name: str | None, data_dir: Path, threads: int = 2, tokens: int = 16, rounds: int = 2,
-              log=print) -> dict:
-    """TTFT in-process vs through the server (``rounds`` passes over the held questions), and ``ask --server``."""
-    import openai
-
+              log=print, overhead: bool = True, sweep: dict | None = None) -> dict:
+    """Over a store of the held paragraphs: with ``overhead``, TTFT in-process vs through the server (``rounds``
+    passes over the held questions) and ``ask --server``; with ``sweep`` (:func:`.serve_sweep.run_sweep`'s options),
+    the concurrency sweep over the servers (under ``"sweep"``)."""
     import kvzip_rag
     from kvzip_rag.qa import QAService
 
+    from .serve_sweep import run_sweep
+
     held = _held(data_dir)
     model = kvzip_rag.load_model(model_name, threads=threads)
+    result = {"model": model.name, "threads": threads, "max_tokens": tokens, "documents": len(held)}
     with tempfile.TemporaryDirectory(prefix="kvzip-serve-bench-") as folder:
         qa = QAService(folder, model)
         start = time.perf_counter()
         for doc_id, text, _ in held:
             qa.store.add_document(model, text, doc_id=doc_id, ratio=0.3)
         log(f"indexed {len(held)} documents in {time.perf_counter() - start:.1f} s")
-        server, url = _start_server(Path(folder), model_name, threads, log)
-        try:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-            _api_ttft(qa, held[0][2], 2), _http_ttft(client, held[0][2], 2)  # warm both
-            api, http = [], []
-            for round_ in range(rounds):
-                for n, (_, _, question) in enumerate(held):
-                    if (n + round_) % 2 == 0:  # alternate which path goes first
-                        http.append(_http_ttft(client, question, tokens))
-                        api.append(_api_ttft(qa, question, tokens))
-                    else:
-                        api.append(_api_ttft(qa, question, tokens))
-                        http.append(_http_ttft(client, question, tokens))
-                log(f"round {round_ + 1}: api median {sorted(api)[len(api) // 2]:.3f} s, "
-                    f"http {sorted(http)[len(http) // 2]:.3f} s")
-            cli, cli_http = [], []  # the same questions through the openai client, paired
-            for _, _, question in held[:10]:
-                cli_http.append(_http_ttft(client, question, tokens))
-                cli.append(_cli(url, question, tokens))
-        finally:
-            server.terminate()
-            server.wait(60)
+        if overhead:
+            result.update(_overhead(qa, Path(folder), model_name, held, threads, tokens, rounds, log))
+        if sweep is not None:
+            result["sweep"] = run_sweep(Path(folder), [q for _, _, q in held], model_name, log=log, **sweep)
+    return result
+
+
+def _overhead(qa, store: Path, model_name: str | None, held: list[tuple[str, str, str]], threads: int, tokens: int,
+              rounds: int, log) -> dict:
+    import openai
+
+    from .serve_sweep import start_server, stop_server
+
+    server, url = start_server(store, model_name, threads, (), log)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        _api_ttft(qa, held[0][2], 2), _http_ttft(client, held[0][2], 2)  # warm both
+        api, http = [], []
+        for round_ in range(rounds):
+            for n, (_, _, question) in enumerate(held):
+                if (n + round_) % 2 == 0:  # alternate which path goes first
+                    http.append(_http_ttft(client, question, tokens))
+                    api.append(_api_ttft(qa, question, tokens))
+                else:
+                    api.append(_api_ttft(qa, question, tokens))
+                    http.append(_http_ttft(client, question, tokens))
+            log(f"round {round_ + 1}: api median {sorted(api)[len(api) // 2]:.3f} s, "
+                f"http {sorted(http)[len(http) // 2]:.3f} s")
+        cli, cli_http = [], []  # the same questions through the openai client, paired
+        for _, _, question in held[:10]:
+            cli_http.append(_http_ttft(client, question, tokens))
+            cli.append(_cli(url, question, tokens))
+    finally:
+        stop_server(server)
     return {
-        "model": model.name, "threads": threads, "max_tokens": tokens, "documents": len(held),
         "api_ttft_s": _summary(api), "http_ttft_s": _summary(http),
         "http_over_api": _summary([h / a for h, a in zip(http, api)]),
         "cli_first_token_s": _summary([c[0] for c in cli]), "cli_wall_s": _summary([c[1] for c in cli]),
@@ -146,6 +138,11 @@ def markdown(result: dict) -> str:
         return (f"| {label} | {found['median']:.3f}{unit} [{found['low']:.3f}, {found['high']:.3f}] | "
                 f"{found['n']} |")
 
+    from .serve_sweep import markdown as sweep_markdown
+
+    sweep = sweep_markdown(result["sweep"]) if "sweep" in result else ""
+    if "api_ttft_s" not in result:
+        return sweep
     return "\n".join([
         f"Model {result['model']}, {result['threads']} threads, {result['documents']} documents (ratio 0.3), "
         f"{result['max_tokens']} answer tokens, one client at a time; median [95% bootstrap interval].",
@@ -159,4 +156,4 @@ def markdown(result: dict) -> str:
         row("`ask --server` first token / HTTP TTFT, paired per question", "cli_over_http", "x"),
         row("`ask --server`: whole command (process start to exit)", "cli_wall_s"),
         "",
-    ])
+    ]) + sweep

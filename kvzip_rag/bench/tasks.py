@@ -153,9 +153,12 @@ def _serve(context: Context) -> dict:
 
 
 def _serve_http(context: Context) -> dict:
+    from .serve_sweep import plot
     from .serving import run_serve
 
-    return run_serve(context.model_name, context.data_dir, log=context.log)
+    results = run_serve(context.model_name, context.data_dir, log=context.log, sweep={})
+    plot(results["sweep"], context.out_dir)
+    return results
 
 
 def _markdown(module: str) -> Callable[[dict], str]:

@@ -4,13 +4,14 @@ options; and ``ask``/``chat --server URL``: the same output as ``ask``/``chat``,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .app import app, settings_of
 from .output import console, say, show, stream_to_console
-from .settings import handle_errors
+from .settings import Settings, handle_errors
 
 ServerOpt = Annotated[str | None, typer.Option(
     "--server", envvar="KVZIP_RAG_SERVER", metavar="URL",
@@ -29,6 +30,11 @@ def serve(
     batching: Annotated[bool, typer.Option("--batching/--no-batching",
                                            help="Decode concurrent requests' answers together (continuous batching; "
                                                 "see the README's Batched answering).")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve with replicas on Ray Serve (kvzip-rag\\[ray]): each "
+                                                    "loads the model once; all share the store.")] = False,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Replicas on Ray Serve (implies --ray).")] = 1,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="The Ray cluster to join (auto, "
+                                                                         "ray://head:10001); implies --ray.")] = None,
 ) -> None:
     """Serve the store over HTTP with the OpenAI chat-completions and completions API (streaming by SSE), plus
     /v1/documents and /health. Ctrl-C (or SIGTERM) stops it after the requests in flight."""
@@ -36,11 +42,38 @@ def serve(
 
     settings = settings_of(ctx)
     settings.open_store(create=True)  # a new store is fine: documents can be added through /v1/documents
+    if ray or ray_address or replicas > 1:
+        serve_on_ray(settings, host, port, timeout, batching, replicas, ray_address)
+        return
     service = settings.service(batching=batching)
     server = make_server(service, host, port, timeout=timeout)
     say(f"[bold]serving[/bold] {show(service.model.name)} over {show(settings.describe_store())} at "
         f"[cyan]http://{host}:{port}/v1[/cyan] [dim](Ctrl-C stops)[/dim]")
     server.run()
+
+
+def serve_on_ray(settings: Settings, host: str, port: int, timeout: float | None, batching: bool, replicas: int,
+                 address: str | None) -> None:
+    """``serve --ray``: the same app as replicas on Ray Serve until Ctrl-C or SIGTERM, then Ray Serve stops."""
+    import signal
+    import threading
+
+    from kvzip_rag.serve.replicas import ReplicaSettings, deploy, shutdown
+
+    store = {k: str(v) if isinstance(v, Path) else v for k, v in settings.store_location().items()}
+    replica = ReplicaSettings(store, model=settings.model, ratio=settings.ratio, level=settings.level,
+                              batching=batching, timeout=timeout, threads=settings.threads or 1)
+    say(f"[dim]starting {replicas} replica(s) on Ray Serve (each loads the model)…[/dim]")
+    url = deploy(replica, replicas, host, port, address)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        say(f"[bold]serving[/bold] {show(settings.model or 'the default model')} with {replicas} Ray Serve "
+            f"replica(s) over {show(settings.describe_store())} at [cyan]{url}/v1[/cyan] [dim](Ctrl-C stops)[/dim]")
+        stop.wait()
+    finally:
+        shutdown()
 
 
 def remote_fields(doc: str | None, k: int, max_tokens: int, compose: str | None, quote: bool, evidence: bool,

@@ -34,7 +34,7 @@ class AnswerRequest:
     doc_ids: list[str] | None = None
     compose: str | None = None
     ratio: float | None = None
-    grounding: dict = field(default_factory=dict)  # evidence, abstain_threshold
+    grounding: dict = field(default_factory=dict)  # abstain.GROUNDING_OPTIONS given in the body
 
 
 def _body(body: Any) -> Mapping[str, Any]:
@@ -76,7 +76,7 @@ def _options(body: Mapping[str, Any]) -> dict:
 
 
 def _extras(body: Mapping[str, Any]) -> dict:
-    from kvzip_rag.abstain import Grounding
+    from kvzip_rag.abstain import GROUNDING_OPTIONS, Grounding
     from kvzip_rag.budget import Budget
     from kvzip_rag.composers import get_composer
     from kvzip_rag.qa import check_k
@@ -97,7 +97,7 @@ def _extras(body: Mapping[str, Any]) -> dict:
     ratio = body.get("ratio")
     if ratio is not None:
         Budget(ratio, None)  # the one range check of a ratio
-    grounding = {name: body[name] for name in ("evidence", "abstain_threshold") if name in body}
+    grounding = {name: body[name] for name in GROUNDING_OPTIONS if name in body}
     Grounding(**grounding)  # checked here, used by the service
     return {"doc_ids": doc_ids, "k": k, "compose": compose, "ratio": ratio, "grounding": grounding}
 
