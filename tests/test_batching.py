@@ -47,14 +47,36 @@ def serial_logits(model, caches, prompts, steps: int) -> list[torch.Tensor]:
 
 
 def batched_logits(model, caches, prompts, steps: int) -> list[torch.Tensor]:
-    """Per-sequence prefill, then ``steps`` batched greedy steps over all the caches at once."""
+    """The prompts prefilled together (one forward pass over their different caches), then ``steps`` batched
+    greedy steps over all the caches at once."""
     with torch.inference_mode():
-        rows = [torch.stack([packed_forward(model, c, p) for c, p in zip(caches, prompts)])]
+        rows = [batched_forward(model, caches, prompts)]
         for _ in range(steps):
-            rows.append(batched_forward(model, caches, [int(r.argmax()) for r in rows[-1]]))
+            rows.append(batched_forward(model, caches, [[int(r.argmax())] for r in rows[-1]]))
     for cache in caches:
         cache.reset()
     return list(torch.stack(rows, 1))
+
+
+def mixed_logits(model, caches, prompts, steps: int) -> list[torch.Tensor]:
+    """The first two prompts prefilled together; then each pass decodes the running answers while the next
+    waiting prompt is prefilled beside them (as the scheduler admits a request mid-batch)."""
+    rows: list[list[torch.Tensor]] = [[] for _ in caches]
+    with torch.inference_mode():
+        for b, row in zip((0, 1), batched_forward(model, caches[:2], prompts[:2])):
+            rows[b].append(row)
+        admitted = 2
+        while any(len(r) <= steps for r in rows):
+            running = [b for b in range(admitted) if len(rows[b]) <= steps]
+            joining = list(range(admitted, min(admitted + 1, len(caches))))
+            out = batched_forward(model, [caches[b] for b in running + joining],
+                                  [[int(rows[b][-1].argmax())] for b in running] + [prompts[b] for b in joining])
+            for b, row in zip(running + joining, out):
+                rows[b].append(row)
+            admitted += len(joining)
+    for cache in caches:
+        cache.reset()
+    return [torch.stack(r) for r in rows]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
@@ -67,6 +89,27 @@ def test_batched_decoding_gives_each_sequence_its_batch_one_logits(family, smol_
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
     assert not torch.allclose(got[0], got[1], atol=ATOL)  # the sequences really differ
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_batched_prefill_gives_each_question_its_batch_one_logits(family, smol_tokenizer):
+    """Questions of different lengths prefilled in one pass over different caches (compressed, whole, composed,
+    quantized), alone or beside answers that are decoding: each gets the logits of its batch-1 prefill."""
+    model = build_tiny(family, smol_tokenizer, seed=7)
+    caches = varied_caches(model)
+    prompts = [model.encode(model.template.question_text(q)) for q in QUESTIONS + ["Why?"]]
+    assert len({len(p) for p in prompts}) > 1
+    expected = serial_logits(model, caches, prompts, 3)
+    with torch.inference_mode():
+        prefilled = batched_forward(model, caches, prompts)
+        tails = [cache.tail_length for cache in caches]
+    assert tails == [len(p) for p in prompts]  # each cache took its own prompt, no padding
+    for row, e in zip(prefilled, expected):
+        assert torch.allclose(row, e[0], atol=ATOL), (row - e[0]).abs().max()
+    for cache in caches:
+        cache.reset()
+    for g, e in zip(mixed_logits(model, caches, prompts, 3), expected):
+        assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
 
 
 def test_flash_path_in_a_batch_matches_the_torch_path(smol_tokenizer, monkeypatch):
@@ -90,10 +133,12 @@ def test_flash_path_in_a_batch_matches_the_torch_path(smol_tokenizer, monkeypatc
     assert len(calls) == 7 * len(caches) * len(caches[0].layers)
 
 
-def test_a_batch_needs_one_token_per_cache(tiny_llama):
+def test_a_batch_needs_tokens_for_each_cache(tiny_llama):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
-    with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="one token per cache"):
-        batched_forward(tiny_llama, [cache], [1, 2])
+    with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="one token list per cache"):
+        batched_forward(tiny_llama, [cache], [[1], [2]])
+    with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="at least one token"):
+        batched_forward(tiny_llama, [cache], [[]])
 
 
 # ---------------------------------------------------------------------------------------------- the scheduler
