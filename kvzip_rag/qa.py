@@ -26,8 +26,9 @@ One place for each rule:
   :func:`register_composer`.
 * **One model lock** (``service.lock``, an ``RLock``) around every use of the model, and **one bridge** to worker
   threads (:mod:`kvzip_rag.bridge`) for streaming and async. With ``batching=True`` the answers of concurrent calls
-  decode together (:mod:`kvzip_rag.scheduler`, its steps under the same lock); a call waits for its pieces without
-  holding the lock.
+  and chat turns (:class:`~kvzip_rag.dialogue.ChatSession`) decode together (:mod:`kvzip_rag.scheduler`, its steps
+  under the same lock; :meth:`QAService.produce`); a call waits for its pieces without holding the lock.
+  :meth:`QAService.close` (or ``with``) fails what is queued and stops the batching thread.
 * **Argument checks, once, at the boundary**: the public methods take the question (:func:`check_question`), ``k``
   (:func:`check_k`) and answer options (:meth:`~kvzip_rag.generate.SamplingOptions.from_options`); inner layers take
   ``Target``, ``Budget`` and ``SamplingOptions``. A question that alone exceeds the model's window raises
@@ -156,7 +157,8 @@ class QAService:
             :class:`~kvzip_rag.scheduler.FairRLock`, handed to waiting threads between decoding steps).
         batching: decode the answers of concurrent calls together (:mod:`kvzip_rag.scheduler`, continuous
             batching; off by default); ``max_batch`` answers per forward pass (default 8) and ``max_queue`` waiting
-            (default 64; beyond, ``QueueFullError``). Routing, loading and composing stay per call.
+            (default 64; beyond, ``QueueFullError``). Routing, loading and composing stay per call. ``close()``
+            (or ``with QAService(...) as qa``) fails queued and running answers and stops the batching thread.
     """
 
     def __init__(self, store: CacheStore | str | os.PathLike | None = None,

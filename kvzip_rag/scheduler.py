@@ -19,8 +19,9 @@ waiting for it gets its turn.
 Memory: a request's cache is loaded before it is queued (loading is per request, under the lock, so one at a time);
 at most ``max_batch`` running and ``max_queue`` waiting requests hold caches, and a request beyond that is refused at
 once with :class:`~kvzip_rag.errors.QueueFullError` (never a hang). So the caches held at once are at most
-``max_batch + max_queue`` (plus those being loaded by callers that hold the lock, one at a time), each the size of a
-routed cache at the service's ratio (``QAResult.cache_bytes``) and its question's and answer's tail.
+``max_batch + max_queue`` (plus the one being loaded by the caller that holds the lock), each the cache that answers
+its question (the routed caches at the service's ratio, composed when ``k`` > 1: ``QAResult.cache_bytes``) and its
+question's and answer's tail.
 :meth:`BatchScheduler.close` fails every request held and stops the thread.
 """
 
