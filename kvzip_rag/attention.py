@@ -153,11 +153,12 @@ def packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) 
 
     The tail already holds the current L tokens (the cache's ``update`` ran first), so query i sits at tail index
     ``T - L + i`` and sees tail entries up to it; every packed entry precedes all queries in position.
-    A ``BatchedLayer`` (B sequences, query ``(B, H, L, d)``) attends each sequence over its own part, by the same
-    two paths, so each sequence's output is the one it gets alone.
+    A ``BatchedLayer`` (B sequences one after another in one row, query ``(1, H, sum of lengths, d)``) attends each
+    sequence's span over its own part, by the same two paths, so each sequence's output is the one it gets alone.
     """
     if isinstance(layer, BatchedLayer):
-        return torch.cat([packed_attention(query[b : b + 1], part, scaling) for b, part in enumerate(layer.parts)])
+        return torch.cat([packed_attention(query[:, :, span], part, scaling)
+                          for span, part in zip(layer.spans(), layer.parts)], dim=1)
     if use_flash(query):
         out = flash_packed_attention(query, layer, scaling)
         if layer.evidence is not None and not layer.sliding_window:  # the one extra softmax (last query only)

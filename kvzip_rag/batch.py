@@ -1,10 +1,11 @@
-"""Batched decoding over different packed caches: one forward pass appends one token to each of B caches.
+"""Batched forward passes over different packed caches: one pass appends its own tokens to each of B caches.
 
 Each cache keeps its own variable-length heads and tail (:class:`~kvzip_rag.cache.BatchedPackedCache` is a view of
-them side by side); the dense work (projections, MLP, output head) runs once for the B tokens, which is what a
-CPU decoding step costs (reading the weights), and attention reads each cache in place by the packed paths, CPU or
-flash-attn. Prefill stays per sequence (one question's tokens over its own cache, :func:`~kvzip_rag.generate.
-packed_forward`); decoding is what is batched (:mod:`kvzip_rag.scheduler`)."""
+them side by side). The B sequences' tokens go through the model as one row, one after another with no padding:
+a question being prefilled (its prompt) beside answers taking their next token (one each). The dense work
+(projections, MLP, output head) runs once for all of them, which is what a CPU step costs (reading the weights),
+and attention reads each sequence's span over its own cache in place by the packed paths, CPU or flash-attn. The
+continuous-batching scheduler (:mod:`kvzip_rag.scheduler`) runs one such pass per step."""
 
 from __future__ import annotations
 
@@ -17,14 +18,20 @@ from .errors import InvalidArgumentError
 from .models import KVzipModel
 
 
-def batched_forward(model: KVzipModel, caches: Sequence[PackedCache], tokens: Sequence[int]) -> torch.Tensor:
-    """Append ``tokens[b]`` to ``caches[b]`` for every ``b`` in one forward pass; the next-token logits ``(B, vocab)``
-    (row ``b`` equals what ``caches[b]`` alone gives, within float summation order)."""
+def batched_forward(model: KVzipModel, caches: Sequence[PackedCache], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Append ``tokens[b]`` (a question's prompt, or one answer token) to ``caches[b]`` for every ``b`` in one
+    forward pass; the logits after each sequence's last token, ``(B, vocab)`` (row ``b`` equals what ``caches[b]``
+    alone gives, within float summation order)."""
     if len(caches) != len(tokens) or not caches:
-        raise InvalidArgumentError(f"give one token per cache, got {len(tokens)} tokens for {len(caches)} caches")
-    batch = BatchedPackedCache(list(caches))
-    ids = torch.tensor([[int(t)] for t in tokens], device=model.device)
-    positions = torch.tensor([[p] for p in batch.positions], device=model.device)
-    out = model.model(ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+        raise InvalidArgumentError(f"give one token list per cache, got {len(tokens)} for {len(caches)} caches")
+    lengths = [len(ids) for ids in tokens]
+    if min(lengths) < 1:
+        raise InvalidArgumentError("every cache in a batch needs at least one token to append")
+    batch = BatchedPackedCache(list(caches), lengths)
+    ids = torch.tensor([[int(t) for seq in tokens for t in seq]], device=model.device)
+    positions = torch.tensor([[p + i for p, n in zip(batch.positions, lengths) for i in range(n)]],
+                             device=model.device)
+    last = torch.tensor(lengths, device=model.device).cumsum(0) - 1
+    out = model.model(ids, position_ids=positions, use_cache=True, logits_to_keep=last,
                       **{model.cache_argument: batch})
-    return out.logits[:, -1]
+    return out.logits[0]

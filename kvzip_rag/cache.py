@@ -404,25 +404,33 @@ class PackedCache(Cache):
 
 
 class BatchedLayer(CacheLayerMixin):
-    """One layer of a :class:`BatchedPackedCache`: sequence ``b``'s new tokens go to ``parts[b]`` (its own packed
+    """One layer of a :class:`BatchedPackedCache`: the pass's tokens are the B sequences' tokens one after another
+    (``lengths[b]`` each, a batch of one row with no padding), sequence ``b``'s go to ``parts[b]`` (its own packed
     layer, its own tail); attention reads each part as it is (see ``kvzip_rag.attention.packed_attention``)."""
 
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, parts: list[PackedLayer]):
+    def __init__(self, parts: list[PackedLayer], lengths: list[int]):
         self.is_initialized = True
-        self.parts = parts
+        self.parts, self.lengths = parts, lengths
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: the parts are built complete."""
 
+    def spans(self) -> list[slice]:
+        """Each sequence's tokens in the pass (``[start, start + lengths[b])``)."""
+        ends = torch.tensor(self.lengths).cumsum(0).tolist()
+        return [slice(end - n, end) for end, n in zip(ends, self.lengths)]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Row ``b`` of the new states into part ``b``; the marker tags this layer (batched attention only)."""
-        if key_states.shape[0] != len(self.parts):
-            raise ValueError(f"a batch of {key_states.shape[0]} sequences over {len(self.parts)} caches")
-        for b, part in enumerate(self.parts):
-            part.update(key_states[b : b + 1], value_states[b : b + 1])
+        """Sequence ``b``'s span of the new states into part ``b``; the marker tags this layer (batched attention
+        only)."""
+        if key_states.shape[0] != 1 or key_states.shape[2] != sum(self.lengths):
+            raise ValueError(f"a pass of {tuple(key_states.shape[:3:2])} (rows, tokens) over caches taking "
+                             f"{self.lengths} tokens in one row")
+        for span, part in zip(self.spans(), self.parts):
+            part.update(key_states[:, :, span], value_states[:, :, span])
         return PackedStates.mark(key_states, self), PackedStates.mark(value_states, self)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -437,20 +445,21 @@ class BatchedLayer(CacheLayerMixin):
 
 
 class BatchedPackedCache(Cache):
-    """B packed caches decoded together: one forward pass appends one token to each (``kvzip_rag.batch``).
+    """B packed caches in one forward pass: sequence ``b`` appends ``lengths[b]`` tokens to cache ``b``
+    (``kvzip_rag.batch``): questions being prefilled and answers taking their next token side by side.
 
     A view, not a copy: layer ``i`` is the B caches' layer ``i`` side by side, each keeping its own variable-length
-    heads and tail, so a sequence's logits are those it would get alone. ``positions`` is where each sequence's next
-    token sits (its own cache's length: documents, composed or not, and its tail)."""
+    heads and tail, so a sequence's logits are those it would get alone. ``positions`` is where each sequence's
+    first new token sits (its own cache's length: documents, composed or not, and its tail)."""
 
-    def __init__(self, caches: list[PackedCache]):
-        if not caches:
-            raise ValueError("a batch needs at least one cache")
+    def __init__(self, caches: list[PackedCache], lengths: list[int]):
+        if not caches or len(lengths) != len(caches) or min(lengths) < 1:
+            raise ValueError("a batch needs at least one cache, each with at least one new token")
         if len({len(cache.layers) for cache in caches}) != 1:
             raise ModelMismatchError("the caches of one batch were built by models with different layer counts")
-        super().__init__(layers=[BatchedLayer([cache.layers[i] for cache in caches])
+        super().__init__(layers=[BatchedLayer([cache.layers[i] for cache in caches], lengths)
                                  for i in range(len(caches[0].layers))])
-        self.caches = caches
+        self.caches, self.lengths = caches, lengths
 
     @property
     def positions(self) -> list[int]:

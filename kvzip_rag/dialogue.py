@@ -11,8 +11,10 @@ answer) turns by :func:`fold_messages` and replayed the same way.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -273,8 +275,10 @@ class ChatSession:
     conversation: Conversation | None = None
     _version: int = field(default=0, init=False, repr=False)
     _grounding: Grounding | None = field(default=None, init=False, repr=False)
+    _busy: bool = field(default=False, init=False, repr=False)  # a turn (or reset) is in flight
 
     def __post_init__(self) -> None:
+        self._idle = threading.Condition(self.service.lock)
         check_k(self.k)
         check_k(self.max_documents, "max_documents")
         from .abstain import split_grounding
@@ -294,7 +298,7 @@ class ChatSession:
         return getattr(composer, "layout", "parallel")
 
     def reset(self) -> None:
-        with self.service.lock:
+        with self._turn():
             if self.conversation is not None:
                 self.conversation.reset()
             self.conversation, self.documents = None, []
@@ -345,12 +349,34 @@ class ChatSession:
         not changed since), passing the answer's pieces to ``emit`` as generated (the candidate: ``Turn.text`` is
         the abstention when its evidence is too weak). ``sampling``: answer options for this turn, grounding ones
         (``evidence``, ``abstain_threshold``, ``abstain_text``) included."""
-        from .abstain import assess, split_grounding
-        from .generate import Conversation, SamplingOptions
+        from .abstain import split_grounding
+        from .generate import SamplingOptions
 
         sampling, grounding = split_grounding(sampling, self._grounding)
         options = {**self.sampling, **check_sampling(sampling)}
         max_new = options.get("max_new_tokens", SamplingOptions.max_new_tokens)
+        with self._turn():
+            return self._ask(question, history, emit, plan, options, max_new, grounding)
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """One turn of this session at a time: a batched turn lets the service's lock go while it decodes, so a
+        second turn (or ``reset``) of the same session waits here, on a condition of that lock (waiting lets the
+        lock go too, so the turn in flight and the batch go on)."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._busy)
+            self._busy = True
+            try:
+                yield
+            finally:
+                self._busy = False
+                self._idle.notify_all()
+
+    def _ask(self, question: str, history: Sequence[tuple[str, str]], emit: Callable[[str], None] | None,
+             plan: TurnPlan | None, options: dict, max_new: int, grounding: Grounding) -> Turn:
+        from .abstain import assess
+        from .generate import Conversation, SamplingOptions
+
         service = self.service
         with service.lock:
             if plan is None or plan.version != self._version:
@@ -376,9 +402,7 @@ class ChatSession:
             cached = cache.get_seq_length() - replayed
             constraint = service.quote_constraint(SamplingOptions.from_options(options), question, documents)
             stream = conversation.stream(question, constraint=constraint, evidence=grounding.evidence, **options)
-            for piece in stream:
-                if emit is not None:
-                    emit(piece)
+            service.produce(stream, emit)  # with batching, beside other sessions' turns and answers
             result = stream.result
             found = assess(service, question, result, documents, grounding)
             info.update(

@@ -71,3 +71,8 @@ class OrphanBlobWarning(UserWarning):
 
 class QueueFullError(KVzipError):
     """The batch scheduler's queue of waiting answers is full: retry later, or raise ``max_queue``/``max_batch``."""
+
+
+class ServiceClosedError(KVzipError):
+    """The service (or its batch scheduler) was closed: answers waiting or decoding then fail with it, and so does
+    every later question; open a new service."""

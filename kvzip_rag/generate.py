@@ -204,9 +204,30 @@ class AnswerStream:
         """A fresh per-token state for this answer (its clock starts now)."""
         return Decoding(self.model, self.options, self.constraint, self.limit)
 
+    def recorder(self) -> EvidenceRecorder | None:
+        """Where the answer attends, recorded from its prompt's forward pass on (``evidence=True``), else None."""
+        return EvidenceRecorder(self.cache) if self.evidence else None
+
+    def goes_on(self, decoding: Decoding) -> bool:
+        """Whether ``decoding.feed`` still goes into the cache after a step: while the answer goes on, and in a
+        kept conversation also its last token (the cache then holds the whole turn)."""
+        return decoding.feed is not None and (not decoding.done or self.keep)
+
+    def finish(self, decoding: Decoding, recorder: EvidenceRecorder | None, done: bool) -> None:
+        """The end of the answer, whoever drove it (this iterator or :mod:`kvzip_rag.scheduler`): the evidence
+        detached, the cache back to the document unless the conversation keeps the turn, and when ``done`` (not
+        closed or failed midway) ``result`` and ``on_done``."""
+        evidence = recorder.finish() if recorder is not None else None
+        end = time.perf_counter()
+        if not self.keep:
+            self.cache.reset()
+        if done:
+            self.result = decoding.result(len(self.prompt_ids), end, evidence)
+            if self.on_done:
+                self.on_done(self.result)
+
     def __iter__(self) -> Iterator[str]:
-        decoding = self.decoding()
-        recorder = EvidenceRecorder(self.cache) if self.evidence else None
+        decoding, recorder, done = self.decoding(), self.recorder(), False
         try:
             with torch.inference_mode():
                 logits = packed_forward(self.model, self.cache, self.prompt_ids)
@@ -214,19 +235,14 @@ class AnswerStream:
                     piece = decoding.step(logits)
                     if piece:
                         yield piece
-                    if decoding.feed is None or (decoding.done and not self.keep):
+                    if not self.goes_on(decoding):
                         break
                     logits = packed_forward(self.model, self.cache, [decoding.feed])
                     if decoding.done:
                         break
+            done = True
         finally:
-            evidence = recorder.finish() if recorder is not None else None
-            end = time.perf_counter()
-            if not self.keep:
-                self.cache.reset()
-        self.result = decoding.result(len(self.prompt_ids), end, evidence)
-        if self.on_done:
-            self.on_done(self.result)
+            self.finish(decoding, recorder, done)
 
 
 def window_room(model: KVzipModel, cache: PackedCache, prompt_tokens: int, pending: int = 0) -> int:

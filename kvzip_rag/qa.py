@@ -26,8 +26,9 @@ One place for each rule:
   :func:`register_composer`.
 * **One model lock** (``service.lock``, an ``RLock``) around every use of the model, and **one bridge** to worker
   threads (:mod:`kvzip_rag.bridge`) for streaming and async. With ``batching=True`` the answers of concurrent calls
-  decode together (:mod:`kvzip_rag.scheduler`, its steps under the same lock); a call waits for its pieces without
-  holding the lock.
+  and chat turns (:class:`~kvzip_rag.dialogue.ChatSession`) decode together (:mod:`kvzip_rag.scheduler`, its steps
+  under the same lock; :meth:`QAService.produce`); a call waits for its pieces without holding the lock.
+  :meth:`QAService.close` (or ``with``) fails what is queued and stops the batching thread.
 * **Argument checks, once, at the boundary**: the public methods take the question (:func:`check_question`), ``k``
   (:func:`check_k`) and answer options (:meth:`~kvzip_rag.generate.SamplingOptions.from_options`); inner layers take
   ``Target``, ``Budget`` and ``SamplingOptions``. A question that alone exceeds the model's window raises
@@ -61,7 +62,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # the engine and the store import torch: only when a service is built
-    from .generate import SamplingOptions
+    from .generate import AnswerStream, SamplingOptions
     from .models import KVzipModel
     from .store import CacheStore
     from .quote import QuoteConstraint
@@ -156,7 +157,8 @@ class QAService:
             :class:`~kvzip_rag.scheduler.FairRLock`, handed to waiting threads between decoding steps).
         batching: decode the answers of concurrent calls together (:mod:`kvzip_rag.scheduler`, continuous
             batching; off by default); ``max_batch`` answers per forward pass (default 8) and ``max_queue`` waiting
-            (default 64; beyond, ``QueueFullError``). Routing, loading and composing stay per call.
+            (default 64; beyond, ``QueueFullError``). Routing, loading and composing stay per call. ``close()``
+            (or ``with QAService(...) as qa``) fails queued and running answers and stops the batching thread.
     """
 
     def __init__(self, store: CacheStore | str | os.PathLike | None = None,
@@ -183,6 +185,7 @@ class QAService:
         self._model_spec = None if isinstance(model, KVzipModel) else model
         self._model_loader = model_loader
         self._scheduler = None
+        self._closed = False
         if self._model is not None and self.threads is not None:
             from .runtime import apply_thread_policy
 
@@ -336,14 +339,24 @@ class QAService:
             constraint = self.quote_constraint(sampling, question, sources)
             stream = stream_answer(self.model, cache, question, sampling, constraint=constraint,
                                    evidence=is_recording())
-            pieces = []
+            pieces = self.produce(stream, emit)
+        return stream.result, pieces
+
+    def produce(self, stream: AnswerStream, emit: Callable[[str], None] | None = None) -> list[str]:
+        """Run a prepared answer (a question's, or a conversation's turn) to its end, passing each text piece to
+        ``emit``; its ``Answer`` is ``stream.result``. The one place answers are decoded: with ``batching`` in the
+        scheduler's batch, the lock let go while it waits; else here, under the lock. ``ServiceClosedError`` after
+        :meth:`close`."""
+        self.check_open()
+        pieces = []
+        with self.lock:
             source = self.scheduler.submit(stream) if self.batching else stream
             with self._waiting(), closing(iter(source)) as produced:
                 for piece in produced:
                     pieces.append(piece)
                     if emit is not None:
                         emit(piece)
-        return stream.result, pieces
+        return pieces
 
     def _waiting(self):
         """Where an answer is produced: with ``batching``, the lock let go (the batch decodes it meanwhile)."""
@@ -352,6 +365,36 @@ class QAService:
         from .scheduler import released
 
         return released(self.lock)
+
+    # -------------------------------------------------------------------------------------- closing
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_open(self) -> None:
+        """``ServiceClosedError`` once the service is closed (before any model work)."""
+        if self._closed:
+            from .errors import ServiceClosedError
+
+            raise ServiceClosedError("this QAService was closed: it answers no more questions; open a new one")
+
+    def close(self) -> None:
+        """Answer no more: answers waiting in the batch queue or decoding fail with ``ServiceClosedError``, the
+        batching thread stops (it has ended when this returns), and every later question is refused with the same
+        error. The store and the model stay open (they may be shared). Idempotent; ``with QAService(...) as qa:``
+        closes on exit."""
+        with self.lock:
+            self._closed = True
+            scheduler = self._scheduler
+        if scheduler is not None:
+            scheduler.close()
+
+    def __enter__(self) -> QAService:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def answer_one(self, question: str, target: Target, sampling: SamplingOptions,
                    emit: Callable[[str], None] | None = None) -> CacheAnswer:
@@ -366,6 +409,7 @@ class QAService:
     def _plan(self, question: str, k: int, doc_ids, targets) -> Plan:
         """The checked question and what answers it: routed here, or the given targets (then routing again means
         within their documents)."""
+        self.check_open()
         question = check_question(question)
         self.check_fits(question)  # before routing: a 1 MB question is refused on its length, not searched
         if targets is None:

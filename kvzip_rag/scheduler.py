@@ -1,28 +1,33 @@
 """Continuous batching: answers asked from any thread decode together, one token of every running answer per pass.
 
 A request is an :class:`~kvzip_rag.generate.AnswerStream` prepared as for one answer (checked, clamped to the
-window, with its quote constraint and evidence flag; :func:`~kvzip_rag.generate.stream_answer`). It waits in a
-bounded queue; at every step the scheduler first admits waiting requests up to ``max_batch`` (each question is
-prefilled over its own cache, batch size 1), then every running answer takes its token (:class:`~kvzip_rag.generate.
-Decoding`, the one per-token rule: sampling options, stop strings, clean ends are per request), and those that go on
-are decoded together in one forward pass (:func:`~kvzip_rag.batch.batched_forward`). Finished answers leave at once;
-so does a closed one (``BatchRequest.close``, or a consumer that stops iterating), its cache reset.
+window, with its quote constraint and evidence flag; :func:`~kvzip_rag.generate.stream_answer`), or a conversation's
+turn (:meth:`~kvzip_rag.generate.Conversation.stream`, its cache keeping the turn). It waits in a bounded queue. At
+every step the running answers first take their token (:class:`~kvzip_rag.generate.Decoding`, the one per-token
+rule: sampling options, stop strings, clean ends are per request) and those that end leave; then waiting requests
+are admitted to the free places (up to ``max_batch``), and one forward pass (:func:`~kvzip_rag.batch.
+batched_forward`) appends each running answer's token and each admitted question's whole prompt, every sequence to
+its own cache: questions arriving together are prefilled together, beside the answers already decoding. A closed
+request (``BatchRequest.close``, or a consumer that stops iterating) leaves at once, its cache reset.
 
 Locking: every step runs under the model's one lock (``QAService.lock``), so routing, loading, composing and the
-unbatched paths (conversations, indexing) interleave with steps; a request waits for its pieces with that lock let
-go (:func:`released`), so a caller that holds it (the composers do) never blocks the batch, and pieces reach it
-without taking the lock. The lock is a :class:`FairRLock`: between two steps every thread already waiting for it
-gets its turn.
+unbatched paths (indexing) interleave with steps; a request waits for its pieces with that lock let go
+(:func:`released`), so a caller that holds it (the composers and chat sessions do) never blocks the batch, and
+pieces reach it without taking the lock. The lock is a :class:`FairRLock`: between two steps every thread already
+waiting for it gets its turn.
 
 Memory: a request's cache is loaded before it is queued (loading is per request, under the lock, so one at a time);
 at most ``max_batch`` running and ``max_queue`` waiting requests hold caches, and a request beyond that is refused at
-once with :class:`~kvzip_rag.errors.QueueFullError` (never a hang).
+once with :class:`~kvzip_rag.errors.QueueFullError` (never a hang). So the caches held at once are at most
+``max_batch + max_queue`` (plus the one being loaded by the caller that holds the lock), each the cache that answers
+its question (the routed caches at the service's ratio, composed when ``k`` > 1: ``QAResult.cache_bytes``) and its
+question's and answer's tail.
+:meth:`BatchScheduler.close` fails every request held and stops the thread.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,9 +35,9 @@ from contextlib import contextmanager
 import torch
 
 from .batch import batched_forward
-from .errors import InvalidArgumentError, KVzipError, QueueFullError
+from .errors import InvalidArgumentError, QueueFullError, ServiceClosedError
 from .evidence import EvidenceRecorder
-from .generate import Answer, AnswerStream, packed_forward
+from .generate import Answer, AnswerStream
 from .models import KVzipModel
 
 DEFAULT_MAX_BATCH = 8
@@ -174,18 +179,14 @@ class BatchRequest:
                 self._end(None)
 
     # -- called by the scheduler, under the lock -----------------------------------------------------------------
-    def _prefill(self) -> None:
-        stream = self.stream
-        self.recorder = EvidenceRecorder(stream.cache) if stream.evidence else None
-        self.logits = packed_forward(stream.model, stream.cache, stream.prompt_ids)
+    def _admit(self) -> list[int]:
+        """What it appends in its first pass: its prompt (recording its evidence from there on)."""
+        self.recorder = self.stream.recorder()
+        return self.stream.prompt_ids
 
     def _end(self, error: BaseException | None, done: bool = False) -> None:
-        """Finish (``done``: with its ``Answer``), fail (``error``) or drop it; the cache is reset either way."""
-        evidence = self.recorder.finish() if self.recorder is not None else None
-        end = time.perf_counter()
-        self.stream.cache.reset()
-        if done:
-            self.stream.result = self.decoding.result(len(self.stream.prompt_ids), end, evidence)
+        """Finish (``done``: with its ``Answer``), fail (``error``) or drop it (:meth:`AnswerStream.finish`)."""
+        self.stream.finish(self.decoding, self.recorder, done)
         with self.ready:
             self.error, self.finished = error, True
             self.ready.notify_all()
@@ -204,14 +205,16 @@ class BatchScheduler:
                  max_queue: int = DEFAULT_MAX_QUEUE) -> None:
         check_sizes(max_batch, max_queue)
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.lock = lock
         self.condition = threading.Condition(lock)
         self._waiting: deque[BatchRequest] = deque()
         self._running: list[BatchRequest] = []
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0  # batched forward passes so far
-        self.decoded = 0  # tokens decoded by them (decoded / steps: the mean batch)
-        self.peak_batch = 0  # most answers decoded in one pass
+        self.decoded = 0  # sequences advanced by them (decoded / steps: the mean batch)
+        self.peak_batch = 0  # most sequences in one pass
+        self.peak_prefill = 0  # most questions prefilled in one pass
 
     @property
     def running(self) -> int:
@@ -221,15 +224,23 @@ class BatchScheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def alive(self) -> bool:
+        """Whether its decoding thread runs (it starts with the first request and ends at :meth:`close`)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, stream: AnswerStream) -> BatchRequest:
-        """Queue one answer; it joins the batch at the next step. ``QueueFullError`` when ``max_queue`` wait."""
-        if stream.keep:
-            raise InvalidArgumentError("conversations keep their turns in the cache: they answer on their own loop")
+        """Queue one answer (independent, or a conversation's turn: ``stream.keep``); it joins the batch at the
+        next step. ``QueueFullError`` when ``max_queue`` wait; ``ServiceClosedError`` after :meth:`close`."""
         if stream.model is not self.model:
             raise InvalidArgumentError("this scheduler decodes another model's answers")
         with self.condition:
             if self._closed:
-                raise KVzipError("the batch scheduler is closed")
+                raise ServiceClosedError("the service was closed: it answers no more questions; open a new one")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{self.max_queue} answers already wait for a place in the batch of "
                                      f"{self.max_batch}; retry later or raise max_queue / max_batch")
@@ -242,13 +253,18 @@ class BatchScheduler:
         return request
 
     def close(self) -> None:
-        """Fail waiting and running answers, and stop the decoding thread."""
+        """Fail waiting and running answers (``ServiceClosedError``), stop the decoding thread and wait for it to
+        end; later submissions are refused. Idempotent; callable while holding the model's lock."""
         with self.condition:
             self._closed = True
             for request in [*self._waiting, *self._running]:
+                state = "waited in the queue" if request in self._waiting else "was being decoded"
                 self._remove(request)
-                request._end(KVzipError("the batch scheduler was closed"))
+                request._end(ServiceClosedError(f"the service was closed while this answer {state}"))
             self.condition.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            with released(self.lock):  # the thread takes the lock to see that it is closed
+                self._thread.join()
 
     def _remove(self, request: BatchRequest) -> None:
         if request in self._waiting:
@@ -265,40 +281,42 @@ class BatchScheduler:
                 with torch.inference_mode():
                     self._step()
 
+    def _leave(self, request: BatchRequest, error: BaseException | None = None, done: bool = False) -> None:
+        self._running.remove(request)
+        request._end(error, done)
+
     def _step(self) -> None:
-        """Admit, one token each, then one forward pass for those that go on; a failure fails only its own."""
-        while self._waiting and len(self._running) < self.max_batch:
-            request = self._waiting.popleft()
-            try:
-                request._prefill()
-            except Exception as error:  # noqa: BLE001 - handed to its consumer
-                request._end(error)
-                continue
-            self._running.append(request)
+        """The running answers take their tokens; waiting ones are admitted to the free places; then one forward
+        pass appends every running answer's token and every admitted question's prompt, each to its own cache.
+        A failure fails only its own answer (a failed pass, every answer in it)."""
         for request in list(self._running):
             try:
                 piece = request.decoding.step(request.logits)
             except Exception as error:  # noqa: BLE001 - handed to its consumer
-                self._running.remove(request)
-                request._end(error)
+                self._leave(request, error)
                 continue
             if piece:
                 request._post(piece)
-            if request.decoding.feed is None or request.decoding.done:
-                self._running.remove(request)
-                request._end(None, done=True)
+            if not request.stream.goes_on(request.decoding):
+                self._leave(request, done=True)
+        joining = []
+        while self._waiting and len(self._running) + len(joining) < self.max_batch:
+            joining.append(self._waiting.popleft())
+        tokens = [[r.decoding.feed] for r in self._running] + [r._admit() for r in joining]
+        self._running += joining
         if not self._running:
             return
         self.peak_batch = max(self.peak_batch, len(self._running))
+        self.peak_prefill = max(self.peak_prefill, len(joining))
         self.steps += 1
         self.decoded += len(self._running)
         try:
-            logits = batched_forward(self.model, [r.stream.cache for r in self._running],
-                                     [r.decoding.feed for r in self._running])
+            logits = batched_forward(self.model, [r.stream.cache for r in self._running], tokens)
         except Exception as error:  # noqa: BLE001 - every answer of the pass failed
             for request in list(self._running):
-                self._running.remove(request)
-                request._end(error)
+                self._leave(request, error)
             return
         for request, row in zip(self._running, logits):
             request.logits = row
+        for request in [r for r in self._running if r.decoding.done]:  # a kept turn's last token is in its cache
+            self._leave(request, done=True)

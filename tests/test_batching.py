@@ -47,14 +47,36 @@ def serial_logits(model, caches, prompts, steps: int) -> list[torch.Tensor]:
 
 
 def batched_logits(model, caches, prompts, steps: int) -> list[torch.Tensor]:
-    """Per-sequence prefill, then ``steps`` batched greedy steps over all the caches at once."""
+    """The prompts prefilled together (one forward pass over their different caches), then ``steps`` batched
+    greedy steps over all the caches at once."""
     with torch.inference_mode():
-        rows = [torch.stack([packed_forward(model, c, p) for c, p in zip(caches, prompts)])]
+        rows = [batched_forward(model, caches, prompts)]
         for _ in range(steps):
-            rows.append(batched_forward(model, caches, [int(r.argmax()) for r in rows[-1]]))
+            rows.append(batched_forward(model, caches, [[int(r.argmax())] for r in rows[-1]]))
     for cache in caches:
         cache.reset()
     return list(torch.stack(rows, 1))
+
+
+def mixed_logits(model, caches, prompts, steps: int) -> list[torch.Tensor]:
+    """The first two prompts prefilled together; then each pass decodes the running answers while the next
+    waiting prompt is prefilled beside them (as the scheduler admits a request mid-batch)."""
+    rows: list[list[torch.Tensor]] = [[] for _ in caches]
+    with torch.inference_mode():
+        for b, row in zip((0, 1), batched_forward(model, caches[:2], prompts[:2])):
+            rows[b].append(row)
+        admitted = 2
+        while any(len(r) <= steps for r in rows):
+            running = [b for b in range(admitted) if len(rows[b]) <= steps]
+            joining = list(range(admitted, min(admitted + 1, len(caches))))
+            out = batched_forward(model, [caches[b] for b in running + joining],
+                                  [[int(rows[b][-1].argmax())] for b in running] + [prompts[b] for b in joining])
+            for b, row in zip(running + joining, out):
+                rows[b].append(row)
+            admitted += len(joining)
+    for cache in caches:
+        cache.reset()
+    return [torch.stack(r) for r in rows]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
@@ -67,6 +89,27 @@ def test_batched_decoding_gives_each_sequence_its_batch_one_logits(family, smol_
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
     assert not torch.allclose(got[0], got[1], atol=ATOL)  # the sequences really differ
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_batched_prefill_gives_each_question_its_batch_one_logits(family, smol_tokenizer):
+    """Questions of different lengths prefilled in one pass over different caches (compressed, whole, composed,
+    quantized), alone or beside answers that are decoding: each gets the logits of its batch-1 prefill."""
+    model = build_tiny(family, smol_tokenizer, seed=7)
+    caches = varied_caches(model)
+    prompts = [model.encode(model.template.question_text(q)) for q in QUESTIONS + ["Why?"]]
+    assert len({len(p) for p in prompts}) > 1
+    expected = serial_logits(model, caches, prompts, 3)
+    with torch.inference_mode():
+        prefilled = batched_forward(model, caches, prompts)
+        tails = [cache.tail_length for cache in caches]
+    assert tails == [len(p) for p in prompts]  # each cache took its own prompt, no padding
+    for row, e in zip(prefilled, expected):
+        assert torch.allclose(row, e[0], atol=ATOL), (row - e[0]).abs().max()
+    for cache in caches:
+        cache.reset()
+    for g, e in zip(mixed_logits(model, caches, prompts, 3), expected):
+        assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
 
 
 def test_flash_path_in_a_batch_matches_the_torch_path(smol_tokenizer, monkeypatch):
@@ -90,10 +133,12 @@ def test_flash_path_in_a_batch_matches_the_torch_path(smol_tokenizer, monkeypatc
     assert len(calls) == 7 * len(caches) * len(caches[0].layers)
 
 
-def test_a_batch_needs_one_token_per_cache(tiny_llama):
+def test_a_batch_needs_tokens_for_each_cache(tiny_llama):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
-    with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="one token per cache"):
-        batched_forward(tiny_llama, [cache], [1, 2])
+    with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="one token list per cache"):
+        batched_forward(tiny_llama, [cache], [[1], [2]])
+    with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="at least one token"):
+        batched_forward(tiny_llama, [cache], [[]])
 
 
 # ---------------------------------------------------------------------------------------------- the scheduler
@@ -359,3 +404,165 @@ def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, t
                                    "--data", str(DATA_DIR), "--out", str(tmp_path / "out")])
     assert run.exit_code == 0, run.output
     assert {p.name for p in (tmp_path / "out").iterdir()} == {f"serve.{ext}" for ext in ("json", "md", "png")}
+
+
+# ---------------------------------------------------------------------------------------------- batched prefill in the scheduler
+
+
+def test_questions_arriving_together_are_prefilled_in_one_pass(stored, tiny_llama, serial):
+    """Three requests queued while the scheduler cannot step are admitted together: one forward pass prefills the
+    three questions over their three caches, and each answer is still its serial one."""
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+    scheduler = service.scheduler
+    chosen = [0, 2, 4]
+    with service.lock:
+        requests = []
+        for i in chosen:
+            target = service.route(ASKED[i][0]).targets[0]
+            cache, _, _ = service.load(target)
+            requests.append(scheduler.submit(kvzip_rag.generate.stream_answer(
+                tiny_llama, cache, ASKED[i][0], kvzip_rag.generate.SamplingOptions(**{
+                    k: v for k, v in options_for(i).items() if k != "evidence"}))))
+        assert scheduler.waiting == 3 and scheduler.steps == 0
+    texts = ["".join(request) for request in requests]
+    assert scheduler.peak_prefill == 3 and scheduler.peak_batch == 3
+    for i, request, text in zip(chosen, requests, texts):
+        assert request.result.token_ids == serial[i].answers[0].answer.token_ids
+        assert text.strip() == request.result.text
+
+
+# ---------------------------------------------------------------------------------------------- chat turns
+
+def chat_script(i: int) -> list[str]:
+    """Session ``i``'s turns: a question, a follow-up that stays, a question about another town (recomposed)."""
+    return [ASKED[i][0], "What does its market sell?", ASKED[(i + 5) % len(ASKED)][0]]
+
+
+def test_chat_turns_of_four_sessions_decode_together_and_equal_their_one_at_a_time_answers(stored, tiny_llama):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvzip_rag.dialogue import ChatSession
+    from kvzip_rag.qa import QAService
+
+    def run(service, i: int) -> list:
+        session = ChatSession(service, sampling=options_for(i))
+        return [session.ask(question) for question in chat_script(i)]
+
+    alone = QAService(stored, tiny_llama)
+    expected = [run(alone, i) for i in range(4)]
+    service = QAService(stored, tiny_llama, batching=True)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: run(service, i), range(4)))
+    assert service.scheduler.peak_batch > 1  # turns of different sessions shared forward passes
+    for turns, reference in zip(got, expected):
+        assert [t.change for t in turns] == [t.change for t in reference] == ["new", "kept", "recomposed"]
+        for turn, ref in zip(turns, reference):
+            assert turn.answer.token_ids == ref.answer.token_ids and turn.text == ref.text
+            assert turn.info["doc_ids"] == ref.info["doc_ids"]
+    assert service.scheduler.running == service.scheduler.waiting == 0
+
+
+def test_a_session_takes_one_turn_at_a_time(stored, tiny_llama):
+    """Two turns of one session asked at once (the first lets the service's lock go while it decodes): the second
+    waits for the first, so the conversation is what asking them one after the other gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvzip_rag.dialogue import ChatSession
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+    session = ChatSession(service, sampling=LONG)
+    with ThreadPoolExecutor(2) as pool:
+        turns = list(pool.map(session.ask, chat_script(0)[:2]))
+    assert sorted(t.info["turns"] for t in turns) == [1, 2]
+    reference = ChatSession(QAService(stored, tiny_llama), sampling=LONG)
+    for question, _ in session.conversation.turns:
+        reference.ask(question)
+    assert session.conversation.turns == reference.conversation.turns
+
+
+def test_llamaindex_chat_engines_and_langchain_chat_go_through_the_scheduler(tiny_llama, tmp_path):
+    import asyncio
+
+    from langchain_core.messages import AIMessage, HumanMessage
+    from llama_index.core import Document
+
+    from kvzip_rag import KVzipIndex
+    from kvzip_rag.dialogue import ChatSession
+    from kvzip_rag.integrations.langchain import ChatKVzip
+    from kvzip_rag.qa import QAService
+
+    index = KVzipIndex.from_documents([Document(text=text, doc_id=doc_id) for doc_id, text in DOCS.items()],
+                                      model=tiny_llama, store=tmp_path / "store", batching=True)
+    alone = QAService(index.store, tiny_llama)
+    submitted = []
+    submit = index.qa.scheduler.submit
+    index.qa.scheduler.submit = lambda stream: submitted.append(stream.keep) or submit(stream)
+
+    engines = [index.as_chat_engine(**LONG) for _ in range(4)]
+
+    async def chats():
+        first = await asyncio.gather(*(e.achat(chat_script(i)[0]) for i, e in enumerate(engines)))
+        return first, await asyncio.gather(*(e.achat(chat_script(i)[1]) for i, e in enumerate(engines)))
+
+    responses = asyncio.run(chats())
+    assert submitted.count(True) == 8 and index.qa.scheduler.peak_batch > 1
+    for i in range(4):
+        session = ChatSession(alone, sampling=LONG)
+        for step in range(2):
+            assert responses[step][i].response == session.ask(chat_script(i)[step]).text
+
+    submitted.clear()
+    chat = ChatKVzip(qa=index.qa, max_new_tokens=12)
+    conversations = [[HumanMessage(chat_script(i)[0]), AIMessage("It was founded long ago."),
+                      HumanMessage(chat_script(i)[1])] for i in range(4)]
+    answers = asyncio.run(chat.abatch(conversations))
+    assert submitted.count(True) == 4  # each conversation's turn decoded in the scheduler
+    reference = ChatKVzip(qa=alone, max_new_tokens=12)
+    assert [a.content for a in answers] == [reference.invoke(c).content for c in conversations]
+
+
+# ---------------------------------------------------------------------------------------------- closing
+
+
+def test_close_fails_held_requests_stops_the_thread_and_refuses_later_questions(stored, tiny_llama):
+    import threading
+
+    from kvzip_rag.errors import ServiceClosedError
+    from kvzip_rag.qa import QAService
+
+    with QAService(stored, tiny_llama, batching=True, max_batch=1) as service:
+        scheduler = service.scheduler
+        with service.lock:  # the scheduler cannot step: one request admitted at its first step, one waiting
+            running, queued = scheduler.submit(prepared(service, 0)), scheduler.submit(prepared(service, 1))
+        pieces = iter(running)
+        next(pieces)
+        assert scheduler.alive and scheduler.running == 1 and scheduler.waiting == 1
+    assert service.closed and not scheduler.alive and scheduler._thread not in threading.enumerate()
+    with pytest.raises(ServiceClosedError, match="closed while this answer was being decoded"):
+        list(pieces)
+    with pytest.raises(ServiceClosedError, match="closed while this answer waited in the queue"):
+        list(queued)
+    assert running.stream.cache.tail_length == queued.stream.cache.tail_length == 0
+    for ask in (lambda: service.answer(ASKED[0][0]), lambda: service.stream(ASKED[0][0]),
+                lambda: scheduler.submit(prepared(service, 2))):
+        with pytest.raises(ServiceClosedError, match="closed"):
+            ask()
+    service.close()  # again: nothing left to do
+
+
+def test_closing_an_unbatched_service_refuses_later_questions(stored, tiny_llama):
+    from kvzip_rag.dialogue import ChatSession
+    from kvzip_rag.errors import ServiceClosedError
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama)
+    session = ChatSession(service, sampling=LONG)
+    session.ask(ASKED[0][0])
+    service.close()
+    with pytest.raises(ServiceClosedError, match="this QAService was closed"):
+        service.answer(ASKED[0][0])
+    with pytest.raises(ServiceClosedError, match="this QAService was closed"):
+        session.ask(ASKED[1][0])

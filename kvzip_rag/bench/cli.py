@@ -35,7 +35,8 @@ def run_bench(
     ``model``: an alias/path for ``kvzip_rag.load_model`` (default model when None); ``loaded_model``: an already
     wrapped ``KVzipModel`` (tests); ``embedding``: ``minilm`` (chunk retrieval with all-MiniLM-L6-v2, needs
     ``kvzip-rag[bench]``) or ``hashing`` (dependency-free, for tests); ``threads``: torch intra-op threads;
-    ``limit``: at most this many questions per set in the grounding task (quick runs).
+    ``limit``: at most this many questions per set in the grounding task (quick runs), answers per setting in the
+    serve task.
     """
     import torch
 
@@ -95,7 +96,8 @@ def bench(
     max_length: Annotated[int | None, typer.Option("--max-length", help="gpu preset: longest context (default: "
                                                                        "the model's window).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="grounding task: at most this many questions "
-                                                                     "per question set (quick runs).")] = None,
+                                                                     "per question set (quick runs); serve task: "
+                                                                     "answers per setting (default 24).")] = None,
 ) -> None:
     """Benchmark KVzip against the full cache, other scorers, re-prefilling and chunk retrieval."""
     if quick and full:

@@ -1,6 +1,6 @@
 """``kvzip-rag bench --task serve`` (in-process part): many users at once, today's serial path beside batching.
 
-Closed-loop clients (1, 2, 4, 8 at once) ask held SQuAD questions over a store of >= 20 paragraphs, each client
+Closed-loop clients (1, 2, 4, 8, 16 at once) ask held SQuAD questions over a store of >= 20 paragraphs, each client
 sending its next question as soon as its answer is complete, through :meth:`QAService.stream` (routing, loading
 and grounding included): once with the serial service (one lock, one answer at a time) and once with
 ``batching=True`` (:mod:`kvzip_rag.scheduler`), in the same run and process. Per setting: answers/s, generated
@@ -16,7 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-CLIENTS = (1, 2, 4, 8)
+CLIENTS = (1, 2, 4, 8, 16)
+DEFAULT_REQUESTS = 24  # answers per setting (``bench --limit`` sets it)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -90,7 +91,7 @@ def closed_loop(service, questions: list[str], clients: int, requests: int, opti
 
 
 def run_serve(model_name: str | None = None, data_dir: Path | None = None, documents: int = 20,
-              requests: int = 24, max_new_tokens: int = 32, threads: int | None = None, log=print) -> dict:
+              requests: int = DEFAULT_REQUESTS, max_new_tokens: int = 32, threads: int | None = None, log=print) -> dict:
     """Both paths at every client count; ``requests`` answers per setting."""
     import kvzip_rag
     from kvzip_rag.qa import QAService
@@ -117,15 +118,17 @@ def run_serve(model_name: str | None = None, data_dir: Path | None = None, docum
             for path, service in (("serial", serial), ("batched", batched)):
                 scheduler = service.scheduler
                 if scheduler is not None:
-                    scheduler.peak_batch = scheduler.steps = scheduler.decoded = 0
+                    scheduler.peak_batch = scheduler.peak_prefill = scheduler.steps = scheduler.decoded = 0
                 row = {"path": path, **closed_loop(service, questions, clients, requests, options)}
                 row["peak_batch"] = scheduler.peak_batch if scheduler is not None else 1
                 row["mean_batch"] = scheduler.decoded / max(scheduler.steps, 1) if scheduler is not None else 1.0
+                row["peak_prefill"] = scheduler.peak_prefill if scheduler is not None else 1
                 settings.append(row)
                 log(f"{path:8s} clients={clients} answers/s={row['answers_per_s']:.2f} "
                     f"tok/s={row['tokens_per_s']:.1f} ttft p50/p95={row['ttft_p50_s']:.2f}/{row['ttft_p95_s']:.2f} s "
                     f"latency p50/p95={row['latency_p50_s']:.2f}/{row['latency_p95_s']:.2f} s "
-                    f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} rss={row['peak_rss_mb']:.0f} MiB")
+                    f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} prefilled together={row['peak_prefill']} "
+                    f"rss={row['peak_rss_mb']:.0f} MiB")
     return {"task": "serve", "model": model.name, "threads": torch.get_num_threads(), "documents": len(docs),
             "requests": requests, "max_new_tokens": max_new_tokens, "settings": settings,
             "agreement": agreement(settings)}

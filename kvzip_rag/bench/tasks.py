@@ -35,7 +35,7 @@ class Context:
     loaded_model: Any = None
     log: Log = print
     embedding: str = "minilm"
-    limit: int | None = None  # at most this many questions per set (grounding, quick runs)
+    limit: int | None = None  # at most this many questions per set (grounding, quick runs); answers per serve setting
     _bench: Bench | None = field(default=None, init=False, repr=False)
 
     @property
@@ -145,9 +145,10 @@ def _conversations(context: Context) -> dict:
 
 
 def _serve(context: Context) -> dict:
-    from .serve_batching import plot, run_serve
+    from .serve_batching import DEFAULT_REQUESTS, plot, run_serve
 
-    results = run_serve(context.model_name, context.data_dir, log=context.log)
+    results = run_serve(context.model_name, context.data_dir, requests=context.limit or DEFAULT_REQUESTS,
+                        log=context.log)
     plot(results, context.out_dir)
     return results
 
