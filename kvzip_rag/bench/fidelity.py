@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -342,6 +343,24 @@ def _ci(ci, signed: bool = True) -> str:
     if not ci:
         return "n/a"
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def plot(results: dict, out_dir: Path) -> Path | None:
+    """The run's compression curve (NLL loss against bytes, :func:`kvzip_rag.frontier.plot_curve`) as
+    ``fidelity_curve.png``; None when the run measured no KVzip method's bytes."""
+    from kvzip_rag.errors import InvalidArgumentError
+    from kvzip_rag.frontier import curve_from_fidelity, plot_curve
+
+    table = results.get("summary", {}).get("quality", {}).get("fidelity")
+    fp16 = (results.get("fidelity") or {}).get("fp16_bytes_per_token")
+    if not table or not fp16:
+        return None
+    meta = results.get("meta", {})
+    try:
+        curve = curve_from_fidelity(table, meta.get("model", "?"), meta.get("model_fingerprint", ""), fp16, {})
+    except InvalidArgumentError:
+        return None
+    return plot_curve(curve, out_dir / "fidelity_curve.png")
 
 
 def markdown(summary: dict) -> list[str]:
