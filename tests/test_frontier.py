@@ -126,3 +126,82 @@ def test_cli_round_trip_bench_writes_the_curve_index_reads_it(tiny_llama, tiny_d
     assert both.exit_code == 1 and "drop kv_bits" in both.output
     stored = json.loads(next((tmp_path / "cache" / "curves").glob("*.json")).read_text())
     assert stored["fingerprint"] == tiny_llama.fingerprint and stored["source"]["questions"] == 4
+
+
+# ------------------------------------------------------------------ the options in every interface that builds a store
+
+TEXTS = {"harbour": "The harbour of Velmora was built in 1731 by the engineer Ansel Brask, who drowned there.",
+         "museum": "The museum of Velmora displays whale bones, old ship models and the engineer's drawings."}
+
+
+def tiny_curve(model, tmp_path, monkeypatch) -> Curve:
+    """A curve for ``model`` where the user's curves live (as bench --write-curve writes it)."""
+    from kvzip_rag.frontier import curve_path
+
+    monkeypatch.setenv("KVZIP_RAG_CACHE", str(tmp_path / "cache"))
+    curve = Curve(model.name, model.fingerprint, FP16, CURVE.points, {})
+    curve.save(curve_path(model.fingerprint))
+    return curve
+
+
+def caches_of(store, doc_ids) -> set[tuple]:
+    return {(c.ratio, c.kv_bits, c.scorer) for d in doc_ids for c in store.get_document(d).caches}
+
+
+def test_llamaindex_takes_scorer_and_bits_and_chooses_from_the_curve(tiny_llama, tmp_path, monkeypatch):
+    from llama_index.core import Document
+
+    from kvzip_rag import KVzipIndex
+
+    docs = [Document(text=text, doc_id=name) for name, text in TEXTS.items()]
+    index = KVzipIndex.from_documents(docs, model=tiny_llama, store=tmp_path / "a", scorer="kvzip-structure",
+                                      kv_bits=3)
+    assert index.scorer == "kvzip-structure" and caches_of(index.store, TEXTS) == {(0.3, 3, "kvzip-structure")}
+    index.persist(tmp_path / "persisted")
+    again = KVzipIndex.load(tmp_path / "persisted", model=tiny_llama)
+    again.insert(Document(text="The lighthouse was lit in 1802.", doc_id="lighthouse"))
+    assert caches_of(again.store, ["lighthouse"]) == {(0.3, 3, "kvzip-structure")}
+    with pytest.raises(InvalidArgumentError, match="unknown scorer 'nope'"):
+        KVzipIndex.from_documents(docs, model=tiny_llama, store=tmp_path / "b", scorer="nope")
+
+    curve = tiny_curve(tiny_llama, tmp_path, monkeypatch)
+    chosen = choose(curve, max_nll_loss=0.1, scorer="kvzip-structure")
+    index = KVzipIndex.from_documents(docs, model=tiny_llama, store=tmp_path / "c", scorer="kvzip-structure",
+                                      max_nll_loss=0.1)
+    assert (index.ratio, index.kv_bits) == (chosen.ratio, chosen.kv_bits) == (0.125, 3)
+    assert caches_of(index.store, TEXTS) == {(0.125, 3, "kvzip-structure")}
+    with pytest.raises(InvalidArgumentError, match="drop ratio"):
+        KVzipIndex.from_documents(docs, model=tiny_llama, store=tmp_path / "d", target_bytes="0.1x", ratio=0.2)
+
+
+def test_langchain_from_texts_takes_scorer_and_bits_and_chooses_from_the_curve(tiny_llama, tmp_path, monkeypatch):
+    from kvzip_rag.errors import EmptyDocumentError
+    from kvzip_rag.integrations.langchain import KVzipRetriever
+
+    retriever = KVzipRetriever.from_texts(list(TEXTS.values()), [{"topic": n} for n in TEXTS], ids=list(TEXTS),
+                                          store=tmp_path / "a", model=tiny_llama, scorer="kvzip-structure",
+                                          kv_bits=4, k=1)
+    assert caches_of(retriever.qa.store, TEXTS) == {(0.3, 4, "kvzip-structure")}
+    [doc] = retriever.invoke("Who built the harbour?")
+    assert doc.metadata["doc_id"] == "harbour" and doc.metadata["topic"] == "harbour" and doc.metadata["kv_bits"] == 4
+
+    tiny_curve(tiny_llama, tmp_path, monkeypatch)
+    retriever = KVzipRetriever.from_texts(list(TEXTS.values()), ids=list(TEXTS), store=tmp_path / "b",
+                                          model=tiny_llama, target_bytes=1000)
+    assert caches_of(retriever.qa.store, TEXTS) == {(0.125, 3, "kvzip")}
+    assert retriever.invoke("Who built the harbour?")[0].metadata["ratio"] == 0.125
+    with pytest.raises(InvalidArgumentError, match="unknown scorer"):
+        KVzipRetriever.from_texts(["text"], store=tmp_path / "c", model=tiny_llama, scorer="nope")
+    with pytest.raises(InvalidArgumentError, match="2 texts, 1 metadatas"):
+        KVzipRetriever.from_texts(["a", "b"], [{}], store=tmp_path / "c", model=tiny_llama)
+    with pytest.raises(EmptyDocumentError):
+        KVzipRetriever.from_texts(["a", " "], store=tmp_path / "c", model=tiny_llama)
+    with pytest.raises(InvalidArgumentError, match="no measured point"):
+        KVzipRetriever.from_texts(["a"], store=tmp_path / "c", model=tiny_llama, target_bytes=10)
+    assert not has_documents(tmp_path / "c")
+
+
+def has_documents(folder) -> bool:
+    from kvzip_rag.store import CacheStore
+
+    return bool(folder.exists() and CacheStore(folder).list_documents())
