@@ -185,8 +185,9 @@ def pick_budget(model, *, target_bytes: str | float | None, max_nll_loss: float 
     return point.ratio, point.kv_bits, point
 
 
-def plot_curve(curve: Curve, path: str | os.PathLike) -> Path:
-    """The curve as a PNG: NLL loss (with its interval) against bytes per token, one line per scorer and precision."""
+def plot_curve(curve: Curve, path: str | os.PathLike, highlight: CurvePoint | None = None) -> Path:
+    """The curve as a PNG: NLL loss (with its interval) against bytes per token, one line per scorer and precision;
+    ``highlight`` (e.g. a document's cache) ringed."""
     from .extras import pyplot
 
     plt = pyplot()
@@ -202,6 +203,9 @@ def plot_curve(curve: Curve, path: str | os.PathLike) -> Path:
         ax.vlines(xs, [p.nll_loss for p in points], [p.nll_loss_high for p in points], alpha=0.3)
         for x, p in zip(xs, points):
             ax.annotate(f"{p.ratio:g}", (x, p.nll_loss), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    if highlight is not None:
+        ax.scatter([highlight.fp16_share], [highlight.nll_loss], s=220, facecolors="none", edgecolors="red",
+                   linewidths=1.5, label="this cache", zorder=5)
     ax.set_xscale("log")
     ax.axhline(0, color="k", linewidth=0.6)
     n = max((p.n for p in curve.points), default=0)

@@ -120,6 +120,9 @@ def test_cli_round_trip_bench_writes_the_curve_index_reads_it(tiny_llama, tiny_d
     [cache] = CacheStore(tmp_path / "store").get_document("doc.txt").caches
     assert (cache.ratio, cache.kv_bits, cache.scorer) == (expected.ratio, expected.kv_bits, "kvzip")
 
+    shown = CliRunner().invoke(app, [*store, "inspect", "doc.txt", "--out", str(tmp_path / "inspect")])
+    assert shown.exit_code == 0, shown.output
+    assert (tmp_path / "inspect" / "doc.txt.curve.png").stat().st_size > 0 and expected.describe()[:30] in shown.output
     none = CliRunner().invoke(app, [*store, "index", str(tmp_path / "doc.txt"), "--target-bytes", "1"])
     assert none.exit_code == 1 and "no measured point of kvzip" in none.output
     both = CliRunner().invoke(app, [*store, "index", str(tmp_path / "doc.txt"), "--max-nll-loss", "5", "--kv-bits", "4"])
