@@ -196,11 +196,14 @@ def plot_curve(curve: Curve, path: str | os.PathLike, highlight: CurvePoint | No
     for p in curve.points:
         series.setdefault((p.scorer, p.kv_bits), []).append(p)
     names = {16: "as computed", 8: "int8", 4: "int4", 3: "K4V2"}
+    markers = {16: "o", 8: "s", 4: "^", 3: "v"}
+    colors = {scorer: f"C{i}" for i, scorer in enumerate(sorted({p.scorer for p in curve.points}))}
     for (scorer, bits), points in sorted(series.items()):
         points.sort(key=lambda p: p.bytes_per_token)
-        xs = [p.fp16_share for p in points]
-        ax.plot(xs, [p.nll_loss for p in points], marker="o", label=f"{scorer} {names.get(bits, bits)}")
-        ax.vlines(xs, [p.nll_loss for p in points], [p.nll_loss_high for p in points], alpha=0.3)
+        xs, ys = [p.fp16_share for p in points], [p.nll_loss for p in points]
+        ax.plot(xs, ys, marker=markers.get(bits, "o"), color=colors[scorer], linestyle="-" if bits >= 4 else ":",
+                label=f"{scorer} {names.get(bits, bits)}")
+        ax.vlines(xs, ys, [p.nll_loss_high for p in points], color=colors[scorer], alpha=0.3)
         for x, p in zip(xs, points):
             ax.annotate(f"{p.ratio:g}", (x, p.nll_loss), fontsize=6, xytext=(2, 2), textcoords="offset points")
     if highlight is not None:
