@@ -6,19 +6,16 @@ import torch
 
 from .budget import DEFAULT_BUDGET, allocate_budgets, check_ratio_level
 from .cache import CacheInfo, PackedCache, PackedLayer
-from .errors import InvalidArgumentError
 from .models import KVzipModel
 from .prefill import PrefilledDocument, Progress, prefill_document
 from .quant import check_bits, quantize
-from .scorers import SCORERS, KVzipScorer, Scorer
+from .scorers import SCORERS, KVzipScorer, Scorer, check_scorer
 
 
 def resolve_scorer(scorer: str | Scorer, level: str | None = None) -> Scorer:
     """The scorer named (or given), as it scores at ``level`` (KVzip at ``"head"`` level: ``HeadScorer``)."""
     if not isinstance(scorer, Scorer):
-        if scorer not in SCORERS:
-            raise InvalidArgumentError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
-        scorer = SCORERS[scorer]()
+        scorer = SCORERS[check_scorer(scorer)]()
     return scorer if level is None else scorer.for_level(level)
 
 

@@ -123,3 +123,39 @@ def test_frontier_targets_and_codec_twins():
     assert smallest["met"] is True and smallest["note"] == "method kvzip-structure-int4@0.125"
     ahead = targets["KVzip pair ahead of SnapKV and H2O at 0.125 and 0.0625"]
     assert ahead["met"] is True and len(ahead["value"]) == 2
+
+
+def test_runs_over_disjoint_documents_merge_into_the_run_over_all(tiny_llama, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """A run split by document merges back into the same table; overlapping documents or another grid are refused."""
+    from kvzip_rag.bench.fidelity import merge_runs
+    from kvzip_rag.errors import InvalidArgumentError
+
+    monkeypatch.setenv("KVZIP_RAG_CACHE", str(tmp_path / "cache"))
+    overrides = dict(fidelity_questions=4, fidelity_f1_questions=0, fidelity_min_tokens=100, fidelity_max_tokens=400,
+                     fidelity_ratios=(0.3,), levels=("pair",), fidelity_baselines=("snapkv",),
+                     fidelity_calibration_tokens=120, fidelity_calibration_segments=4, fidelity_questions_per_doc=2)
+    run_bench("quick", data_dir=tiny_data, out_dir=tmp_path / "all", loaded_model=tiny_llama, embedding="hashing",
+              tasks=("fidelity",), preset_overrides=overrides, log=lambda message: None)
+    whole = json.loads((tmp_path / "all" / "results.json").read_text())
+    docs = sorted({r["doc"] for r in whole["fidelity"]["rows"]})
+    assert len(docs) == 2
+    for i, doc in enumerate(docs):
+        part = json.loads(json.dumps(whole))
+        part["fidelity"]["rows"] = [r for r in whole["fidelity"]["rows"] if r["doc"] == doc]
+        part["fidelity"]["bytes"] = [b for b in whole["fidelity"]["bytes"] if b["doc"] == doc]
+        (tmp_path / f"part{i}").mkdir()
+        (tmp_path / f"part{i}" / "results.json").write_text(json.dumps(part))
+    merge_runs([tmp_path / "part0", tmp_path / "part1"], tmp_path / "merged")
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["summary"]["quality"]["fidelity"] == whole["summary"]["quality"]["fidelity"]
+    assert [p["documents"] for p in merged["meta"]["merged_from"]] == [1, 1]
+    assert (tmp_path / "merged" / "fidelity_curve.png").exists()
+    with pytest.raises(InvalidArgumentError, match="share documents"):
+        merge_runs([tmp_path / "part0", tmp_path / "all"], tmp_path / "again")
+    other = json.loads(json.dumps(whole))
+    other["fidelity"]["rows"] = [dict(r, method="h2o@0.3") if r["method"] == "snapkv@0.3" else r
+                                 for r in whole["fidelity"]["rows"] if r["doc"] == docs[1]]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text(json.dumps(other))
+    with pytest.raises(InvalidArgumentError, match="other models, methods"):
+        merge_runs([tmp_path / "part0", tmp_path / "other"], tmp_path / "again")

@@ -34,9 +34,11 @@ from llama_index.core.storage.storage_context import DEFAULT_PERSIST_DIR, Storag
 from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.budget import DEFAULT_BUDGET, Budget, CacheKind
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
+from kvzip_rag.frontier import pick_budget
 from kvzip_rag.models import KVzipModel, check_model_arg, load_model
 from kvzip_rag.quant import check_bits
 from kvzip_rag.qa import QAService, Target, check_model_matches, fair_lock
+from kvzip_rag.scorers import check_scorer
 from kvzip_rag.store import DB_NAME, CacheStore
 
 from ..segments import segment_metadata
@@ -113,6 +115,9 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         kv_bits: 16 (default; a loaded index keeps its own unless given) keeps the model's dtype; 8 or 4 store the
             caches quantized (:mod:`kvzip_rag.quant`: about 3x / 5x smaller blobs). Applies to documents added from
             here on.
+        scorer: how KV pairs are ranked (``kvzip`` by default, ``kvzip-fast``, ``kvzip-structure``: see
+            :data:`kvzip_rag.scorers.SCORERS`; a loaded index keeps its own unless given). Applies to documents added
+            from here on.
         store: a :class:`kvzip_rag.store.CacheStore` or a folder for one. Default: a fresh temporary folder,
             removed when the index is garbage collected (persist the index to keep its caches).
         persist_dir: where a loaded index's ``kvzip_store`` copy is looked up.
@@ -138,6 +143,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         ratio: Optional[float] = None,
         level: Optional[str] = None,
         kv_bits: Optional[int] = None,
+        scorer: Optional[str] = None,
         store: CacheStore | str | os.PathLike | None = None,
         persist_dir: str | os.PathLike | None = None,
         threads: Optional[int] = None,
@@ -157,6 +163,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         self._ratio, self._level = budget.ratio, budget.level
         self._kv_bits = check_bits(kv_bits if kv_bits is not None
                                    else index_struct.kv_bits if index_struct is not None else 16)
+        self._scorer = check_scorer(scorer if scorer is not None
+                                    else index_struct.scorer if index_struct is not None else "kvzip")
         self._store = self._open_store(store, index_struct, persist_dir)
         self._qa = QAService(self._store, self._model, ratio=self._ratio, level=self._level, threads=threads,
                              scope=lambda: self.doc_ids, lock=self.lock, model_loader=self._load_model,
@@ -173,6 +181,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         )
         if index_struct is not None:
             index_struct.ratio, index_struct.level, index_struct.kv_bits = self._ratio, self._level, self._kv_bits
+            index_struct.scorer = self._scorer
         if isinstance(self._storage_context.index_store, KVzipIndexStore):
             self._storage_context.index_store.register(self)
         if self._model is not None:
@@ -192,7 +201,10 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         model: KVzipModel | str | os.PathLike | None = None,
         ratio: Optional[float] = None,
         level: Optional[str] = None,
-        kv_bits: int = 16,
+        kv_bits: Optional[int] = None,
+        scorer: str = "kvzip",
+        target_bytes: str | float | None = None,
+        max_nll_loss: Optional[float] = None,
         store: CacheStore | str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> "KVzipIndex":
@@ -201,13 +213,21 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         The document's ``doc_id`` is its id in the store and its metadata is kept with it. ``transformations`` are
         accepted for signature compatibility and ignored (no chunking). All documents are checked before any is
         compressed: an empty list or a whitespace-only document raises at once. ``kv_bits`` 8 or 4 stores the caches
-        quantized (see the class).
+        quantized, ``scorer`` ranks the KV pairs (see the class). ``target_bytes`` (blob bytes per document token,
+        or ``"0.02x"`` of the full fp16 cache) or ``max_nll_loss`` (nats) choose ratio and kv_bits from the model's
+        measured curve instead (:mod:`kvzip_rag.frontier`; give neither ratio nor kv_bits then).
         """
         documents = cls._checked_documents(documents)
+        if target_bytes is not None or max_nll_loss is not None:
+            check_model_arg(model)
+            if not isinstance(model, KVzipModel):  # the curve is the loaded model's
+                model = load_model(model, threads=kwargs.get("threads"))
+            ratio, kv_bits, _ = pick_budget(model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
+                                            scorer=scorer, ratio=ratio, kv_bits=kv_bits)
         index = cls(
             nodes=[], storage_context=storage_context, callback_manager=callback_manager,
             transformations=transformations, show_progress=show_progress, model=model, ratio=ratio, level=level,
-            kv_bits=kv_bits, store=store, **kwargs,
+            kv_bits=kv_bits, scorer=scorer, store=store, **kwargs,
         )  # threads= travels in kwargs
         with index._callback_manager.as_trace("index_construction"):
             index._add_documents(documents, show_progress=show_progress)
@@ -322,6 +342,11 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         return self._kv_bits
 
     @property
+    def scorer(self) -> str:
+        """How documents added to this index have their KV pairs ranked."""
+        return self._scorer
+
+    @property
     def level(self) -> str:
         return self._level
 
@@ -377,7 +402,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         return self._build_index_from_nodes(nodes, **build_kwargs)
 
     def _build_index_from_nodes(self, nodes: Sequence[BaseNode], **build_kwargs: Any) -> KVzipIndexStruct:
-        self._index_struct = KVzipIndexStruct(ratio=self._ratio, level=self._level, kv_bits=self._kv_bits)
+        self._index_struct = KVzipIndexStruct(ratio=self._ratio, level=self._level, kv_bits=self._kv_bits,
+                                              scorer=self._scorer)
         if nodes:
             self._add_documents(_group_nodes(nodes), show_progress=self._show_progress)
         return self._index_struct
@@ -435,7 +461,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             force = existing is not None and mine and existing.text != text
             record = self._store.add_document(
                 model, text, doc_id=doc_id, metadata=metadata, ratio=self._ratio, level=self._level, force=force,
-                progress=progress, kv_bits=self._kv_bits,
+                progress=progress, kv_bits=self._kv_bits, scorer=self._scorer,
             )
             for old in struct.node_ids.get(doc_id, []):
                 self.docstore.delete_document(old, raise_error=False)

@@ -52,6 +52,7 @@ class KVzipIndexStruct(IndexStruct):
     ratio: float = DEFAULT_BUDGET.ratio
     level: str = DEFAULT_BUDGET.level
     kv_bits: int = 16  # of the caches this index adds (8 or 4: quantized)
+    scorer: str = "kvzip"  # how the caches this index adds rank their KV pairs
     model_name: Optional[str] = None
     model_fingerprint: Optional[str] = None
     template_digest: Optional[str] = None

@@ -98,10 +98,16 @@ def bench(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="grounding task: at most this many questions "
                                                                      "per question set (quick runs); serve task: "
                                                                      "answers per setting (default 24).")] = None,
+    write_curve: Annotated[bool, typer.Option("--write-curve", help="fidelity task: store the measured bytes/NLL "
+                                                                    "curve as the model's calibration, read by "
+                                                                    "kvzip-rag index --target-bytes / "
+                                                                    "--max-nll-loss.")] = False,
 ) -> None:
     """Benchmark KVzip against the full cache, other scorers, re-prefilling and chunk retrieval."""
     if quick and full:
         raise typer.BadParameter("choose one of --quick and --full")
+    if write_curve and "fidelity" not in (task or ()):
+        raise typer.BadParameter("--write-curve stores the fidelity task's curve: add --task fidelity")
     if preset == "gpu":
         _gpu(model, data, out, max_length)
         return
@@ -121,6 +127,11 @@ def bench(
     except FileNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
+    if write_curve:
+        from kvzip_rag.frontier import write_curve as store_curve
+
+        curve, path = store_curve(results)
+        typer.echo(f"compression curve of {curve.model_name} ({len(curve.points)} points) written to {path}")
     for name in dict.fromkeys(task or ()):  # a standalone task's report is short: shown as well as written
         if TASKS[name].standalone:
             typer.echo("\n".join(TASKS[name].section(results[name])))

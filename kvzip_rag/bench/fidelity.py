@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -344,6 +345,24 @@ def _ci(ci, signed: bool = True) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def plot(results: dict, out_dir: Path) -> Path | None:
+    """The run's compression curve (NLL loss against bytes, :func:`kvzip_rag.frontier.plot_curve`) as
+    ``fidelity_curve.png``; None when the run measured no KVzip method's bytes."""
+    from kvzip_rag.errors import InvalidArgumentError
+    from kvzip_rag.frontier import curve_from_fidelity, plot_curve
+
+    table = results.get("summary", {}).get("quality", {}).get("fidelity")
+    fp16 = (results.get("fidelity") or {}).get("fp16_bytes_per_token")
+    if not table or not fp16:
+        return None
+    meta = results.get("meta", {})
+    try:
+        curve = curve_from_fidelity(table, meta.get("model", "?"), meta.get("model_fingerprint", ""), fp16, {})
+    except InvalidArgumentError:
+        return None
+    return plot_curve(curve, out_dir / "fidelity_curve.png")
+
+
 def markdown(summary: dict) -> list[str]:
     table = summary["quality"].get("fidelity")
     if not table:
@@ -363,3 +382,48 @@ def markdown(summary: dict) -> list[str]:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     return lines
+
+
+def merge_runs(parts: list[Path], out_dir: Path) -> Path:
+    """One results.json (and results.md, plots) from fidelity runs over disjoint documents (``fidelity_first_article``
+    lets a later run extend an earlier one). Refused unless every part measured the same model, methods and
+    kvzip-fast gate; the first part's meta is kept, with each part's command under ``merged_from``."""
+    import json
+
+    from kvzip_rag.errors import InvalidArgumentError
+
+    from .report import render
+
+    runs = [json.loads((Path(p) / "results.json").read_text()) for p in parts]
+    base = runs[0]
+
+    def signature(run: dict) -> tuple:
+        gate = {k: v for k, v in run["fidelity"]["gate"].items() if k not in ("calibrated_now", "seconds")}
+        return (run["meta"]["model_fingerprint"], frozenset(r["method"] for r in run["fidelity"]["rows"]),
+                json.dumps(gate, sort_keys=True))
+
+    if any(signature(run) != signature(base) for run in runs):
+        raise InvalidArgumentError("these fidelity runs measured other models, methods or kvzip-fast gates: "
+                                   "they cannot be merged")
+    docs = [{r["doc"] for r in run["fidelity"]["rows"]} for run in runs]
+    if sum(map(len, docs)) != len(set().union(*docs)):
+        raise InvalidArgumentError("these fidelity runs share documents: merge runs over disjoint articles")
+    merged = dict(base)
+    merged["fidelity"] = dict(base["fidelity"], rows=[r for run in runs for r in run["fidelity"]["rows"]],
+                              bytes=[b for run in runs for b in run["fidelity"]["bytes"]])
+    merged["documents"] = [d for run in runs for d in run.get("documents", [])]
+    merged["meta"] = dict(base["meta"], merged_from=[
+        {"part": str(p), "command": run["meta"].get("command"), "duration_s": run["meta"].get("duration_s"),
+         "documents": len(d), "questions": len({r["qid"] for r in run["fidelity"]["rows"]}),
+         "loadavg_at_end": (run["meta"].get("machine") or {}).get("loadavg_at_end")}
+        for p, run, d in zip(parts, runs, docs)])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(merged, indent=1, default=str))
+    return render(out_dir / "results.json")
+
+
+if __name__ == "__main__":  # python -m kvzip_rag.bench.fidelity OUT_DIR RUN_DIR...
+    import sys
+
+    print(merge_runs([Path(p) for p in sys.argv[2:]], Path(sys.argv[1])))

@@ -309,7 +309,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     written.append(_save(fig, out_dir / "ttft.png"))
     from .quant import plot as quant_plot
 
-    return written + [p for p in [quant_plot(results, out_dir)] if p]
+    return written + [p for p in [quant_plot(results, out_dir), fidelity.plot(results, out_dir)] if p]
 
 
 def _save(fig, path: Path) -> Path:

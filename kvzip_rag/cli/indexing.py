@@ -30,12 +30,23 @@ def index(
                                                             "path relative to the folder given, or its name.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompress documents already stored, and replace a "
                                                         "document whose id exists with other text.")] = False,
-    kv_bits: Annotated[int, typer.Option("--kv-bits", help="16: keep the model's dtype; 8 or 4: quantize the kept "
-                                                           "keys and values (about 3x / 5x smaller blobs); 3: "
-                                                           "4-bit keys with 2-bit values.")] = 16,
+    kv_bits: Annotated[int | None, typer.Option("--kv-bits", help="16 (default): keep the model's dtype; 8 or 4: "
+                                                                  "quantize the kept keys and values (about 3x / "
+                                                                  "5x smaller blobs); 3: 4-bit keys with 2-bit "
+                                                                  "values.")] = None,
     scorer: Annotated[str, typer.Option("--scorer", help="How KV pairs are ranked: kvzip (default), kvzip-fast "
                                                          "(a calibrated gate, one prefill), kvzip-structure "
                                                          "(punctuation and whitespace demoted).")] = "kvzip",
+    target_bytes: Annotated[str | None, typer.Option("--target-bytes", help="Choose ratio and kv_bits from the "
+                                                                          "model's measured curve: the best "
+                                                                          "fidelity within this many blob bytes per "
+                                                                          "document token (900), or this fraction "
+                                                                          "of the full fp16 cache (0.02x).")] = None,
+    max_nll_loss: Annotated[float | None, typer.Option("--max-nll-loss", help="Choose ratio and kv_bits from the "
+                                                                            "model's measured curve: the fewest "
+                                                                            "bytes whose gold-answer NLL loss to the "
+                                                                            "full cache (95% CI upper end, nats) is "
+                                                                            "at most this.")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Compress on a Ray cluster (kvzip-rag\\[ray]): one worker per "
                                                     "GPU, else per CPU; $RAY_ADDRESS or a local cluster.")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="The Ray cluster to join (auto, "
@@ -45,16 +56,34 @@ def index(
     from kvzip_rag.quant import KV_BITS  # imports torch: not at module level (ls, rm, gc must start fast)
     from kvzip_rag.scorers import SCORERS
 
-    if kv_bits not in KV_BITS:
+    if kv_bits is not None and kv_bits not in KV_BITS:
         raise typer.BadParameter(f"--kv-bits takes {', '.join(map(str, KV_BITS[:-1]))} or {KV_BITS[-1]}, "
                                  f"got {kv_bits}")
     if scorer not in SCORERS:
         raise typer.BadParameter(f"--scorer takes one of {', '.join(SCORERS)}, got {scorer!r}")
     settings = settings_of(ctx)
+    if target_bytes is not None or max_nll_loss is not None:
+        kv_bits = chosen_budget(settings, target_bytes, max_nll_loss, scorer, kv_bits)
     if ray or ray_address:
-        index_paths_on_ray(settings, paths, ray_address, doc_id=doc_id, force=force, kv_bits=kv_bits, scorer=scorer)
+        index_paths_on_ray(settings, paths, ray_address, doc_id=doc_id, force=force, kv_bits=kv_bits or 16,
+                           scorer=scorer)
     else:
-        index_paths(settings, paths, doc_id=doc_id, force=force, kv_bits=kv_bits, scorer=scorer)
+        index_paths(settings, paths, doc_id=doc_id, force=force, kv_bits=kv_bits or 16, scorer=scorer)
+
+
+def chosen_budget(settings: Settings, target_bytes: str | None, max_nll_loss: float | None, scorer: str,
+                  kv_bits: int | None) -> int:
+    """Set ``settings.ratio`` and return the kv_bits chosen from the model's curve for ``--target-bytes`` /
+    ``--max-nll-loss`` (which exclude ``--ratio`` and ``--kv-bits``); says what was chosen."""
+    from kvzip_rag.frontier import pick_budget
+
+    if settings.level not in (None, "pair"):
+        raise CLIError("--target-bytes / --max-nll-loss choose among pair-level caches: drop --level")
+    ratio, bits, point = pick_budget(settings.load_model(), target_bytes=target_bytes, max_nll_loss=max_nll_loss,
+                                     scorer=scorer, ratio=settings.ratio, kv_bits=kv_bits)
+    note(f"chosen from the measured curve: {point.describe()}")
+    settings.ratio = ratio
+    return bits
 
 
 def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | None, doc_id: str | None = None,

@@ -70,6 +70,26 @@ def inspect_document(
                   f"{human_bytes(full)} full ({full / max(kept, 1):.1f}x smaller)")
     console.print(f"  budgets heatmap  {show(str(png))}")
     console.print(f"  token view       {show(str(page))}")
+    _curve(kv_model, record.caches[0], out / f"{stem}.curve.png")
+
+
+def _curve(kv_model, cache, path: Path) -> None:
+    """The model's measured compression curve with this document's (scorer, ratio, kv_bits) ringed, when the model
+    has a curve (kvzip_rag.frontier)."""
+    from kvzip_rag.errors import InvalidArgumentError
+    from kvzip_rag.frontier import find_curve, plot_curve
+
+    try:
+        curve = find_curve(kv_model)
+    except InvalidArgumentError:
+        console.print("  curve            [dim]none measured for this model (kvzip-rag bench --task fidelity "
+                      "--write-curve)[/dim]")
+        return
+    mine = next((p for p in curve.points if (p.scorer, p.level, p.kv_bits) == (cache.scorer, cache.level,
+                                                                                 cache.kv_bits)
+                 and abs(p.ratio - cache.ratio) < 1e-9), None)
+    console.print(f"  curve            {show(str(plot_curve(curve, path, mine)))}"
+                  + (f" ({mine.describe()})" if mine else " [dim](its ratio and bits were not measured)[/dim]"))
 
 
 @app.command()

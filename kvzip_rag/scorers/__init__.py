@@ -12,5 +12,17 @@ SCORERS: dict[str, type[Scorer]] = {
     for cls in (KVzipScorer, HeadScorer, KVzipFastScorer, StructureAwareScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
 }
 
-__all__ = ["SCORERS", "H2OScorer", "HeadScorer", "KVzipScorer", "KeyNormScorer", "RandomScorer", "Scorer",
+
+
+def check_scorer(name: str) -> str:
+    """``name`` when it names a scorer, else a one-line ``InvalidArgumentError`` listing them (caught at the
+    interfaces that build stores, before any document is compressed)."""
+    from ..errors import InvalidArgumentError
+
+    if not isinstance(name, str) or name not in SCORERS:
+        raise InvalidArgumentError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
+    return name
+
+
+__all__ = ["SCORERS", "check_scorer", "H2OScorer", "HeadScorer", "KVzipScorer", "KeyNormScorer", "RandomScorer", "Scorer",
            "SnapKVScorer", "KVzipFastScorer", "StructureAwareScorer"]
