@@ -42,7 +42,8 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,18 @@ if TYPE_CHECKING:  # the engine and the store import torch: only when a service 
     from .scheduler import BatchScheduler
 
 DEFAULT_RATIO, DEFAULT_LEVEL = DEFAULT_BUDGET.ratio, DEFAULT_BUDGET.level
+_TEXTS_READ: ContextVar[dict | None] = ContextVar("kvzip_rag_stored_texts", default=None)
+
+
+@contextmanager
+def _reading_once() -> Iterator[None]:
+    """Within this block (one answer: quote constraint, citations, evidence), each segment's stored text is read
+    from the store once (per cache routing chose, so a replaced document is read anew)."""
+    token = _TEXTS_READ.set({})
+    try:
+        yield
+    finally:
+        _TEXTS_READ.reset(token)
 
 
 class EmptyIndexError(KVzipError, ValueError):
@@ -310,10 +323,16 @@ class QAService:
 
     def stored_text(self, target: Target) -> str | None:
         """The segment's text as the store holds it now (``None`` if the document or segment is gone): what quotes
-        follow and citations are checked against."""
+        follow and citations are checked against; read once per answer."""
+        read, key = _TEXTS_READ.get(), (target.node_id, target.cache)
+        if read is not None and key in read:
+            return read[key]
         record = self.store.get_document(target.doc_id)
         segment = next((s for s in record.segments if s.index == target.segment_index), None) if record else None
-        return segment.text if segment is not None else None
+        text = segment.text if segment is not None else None
+        if read is not None:
+            read[key] = text
+        return text
 
     def quote_constraint(self, sampling: SamplingOptions, question: str,
                          sources: Sequence[Target]) -> QuoteConstraint | None:
@@ -447,7 +466,7 @@ class QAService:
 
         grounding = grounding or Grounding()
         composer = composer or self.composer
-        with self.lock, recording(grounding.evidence):
+        with self.lock, recording(grounding.evidence), _reading_once():
             try:
                 result = composer.answer(self, plan.question, plan.targets, sampling, emit)
             except CacheChangedError:
@@ -455,11 +474,11 @@ class QAService:
                 result = composer.answer(self, plan.question, plan.targets, sampling, emit)
             result.retrieve_s, result.compose = plan.retrieve_s, composer.name
             result = ground(self, result, grounding)
-        if sampling.answer_style == "quote" and not result.abstained:
-            from .quote import quote_citations
+            if sampling.answer_style == "quote" and not result.abstained:
+                from .quote import quote_citations
 
-            result.citations = quote_citations(result.text, result.used,
-                                               [self.stored_text(t) or "" for t in result.used])
+                result.citations = quote_citations(result.text, result.used,
+                                                   [self.stored_text(t) or "" for t in result.used])
         return result
 
     def stream(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,

@@ -155,6 +155,17 @@ def test_answers_carry_citations_verified_against_the_store(service, compose):
     assert 0.0 <= meta["evidence_score"] <= 1.0 and set(meta["evidence_features"]) == set(abstain.FEATURES)
 
 
+def test_an_answer_reads_each_stored_text_once(service, monkeypatch):
+    """Quote constraint, evidence and quote citations share one read of the segment per answer."""
+    reads = []
+    get_document = service.store.get_document
+    monkeypatch.setattr(service.store, "get_document", lambda doc_id: reads.append(doc_id) or get_document(doc_id))
+    result = service.answer("Who built the harbour?", max_new_tokens=4, answer_style="quote", abstain_threshold=None)
+    assert reads == [result.best.target.doc_id] and result.citations
+    "".join(service.stream("Who built the harbour?", max_new_tokens=4, answer_style="quote"))
+    assert reads == [result.best.target.doc_id] * 2  # the next answer reads the store again
+
+
 def test_evidence_off_records_nothing(service):
     result = service.answer("Who built the harbour?", k=2, max_new_tokens=3, evidence=False)
     assert result.citations == [] and result.best.answer.evidence is None
