@@ -3,12 +3,13 @@
 A request is an :class:`~kvzip_rag.generate.AnswerStream` prepared as for one answer (checked, clamped to the
 window, with its quote constraint and evidence flag; :func:`~kvzip_rag.generate.stream_answer`), or a conversation's
 turn (:meth:`~kvzip_rag.generate.Conversation.stream`, its cache keeping the turn). It waits in a bounded queue. At
-every step the running answers first take their token (:class:`~kvzip_rag.generate.Decoding`, the one per-token
-rule: sampling options, stop strings, clean ends are per request) and those that end leave; then waiting requests
-are admitted to the free places (up to ``max_batch``), and one forward pass (:func:`~kvzip_rag.batch.
-batched_forward`) appends each running answer's token and each admitted question's whole prompt, every sequence to
-its own cache: questions arriving together are prefilled together, beside the answers already decoding. A closed
-request (``BatchRequest.close``, or a consumer that stops iterating) leaves at once, its cache reset.
+every step waiting requests are admitted to the free places (up to ``max_batch``), one forward pass
+(:func:`~kvzip_rag.batch.batched_forward`) appends each running answer's last token and each admitted question's
+whole prompt, every sequence to its own cache (questions arriving together are prefilled together, beside the
+answers already decoding), and then every answer takes its next token from the pass's logits
+(:class:`~kvzip_rag.generate.Decoding`, the one per-token rule: sampling options, stop strings, clean ends are per
+request), its piece posted at once; those that end leave. A closed request (``BatchRequest.close``, or a consumer
+that stops iterating) leaves at once, its cache reset.
 
 Locking: every step runs under the model's one lock (``QAService.lock``), so routing, loading, composing and the
 unbatched paths (indexing) interleave with steps; a request waits for its pieces with that lock let go
@@ -147,7 +148,6 @@ class BatchRequest:
         self.ready = threading.Condition()  # its own: a consumer waits for pieces without the model's lock
         self.decoding = stream.decoding()  # its clock starts at submission: queueing counts in time to first token
         self.recorder: EvidenceRecorder | None = None
-        self.logits: torch.Tensor | None = None
         self.pieces: deque[str] = deque()
         self.finished = False
         self.error: BaseException | None = None
@@ -286,19 +286,10 @@ class BatchScheduler:
         request._end(error, done)
 
     def _step(self) -> None:
-        """The running answers take their tokens; waiting ones are admitted to the free places; then one forward
-        pass appends every running answer's token and every admitted question's prompt, each to its own cache.
-        A failure fails only its own answer (a failed pass, every answer in it)."""
-        for request in list(self._running):
-            try:
-                piece = request.decoding.step(request.logits)
-            except Exception as error:  # noqa: BLE001 - handed to its consumer
-                self._leave(request, error)
-                continue
-            if piece:
-                request._post(piece)
-            if not request.stream.goes_on(request.decoding):
-                self._leave(request, done=True)
+        """Waiting requests are admitted to the free places; one forward pass appends every running answer's token
+        and every admitted question's prompt, each to its own cache; then every answer takes its next token from
+        the pass's logits (its piece posted at once) and those that end leave. A failure fails only its own answer
+        (a failed pass, every answer in it)."""
         joining = []
         while self._waiting and len(self._running) + len(joining) < self.max_batch:
             joining.append(self._waiting.popleft())
@@ -316,7 +307,16 @@ class BatchScheduler:
             for request in list(self._running):
                 self._leave(request, error)
             return
-        for request, row in zip(self._running, logits):
-            request.logits = row
-        for request in [r for r in self._running if r.decoding.done]:  # a kept turn's last token is in its cache
-            self._leave(request, done=True)
+        for request, row in zip(list(self._running), logits):
+            if request.decoding.done:  # a kept turn's last token: now in its cache
+                self._leave(request, done=True)
+                continue
+            try:
+                piece = request.decoding.step(row)
+            except Exception as error:  # noqa: BLE001 - handed to its consumer
+                self._leave(request, error)
+                continue
+            if piece:
+                request._post(piece)
+            if not request.stream.goes_on(request.decoding):
+                self._leave(request, done=True)

@@ -144,7 +144,7 @@ def agreement(settings: list[dict]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"## Serving (batched decoding): {result['documents']} SQuAD paragraphs, model {result['model']}, "
+    lines = [f"### In-process batching: {result['documents']} SQuAD paragraphs, model {result['model']}, "
              f"{result['threads']} torch threads, {result['requests']} answers per setting, at most "
              f"{result['max_new_tokens']} tokens each", "",
              "| path | clients | n | answers/s | generated tok/s | TTFT p50 / p95 (s) | latency p50 / p95 (s) | "
