@@ -135,8 +135,10 @@ def test_runs_over_disjoint_documents_merge_into_the_run_over_all(tiny_llama, ti
                      fidelity_ratios=(0.3,), levels=("pair",), fidelity_baselines=("snapkv",),
                      fidelity_calibration_tokens=120, fidelity_calibration_segments=4, fidelity_questions_per_doc=2)
     run_bench("quick", data_dir=tiny_data, out_dir=tmp_path / "all", loaded_model=tiny_llama, embedding="hashing",
-              tasks=("fidelity",), preset_overrides=overrides, log=lambda message: None)
+              tasks=("fidelity",), preset_overrides=dict(overrides, fidelity_checkpoint=str(tmp_path / "ckpt.json")),
+              log=lambda message: None)
     whole = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert json.loads((tmp_path / "ckpt.json").read_text())["fidelity"]["rows"] == whole["fidelity"]["rows"]
     docs = sorted({r["doc"] for r in whole["fidelity"]["rows"]})
     assert len(docs) == 2
     for i, doc in enumerate(docs):
@@ -152,6 +154,12 @@ def test_runs_over_disjoint_documents_merge_into_the_run_over_all(tiny_llama, ti
     assert (tmp_path / "merged" / "fidelity_curve.png").exists()
     with pytest.raises(InvalidArgumentError, match="share documents"):
         merge_runs([tmp_path / "part0", tmp_path / "all"], tmp_path / "again")
+    cut_short = {"model_fingerprint": whole["meta"]["model_fingerprint"],
+                 "fidelity": json.loads((tmp_path / "part1" / "results.json").read_text())["fidelity"]}
+    (tmp_path / "cut.json").write_text(json.dumps(cut_short))
+    merge_runs([tmp_path / "part0", tmp_path / "cut.json"], tmp_path / "from-checkpoint")
+    again = json.loads((tmp_path / "from-checkpoint" / "results.json").read_text())
+    assert again["summary"]["quality"]["fidelity"] == whole["summary"]["quality"]["fidelity"]
     other = json.loads(json.dumps(whole))
     other["fidelity"]["rows"] = [dict(r, method="h2o@0.3") if r["method"] == "snapkv@0.3" else r
                                  for r in whole["fidelity"]["rows"] if r["doc"] == docs[1]]

@@ -129,6 +129,11 @@ def run_fidelity(bench) -> dict:
             bench.skipped.setdefault("fidelity_over_budget", []).append(doc.id)
             continue
         answered = run_document(bench, doc, variants, f1_methods, answered, record["rows"], record["bytes"])
+        if p.fidelity_checkpoint:
+            import json
+
+            Path(p.fidelity_checkpoint).write_text(json.dumps(
+                {"model_fingerprint": bench.model.fingerprint, "fidelity": record}, default=str))
     bench.mark_memory("fidelity")
     return record
 
@@ -386,16 +391,26 @@ def markdown(summary: dict) -> list[str]:
 
 def merge_runs(parts: list[Path], out_dir: Path) -> Path:
     """One results.json (and results.md, plots) from fidelity runs over disjoint documents (``fidelity_first_article``
-    lets a later run extend an earlier one). Refused unless every part measured the same model, methods and
-    kvzip-fast gate; the first part's meta is kept, with each part's command under ``merged_from``."""
+    lets a later run extend an earlier one). A part is a run's output folder or the checkpoint file of a run cut
+    short (``fidelity_checkpoint``); the first must be a finished run (its meta is kept, with each part's command
+    under ``merged_from``). Refused unless every part measured the same model, methods and kvzip-fast gate."""
     import json
 
     from kvzip_rag.errors import InvalidArgumentError
 
     from .report import render
 
-    runs = [json.loads((Path(p) / "results.json").read_text()) for p in parts]
+    runs = []
+    for part in map(Path, parts):
+        if part.is_dir():
+            runs.append(json.loads((part / "results.json").read_text()))
+        else:  # a checkpoint (fidelity_checkpoint) of a run cut short: its finished documents
+            saved = json.loads(part.read_text())
+            runs.append({"meta": {"model_fingerprint": saved["model_fingerprint"], "command": None},
+                         "fidelity": saved["fidelity"]})
     base = runs[0]
+    if "summary" not in base:
+        raise InvalidArgumentError("the first part must be a finished run's folder (its meta is kept)")
 
     def signature(run: dict) -> tuple:
         gate = {k: v for k, v in run["fidelity"]["gate"].items() if k not in ("calibrated_now", "seconds")}

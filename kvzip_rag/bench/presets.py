@@ -97,6 +97,8 @@ class Preset:
     fidelity_bits: tuple[int, ...] = (16,)  # stored precisions of the KVzip methods (kvzip-pair-int4@r, ...)
     fidelity_max_new_tokens: int = 16
     fidelity_budget_minutes: float | None = None
+    fidelity_checkpoint: str = ""  # a file the record so far is written to after every document (fidelity.merge_runs
+    # reads it as a part: a run cut short keeps its finished documents)
     fidelity_calibration_tokens: int = 1024  # kvzip-fast gate calibration (Paul Graham essays) when none exists
     fidelity_calibration_segments: int = 10
     # task "quant" (quantized caches, bench/quant.py): SQuAD NLL for every ratio x {16, 8, 4} bits, answers (F1) at
