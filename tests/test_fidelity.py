@@ -127,7 +127,7 @@ def test_frontier_targets_and_codec_twins():
 
 def test_runs_over_disjoint_documents_merge_into_the_run_over_all(tiny_llama, tiny_data, tmp_path, monkeypatch):  # noqa: F811
     """A run split by document merges back into the same table; overlapping documents or another grid are refused."""
-    from kvzip_rag.bench.fidelity import merge_runs
+    from kvzip_rag.bench.fidelity_merge import merge_runs
     from kvzip_rag.errors import InvalidArgumentError
 
     monkeypatch.setenv("KVZIP_RAG_CACHE", str(tmp_path / "cache"))

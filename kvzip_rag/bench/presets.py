@@ -97,7 +97,7 @@ class Preset:
     fidelity_bits: tuple[int, ...] = (16,)  # stored precisions of the KVzip methods (kvzip-pair-int4@r, ...)
     fidelity_max_new_tokens: int = 16
     fidelity_budget_minutes: float | None = None
-    fidelity_checkpoint: str = ""  # a file the record so far is written to after every document (fidelity.merge_runs
+    fidelity_checkpoint: str = ""  # a file the record so far is written to after every document (fidelity_merge.merge_runs
     # reads it as a part: a run cut short keeps its finished documents)
     fidelity_calibration_tokens: int = 1024  # kvzip-fast gate calibration (Paul Graham essays) when none exists
     fidelity_calibration_segments: int = 10
