@@ -263,6 +263,9 @@ class ChatSession:
     least recently routed documents are dropped (``Turn.dropped`` says which and why). ``ask(question,
     history=...)``: when no conversation is live, ``history``'s questions are routed in order and its (question,
     answer) pairs replayed into the cache first. ``reset()`` forgets the conversation and its documents.
+
+    With a batching service (``QAService(batching=True)``) the turns of different sessions decode together
+    (:meth:`QAService.produce`); a session takes one turn at a time.
     """
 
     service: QAService

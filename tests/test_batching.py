@@ -401,9 +401,10 @@ def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, t
     assert result["agreement"]["equal"] == result["agreement"]["compared"]  # greedy: the same answers
     assert "| batched | 8 | 4 |" in serve.markdown(result)
     run = CliRunner().invoke(app, ["bench", "--task", "serve", "--model", str(tiny_model_dir), "--threads", "1",
-                                   "--data", str(DATA_DIR), "--out", str(tmp_path / "out")])
+                                   "--data", str(DATA_DIR), "--out", str(tmp_path / "out"), "--limit", "2"])
     assert run.exit_code == 0, run.output
     assert {p.name for p in (tmp_path / "out").iterdir()} == {f"serve.{ext}" for ext in ("json", "md", "png")}
+    assert "| batched | 16 | 2 |" in (tmp_path / "out" / "serve.md").read_text()  # --limit: answers per setting
 
 
 # ---------------------------------------------------------------------------------------------- batched prefill in the scheduler
