@@ -18,7 +18,7 @@ import httpx  # noqa: E402
 
 from test_cli import tiny_model_dir  # noqa: E402,F401  (fixture)
 from test_serve import DOCS, QUESTIONS  # noqa: E402
-from kvzip_rag.errors import ClusterError  # noqa: E402
+from kvzip_rag.errors import ClusterError, InvalidArgumentError  # noqa: E402
 from kvzip_rag.serve.replicas import REPLICA_HEADER, ReplicaSettings, deploy, replica_actors, shutdown  # noqa: E402
 
 NEVER_ABSTAIN = {"abstain_threshold": None}  # replicas use the packaged calibration, not the tests' threshold 0
@@ -129,6 +129,11 @@ def test_two_replicas_answer_as_the_service_does_and_both_serve(replicas, local_
     served_by = answers_from_both(replicas, QUESTIONS, expected)
     assert served_by == set(replica_actors())
     assert len(served_by) == 2
+    settings = ReplicaSettings({"path": str(local_service.store.path)}, threads=1)
+    with pytest.raises(InvalidArgumentError, match="3 replicas of 1 thread.s. need 3 CPUs; the Ray cluster has 2"):
+        deploy(settings, 3, "127.0.0.1", free_port())  # refused at once, the running deployment untouched
+    with pytest.raises(InvalidArgumentError, match="replicas must be a positive integer"):
+        deploy(settings, 0, "127.0.0.1", free_port())
     client = openai.OpenAI(base_url=f"{replicas}/v1", api_key="unused", max_retries=0)
     question = QUESTIONS["brask.txt"]
     chunks = list(client.chat.completions.create(model="kvzip-rag", messages=[{"role": "user", "content": question}],

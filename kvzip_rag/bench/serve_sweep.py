@@ -1,8 +1,8 @@
 """``kvzip-rag bench --task serve-http``, concurrency part: closed-loop clients (1, 2, 4, 8, 16 at once) through the
-HTTP server, one server at a time: ``kvzip-rag serve`` (serial), ``serve --batching``, and Ray Serve with 1 and 2
-replicas (``serve --ray --replicas N``, batching inside each replica). Every server is a separate process over the
-same store of held SQuAD paragraphs; each client streams its question with the ``openai`` client and asks the next
-as soon as its answer is complete. Per row: answers/s, generated tokens/s (the server's usage counts), TTFT and
+HTTP server: ``kvzip-rag serve`` (serial), ``serve --batching``, and Ray Serve with 1 and 2 replicas (``serve --ray
+--replicas N``, batching inside each replica, each its own local Ray cluster). Every server is a separate process
+over the same store of held SQuAD paragraphs, all running side by side and taking turns row by row; each client
+streams its question with the ``openai`` client and asks the next as soon as its answer is complete. Per row: answers/s, generated tokens/s (the server's usage counts), TTFT and
 latency p50/p95 as the client sees them, and the peak resident memory of the server's whole process tree (for Ray:
 every process of its local cluster), sampled every 250 ms.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -136,18 +137,22 @@ def start_server(store: Path, model: str | None, threads: int, options: tuple[st
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "kvzip_rag.cli", "--store", str(store), "--threads", str(threads),
                *(["--model", model] if model else []), "serve", *options, "--port", str(port)]
-    server = subprocess.Popen(command, stderr=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": ""})
+    said = tempfile.TemporaryFile()  # the command says "serving" once every replica is up (/health answers sooner)
+    server = subprocess.Popen(command, stderr=said, env={**os.environ, "RAY_ADDRESS": "", "COLUMNS": "200"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"kvzip-rag serve {' '.join(options)} exited with code {server.returncode}")
         try:
-            httpx.get(f"{url}/health", timeout=5).raise_for_status()
-            log(f"server {' '.join(options) or '(serial)'} up at {url}")
-            return server, url
+            said.seek(0)
+            if b"serving" in said.read():
+                httpx.get(f"{url}/health", timeout=5).raise_for_status()
+                log(f"server {' '.join(options) or '(serial)'} up at {url}")
+                return server, url
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     stop_server(server)
     raise RuntimeError(f"kvzip-rag serve {' '.join(options)} did not answer /health within {wait_s:.0f} s")
 
@@ -165,31 +170,35 @@ def stop_server(server: subprocess.Popen) -> None:
 def run_sweep(store: Path, questions: list[str], model_name: str | None = None, threads: int = 1,
               requests: int = 16, tokens: int = 16, clients: tuple[int, ...] = CLIENTS,
               servers: tuple[str, ...] = tuple(SERVERS), budget_s: float | None = None, log=print) -> dict:
-    """Every server in ``servers`` (keys of :data:`SERVERS`) at every client count; ``requests`` answers per row."""
+    """Every server in ``servers`` (keys of :data:`SERVERS`) at every client count, ``requests`` answers per row.
+    The servers run side by side (an idle one costs memory, not CPU) and take turns row by row, so a shared
+    machine's load drifting during the run falls on all of them alike."""
     deadline = time.monotonic() + budget_s if budget_s is not None else None
     rows: list[dict] = []
     cut = False
-    for name in servers:
-        if deadline is not None and time.monotonic() > deadline:
-            cut = True
-            break
-        server, url = start_server(store, model_name, threads, SERVERS[name], log)
-        try:
-            closed_loop(url, server.pid, questions, 1, 1, 2)  # warm up (model, scheduler, replicas' first call)
-            for count in clients:
+    running: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for name in servers:
+            running[name] = start_server(store, model_name, threads, SERVERS[name], log)
+            closed_loop(running[name][1], running[name][0].pid, questions, 1, 1, 2)  # warm up: the first call
+        for count in clients:
+            for name, (server, url) in running.items():
                 if deadline is not None and time.monotonic() > deadline:
                     cut = True
                     break
-                row = {"server": name, **closed_loop(url, server.pid, questions, count, max(requests, count),
-                                                     tokens)}
+                row = {"server": name, **closed_loop(url, server.pid, questions, count, max(requests, count), tokens)}
                 rows.append(row)
                 log(f"{name:8s} clients={count:2d} n={row['n']} failed={row['failed']} "
                     f"answers/s={row['answers_per_s']:.3f} tok/s={row['tokens_per_s']:.1f} "
                     f"ttft p50/p95={row.get('ttft_p50_s', float('nan')):.2f}/{row.get('ttft_p95_s', float('nan')):.2f}"
                     f" latency p50/p95={row.get('latency_p50_s', float('nan')):.2f}/"
                     f"{row.get('latency_p95_s', float('nan')):.2f} rss={row['peak_rss_mb']:.0f} MiB")
-        finally:
+            if cut:
+                break
+    finally:
+        for server, _ in running.values():
             stop_server(server)
+    rows.sort(key=lambda r: (list(SERVERS).index(r["server"]), r["clients"]))
     return {"threads": threads, "requests": requests, "max_tokens": tokens, "rows": rows, "cut": cut}
 
 

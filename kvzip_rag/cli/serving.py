@@ -32,7 +32,8 @@ def serve(
                                                 "see the README's Batched answering).")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Serve with replicas on Ray Serve (kvzip-rag\\[ray]): each "
                                                     "loads the model once; all share the store.")] = False,
-    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Replicas on Ray Serve (implies --ray).")] = 1,
+    replicas: Annotated[int, typer.Option("--replicas", min=1,
+                                          help="Replicas on Ray Serve (more than 1 implies --ray).")] = 1,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="The Ray cluster to join (auto, "
                                                                          "ray://head:10001); implies --ray.")] = None,
 ) -> None:
@@ -54,26 +55,34 @@ def serve(
 
 def serve_on_ray(settings: Settings, host: str, port: int, timeout: float | None, batching: bool, replicas: int,
                  address: str | None) -> None:
-    """``serve --ray``: the same app as replicas on Ray Serve until Ctrl-C or SIGTERM, then Ray Serve stops."""
+    """``serve --ray``: the same app as replicas on Ray Serve until Ctrl-C or SIGTERM (also while the replicas
+    start), then Ray Serve and a local cluster stop."""
     import signal
     import threading
 
     from kvzip_rag.serve.replicas import ReplicaSettings, deploy, shutdown
+    from kvzip_rag.store.distributed import init_ray
 
     store = {k: str(v) if isinstance(v, Path) else v for k, v in settings.store_location().items()}
     replica = ReplicaSettings(store, model=settings.model, ratio=settings.ratio, level=settings.level,
                               batching=batching, timeout=timeout, threads=settings.threads or 1)
     say(f"[dim]starting {replicas} replica(s) on Ray Serve (each loads the model)…[/dim]")
-    url = deploy(replica, replicas, host, port, address)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    init_ray(address)  # first: Ray's own SIGTERM handler (which aborts the process) is replaced below
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        url = deploy(replica, replicas, host, port)
         say(f"[bold]serving[/bold] {show(settings.model or 'the default model')} with {replicas} Ray Serve "
             f"replica(s) over {show(settings.describe_store())} at [cyan]{url}/v1[/cyan] [dim](Ctrl-C stops)[/dim]")
-        stop.wait()
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
     finally:
         shutdown()
+
+
+def _interrupt(*_: object) -> None:
+    """SIGTERM as Ctrl-C: it interrupts whatever the main thread waits on."""
+    raise KeyboardInterrupt
 
 
 def remote_fields(doc: str | None, k: int, max_tokens: int, compose: str | None, quote: bool, evidence: bool,

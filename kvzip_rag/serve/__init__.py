@@ -3,7 +3,8 @@
 Modules: :mod:`.requests` (what a request asks, checked once), :mod:`.answers` (a request answered by the service:
 pieces, then sources and grounding), :mod:`.wire` (OpenAI objects and SSE chunks), :mod:`.errors` (errors as HTTP
 statuses), :mod:`.documents` (``/v1/documents``), :mod:`.app` (the FastAPI app), :mod:`.server` (uvicorn),
-:mod:`.client` (``ask``/``chat --server``: httpx only, so a question through a server starts fast). The server's
+:mod:`.client` (``ask``/``chat --server``: httpx only, so a question through a server starts fast), :mod:`.replicas`
+(``serve --ray``: the app as Ray Serve replicas). The server's
 names are imported on first use, so importing the client does not import FastAPI.
 """
 

@@ -103,22 +103,26 @@ def deploy(settings: ReplicaSettings, replicas: int, host: str, port: int, addre
     serve = _require_serve()
     import ray
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()  # a cluster this call starts is stopped again if the deployment fails
+    if started:
         init_ray(address, **(ray_init or {}))
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    if replicas * settings.threads > cpus:
-        raise InvalidArgumentError(f"{replicas} replicas of {settings.threads} thread(s) need "
-                                   f"{replicas * settings.threads} CPUs; the Ray cluster has {cpus}")
     threads = str(settings.threads)
     env = {"OMP_NUM_THREADS": threads, "KVZIP_RAG_THREADS": threads}
     deployment = serve.deployment(serve.ingress()(Replica)).options(
         name="Replica", num_replicas=replicas, max_ongoing_requests=DEFAULT_MAX_QUEUE,
         ray_actor_options={"num_cpus": settings.threads, "runtime_env": {"env_vars": env}})
     try:
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if replicas * settings.threads > cpus:  # Ray Serve would wait for them forever
+            raise InvalidArgumentError(f"{replicas} replicas of {settings.threads} thread(s) need "
+                                       f"{replicas * settings.threads} CPUs; the Ray cluster has {cpus}")
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment.bind(settings), name=APP_NAME, route_prefix="/")
     except Exception as error:  # Ray Serve raises RuntimeError, DeploymentFailed, RayActorError...
-        shutdown()
+        if started:
+            shutdown()
+        if isinstance(error, InvalidArgumentError):
+            raise
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise ClusterError(f"Ray Serve could not start {replicas} replica(s): {type(error).__name__}: "
                            f"{first_line}") from error
