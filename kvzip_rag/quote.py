@@ -2,14 +2,12 @@
 
 Decoding follows the routed segments' own tokens (their stored text, re-tokenized by the model's tokenizer):
 
-1. **Start.** The answer's first token is the one the model scores highest among the tokens that can start a
-   quote: a document token (or that token without its leading space, as an answer's first word is written) that
-   begins a word of the document which is neither a function word nor begins with a word of the question (a SQuAD
-   answer almost never starts so; otherwise the small model quotes the sentence restating the question). An
-   optional lead-in (``max_lead_in`` tokens, not part of the answer) lets the model first write as it would and
-   start at its first such token; by default there is none (``LEAD_IN`` = 0): free lead-ins restate the question
-   and started quotes at its words ("term", "has", "named"), while the model's own ranking of the starts picks
-   the answer's first word (measured in BENCHMARKS.md, Grounding).
+1. **Lead-in.** The model answers as it would (these tokens are not part of the answer, and it may not end here)
+   until it writes a token that can start a quote: a document token (or that token without its leading space, as
+   an answer's first word is written) that begins a word of the document which is neither a function word nor
+   begins with a word of the question (a SQuAD answer almost never starts so; otherwise the small model quotes the sentence
+   restating the question).
+   After ``LEAD_IN`` tokens without one, the next token is forced to be such a start.
 2. **Quote.** Every later token must be the one that follows, in some document, the span so far; the quote ends
    (end of answer) as soon as the model's own choice leaves the document, or it ends the answer, but never inside
    a word: while the span so far ends mid-word everywhere it occurs, the word's next token is taken (the best the
@@ -36,7 +34,7 @@ if TYPE_CHECKING:
 
 ANSWER_STYLES = ("free", "quote")
 DEFAULT_ANSWER_STYLE = "free"
-LEAD_IN = 0  # tokens the model may write before it starts quoting (at most half the answer's token cap)
+LEAD_IN = 16  # tokens the model may write before it starts quoting (at most half the answer's token cap)
 NO_START = frozenset("the a an in on at of it its this that these those to by for and or is was were are be as with "
                      "from he she they his her their".split())
 

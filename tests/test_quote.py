@@ -124,19 +124,6 @@ def test_constraint_lead_in_and_starts(tiny_store):
     assert allowed() == set(constraint.stop_ids)
 
 
-def test_by_default_the_quote_starts_at_the_models_best_start(tiny_store):
-    """No lead-in by default: the first token is chosen among the starts (by the model's scores), not written
-    freely first."""
-    import torch
-
-    model, _ = tiny_store
-    constraint = QuoteConstraint(model, ["The harbour of Velmora was built by Ansel Brask."], "Who built the harbour?")
-    logits = torch.zeros(model.config.vocab_size)
-    logits[model.encode(" lighthouse")[0]] = 9.0  # what the model would write freely
-    allowed = set(torch.nonzero(constraint.mask(logits) > float("-inf")).flatten().tolist())
-    assert allowed == set(constraint.starts)
-
-
 def test_quote_citations_are_verified():
     from kvzip_rag.answers import Target
 
