@@ -319,7 +319,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def render(results_path: Path, out_dir: Path | None = None) -> Path:
-    """Re-write results.md and the plots from a results.json (e.g. after editing the report code)."""
+    """Re-write the summary in results.json, results.md and the plots from a results.json (e.g. after editing the
+    report code, or merging runs)."""
     import json
 
     from dataclasses import fields
@@ -333,6 +334,7 @@ def render(results_path: Path, out_dir: Path | None = None) -> Path:
     settings.setdefault("needle_cases", ())
     results["summary"] = summarize(results, Preset(**settings))
     out_dir = Path(out_dir) if out_dir else Path(results_path).parent
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))  # with the summary recomputed
     (out_dir / "results.md").write_text(markdown(results, results["meta"].get("command")))
     plots(results, out_dir)
     return out_dir / "results.md"
