@@ -288,6 +288,20 @@ def test_a_batching_server_answers_concurrent_questions_as_one_at_a_time(service
         running.stop()
 
 
+def test_a_closed_batching_service_answers_503_with_its_reason(service, tiny_llama):
+    """A question the scheduler refuses (closed service; a full queue takes the same rule) is a 503 with the
+    one-line reason, not a 500 or a hang."""
+    batching = QAService(service.store, tiny_llama, batching=True)
+    running = Served(batching)
+    try:
+        batching.close()
+        with pytest.raises(openai.APIStatusError) as refused:
+            ask(running.client(), next(iter(QUESTIONS.values())))
+        assert refused.value.status_code == 503 and "closed" in str(refused.value)
+    finally:
+        running.stop()
+
+
 ASKED = ["When was the {thing} of {town} opened?", "Who opened the {thing} of {town}?",
          "At what hour do visitors come to the {thing} of {town}?", "Which engineer built the {thing} of {town}?",
          "What is in {town}?", "Tell me about the {thing} of {town}.", "Is the {thing} of {town} old?",

@@ -1,7 +1,8 @@
 """Errors as HTTP answers, one rule: a mistake in the request is a 4xx with the library's one-line reason
 (``InvalidArgumentError``, a context too long, a parameter of the wrong type: 400; an unknown document or
 model: 404), a request past the server's
-timeout 504, anything else 500 with its first line (never a traceback to the client)."""
+timeout 504, a store that cannot answer, a full answer queue or a closed service 503 (retry later or elsewhere),
+anything else 500 with its first line (never a traceback to the client)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from kvzip_rag.errors import (
     InvalidArgumentError,
     KVzipError,
     ModelNotFoundError,
+    QueueFullError,
+    ServiceClosedError,
     StoreError,
 )
 
@@ -39,7 +42,7 @@ def status_of(error: BaseException) -> int:
         return 400
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):  # one class from Python 3.11 on
         return 504
-    if isinstance(error, StoreError):
+    if isinstance(error, (StoreError, QueueFullError, ServiceClosedError)):
         return 503
     return 500
 
