@@ -160,21 +160,28 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, out_dir: Path) -> Path:
     """Generated tokens/s and p95 latency against concurrent clients, serial beside batched."""
+    lines = {path: [r for r in result["settings"] if r["path"] == path] for path in ("serial", "batched")}
+    return concurrency_plot(lines, out_dir / "serve.png")
+
+
+def concurrency_plot(lines: dict[str, list[dict]], path: Path, where: str = "") -> Path:
+    """Tokens/s and p95 latency against concurrent clients, one line per name (with its rows; empty ones skipped,
+    their marker kept); ``where`` tags the titles (e.g. "HTTP"). Shared by the in-process and HTTP serve tasks."""
     from kvzip_rag.extras import pyplot
 
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for path, marker in (("serial", "o"), ("batched", "s")):
-        rows = [r for r in result["settings"] if r["path"] == path]
-        left.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], marker=marker, label=path)
-        right.plot([r["clients"] for r in rows], [r["latency_p95_s"] for r in rows], marker=marker, label=path)
-    left.set(xlabel="concurrent clients", ylabel="generated tokens/s", title="throughput")
-    right.set(xlabel="concurrent clients", ylabel="p95 latency (s)", title="latency")
+    for (name, rows), marker in zip(lines.items(), "osD^"):
+        if rows:
+            left.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], marker=marker, label=name)
+            right.plot([r["clients"] for r in rows], [r["latency_p95_s"] for r in rows], marker=marker, label=name)
+    tag = f" ({where})" if where else ""
+    left.set(xlabel="concurrent clients", ylabel="generated tokens/s", title=f"throughput{tag}")
+    right.set(xlabel="concurrent clients", ylabel="p95 latency (s)", title=f"latency{tag}")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.legend()
     fig.tight_layout()
-    path = out_dir / "serve.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from .serve_batching import percentile
+from .serve_batching import concurrency_plot, percentile
 
 CLIENTS = (1, 2, 4, 8, 16)
 SERVERS = {"serial": (), "batched": ("--batching",), "ray-1": ("--batching", "--ray", "--replicas", "1"),
@@ -219,22 +219,5 @@ def markdown(sweep: dict) -> str:
 
 def plot(sweep: dict, out_dir: Path) -> Path:
     """Generated tokens/s and p95 latency against concurrent clients, one line per server."""
-    from kvzip_rag.extras import pyplot
-
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for (name, marker) in zip(SERVERS, "osD^"):
-        rows = [r for r in sweep["rows"] if r["server"] == name and r["n"]]
-        if rows:
-            left.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], marker=marker, label=name)
-            right.plot([r["clients"] for r in rows], [r["latency_p95_s"] for r in rows], marker=marker, label=name)
-    left.set(xlabel="concurrent clients", ylabel="generated tokens/s", title="throughput (HTTP)")
-    right.set(xlabel="concurrent clients", ylabel="p95 latency (s)", title="latency (HTTP)")
-    for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.legend()
-    fig.tight_layout()
-    path = out_dir / "serve_http.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    lines = {name: [r for r in sweep["rows"] if r["server"] == name and r["n"]] for name in SERVERS}
+    return concurrency_plot(lines, out_dir / "serve_http.png", "HTTP")
