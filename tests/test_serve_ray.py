@@ -66,6 +66,7 @@ def test_serve_command_with_ray_replicas_answers_and_stops_on_sigterm(local_serv
     import signal
     import subprocess
     import sys
+    import threading
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -73,24 +74,29 @@ def test_serve_command_with_ray_replicas_answers_and_stops_on_sigterm(local_serv
                                 "--model", str(tiny_model_dir), "--threads", "1", "serve", "--ray", "--replicas", "2",
                                 "--port", str(port)], stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "COLUMNS": "200", "RAY_ADDRESS": ""})
+    lines: list[str] = []  # stderr, read by a thread so the command never blocks on a full pipe
+
+    def read_stderr() -> None:
+        for line in process.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
-        for _ in range(1800):
+        deadline = time.monotonic() + 180
+        while "2 Ray Serve replica(s)" not in " ".join("".join(lines).split()):  # printed once all are up
             if process.poll() is not None:
-                pytest.skip(f"kvzip-rag serve --ray could not start: {process.stderr.read()[-500:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+                reader.join(10)
+                pytest.skip(f"kvzip-rag serve --ray could not start: {''.join(lines)[-500:]}")
+            if time.monotonic() > deadline:
+                pytest.skip("kvzip-rag serve --ray did not report its replicas within three minutes")
             time.sleep(0.1)
-        else:
-            pytest.skip("kvzip-rag serve --ray did not answer /health within three minutes")
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         expected = {doc: local_service.answer(q, max_new_tokens=6, abstain_threshold=None).text
                     for doc, q in QUESTIONS.items()}
         assert len(answers_from_both(url, QUESTIONS, expected)) == 2
         process.send_signal(signal.SIGTERM)
         assert process.wait(120) == 0
-        assert "2 Ray Serve replica(s)" in process.stderr.read()
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/health", timeout=5)
     finally:
