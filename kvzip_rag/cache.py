@@ -373,10 +373,11 @@ class PackedCache(Cache):
         budgets = self.head_budgets()
         return budgets.sum().item() / max(budgets.numel() * self.info.context_length, 1)
 
-    def rewind(self) -> None:
-        """Forget appended questions and answers: back to the compressed document."""
+    def rewind(self, tail_length: int = 0) -> None:
+        """Forget appended tokens past the first ``tail_length`` (0: back to the compressed document; a turn that
+        failed midway: back to the conversation before it)."""
         for layer in self.layers:
-            layer.rewind()
+            layer.crop(tail_length)
 
     def reset(self) -> None:
         """transformers' name for emptying a cache (there it zeroes the values); a packed cache empties back to

@@ -199,6 +199,7 @@ class AnswerStream:
         self.on_done, self.constraint, self.evidence = on_done, constraint, evidence
         self.limit = limit  # the finish reason when max_new_tokens runs out: "window" when it was clamped to it
         self.result: Answer | None = None
+        self.start_tail = cache.tail_length  # a kept turn that ends midway is cut back to here
 
     def decoding(self) -> Decoding:
         """A fresh per-token state for this answer (its clock starts now)."""
@@ -215,12 +216,15 @@ class AnswerStream:
 
     def finish(self, decoding: Decoding, recorder: EvidenceRecorder | None, done: bool) -> None:
         """The end of the answer, whoever drove it (this iterator or :mod:`kvzip_rag.scheduler`): the evidence
-        detached, the cache back to the document unless the conversation keeps the turn, and when ``done`` (not
-        closed or failed midway) ``result`` and ``on_done``."""
+        detached, the cache back to the document unless the conversation keeps the turn (a kept turn closed or
+        failed midway is cut out of the cache too, so the cache and ``Conversation.turns`` stay the same
+        conversation), and when ``done`` ``result`` and ``on_done``."""
         evidence = recorder.finish() if recorder is not None else None
         end = time.perf_counter()
         if not self.keep:
             self.cache.reset()
+        elif not done:
+            self.cache.rewind(self.start_tail)
         if done:
             self.result = decoding.result(len(self.prompt_ids), end, evidence)
             if self.on_done:

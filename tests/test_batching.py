@@ -484,6 +484,33 @@ def test_a_session_takes_one_turn_at_a_time(stored, tiny_llama):
     assert session.conversation.turns == reference.conversation.turns
 
 
+def test_a_turn_abandoned_midway_leaves_the_session_as_it_was(stored, tiny_llama):
+    """A turn whose consumer fails after its first piece (in the scheduler, beside nothing): the session's next
+    turn is what it would be had the abandoned one never been asked."""
+    from kvzip_rag.dialogue import ChatSession
+    from kvzip_rag.qa import QAService
+
+    class Gone(Exception):
+        pass
+
+    def fail(piece: str) -> None:
+        raise Gone
+
+    session = ChatSession(QAService(stored, tiny_llama, batching=True), sampling=LONG)
+    first, follow_up = chat_script(0)[:2]
+    session.ask(first)
+    with pytest.raises(Gone):
+        session.ask("Tell me more about it.", emit=fail)
+    turn = session.ask(follow_up)
+    reference = ChatSession(QAService(stored, tiny_llama), sampling=LONG)
+    reference.ask(first)
+    expected = reference.ask(follow_up)
+    assert turn.answer.token_ids == expected.answer.token_ids
+    assert session.conversation.turns == reference.conversation.turns
+    assert session.conversation.cache.get_seq_length() == reference.conversation.cache.get_seq_length()
+    assert session.service.scheduler.running == 0
+
+
 def test_llamaindex_chat_engines_and_langchain_chat_go_through_the_scheduler(tiny_llama, tmp_path):
     import asyncio
 

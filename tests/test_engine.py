@@ -387,3 +387,26 @@ def test_add_turn_resumes_a_conversation_from_its_text(tiny_llama):
     reply = resumed.ask("And when?", max_new_tokens=1)
     assert_first_token(tiny_llama, reply, expected)
     assert len(resumed.turns) == 2
+
+
+def test_a_turn_closed_midway_is_cut_out_of_the_conversation(tiny_llama):
+    """A consumer that stops reading a follow-up (a client gone, an error) leaves the cache as the conversation
+    was: the next turn is computed as if the abandoned one never happened."""
+    cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=1.0)
+    chat = kvzip_rag.Conversation(tiny_llama, cache)
+    first = chat.ask("Who built the harbour?", max_new_tokens=6)
+    tail = cache.tail_length
+    abandoned = iter(chat.stream("Tell me more.", max_new_tokens=8, stop=[]))
+    next(abandoned)
+    assert cache.tail_length > tail
+    abandoned.close()
+    assert cache.tail_length == tail and len(chat.turns) == 1
+    template = tiny_llama.template
+    history = list(cache.info.input_ids) + tiny_llama.encode(template.question_text("Who built the harbour?"))
+    history += first.token_ids
+    follow_ids = tiny_llama.encode(template.question_text("And when?", first_turn=False))
+    expected = full_cache_logits(tiny_llama, history, follow_ids)[-1]
+    stream = chat.stream("And when?", max_new_tokens=1)
+    list(stream)
+    assert_first_token(tiny_llama, stream.result, expected)
+    assert [q for q, _ in chat.turns] == ["Who built the harbour?", "And when?"]
