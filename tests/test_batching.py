@@ -511,6 +511,29 @@ def test_a_turn_abandoned_midway_leaves_the_session_as_it_was(stored, tiny_llama
     assert session.service.scheduler.running == 0
 
 
+def test_concurrent_messages_to_one_llamaindex_chat_engine_each_get_their_own_sources(tiny_llama, tmp_path):
+    """Two messages about different towns sent at once to one chat engine: the session answers them one after
+    the other, and each response names the documents its own turn answered from."""
+    import asyncio
+
+    from llama_index.core import Document
+
+    from kvzip_rag import KVzipIndex
+
+    index = KVzipIndex.from_documents([Document(text=text, doc_id=doc_id) for doc_id, text in DOCS.items()],
+                                      model=tiny_llama, store=tmp_path / "store", batching=True)
+    engine = index.as_chat_engine(**LONG)
+    asked = [ASKED[0], ASKED[5]]
+
+    async def both():
+        return await asyncio.gather(*(engine.achat(question) for question, _ in asked))
+
+    for response, (_, doc_id) in zip(asyncio.run(both()), asked):
+        assert response.metadata["doc_ids"][0] == doc_id
+        assert {n.node.ref_doc_id for n in response.source_nodes} == set(response.metadata["doc_ids"])
+    assert sorted(len(r.metadata["doc_ids"]) for r in asyncio.run(both())) == [2, 2]
+
+
 def test_llamaindex_chat_engines_and_langchain_chat_go_through_the_scheduler(tiny_llama, tmp_path):
     import asyncio
 

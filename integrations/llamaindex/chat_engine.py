@@ -40,7 +40,6 @@ class KVzipChatEngine(BaseChatEngine):
                  **sampling: Any) -> None:
         self._index = index
         self._session = ChatSession(index.qa, k=similarity_top_k, sampling=sampling, compose=compose)
-        self._source_nodes: List[NodeWithScore] = []
         self._history: List[ChatMessage] = []
         self._pairs: list[tuple[str, str]] = []
         self._pending: list[tuple[str, str]] = []
@@ -61,10 +60,12 @@ class KVzipChatEngine(BaseChatEngine):
     def reset(self) -> None:
         with self._index.lock:
             self._session.reset()
-            self._source_nodes, self._history, self._pairs, self._pending = [], [], [], []
+            self._history, self._pairs, self._pending = [], [], []
 
     def _prepare(self, message: str, chat_history: Optional[List[ChatMessage]]) -> tuple[str, TurnPlan]:
-        """Check, adopt a given history and plan the turn (retrieval only); runs before any generation starts."""
+        """Check, adopt a given history and plan the turn (retrieval only); runs before any generation starts.
+        What a turn answers from travels with its plan and result, never through the engine, so concurrent
+        messages to one engine (which the session answers one at a time) each get their own sources."""
         question = message
         if chat_history is not None:
             dialogue = fold_messages([(_role(m), m.content or "") for m in chat_history] + [("user", message)])
@@ -72,11 +73,10 @@ class KVzipChatEngine(BaseChatEngine):
             if dialogue.turns != self._pairs:
                 self.reset()
                 self._pending = dialogue.turns
-        plan = self._session.plan(question, self._pending)
-        self._source_nodes = self._index.nodes_for(plan.documents)
-        return question, plan
+        return question, self._session.plan(question, self._pending)
 
-    def _turn(self, message: str, plan: TurnPlan, emit=None) -> dict:
+    def _turn(self, message: str, plan: TurnPlan, emit=None) -> tuple[str, List[NodeWithScore], dict]:
+        """The turn's text, source nodes (the documents its cache held) and metadata."""
         with self._index.lock:
             turn = self._session.ask(message, history=self._pending, emit=emit, plan=plan)
             if self._pending:
@@ -84,19 +84,16 @@ class KVzipChatEngine(BaseChatEngine):
                 self._history = [m for q, a in self._pending for m in (
                     ChatMessage(role=MessageRole.USER, content=q), ChatMessage(role=MessageRole.ASSISTANT, content=a))]
                 self._pending = []
-            if turn.documents != plan.documents:  # the window left some out
-                self._source_nodes = self._index.nodes_for(turn.documents)
             self._pairs.append((message, turn.answer.text))
             self._history += [ChatMessage(role=MessageRole.USER, content=message),
                               ChatMessage(role=MessageRole.ASSISTANT, content=turn.text)]
-            return {"text": turn.text, **turn.info}
+            return turn.text, self._index.nodes_for(turn.documents), dict(turn.info)
 
     def chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AgentChatResponse:
         with self._index.lock:
             question, plan = self._prepare(message, chat_history)
-            info = self._turn(question, plan)
-        text = info.pop("text")
-        return AgentChatResponse(response=text, source_nodes=list(self._source_nodes), metadata=info)
+            text, nodes, info = self._turn(question, plan)
+        return AgentChatResponse(response=text, source_nodes=nodes, metadata=info)
 
     async def achat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AgentChatResponse:
         return await run_in_thread(lambda: self.chat(message, chat_history))
@@ -109,11 +106,12 @@ class KVzipChatEngine(BaseChatEngine):
         metadata: dict = {}
 
         def work(emit) -> None:
-            info = self._turn(question, plan, emit)
-            info.pop("text")
+            _, nodes, info = self._turn(question, plan, emit)
+            response.source_nodes[:] = nodes  # the window may have left some of the plan's out
             metadata.update(info)
 
-        response = StreamingAgentChatResponse(source_nodes=list(self._source_nodes), is_writing_to_memory=False)
+        response = StreamingAgentChatResponse(source_nodes=self._index.nodes_for(plan.documents),
+                                              is_writing_to_memory=False)
         response.metadata = metadata  # filled in when the stream ends
 
         def delta(text: str, piece: str) -> ChatResponse:
@@ -125,7 +123,6 @@ class KVzipChatEngine(BaseChatEngine):
                 async for piece in apush_in_thread(work, name="kvzip-chat"):
                     text += piece
                     yield delta(text, piece)
-                response.source_nodes[:] = self._source_nodes
 
             response.achat_stream = achat_stream()
         else:
@@ -134,7 +131,6 @@ class KVzipChatEngine(BaseChatEngine):
                 for piece in push_in_thread(work, name="kvzip-chat"):
                     text += piece
                     yield delta(text, piece)
-                response.source_nodes[:] = self._source_nodes
 
             response.chat_stream = chat_stream()
         return response
