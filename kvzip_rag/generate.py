@@ -199,7 +199,9 @@ class AnswerStream:
         self.on_done, self.constraint, self.evidence = on_done, constraint, evidence
         self.limit = limit  # the finish reason when max_new_tokens runs out: "window" when it was clamped to it
         self.result: Answer | None = None
-        self.start_tail = cache.tail_length  # a kept turn that ends midway is cut back to here
+        # a kept turn that ends midway is cut back to here (a DynamicCache, the benchmarks' dense reference, is
+        # thrown away after its one answer)
+        self.start_tail = cache.tail_length if isinstance(cache, PackedCache) else None
 
     def decoding(self) -> Decoding:
         """A fresh per-token state for this answer (its clock starts now)."""
@@ -223,7 +225,7 @@ class AnswerStream:
         end = time.perf_counter()
         if not self.keep:
             self.cache.reset()
-        elif not done:
+        elif not done and self.start_tail is not None:
             self.cache.rewind(self.start_tail)
         if done:
             self.result = decoding.result(len(self.prompt_ids), end, evidence)

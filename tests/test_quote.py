@@ -216,6 +216,9 @@ def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer, monkeypatch):
     assert set(table["squad"]) == {"free@0.3", "free+abstain@0.3", "quote@0.3", "quote+abstain@0.3", "chunk-rag"}
     assert all(m["n"] == 2 for m in table["squad"].values())
     assert len({r["doc"] for r in saved["rows"] if r["set"] == "squad"}) == 2  # round-robin over the articles
+    fitted = set(calibration.fitted_on["question_ids"])  # the abstention is measured on held-out questions
+    assert len(fitted) == saved["meta"]["calibration_questions_excluded"] == 120
+    assert not fitted & {r["qid"] for r in saved["rows"] if r["set"].startswith("squad")}
     base = {(r["set"], r["qid"], r["method"]): r for r in saved["rows"]}
     for row in saved["rows"]:
         if row["method"].startswith("quote") and not row["abstained"]:

@@ -61,7 +61,8 @@ def collect(service: QAService, documents, k: int = 1, max_new_tokens: int = 128
                                                 grounding)
                 cited = " ".join(c.text for c in result.citations[:1])
                 rows.append({
-                    "article": document.id, "question": question.question, "answerable": answerable,
+                    "article": document.id, "qid": question.id, "question": question.question,
+                    "answerable": answerable,
                     "features": [result.evidence_features[name] for name in FEATURES],
                     "routed_own": any(t.doc_id == document.id for t in result.used),
                     "f1": max(f1_score(result.text, g) for g in question.answers),
@@ -139,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     fitted_on = {"data": "SQuAD v1.1 dev (shared data), load_squad 300-700 tokens per document",
                  "documents": len({r["article"] for r in rows}), "questions": len(rows) // 2, "model": model_name,
                  "ratio": args.ratio, "max_new_tokens": args.max_new_tokens,
+                 "question_ids": sorted({r["qid"] for r in rows if "qid" in r}),  # the grounding bench skips them
                  "command": " ".join(["python -m kvzip_rag.bench.abstention",
                                       *(sys.argv[1:] if argv is None else argv)]),
                  "held_out": cross_validated(rows)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,11 +51,12 @@ def default_data_dir() -> Path:
 
 def load_squad(
     data_dir: Path, count: Counter, docs: int, min_tokens: int, max_tokens: int, questions_per_doc: int,
-    first_article: int = 0,
+    first_article: int = 0, exclude: Collection[str] = frozenset(),
 ) -> list[Document]:
     """One document per article (starting at ``first_article``): its first consecutive paragraphs, joined until
     the document reaches ``min_tokens`` (never above ``max_tokens``). Questions are taken round-robin over the
-    document's paragraphs so they cover all of it."""
+    document's paragraphs so they cover all of it, skipping the ids in ``exclude`` (e.g. those a calibration was
+    fitted on, so a benchmark measures it on held-out questions)."""
     path = data_dir / "squad" / "dev-v1.1-even-articles.json"
     articles = json.loads(path.read_text())["data"]
     out: list[Document] = []
@@ -74,7 +75,7 @@ def load_squad(
         if total < min_tokens or not chosen:
             continue
         text = "\n\n".join(p["context"] for p in chosen)
-        per_paragraph = [list(p["qas"]) for p in chosen]
+        per_paragraph = [[qa for qa in p["qas"] if qa["id"] not in exclude] for p in chosen]
         questions: list[Question] = []
         rank = 0
         while len(questions) < questions_per_doc and any(rank < len(q) for q in per_paragraph):

@@ -92,6 +92,7 @@ class GroundingTask:
         self.methods = methods(tuple(preset.grounding_ratios))
         self.services = {r: QAService(self.store, model, ratio=r) for r in {m.ratio for m in self.methods}}
         self.rows: list[dict] = []
+        self.held_out = 0  # SQuAD questions left out because the abstention was calibrated on them
         self.skipped: dict[str, str] = {}
         self.t0 = time.perf_counter()
 
@@ -101,9 +102,13 @@ class GroundingTask:
     # -------------------------------------------------------------------------------- data
     def squad(self) -> list[bench_data.Document]:
         p = self.preset
+        from kvzip_rag.abstain import default_calibration
+
         count = lambda text: len(self.model.encode(text))
+        fitted = default_calibration().fitted_on.get("question_ids", [])  # abstention measured on held-out questions
         docs = bench_data.load_squad(self.data_dir, count, p.grounding_articles, p.grounding_min_tokens,
-                                     p.grounding_max_tokens, p.grounding_questions_per_doc)
+                                     p.grounding_max_tokens, p.grounding_questions_per_doc, exclude=set(fitted))
+        self.held_out = len(fitted)
         for doc in docs:
             self.store.add_document(self.model, doc.text, doc_id=doc.id, ratio=1.0,
                                     max_segment_tokens=p.grounding_max_tokens + 64)
@@ -234,6 +239,7 @@ class GroundingTask:
 
         results = {"meta": {"model": self.model.name, "preset": asdict(self.preset), "limit": self.limit,
                             "duration_s": time.perf_counter() - self.t0, "skipped": self.skipped,
+                            "calibration_questions_excluded": self.held_out,
                             "methods": [{"label": m.label, "options": m.options} for m in self.methods]},
                    "summary": summarize(self.rows), "rows": self.rows}
         write_outputs(self.out_dir, "grounding", results, markdown(results))  # a checkpoint after every round
@@ -299,6 +305,8 @@ def markdown(results: dict) -> str:
     lines = [f"# Grounding (model `{meta['model']}`, {meta['duration_s'] / 60:.1f} min)", ""]
     if meta.get("skipped"):
         lines += [f"- skipped: {meta['skipped']}", ""]
+    lines += [f"- SQuAD questions the abstention was calibrated on, left out: "
+              f"{meta.get('calibration_questions_excluded', 0)}", ""]
     header = ["method", "n", "F1 [95% CI]", "contains [95% CI]", "abstained", "citation acc.", "cit. in gold",
               "answer tokens", "TTFT ms", "total ms"]
     for set_name, by_method in summary["table"].items():
