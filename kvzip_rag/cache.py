@@ -421,7 +421,7 @@ class LayerArena:
     def __init__(self, parts: list[PackedLayer], num_query_heads: int):
         metas = [part.row_meta(num_query_heads) for part in parts]
         sizes = [len(part.buffer_keys) for part in parts]
-        self.parts, self.rows = list(parts), max(sizes)
+        self.rows = max(sizes)  # the parts are not kept: each points here (no reference cycle holds a dead arena)
         first = parts[0]
         batch, device = len(parts), first.buffer_keys.device
         with torch.inference_mode():  # as the buffers (written under inference mode)
@@ -447,15 +447,16 @@ class LayerArena:
         """The arena these parts already share in this order, or a new one."""
         slot = parts[0].arena_slot
         arena = slot[0] if slot is not None else None
-        if (arena is not None and len(arena.parts) == len(parts) and arena.bias.shape[1] == num_query_heads
+        if (arena is not None and len(arena.keys) == len(parts) and arena.bias.shape[1] == num_query_heads
                 and all(part.arena_slot == (arena, b) for b, part in enumerate(parts))):
             return arena
         return cls(parts, num_query_heads)
 
-    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, step: "BatchStep") -> None:
+    def write(self, parts: list[PackedLayer], key_states: torch.Tensor, value_states: torch.Tensor,
+              step: "BatchStep") -> None:
         """The pass's new keys and values ``(1, heads, tokens, d)`` into every sequence's tail rows, their row
         meta with them (positions; the decode mask opened for the heads' query groups); then the tails advance."""
-        tails = torch.tensor([part.tail_length for part in self.parts], device=self.keys.device)
+        tails = torch.tensor([part.tail_length for part in parts], device=self.keys.device)
         offset = tails[step.sequence] + step.offset  # (tokens,): each token's tail index in its own cache
         local = (self.tail_start[step.sequence] + offset[:, None]).T  # (heads, tokens): rows within the slots
         sequence = step.sequence.expand_as(local)
@@ -468,8 +469,8 @@ class LayerArena:
                 0, flat, value_states[0].reshape(len(flat), -1).to(self.values.dtype))
             self.positions.view(-1)[flat] = (self.base[step.sequence] + offset).expand_as(local).flatten()
             kv_heads = torch.arange(num_kv, device=flat.device)[:, None]
-            self.bias.view(len(self.parts), num_kv, group, self.rows)[sequence, kv_heads, :, local] = 0
-        for part, length in zip(self.parts, step.lengths):
+            self.bias.view(len(parts), num_kv, group, self.rows)[sequence, kv_heads, :, local] = 0
+        for part, length in zip(parts, step.lengths):
             part._tail += length
 
 
@@ -529,7 +530,7 @@ class BatchedLayer(CacheLayerMixin):
             raise ValueError(f"a pass of {tuple(key_states.shape[:3:2])} (rows, tokens) over caches taking "
                              f"{self.lengths} tokens in one row")
         if self.arena is not None:
-            self.arena.write(key_states, value_states, self.step)
+            self.arena.write(self.parts, key_states, value_states, self.step)
         else:
             for span, part in zip(self.spans(), self.parts):
                 part.update(key_states[:, :, span], value_states[:, :, span])
