@@ -157,8 +157,12 @@ def packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) 
     sequence's span over its own part, by the same two paths, so each sequence's output is the one it gets alone.
     """
     if isinstance(layer, BatchedLayer):
-        return torch.cat([packed_attention(query[:, :, span], part, scaling)
-                          for span, part in zip(layer.spans(), layer.parts)], dim=1)
+        if layer.arena is None:
+            return torch.cat([packed_attention(query[:, :, span], part, scaling)
+                              for span, part in zip(layer.spans(), layer.parts)], dim=1)
+        if use_flash(query):
+            return flash_batched_attention(query, layer, scaling)
+        return torch_batched_attention(query, layer, scaling)
     if use_flash(query):
         out = flash_packed_attention(query, layer, scaling)
         if layer.evidence is not None and not layer.sliding_window:  # the one extra softmax (last query only)
@@ -233,3 +237,69 @@ def flash_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: f
         softmax_scale=scaling, causal=True, window_size=window,
     )
     return out.reshape(num_kv, length, group, head_dim).permute(1, 0, 2, 3).reshape(length, num_q_heads, head_dim)[None]
+
+
+def torch_batched_attention(query: torch.Tensor, layer: BatchedLayer, scaling: float) -> torch.Tensor:
+    """CPU path over a batch's arena: every sequence's last query in one batched GEMM over its own slot (the
+    maintained decode mask, as ``packed_probabilities`` decoding); a question's earlier prompt tokens attend over
+    its own cache alone (padding every sequence's queries to the longest prompt would cost more). ``query``
+    ``(1, H, tokens, d)``; returns ``(1, tokens, H, d)``."""
+    arena, step = layer.arena, layer.step
+    q = query[0].transpose(0, 1) if step.single else query[0, :, step.last].transpose(0, 1)  # (B, H, d)
+    logits = torch.baddbmm(arena.bias, q, arena.keys.transpose(1, 2), alpha=scaling)  # (B, H, rows)
+    window = layer.parts[0].sliding_window
+    if window:
+        hidden = arena.positions <= (step.last_positions - window)[:, None]
+        logits.masked_fill_(hidden[:, None], float("-inf"))
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    for part, length, rows in zip(layer.parts, step.lengths, probabilities):
+        if part.evidence is not None and length == 1 and not window:  # a prompt's evidence: its own call below
+            part.evidence(part, rows[:, :len(part.buffer_keys)])
+    out = torch.bmm(probabilities.to(arena.values.dtype), arena.values)  # (B, H, d)
+    if step.single:
+        return out[None]
+    result = out.new_empty(len(step.sequence), *out.shape[1:])
+    result[step.last] = out
+    for span, part, length in zip(step.spans(), layer.parts, step.lengths):
+        if length > 1:
+            result[span] = torch_packed_attention(query[:, :, span], part, scaling)[0]
+    return result[None]
+
+
+def flash_batched_attention(query: torch.Tensor, layer: BatchedLayer, scaling: float) -> torch.Tensor:
+    """CUDA path: one ``flash_attn_varlen_func`` call over the arena as it is, every (sequence, kv head) live
+    range one segment with that sequence's queries (the padding and reserved rows between them empty-query
+    segments, as in ``varlen_arguments``); prompts and single tokens alike (causal, aligned to each segment's end)."""
+    flash_attn_varlen_func = _flash_varlen()
+    arena, step, parts = layer.arena, layer.step, layer.parts
+    _, num_q_heads, tokens, head_dim = query.shape
+    num_kv = parts[0].num_heads
+    group = num_q_heads // num_kv
+    device = query.device
+    lengths = torch.tensor(step.lengths, device=device)
+    # Queries ordered by (sequence, kv head, token): kv head h of sequence b takes b's tokens.
+    per_segment = lengths.repeat_interleave(num_kv)  # (B * kv heads,)
+    heads = torch.arange(num_kv, device=device).repeat(len(parts)).repeat_interleave(per_segment)
+    first = (step.last - lengths + 1).repeat_interleave(num_kv)
+    segment_start = per_segment.cumsum(0) - per_segment
+    ranks = torch.arange(int(per_segment.sum()), device=device) - segment_start.repeat_interleave(per_segment)
+    token = first.repeat_interleave(per_segment) + ranks
+    q = query[0].view(num_kv, group, tokens, head_dim)[heads, :, token]  # (queries, group, d)
+    tails = torch.tensor([part.tail_length for part in parts], device=device)
+    slots = torch.arange(len(parts), device=device)[:, None] * arena.rows
+    counts = torch.stack([part.device_layout()[1] for part in parts])
+    starts = slots + arena.tail_start - counts  # (B, kv heads): each head's first row in the flat arena
+    cu_k = torch.stack([starts, starts + counts + tails[:, None]], dim=-1).flatten().to(torch.int32)
+    cu_q = torch.cat([per_segment.new_zeros(1), torch.stack([per_segment, torch.zeros_like(per_segment)], -1)
+                      .flatten()[:-1].cumsum(0)]).to(torch.int32)
+    window = (parts[0].sliding_window - 1, 0) if parts[0].sliding_window else (-1, -1)
+    out = flash_attn_varlen_func(
+        q, arena.keys.view(-1, 1, head_dim), arena.values.view(-1, 1, arena.values.shape[-1]), cu_q, cu_k,
+        max(step.lengths), arena.rows, softmax_scale=scaling, causal=True, window_size=window,
+    )
+    result = out.new_empty(num_kv, tokens, group, head_dim)
+    result[heads, token] = out
+    for part, end in zip(parts, step.last.tolist()):
+        if part.evidence is not None and not part.sliding_window:  # the one extra softmax (last query only)
+            part.evidence(part, packed_probabilities(query[:, :, end:end + 1], part, scaling))
+    return result.permute(1, 0, 2, 3).reshape(tokens, num_q_heads, head_dim)[None]

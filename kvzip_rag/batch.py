@@ -3,9 +3,12 @@
 Each cache keeps its own variable-length heads and tail (:class:`~kvzip_rag.cache.BatchedPackedCache` is a view of
 them side by side). The B sequences' tokens go through the model as one row, one after another with no padding:
 a question being prefilled (its prompt) beside answers taking their next token (one each). The dense work
-(projections, MLP, output head) runs once for all of them, which is what a CPU step costs (reading the weights),
-and attention reads each sequence's span over its own cache in place by the packed paths, CPU or flash-attn. The
-continuous-batching scheduler (:mod:`kvzip_rag.scheduler`) runs one such pass per step."""
+(projections, MLP, output head) runs once for all of them, which is what a CPU step costs (reading the weights).
+With several sequences each layer's caches share one padded arena (:class:`~kvzip_rag.cache.LayerArena`): one
+indexed copy writes every sequence's new keys and values, and one attention call reads every sequence over its
+own cache (CPU: the sequences' last queries in one batched GEMM, a question's earlier prompt tokens over its own
+cache; CUDA: one flash-attn varlen call over all (sequence, head) segments). The continuous-batching scheduler
+(:mod:`kvzip_rag.scheduler`) runs one such pass per step."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def batched_forward(model: KVzipModel, caches: Sequence[PackedCache], tokens: Se
     lengths = [len(ids) for ids in tokens]
     if min(lengths) < 1:
         raise InvalidArgumentError("every cache in a batch needs at least one token to append")
-    batch = BatchedPackedCache(list(caches), lengths)
+    batch = BatchedPackedCache(list(caches), lengths, model.config.num_attention_heads)
     ids = torch.tensor([[int(t) for seq in tokens for t in seq]], device=model.device)
     positions = torch.tensor([[p + i for p, n in zip(batch.positions, lengths) for i in range(n)]],
                              device=model.device)

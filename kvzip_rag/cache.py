@@ -105,6 +105,7 @@ class PackedLayer(CacheLayerMixin):
         """Drop what is derived from the buffer's shape or device (rebuilt on first use)."""
         self._row_meta: RowMeta | None = None
         self._device_layout: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.arena_slot: tuple[LayerArena, int] | None = None  # its buffer is a view of this batch arena's slot
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: a packed layer is built complete."""
@@ -180,8 +181,7 @@ class PackedLayer(CacheLayerMixin):
         if key_states.shape[0] != 1:
             raise ValueError("the packed cache answers one sequence at a time (batch size 1)")
         new = key_states.shape[2]
-        if self._tail + new > self.room:
-            self._grow(self._tail + new)
+        self.reserve(new)
         heads, dim = self.num_heads, key_states.shape[-1]
         starts, counts = self.device_layout()
         rows = (starts + counts + self._tail)[:, None] + torch.arange(new, device=starts.device)  # (heads, new)
@@ -195,6 +195,11 @@ class PackedLayer(CacheLayerMixin):
                 self._row_meta.written(rows, self.base_length + self._tail)
         self._tail += new
         return PackedStates.mark(key_states, self), PackedStates.mark(value_states, self)
+
+    def reserve(self, new: int) -> None:
+        """Make room for ``new`` more tail rows per head (regrowing the buffer if needed)."""
+        if self._tail + new > self.room:
+            self._grow(self._tail + new)
 
     def _grow(self, needed: int) -> None:
         """Rebuild the buffer with room for at least ``needed`` tail rows per head (geometric growth)."""
@@ -404,25 +409,120 @@ class PackedCache(Cache):
         return self
 
 
+class LayerArena:
+    """One layer of B packed caches side by side in one padded tensor: keys and values ``(B, rows, d)`` and the
+    parts' ``RowMeta`` (heads and positions ``(B, rows)``, decode mask ``(B, query heads, rows)``), each slot
+    padded to the longest buffer (keys 0, mask -inf, so a padded row is never seen).
+
+    Each part's buffer and ``RowMeta`` become views of its slot, so its own code (a batch-1 pass, ``crop``) reads
+    and writes the same memory, while a batched step writes every sequence's new rows with one indexed copy and
+    attends over all of them with one call (``kvzip_rag.attention``). Built once the batch's members change or one
+    outgrows its room (its ``_grow`` gives it a buffer of its own again, leaving the slot)."""
+
+    def __init__(self, parts: list[PackedLayer], num_query_heads: int):
+        metas = [part.row_meta(num_query_heads) for part in parts]
+        sizes = [len(part.buffer_keys) for part in parts]
+        self.rows = max(sizes)  # the parts are not kept: each points here (no reference cycle holds a dead arena)
+        first = parts[0]
+        batch, device = len(parts), first.buffer_keys.device
+        with torch.inference_mode():  # as the buffers (written under inference mode)
+            self.keys = first.buffer_keys.new_zeros(batch, self.rows, first.buffer_keys.shape[-1])
+            self.values = first.buffer_values.new_zeros(batch, self.rows, first.buffer_values.shape[-1])
+            self.heads = torch.full((batch, self.rows), -1, dtype=torch.int64, device=device)
+            self.positions = torch.full((batch, self.rows), NO_POSITION, dtype=torch.int64, device=device)
+            self.bias = torch.full((batch, num_query_heads, self.rows), float("-inf"), dtype=self.keys.dtype,
+                                   device=device)
+            for b, (part, meta, size) in enumerate(zip(parts, metas, sizes)):
+                self.keys[b, :size], self.values[b, :size] = part.buffer_keys, part.buffer_values
+                self.heads[b, :size], self.positions[b, :size] = meta.heads, meta.positions
+                self.bias[b, :, :size] = meta.decode_bias
+                part.buffer_keys, part.buffer_values = self.keys[b, :size], self.values[b, :size]
+                part._row_meta = RowMeta(self.heads[b, :size], self.positions[b, :size], self.bias[b, :, :size])
+                part.arena_slot = (self, b)
+        # Each head's first tail row (within its slot), and where each sequence's tokens are placed.
+        self.tail_start = torch.stack([part.device_layout()[0] + part.device_layout()[1] for part in parts])
+        self.base = torch.tensor([part.base_length for part in parts], device=device)
+
+    @classmethod
+    def of(cls, parts: list[PackedLayer], num_query_heads: int) -> "LayerArena":
+        """The arena these parts already share in this order, or a new one."""
+        slot = parts[0].arena_slot
+        arena = slot[0] if slot is not None else None
+        if (arena is not None and len(arena.keys) == len(parts) and arena.bias.shape[1] == num_query_heads
+                and all(part.arena_slot == (arena, b) for b, part in enumerate(parts))):
+            return arena
+        return cls(parts, num_query_heads)
+
+    def write(self, parts: list[PackedLayer], key_states: torch.Tensor, value_states: torch.Tensor,
+              step: "BatchStep") -> None:
+        """The pass's new keys and values ``(1, heads, tokens, d)`` into every sequence's tail rows, their row
+        meta with them (positions; the decode mask opened for the heads' query groups); then the tails advance."""
+        tails = torch.tensor([part.tail_length for part in parts], device=self.keys.device)
+        offset = tails[step.sequence] + step.offset  # (tokens,): each token's tail index in its own cache
+        local = (self.tail_start[step.sequence] + offset[:, None]).T  # (heads, tokens): rows within the slots
+        sequence = step.sequence.expand_as(local)
+        flat = (local + sequence * self.rows).flatten()
+        num_kv, dim = local.shape[0], key_states.shape[-1]
+        group = self.bias.shape[1] // num_kv
+        with torch.inference_mode():
+            self.keys.view(-1, dim).index_copy_(0, flat, key_states[0].reshape(-1, dim).to(self.keys.dtype))
+            self.values.view(-1, self.values.shape[-1]).index_copy_(
+                0, flat, value_states[0].reshape(len(flat), -1).to(self.values.dtype))
+            self.positions.view(-1)[flat] = (self.base[step.sequence] + offset).expand_as(local).flatten()
+            kv_heads = torch.arange(num_kv, device=flat.device)[:, None]
+            self.bias.view(len(parts), num_kv, group, self.rows)[sequence, kv_heads, :, local] = 0
+        for part, length in zip(parts, step.lengths):
+            part._tail += length
+
+
+@dataclass
+class BatchStep:
+    """Where each sequence's tokens sit in one batched pass (one row, sequence after sequence), on the device."""
+
+    lengths: list[int]
+    sequence: torch.Tensor  # (tokens,): the sequence of each token
+    offset: torch.Tensor  # (tokens,): its index among its sequence's new tokens
+    last: torch.Tensor  # (B,): each sequence's last token
+    last_positions: torch.Tensor  # (B,): that token's position
+
+    @classmethod
+    def build(cls, lengths: list[int], positions: list[int], device) -> "BatchStep":
+        sizes = torch.tensor(lengths, device=device)
+        sequence = torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes)
+        last = sizes.cumsum(0) - 1
+        offset = torch.arange(len(sequence), device=device) - (last - sizes + 1)[sequence]
+        return cls(lengths, sequence, offset, last, torch.tensor(positions, device=device) + sizes - 1)
+
+    @property
+    def single(self) -> bool:
+        """Every sequence takes one token (decoding only)."""
+        return len(self.sequence) == len(self.lengths)
+
+    def spans(self) -> list[slice]:
+        """Each sequence's tokens in the pass."""
+        ends = torch.tensor(self.lengths).cumsum(0).tolist()
+        return [slice(end - n, end) for end, n in zip(ends, self.lengths)]
+
+
 class BatchedLayer(CacheLayerMixin):
     """One layer of a :class:`BatchedPackedCache`: the pass's tokens are the B sequences' tokens one after another
     (``lengths[b]`` each, a batch of one row with no padding), sequence ``b``'s go to ``parts[b]`` (its own packed
-    layer, its own tail); attention reads each part as it is (see ``kvzip_rag.attention.packed_attention``)."""
+    layer, its own tail). With an ``arena`` (:class:`LayerArena`) one indexed copy writes them all and attention
+    reads all sequences in one call; without (one sequence, or too much padding), part by part."""
 
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, parts: list[PackedLayer], lengths: list[int]):
+    def __init__(self, parts: list[PackedLayer], step: BatchStep, arena: LayerArena | None):
         self.is_initialized = True
-        self.parts, self.lengths = parts, lengths
+        self.parts, self.step, self.arena = parts, step, arena
+        self.lengths = step.lengths
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: the parts are built complete."""
 
     def spans(self) -> list[slice]:
-        """Each sequence's tokens in the pass (``[start, start + lengths[b])``)."""
-        ends = torch.tensor(self.lengths).cumsum(0).tolist()
-        return [slice(end - n, end) for end, n in zip(ends, self.lengths)]
+        return self.step.spans()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Sequence ``b``'s span of the new states into part ``b``; the marker tags this layer (batched attention
@@ -430,8 +530,11 @@ class BatchedLayer(CacheLayerMixin):
         if key_states.shape[0] != 1 or key_states.shape[2] != sum(self.lengths):
             raise ValueError(f"a pass of {tuple(key_states.shape[:3:2])} (rows, tokens) over caches taking "
                              f"{self.lengths} tokens in one row")
-        for span, part in zip(self.spans(), self.parts):
-            part.update(key_states[:, :, span], value_states[:, :, span])
+        if self.arena is not None:
+            self.arena.write(self.parts, key_states, value_states, self.step)
+        else:
+            for span, part in zip(self.spans(), self.parts):
+                part.update(key_states[:, :, span], value_states[:, :, span])
         return PackedStates.mark(key_states, self), PackedStates.mark(value_states, self)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -445,22 +548,41 @@ class BatchedLayer(CacheLayerMixin):
         return -1
 
 
+#: Padding an arena may hold: at most this many rows for every live one (else the layer goes part by part).
+MAX_ARENA_PADDING = 4
+
+
+def use_arena(parts: list[PackedLayer]) -> bool:
+    """One call over all sequences pays off from two of them, while the padding stays bounded (see BENCHMARKS.md,
+    "In-process batching")."""
+    sizes = [len(part.buffer_keys) for part in parts]
+    return len(parts) > 1 and len(sizes) * max(sizes) <= MAX_ARENA_PADDING * sum(sizes)
+
+
 class BatchedPackedCache(Cache):
     """B packed caches in one forward pass: sequence ``b`` appends ``lengths[b]`` tokens to cache ``b``
     (``kvzip_rag.batch``): questions being prefilled and answers taking their next token side by side.
 
-    A view, not a copy: layer ``i`` is the B caches' layer ``i`` side by side, each keeping its own variable-length
-    heads and tail, so a sequence's logits are those it would get alone. ``positions`` is where each sequence's
-    first new token sits (its own cache's length: documents, composed or not, and its tail)."""
+    Layer ``i`` is the B caches' layer ``i`` side by side, each keeping its own variable-length heads and tail
+    (in a shared :class:`LayerArena` when there are several), so a sequence's logits are those it would get
+    alone. ``positions`` is where each sequence's first new token sits (its own cache's length: documents,
+    composed or not, and its tail)."""
 
-    def __init__(self, caches: list[PackedCache], lengths: list[int]):
+    def __init__(self, caches: list[PackedCache], lengths: list[int], num_query_heads: int):
         if not caches or len(lengths) != len(caches) or min(lengths) < 1:
             raise ValueError("a batch needs at least one cache, each with at least one new token")
         if len({len(cache.layers) for cache in caches}) != 1:
             raise ModelMismatchError("the caches of one batch were built by models with different layer counts")
-        super().__init__(layers=[BatchedLayer([cache.layers[i] for cache in caches], lengths)
-                                 for i in range(len(caches[0].layers))])
         self.caches, self.lengths = caches, lengths
+        step = BatchStep.build(lengths, self.positions, caches[0].layers[0].buffer_keys.device)
+        layers = []
+        for i in range(len(caches[0].layers)):
+            parts = [cache.layers[i] for cache in caches]
+            for part, length in zip(parts, lengths):
+                part.reserve(length)
+            arena = LayerArena.of(parts, num_query_heads) if use_arena(parts) else None
+            layers.append(BatchedLayer(parts, step, arena))
+        super().__init__(layers=layers)
 
     @property
     def positions(self) -> list[int]:

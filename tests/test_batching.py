@@ -9,6 +9,7 @@ import torch
 import kvzip_rag
 from kvzip_rag import attention
 from kvzip_rag.batch import batched_forward
+from kvzip_rag.cache import packed_fresh
 from kvzip_rag.compose import compose
 from kvzip_rag.generate import packed_forward
 from kvzip_rag.quant import quantize
@@ -21,16 +22,31 @@ from test_packed_attention import reference_flash_attn_varlen_func
 OTHER = ("The Orlen valley railway opened in 1884 and climbs 900 metres in eleven kilometres. Its steepest part uses a "
          "rack, and the trains are pushed, never pulled, by small green locomotives built in Winterthur.")
 QUESTIONS = ["Who built the harbour?", "When did the railway open?", "What colour is the lighthouse?"]
+PROMPTS = QUESTIONS + ["Why?", "And the locomotives, where were they built?"]  # one per varied cache
 STEPS = kvzip_rag.PackedLayer.MIN_ROOM + 4  # past the first reserved room: every tail regrows mid-batch
 
 
 def varied_caches(model: kvzip_rag.KVzipModel) -> list[kvzip_rag.PackedCache]:
-    """Caches of different shapes: compressed (unequal head budgets), whole, composed of two, quantized."""
+    """Caches of different shapes and lengths: compressed (unequal head budgets), whole, composed of two,
+    quantized, and one of a two-word document at a low ratio (hardly more than the template)."""
     compressed = kvzip_rag.compress(model, " ".join([TEXT] * 2), ratio=0.3)
     whole = kvzip_rag.compress(model, OTHER, ratio=1.0)
     composed = compose(model, [kvzip_rag.compress(model, TEXT, ratio=0.5), kvzip_rag.compress(model, OTHER, ratio=0.5)])
     quantized = quantize(kvzip_rag.compress(model, OTHER, ratio=0.6), 8).dequantize()
-    return [compressed, whole, composed, quantized]
+    tiny = kvzip_rag.compress(model, "Hello there.", ratio=0.2)
+    return [compressed, whole, composed, quantized, tiny]
+
+
+def count_calls(monkeypatch, name: str, module=attention) -> list[int]:
+    """Count the calls of ``module.name`` (still calling it)."""
+    calls, original = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
 
 
 def serial_logits(model, caches, prompts, steps: int) -> list[torch.Tensor]:
@@ -80,12 +96,16 @@ def mixed_logits(model, caches, prompts, steps: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_batched_decoding_gives_each_sequence_its_batch_one_logits(family, smol_tokenizer):
+def test_batched_decoding_gives_each_sequence_its_batch_one_logits(family, smol_tokenizer, monkeypatch):
+    """Every layer of every pass attends over all five caches in one call (their shared arena), yet each
+    sequence reads only its own cache: its logits are its batch-1 logits, step after step (past a regrowth)."""
     model = build_tiny(family, smol_tokenizer, seed=5)
     caches = varied_caches(model)
-    prompts = [model.encode(model.template.question_text(q)) for q in QUESTIONS + ["Why?"]]
+    prompts = [model.encode(model.template.question_text(q)) for q in PROMPTS]
     expected = serial_logits(model, caches, prompts, STEPS)
+    one_call = count_calls(monkeypatch, "torch_batched_attention")
     got = batched_logits(model, caches, prompts, STEPS)
+    assert len(one_call) == (STEPS + 1) * len(caches[0].layers)
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
     assert not torch.allclose(got[0], got[1], atol=ATOL)  # the sequences really differ
@@ -97,7 +117,7 @@ def test_batched_prefill_gives_each_question_its_batch_one_logits(family, smol_t
     quantized), alone or beside answers that are decoding: each gets the logits of its batch-1 prefill."""
     model = build_tiny(family, smol_tokenizer, seed=7)
     caches = varied_caches(model)
-    prompts = [model.encode(model.template.question_text(q)) for q in QUESTIONS + ["Why?"]]
+    prompts = [model.encode(model.template.question_text(q)) for q in PROMPTS]
     assert len({len(p) for p in prompts}) > 1
     expected = serial_logits(model, caches, prompts, 3)
     with torch.inference_mode():
@@ -113,12 +133,13 @@ def test_batched_prefill_gives_each_question_its_batch_one_logits(family, smol_t
 
 
 def test_flash_path_in_a_batch_matches_the_torch_path(smol_tokenizer, monkeypatch):
-    """The CUDA code path (flash_attn_varlen_func over each cache's buffer in place) run on CPU with the reference
-    kernel gives the batched torch path's logits; one kernel call per sequence and layer."""
+    """The CUDA code path (one flash_attn_varlen_func call per layer over all sequences' (sequence, head)
+    segments of the arena) run on CPU with the reference kernel gives each sequence its batch-1 logits, prompts
+    prefilled beside answers decoding included; one kernel call per layer and pass."""
     model = build_tiny("gemma3", smol_tokenizer, seed=2)
-    caches = varied_caches(model)[:3]
-    prompts = [model.encode(model.template.question_text(q)) for q in QUESTIONS]
-    expected = batched_logits(model, caches, prompts, 6)
+    caches = varied_caches(model)
+    prompts = [model.encode(model.template.question_text(q)) for q in PROMPTS]
+    expected = serial_logits(model, caches, prompts, 6)
     calls = []
 
     def spy(*args, **kwargs):
@@ -128,9 +149,38 @@ def test_flash_path_in_a_batch_matches_the_torch_path(smol_tokenizer, monkeypatc
     monkeypatch.setattr(attention, "use_flash", lambda query: True)
     monkeypatch.setattr(attention, "_flash_varlen", lambda: spy)
     got = batched_logits(model, caches, prompts, 6)
-    for g, e in zip(got, expected):
-        assert torch.allclose(g, e, atol=ATOL)
-    assert len(calls) == 7 * len(caches) * len(caches[0].layers)
+    assert len(calls) == 7 * len(caches[0].layers)
+    for g, e in zip(got + mixed_logits(model, caches, prompts, 6), expected + expected):
+        assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
+
+
+def test_a_batch_shares_one_arena_until_its_members_change_and_bounds_its_padding(tiny_llama):
+    """Steps of the same sequences reuse their layers' arena (no copy per step); a sequence leaving, or one whose
+    tail outgrows its room, gets a new one; a cache that would make the arena mostly padding sends the layer part
+    by part, with the same logits."""
+    caches = varied_caches(tiny_llama)[:3]
+    prompts = [tiny_llama.encode(tiny_llama.template.question_text(q)) for q in QUESTIONS]
+    with torch.inference_mode():
+        batched_forward(tiny_llama, caches, prompts)
+        arena = caches[0].layers[0].arena_slot[0]
+        assert [c.layers[0].arena_slot for c in caches] == [(arena, 0), (arena, 1), (arena, 2)]
+        batched_forward(tiny_llama, caches, [[1]] * 3)
+        assert caches[2].layers[0].arena_slot[0] is arena
+        batched_forward(tiny_llama, caches[:2], [[1]] * 2)
+        assert caches[0].layers[0].arena_slot[0] is not arena
+        room = caches[0].layers[0].room
+        batched_forward(tiny_llama, caches[:2], [[1] * room, [1]])  # regrows the first cache's tails
+        assert caches[0].layers[0].room > room and caches[0].layers[0].arena_slot[1] == 0
+    for cache in caches:
+        cache.reset()
+    small = varied_caches(tiny_llama)[4]
+    mixed = [kvzip_rag.compress(tiny_llama, " ".join([TEXT] * 12), ratio=1.0)] + [packed_fresh(small) for _ in range(5)]
+    assert not kvzip_rag.cache.use_arena([cache.layers[0] for cache in mixed])
+    prompts = [tiny_llama.encode(tiny_llama.template.question_text(q)) for q in QUESTIONS * 2]
+    expected = serial_logits(tiny_llama, mixed, prompts, 3)
+    for g, e in zip(batched_logits(tiny_llama, mixed, prompts, 3), expected):
+        assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
+    assert all(cache.layers[0].arena_slot is None for cache in mixed)
 
 
 def test_a_batch_needs_tokens_for_each_cache(tiny_llama):

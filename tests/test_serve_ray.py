@@ -1,6 +1,7 @@
 """``kvzip-rag serve --ray``: a real local Ray cluster (2 CPUs, 127.0.0.1) runs the server's FastAPI app as a Ray
 Serve deployment with two replicas of a tiny model over one store folder; answers come through both replicas and
-equal the in-process service's; a replica killed mid-stream fails its request cleanly and later requests succeed."""
+equal the in-process service's; a replica killed mid-answer (streamed or not) fails its request cleanly and later
+requests succeed."""
 
 from __future__ import annotations
 
@@ -164,6 +165,39 @@ def test_a_killed_replica_fails_its_stream_cleanly_and_later_requests_succeed(re
     assert outcome["seconds"] < 60  # ended, not hung (the client's read timeout would have raised)
     assert "error" in outcome or outcome["rest"][-1:] != ["data: [DONE]"]
     for doc, question in list(QUESTIONS.items())[:4]:  # the replica alive (and the replacement) answer
+        later = ask(replicas, question)
+        assert later.status_code == 200, later.text
+        assert [s["doc_id"] for s in later.json()["sources"]] == [doc]
+
+
+def busy_replica(seconds: float = 60) -> tuple[str, object]:
+    """The replica (id, actor) with a request in flight, asked of each replica's actor (Ray Serve's own count)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for replica_id, actor in replica_actors().items():
+            if ray.get(actor.get_num_ongoing_requests.remote(), timeout=10) > 0:
+                return replica_id, actor
+        time.sleep(0.05)
+    raise AssertionError("no replica reported the request in flight")
+
+
+def test_a_killed_replica_fails_its_plain_request_with_a_5xx_and_later_requests_succeed(replicas):
+    """A plain (not streamed) request whose replica dies mid-answer gets a 5xx with a one-line reason, not a hang
+    or a cut connection (Ray Serve's proxy answers it: ``500 Internal Server Error`` as plain text, since the app
+    that writes OpenAI error objects died with the replica); later requests go to the replicas alive."""
+    body = {"model": "kvzip-rag", "messages": [{"role": "user", "content": QUESTIONS["tessin.txt"]}],
+            "max_tokens": 1500, "clean": False, **NEVER_ABSTAIN}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{replicas}/v1/chat/completions", json=body, timeout=60)
+        _, actor = busy_replica()
+        start = time.monotonic()
+        ray.kill(actor, no_restart=True)
+        response = pending.result()
+    assert time.monotonic() - start < 60  # ended, not hung
+    assert 500 <= response.status_code < 600, (response.status_code, response.text)
+    reason = response.text.strip()
+    assert reason and "\n" not in reason, reason
+    for doc, question in list(QUESTIONS.items())[:4]:
         later = ask(replicas, question)
         assert later.status_code == 200, later.text
         assert [s["doc_id"] for s in later.json()["sources"]] == [doc]
