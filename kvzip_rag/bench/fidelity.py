@@ -53,9 +53,9 @@ def precisions(variant, bits: tuple[int, ...]) -> list[int]:
     return list(bits) if family.startswith("kvzip") and ratio is not None and ratio < 1 else [16]
 
 
-def layouts(bits: int, key_groups: tuple[int, ...]) -> list[int | None]:
-    """The key groups measured at ``bits``: the default (None), then each of ``key_groups`` when quantized."""
-    return [None] + (list(key_groups) if bits != 16 else [])
+def layouts(bits: int, key_groups: tuple[tuple[int, int], ...]) -> list[int | None]:
+    """The key groups measured at ``bits``: the default (None), then each group ``key_groups`` pairs with ``bits``."""
+    return [None] + [group for b, group in key_groups if b == bits]
 
 
 def stored(cache, bits: int, key_group: int | None = None):
