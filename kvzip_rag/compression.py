@@ -33,8 +33,8 @@ def compress(
 
     ``level``: ``"pair"`` (global top-k, non-uniform head budgets), ``"uniform"`` (top-k per head) or ``"head"``
     (whole heads by a context-independent score, ``HeadScorer``: no per-document scoring pass).
-    ``kv_bits``: 16 keeps the cache dtype; 8 or 4 quantize the kept entries, 3 stores 4-bit keys with 2-bit values
-    (``kvzip_rag.quant``): the returned
+    ``kv_bits``: 16 keeps the cache dtype; 8 or 4 quantize the kept entries, 3 stores 4-bit keys with 2-bit values,
+    2 both at 2 bits (``kvzip_rag.quant``): the returned
     cache holds them dequantized, exactly as a store will load them, and its ``quantized`` is what gets stored.
     """
     check_ratio_level(ratio, level)

@@ -195,8 +195,8 @@ def plot_curve(curve: Curve, path: str | os.PathLike, highlight: CurvePoint | No
     series: dict[tuple[str, int], list[CurvePoint]] = {}
     for p in curve.points:
         series.setdefault((p.scorer, p.kv_bits), []).append(p)
-    names = {16: "as computed", 8: "int8", 4: "int4", 3: "K4V2"}
-    markers = {16: "o", 8: "s", 4: "^", 3: "v"}
+    names = {16: "as computed", 8: "int8", 4: "int4", 3: "K4V2", 2: "K2V2"}
+    markers = {16: "o", 8: "s", 4: "^", 3: "v", 2: "x"}
     colors = {scorer: f"C{i}" for i, scorer in enumerate(sorted({p.scorer for p in curve.points}))}
     for (scorer, bits), points in sorted(series.items()):
         points.sort(key=lambda p: p.bytes_per_token)

@@ -7,7 +7,7 @@ What is quantized, and why this way (KIVI, Liu et al. 2024: keys have outlier *c
   (min-max) rounding to ``bits`` = 8 or 4; two 4-bit codes share a byte (even channel in the low nibble).
 - ``bits`` = 3 names KIVI's asymmetric codec: 4-bit keys with 2-bit values (3 bits per element on average; keys'
   outlier channels need the bits, per-entry values tolerate fewer). Four 2-bit codes share a byte (channel ``4i+j``
-  in bits ``2j..2j+1``).
+  in bits ``2j..2j+1``). ``bits`` = 2: 2-bit keys and values (K2V2).
 - the first ``full_rows`` entries of every head stay in the cache dtype: in compressed layers the never-evicted
   prefix (chat template and attention sink: quantizing it raised the mean |NLL change| at 4 bits from 0.095 to
   0.135 nats, and a store keeps it once per model anyway), plus in every layer the ``full_precision`` most
@@ -34,8 +34,8 @@ import torch
 from .cache import CacheInfo, PackedCache, PackedLayer, ratio_keep
 from .errors import InvalidArgumentError
 
-KV_BITS = (16, 8, 4, 3)  # 16: not quantized (the cache dtype as computed, float32 or bfloat16/float16); 3: K4V2
-_KEY_VALUE_BITS = {8: (8, 8), 4: (4, 4), 3: (4, 2)}  # kv_bits -> (key code bits, value code bits)
+KV_BITS = (16, 8, 4, 3, 2)  # 16: not quantized (the cache dtype as computed, float32 or bfloat16/float16); 3: K4V2
+_KEY_VALUE_BITS = {8: (8, 8), 4: (4, 4), 3: (4, 2), 2: (2, 2)}  # kv_bits -> (key code bits, value code bits)
 DEFAULT_KEY_GROUP = 16  # entries per key scale group (measured: see BENCHMARKS.md, "Quantized caches")
 DEFAULT_VALUE_GROUP = 64  # channels per value scale group (the whole head for head_dim 64)
 # important entries per head kept unquantized beyond the prefix: 16 lowered the mean |NLL change| at 4 bits from
@@ -45,11 +45,11 @@ SCALE_DTYPE = torch.float16
 
 
 def check_bits(bits) -> int:
-    """The bit width as an int, or a clear error for anything but 16, 8 and 4."""
+    """The bit width as an int, or a clear error for anything not in ``KV_BITS``."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in KV_BITS:
         raise InvalidArgumentError(
             f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (16 = not quantized, 3 = 4-bit keys with 2-bit "
-            f"values), got {bits!r}"
+            f"values, 2 = 2-bit keys and values), got {bits!r}"
         )
     return bits
 
@@ -65,8 +65,8 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if check_bits(self.bits) == 16:
-            raise InvalidArgumentError("a QuantSpec describes 8-, 4- or 3-bit (K4V2) caches; 16 bits is the plain "
-                                       "PackedCache")
+            raise InvalidArgumentError("a QuantSpec describes 8-, 4-, 3- (K4V2) or 2-bit caches; 16 bits is the "
+                                       "plain PackedCache")
         for name in ("key_group", "value_group"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -522,18 +522,19 @@ class QuantizedCache:
 def quantize(
     cache: PackedCache,
     bits: int,
-    key_group: int = DEFAULT_KEY_GROUP,
+    key_group: int | None = None,
     value_group: int = DEFAULT_VALUE_GROUP,
     full_precision: int = DEFAULT_FULL_PRECISION,
     full_rows: int | None = None,
 ) -> QuantizedCache:
-    """Quantize a packed cache's entries to ``bits`` (8, 4, or 3: 4-bit keys with 2-bit values); the cache's tail
-    is not included.
+    """Quantize a packed cache's entries to ``bits`` (8, 4, 3: 4-bit keys with 2-bit values, or 2); the cache's
+    tail is not included.
 
     Unquantized: the never-evicted prefix of the compressed layers plus the first ``full_precision`` (most
     important) entries of every head; ``full_rows`` instead sets the unquantized rows per head of every layer (for
-    experiments: ``full_rows=0`` quantizes the prefix too)."""
-    spec = QuantSpec(check_bits(bits), key_group, value_group, full_precision)
+    experiments: ``full_rows=0`` quantizes the prefix too); ``key_group`` None: ``DEFAULT_KEY_GROUP``."""
+    spec = QuantSpec(check_bits(bits), DEFAULT_KEY_GROUP if key_group is None else key_group, value_group,
+                     full_precision)
     prefix = cache.info.prefix_length
     layers = []
     for layer in cache.layers:

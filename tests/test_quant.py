@@ -36,14 +36,14 @@ def _rows(seed: int, rows: int, dim: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("key_group", [1, 5, 32])
 def test_key_error_is_at_most_half_a_step_per_group(bits, key_group):
     counts = torch.tensor([37, 0, 64, 3])  # uneven heads, an empty one, partial last groups
     x = _rows(0, int(counts.sum()), 16)
     spec = QuantSpec(bits, key_group=key_group)
     codes, scale, minimum = quantize_keys(x, counts, spec)
-    assert codes.dtype == torch.uint8 and codes.shape == (x.shape[0], 16 if bits == 8 else 8)  # 3: 4-bit keys
+    assert codes.dtype == torch.uint8 and codes.shape == (x.shape[0], 16 * spec.key_bits // 8)  # 3: 4-bit keys
     assert scale.dtype == torch.float16 and scale.shape[0] == sum(-(-int(c) // key_group) for c in counts)
     restored = dequantize_keys(codes, scale, minimum, counts, spec, 16)
     step = scale[key_group_index(counts, key_group)].float()
@@ -59,7 +59,7 @@ def test_key_error_is_at_most_half_a_step_per_group(bits, key_group):
             assert head == 0 or first > groups[starts[head] - 1]
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("value_group", [8, 16, 12])  # 12 does not divide 16: the whole head_dim is one group
 def test_value_error_is_at_most_half_a_step_per_group(bits, value_group):
     x = _rows(1, 50, 16)
@@ -100,11 +100,11 @@ def test_k4v2_packs_four_value_codes_per_byte_and_round_trips_grid_values():
 
 def test_unknown_bit_widths_are_refused_clearly(tiny_llama):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
-    for bits in (2, 1, 5, 32, 0, "4", 4.0, True, None):
-        with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4, 3"):
+    for bits in (1, 5, 32, 0, "4", 4.0, True, None):
+        with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4, 3, 2"):
             check_bits(bits)
     with pytest.raises(InvalidArgumentError, match="kv_bits must be one of"):
-        quantize(cache, 2)
+        quantize(cache, 1)
     with pytest.raises(InvalidArgumentError, match="16 bits is the plain PackedCache"):
         quantize(cache, 16)
     with pytest.raises(InvalidArgumentError, match="key_group"):
@@ -158,7 +158,7 @@ def test_structure_and_full_precision_rows_survive(tiny_llama):
 
 
 @pytest.mark.parametrize("level", ["pair", "uniform"])
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_lower_ratio_is_a_prefix_of_the_quantized_cache(bits, level, tiny_llama):
     """Truncating the quantized cache (what a partial blob read does) equals truncating the dequantized cache."""
     cache = kvzip_rag.compress(tiny_llama, LONG_TEXT, ratio=0.8, level=level)
@@ -252,7 +252,7 @@ def test_adding_the_prefix_back_restores_the_layer(tiny_llama):
         assert joined.full_rows == layer.full_rows
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_layers_with_nothing_to_quantize(bits, tiny_llama):
     """A layer whose heads keep only the (unquantized) prefix: empty codes and scales, still a valid layer."""
     cache = kvzip_rag.compress(tiny_llama, LONG_TEXT, ratio=0.5)
@@ -307,7 +307,7 @@ def _plain_dequantize(layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_fast_dequantization_equals_the_plain_reference_exactly(bits, dtype, tiny_llama):
     """Bit for bit (the same float32 ``min + code * scale``, then one rounding to the cache dtype), with uneven
     heads, partial key groups, unquantized leading rows and value groups smaller than the head."""

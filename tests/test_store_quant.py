@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import struct
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,7 +15,7 @@ from kvzip_rag.quant import quantize
 from kvzip_rag.store import blob as blob_module
 from kvzip_rag.store.backends import LocalBlobs
 from kvzip_rag.store.blob import BlobReader, ReadStats, encode_blob, local_reader
-from kvzip_rag.store.cachefile import encode_document, read_cache, read_cache_header, verify_cache, write_cache
+from kvzip_rag.store.cachefile import _compact, encode_document, read_cache, read_cache_header, verify_cache, write_cache
 
 from conftest import build_tiny
 from test_cli import cli, docs, tiny_model_dir  # noqa: F401 (fixtures)
@@ -21,10 +25,10 @@ from test_store_blob import TEXT, assert_same_cache
 @pytest.fixture(scope="module")
 def caches(smol_tokenizer):
     model = build_tiny("llama", smol_tokenizer)
-    return {bits: kvzip_rag.compress(model, TEXT, ratio=0.7, kv_bits=bits) for bits in (16, 8, 4, 3)}
+    return {bits: kvzip_rag.compress(model, TEXT, ratio=0.7, kv_bits=bits) for bits in (16, 8, 4, 3, 2)}
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_round_trip_equals_the_compressed_cache(bits, caches, tmp_path):
     cache = caches[bits]
     write_cache(cache, tmp_path / "c.safetensors")
@@ -40,7 +44,7 @@ def test_round_trip_equals_the_compressed_cache(bits, caches, tmp_path):
 
 def test_bits_shrink_the_blob(caches, tmp_path):
     sizes = {bits: write_cache(cache, tmp_path / f"{bits}.safetensors").kv_nbytes for bits, cache in caches.items()}
-    assert sizes[3] < sizes[4] < sizes[8] < sizes[16] / 2
+    assert sizes[2] < sizes[3] < sizes[4] < sizes[8] < sizes[16] / 2
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -70,7 +74,7 @@ def _offset_of(path, name: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("bits", [4, 3])
-@pytest.mark.parametrize("name", ["g.0", "g.1", "q.0", "q.1", "score.0"])  # g: key scales, q: codes + value scales
+@pytest.mark.parametrize("name", ["g.0", "g.1", "q.0", "q.1", "score", "pos"])  # g: key scales, q: codes + value scales
 def test_corrupted_scales_or_codes_are_caught(name, bits, caches, tmp_path):
     path = tmp_path / "c.safetensors"
     write_cache(caches[bits], path)
@@ -96,9 +100,9 @@ def _reencode(path, out, **metadata_changes) -> None:
 
 def test_unknown_bit_width_is_refused_clearly(caches, tmp_path):
     write_cache(caches[4], tmp_path / "c.safetensors")
-    _reencode(tmp_path / "c.safetensors", tmp_path / "two.safetensors", kv_bits="2")
-    with pytest.raises(CorruptBlobError, match="2-bit keys and values.*upgrade kvzip-rag or rebuild"):
-        read_cache(tmp_path / "two.safetensors")
+    _reencode(tmp_path / "c.safetensors", tmp_path / "one.safetensors", kv_bits="1")
+    with pytest.raises(CorruptBlobError, match="1-bit keys and values.*upgrade kvzip-rag or rebuild"):
+        read_cache(tmp_path / "one.safetensors")
 
 
 def test_k4v2_header_says_the_codec(caches, tmp_path):
@@ -130,17 +134,63 @@ def test_scales_that_lie_consistently_are_caught(caches, tmp_path):
         read_cache(tmp_path / "groups.safetensors")
 
 
+FIXTURES = Path(__file__).with_name("fixtures")
+OLD_BLOBS = sorted(FIXTURES.glob("format3-*.safetensors"))  # written by the format-3 writer (tiny llama, 157 tokens)
+
+
+def _retag(src: Path, dst: Path, fmt: str) -> None:
+    """``src`` with another format tag (its header digest made again): a format-2 blob is a 16-bit format-3 one."""
+    data = src.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"]["format"] = fmt
+    header["__metadata__"]["header_sha256"] = blob_module._header_digest(header["__metadata__"],
+                                                                         blob_module._table(header))
+    text = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+
+
+@pytest.mark.parametrize("path", OLD_BLOBS, ids=lambda p: p.stem)
+def test_format_3_blobs_load_and_format_4_stores_the_same_cache_in_fewer_bytes(path, tmp_path):
+    """A format-3 blob loads (at its ratio and lower); written again now it decodes bit-identically (keys, values,
+    positions, scores) and its tensor data is smaller by exactly 2 bytes per position and per input id and 4 per
+    head offset (16-bit positions and ids, int32 offsets), its header smaller too (64-bit digests, no per-layer
+    small tensors)."""
+    old = read_cache(path)
+    encoded = write_cache(old, tmp_path / "new.safetensors")
+    new = read_cache(tmp_path / "new.safetensors")
+    assert_same_cache(old, new)
+    assert all(torch.equal(a.positions, b.positions) and a.positions.dtype == b.positions.dtype == torch.int32
+               for a, b in zip(old.layers, new.layers))
+    for ratio in (0.15, 0.05):
+        assert_same_cache(read_cache(path, ratio=ratio), read_cache(tmp_path / "new.safetensors", ratio=ratio))
+    before, after = local_reader(path), local_reader(tmp_path / "new.safetensors")
+    assert before.metadata["format"] == "kvzip-rag/3" and after.metadata["format"] == blob_module.FORMAT
+    entries = sum(before.shape(name)[0] for name in before.tensors if name.startswith("pos."))
+    offsets = sum(before.shape(name)[0] for name in before.tensors if name.startswith("off."))
+    ids = before.shape("input_ids")[0]
+    saved = (before.size - before.data_start) - (after.size - after.data_start)
+    assert saved == 2 * entries + 2 * ids + 4 * offsets
+    assert after.data_start < before.data_start and encoded.nbytes == after.size
+
+
 def test_format_2_blobs_still_load_and_format_1_is_refused(caches, tmp_path, monkeypatch):
-    monkeypatch.setattr(blob_module, "FORMAT", "kvzip-rag/2")
-    encoded = encode_document(caches[16], shared_prefix=False)
-    (tmp_path / "v2.safetensors").write_bytes(encoded.blob.data)
+    sixteen = next(p for p in OLD_BLOBS if p.stem.endswith("-b16"))
+    _retag(sixteen, tmp_path / "v2.safetensors", "kvzip-rag/2")
+    assert local_reader(tmp_path / "v2.safetensors").metadata["format"] == "kvzip-rag/2"
+    assert_same_cache(read_cache(sixteen), read_cache(tmp_path / "v2.safetensors"))
     monkeypatch.setattr(blob_module, "FORMAT", "kvzip-rag/1")
     (tmp_path / "v1.safetensors").write_bytes(encode_document(caches[16], shared_prefix=False).blob.data)
     monkeypatch.undo()
-    assert local_reader(tmp_path / "v2.safetensors").metadata["format"] == "kvzip-rag/2"
-    assert_same_cache(caches[16], read_cache(tmp_path / "v2.safetensors"))
     with pytest.raises(CorruptBlobError, match="rebuild the store"):
         read_cache(tmp_path / "v1.safetensors")
+
+
+def test_positions_and_ids_are_16_bit_only_when_they_fit():
+    assert _compact(torch.tensor([0, 65535])).dtype == torch.uint16
+    assert _compact(torch.tensor([0, 65536])).dtype == torch.int32  # a document of 65,537 tokens or more
+    assert _compact(torch.tensor([-1, 3])).dtype == torch.int32
+    assert torch.equal(_compact(torch.tensor([7, 65536])), torch.tensor([7, 65536], dtype=torch.int32))
 
 
 def test_quantizing_after_compress_is_what_gets_stored(caches, tmp_path):
@@ -202,8 +252,8 @@ def test_unknown_kv_bits_are_refused_by_the_store(smol_tokenizer, tmp_path):
 
     model = build_tiny("llama", smol_tokenizer)
     with CacheStore(tmp_path / "store") as store:
-        with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4, 3"):
-            store.add_document(model, TEXT, doc_id="doc", kv_bits=2)
+        with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4, 3, 2"):
+            store.add_document(model, TEXT, doc_id="doc", kv_bits=1)
         assert len(store) == 0
 
 
@@ -216,5 +266,5 @@ def test_cli_index_kv_bits_and_ls(cli, docs):
     assert "0.3 pair" in row and " 4 " in row
     answer = cli("ask", "Who built the harbour of Velmora?", "--max-tokens", "4", "--ratio", "0.2")
     assert answer.exit_code == 0, answer.output
-    refused = cli("index", str(docs / "harbour.txt"), "--kv-bits", "2")
-    assert refused.exit_code != 0 and "--kv-bits takes 16, 8, 4 or 3" in refused.output
+    refused = cli("index", str(docs / "harbour.txt"), "--kv-bits", "1")
+    assert refused.exit_code != 0 and "--kv-bits takes 16, 8, 4, 3 or 2" in refused.output

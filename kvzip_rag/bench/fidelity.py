@@ -31,17 +31,18 @@ import torch.nn.functional as F
 
 from . import data as bench_data
 from . import measure
-from .methods import coded, method_order, parse_method, split_codec, target_row
+from .methods import coded, default_layout, method_order, parse_method, split_codec, target_row, with_key_group
 from .metrics import best_over, f1_score
 
 FAST = "kvzip-fast"
 
 
-def grid(ratios, levels, baselines, baseline_level, scorers=()):
+def grid(ratios, levels, baselines, baseline_level, scorers=(), fast: bool = True):
     from .runner import Variant, variant_grid
 
     out = variant_grid(ratios, levels, baselines, baseline_level)
-    out += [Variant(f"{name}@{r:g}", name, "pair", r) for name in (FAST, *scorers) for r in ratios]
+    out += [Variant(f"{name}@{r:g}", name, "pair", r) for name in ((FAST,) if fast else ()) + tuple(scorers)
+            for r in ratios]
     return out
 
 
@@ -52,14 +53,20 @@ def precisions(variant, bits: tuple[int, ...]) -> list[int]:
     return list(bits) if family.startswith("kvzip") and ratio is not None and ratio < 1 else [16]
 
 
-def stored(cache, bits: int):
-    """``cache`` as a store holds it with ``bits`` (what ``compress(kv_bits=bits)`` returns) and its blob's bytes
-    in a store (the template prefix is shared per model) and of its keys and values alone."""
+def layouts(bits: int, key_groups: tuple[tuple[int, int], ...]) -> list[int | None]:
+    """The key groups measured at ``bits``: the default (None), then each group ``key_groups`` pairs with ``bits``."""
+    return [None] + [group for b, group in key_groups if b == bits]
+
+
+def stored(cache, bits: int, key_group: int | None = None):
+    """``cache`` as a store holds it with ``bits`` (what ``compress(kv_bits=bits)`` returns; ``key_group`` None:
+    its default) and its blob's bytes in a store (the template prefix is shared per model) and of its keys and
+    values alone."""
     from kvzip_rag.quant import quantize
     from kvzip_rag.store.cachefile import encode_document
 
     if bits != 16:
-        cache = quantize(cache, bits).dequantize()
+        cache = quantize(cache, bits, key_group=key_group).dequantize()
     encoded = encode_document(cache, shared_prefix=True)
     return cache, encoded.nbytes, encoded.kv_nbytes
 
@@ -107,7 +114,7 @@ def teacher_forced(model, cache, question: str, gold: str) -> dict:
 def run_fidelity(bench) -> dict:
     """The fidelity task's record (rows, the gate, the methods answered for F1), kept as ``results["fidelity"]``."""
     p = bench.preset
-    record = {"rows": [], "bytes": [], "gate": ensure_gate(bench), "f1_methods": [],
+    record = {"rows": [], "bytes": [], "gate": ensure_gate(bench) if p.fidelity_fast else {}, "f1_methods": [],
               "fp16_bytes_per_token": fp16_bytes_per_token(bench.model.config)}
     docs = bench_data.load_squad(bench.data_dir, bench.count, 10_000, p.fidelity_min_tokens,
                                  min(p.fidelity_max_tokens, bench.max_context()), p.fidelity_questions_per_doc,
@@ -119,7 +126,8 @@ def run_fidelity(bench) -> dict:
         doc.questions = doc.questions[: p.fidelity_questions - total]
         chosen.append(doc)
         total += len(doc.questions)
-    variants = grid(p.fidelity_ratios, p.levels, p.fidelity_baselines, p.baseline_level, p.fidelity_scorers)
+    variants = grid(p.fidelity_ratios, p.levels, p.fidelity_baselines, p.baseline_level, p.fidelity_scorers,
+                    p.fidelity_fast)
     f1_methods = ["full"] + [v.name for v in variants if v.ratio in p.fidelity_f1_ratios]
     record["f1_methods"] = f1_methods
     answered, start = 0, time.perf_counter()
@@ -154,9 +162,10 @@ def run_document(bench, doc, variants, f1_methods, answered: int, rows: list, si
     f1_questions = {q.id for q in doc.questions[: min(per_doc, max(0, p.fidelity_f1_questions - answered))]}
     reference: dict[str, dict] = {}
     for variant, base in prep.caches(variants, cost["scoring_s"]):
-        for bits in precisions(variant, p.fidelity_bits):
-            method = coded(variant.name, bits)
-            cache, blob_bytes, kv_bytes = stored(base, bits)
+        for bits, key_group in ((b, g) for b in precisions(variant, p.fidelity_bits)
+                                for g in layouts(b, p.fidelity_key_groups)):
+            method = with_key_group(coded(variant.name, bits), key_group)
+            cache, blob_bytes, kv_bytes = stored(base, bits, key_group)
             sizes.append({"doc": doc.id, "method": method, "context_tokens": prep.context_length,
                           "blob_bytes": blob_bytes, "kv_bytes": kv_bytes})
             for question in doc.questions:
@@ -213,7 +222,8 @@ def summarize(record: dict, ratios_le: float = 0.5, samples: int = 2000, seed: i
             entry[metric] = float(np.mean(values))
             boot = boot_nll[method] if metric == "nll" else _cluster_means(metrics[metric], resamples, docs)
             entry[f"{metric}_ci"] = [float(x) for x in np.percentile(boot, [2.5, 97.5])]
-        for name, other in (("full", "full"), ("kvzip", _twin(method, "kvzip-pair")), ("fast", _twin(method, FAST))):
+        for name, other in (("full", "full"), ("kvzip", _twin(method, "kvzip-pair")), ("fast", _twin(method, FAST)),
+                            ("layout", default_layout(method))):
             if other in per and other != method:
                 diff = boot_nll[method] - boot_nll[other]
                 entry[f"nll_minus_{name}"] = entry["nll"] - float(np.mean(

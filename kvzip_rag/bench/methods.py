@@ -12,7 +12,8 @@ def parse_method(method: str) -> tuple[str, float | None]:
     return method, 1.0 if method == "full" else None
 
 
-CODECS = {16: "", 8: "-int8", 4: "-int4", 3: "-k4v2"}  # kv_bits -> method-name suffix (3: 4-bit keys, 2-bit values)
+CODECS = {16: "", 8: "-int8", 4: "-int4", 3: "-k4v2", 2: "-k2v2"}  # kv_bits -> method-name suffix (3: 4-bit keys,
+# 2-bit values; 2: 2-bit both)
 
 
 def coded(method: str, bits: int) -> str:
@@ -27,6 +28,22 @@ def split_codec(family: str) -> tuple[str, int]:
         if suffix and family.endswith(suffix):
             return family[: -len(suffix)], bits
     return family, 16
+
+
+def with_key_group(method: str, key_group: int | None) -> str:
+    """``kvzip-pair-k4v2@0.125`` with key groups of 32 entries -> ``kvzip-pair-k4v2-g32@0.125`` (None: the default
+    groups of its ``kv_bits``, name unchanged): layouts measured against the default, paired."""
+    if key_group is None:
+        return method
+    family, at, ratio = method.partition("@")
+    return f"{family}-g{key_group}{at}{ratio}"
+
+
+def default_layout(method: str) -> str | None:
+    """The default-layout twin of a ``with_key_group`` method (``...-k4v2-g32@r`` -> ``...-k4v2@r``), else None."""
+    family, at, ratio = method.partition("@")
+    stem, dash, group = family.rpartition("-g")
+    return f"{stem}{at}{ratio}" if dash and group.isdigit() else None
 
 
 def method_order(method: str) -> tuple:

@@ -95,6 +95,9 @@ class Preset:
     fidelity_baselines: tuple[str, ...] = ("snapkv", "h2o")
     fidelity_scorers: tuple[str, ...] = ()  # further pair-level scorers measured beside KVzip, e.g. kvzip-structure
     fidelity_bits: tuple[int, ...] = (16,)  # stored precisions of the KVzip methods (kvzip-pair-int4@r, ...)
+    fidelity_key_groups: tuple[tuple[int, int], ...] = ()  # (kv_bits, key group) layouts measured beside that
+    # precision's default, e.g. ((3, 64),) -> kvzip-pair-k4v2-g64@r, paired against it as nll_minus_layout
+    fidelity_fast: bool = True  # measure kvzip-fast@r (calibrates its gate first when the model has none)
     fidelity_max_new_tokens: int = 16
     fidelity_budget_minutes: float | None = None
     fidelity_checkpoint: str = ""  # a file the record so far is written to after every document (fidelity_merge.merge_runs

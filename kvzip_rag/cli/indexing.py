@@ -33,7 +33,7 @@ def index(
     kv_bits: Annotated[int | None, typer.Option("--kv-bits", help="16 (default): keep the model's dtype; 8 or 4: "
                                                                   "quantize the kept keys and values (about 3x / "
                                                                   "5x smaller blobs); 3: 4-bit keys with 2-bit "
-                                                                  "values.")] = None,
+                                                                  "values; 2: 2-bit keys and values.")] = None,
     scorer: Annotated[str, typer.Option("--scorer", help="How KV pairs are ranked: kvzip (default), kvzip-fast "
                                                          "(a calibrated gate, one prefill), kvzip-structure "
                                                          "(punctuation and whitespace demoted).")] = "kvzip",
