@@ -220,12 +220,17 @@ def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer, monkeypatch):
     for row in saved["rows"]:
         if row["method"].startswith("quote") and not row["abstained"]:
             assert row["citation"]["text"] == row["answer"]
+        if row["method"].startswith("free") and row["citation"] is not None:  # the cited sentence is weighed
+            cited = row["citation"]
+            assert [cited["doc_id"], cited["start"], cited["end"]] in [[s[0], s[2], s[3]]
+                                                                       for s in row["evidence_sentences"]]
         if "+abstain" in row["method"]:  # the same answer as its method without abstention, or the abstention
             same = base[(row["set"], row["qid"], row["method"].replace("+abstain", ""))]
             assert not same["abstained"]
             assert row["answer"] == (DEFAULT_ABSTAIN_TEXT if row["abstained"] else same["answer"])
             assert row["total_s"] == same["total_s"]
             assert row["abstained"] and row["citation"] is None
+    assert all(r["evidence_sentences"] for r in saved["rows"] if r["method"].startswith("free@"))
     assert saved["summary"]["quote_minus_free_f1"]["squad"]["quote@0.3"]["n"] == 2
     assert "## hotpotqa" in (tmp_path / "grounding.md").read_text()
 

@@ -148,7 +148,22 @@ class GroundingTask:
                      result.abstained or dropped, cited,
                      None if not cited or gold_docs is None else float(cited[0]["doc_id"] in gold_docs),
                      {"evidence_features": result.evidence_features, "evidence_score": result.evidence_score,
-                      "answered_from": [t.doc_id for t in result.used]})
+                      "answered_from": [t.doc_id for t in result.used],
+                      "evidence_sentences": self.evidence_sentences(method.ratio, result)})
+
+    def evidence_sentences(self, ratio: float, result) -> list[list] | None:
+        """Every sentence the answer's recorded evidence weighs, ``[doc_id, segment, start, end, weight]``
+        heaviest first (``None`` without evidence): a citation rule can be re-scored on the rows."""
+        from kvzip_rag.evidence import sentence_weights
+
+        evidence = result.best.answer.evidence
+        if evidence is None:
+            return None
+        service = self.services[ratio]
+        used = [result.best.target, *result.best.also]
+        documents = [(t, t.text or service.stored_text(t) or "") for t in used]
+        return [[t.doc_id, t.segment_index, start, end, weight]
+                for weight, t, _, start, end in sentence_weights(evidence, documents, service.model.tokenizer)]
 
     def add(self, set_name, question, doc_id, method, text, tokens, ttft_s, total_s, abstained, citations,
             citation_in_gold=None, grounding: dict | None = None) -> None:
