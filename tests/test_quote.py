@@ -235,6 +235,30 @@ def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer, monkeypatch):
     assert "## hotpotqa" in (tmp_path / "grounding.md").read_text()
 
 
+@pytest.mark.skipif(not (DATA_DIR / "squad").is_dir(), reason="shared data not found")
+def test_bench_grounding_run_extends_an_earlier_one_and_merges(tmp_path, smol_tokenizer):
+    """``grounding_first_round`` skips the rounds an earlier run answered; ``merge`` joins the runs' rows (the
+    earlier run's row where both answered a question) into one summary."""
+    from kvzip_rag.bench.cli import run_bench
+    from kvzip_rag.bench.grounding import merge
+
+    model = build_tiny("llama", smol_tokenizer)
+    preset = {"grounding_articles": 2, "grounding_hotpot": 2, "grounding_max_new_tokens": 4,
+              "grounding_ratios": (0.3,)}
+    for name, first, limit in (("a", 0, 1), ("b", 0, 2), ("c", 1, 2)):  # a: round 0; b: rounds 0-1; c: round 1
+        run_bench(data_dir=DATA_DIR, out_dir=tmp_path / name, tasks=("grounding",), loaded_model=model,
+                  embedding="hashing", limit=limit, log=lambda _: None,
+                  preset_overrides={**preset, "grounding_first_round": first})
+    read = lambda name: json.loads((tmp_path / name / "grounding.json").read_text())
+    key = lambda r: (r["set"], r["qid"], r["method"])
+    assert {r["qid"] for r in read("c")["rows"]} & {r["qid"] for r in read("a")["rows"]} == set()
+    merged = merge([tmp_path / "a" / "grounding.json", tmp_path / "c" / "grounding.json", tmp_path / "b" /
+                    "grounding.json"], tmp_path / "merged")
+    assert sorted(map(key, merged["rows"])) == sorted(map(key, read("b")["rows"]))
+    assert all(m["n"] == 2 for m in merged["summary"]["table"]["squad"].values())
+    assert json.loads((tmp_path / "merged" / "grounding.json").read_text())["summary"] == merged["summary"]
+
+
 def test_bench_abstains_as_the_service_would(monkeypatch):
     """The abstaining methods apply the calibrated default threshold to the answer's evidence score."""
     from dataclasses import replace

@@ -220,7 +220,7 @@ class GroundingTask:
         all_ids = [doc.id for doc in docs]
         retrievers = {}
         budget = p.grounding_budget_minutes
-        for n in range(max(len(squad_qs), len(hotpot))):
+        for n in range(p.grounding_first_round, max(len(squad_qs), len(hotpot))):
             if budget is not None and time.perf_counter() - self.t0 > budget * 60:
                 self.skipped["over_budget"] = f"stopped after {n} question rounds ({budget} min)"
                 break
@@ -253,6 +253,26 @@ class GroundingTask:
                    "summary": summarize(self.rows), "rows": self.rows}
         write_outputs(self.out_dir, "grounding", results, markdown(results))  # a checkpoint after every round
         return results
+
+
+def merge(paths: list[Path], out_dir: Path) -> dict:
+    """One result from runs of the same task split by ``grounding_first_round`` (decoding is greedy, so a
+    question's rows do not depend on the run): their rows, the first run's row where two runs answered the same
+    question, summarized and written to ``out_dir`` (``grounding.json``, ``.md``)."""
+    import json
+
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    rows: dict[tuple, dict] = {}
+    for run in runs:
+        for row in run["rows"]:
+            rows.setdefault((row["set"], row["qid"], row["method"]), row)
+    meta = {**runs[0]["meta"], "duration_s": sum(run["meta"]["duration_s"] for run in runs),
+            "skipped": {f"{path}: {key}": value for path, run in zip(paths, runs)
+                        for key, value in run["meta"]["skipped"].items()},
+            "merged": [str(path) for path in paths]}
+    results = {"meta": meta, "summary": summarize(list(rows.values())), "rows": list(rows.values())}
+    write_outputs(out_dir, "grounding", results, markdown(results))
+    return results
 
 
 def _median(values: list[float]) -> float | None:

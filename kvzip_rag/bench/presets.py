@@ -83,6 +83,7 @@ class Preset:
     grounding_ratios: tuple[float, ...] = (0.3, 1.0)
     grounding_max_new_tokens: int = 24
     grounding_budget_minutes: float | None = None  # no new question round is started after this
+    grounding_first_round: int = 0  # question rounds before it are skipped (a run extends an earlier one: merge)
     # fidelity task (kvzip_rag.bench.fidelity): teacher-forced passes on many SQuAD questions, F1 on a subset
     fidelity_questions: int = 300
     fidelity_first_article: int = 0  # SQuAD article to start from (a later run can extend an earlier one)
