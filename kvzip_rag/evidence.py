@@ -199,16 +199,10 @@ def content_words(text: str) -> set[str]:
     return set(words(text)) - STOPWORDS
 
 
-def citations(evidence: Evidence, documents: Sequence[tuple[Target, str]], tokenizer, answer: str = "",
-              limit: int = MAX_CITATIONS) -> list[Citation]:
-    """The best-attended sentences of the documents (``(target, stored segment text)``), best first: first the one
-    sharing most content words with ``answer``, then by attention mass (an answer's words name the sentence it
-    took them from, where attention mass spreads over the sentences the answer restates).
-
-    Each of the evidence's documents is matched to the given document whose stored text encodes to exactly the ids
-    its cache was built from (so neither an edited text nor another order can point positions at other words); a
-    document without a match is not cited. ``weight`` is the sentence's share of the attention mass that fell on
-    all documents."""
+def sentence_weights(evidence: Evidence, documents: Sequence[tuple[Target, str]],
+                     tokenizer) -> list[tuple[float, Target, str, int, int]]:
+    """Every sentence of the matched documents (see :func:`citations`) as ``(weight, target, text, start, end)``,
+    heaviest first: what a citation rule chooses from (the grounding benchmark keeps it to re-score rules)."""
     total = sum(float(m.sum()) for m in evidence.token_mass) or 1.0
     encoded = [(target, text, tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
                for target, text in documents if text]
@@ -220,7 +214,20 @@ def citations(evidence: Evidence, documents: Sequence[tuple[Target, str]], token
         target, text = match
         for (start, end), mass in sentence_mass(text, token_mass, tokenizer) or []:
             candidates.append((mass / total, target, text, start, end))
-    candidates.sort(key=lambda c: -c[0])
+    return sorted(candidates, key=lambda c: -c[0])
+
+
+def citations(evidence: Evidence, documents: Sequence[tuple[Target, str]], tokenizer, answer: str = "",
+              limit: int = MAX_CITATIONS) -> list[Citation]:
+    """The best-attended sentences of the documents (``(target, stored segment text)``), best first: first the one
+    sharing most content words with ``answer``, then by attention mass (an answer's words name the sentence it
+    took them from, where attention mass spreads over the sentences the answer restates).
+
+    Each of the evidence's documents is matched to the given document whose stored text encodes to exactly the ids
+    its cache was built from (so neither an edited text nor another order can point positions at other words); a
+    document without a match is not cited. ``weight`` is the sentence's share of the attention mass that fell on
+    all documents."""
+    candidates = sentence_weights(evidence, documents, tokenizer)
     out: list[Citation] = []
     for weight, target, text, start, end in candidates[:limit]:
         if out and weight < MIN_RELATIVE_WEIGHT * out[0].weight:

@@ -14,6 +14,9 @@ STOPWORDS = frozenset(
 WORD = re.compile(r"\w+", re.UNICODE)
 PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*(?=\s|$)")
+# A period after these words (or after an initial or a dotted abbreviation, "J.", "U.S.") ends no sentence
+ABBREVIATIONS = frozenset("""mr mrs ms dr st mt ft jr sr prof gen col lt sgt capt gov sen rep rev no nos vol vs etc
+    approx inc ltd co corp dept est fig jan feb mar apr jun jul aug sep sept oct nov dec""".split())
 
 
 def words(text: str) -> list[str]:
@@ -50,10 +53,24 @@ def paragraphs(text: str) -> list[tuple[int, int]]:
     return [s for s in (trimmed(text, a, b) for a, b in spans) if s]
 
 
+def ends_sentence(text: str, match: re.Match, end: int) -> bool:
+    """A sentence-end match really ends one: not a lone period after an abbreviation or an initial, nor followed by
+    a lower-case word (a citation cut there would split "St. | Johns River")."""
+    if match.group() != ".":
+        return True
+    following = text[match.end() : end].lstrip()[:1]
+    before = re.search(r"(\w(?:[\w.]*\w)?)$", text[: match.start()])
+    word = before.group(1).lower() if before else ""
+    return not (following.islower() or word in ABBREVIATIONS or "." in word or (len(word) == 1 and word.isalpha()))
+
+
 def sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
-    """Spans of the sentences of ``text[start:end]`` (split after . ! ? and their CJK forms, closing quotes kept)."""
+    """Spans of the sentences of ``text[start:end]`` (split after . ! ? and their CJK forms, closing quotes kept;
+    not after an abbreviation or an initial: :func:`ends_sentence`)."""
     spans, cursor = [], start
     for match in SENTENCE_END.finditer(text, start, end):
+        if not ends_sentence(text, match, end):
+            continue
         spans.append((cursor, match.end()))
         cursor = match.end()
     spans.append((cursor, end))

@@ -116,6 +116,25 @@ def test_the_sentence_holding_the_answers_words_is_cited_first(tiny):
     assert citations(evidence, documents, tiny.tokenizer, "Nobody knows.") == by_mass
 
 
+def test_a_cited_sentence_is_not_cut_at_an_abbreviation_or_an_initial(tiny):
+    """SQuAD's "the banks of the St. Johns River" was cited as "Johns River, ..." without the "St." its answer
+    began with; a period after an abbreviation, an initial or before a lower-case word ends no sentence."""
+    from kvzip_rag.evidence import sentence_spans
+
+    text = ("The city lies on the banks of the St. Johns River. J. K. Rowling lived in the U.S. Army base in 1997. "
+            "Prices rose approx. ten percent. It ended.")
+    assert [text[a:b] for a, b in sentence_spans(text)] == [
+        "The city lies on the banks of the St. Johns River.", "J. K. Rowling lived in the U.S. Army base in 1997.",
+        "Prices rose approx. ten percent.", "It ended."]
+    cache = kvzip_rag.compress(tiny, text, ratio=1.0)
+    offsets = tiny.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    river = text.index("Johns River")
+    mass = torch.tensor([1.0 if river <= a < river + 11 else 0.01 for a, _ in offsets], dtype=torch.float64)
+    evidence = Evidence([mass], [tuple(cache.info.input_ids[cache.info.prefix_length :])], 1.0, 1)
+    cited = citations(evidence, [(Target("city", 0, 1.0, text), text)], tiny.tokenizer, "The St. Johns River.")
+    assert cited[0].text == "The city lies on the banks of the St. Johns River."
+
+
 # ---------------------------------------------------------------- the service and the CLI (tiny model)
 
 DOCS = {"harbour": TEXT, "bakery": OTHER,

@@ -223,14 +223,43 @@ def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer, monkeypatch):
     for row in saved["rows"]:
         if row["method"].startswith("quote") and not row["abstained"]:
             assert row["citation"]["text"] == row["answer"]
+        if row["method"].startswith("free") and row["citation"] is not None:  # the cited sentence is weighed
+            cited = row["citation"]
+            assert [cited["doc_id"], cited["start"], cited["end"]] in [[s[0], s[2], s[3]]
+                                                                       for s in row["evidence_sentences"]]
         if "+abstain" in row["method"]:  # the same answer as its method without abstention, or the abstention
             same = base[(row["set"], row["qid"], row["method"].replace("+abstain", ""))]
             assert not same["abstained"]
             assert row["answer"] == (DEFAULT_ABSTAIN_TEXT if row["abstained"] else same["answer"])
             assert row["total_s"] == same["total_s"]
             assert row["abstained"] and row["citation"] is None
+    assert all(r["evidence_sentences"] for r in saved["rows"] if r["method"].startswith("free@"))
     assert saved["summary"]["quote_minus_free_f1"]["squad"]["quote@0.3"]["n"] == 2
     assert "## hotpotqa" in (tmp_path / "grounding.md").read_text()
+
+
+@pytest.mark.skipif(not (DATA_DIR / "squad").is_dir(), reason="shared data not found")
+def test_bench_grounding_run_extends_an_earlier_one_and_merges(tmp_path, smol_tokenizer):
+    """``grounding_first_round`` skips the rounds an earlier run answered; ``merge`` joins the runs' rows (the
+    earlier run's row where both answered a question) into one summary."""
+    from kvzip_rag.bench.cli import run_bench
+    from kvzip_rag.bench.grounding import merge
+
+    model = build_tiny("llama", smol_tokenizer)
+    preset = {"grounding_articles": 2, "grounding_hotpot": 2, "grounding_max_new_tokens": 4,
+              "grounding_ratios": (0.3,)}
+    for name, first, limit in (("a", 0, 1), ("b", 0, 2), ("c", 1, 2)):  # a: round 0; b: rounds 0-1; c: round 1
+        run_bench(data_dir=DATA_DIR, out_dir=tmp_path / name, tasks=("grounding",), loaded_model=model,
+                  embedding="hashing", limit=limit, log=lambda _: None,
+                  preset_overrides={**preset, "grounding_first_round": first})
+    read = lambda name: json.loads((tmp_path / name / "grounding.json").read_text())
+    key = lambda r: (r["set"], r["qid"], r["method"])
+    assert {r["qid"] for r in read("c")["rows"]} & {r["qid"] for r in read("a")["rows"]} == set()
+    merged = merge([tmp_path / "a" / "grounding.json", tmp_path / "c" / "grounding.json", tmp_path / "b" /
+                    "grounding.json"], tmp_path / "merged")
+    assert sorted(map(key, merged["rows"])) == sorted(map(key, read("b")["rows"]))
+    assert all(m["n"] == 2 for m in merged["summary"]["table"]["squad"].values())
+    assert json.loads((tmp_path / "merged" / "grounding.json").read_text())["summary"] == merged["summary"]
 
 
 def test_bench_abstains_as_the_service_would(monkeypatch):

@@ -153,7 +153,22 @@ class GroundingTask:
                      result.abstained or dropped, cited,
                      None if not cited or gold_docs is None else float(cited[0]["doc_id"] in gold_docs),
                      {"evidence_features": result.evidence_features, "evidence_score": result.evidence_score,
-                      "answered_from": [t.doc_id for t in result.used]})
+                      "answered_from": [t.doc_id for t in result.used],
+                      "evidence_sentences": self.evidence_sentences(method.ratio, result)})
+
+    def evidence_sentences(self, ratio: float, result) -> list[list] | None:
+        """Every sentence the answer's recorded evidence weighs, ``[doc_id, segment, start, end, weight]``
+        heaviest first (``None`` without evidence): a citation rule can be re-scored on the rows."""
+        from kvzip_rag.evidence import sentence_weights
+
+        evidence = result.best.answer.evidence
+        if evidence is None:
+            return None
+        service = self.services[ratio]
+        used = [result.best.target, *result.best.also]
+        documents = [(t, t.text or service.stored_text(t) or "") for t in used]
+        return [[t.doc_id, t.segment_index, start, end, weight]
+                for weight, t, _, start, end in sentence_weights(evidence, documents, service.model.tokenizer)]
 
     def add(self, set_name, question, doc_id, method, text, tokens, ttft_s, total_s, abstained, citations,
             citation_in_gold=None, grounding: dict | None = None) -> None:
@@ -210,7 +225,7 @@ class GroundingTask:
         all_ids = [doc.id for doc in docs]
         retrievers = {}
         budget = p.grounding_budget_minutes
-        for n in range(max(len(squad_qs), len(hotpot))):
+        for n in range(p.grounding_first_round, max(len(squad_qs), len(hotpot))):
             if budget is not None and time.perf_counter() - self.t0 > budget * 60:
                 self.skipped["over_budget"] = f"stopped after {n} question rounds ({budget} min)"
                 break
@@ -244,6 +259,26 @@ class GroundingTask:
                    "summary": summarize(self.rows), "rows": self.rows}
         write_outputs(self.out_dir, "grounding", results, markdown(results))  # a checkpoint after every round
         return results
+
+
+def merge(paths: list[Path], out_dir: Path) -> dict:
+    """One result from runs of the same task split by ``grounding_first_round`` (decoding is greedy, so a
+    question's rows do not depend on the run): their rows, the first run's row where two runs answered the same
+    question, summarized and written to ``out_dir`` (``grounding.json``, ``.md``)."""
+    import json
+
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    rows: dict[tuple, dict] = {}
+    for run in runs:
+        for row in run["rows"]:
+            rows.setdefault((row["set"], row["qid"], row["method"]), row)
+    meta = {**runs[0]["meta"], "duration_s": sum(run["meta"]["duration_s"] for run in runs),
+            "skipped": {f"{path}: {key}": value for path, run in zip(paths, runs)
+                        for key, value in run["meta"]["skipped"].items()},
+            "merged": [str(path) for path in paths]}
+    results = {"meta": meta, "summary": summarize(list(rows.values())), "rows": list(rows.values())}
+    write_outputs(out_dir, "grounding", results, markdown(results))
+    return results
 
 
 def _median(values: list[float]) -> float | None:
