@@ -37,6 +37,15 @@ from .errors import InvalidArgumentError
 KV_BITS = (16, 8, 4, 3, 2)  # 16: not quantized (the cache dtype as computed, float32 or bfloat16/float16); 3: K4V2
 _KEY_VALUE_BITS = {8: (8, 8), 4: (4, 4), 3: (4, 2), 2: (2, 2)}  # kv_bits -> (key code bits, value code bits)
 DEFAULT_KEY_GROUP = 16  # entries per key scale group (measured: see BENCHMARKS.md, "Quantized caches")
+# K4V2 (kv_bits 3) uses groups of 64: its key scales were 23% of its blob at ratio 0.125; 64 costs +0.016 nats
+# [+0.000, +0.032] against 16 for 15% fewer bytes, the smallest blob within 0.1 nats of full (BENCHMARKS.md,
+# "Compression frontier", n = 308)
+KEY_GROUPS = {3: 64}
+
+
+def default_key_group(bits: int) -> int:
+    """Entries per key scale group a ``bits`` cache is quantized with unless told otherwise."""
+    return KEY_GROUPS.get(bits, DEFAULT_KEY_GROUP)
 DEFAULT_VALUE_GROUP = 64  # channels per value scale group (the whole head for head_dim 64)
 # important entries per head kept unquantized beyond the prefix: 16 lowered the mean |NLL change| at 4 bits from
 # 0.095 to 0.082 nats for ~18% more bytes (SQuAD, n = 96), about what smaller key groups give for less: off
@@ -532,9 +541,9 @@ def quantize(
 
     Unquantized: the never-evicted prefix of the compressed layers plus the first ``full_precision`` (most
     important) entries of every head; ``full_rows`` instead sets the unquantized rows per head of every layer (for
-    experiments: ``full_rows=0`` quantizes the prefix too); ``key_group`` None: ``DEFAULT_KEY_GROUP``."""
-    spec = QuantSpec(check_bits(bits), DEFAULT_KEY_GROUP if key_group is None else key_group, value_group,
-                     full_precision)
+    experiments: ``full_rows=0`` quantizes the prefix too); ``key_group`` None: :func:`default_key_group`."""
+    spec = QuantSpec(check_bits(bits), default_key_group(check_bits(bits)) if key_group is None else key_group,
+                     value_group, full_precision)
     prefix = cache.info.prefix_length
     layers = []
     for layer in cache.layers:
