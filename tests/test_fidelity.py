@@ -105,7 +105,7 @@ def test_key_group_layouts_and_k2v2_are_measured_paired_against_the_default(tiny
     out = tmp_path / "out"
     overrides = dict(fidelity_questions=4, fidelity_f1_questions=0, fidelity_min_tokens=100, fidelity_max_tokens=400,
                      fidelity_ratios=(0.125,), levels=("pair",), fidelity_baselines=(), fidelity_fast=False,
-                     fidelity_bits=(3, 2), fidelity_key_groups=((3, 16),))
+                     fidelity_bits=(3, 2), fidelity_key_groups=((3, 16), (3, 64)))  # 64: K4V2's own
     run_bench("quick", data_dir=tiny_data, out_dir=out, loaded_model=tiny_llama, embedding="hashing",
               tasks=("fidelity",), preset_overrides=overrides, log=lambda message: None)
     table = json.loads((out / "results.json").read_text())["summary"]["quality"]["fidelity"]
