@@ -97,8 +97,8 @@ def test_frontier_grid_measures_codecs_scorers_and_bytes(tiny_llama, tiny_data, 
     assert list(table).index("kvzip-pair@0.125") < list(table).index("kvzip-pair-int4@0.125")
 
 
-def test_key_group_layouts_and_k2v2_are_measured_paired_against_the_default(tiny_llama, tiny_data, tmp_path,  # noqa: F811
-                                                                             monkeypatch):
+def test_key_group_layouts_and_k2v2_are_measured_paired_against_the_default(
+        tiny_llama, tiny_data, tmp_path, monkeypatch):  # noqa: F811
     """fidelity_key_groups adds (kv_bits, key group) layouts beside that precision's default, with fewer bytes and
     the NLL difference to the default paired; kv_bits 2 is K2V2; fidelity_fast=False leaves kvzip-fast out."""
     monkeypatch.setenv("KVZIP_RAG_CACHE", str(tmp_path / "cache"))
@@ -113,7 +113,8 @@ def test_key_group_layouts_and_k2v2_are_measured_paired_against_the_default(tiny
     default, narrow = table["kvzip-pair-k4v2@0.125"], table["kvzip-pair-k4v2-g16@0.125"]  # K4V2's default: 64
     assert narrow["blob_bytes_per_token"] > default["blob_bytes_per_token"]
     assert table["kvzip-pair-k2v2@0.125"]["kv_bytes_per_token"] < narrow["kv_bytes_per_token"]
-    assert narrow["nll_minus_layout"] == pytest.approx(narrow["nll"] - default["nll"]) and "nll_minus_layout_ci" in narrow
+    assert narrow["nll_minus_layout"] == pytest.approx(narrow["nll"] - default["nll"])
+    assert "nll_minus_layout_ci" in narrow
     assert "nll_minus_layout" not in default
 
 
