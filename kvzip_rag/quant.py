@@ -3,8 +3,9 @@
 What is quantized, and why this way (KIVI, Liu et al. 2024: keys have outlier *channels*, values do not):
 
 - keys per channel: one fp16 (scale, min) per channel for each group of ``key_group`` consecutive entries of a
-  head; values per entry: one fp16 (scale, min) per group of ``value_group`` channels of that entry. Asymmetric
-  (min-max) rounding to ``bits`` = 8 or 4; two 4-bit codes share a byte (even channel in the low nibble).
+  head (16; 64 for K4V2, see ``KEY_GROUPS``); values per entry: one fp16 (scale, min) per group of
+  ``value_group`` channels of that entry. Asymmetric (min-max) rounding to ``bits`` = 8 or 4; two 4-bit codes
+  share a byte (even channel in the low nibble).
 - ``bits`` = 3 names KIVI's asymmetric codec: 4-bit keys with 2-bit values (3 bits per element on average; keys'
   outlier channels need the bits, per-entry values tolerate fewer). Four 2-bit codes share a byte (channel ``4i+j``
   in bits ``2j..2j+1``). ``bits`` = 2: 2-bit keys and values (K2V2).
@@ -37,6 +38,15 @@ from .errors import InvalidArgumentError
 KV_BITS = (16, 8, 4, 3, 2)  # 16: not quantized (the cache dtype as computed, float32 or bfloat16/float16); 3: K4V2
 _KEY_VALUE_BITS = {8: (8, 8), 4: (4, 4), 3: (4, 2), 2: (2, 2)}  # kv_bits -> (key code bits, value code bits)
 DEFAULT_KEY_GROUP = 16  # entries per key scale group (measured: see BENCHMARKS.md, "Quantized caches")
+# K4V2 (kv_bits 3) uses groups of 64: its key scales were 23% of its blob at ratio 0.125; 64 costs +0.016 nats
+# [+0.000, +0.032] against 16 for 15% fewer bytes, the smallest blob within 0.1 nats of full (BENCHMARKS.md,
+# "Compression frontier", n = 308)
+KEY_GROUPS = {3: 64}
+
+
+def default_key_group(bits: int) -> int:
+    """Entries per key scale group a ``bits`` cache is quantized with unless told otherwise."""
+    return KEY_GROUPS.get(bits, DEFAULT_KEY_GROUP)
 DEFAULT_VALUE_GROUP = 64  # channels per value scale group (the whole head for head_dim 64)
 # important entries per head kept unquantized beyond the prefix: 16 lowered the mean |NLL change| at 4 bits from
 # 0.095 to 0.082 nats for ~18% more bytes (SQuAD, n = 96), about what smaller key groups give for less: off
@@ -59,7 +69,7 @@ class QuantSpec:
     """How a cache is quantized; all of it is stored in the blob header."""
 
     bits: int
-    key_group: int = DEFAULT_KEY_GROUP
+    key_group: int | None = None  # None: default_key_group(bits)
     value_group: int = DEFAULT_VALUE_GROUP
     full_precision: int = DEFAULT_FULL_PRECISION
 
@@ -67,6 +77,8 @@ class QuantSpec:
         if check_bits(self.bits) == 16:
             raise InvalidArgumentError("a QuantSpec describes 8-, 4-, 3- (K4V2) or 2-bit caches; 16 bits is the "
                                        "plain PackedCache")
+        if self.key_group is None:
+            object.__setattr__(self, "key_group", default_key_group(self.bits))
         for name in ("key_group", "value_group"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -532,9 +544,8 @@ def quantize(
 
     Unquantized: the never-evicted prefix of the compressed layers plus the first ``full_precision`` (most
     important) entries of every head; ``full_rows`` instead sets the unquantized rows per head of every layer (for
-    experiments: ``full_rows=0`` quantizes the prefix too); ``key_group`` None: ``DEFAULT_KEY_GROUP``."""
-    spec = QuantSpec(check_bits(bits), DEFAULT_KEY_GROUP if key_group is None else key_group, value_group,
-                     full_precision)
+    experiments: ``full_rows=0`` quantizes the prefix too); ``key_group`` None: :func:`default_key_group`."""
+    spec = QuantSpec(check_bits(bits), key_group, value_group, full_precision)
     prefix = cache.info.prefix_length
     layers = []
     for layer in cache.layers:

@@ -97,23 +97,24 @@ def test_frontier_grid_measures_codecs_scorers_and_bytes(tiny_llama, tiny_data, 
     assert list(table).index("kvzip-pair@0.125") < list(table).index("kvzip-pair-int4@0.125")
 
 
-def test_key_group_layouts_and_k2v2_are_measured_paired_against_the_default(tiny_llama, tiny_data, tmp_path,  # noqa: F811
-                                                                             monkeypatch):
+def test_key_group_layouts_and_k2v2_are_measured_paired_against_the_default(
+        tiny_llama, tiny_data, tmp_path, monkeypatch):  # noqa: F811
     """fidelity_key_groups adds (kv_bits, key group) layouts beside that precision's default, with fewer bytes and
     the NLL difference to the default paired; kv_bits 2 is K2V2; fidelity_fast=False leaves kvzip-fast out."""
     monkeypatch.setenv("KVZIP_RAG_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     overrides = dict(fidelity_questions=4, fidelity_f1_questions=0, fidelity_min_tokens=100, fidelity_max_tokens=400,
                      fidelity_ratios=(0.125,), levels=("pair",), fidelity_baselines=(), fidelity_fast=False,
-                     fidelity_bits=(3, 2), fidelity_key_groups=((3, 64),))
+                     fidelity_bits=(3, 2), fidelity_key_groups=((3, 16), (3, 64)))  # 64: K4V2's own
     run_bench("quick", data_dir=tiny_data, out_dir=out, loaded_model=tiny_llama, embedding="hashing",
               tasks=("fidelity",), preset_overrides=overrides, log=lambda message: None)
     table = json.loads((out / "results.json").read_text())["summary"]["quality"]["fidelity"]
-    assert set(table) == {"full", "kvzip-pair-k4v2@0.125", "kvzip-pair-k4v2-g64@0.125", "kvzip-pair-k2v2@0.125"}
-    default, wide = table["kvzip-pair-k4v2@0.125"], table["kvzip-pair-k4v2-g64@0.125"]
-    assert wide["blob_bytes_per_token"] < default["blob_bytes_per_token"]
-    assert table["kvzip-pair-k2v2@0.125"]["blob_bytes_per_token"] < default["blob_bytes_per_token"]
-    assert wide["nll_minus_layout"] == pytest.approx(wide["nll"] - default["nll"]) and "nll_minus_layout_ci" in wide
+    assert set(table) == {"full", "kvzip-pair-k4v2@0.125", "kvzip-pair-k4v2-g16@0.125", "kvzip-pair-k2v2@0.125"}
+    default, narrow = table["kvzip-pair-k4v2@0.125"], table["kvzip-pair-k4v2-g16@0.125"]  # K4V2's default: 64
+    assert narrow["blob_bytes_per_token"] > default["blob_bytes_per_token"]
+    assert table["kvzip-pair-k2v2@0.125"]["kv_bytes_per_token"] < narrow["kv_bytes_per_token"]
+    assert narrow["nll_minus_layout"] == pytest.approx(narrow["nll"] - default["nll"])
+    assert "nll_minus_layout_ci" in narrow
     assert "nll_minus_layout" not in default
 
 

@@ -208,3 +208,28 @@ def has_documents(folder) -> bool:
     from kvzip_rag.store import CacheStore
 
     return bool(folder.exists() and CacheStore(folder).list_documents())
+
+
+def test_shipped_curve_bytes_are_what_the_writer_stores_now(default_model):
+    """The default model's shipped curve states the bytes a blob written today takes (a format or codec change must
+    come with a new curve): a SQuAD document of the curve's data compressed and stored at each of its KVzip pair
+    points at ratio 0.125 and below, within 3% per token (the documents' lengths differ, the header is per blob)."""
+    from pathlib import Path
+
+    import kvzip_rag
+    from conftest import DATA_DIR
+    from kvzip_rag.bench.data import load_squad
+    from kvzip_rag.bench.fidelity import stored
+    from kvzip_rag.frontier import PACKAGED
+
+    if not (DATA_DIR / "squad").is_dir():
+        pytest.skip(f"SQuAD data not found at {DATA_DIR}")
+    curve = Curve.load(PACKAGED / f"{default_model.fingerprint}.json")
+    points = [p for p in curve.points if p.scorer == "kvzip" and p.level == "pair" and p.ratio <= 0.125]
+    assert {p.kv_bits for p in points} >= {4, 3}
+    count = lambda text: len(default_model.tokenizer(text)["input_ids"])  # noqa: E731
+    doc = load_squad(Path(DATA_DIR), count, 1, 500, 900, 1)[0]
+    cache = kvzip_rag.compress(default_model, doc.text, ratio=max(p.ratio for p in points))
+    for p in points:
+        _, blob_bytes, _ = stored(cache.at_ratio(p.ratio), p.kv_bits)
+        assert blob_bytes / cache.info.context_length == pytest.approx(p.bytes_per_token, rel=0.03), p

@@ -111,6 +111,13 @@ def test_unknown_bit_widths_are_refused_clearly(tiny_llama):
         quantize(cache, 8, key_group=0)
 
 
+def test_k4v2_quantizes_keys_in_groups_of_64_the_others_in_16(tiny_llama):
+    cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
+    assert {bits: quantize(cache, bits).spec.key_group for bits in (8, 4, 3, 2)} == {8: 16, 4: 16, 3: 64, 2: 16}
+    assert quantize(cache, 3, key_group=16).spec.key_group == 16
+    assert quantize(cache, 3).nbytes < quantize(cache, 3, key_group=16).nbytes
+
+
 def test_values_beyond_float16_are_refused(tiny_llama):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
     cache.layers[0].values[-1, 0] = -1e6  # the group minimum is below -65504

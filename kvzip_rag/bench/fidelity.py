@@ -54,8 +54,11 @@ def precisions(variant, bits: tuple[int, ...]) -> list[int]:
 
 
 def layouts(bits: int, key_groups: tuple[tuple[int, int], ...]) -> list[int | None]:
-    """The key groups measured at ``bits``: the default (None), then each group ``key_groups`` pairs with ``bits``."""
-    return [None] + [group for b, group in key_groups if b == bits]
+    """The key groups measured at ``bits``: the default (None), then each other group ``key_groups`` pairs with
+    ``bits`` (its default group would measure the same cache twice)."""
+    from kvzip_rag.quant import default_key_group
+
+    return [None] + [group for b, group in key_groups if b == bits and group != default_key_group(bits)]
 
 
 def stored(cache, bits: int, key_group: int | None = None):
