@@ -11,6 +11,7 @@ from kvzip_rag import attention
 from kvzip_rag.batch import batched_forward
 from kvzip_rag.cache import packed_fresh
 from kvzip_rag.compose import compose
+from kvzip_rag.evidence import EvidenceRecorder
 from kvzip_rag.generate import packed_forward
 from kvzip_rag.quant import quantize
 
@@ -152,6 +153,27 @@ def test_flash_path_in_a_batch_matches_the_torch_path(smol_tokenizer, monkeypatc
     assert len(calls) == 7 * len(caches[0].layers)
     for g, e in zip(got + mixed_logits(model, caches, prompts, 6), expected + expected):
         assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_evidence_recorded_in_a_batch_is_each_sequences_own(smol_tokenizer, monkeypatch, flash):
+    """Where each answer attends (``EvidenceRecorder``, read from the batched softmax, or beside the flash call)
+    is what it records alone: prompts prefilled together, then decoding steps."""
+    model = build_tiny("llama", smol_tokenizer, seed=4)
+    caches = varied_caches(model)
+    prompts = [model.encode(model.template.question_text(q)) for q in PROMPTS]
+
+    def evidence(run) -> list[torch.Tensor]:
+        recorders = [EvidenceRecorder(cache) for cache in caches]
+        run(model, caches, prompts, 5)
+        return [torch.cat(recorder.finish().token_mass) for recorder in recorders]
+
+    alone = evidence(serial_logits)
+    if flash:
+        monkeypatch.setattr(attention, "use_flash", lambda query: True)
+        monkeypatch.setattr(attention, "_flash_varlen", lambda: reference_flash_attn_varlen_func)
+    for got, expected in zip(evidence(batched_logits), alone):
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
 def test_a_batch_shares_one_arena_until_its_members_change_and_bounds_its_padding(tiny_llama):
