@@ -193,6 +193,12 @@ def test_a_batch_shares_one_arena_until_its_members_change_and_bounds_its_paddin
         room = caches[0].layers[0].room
         batched_forward(tiny_llama, caches[:2], [[1] * room, [1]])  # regrows the first cache's tails
         assert caches[0].layers[0].room > room and caches[0].layers[0].arena_slot[1] == 0
+        alone = packed_fresh(caches[1])  # the same tokens, never batched
+        expected = [packed_forward(tiny_llama, alone, ids) for ids in (prompts[1], [1], [1], [1], [7])][-1]
+        caches[1].leave_arena()  # its tail kept, in a buffer of its own
+        layer = caches[1].layers[0]
+        assert layer.arena_slot is None and layer.buffer_keys.untyped_storage().nbytes() == layer.buffer_keys.nbytes
+        assert torch.allclose(packed_forward(tiny_llama, caches[1], [7]), expected, atol=ATOL)
     for cache in caches:
         cache.reset()
     small = varied_caches(tiny_llama)[4]
@@ -519,8 +525,11 @@ def test_chat_turns_of_four_sessions_decode_together_and_equal_their_one_at_a_ti
     from kvzip_rag.dialogue import ChatSession
     from kvzip_rag.qa import QAService
 
+    sessions = []
+
     def run(service, i: int) -> list:
         session = ChatSession(service, sampling=options_for(i))
+        sessions.append(session)
         return [session.ask(question) for question in chat_script(i)]
 
     alone = QAService(stored, tiny_llama)
@@ -529,6 +538,8 @@ def test_chat_turns_of_four_sessions_decode_together_and_equal_their_one_at_a_ti
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda i: run(service, i), range(4)))
     assert service.scheduler.peak_batch > 1  # turns of different sessions shared forward passes
+    # a conversation's cache outlives its turns' batches: it owns its buffers again, no batch arena kept alive
+    assert all(layer.arena_slot is None for s in sessions for layer in s.conversation.cache.layers)
     for turns, reference in zip(got, expected):
         assert [t.change for t in turns] == [t.change for t in reference] == ["new", "kept", "recomposed"]
         for turn, ref in zip(turns, reference):
