@@ -282,7 +282,7 @@ def flash_batched_attention(query: torch.Tensor, layer: BatchedLayer, scaling: f
     heads = torch.arange(num_kv, device=device).repeat(len(parts)).repeat_interleave(per_segment)
     first = (step.last - lengths + 1).repeat_interleave(num_kv)
     segment_start = per_segment.cumsum(0) - per_segment
-    ranks = torch.arange(int(per_segment.sum()), device=device) - segment_start.repeat_interleave(per_segment)
+    ranks = torch.arange(num_kv * sum(step.lengths), device=device) - segment_start.repeat_interleave(per_segment)
     token = first.repeat_interleave(per_segment) + ranks
     q = query[0].view(num_kv, group, tokens, head_dim)[heads, :, token]  # (queries, group, d)
     tails = torch.tensor([part.tail_length for part in parts], device=device)
@@ -299,7 +299,7 @@ def flash_batched_attention(query: torch.Tensor, layer: BatchedLayer, scaling: f
     )
     result = out.new_empty(num_kv, tokens, group, head_dim)
     result[heads, token] = out
-    for part, end in zip(parts, step.last.tolist()):
+    for part, span in zip(parts, step.spans()):  # host-side spans: no device sync
         if part.evidence is not None and not part.sliding_window:  # the one extra softmax (last query only)
-            part.evidence(part, packed_probabilities(query[:, :, end:end + 1], part, scaling))
+            part.evidence(part, packed_probabilities(query[:, :, span.stop - 1:span.stop], part, scaling))
     return result.permute(1, 0, 2, 3).reshape(tokens, num_q_heads, head_dim)[None]

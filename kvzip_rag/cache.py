@@ -196,6 +196,14 @@ class PackedLayer(CacheLayerMixin):
         self._tail += new
         return PackedStates.mark(key_states, self), PackedStates.mark(value_states, self)
 
+    def leave_arena(self) -> None:
+        """Own its buffer again (a copy of its slot), so a cache that outlives its batch (a conversation's) does not
+        keep a whole :class:`LayerArena` alive."""
+        if self.arena_slot is not None:
+            with torch.inference_mode():
+                self.buffer_keys, self.buffer_values = self.buffer_keys.clone(), self.buffer_values.clone()
+            self._forget_derived()
+
     def reserve(self, new: int) -> None:
         """Make room for ``new`` more tail rows per head (regrowing the buffer if needed)."""
         if self._tail + new > self.room:
@@ -392,6 +400,11 @@ class PackedCache(Cache):
     @property
     def tail_length(self) -> int:
         return self.layers[0].tail_length
+
+    def leave_arena(self) -> None:
+        """Every layer owns its buffer again (see :meth:`PackedLayer.leave_arena`)."""
+        for layer in self.layers:
+            layer.leave_arena()
 
     def at_ratio(self, ratio: float, level: str | None = None) -> "PackedCache":
         """The cache this one would have been at a lower ``ratio``: top entries only, no re-scoring."""

@@ -11,6 +11,7 @@ from kvzip_rag import attention
 from kvzip_rag.batch import batched_forward
 from kvzip_rag.cache import packed_fresh
 from kvzip_rag.compose import compose
+from kvzip_rag.evidence import EvidenceRecorder
 from kvzip_rag.generate import packed_forward
 from kvzip_rag.quant import quantize
 
@@ -154,6 +155,27 @@ def test_flash_path_in_a_batch_matches_the_torch_path(smol_tokenizer, monkeypatc
         assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
 
 
+@pytest.mark.parametrize("flash", [False, True])
+def test_evidence_recorded_in_a_batch_is_each_sequences_own(smol_tokenizer, monkeypatch, flash):
+    """Where each answer attends (``EvidenceRecorder``, read from the batched softmax, or beside the flash call)
+    is what it records alone: prompts prefilled together, then decoding steps."""
+    model = build_tiny("llama", smol_tokenizer, seed=4)
+    caches = varied_caches(model)
+    prompts = [model.encode(model.template.question_text(q)) for q in PROMPTS]
+
+    def evidence(run) -> list[torch.Tensor]:
+        recorders = [EvidenceRecorder(cache) for cache in caches]
+        run(model, caches, prompts, 5)
+        return [torch.cat(recorder.finish().token_mass) for recorder in recorders]
+
+    alone = evidence(serial_logits)
+    if flash:
+        monkeypatch.setattr(attention, "use_flash", lambda query: True)
+        monkeypatch.setattr(attention, "_flash_varlen", lambda: reference_flash_attn_varlen_func)
+    for got, expected in zip(evidence(batched_logits), alone):
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
 def test_a_batch_shares_one_arena_until_its_members_change_and_bounds_its_padding(tiny_llama):
     """Steps of the same sequences reuse their layers' arena (no copy per step); a sequence leaving, or one whose
     tail outgrows its room, gets a new one; a cache that would make the arena mostly padding sends the layer part
@@ -171,6 +193,12 @@ def test_a_batch_shares_one_arena_until_its_members_change_and_bounds_its_paddin
         room = caches[0].layers[0].room
         batched_forward(tiny_llama, caches[:2], [[1] * room, [1]])  # regrows the first cache's tails
         assert caches[0].layers[0].room > room and caches[0].layers[0].arena_slot[1] == 0
+        alone = packed_fresh(caches[1])  # the same tokens, never batched
+        expected = [packed_forward(tiny_llama, alone, ids) for ids in (prompts[1], [1], [1], [1], [7])][-1]
+        caches[1].leave_arena()  # its tail kept, in a buffer of its own
+        layer = caches[1].layers[0]
+        assert layer.arena_slot is None and layer.buffer_keys.untyped_storage().nbytes() == layer.buffer_keys.nbytes
+        assert torch.allclose(packed_forward(tiny_llama, caches[1], [7]), expected, atol=ATOL)
     for cache in caches:
         cache.reset()
     small = varied_caches(tiny_llama)[4]
@@ -497,8 +525,11 @@ def test_chat_turns_of_four_sessions_decode_together_and_equal_their_one_at_a_ti
     from kvzip_rag.dialogue import ChatSession
     from kvzip_rag.qa import QAService
 
+    sessions = []
+
     def run(service, i: int) -> list:
         session = ChatSession(service, sampling=options_for(i))
+        sessions.append(session)
         return [session.ask(question) for question in chat_script(i)]
 
     alone = QAService(stored, tiny_llama)
@@ -507,6 +538,8 @@ def test_chat_turns_of_four_sessions_decode_together_and_equal_their_one_at_a_ti
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda i: run(service, i), range(4)))
     assert service.scheduler.peak_batch > 1  # turns of different sessions shared forward passes
+    # a conversation's cache outlives its turns' batches: it owns its buffers again, no batch arena kept alive
+    assert all(layer.arena_slot is None for s in sessions for layer in s.conversation.cache.layers)
     for turns, reference in zip(got, expected):
         assert [t.change for t in turns] == [t.change for t in reference] == ["new", "kept", "recomposed"]
         for turn, ref in zip(turns, reference):
