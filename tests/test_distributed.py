@@ -158,5 +158,5 @@ def test_cli_index_on_ray_with_kv_bits(ray_cluster, tmp_path, tiny_model_dir):
 
 
 def test_ray_index_refuses_unknown_kv_bits_before_starting(tmp_path):
-    with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4"):
-        index_documents(DOCS, store_path=tmp_path / "store", model="unused", kv_bits=2, progress=False)
+    with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4, 3, 2 "):
+        index_documents(DOCS, store_path=tmp_path / "store", model="unused", kv_bits=5, progress=False)

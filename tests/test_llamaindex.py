@@ -846,4 +846,4 @@ def test_from_documents_stores_quantized_caches_and_keeps_the_bits(tiny_llama, t
     again.insert(Document(text="The museum displays whale bones and old ship models.", doc_id="museum"))
     assert [c.kv_bits for c in again.store.get_document("museum").caches] == [4]
     with pytest.raises(kvzip_rag.InvalidArgumentError, match="kv_bits must be one of"):
-        KVzipIndex.from_documents(documents(), model=tiny_llama, store=tmp_path / "other", kv_bits=2)
+        KVzipIndex.from_documents(documents(), model=tiny_llama, store=tmp_path / "other", kv_bits=5)
