@@ -293,15 +293,21 @@ def assert_first_token(model: kvzip_rag.KVzipModel, reply: kvzip_rag.Answer, exp
         assert reply.token_ids[0] == token
 
 
+def dialogue_ids(model: kvzip_rag.KVzipModel, cache: kvzip_rag.PackedCache,
+                 answer_ids: list[int]) -> tuple[list[int], list[int]]:
+    """A first turn ("Who built the harbour?" and its answer) after the document, and the follow-up "And when?",
+    as the ids one prompt of the whole dialogue would hold: what a conversation's second turn must reproduce."""
+    template = model.template
+    history = list(cache.info.input_ids) + model.encode(template.question_text("Who built the harbour?"))
+    return history + list(answer_ids), model.encode(template.question_text("And when?", first_turn=False))
+
+
 def test_follow_up_sees_the_earlier_turn(tiny_llama):
     """A conversation's second turn is computed exactly as if the whole dialogue were one prompt."""
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=1.0)
     chat = kvzip_rag.Conversation(tiny_llama, cache)
     first = chat.ask("Who built the harbour?", max_new_tokens=6)
-    template = tiny_llama.template
-    history = list(cache.info.input_ids) + tiny_llama.encode(template.question_text("Who built the harbour?"))
-    history += first.token_ids
-    follow_ids = tiny_llama.encode(template.question_text("And when?", first_turn=False))
+    history, follow_ids = dialogue_ids(tiny_llama, cache, first.token_ids)
     expected = full_cache_logits(tiny_llama, history, follow_ids)[-1]
     stream = chat.stream("And when?", max_new_tokens=1)
     list(stream)
@@ -379,11 +385,7 @@ def test_add_turn_resumes_a_conversation_from_its_text(tiny_llama):
     assert first.mean_logprob is not None and first.mean_logprob <= 0
     resumed = kvzip_rag.Conversation(tiny_llama, cache)
     resumed.add_turn("Who built the harbour?", first.text)
-    template = tiny_llama.template
-    history = list(cache.info.input_ids) + tiny_llama.encode(template.question_text("Who built the harbour?"))
-    history += tiny_llama.encode(first.text)
-    follow = tiny_llama.encode(template.question_text("And when?", first_turn=False))
-    expected = full_cache_logits(tiny_llama, history, follow)[-1]
+    expected = full_cache_logits(tiny_llama, *dialogue_ids(tiny_llama, cache, tiny_llama.encode(first.text)))[-1]
     reply = resumed.ask("And when?", max_new_tokens=1)
     assert_first_token(tiny_llama, reply, expected)
     assert len(resumed.turns) == 2
@@ -401,11 +403,7 @@ def test_a_turn_closed_midway_is_cut_out_of_the_conversation(tiny_llama):
     assert cache.tail_length > tail
     abandoned.close()
     assert cache.tail_length == tail and len(chat.turns) == 1
-    template = tiny_llama.template
-    history = list(cache.info.input_ids) + tiny_llama.encode(template.question_text("Who built the harbour?"))
-    history += first.token_ids
-    follow_ids = tiny_llama.encode(template.question_text("And when?", first_turn=False))
-    expected = full_cache_logits(tiny_llama, history, follow_ids)[-1]
+    expected = full_cache_logits(tiny_llama, *dialogue_ids(tiny_llama, cache, first.token_ids))[-1]
     stream = chat.stream("And when?", max_new_tokens=1)
     list(stream)
     assert_first_token(tiny_llama, stream.result, expected)
