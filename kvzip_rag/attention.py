@@ -159,7 +159,7 @@ def packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: float) 
     if isinstance(layer, BatchedLayer):
         if layer.arena is None:
             return torch.cat([packed_attention(query[:, :, span], part, scaling)
-                              for span, part in zip(layer.spans(), layer.parts)], dim=1)
+                              for span, part in zip(layer.step.spans(), layer.parts)], dim=1)
         if use_flash(query):
             return flash_batched_attention(query, layer, scaling)
         return torch_batched_attention(query, layer, scaling)

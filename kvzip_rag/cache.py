@@ -529,24 +529,20 @@ class BatchedLayer(CacheLayerMixin):
     def __init__(self, parts: list[PackedLayer], step: BatchStep, arena: LayerArena | None):
         self.is_initialized = True
         self.parts, self.step, self.arena = parts, step, arena
-        self.lengths = step.lengths
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: the parts are built complete."""
 
-    def spans(self) -> list[slice]:
-        return self.step.spans()
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Sequence ``b``'s span of the new states into part ``b``; the marker tags this layer (batched attention
         only)."""
-        if key_states.shape[0] != 1 or key_states.shape[2] != sum(self.lengths):
+        if key_states.shape[0] != 1 or key_states.shape[2] != sum(self.step.lengths):
             raise ValueError(f"a pass of {tuple(key_states.shape[:3:2])} (rows, tokens) over caches taking "
-                             f"{self.lengths} tokens in one row")
+                             f"{self.step.lengths} tokens in one row")
         if self.arena is not None:
             self.arena.write(self.parts, key_states, value_states, self.step)
         else:
-            for span, part in zip(self.spans(), self.parts):
+            for span, part in zip(self.step.spans(), self.parts):
                 part.update(key_states[:, :, span], value_states[:, :, span])
         return PackedStates.mark(key_states, self), PackedStates.mark(value_states, self)
 

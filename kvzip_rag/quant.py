@@ -42,16 +42,16 @@ DEFAULT_KEY_GROUP = 16  # entries per key scale group (measured: see BENCHMARKS.
 # [+0.000, +0.032] against 16 for 15% fewer bytes, the smallest blob within 0.1 nats of full (BENCHMARKS.md,
 # "Compression frontier", n = 308)
 KEY_GROUPS = {3: 64}
-
-
-def default_key_group(bits: int) -> int:
-    """Entries per key scale group a ``bits`` cache is quantized with unless told otherwise."""
-    return KEY_GROUPS.get(bits, DEFAULT_KEY_GROUP)
 DEFAULT_VALUE_GROUP = 64  # channels per value scale group (the whole head for head_dim 64)
 # important entries per head kept unquantized beyond the prefix: 16 lowered the mean |NLL change| at 4 bits from
 # 0.095 to 0.082 nats for ~18% more bytes (SQuAD, n = 96), about what smaller key groups give for less: off
 DEFAULT_FULL_PRECISION = 0
 SCALE_DTYPE = torch.float16
+
+
+def default_key_group(bits: int) -> int:
+    """Entries per key scale group a ``bits`` cache is quantized with unless told otherwise."""
+    return KEY_GROUPS.get(bits, DEFAULT_KEY_GROUP)
 
 
 def check_bits(bits) -> int:

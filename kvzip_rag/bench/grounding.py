@@ -101,9 +101,9 @@ class GroundingTask:
 
     # -------------------------------------------------------------------------------- data
     def squad(self) -> list[bench_data.Document]:
-        p = self.preset
         from kvzip_rag.abstain import default_calibration
 
+        p = self.preset
         count = lambda text: len(self.model.encode(text))
         fitted = default_calibration().fitted_on.get("question_ids", [])  # abstention measured on held-out questions
         docs = bench_data.load_squad(self.data_dir, count, p.grounding_articles, p.grounding_min_tokens,
