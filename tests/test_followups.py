@@ -4,12 +4,14 @@ benchmark resolve in the shared data."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import service_over, DATA_DIR
 
 from kvzip_rag import dialogue
-from kvzip_rag.bench.conversations import KINDS, conversation_documents, load_conversations
+from kvzip_rag.bench.conversations import CONVERSATION_SETS, KINDS, conversation_documents, load_conversations
 from kvzip_rag.dialogue import REFERRING_MARGIN, SWITCH_MARGIN, ChatSession, switches, turn_words
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAService, Target
@@ -113,10 +115,13 @@ def test_the_margin_decides_a_real_turn(service, monkeypatch):
     assert dialogue.follow_up_routing(service, question, held, 1, None).targets[0].doc_id == "bakery"
 
 
-def test_the_scripted_conversations_load_and_every_label_resolves():
-    if not (DATA_DIR / "squad").is_dir():
-        pytest.skip(f"SQuAD data not found at {DATA_DIR}")
-    scripts, header = load_conversations()
+needs_squad = pytest.mark.skipif(not (DATA_DIR / "squad").is_dir(), reason=f"SQuAD data not found at {DATA_DIR}")
+
+
+@needs_squad
+@pytest.mark.parametrize("conversation_set", CONVERSATION_SETS)
+def test_the_scripted_conversations_load_and_every_label_resolves(conversation_set):
+    scripts, header = load_conversations(conversation_set)
     turns = [t for s in scripts for t in s.turns]
     assert len(scripts) >= 30 and all(2 <= len(s.turns) <= 4 for s in scripts) and len(turns) >= 120
     assert {t.kind for t in turns} == set(KINDS) and sum(t.kind == "switch" for t in turns) >= 30
@@ -125,9 +130,30 @@ def test_the_scripted_conversations_load_and_every_label_resolves():
     assert all(text.strip() and meta["title"] for text, meta in documents.values())
 
 
+@needs_squad
+def test_the_held_out_set_asks_other_paragraphs_of_a_store_that_holds_the_dev_set_ones():
+    dev, dev_header = load_conversations("dev")
+    heldout, header = load_conversations("heldout")
+    labels = {t.doc_id for s in heldout for t in s.turns}
+    assert all(int(label.rsplit("/", 1)[1]) >= dev_header["paragraphs_per_article"] for label in labels)
+    assert not {s.turns[0].question for s in heldout} & {t.question for s in dev for t in s.turns}
+    documents = conversation_documents(heldout, header, DATA_DIR)
+    assert set(documents) >= set(conversation_documents(dev, dev_header, DATA_DIR))  # the dev ones distract
+    assert len(documents) == 24 * header["paragraphs_per_article"] == 96
+
+
+def test_a_conversation_file_is_checked_as_it_loads(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="unknown conversation set 'test'"):
+        load_conversations("test")
+    beyond = {"data": "squad/x.json", "paragraphs_per_article": 2, "conversations": [
+        {"id": "x", "turns": [{"question": "Who?", "title": "T", "paragraph": 2}]}]}
+    (tmp_path / "c.json").write_text(json.dumps(beyond))
+    with pytest.raises(InvalidArgumentError, match="paragraph 2 is beyond the 2 stored"):
+        load_conversations(path=tmp_path / "c.json")
+
+
+@needs_squad
 def test_the_conversation_benchmark_reports_each_routing(tiny_llama, tmp_path):
-    if not (DATA_DIR / "squad").is_dir():
-        pytest.skip(f"SQuAD data not found at {DATA_DIR}")
     from kvzip_rag.bench.conversations import conversation_figures, markdown
 
     with pytest.raises(InvalidArgumentError, match="unknown routing"):
@@ -141,3 +167,33 @@ def test_the_conversation_benchmark_reports_each_routing(tiny_llama, tmp_path):
         assert summary["all"]["n"] == turns and summary["all"]["share"] == sum(r["on_label"] for r in mine) / turns
         assert summary["repeats_previous"]["n"] == turns - 1
     assert "| follow-up |" in markdown(result)
+
+
+@needs_squad
+def test_routing_only_plans_the_turns_a_live_chat_answers_from(tiny_llama, tmp_path):
+    """The bench task's routing-only mode (held-out set, through the preset): every turn lands on the documents a
+    live session answers it from, and no answer figure is made up."""
+    from kvzip_rag.bench.conversations import conversation_figures
+    from kvzip_rag.bench.presets import get_preset
+    from kvzip_rag.bench.tasks import TASKS, Context
+
+    preset = get_preset("quick", conversations_set="heldout", conversations_routing_only=True)
+    context = Context(preset, DATA_DIR, tmp_path / "planned", loaded_model=tiny_llama, log=lambda m: None, limit=1)
+    planned = TASKS["conversations"].run(context)
+    script = load_conversations("heldout")[0][0]
+    assert planned["set"] == "heldout" and planned["routing_only"] and planned["turns"] == len(script.turns)
+    assert planned["documents"] == 4  # paragraphs 0-3 of the conversation's article
+    assert (tmp_path / "planned" / "conversations.json").is_file()
+    assert "routing only" in (tmp_path / "planned" / "conversations.md").read_text()
+    live = conversation_figures(tiny_llama, tmp_path / "live", limit=1, data_dir=DATA_DIR, max_new_tokens=2,
+                                conversation_set="heldout")
+
+    def routed(result: dict) -> list[tuple]:
+        return [(r["routing"], r["turn"], r["held"], r["turn_routing"], r["on_label"]) for r in result["rows"]]
+
+    assert routed(planned) == routed(live) and len(routed(live)) == 2 * len(script.turns)
+    assert all(r["answer"] is None for r in planned["rows"]) and all(r["answer"] is not None for r in live["rows"])
+    for routing, summary in planned["summary"].items():
+        on_label = [r["on_label"] for r in planned["rows"] if r["routing"] == routing]
+        assert summary["all"]["share"] == sum(on_label) / len(on_label)
+        assert summary["repeats_previous"]["n"] == 0 and live["summary"][routing]["repeats_previous"]["n"] > 0

@@ -36,7 +36,7 @@ def run_bench(
     wrapped ``KVzipModel`` (tests); ``embedding``: ``minilm`` (chunk retrieval with all-MiniLM-L6-v2, needs
     ``kvzip-rag[bench]``) or ``hashing`` (dependency-free, for tests); ``threads``: torch intra-op threads;
     ``limit``: at most this many questions per set in the grounding task (quick runs), answers per setting in the
-    serve task.
+    serve task, the first conversations in the conversations task.
     """
     import torch
 
@@ -97,7 +97,9 @@ def bench(
                                                                        "the model's window).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="grounding task: at most this many questions "
                                                                      "per question set (quick runs); serve task: "
-                                                                     "answers per setting (default 24).")] = None,
+                                                                     "answers per setting (default 24); "
+                                                                     "conversations task: the first N "
+                                                                     "conversations.")] = None,
     write_curve: Annotated[bool, typer.Option("--write-curve", help="fidelity task: store the measured bytes/NLL "
                                                                     "curve as the model's calibration, read by "
                                                                     "kvzip-rag index --target-bytes / "

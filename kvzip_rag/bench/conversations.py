@@ -1,12 +1,16 @@
 """``kvzip-rag bench --task conversations``: do chat turns answer from the document they need?
 
-Scripted multi-turn conversations (``conversations.json``, package data) name, for every turn, the SQuAD paragraph it
-needs; their text is read from the shared data (never copied). A store of the conversations' articles (their first
+Scripted multi-turn conversations (package data, :data:`CONVERSATION_SETS`) name, for every turn, the SQuAD paragraph
+it needs; their text is read from the shared data (never copied). Two sets: ``dev`` (``conversations.json``), on which
+the follow-up routing's margins were chosen, and ``heldout`` (``conversations_heldout.json``), written after that from
+other paragraphs, so its figure is out of sample. A store of the conversations' articles (their first
 ``paragraphs_per_article`` paragraphs, one document each, ratio 0.3) answers every conversation through
 :class:`kvzip_rag.dialogue.ChatSession`, twice: with its follow-up routing, and with every turn routed on its own
 words as before issue 23 (``search-every-turn``). A turn is *on its document* when the document its answer came
 from (the turn's first document: the one routed to, or the one a follow-up stayed in) is the labelled one; shares
 come with 95% Wilson intervals, for first turns, follow-ups (same document as the previous turn) and switches.
+``routing_only``: every turn is planned (:meth:`ChatSession.plan`, given the conversation's earlier questions) and no
+answer is generated; routing reads only the questions, so the shares are those of the full run, in seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .metrics import normalize_answer, share_interval
 RATIO = 0.3
 KINDS = ("first", "follow-up", "switch")
 ROUTINGS = ("search-every-turn", "follow-up")
+CONVERSATION_SETS = {"dev": "conversations.json", "heldout": "conversations_heldout.json"}
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,14 @@ def doc_id(title: str, paragraph: int) -> str:
     return f"{title}/{paragraph}"
 
 
-def load_conversations(path: Path | None = None) -> tuple[list[Script], dict]:
-    """The scripted conversations and the file's header (``data``, ``paragraphs_per_article``)."""
+def load_conversations(conversation_set: str = "dev", path: Path | None = None) -> tuple[list[Script], dict]:
+    """The scripted conversations of a packaged set (of :data:`CONVERSATION_SETS`), or of the file at ``path``, and
+    the file's header (``data``, ``paragraphs_per_article``)."""
+    if path is None and conversation_set not in CONVERSATION_SETS:
+        raise InvalidArgumentError(f"unknown conversation set {conversation_set!r}; use "
+                                   f"{', '.join(CONVERSATION_SETS)}")
     raw = json.loads(Path(path).read_text() if path else
-                     resources.files("kvzip_rag.bench").joinpath("conversations.json").read_text())
+                     resources.files("kvzip_rag.bench").joinpath(CONVERSATION_SETS[conversation_set]).read_text())
     scripts = []
     for item in raw["conversations"]:
         turns, previous = [], None
@@ -94,16 +103,17 @@ def share(hits: list[bool]) -> dict:
 
 def conversation_figures(model, work_dir: Path, limit: int | None = None, *, data_dir: Path | None = None,
                          max_new_tokens: int = 32, routings: tuple[str, ...] = ROUTINGS,
+                         conversation_set: str = "dev", routing_only: bool = False,
                          log: Callable[[str], None] | None = None) -> dict:
-    """Run the first ``limit`` conversations (all: ``None``) under each of ``routings`` (of :data:`ROUTINGS`);
-    per-turn rows and shares."""
+    """Run the first ``limit`` conversations (all: ``None``) of ``conversation_set`` under each of ``routings`` (of
+    :data:`ROUTINGS`), answering every turn or (``routing_only``) planning it; per-turn rows and shares."""
     from kvzip_rag.store import CacheStore
 
     unknown = set(routings) - set(ROUTINGS)
     if unknown:
         raise InvalidArgumentError(f"unknown routing(s) {', '.join(sorted(unknown))}; use {', '.join(ROUTINGS)}")
     log = log or (lambda message: None)
-    scripts, header = load_conversations()
+    scripts, header = load_conversations(conversation_set)
     scripts = scripts[:limit] if limit is not None else scripts
     documents = conversation_documents(scripts, header, Path(data_dir) if data_dir else default_data_dir())
     store = CacheStore(Path(work_dir) / "conversations-store")
@@ -117,17 +127,23 @@ def conversation_figures(model, work_dir: Path, limit: int | None = None, *, dat
         if routing not in routings:
             continue
         for script in scripts:
-            session, previous = session_type(service, sampling={"max_new_tokens": max_new_tokens}), None
+            session, previous, asked = session_type(service, sampling={"max_new_tokens": max_new_tokens}), None, []
             for index, turn in enumerate(script.turns):
-                answer = session.ask(turn.question)
-                text = normalize_answer(answer.answer.text)
-                held = [t.doc_id for t in answer.documents]
+                if routing_only:  # the plan a live session makes: the earlier questions routed in order, then this
+                    plan = session.plan(turn.question, [(q, "") for q in asked])
+                    held, how, answer = [t.doc_id for t in plan.documents], plan.routing, None
+                else:
+                    turn_answer = session.ask(turn.question)
+                    held = [t.doc_id for t in turn_answer.documents]
+                    how, answer = turn_answer.info["routing"], turn_answer.answer.text
+                text = None if answer is None else normalize_answer(answer)
                 rows.append({"routing": routing, "conversation": script.id, "turn": index, "kind": turn.kind,
                              "question": turn.question, "label": turn.doc_id, "answered_from": held[0],
-                             "held": held, "turn_routing": answer.info["routing"], "answer": answer.answer.text,
+                             "held": held, "turn_routing": how, "answer": answer,
                              "on_label": held[0] == turn.doc_id, "label_held": turn.doc_id in held,
-                             "repeats_previous": bool(text) and text == previous})
+                             "repeats_previous": None if text is None else bool(text) and text == previous})
                 previous = text
+                asked.append(turn.question)
             log(f"conversations: {routing} {script.id} done")
     summary = {routing: {kind: share([r["on_label"] for r in rows if r["routing"] == routing
                                       and kind in ("all", r["kind"])]) for kind in ("all", *KINDS)}
@@ -135,8 +151,10 @@ def conversation_figures(model, work_dir: Path, limit: int | None = None, *, dat
     for routing in routings:
         mine = [r for r in rows if r["routing"] == routing]
         summary[routing]["label_held"] = share([r["label_held"] for r in mine])
-        summary[routing]["repeats_previous"] = share([r["repeats_previous"] for r in mine if r["turn"] > 0])
-    return {"model": model.name, "ratio": RATIO, "max_new_tokens": max_new_tokens, "conversations": len(scripts),
+        summary[routing]["repeats_previous"] = share([r["repeats_previous"] for r in mine
+                                                      if r["turn"] > 0 and r["repeats_previous"] is not None])
+    return {"model": model.name, "ratio": RATIO, "max_new_tokens": max_new_tokens, "set": conversation_set,
+            "routing_only": routing_only, "turns": sum(len(s.turns) for s in scripts), "conversations": len(scripts),
             "documents": len(documents), "seconds": time.perf_counter() - start, "summary": summary, "rows": rows}
 
 
@@ -145,8 +163,10 @@ def markdown(result: dict) -> str:
     def cell(s: dict) -> str:
         return "-" if s["share"] is None else f"{s['share']:.1%} ({s['low']:.1%}-{s['high']:.1%}), n={s['n']}"
 
-    lines = [f"Model `{result['model']}`, ratio {result['ratio']:g}, {result['conversations']} conversations over "
-             f"{result['documents']} documents, answers up to {result['max_new_tokens']} tokens; 95% Wilson "
+    answers = ("routing only (turns planned, no answer generated)" if result["routing_only"] else
+               f"answers up to {result['max_new_tokens']} tokens")
+    lines = [f"Model `{result['model']}`, ratio {result['ratio']:g}, set `{result['set']}`: {result['conversations']} "
+             f"conversations ({result['turns']} turns) over {result['documents']} documents, {answers}; 95% Wilson "
              "intervals.", "",
              "| routing | on the labelled document | first turns | follow-ups | switches | labelled document in "
              "the cache | answer repeats the previous one |", "|---|---|---|---|---|---|---|"]

@@ -117,6 +117,11 @@ class Preset:
     quant_answer_ratios: tuple[float, ...] = (0.3,)
     quant_needle_cases: tuple[tuple[int, float], ...] = ((2048, 0.5),)
     quant_needle_ratios: tuple[float, ...] = (0.3,)
+    # task "conversations" (bench/conversations.py): the scripted set ("dev", the shipped one the follow-up margins
+    # were chosen on, or "heldout"), whether to plan the turns only (no answers), the routings (None: all)
+    conversations_set: str = "dev"
+    conversations_routing_only: bool = False
+    conversations_routings: tuple[str, ...] | None = None
 
 
 PRESETS: dict[str, Preset] = {

@@ -139,9 +139,13 @@ def _contention(context: Context) -> dict:
 
 
 def _conversations(context: Context) -> dict:
-    from .conversations import conversation_figures
+    from .conversations import ROUTINGS, conversation_figures
 
-    return conversation_figures(context.model, context.out_dir, data_dir=context.data_dir, log=context.log)
+    preset = context.preset
+    return conversation_figures(context.model, context.out_dir, context.limit, data_dir=context.data_dir,
+                                routings=preset.conversations_routings or ROUTINGS,
+                                conversation_set=preset.conversations_set,
+                                routing_only=preset.conversations_routing_only, log=context.log)
 
 
 def _serve(context: Context) -> dict:
