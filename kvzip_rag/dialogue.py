@@ -132,10 +132,11 @@ REFERRING_MARGIN = 4.0
 
 def turn_words(question: str, documents: Sequence[Target]) -> tuple[list[str], bool]:
     """``(content words, refers back)`` of a later turn: its words less stop words, pronouns and conversational
-    filler; whether it holds a pronoun."""
+    filler; whether it holds a pronoun (or ends with "that", which then stands alone for something said: "what
+    came after that?"; elsewhere "that" is mostly a conjunction or a relative pronoun)."""
     found = words(question)
     content = list(dict.fromkeys(w for w in found if w not in STOPWORDS and w not in PRONOUNS and w not in FILLER))
-    return content, any(w in PRONOUNS for w in found)
+    return content, any(w in PRONOUNS for w in found) or found[-1:] == ["that"]
 
 
 def switches(current: float, other: float, referring: bool) -> bool:
