@@ -275,8 +275,8 @@ def turn_ids(model: KVzipModel, question: str, answer_text: str, first_turn: boo
 
 def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling: SamplingOptions | None = None,
                   evidence: bool = False, **options: Any) -> AnswerStream:
-    """Stream the answer to one independent question; the cache is back to the document afterwards. ``evidence=True`` records where the answer attended
-    (``Answer.evidence``, :mod:`kvzip_rag.evidence`).
+    """Stream the answer to one independent question; the cache is back to the document afterwards.
+    ``evidence=True`` records where the answer attended (``Answer.evidence``, :mod:`kvzip_rag.evidence`).
 
     ``sampling`` or the options by name (:meth:`SamplingOptions.from_options`). The answer is clamped to the
     window left after the cache and the question (``finish_reason="window"`` when that cut it);
