@@ -16,8 +16,8 @@ default threshold, exactly what the service does with its default ``abstain_thre
 by abstention and is generated once. Quote mode generates exactly the free answer and snaps it
 (:meth:`~kvzip_rag.qa.QAService.quote_result`), so ``quote`` is the ``free`` answer of the same question snapped
 (its time the free answer's plus the snapping; its first token the quote, shown once the answer is complete): the
-quote - free difference is that of snapping alone. ``chunk-rag`` (LlamaIndex ``VectorStoreIndex`` over the article's chunks, the top chunks
-prefilled with the question by the same LLM) is the outside reference on ``squad``.
+quote - free difference is that of snapping alone. ``chunk-rag`` (LlamaIndex ``VectorStoreIndex`` over the
+article's chunks, the top chunks prefilled with the question by the same LLM) is the outside reference on ``squad``.
 
 Per set and method: F1 and contains-gold (mean with a 95% interval, normal approximation), abstention rate (on
 ``squad`` and ``hotpotqa`` the answerable questions, on ``squad-unanswerable`` the unanswerable ones), citation
