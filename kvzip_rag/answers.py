@@ -149,10 +149,13 @@ class QAResult:
     evidence_score: float | None = None  # calibrated probability that the answer rests on the documents
     evidence_features: dict = field(default_factory=dict)  # what the score was computed from (kvzip_rag.abstain)
     no_evidence: tuple[Target, ...] = ()  # composed documents the answer paid (almost) no attention to
+    # quote mode: the generated answer snapped to a span of the stored text (kvzip_rag.quote), shown instead of it
+    quote: Citation | None = None
 
     best = property(lambda self: self.answers[self.chosen])
-    text = property(lambda self: self.abstain_text if self.abstained else self.best.text)
-    candidate = property(lambda self: self.best.text)  # the generated answer, abstained or not
+    text = property(lambda self: self.abstain_text if self.abstained else self.candidate)
+    # the answer abstained or not: the quote in quote mode, else the generated answer (``best.text``)
+    candidate = property(lambda self: self.quote.text if self.quote is not None else self.best.text)
     # "stop", "length" (max_new_tokens) or "window" (the answer was cut by the model's positions)
     finish_reason = property(lambda self: self.best.answer.finish_reason)
     cache_load_s = property(lambda self: sum(a.cache_load_s for a in self.answers))

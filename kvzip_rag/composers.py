@@ -70,7 +70,7 @@ class Composed(Composer):
             loaded = [service.load(target) for target in targets]
             composed = compose(service.model, [cache for cache, _, _ in loaded], layout=self.layout)
             used = [targets[i] for i in composed.composition.used]
-            result, pieces = service.generate(composed, question, sampling, emit, used)
+            result, pieces = service.generate(composed, question, sampling, emit)
         first = loaded[composed.composition.used[0]][0].info
         answer = CacheAnswer(
             used[0], result, pieces, is_refusal(result.text),

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .answers import grounding_metadata
+from .answers import Citation, grounding_metadata
 from .errors import ContextTooLongError, InvalidArgumentError
 from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_question, check_sampling, get_composer
 from .language import STOPWORDS, words
@@ -87,12 +87,11 @@ def fold_messages(messages: Iterable[tuple[str, str]]) -> Dialogue:
 
 
 def question_tokens(model, question: str, first_turn: bool) -> int:
-    """The positions a question's prompt takes in a conversation's cache (the longer of the free and the quote
-    request: an upper bound whatever the answer style; ``ContextTooLongError`` for one that alone exceeds the
-    window)."""
+    """The positions a question's prompt takes in a conversation's cache (``ContextTooLongError`` for one that
+    alone exceeds the window)."""
     from .generate import prompt_ids
 
-    return max(len(prompt_ids(model, question, first_turn, quote=quote)) for quote in (False, True))
+    return len(prompt_ids(model, question, first_turn))
 
 
 def check_window(model, cache, question: str, max_new_tokens: int, first_turn: bool, pending: int = 0) -> None:
@@ -133,10 +132,11 @@ REFERRING_MARGIN = 4.0
 
 def turn_words(question: str, documents: Sequence[Target]) -> tuple[list[str], bool]:
     """``(content words, refers back)`` of a later turn: its words less stop words, pronouns and conversational
-    filler; whether it holds a pronoun."""
+    filler; whether it holds a pronoun (or ends with "that", which then stands alone for something said: "what
+    came after that?"; elsewhere "that" is mostly a conjunction or a relative pronoun)."""
     found = words(question)
     content = list(dict.fromkeys(w for w in found if w not in STOPWORDS and w not in PRONOUNS and w not in FILLER))
-    return content, any(w in PRONOUNS for w in found)
+    return content, any(w in PRONOUNS for w in found) or found[-1:] == ["that"]
 
 
 def switches(current: float, other: float, referring: bool) -> bool:
@@ -228,6 +228,7 @@ class Turn:
     replayed_tokens: int = 0  # earlier turns put into the cache for this call
     assessment: Assessment | None = None  # its evidence read out (None: recorded none, ``evidence=False``)
     abstain_text: str = ""  # what ``text`` says when it abstained
+    quote: Citation | None = None  # quote mode: the answer snapped to a span of the stored text (kvzip_rag.quote)
 
     @property
     def abstained(self) -> bool:
@@ -235,12 +236,14 @@ class Turn:
 
     @property
     def text(self) -> str:
-        """The answer shown: the abstention when the evidence was too weak (the conversation keeps the candidate,
-        ``answer.text``, as what was said)."""
-        return self.abstain_text if self.abstained else self.answer.text
+        """The answer shown: the abstention when the evidence was too weak (the conversation keeps the generated
+        answer, ``answer.text``, as what was said)."""
+        return self.abstain_text if self.abstained else self.candidate
 
     @property
     def citations(self) -> list:
+        if self.quote is not None and not self.abstained:
+            return [self.quote]
         return list(self.assessment.citations) if self.assessment is not None else []
 
     @property
@@ -249,8 +252,9 @@ class Turn:
 
     @property
     def candidate(self) -> str:
-        """The generated answer, abstained or not (as :attr:`QAResult.candidate`)."""
-        return self.answer.text
+        """The answer abstained or not: the quote in quote mode, else the generated one (as
+        :attr:`QAResult.candidate`)."""
+        return self.quote.text if self.quote is not None else self.answer.text
 
 
 @dataclass
@@ -350,8 +354,9 @@ class ChatSession:
             plan: TurnPlan | None = None, **sampling: Any) -> Turn:
         """Answer ``question`` from the cache :meth:`plan` decides (a given ``plan`` is used while the session has
         not changed since), passing the answer's pieces to ``emit`` as generated (the candidate: ``Turn.text`` is
-        the abstention when its evidence is too weak). ``sampling``: answer options for this turn, grounding ones
-        (``evidence``, ``abstain_threshold``, ``abstain_text``) included."""
+        the abstention when its evidence is too weak; in quote mode one piece, the quote, once generated).
+        ``sampling``: answer options for this turn, grounding ones (``evidence``, ``abstain_threshold``,
+        ``abstain_text``) included."""
         from .abstain import split_grounding
         from .generate import SamplingOptions
 
@@ -403,11 +408,17 @@ class ChatSession:
             self.conversation, self.documents = conversation, documents
             self._version += 1
             cached = cache.get_seq_length() - replayed
-            constraint = service.quote_constraint(SamplingOptions.from_options(options), question, documents)
-            stream = conversation.stream(question, constraint=constraint, evidence=grounding.evidence, **options)
-            service.produce(stream, emit)  # with batching, beside other sessions' turns and answers
+            quoting = SamplingOptions.from_options(options).answer_style == "quote"
+            stream = conversation.stream(question, evidence=grounding.evidence, **options)
+            # with batching, beside other sessions' turns and answers; a quote is known once the answer is complete
+            service.produce(stream, None if quoting else emit)
             result = stream.result
             found = assess(service, question, result, documents, grounding)
+            quote = None  # the conversation's cache keeps the generated answer (what the model said)
+            if quoting:
+                quote = service.quote(question, result.text, documents, found.citations if found else ())
+                if quote is not None and emit is not None:
+                    emit(quote.text)
             info.update(
                 ttft_s=result.time_to_first_token_s, decode_s=result.decode_s, ratio=cache.info.ratio,
                 level=cache.info.level, kept_ratio=cache.kept_ratio, cache_bytes=cache.nbytes,
@@ -419,7 +430,7 @@ class ChatSession:
                 cache_change=change, dropped=[d.as_dict() for d in dropped],
             )
             turn = Turn(result, info, documents, plan.routed, change, dropped, cached, replayed, found,
-                        grounding.abstain_text)
+                        grounding.abstain_text, quote)
             info.update(grounding_metadata(turn))
             return turn
 

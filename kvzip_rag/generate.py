@@ -15,8 +15,7 @@ from .clean import answer_end
 from .errors import ContextTooLongError, InvalidArgumentError
 from .evidence import Evidence, EvidenceRecorder, is_recording
 from .models import KVzipModel
-from .prompt import QUOTE_ANSWER
-from .quote import DEFAULT_ANSWER_STYLE, QuoteConstraint, check_answer_style
+from .quote import DEFAULT_ANSWER_STYLE, check_answer_style
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 CHARS_PER_TOKEN_BOUND = 8  # a question longer than window * this many characters is refused before tokenizing
@@ -44,7 +43,8 @@ class SamplingOptions:
     seed: int | None = None
     stop: Sequence[str] = ()
     clean: bool = True  # the answer ends at its first line break or where it repeats itself (kvzip_rag.clean)
-    answer_style: str = DEFAULT_ANSWER_STYLE  # "quote": a verbatim span of the routed documents (kvzip_rag.quote)
+    # "quote": the answer snapped to a verbatim span of the routed documents once generated (kvzip_rag.quote)
+    answer_style: str = DEFAULT_ANSWER_STYLE
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -125,14 +125,13 @@ def _pick(logits: torch.Tensor, options: SamplingOptions, generator: torch.Gener
 
 
 class Decoding:
-    """One answer's per-token rule, the only one: the quote constraint, sampling, stop ids and strings, clean ends
-    and the text pieces. Drivers feed it each next-token distribution and forward ``feed`` until ``done``:
-    :class:`AnswerStream` one answer at a time, :mod:`kvzip_rag.scheduler` several answers in one forward pass."""
+    """One answer's per-token rule, the only one: sampling, stop ids and strings, clean ends and the text pieces.
+    Drivers feed it each next-token distribution and forward ``feed`` until ``done``: :class:`AnswerStream` one
+    answer at a time, :mod:`kvzip_rag.scheduler` several answers in one forward pass."""
 
-    def __init__(self, model: KVzipModel, options: SamplingOptions, constraint: QuoteConstraint | None = None,
-                 limit: str = "length") -> None:
+    def __init__(self, model: KVzipModel, options: SamplingOptions, limit: str = "length") -> None:
         self.tokenizer, self.stop_ids = model.tokenizer, model.stop_token_ids
-        self.options, self.constraint = options, constraint
+        self.options = options
         self.generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
         self.generated: list[int] = []
         self.logprob_sum = 0.0
@@ -148,12 +147,7 @@ class Decoding:
         options = self.options
         self.steps += 1
         last = self.steps >= options.max_new_tokens
-        if self.constraint is not None:
-            logits = self.constraint.mask(logits)
         token = _pick(logits, options, self.generator)
-        if token not in self.stop_ids and self.constraint is not None and not self.constraint.advance(token):
-            self.feed, self.done = token, last  # a lead-in: in the cache, not in the answer
-            return ""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if token in self.stop_ids:
@@ -194,9 +188,9 @@ class AnswerStream:
 
     def __init__(self, model: KVzipModel, cache: PackedCache, prompt_ids: list[int], options: SamplingOptions,
                  keep: bool, on_done: Callable[[Answer], None] | None = None, limit: str = "length",
-                 constraint: QuoteConstraint | None = None, evidence: bool = False):
+                 evidence: bool = False):
         self.model, self.cache, self.prompt_ids, self.options, self.keep = model, cache, prompt_ids, options, keep
-        self.on_done, self.constraint, self.evidence = on_done, constraint, evidence
+        self.on_done, self.evidence = on_done, evidence
         self.limit = limit  # the finish reason when max_new_tokens runs out: "window" when it was clamped to it
         self.result: Answer | None = None
         # a kept turn that ends midway is cut back to here (a DynamicCache, the benchmarks' dense reference, is
@@ -205,7 +199,7 @@ class AnswerStream:
 
     def decoding(self) -> Decoding:
         """A fresh per-token state for this answer (its clock starts now)."""
-        return Decoding(self.model, self.options, self.constraint, self.limit)
+        return Decoding(self.model, self.options, self.limit)
 
     def recorder(self) -> EvidenceRecorder | None:
         """Where the answer attends, recorded from its prompt's forward pass on (``evidence=True``), else None."""
@@ -257,8 +251,8 @@ def window_room(model: KVzipModel, cache: PackedCache, prompt_tokens: int, pendi
     return model.max_positions - (cache.get_seq_length() + pending + prompt_tokens)
 
 
-def prompt_ids(model: KVzipModel, question: str, first_turn: bool, quote: bool = False) -> list[int]:
-    """The question's prompt tokens (in quote mode, with the request for a quote); ``ContextTooLongError`` for one
+def prompt_ids(model: KVzipModel, question: str, first_turn: bool) -> list[int]:
+    """The question's prompt tokens (whatever the answer style); ``ContextTooLongError`` for one
     that alone exceeds the model's window (a question over window * 8 characters is refused on its length, before
     tokenizing it)."""
     if not isinstance(question, str) or not question.strip():
@@ -267,8 +261,7 @@ def prompt_ids(model: KVzipModel, question: str, first_turn: bool, quote: bool =
     if len(question) > window * CHARS_PER_TOKEN_BOUND:
         raise ContextTooLongError(f"the question has {len(question):,} characters: more than model {model.name!r}'s "
                                   f"window of {window} tokens can hold; shorten it")
-    text = f"{question.strip()}\n{QUOTE_ANSWER}" if quote else question
-    ids = model.encode(model.template.question_text(text, first_turn=first_turn))
+    ids = model.encode(model.template.question_text(question, first_turn=first_turn))
     if len(ids) >= window:
         raise ContextTooLongError(f"the question takes {len(ids)} tokens but model {model.name!r} takes at most "
                                   f"{window} positions, documents and answer included; shorten it")
@@ -281,10 +274,9 @@ def turn_ids(model: KVzipModel, question: str, answer_text: str, first_turn: boo
 
 
 def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling: SamplingOptions | None = None,
-                  constraint: QuoteConstraint | None = None, evidence: bool = False, **options: Any) -> AnswerStream:
-    """Stream the answer to one independent question (a verbatim span of the documents with a ``constraint``);
-    the cache is back to the document afterwards. ``evidence=True`` records where the answer attended
-    (``Answer.evidence``, :mod:`kvzip_rag.evidence`).
+                  evidence: bool = False, **options: Any) -> AnswerStream:
+    """Stream the answer to one independent question; the cache is back to the document afterwards.
+    ``evidence=True`` records where the answer attended (``Answer.evidence``, :mod:`kvzip_rag.evidence`).
 
     ``sampling`` or the options by name (:meth:`SamplingOptions.from_options`). The answer is clamped to the
     window left after the cache and the question (``finish_reason="window"`` when that cut it);
@@ -295,7 +287,7 @@ def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling
         raise InvalidArgumentError("give sampling= or answer options by name, not both")
     cache.info.check_model(model)
     cache.reset()
-    ids = prompt_ids(model, question, True, constraint is not None)
+    ids = prompt_ids(model, question, True)
     room = window_room(model, cache, len(ids))
     if room < 1:
         raise ContextTooLongError(
@@ -304,7 +296,7 @@ def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling
             "answer from fewer documents")
     limit = "length" if sampling.max_new_tokens <= room else "window"
     return AnswerStream(model, cache, ids, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)),
-                        keep=False, limit=limit, constraint=constraint, evidence=evidence)
+                        keep=False, limit=limit, evidence=evidence)
 
 
 def answer(model: KVzipModel, cache: PackedCache, question: str, sampling: SamplingOptions | None = None,
@@ -328,12 +320,11 @@ class Conversation:
         self.cache.info.check_model(self.model)
         self.cache.reset()
 
-    def stream(self, question: str, constraint: QuoteConstraint | None = None, evidence: bool | None = None,
-               **options) -> AnswerStream:
+    def stream(self, question: str, evidence: bool | None = None, **options) -> AnswerStream:
         """``evidence``: record where the answer attended (``None``: when inside ``kvzip_rag.evidence.recording``)."""
-        ids = prompt_ids(self.model, question, not self.turns, constraint is not None)
+        ids = prompt_ids(self.model, question, not self.turns)
         return AnswerStream(
-            self.model, self.cache, ids, SamplingOptions.from_options(options), keep=True, constraint=constraint,
+            self.model, self.cache, ids, SamplingOptions.from_options(options), keep=True,
             on_done=lambda result: self.turns.append((question, result.text)),
             evidence=is_recording() if evidence is None else evidence,
         )

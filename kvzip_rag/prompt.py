@@ -12,9 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 INSTRUCTION = "Given the context, answer to the following question or request without explanation."
-# after a quote-mode question, not in the cached prefix (stored caches stay valid); a request for the short answer
-# only after free questions measured worse (BENCHMARKS.md, Grounding) and was dropped
-QUOTE_ANSWER = "Copy the shortest phrase from the context that answers it."
 _SENTINELS = ("\x00KVZIP_A\x00", "\x00KVZIP_B\x00", "\x00KVZIP_C\x00")
 
 

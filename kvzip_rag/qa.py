@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .abstain import DEFAULT_ABSTAIN_TEXT, DEFAULT_THRESHOLD, Grounding
-from .answers import CacheAnswer, QAResult, Target, choose_best, is_refusal
+from .answers import CacheAnswer, Citation, QAResult, Target, choose_best, is_refusal
 from .budget import DEFAULT_BUDGET, Budget, CacheKind, select_cache
 from .composers import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, get_composer, register_composer
 from .errors import CacheChangedError, InvalidArgumentError, KVzipError, ModelMismatchError
@@ -66,7 +66,6 @@ if TYPE_CHECKING:  # the engine and the store import torch: only when a service 
     from .generate import AnswerStream, SamplingOptions
     from .models import KVzipModel
     from .store import CacheStore
-    from .quote import QuoteConstraint
     from .scheduler import BatchScheduler
 
 DEFAULT_RATIO, DEFAULT_LEVEL = DEFAULT_BUDGET.ratio, DEFAULT_BUDGET.level
@@ -75,7 +74,7 @@ _TEXTS_READ: ContextVar[dict | None] = ContextVar("kvzip_rag_stored_texts", defa
 
 @contextmanager
 def _reading_once() -> Iterator[None]:
-    """Within this block (one answer: quote constraint, citations, evidence), each segment's stored text is read
+    """Within this block (one answer: citations, evidence, the quote), each segment's stored text is read
     from the store once (per cache routing chose, so a replaced document is read anew)."""
     token = _TEXTS_READ.set({})
     try:
@@ -323,7 +322,7 @@ class QAService:
 
     def stored_text(self, target: Target) -> str | None:
         """The segment's text as the store holds it now (``None`` if the document or segment is gone): what quotes
-        follow and citations are checked against; read once per answer."""
+        are taken from and citations are checked against; read once per answer."""
         read, key = _TEXTS_READ.get(), (target.node_id, target.cache)
         if read is not None and key in read:
             return read[key]
@@ -334,30 +333,33 @@ class QAService:
             read[key] = text
         return text
 
-    def quote_constraint(self, sampling: SamplingOptions, question: str,
-                         sources: Sequence[Target]) -> QuoteConstraint | None:
-        """``answer_style="quote"``: a :class:`~kvzip_rag.quote.QuoteConstraint` over the ``sources`` (the segments
-        in the cache that answers), its lead-in at most half the token cap; ``None`` for free answers."""
-        from .quote import LEAD_IN, QuoteConstraint
+    def quote(self, question: str, answer: str, used: Sequence[Target],
+              evidence: Sequence[Citation] = ()) -> Citation | None:
+        """Quote mode: the ``answer`` to ``question`` snapped to a span of the ``used`` segments' stored text, as its
+        exact citation (:func:`kvzip_rag.quote.quote_answer`; ``evidence``: the answer's citations, the fallback);
+        ``None`` when they hold no text."""
+        from .quote import quote_answer
 
-        if sampling.answer_style != "quote":
-            return None
-        return QuoteConstraint(self.model, [self.stored_text(t) or "" for t in sources], question,
-                               min(LEAD_IN, sampling.max_new_tokens // 2))
+        return quote_answer(answer, question, used, [self.stored_text(t) for t in used], evidence)
 
-    def generate(self, cache, question: str, sampling: SamplingOptions, emit: Callable[[str], None] | None = None,
-                 sources: Sequence[Target] = ()) -> tuple[Any, list[str]]:
+    def quote_result(self, result: QAResult) -> QAResult:
+        """``result`` (a free answer, grounded) in quote mode: ``result.quote`` set, and unless it abstained the
+        quote its only citation."""
+        result.quote = self.quote(result.question, result.best.text, result.used, result.citations)
+        if result.quote is not None and not result.abstained:
+            result.citations = [result.quote]
+        return result
+
+    def generate(self, cache, question: str, sampling: SamplingOptions,
+                 emit: Callable[[str], None] | None = None) -> tuple[Any, list[str]]:
         """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock
         (with ``batching``, the answer decodes in the scheduler's batch and the lock is free while it waits).
-        ``sources``: the segments in the cache (quote mode quotes them); evidence is recorded inside
-        :func:`kvzip_rag.evidence.recording`."""
+        Evidence is recorded inside :func:`kvzip_rag.evidence.recording`."""
         from .evidence import is_recording
         from .generate import stream_answer
 
         with self.lock:
-            constraint = self.quote_constraint(sampling, question, sources)
-            stream = stream_answer(self.model, cache, question, sampling, constraint=constraint,
-                                   evidence=is_recording())
+            stream = stream_answer(self.model, cache, question, sampling, evidence=is_recording())
             pieces = self.produce(stream, emit)
         return stream.result, pieces
 
@@ -420,7 +422,7 @@ class QAService:
         """One cache's answer (a composer's building block); takes the lock."""
         with self.lock:
             cache, load_s, nbytes = self.load(target)
-            result, pieces = self.generate(cache, question, sampling, emit, [target])
+            result, pieces = self.generate(cache, question, sampling, emit)
         return CacheAnswer(target, result, pieces, is_refusal(result.text), load_s, nbytes, cache.nbytes,
                            cache.full_nbytes, cache.kept_ratio, cache.info.base_length,
                            cache.info.ratio, cache.info.level)
@@ -459,26 +461,27 @@ class QAService:
                        emit: Callable[[str], None] | None, grounding: Grounding | None = None) -> QAResult:
         """The strategy's answer (``None``: the service's) to a checked plan, with its evidence and abstention
         (``grounding``, default :class:`~kvzip_rag.abstain.Grounding`); takes the lock. When a routed cache changed
-        since routing (its document was replaced), routes once more and answers from the new caches. A quote's
-        citation is its exact place in the stored text."""
+        since routing (its document was replaced), routes once more and answers from the new caches. Quote mode
+        (:meth:`quote_result`) emits the quote once, when the answer is complete."""
         from .abstain import ground
         from .evidence import recording
 
         grounding = grounding or Grounding()
         composer = composer or self.composer
+        quoting = sampling.answer_style == "quote"
+        pieces = None if quoting else emit
         with self.lock, recording(grounding.evidence), _reading_once():
             try:
-                result = composer.answer(self, plan.question, plan.targets, sampling, emit)
+                result = composer.answer(self, plan.question, plan.targets, sampling, pieces)
             except CacheChangedError:
                 plan.targets = self.route(plan.question, plan.k, plan.doc_ids).targets
-                result = composer.answer(self, plan.question, plan.targets, sampling, emit)
+                result = composer.answer(self, plan.question, plan.targets, sampling, pieces)
             result.retrieve_s, result.compose = plan.retrieve_s, composer.name
             result = ground(self, result, grounding)
-            if sampling.answer_style == "quote" and not result.abstained:
-                from .quote import quote_citations
-
-                result.citations = quote_citations(result.text, result.used,
-                                                   [self.stored_text(t) or "" for t in result.used])
+            if quoting:
+                result = self.quote_result(result)
+                if emit is not None and result.candidate:
+                    emit(result.candidate)
         return result
 
     def stream(self, question: str, k: int = 1, *, doc_ids: Sequence[str] | str | None = None,

@@ -1,7 +1,7 @@
 """Continuous batching: answers asked from any thread decode together, one token of every running answer per pass.
 
 A request is an :class:`~kvzip_rag.generate.AnswerStream` prepared as for one answer (checked, clamped to the
-window, with its quote constraint and evidence flag; :func:`~kvzip_rag.generate.stream_answer`), or a conversation's
+window, with its evidence flag; :func:`~kvzip_rag.generate.stream_answer`), or a conversation's
 turn (:meth:`~kvzip_rag.generate.Conversation.stream`, its cache keeping the turn). It waits in a bounded queue. At
 every step waiting requests are admitted to the free places (up to ``max_batch``), one forward pass
 (:func:`~kvzip_rag.batch.batched_forward`) appends each running answer's last token and each admitted question's

@@ -175,7 +175,7 @@ def test_answers_carry_citations_verified_against_the_store(service, compose):
 
 
 def test_an_answer_reads_each_stored_text_once(service, monkeypatch):
-    """Quote constraint, evidence and quote citations share one read of the segment per answer."""
+    """Evidence, its citations and the quote share one read of the segment per answer."""
     reads = []
     get_document = service.store.get_document
     monkeypatch.setattr(service.store, "get_document", lambda doc_id: reads.append(doc_id) or get_document(doc_id))

@@ -89,6 +89,10 @@ def test_turn_words_drop_filler_and_see_pronouns():
     assert turn_words("And the second one? Give me an example.", harbour) == ([], False)
     assert turn_words("Who repaired its wall?", harbour) == (["repaired", "wall"], True)
     assert turn_words("What does the bakery sell?", harbour) == (["bakery", "sell"], False)
+    # "that" ending a question stands for what was said (a scripted follow-up left for Martin Luther on "came
+    # after"); inside one it is a conjunction or relative pronoun
+    assert turn_words("What came after that?", harbour) == (["came", "after"], True)
+    assert turn_words("Who owns the bakery that sells rye?", harbour) == (["owns", "bakery", "sells", "rye"], False)
 
 
 def test_a_pronoun_is_scored_with_the_previous_question(service):

@@ -14,7 +14,6 @@ from kvzip_rag.abstain import DEFAULT_ABSTAIN_TEXT
 from kvzip_rag.clean import answer_end
 from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import QAService
-from kvzip_rag.quote import QuoteConstraint, quote_citations
 from kvzip_rag.store import CacheStore
 from conftest import DATA_DIR, build_tiny
 
@@ -64,8 +63,8 @@ def _check_quoted(result) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("k,compose", [(1, None), (3, None), (3, "best-of-k")])
 def test_random_weights_still_quote_a_document_span(tiny_stores, seed, k, compose):
-    """Random weights pick arbitrary tokens: every path the constraint lets through must still be a span, across
-    sampling, composition and caps (a cap below the lead-in included); ratio 0.3 and as stored."""
+    """Random weights write arbitrary answers: each is still shown as a span of a routed segment, across sampling,
+    composition and caps; ratio 0.3 and as stored."""
     model, store = tiny_stores(seed)
     for ratio in (0.3, None):
         service = QAService(store, model, ratio=ratio)
@@ -77,61 +76,129 @@ def test_random_weights_still_quote_a_document_span(tiny_stores, seed, k, compos
 
 
 def test_quote_streams_and_is_checked(tiny_store):
+    """A quote streams as one piece once the answer is complete; free generation stays the default."""
     model, store = tiny_store
     service = QAService(store, model)
     stream = service.stream("Who built the harbour?", k=2, answer_style="quote", max_new_tokens=8)
     pieces = list(stream)
-    assert "".join(pieces).strip() == stream.result.text
+    assert pieces == [stream.result.text]
     _check_quoted(stream.result)
     with pytest.raises(InvalidArgumentError, match="answer_style"):
         service.answer("Who built the harbour?", answer_style="verbatim")
     free = service.answer("Who built the harbour?", max_new_tokens=4)
     # free generation stays the default: its citations are attention evidence (whole sentences), not an exact quote
-    assert all(c.text != free.text for c in free.citations)
+    assert free.quote is None and all(c.text != free.text for c in free.citations)
 
 
-def test_constraint_lead_in_and_starts(tiny_store):
-    """Lead-in tokens are not the answer; a quote never starts at a function word or a question word; without a
-    quotable word within the lead-in the start is forced; once quoting, only the document's next token (or the
-    end) may follow, and the end as soon as the model's own choice leaves the document, but not inside a word."""
-    import torch
+@pytest.mark.parametrize("k,compose", [(1, None), (3, "best-of-k"), (3, "parallel")])
+def test_quote_is_the_free_answer_snapped(tiny_store, k, compose):
+    """Quote mode generates exactly the free answer (same prompt, same tokens) and shows it snapped to the stored
+    text; the grounding benchmark's quote (``quote_result`` of the free answer) is the service's."""
+    model, store = tiny_store
+    service = QAService(store, model, ratio=0.3)
+    for question in QUESTIONS:
+        free = service.answer(question, k=k, compose=compose, max_new_tokens=12, abstain_threshold=None)
+        quoted = service.answer(question, k=k, compose=compose, max_new_tokens=12, abstain_threshold=None,
+                                answer_style="quote")
+        assert quoted.best.answer.token_ids == free.best.answer.token_ids
+        assert quoted.best.answer.prompt_tokens == free.best.answer.prompt_tokens
+        assert quoted.best.text == free.text and quoted.candidate == quoted.text == quoted.quote.text
+        snapped = service.quote(question, free.text, free.used, free.citations)
+        assert quoted.quote == snapped == service.quote_result(free).quote
+        _check_quoted(quoted)
 
-    model, _ = tiny_store
-    enc = lambda text: model.encode(text)
-    constraint = QuoteConstraint(model, ["The harbour of Velmora was built by Ansel Brask."], "Who built the harbour?",
-                                 max_lead_in=2)
-    words = {model.tokenizer.decode(ids[i - 1 : i + 1]).strip().lower() for positions in constraint.starts.values()
-             for d, i in positions for ids in [constraint.documents[d]]}  # the first two tokens of each start
-    assert words == {"velm", "ansel", "brask"}  # " An" starts "Ansel", never the article; not inside a word
-    logits = torch.zeros(model.config.vocab_size)
-    off = enc(" lighthouse")[0]
-    assert off not in constraint.starts and constraint.advance(off) is False  # a lead-in token
-    masked = constraint.mask(logits)
-    assert all(masked[s] == float("-inf") for s in constraint.stop_ids)  # no end before the quote
-    constraint.advance(off)
-    forced = constraint.mask(logits)  # the lead-in is used up: only starts
-    assert set(torch.nonzero(forced > float("-inf")).flatten().tolist()) == set(constraint.starts)
-    an, sel, br = enc(" Ansel Brask")[:3]  # " An", "sel", " Br"
-    assert constraint.advance(an) is True
-    allowed = lambda: set(torch.nonzero(constraint.mask(logits) > float("-inf")).flatten().tolist())
-    logits[off] = 9.0  # the model would leave the document, but " An" is inside a word: the word goes on
-    assert allowed() == {sel}
-    constraint.advance(sel)
-    logits[br] = 5.0
-    logits[off] = 0.0
-    assert allowed() == {br, *constraint.stop_ids}  # at a word's end: the document's next token or the end
-    logits[off] = 9.0  # the model would leave the document: the quote ends
-    assert allowed() == set(constraint.stop_ids)
+
+def test_abstained_quote_abstains(tiny_store):
+    """Abstention reads the generated answer's evidence as in free mode; an abstained quote shows the abstention,
+    the quote kept as the candidate, the citations the evidence."""
+    model, store = tiny_store
+    service = QAService(store, model)
+    result = service.answer("Who built the harbour?", answer_style="quote", abstain_threshold=1.0, max_new_tokens=6)
+    assert result.abstained and result.text == DEFAULT_ABSTAIN_TEXT
+    assert result.candidate == result.quote.text and result.metadata()["candidate_answer"] == result.quote.text
+    assert result.quote not in result.citations
+    free = service.answer("Who built the harbour?", abstain_threshold=1.0, max_new_tokens=6)
+    assert free.evidence_score == result.evidence_score and free.citations == result.citations
+
+
+def test_chat_turns_quote(tiny_store):
+    """A conversation's turn in quote mode shows (and emits, once) the quote, cited exactly; the conversation keeps
+    the generated answer."""
+    from kvzip_rag.dialogue import ChatSession
+
+    model, store = tiny_store
+    session = ChatSession(QAService(store, model), sampling={"answer_style": "quote", "max_new_tokens": 6,
+                                                             "abstain_threshold": None})
+    for question in ("Who built the harbour?", "And when?"):
+        pieces: list[str] = []
+        turn = session.ask(question, emit=pieces.append)
+        assert pieces == [turn.text] and turn.citations == [turn.quote]
+        assert turn.text == DOCS[turn.quote.doc_id][turn.quote.start : turn.quote.end]
+        assert session.conversation.turns[-1] == (question, turn.answer.text)
+
+
+# ------------------------------------------------------------------------------------------ the snapping rule
+
+CENTRAL_ASIA = ("The Black Death is thought to have started in the arid plains of Central Asia. From there it "
+                "travelled along the Silk Road and reached Crimea by 1343.")
+
+
+def test_snap_keeps_the_novel_words_of_the_answer():
+    """The shared run is trimmed to its novel words: neither the question's words nor function words."""
+    from kvzip_rag.quote import snap
+
+    answer = "The Black Death originated in the arid plains of Central Asia"
+    n, start, end = snap(answer, "Where did the Black Death originate?", [CENTRAL_ASIA])
+    assert (n, CENTRAL_ASIA[start:end]) == (0, "arid plains of Central Asia")
+    _, start, end = snap("Along the SILK ROAD.", "Which route did it travel along?", [CENTRAL_ASIA])
+    assert CENTRAL_ASIA[start:end] == "Silk Road"  # the stored characters
+
+
+def test_snap_prefers_the_sentence_the_question_is_about():
+    """Runs with as many novel words: the one in the sentence sharing more words with the question wins."""
+    from kvzip_rag.quote import snap
+
+    text = "The old mill burned in 1820. The new bridge opened in 1820, built of granite."
+    _, start, end = snap("in 1820", "When did the new bridge open?", [text])
+    assert (start, end) == (text.rindex("1820"), text.rindex("1820") + 4)
+    _, start, end = snap("in 1820", "When did the old mill burn?", [text])
+    assert (start, end) == (text.index("1820"), text.index("1820") + 4)
+
+
+def test_snap_across_segments_and_line_breaks():
+    """The best run of all the routed segments; a run never crosses a line break of the stored text."""
+    from kvzip_rag.quote import snap
+
+    texts = ["Ferries leave at seven.", "The harbour was built by Ansel Brask\nengineer of the port."]
+    n, start, end = snap("Ansel Brask engineer", "Who built the harbour?", texts)
+    assert (n, texts[n][start:end]) == (1, "Ansel Brask")
+
+
+def test_snap_falls_back_on_the_evidence_then_the_question():
+    """No shared novel word: the answer's best evidence citation; without evidence, the sentence sharing most
+    question words; nothing at all without text."""
+    from kvzip_rag.answers import Citation, Target
+    from kvzip_rag.quote import quote_answer, snap
+
+    targets = [Target("a", 0), Target("b", 2)]
+    texts = ["Ferries leave at seven. The harbour has a lighthouse.", CENTRAL_ASIA]
+    second = CENTRAL_ASIA.index("From")
+    cited = Citation("b", 2, second, len(CENTRAL_ASIA), CENTRAL_ASIA[second:], 0.7)
+    assert snap("the of", "Which harbour?", texts, cited, targets) == (1, second, len(CENTRAL_ASIA))
+    n, start, end = snap("the of", "Which harbour?", texts)
+    assert texts[n][start:end] == "The harbour has a lighthouse."
+    quote = quote_answer("the of", "Which harbour?", targets, texts, [cited])
+    assert quote == Citation("b", 2, second, len(CENTRAL_ASIA), CENTRAL_ASIA[second:], 1.0)
+    assert quote_answer("the of", "Which harbour?", targets, [None, ""]) is None
 
 
 def test_quote_citations_are_verified():
     from kvzip_rag.answers import Target
+    from kvzip_rag.quote import quote_citation
 
-    targets = [Target("a", 0, text="alpha beta"), Target("b", 2, text="gamma delta")]
-    (cited,) = quote_citations("delta", targets, [t.text for t in targets])
-    assert (cited.doc_id, cited.segment_index, cited.start, cited.end) == ("b", 2, 6, 11)
-    assert quote_citations("epsilon", targets, [t.text for t in targets]) == []
-    assert quote_citations("", targets, [t.text for t in targets]) == []
+    cited = quote_citation(Target("b", 2), "gamma delta", 6, 11)
+    assert (cited.doc_id, cited.segment_index, cited.start, cited.end, cited.text) == ("b", 2, 6, 11, "delta")
+    assert quote_citation(Target("b", 2), "gamma delta", 6, 6) is None
 
 
 # ------------------------------------------------------------------------------------------ clean free answers

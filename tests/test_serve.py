@@ -148,6 +148,18 @@ def test_abstain_text_is_an_extra_body_field(served, service):
         ask(served.client(), question, max_tokens=6, extra_body={"abstain_text": " "})
 
 
+def test_quote_mode_is_an_extra_body_field(served, service):
+    """``answer_style="quote"``: the service's quote, cited exactly, plain and streamed (one piece, once complete)."""
+    question = QUESTIONS["morrow.txt"]
+    options = {"answer_style": "quote", "abstain_threshold": None}
+    quoted = local(service, question, 6, **options)
+    response = ask(served.client(), question, max_tokens=6, extra_body=options)
+    assert response.choices[0].message.content == quoted and quoted in DOCS["morrow.txt"]
+    assert [c["text"] for c in response.model_extra["citations"]] == [quoted]
+    chunks = list(ask(served.client(), question, max_tokens=6, stream=True, extra_body=options))
+    assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content] == [quoted]
+
+
 def test_chat_history_is_replayed_and_answered_as_a_session_does(served, service):
     from kvzip_rag.dialogue import ChatSession
 

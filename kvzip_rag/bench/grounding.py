@@ -13,8 +13,11 @@ the method abstains. ``free`` is free generation (today's default answer) and ``
 abstention off (``abstain_threshold=None``); ``free+abstain`` and ``quote+abstain`` are the same answers with the
 service's calibrated abstention applied to them (:func:`abstained`: the evidence score of the answer against the
 default threshold, exactly what the service does with its default ``abstain_threshold``), so each pair differs only
-by abstention and is generated once. ``chunk-rag`` (LlamaIndex ``VectorStoreIndex`` over the article's chunks, the top chunks
-prefilled with the question by the same LLM) is the outside reference on ``squad``.
+by abstention and is generated once. Quote mode generates exactly the free answer and snaps it
+(:meth:`~kvzip_rag.qa.QAService.quote_result`), so ``quote`` is the ``free`` answer of the same question snapped
+(its time the free answer's plus the snapping; its first token the quote, shown once the answer is complete): the
+quote - free difference is that of snapping alone. ``chunk-rag`` (LlamaIndex ``VectorStoreIndex`` over the
+article's chunks, the top chunks prefilled with the question by the same LLM) is the outside reference on ``squad``.
 
 Per set and method: F1 and contains-gold (mean with a 95% interval, normal approximation), abstention rate (on
 ``squad`` and ``hotpotqa`` the answerable questions, on ``squad-unanswerable`` the unanswerable ones), citation
@@ -27,6 +30,7 @@ Rows are written after every question (``grounding.json``, ``grounding.md``), so
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import tempfile
@@ -135,22 +139,32 @@ class GroundingTask:
             gold_docs: set[str] | None = None) -> None:
         from kvzip_rag.abstain import DEFAULT_ABSTAIN_TEXT
 
-        answered: dict[tuple, tuple] = {}  # an abstaining method reads the answer of the same options
+        # an abstaining method reads the answer of the same options, a quote the free answer of the same options
+        answered: dict[tuple, tuple] = {}
         for method in self.methods:
-            key = (method.ratio, tuple(sorted(method.options.items())))
+            options = dict(method.options)
+            quoting = options.pop("answer_style", "free") == "quote"
+            key = (method.ratio, tuple(sorted(options.items())))
+            service = self.services[method.ratio]
             if key not in answered:
                 start = time.perf_counter()
-                result = self.services[method.ratio].answer(
-                    question.question, k, doc_ids=doc_ids, max_new_tokens=self.preset.grounding_max_new_tokens,
-                    **method.options)
-                answered[key] = (result, time.perf_counter() - start)
-            result, total = answered[key]
-            meta = result.metadata()
+                result = service.answer(question.question, k, doc_ids=doc_ids,
+                                        max_new_tokens=self.preset.grounding_max_new_tokens, **options)
+                total = time.perf_counter() - start
+                meta = result.metadata()
+                answered[key] = (result, meta["answer_tokens"],
+                                 (result.retrieve_s or 0.0) + result.cache_load_s + meta["ttft_s"], total)
+            if quoting and (key, "quote") not in answered:  # as the service's quote mode (a copy: the free row stays)
+                result, _, _, total = answered[key]
+                start = time.perf_counter()
+                result = service.quote_result(copy.copy(result))
+                total += time.perf_counter() - start  # the quote is shown once complete: its first token then
+                answered[key, "quote"] = (result, len(self.model.encode(result.candidate)), total, total)
+            result, tokens, first, total = answered[(key, "quote") if quoting else key]
             dropped = method.abstain and abstained(result)
             cited = [] if dropped else [c.as_dict() for c in result.citations]
             self.add(set_name, question, doc_id, method.label, DEFAULT_ABSTAIN_TEXT if dropped else result.text,
-                     meta["answer_tokens"], (result.retrieve_s or 0.0) + result.cache_load_s + meta["ttft_s"], total,
-                     result.abstained or dropped, cited,
+                     tokens, first, total, result.abstained or dropped, cited,
                      None if not cited or gold_docs is None else float(cited[0]["doc_id"] in gold_docs),
                      {"evidence_features": result.evidence_features, "evidence_score": result.evidence_score,
                       "answered_from": [t.doc_id for t in result.used],

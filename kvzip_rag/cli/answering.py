@@ -203,7 +203,7 @@ def chat(
                 session.conversation.reset()
                 say("[yellow]the conversation filled the model's window: it starts over from the document[/yellow]")
                 turn = _turn(session, question, None)
-            print_evidence(turn, streamed=True)
+            print_evidence(turn, streamed=True, quoted=quote and not turn.abstained)
             print_chat_footer(session, turn)
         except CLIError as error:  # e.g. no document matches: say so and keep the loop going
             say(f"[red]{show(str(error))}[/red]")
