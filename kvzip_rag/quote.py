@@ -34,8 +34,9 @@ from .language import STOPWORDS, WORD, words
 ANSWER_STYLES = ("free", "quote")
 DEFAULT_ANSWER_STYLE = "free"
 # words that say nothing of their own: a quote never starts or ends at one (the store's stop words and a few that
-# restate a question or the prompt; fitted with the rule on dev rows only)
-FUNCTION_WORDS = STOPWORDS | frozenset("also answer called context he her his known she those".split())
+# restate a question or the prompt; fitted with the rule on dev rows only), and the clitics a word split leaves
+# ("Earth's" is "earth" + "s": a held-out answer was quoted as "s"; no dev row's F1 changes)
+FUNCTION_WORDS = STOPWORDS | frozenset("also answer called context he her his known she those s t d ll re ve".split())
 # per question word in the run's sentence: 0 measured 0.172 F1 vs 0.202 (the prototype, dev rows, n = 206)
 QUESTION_WEIGHT = 1.0
 

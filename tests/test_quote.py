@@ -154,6 +154,16 @@ def test_snap_keeps_the_novel_words_of_the_answer():
     assert CENTRAL_ASIA[start:end] == "Silk Road"  # the stored characters
 
 
+def test_snap_never_quotes_a_clitic_alone():
+    """A possessive's "s" is a word of the split, not an answer: "the Earth's" shares only "s" beyond the question's
+    words, so the quote falls back to the sentence closest to the question instead of the letter "s"."""
+    from kvzip_rag.quote import snap
+
+    text = "Below the Earth's crust lies the mantle. The core is mostly iron."
+    n, start, end = snap("The Earth's", "What lies below the crust of the Earth?", [text])
+    assert text[start:end] == "Below the Earth's crust lies the mantle."
+
+
 def test_snap_prefers_the_sentence_the_question_is_about():
     """Runs with as many novel words: the one in the sentence sharing more words with the question wins."""
     from kvzip_rag.quote import snap
