@@ -293,8 +293,8 @@ def table(record: dict) -> list[str]:
     from kvzip_rag.bench.fidelity import summarize
 
     summary = summarize(record)
-    lines = ["| method | n | NLL - full (paired 95% CI) | NLL - K4V2, same ratio (paired) | B / doc token | x full fp16 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | n | NLL - full (paired 95% CI) | NLL - K4V2, same ratio (paired) | B / doc token "
+             "| x full fp16 |", "|---|---|---|---|---|---|"]
     for method, entry in summary.items():
         ratio = method.rpartition("@")[2]
         k4v2 = f"kvzip-pair-k4v2@{ratio}"
