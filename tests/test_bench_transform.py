@@ -124,7 +124,7 @@ def test_transform_codec_on_a_cache(tiny_llama):
     from kvzip_rag.bench.runner import PreparedDocument
 
     texts = ["The quick brown fox jumps over the lazy dog. " * 12, "A river runs through the old town square. " * 10]
-    codec = TransformCodec(tiny_llama, texts, fit_rows=500)
+    codec = TransformCodec(tiny_llama, texts)
     cache, _ = PreparedDocument(tiny_llama, texts[1]).base("full")
     fine, coarse = codec.apply(cache, MAX_BITS), codec.apply(cache, 1)
     prefix = cache.info.prefix_length

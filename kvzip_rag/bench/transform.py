@@ -39,7 +39,6 @@ import torch
 GAUSSIAN_CLIP = (1.596, 1.99, 2.34, 2.68, 3.0, 3.33, 3.67, 4.0)  # clip / sigma of the MSE-best uniform quantizer
 CLIP_SCALES = (0.8, 1.0, 1.25)
 MAX_BITS = len(GAUSSIAN_CLIP)
-FIT_ROWS = 2500  # calibration rows a component's distortion table is measured on (a seeded random subset)
 METRIC_FLOOR = 1e-4  # eigenvalues of M below this fraction of its largest are raised to it (W stays invertible)
 
 
@@ -139,7 +138,7 @@ def coded_rows(cache):
 class TransformCodec:
     """Every (layer, kv head, keys/values) codec of one model, calibrated on ``texts``."""
 
-    def __init__(self, model, texts: list[str], fit_rows: int = FIT_ROWS, seed: int = 0):
+    def __init__(self, model, texts: list[str]):
         from kvzip_rag.bench.runner import PreparedDocument
 
         self.frame = RopeFrame(model)
@@ -169,11 +168,9 @@ class TransformCodec:
         finally:
             for hook in hooks:
                 hook.remove()
-        generator = torch.Generator().manual_seed(seed)
         self.codecs: dict[tuple[int, int, str], ComponentCodec] = {}
         for (index, head, kind), parts in samples.items():
-            x = torch.cat(parts)
-            x = x[torch.randperm(len(x), generator=generator)[:fit_rows]]
+            x = torch.cat(parts)  # every row: fits on random subsets of 2,500 moved the NLL by up to 0.07 nats
             if kind == "k":
                 energy = queries[index][head].diagonal()
                 half = self.head_dim // 2
