@@ -19,8 +19,8 @@ never uses (the Paul Graham essays):
 
 Entries stay independent, so a lower-ratio load would still read a prefix of each head; the never-evicted prefix
 is not coded. Bytes are estimated, not written: the codes (bit-packed, ``budget * 2 * head_dim / 8`` bytes per
-entry and head) plus what a K4V2 blob of the same cache stores beside its keys and values (positions, scores,
-offsets, input ids, header), scaled by the entries kept. Run::
+entry and head) plus what the K4V2 blob of the same cache stores beside its keys and values (positions, scores,
+offsets, input ids, header). Run::
 
     python -m kvzip_rag.bench.transform --docs 24 --questions-per-doc 13 --out transform.json
 """
