@@ -468,6 +468,7 @@ class LayerArena:
             self.keys[slot, :size], self.values[slot, :size] = part.buffer_keys, part.buffer_values
             self.heads[slot, :size], self.positions[slot, :size] = meta.heads, meta.positions
             self.bias[slot, :, :size] = meta.decode_bias
+            self.heads[slot, size:], self.positions[slot, size:] = -1, NO_POSITION  # a former member's padding
             self.bias[slot, :, size:] = float("-inf")
             starts, counts = part.device_layout()
             self.tail_start[slot] = starts + counts
