@@ -511,8 +511,8 @@ class LayerArena:
         offset = tails[step.sequence] + step.offset  # (tokens,): each token's tail index in its own cache
         slot = slots[step.sequence]  # (tokens,): the slot of each token's sequence
         local = (self.tail_start[slot] + offset[:, None]).T  # (heads, tokens): rows within the slots
-        sequence = slot.expand_as(local)
-        flat = (local + sequence * self.rows).flatten()
+        row_slot = slot.expand_as(local)
+        flat = (local + row_slot * self.rows).flatten()
         num_kv, dim = local.shape[0], key_states.shape[-1]
         group = self.bias.shape[1] // num_kv
         with torch.inference_mode():
@@ -521,7 +521,7 @@ class LayerArena:
                 0, flat, value_states[0].reshape(len(flat), -1).to(self.values.dtype))
             self.positions.view(-1)[flat] = (self.base[slot] + offset).expand_as(local).flatten()
             kv_heads = torch.arange(num_kv, device=flat.device)[:, None]
-            self.bias.view(len(self.keys), num_kv, group, self.rows)[sequence, kv_heads, :, local] = 0
+            self.bias.view(len(self.keys), num_kv, group, self.rows)[row_slot, kv_heads, :, local] = 0
         for part, length in zip(parts, step.lengths):
             part._tail += length
 
