@@ -240,22 +240,29 @@ def flash_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: f
 
 
 def torch_batched_attention(query: torch.Tensor, layer: BatchedLayer, scaling: float) -> torch.Tensor:
-    """CPU path over a batch's arena: every sequence's last query in one batched GEMM over its own slot (the
-    maintained decode mask, as ``packed_probabilities`` decoding); a question's earlier prompt tokens attend over
-    its own cache alone (padding every sequence's queries to the longest prompt would cost more). ``query``
-    ``(1, H, tokens, d)``; returns ``(1, tokens, H, d)``."""
+    """CPU path over a batch's arena: every sequence's last query in one batched GEMM over the arena's slots (the
+    maintained decode mask, as ``packed_probabilities`` decoding), each sequence's query in its own slot (a free
+    slot's zero query is computed and dropped); a question's earlier prompt tokens attend over its own cache alone
+    (padding every sequence's queries to the longest prompt would cost more). ``query`` ``(1, H, tokens, d)``;
+    returns ``(1, tokens, H, d)``."""
     arena, step = layer.arena, layer.step
     q = query[0].transpose(0, 1) if step.single else query[0, :, step.last].transpose(0, 1)  # (B, H, d)
-    logits = torch.baddbmm(arena.bias, q, arena.keys.transpose(1, 2), alpha=scaling)  # (B, H, rows)
+    last_positions = step.last_positions
+    if not layer.in_order:  # to the slots
+        q = q.new_zeros(len(arena.keys), *q.shape[1:]).index_copy_(0, layer.slots, q)
+        last_positions = last_positions.new_zeros(len(arena.keys)).index_copy_(0, layer.slots, last_positions)
+    logits = torch.baddbmm(arena.bias, q, arena.keys.transpose(1, 2), alpha=scaling)  # (slots, H, rows)
     window = layer.parts[0].sliding_window
     if window:
-        hidden = arena.positions <= (step.last_positions - window)[:, None]
+        hidden = arena.positions <= (last_positions - window)[:, None]
         logits.masked_fill_(hidden[:, None], float("-inf"))
     probabilities = torch.softmax(logits.float(), dim=-1)
-    for part, length, rows in zip(layer.parts, step.lengths, probabilities):
+    for part, length in zip(layer.parts, step.lengths):
         if part.evidence is not None and length == 1 and not window:  # a prompt's evidence: its own call below
-            part.evidence(part, rows[:, :len(part.buffer_keys)])
-    out = torch.bmm(probabilities.to(arena.values.dtype), arena.values)  # (B, H, d)
+            part.evidence(part, probabilities[part.arena_slot[1], :, :len(part.buffer_keys)])
+    out = torch.bmm(probabilities.to(arena.values.dtype), arena.values)  # (slots, H, d)
+    if not layer.in_order:  # back to the sequences
+        out = out[layer.slots]
     if step.single:
         return out[None]
     result = out.new_empty(len(step.sequence), *out.shape[1:])
@@ -268,38 +275,46 @@ def torch_batched_attention(query: torch.Tensor, layer: BatchedLayer, scaling: f
 
 def flash_batched_attention(query: torch.Tensor, layer: BatchedLayer, scaling: float) -> torch.Tensor:
     """CUDA path: one ``flash_attn_varlen_func`` call over the arena as it is, every (sequence, kv head) live
-    range one segment with that sequence's queries (the padding and reserved rows between them empty-query
-    segments, as in ``varlen_arguments``); prompts and single tokens alike (causal, aligned to each segment's end)."""
+    range one segment with that sequence's queries, in the arena's slot order (the padding, reserved rows and free
+    slots between them empty-query segments, as in ``varlen_arguments``); prompts and single tokens alike (causal,
+    aligned to each segment's end)."""
     flash_attn_varlen_func = _flash_varlen()
-    arena, step, parts = layer.arena, layer.step, layer.parts
+    arena, step = layer.arena, layer.step
     _, num_q_heads, tokens, head_dim = query.shape
-    num_kv = parts[0].num_heads
+    num_kv = layer.parts[0].num_heads
     group = num_q_heads // num_kv
     device = query.device
-    lengths = torch.tensor(step.lengths, device=device)
-    # Queries ordered by (sequence, kv head, token): kv head h of sequence b takes b's tokens.
+    order = sorted(range(len(layer.parts)), key=lambda b: layer.parts[b].arena_slot[1])  # host-side: no sync
+    parts = [layer.parts[b] for b in order]
+    slot_list = [part.arena_slot[1] for part in parts]
+    lengths = torch.tensor([step.lengths[b] for b in order], device=device)
+    # Queries ordered by (slot, kv head, token): kv head h of the sequence in that slot takes its tokens.
     per_segment = lengths.repeat_interleave(num_kv)  # (B * kv heads,)
     heads = torch.arange(num_kv, device=device).repeat(len(parts)).repeat_interleave(per_segment)
-    first = (step.last - lengths + 1).repeat_interleave(num_kv)
+    first = (step.last[torch.tensor(order, device=device)] - lengths + 1).repeat_interleave(num_kv)
     segment_start = per_segment.cumsum(0) - per_segment
     ranks = torch.arange(num_kv * sum(step.lengths), device=device) - segment_start.repeat_interleave(per_segment)
     token = first.repeat_interleave(per_segment) + ranks
     q = query[0].view(num_kv, group, tokens, head_dim)[heads, :, token]  # (queries, group, d)
     tails = torch.tensor([part.tail_length for part in parts], device=device)
-    slots = torch.arange(len(parts), device=device)[:, None] * arena.rows
+    slots = torch.tensor(slot_list, device=device)
     counts = torch.stack([part.device_layout()[1] for part in parts])
-    starts = slots + arena.tail_start - counts  # (B, kv heads): each head's first row in the flat arena
-    cu_k = torch.stack([starts, starts + counts + tails[:, None]], dim=-1).flatten().to(torch.int32)
-    cu_q = torch.cat([per_segment.new_zeros(1), torch.stack([per_segment, torch.zeros_like(per_segment)], -1)
-                      .flatten()[:-1].cumsum(0)]).to(torch.int32)
-    window = (parts[0].sliding_window - 1, 0) if parts[0].sliding_window else (-1, -1)
+    starts = slots[:, None] * arena.rows + arena.tail_start[slots] - counts  # (B, kv heads): first rows, flat
+    # an empty-query segment from row 0 to the first head, and between every two heads
+    cu_k = torch.cat([starts.new_zeros(1), torch.stack([starts, starts + counts + tails[:, None]], dim=-1).flatten()])
+    cu_q = torch.cat([per_segment.new_zeros(2), torch.stack([per_segment, torch.zeros_like(per_segment)], -1)
+                      .flatten()[:-1].cumsum(0)])
+    # the longest segment: a slot, or the free slots between two taken ones with the padding around them
+    gaps = [b - a for a, b in zip([-1] + slot_list, slot_list)]
+    window = (layer.parts[0].sliding_window - 1, 0) if layer.parts[0].sliding_window else (-1, -1)
     out = flash_attn_varlen_func(
-        q, arena.keys.view(-1, 1, head_dim), arena.values.view(-1, 1, arena.values.shape[-1]), cu_q, cu_k,
-        max(step.lengths), arena.rows, softmax_scale=scaling, causal=True, window_size=window,
+        q, arena.keys.view(-1, 1, head_dim), arena.values.view(-1, 1, arena.values.shape[-1]),
+        cu_q.to(torch.int32), cu_k.to(torch.int32), max(step.lengths), arena.rows * max(gaps),
+        softmax_scale=scaling, causal=True, window_size=window,
     )
     result = out.new_empty(num_kv, tokens, group, head_dim)
     result[heads, token] = out
-    for part, span in zip(parts, step.spans()):  # host-side spans: no device sync
+    for part, span in zip(layer.parts, step.spans()):  # host-side spans: no device sync
         if part.evidence is not None and not part.sliding_window:  # the one extra softmax (last query only)
             part.evidence(part, packed_probabilities(query[:, :, span.stop - 1:span.stop], part, scaling))
     return result.permute(1, 0, 2, 3).reshape(tokens, num_q_heads, head_dim)[None]

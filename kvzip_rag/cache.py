@@ -102,9 +102,13 @@ class PackedLayer(CacheLayerMixin):
         self._forget_derived()
 
     def _forget_derived(self) -> None:
-        """Drop what is derived from the buffer's shape or device (rebuilt on first use)."""
+        """Drop what is derived from the buffer's shape or device (rebuilt on first use); a batch arena's slot is
+        given back (the buffer is no longer a view of it)."""
         self._row_meta: RowMeta | None = None
         self._device_layout: tuple[torch.Tensor, torch.Tensor] | None = None
+        slot = getattr(self, "arena_slot", None)
+        if slot is not None:
+            slot[0].release(slot[1])
         self.arena_slot: tuple[LayerArena, int] | None = None  # its buffer is a view of this batch arena's slot
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -423,17 +427,20 @@ class PackedCache(Cache):
 
 
 class LayerArena:
-    """One layer of B packed caches side by side in one padded tensor: keys and values ``(B, rows, d)`` and the
-    parts' ``RowMeta`` (heads and positions ``(B, rows)``, decode mask ``(B, query heads, rows)``), each slot
+    """One layer of B packed caches side by side in one padded tensor: keys and values ``(slots, rows, d)`` and the
+    parts' ``RowMeta`` (heads and positions ``(slots, rows)``, decode mask ``(slots, query heads, rows)``), each slot
     padded to the longest buffer (keys 0, mask -inf, so a padded row is never seen).
 
     Each part's buffer and ``RowMeta`` become views of its slot, so its own code (a batch-1 pass, ``crop``) reads
     and writes the same memory, while a batched step writes every sequence's new rows with one indexed copy and
-    attends over all of them with one call (``kvzip_rag.attention``). Built once the batch's members change or one
-    outgrows its room (its ``_grow`` gives it a buffer of its own again, leaving the slot)."""
+    attends over all of them with one call (``kvzip_rag.attention``). A slot is given back when its part leaves it
+    (``PackedLayer.leave_arena``, or a regrowth giving the part a buffer of its own) and taken by the next part
+    that joins and fits, which copies only that part; the arena is rebuilt (every part copied) only when a joining
+    part finds no free slot that fits, or when free slots would make it mostly padding (:func:`use_arena`'s
+    bound). A batch's sequences need not sit in slot order (``BatchedLayer.slots``); a free slot is computed over
+    and ignored."""
 
     def __init__(self, parts: list[PackedLayer], num_query_heads: int):
-        metas = [part.row_meta(num_query_heads) for part in parts]
         sizes = [len(part.buffer_keys) for part in parts]
         self.rows = max(sizes)  # the parts are not kept: each points here (no reference cycle holds a dead arena)
         first = parts[0]
@@ -445,45 +452,76 @@ class LayerArena:
             self.positions = torch.full((batch, self.rows), NO_POSITION, dtype=torch.int64, device=device)
             self.bias = torch.full((batch, num_query_heads, self.rows), float("-inf"), dtype=self.keys.dtype,
                                    device=device)
-            for b, (part, meta, size) in enumerate(zip(parts, metas, sizes)):
-                self.keys[b, :size], self.values[b, :size] = part.buffer_keys, part.buffer_values
-                self.heads[b, :size], self.positions[b, :size] = meta.heads, meta.positions
-                self.bias[b, :, :size] = meta.decode_bias
-                part.buffer_keys, part.buffer_values = self.keys[b, :size], self.values[b, :size]
-                part._row_meta = RowMeta(self.heads[b, :size], self.positions[b, :size], self.bias[b, :, :size])
-                part.arena_slot = (self, b)
-        # Each head's first tail row (within its slot), and where each sequence's tokens are placed.
-        self.tail_start = torch.stack([part.device_layout()[0] + part.device_layout()[1] for part in parts])
-        self.base = torch.tensor([part.base_length for part in parts], device=device)
+        # Each slot's heads' first tail row (within the slot), and the position of its part's first tail token.
+        self.tail_start = torch.zeros(batch, first.num_heads, dtype=torch.int64, device=device)
+        self.base = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.taken = [False] * batch
+        for b, part in enumerate(parts):
+            self.place(part, b)
+
+    def place(self, part: PackedLayer, slot: int) -> None:
+        """Copy ``part`` into the free ``slot`` and make its buffer and row meta views of it (it gives back the
+        slot it held elsewhere)."""
+        meta = part.row_meta(self.bias.shape[1])
+        size = len(part.buffer_keys)
+        with torch.inference_mode():
+            self.keys[slot, :size], self.values[slot, :size] = part.buffer_keys, part.buffer_values
+            self.heads[slot, :size], self.positions[slot, :size] = meta.heads, meta.positions
+            self.bias[slot, :, :size] = meta.decode_bias
+            self.heads[slot, size:], self.positions[slot, size:] = -1, NO_POSITION  # a former member's padding
+            self.bias[slot, :, size:] = float("-inf")
+            starts, counts = part.device_layout()
+            self.tail_start[slot] = starts + counts
+            self.base[slot] = part.base_length
+        layout = part._device_layout
+        part._forget_derived()
+        part.buffer_keys, part.buffer_values = self.keys[slot, :size], self.values[slot, :size]
+        part._row_meta = RowMeta(self.heads[slot, :size], self.positions[slot, :size], self.bias[slot, :, :size])
+        part._device_layout = layout  # same buffer layout, same device
+        part.arena_slot = (self, slot)
+        self.taken[slot] = True
+
+    def release(self, slot: int) -> None:
+        """Its part left the slot: the next part that joins and fits may take it."""
+        self.taken[slot] = False
 
     @classmethod
     def of(cls, parts: list[PackedLayer], num_query_heads: int) -> "LayerArena":
-        """The arena these parts already share in this order, or a new one."""
-        slot = parts[0].arena_slot
-        arena = slot[0] if slot is not None else None
-        if (arena is not None and len(arena.keys) == len(parts) and arena.bias.shape[1] == num_query_heads
-                and all(part.arena_slot == (arena, b) for b, part in enumerate(parts))):
-            return arena
-        return cls(parts, num_query_heads)
+        """The arena some of these parts already share, the others placed in its free slots; or a new one (see the
+        class)."""
+        arena = next((part.arena_slot[0] for part in parts if part.arena_slot is not None), None)
+        if arena is None or arena.bias.shape[1] != num_query_heads:
+            return cls(parts, num_query_heads)
+        joining = [part for part in parts if part.arena_slot is None or part.arena_slot[0] is not arena]
+        free = [slot for slot, taken in enumerate(arena.taken) if not taken]
+        sizes = [len(part.buffer_keys) for part in parts]
+        if (len(joining) > len(free) or any(len(part.buffer_keys) > arena.rows for part in joining)
+                or len(arena.keys) * arena.rows > MAX_ARENA_PADDING * sum(sizes)):
+            return cls(parts, num_query_heads)
+        for part, slot in zip(joining, free):
+            arena.place(part, slot)
+        return arena
 
-    def write(self, parts: list[PackedLayer], key_states: torch.Tensor, value_states: torch.Tensor,
-              step: "BatchStep") -> None:
-        """The pass's new keys and values ``(1, heads, tokens, d)`` into every sequence's tail rows, their row
-        meta with them (positions; the decode mask opened for the heads' query groups); then the tails advance."""
+    def write(self, parts: list[PackedLayer], slots: torch.Tensor, key_states: torch.Tensor,
+              value_states: torch.Tensor, step: "BatchStep") -> None:
+        """The pass's new keys and values ``(1, heads, tokens, d)`` into every sequence's tail rows (sequence ``b``
+        in slot ``slots[b]``), their row meta with them (positions; the decode mask opened for the heads' query
+        groups); then the tails advance."""
         tails = torch.tensor([part.tail_length for part in parts], device=self.keys.device)
         offset = tails[step.sequence] + step.offset  # (tokens,): each token's tail index in its own cache
-        local = (self.tail_start[step.sequence] + offset[:, None]).T  # (heads, tokens): rows within the slots
-        sequence = step.sequence.expand_as(local)
-        flat = (local + sequence * self.rows).flatten()
+        slot = slots[step.sequence]  # (tokens,): the slot of each token's sequence
+        local = (self.tail_start[slot] + offset[:, None]).T  # (heads, tokens): rows within the slots
+        row_slot = slot.expand_as(local)
+        flat = (local + row_slot * self.rows).flatten()
         num_kv, dim = local.shape[0], key_states.shape[-1]
         group = self.bias.shape[1] // num_kv
         with torch.inference_mode():
             self.keys.view(-1, dim).index_copy_(0, flat, key_states[0].reshape(-1, dim).to(self.keys.dtype))
             self.values.view(-1, self.values.shape[-1]).index_copy_(
                 0, flat, value_states[0].reshape(len(flat), -1).to(self.values.dtype))
-            self.positions.view(-1)[flat] = (self.base[step.sequence] + offset).expand_as(local).flatten()
+            self.positions.view(-1)[flat] = (self.base[slot] + offset).expand_as(local).flatten()
             kv_heads = torch.arange(num_kv, device=flat.device)[:, None]
-            self.bias.view(len(parts), num_kv, group, self.rows)[sequence, kv_heads, :, local] = 0
+            self.bias.view(len(self.keys), num_kv, group, self.rows)[row_slot, kv_heads, :, local] = 0
         for part, length in zip(parts, step.lengths):
             part._tail += length
 
@@ -529,6 +567,10 @@ class BatchedLayer(CacheLayerMixin):
     def __init__(self, parts: list[PackedLayer], step: BatchStep, arena: LayerArena | None):
         self.is_initialized = True
         self.parts, self.step, self.arena = parts, step, arena
+        # each sequence's slot in the arena; ``in_order``: sequence b in slot b, every slot taken
+        order = [part.arena_slot[1] for part in parts] if arena is not None else []
+        self.in_order = arena is not None and order == list(range(len(arena.keys)))
+        self.slots = torch.tensor(order, device=arena.keys.device) if arena is not None else None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: the parts are built complete."""
@@ -540,7 +582,7 @@ class BatchedLayer(CacheLayerMixin):
             raise ValueError(f"a pass of {tuple(key_states.shape[:3:2])} (rows, tokens) over caches taking "
                              f"{self.step.lengths} tokens in one row")
         if self.arena is not None:
-            self.arena.write(self.parts, key_states, value_states, self.step)
+            self.arena.write(self.parts, self.slots, key_states, value_states, self.step)
         else:
             for span, part in zip(self.step.spans(), self.parts):
                 part.update(key_states[:, :, span], value_states[:, :, span])

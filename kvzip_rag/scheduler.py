@@ -186,8 +186,8 @@ class BatchRequest:
 
     def _end(self, error: BaseException | None, done: bool = False) -> None:
         """Finish (``done``: with its ``Answer``), fail (``error``) or drop it (:meth:`AnswerStream.finish`)."""
-        if self.stream.keep:  # the conversation's cache outlives the batch
-            self.stream.cache.leave_arena()
+        # its arena slots go to the next request that joins (the cache, e.g. a conversation's, keeps a copy)
+        self.stream.cache.leave_arena()
         self.stream.finish(self.decoding, self.recorder, done)
         with self.ready:
             self.error, self.finished = error, True

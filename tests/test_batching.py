@@ -176,29 +176,46 @@ def test_evidence_recorded_in_a_batch_is_each_sequences_own(smol_tokenizer, monk
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
-def test_a_batch_shares_one_arena_until_its_members_change_and_bounds_its_padding(tiny_llama):
-    """Steps of the same sequences reuse their layers' arena (no copy per step); a sequence leaving, or one whose
-    tail outgrows its room, gets a new one; a cache that would make the arena mostly padding sends the layer part
-    by part, with the same logits."""
-    caches = varied_caches(tiny_llama)[:3]
-    prompts = [tiny_llama.encode(tiny_llama.template.question_text(q)) for q in QUESTIONS]
+@pytest.mark.parametrize("flash", [False, True])
+def test_a_batch_keeps_its_arena_as_members_come_and_go_and_bounds_its_padding(tiny_llama, monkeypatch, flash):
+    """Steps of the same sequences reuse their layers' arena (no copy per step); a sequence that leaves gives back
+    its slot and one that joins takes it, copying only itself (no rebuild), the sequences then out of slot order;
+    a tail that outgrows its room or a joining cache that fits no slot gets a new arena; each sequence's logits
+    stay its batch-1 logits throughout (also on the CUDA path, run with the reference kernel). A cache that would
+    make the arena mostly padding sends the layer part by part, with the same logits."""
+    if flash:
+        monkeypatch.setattr(attention, "use_flash", lambda query: True)
+        monkeypatch.setattr(attention, "_flash_varlen", lambda: reference_flash_attn_varlen_func)
+    caches = varied_caches(tiny_llama)[:4]
+    alone = [packed_fresh(cache) for cache in caches]  # the same tokens, never batched
+    prompts = [tiny_llama.encode(tiny_llama.template.question_text(q)) for q in PROMPTS[:4]]
+    built = count_calls(monkeypatch, "__init__", kvzip_rag.cache.LayerArena)
+
+    def step(members: list[int], tokens: list[list[int]]) -> None:
+        got = batched_forward(tiny_llama, [caches[b] for b in members], tokens)
+        for b, ids, row in zip(members, tokens, got):
+            expected = packed_forward(tiny_llama, alone[b], ids)
+            assert torch.allclose(row, expected, atol=ATOL), (b, (row - expected).abs().max())
+
     with torch.inference_mode():
-        batched_forward(tiny_llama, caches, prompts)
+        step([0, 1, 2], prompts[:3])
         arena = caches[0].layers[0].arena_slot[0]
-        assert [c.layers[0].arena_slot for c in caches] == [(arena, 0), (arena, 1), (arena, 2)]
-        batched_forward(tiny_llama, caches, [[1]] * 3)
-        assert caches[2].layers[0].arena_slot[0] is arena
-        batched_forward(tiny_llama, caches[:2], [[1]] * 2)
-        assert caches[0].layers[0].arena_slot[0] is not arena
-        room = caches[0].layers[0].room
-        batched_forward(tiny_llama, caches[:2], [[1] * room, [1]])  # regrows the first cache's tails
-        assert caches[0].layers[0].room > room and caches[0].layers[0].arena_slot[1] == 0
-        alone = packed_fresh(caches[1])  # the same tokens, never batched
-        expected = [packed_forward(tiny_llama, alone, ids) for ids in (prompts[1], [1], [1], [1], [7])][-1]
-        caches[1].leave_arena()  # its tail kept, in a buffer of its own
+        assert [c.layers[0].arena_slot for c in caches[:3]] == [(arena, 0), (arena, 1), (arena, 2)]
+        rebuilds = len(built)
+        step([0, 1, 2], [[1]] * 3)
+        caches[1].leave_arena()  # leaves: its tail kept, in a buffer of its own; its slot free
         layer = caches[1].layers[0]
         assert layer.arena_slot is None and layer.buffer_keys.untyped_storage().nbytes() == layer.buffer_keys.nbytes
-        assert torch.allclose(packed_forward(tiny_llama, caches[1], [7]), expected, atol=ATOL)
+        assert arena.taken == [True, False, True]
+        step([2, 0], [[5], [3]])  # out of slot order, a free slot between
+        assert len(built) == rebuilds and caches[2].layers[0].arena_slot == (arena, 2)
+        step([3, 2, 0], [prompts[3], [4], [1]])  # joins into the free slot
+        assert len(built) == rebuilds and caches[3].layers[0].arena_slot == (arena, 1)
+        assert torch.allclose(packed_forward(tiny_llama, caches[1], [7]), packed_forward(tiny_llama, alone[1], [7]),
+                              atol=ATOL)
+        room = caches[0].layers[0].room
+        step([0, 3], [[1] * room, [2]])  # regrows the first cache's tails: it no longer fits its slot
+        assert caches[0].layers[0].room > room and caches[0].layers[0].arena_slot[0] is not arena
     for cache in caches:
         cache.reset()
     small = varied_caches(tiny_llama)[4]
