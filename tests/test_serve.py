@@ -233,12 +233,12 @@ def test_a_client_leaving_a_stream_stops_its_answer_and_frees_the_server(served,
     emitted: Counter = Counter()
     generate = QAService.generate
 
-    def counting(self, cache, question, sampling, emit=None, sources=()):
+    def counting(self, cache, question, sampling, emit=None):
         def count(piece):
             emitted[question] += 1
             emit(piece)
 
-        return generate(self, cache, question, sampling, count if emit else None, sources)
+        return generate(self, cache, question, sampling, count if emit else None)
 
     monkeypatch.setattr(QAService, "generate", counting)
     question, limit = QUESTIONS["brask.txt"], 600
