@@ -143,7 +143,10 @@ def start_server(store: Path, model: str | None, threads: int, options: tuple[st
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"kvzip-rag serve {' '.join(options)} exited with code {server.returncode}")
+            said.seek(0)
+            last = said.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"kvzip-rag serve {' '.join(options)} exited with code {server.returncode}: "
+                               + " / ".join(last))
         try:
             said.seek(0)
             if b"serving" in said.read():
