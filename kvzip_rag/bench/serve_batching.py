@@ -155,10 +155,13 @@ def markdown(result: dict) -> str:
              "| path | clients | n | answers/s | generated tok/s | TTFT p50 / p95 (s) | TTFT p95 after each "
              "client's first (s) | latency p50 / p95 (s) | batch mean / peak | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    later = {id(r): "-" if r["ttft_p95_after_first_s"] is None else f"{r['ttft_p95_after_first_s']:.2f}"
-             for r in result["settings"]}
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     lines += [f"| {r['path']} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | {later[id(r)]} | {r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} | "
+              f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | {seconds(r['ttft_p95_after_first_s'])} | "
+              f"{r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} | "
               f"{r['mean_batch']:.1f} / {r['peak_batch']} | {r['peak_rss_mb']:.0f} |" for r in result["settings"]]
     agree = result["agreement"]
     lines += ["", f"Batched answers equal to the serial path's (text and sources, same question): "
