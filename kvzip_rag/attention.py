@@ -242,9 +242,9 @@ def flash_packed_attention(query: torch.Tensor, layer: "PackedLayer", scaling: f
 def torch_batched_attention(query: torch.Tensor, layer: BatchedLayer, scaling: float) -> torch.Tensor:
     """CPU path over a batch's arena: every sequence's last query in one batched GEMM over the arena's slots (the
     maintained decode mask, as ``packed_probabilities`` decoding), each sequence's query in its own slot (a free
-    slot's zero query is computed and dropped); a question's earlier prompt tokens attend over its own cache alone
-    (padding every sequence's queries to the longest prompt would cost more). ``query`` ``(1, H, tokens, d)``;
-    returns ``(1, tokens, H, d)``."""
+    slot's zero query is computed and dropped); the pass's prompts (questions admitted in it) in one more call over
+    their own slots (:func:`prompt_grid_attention`; padding every sequence's queries to the longest prompt would
+    cost more). ``query`` ``(1, H, tokens, d)``; returns ``(1, tokens, H, d)``."""
     arena, step = layer.arena, layer.step
     q = query[0].transpose(0, 1) if step.single else query[0, :, step.last].transpose(0, 1)  # (B, H, d)
     last_positions = step.last_positions
@@ -267,10 +267,66 @@ def torch_batched_attention(query: torch.Tensor, layer: BatchedLayer, scaling: f
         return out[None]
     result = out.new_empty(len(step.sequence), *out.shape[1:])
     result[step.last] = out
-    for span, part, length in zip(step.spans(), layer.parts, step.lengths):
-        if length > 1:
-            result[span] = torch_packed_attention(query[:, :, span], part, scaling)[0]
+    grid = step.prompts
+    if len(grid.lengths) * query.shape[1] * grid.longest * arena.rows <= PROMPT_GRID_ELEMENTS:
+        result[grid.token] = prompt_grid_attention(query, layer, scaling)
+    else:  # one long prompt would make the padded grid mostly padding: each prompt over its own cache
+        for span, part, length in zip(step.spans(), layer.parts, step.lengths):
+            if length > 1:
+                result[span] = torch_packed_attention(query[:, :, span], part, scaling)[0]
     return result[None]
+
+
+#: Largest (prompts x query heads x longest prompt x arena rows) attention grid of the pass's prompts computed as one
+#: padded call (32 MiB of float32 logits); beyond it each prompt attends over its own cache.
+PROMPT_GRID_ELEMENTS = 1 << 23
+
+
+def prompt_grid_attention(query: torch.Tensor, layer: BatchedLayer, scaling: float) -> torch.Tensor:
+    """Every prompt of a pass (questions arriving together) over its own cache in one padded call: each prompt's
+    queries, kv head by kv head (its group of query heads), over that kv head's live rows in the prompt's arena
+    slot, gathered and padded to the longest such range, with a causal mask by position (a prompt token does not
+    see the ones after it; a sliding window hides the old ones). Prompts are compute-bound: scoring only the own
+    kv head's rows costs a third of scoring the whole slot (SmolLM2: 3 kv heads), and one call replaces one per
+    prompt. Returns the prompt tokens' outputs ``(prompt tokens, query heads, d)``."""
+    arena, grid = layer.arena, layer.step.prompts
+    slots = grid.sequences if layer.in_order else layer.slots[grid.sequences]
+    parts = [layer.parts[b] for b in grid.members]
+    _, num_q_heads, _, head_dim = query.shape
+    num_kv = parts[0].num_heads
+    group, prompts, longest = num_q_heads // num_kv, len(parts), grid.longest
+    # each prompt's kv heads' live rows (packed entries, then the tail with this pass's tokens) within its slot
+    counts = torch.stack([part.device_layout()[1] for part in parts])  # (prompts, kv heads)
+    live = counts + torch.tensor([part.tail_length for part in parts], device=counts.device)[:, None]
+    span = int(live.max())
+    index = (arena.tail_start[slots] - counts)[..., None] + torch.arange(span, device=counts.device)
+    index.clamp_(max=arena.rows - 1)  # past a head's live rows: masked below
+    flat = slots[:, None, None] * arena.rows + index  # (prompts, kv heads, span)
+    keys = arena.keys.view(-1, head_dim)[flat].view(prompts * num_kv, span, head_dim)
+    values = arena.values.view(-1, arena.values.shape[-1])[flat].view(prompts * num_kv, span, -1)
+    row_positions = arena.positions.view(-1)[flat][:, :, None]  # (prompts, kv heads, 1, span)
+    hidden = (torch.arange(span, device=counts.device) >= live[..., None])[:, :, None]
+    hidden = hidden | (row_positions > grid.positions[:, None, :, None])  # (prompts, kv heads, longest, span)
+    window = parts[0].sliding_window
+    if window:
+        hidden |= row_positions <= (grid.positions - window)[:, None, :, None]
+    cells = query.new_zeros(prompts, longest, num_q_heads, head_dim)
+    cells[grid.row, grid.column] = query[0, :, grid.token].transpose(0, 1)
+    q = cells.view(prompts, longest, num_kv, group, head_dim).permute(0, 2, 1, 3, 4)
+    logits = torch.bmm(q.reshape(prompts * num_kv, longest * group, head_dim), keys.transpose(1, 2)).mul_(scaling)
+    logits = logits.view(prompts, num_kv, longest, group, span).masked_fill_(hidden[:, :, :, None], float("-inf"))
+    probabilities = torch.softmax(logits.float(), dim=-1)  # (prompts, kv heads, longest, group, span)
+    if not window:
+        for row, (part, length) in enumerate(zip(parts, grid.lengths)):
+            if part.evidence is not None:  # its prompt's last query over its buffer rows, as the other paths give
+                size = len(part.buffer_keys)
+                last = probabilities[row, :, length - 1]  # (kv heads, group, span)
+                rows = index[row].clamp(max=size - 1)[:, None].expand_as(last)
+                spread = last.new_zeros(num_kv, group, size).scatter_add_(2, rows, last)
+                part.evidence(part, spread.view(num_q_heads, size))
+    out = torch.bmm(probabilities.to(values.dtype).view(prompts * num_kv, longest * group, span), values)
+    out = out.view(prompts, num_kv, longest, group, -1).permute(0, 2, 1, 3, 4)
+    return out.reshape(prompts, longest, num_q_heads, -1)[grid.row, grid.column]
 
 
 def flash_batched_attention(query: torch.Tensor, layer: BatchedLayer, scaling: float) -> torch.Tensor:

@@ -410,6 +410,12 @@ class PackedCache(Cache):
         for layer in self.layers:
             layer.leave_arena()
 
+    def reserve(self, new: int) -> None:
+        """Room for ``new`` more tail rows per head in every layer now, so the appends that follow (an answer's
+        tokens) do not regrow the buffers midway (a regrowth also takes a layer out of its batch arena)."""
+        for layer in self.layers:
+            layer.reserve(new)
+
     def at_ratio(self, ratio: float, level: str | None = None) -> "PackedCache":
         """The cache this one would have been at a lower ``ratio``: top entries only, no re-scoring."""
         level = level or self.info.level
@@ -535,6 +541,7 @@ class BatchStep:
     offset: torch.Tensor  # (tokens,): its index among its sequence's new tokens
     last: torch.Tensor  # (B,): each sequence's last token
     last_positions: torch.Tensor  # (B,): that token's position
+    prompts: "PromptGrid | None" = None  # the sequences taking several tokens (questions' prompts), if any
 
     @classmethod
     def build(cls, lengths: list[int], positions: list[int], device) -> "BatchStep":
@@ -542,7 +549,10 @@ class BatchStep:
         sequence = torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes)
         last = sizes.cumsum(0) - 1
         offset = torch.arange(len(sequence), device=device) - (last - sizes + 1)[sequence]
-        return cls(lengths, sequence, offset, last, torch.tensor(positions, device=device) + sizes - 1)
+        step = cls(lengths, sequence, offset, last, torch.tensor(positions, device=device) + sizes - 1)
+        if not step.single:
+            step.prompts = PromptGrid.build(step, device)
+        return step
 
     @property
     def single(self) -> bool:
@@ -553,6 +563,38 @@ class BatchStep:
         """Each sequence's tokens in the pass."""
         ends = torch.tensor(self.lengths).cumsum(0).tolist()
         return [slice(end - n, end) for end, n in zip(ends, self.lengths)]
+
+
+@dataclass
+class PromptGrid:
+    """The pass's prompts (sequences taking more than one token) as a padded grid ``(prompts, longest)``, built once
+    per pass for every layer's attention: where each prompt token sits in the pass and in the grid, and the position
+    of every grid cell (a padding cell repeats its prompt's last position, so it sees what that token sees)."""
+
+    members: list[int]  # the prompting sequences (host)
+    sequences: torch.Tensor  # (P,): the same, on the device
+    token: torch.Tensor  # (prompt tokens,): each one's index in the pass
+    row: torch.Tensor  # (prompt tokens,): its prompt's row in the grid
+    column: torch.Tensor  # (prompt tokens,): its index in its prompt
+    positions: torch.Tensor  # (P, longest): each cell's position
+    lengths: list[int]  # each prompt's length (host)
+
+    @classmethod
+    def build(cls, step: "BatchStep", device) -> "PromptGrid":
+        chosen = [b for b, n in enumerate(step.lengths) if n > 1]
+        lengths = [step.lengths[b] for b in chosen]
+        sequences = torch.tensor(chosen, device=device)
+        row_of = torch.full((len(step.lengths),), -1, dtype=torch.int64, device=device)
+        row_of[sequences] = torch.arange(len(chosen), device=device)
+        token = torch.nonzero(row_of[step.sequence] >= 0).flatten()
+        last = step.last_positions[sequences]
+        first = last - torch.tensor(lengths, device=device) + 1
+        positions = torch.minimum(first[:, None] + torch.arange(max(lengths), device=device), last[:, None])
+        return cls(chosen, sequences, token, row_of[step.sequence[token]], step.offset[token], positions, lengths)
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
 
 
 class BatchedLayer(CacheLayerMixin):

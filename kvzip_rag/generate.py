@@ -183,6 +183,12 @@ class Decoding:
         )
 
 
+#: Answer tokens an answer's cache makes room for before its first pass (:meth:`AnswerStream.reserve_room`): most
+#: answers are shorter, and every decoding step's attention reads the reserved rows too (masked), so reserving
+#: ``max_new_tokens`` (128 by default) would slow the short answers down.
+ANSWER_ROOM = 32
+
+
 class AnswerStream:
     """Iterate to receive text pieces as they are generated; ``result`` holds the full ``Answer`` afterwards."""
 
@@ -200,6 +206,12 @@ class AnswerStream:
     def decoding(self) -> Decoding:
         """A fresh per-token state for this answer (its clock starts now)."""
         return Decoding(self.model, self.options, self.limit)
+
+    def reserve_room(self) -> None:
+        """Before its first pass: room in the cache for the prompt and up to ``ANSWER_ROOM`` answer tokens (a longer
+        answer regrows geometrically as before), so a short answer never regrows the cache midway."""
+        if isinstance(self.cache, PackedCache):
+            self.cache.reserve(len(self.prompt_ids) + min(self.options.max_new_tokens, ANSWER_ROOM) + 1)
 
     def recorder(self) -> EvidenceRecorder | None:
         """Where the answer attends, recorded from its prompt's forward pass on (``evidence=True``), else None."""
@@ -229,6 +241,7 @@ class AnswerStream:
     def __iter__(self) -> Iterator[str]:
         decoding, recorder, done = self.decoding(), self.recorder(), False
         try:
+            self.reserve_room()
             with torch.inference_mode():
                 logits = packed_forward(self.model, self.cache, self.prompt_ids)
                 while True:

@@ -182,6 +182,7 @@ class BatchRequest:
     def _admit(self) -> list[int]:
         """What it appends in its first pass: its prompt (recording its evidence from there on)."""
         self.recorder = self.stream.recorder()
+        self.stream.reserve_room()
         return self.stream.prompt_ids
 
     def _end(self, error: BaseException | None, done: bool = False) -> None:

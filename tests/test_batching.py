@@ -112,10 +112,15 @@ def test_batched_decoding_gives_each_sequence_its_batch_one_logits(family, smol_
     assert not torch.allclose(got[0], got[1], atol=ATOL)  # the sequences really differ
 
 
+@pytest.mark.parametrize("grid", [True, False], ids=["one-padded-call", "prompt-by-prompt"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_batched_prefill_gives_each_question_its_batch_one_logits(family, smol_tokenizer):
+def test_batched_prefill_gives_each_question_its_batch_one_logits(family, grid, smol_tokenizer, monkeypatch):
     """Questions of different lengths prefilled in one pass over different caches (compressed, whole, composed,
-    quantized), alone or beside answers that are decoding: each gets the logits of its batch-1 prefill."""
+    quantized), alone or beside answers that are decoding: each gets the logits of its batch-1 prefill, whether
+    the prompts attend in one padded call or (a grid over ``PROMPT_GRID_ELEMENTS``) each over its own cache."""
+    if not grid:
+        monkeypatch.setattr(attention, "PROMPT_GRID_ELEMENTS", 0)
+    padded = count_calls(monkeypatch, "prompt_grid_attention")
     model = build_tiny(family, smol_tokenizer, seed=7)
     caches = varied_caches(model)
     prompts = [model.encode(model.template.question_text(q)) for q in PROMPTS]
@@ -131,6 +136,7 @@ def test_batched_prefill_gives_each_question_its_batch_one_logits(family, smol_t
         cache.reset()
     for g, e in zip(mixed_logits(model, caches, prompts, 3), expected):
         assert torch.allclose(g, e, atol=ATOL), (g - e).abs().max()
+    assert bool(padded) == grid
 
 
 def test_flash_path_in_a_batch_matches_the_torch_path(smol_tokenizer, monkeypatch):
@@ -476,7 +482,9 @@ def test_llamaindex_concurrent_aquery_decodes_together(tiny_llama, tmp_path):
 # ---------------------------------------------------------------------------------------------- the benchmark
 
 
-def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, tmp_path):  # noqa: F811
+def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    import json
+
     from typer.testing import CliRunner
 
     from conftest import DATA_DIR
@@ -499,11 +507,17 @@ def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, t
     assert result["agreement"]["compared"] == 4 * len(serve.CLIENTS)
     assert result["agreement"]["equal"] == result["agreement"]["compared"]  # greedy: the same answers
     assert "| batched | 8 | 4 |" in serve.markdown(result)
-    run = CliRunner().invoke(app, ["bench", "--task", "serve", "--model", str(tiny_model_dir), "--threads", "1",
-                                   "--data", str(DATA_DIR), "--out", str(tmp_path / "out"), "--limit", "2"])
+    previous = torch.get_num_threads()
+    monkeypatch.setattr(kvzip_rag.runtime, "free_cores", lambda: 1)  # a busy machine: the policy alone picks 1
+    try:
+        run = CliRunner().invoke(app, ["bench", "--task", "serve", "--model", str(tiny_model_dir), "--threads", "2",
+                                       "--data", str(DATA_DIR), "--out", str(tmp_path / "out"), "--limit", "2"])
+    finally:
+        torch.set_num_threads(previous)
     assert run.exit_code == 0, run.output
     assert {p.name for p in (tmp_path / "out").iterdir()} == {f"serve.{ext}" for ext in ("json", "md", "png")}
     assert "| batched | 16 | 2 |" in (tmp_path / "out" / "serve.md").read_text()  # --limit: answers per setting
+    assert json.loads((tmp_path / "out" / "serve.json").read_text())["threads"] == 2  # --threads is what ran
 
 
 # ---------------------------------------------------------------------------------------------- batched prefill in the scheduler
@@ -531,6 +545,32 @@ def test_questions_arriving_together_are_prefilled_in_one_pass(stored, tiny_llam
     for i, request, text in zip(chosen, requests, texts):
         assert request.result.token_ids == serial[i].answers[0].answer.token_ids
         assert text.strip() == request.result.text
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_an_answer_makes_its_room_once_before_its_first_pass(stored, tiny_llama, monkeypatch, batching):
+    """The prompt and an answer of up to ``ANSWER_ROOM`` tokens fit the room reserved before the first pass: every
+    cache layer grows once per answer, never midway (a regrowth would also take the layer out of its batch arena,
+    which the next step rebuilds), serial or batched; the answers stay their serial ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvzip_rag.generate import ANSWER_ROOM
+    from kvzip_rag.qa import QAService
+
+    length = ANSWER_ROOM
+    options = dict(LONG, max_new_tokens=length)
+    reference = QAService(stored, tiny_llama)
+    expected = [reference.answer(q, **options).best.answer.token_ids for q, _ in ASKED[:3]]
+    grows = count_calls(monkeypatch, "_grow", kvzip_rag.PackedLayer)
+    service = QAService(stored, tiny_llama, batching=batching)
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda i: service.answer(ASKED[i][0], **options), range(3)))
+    assert [r.best.answer.token_ids for r in got] == expected
+    assert all(len(tokens) == length for tokens in expected)
+    # prompt and answer run past the first room a growing tail would take
+    assert min(len(tiny_llama.encode(tiny_llama.template.question_text(q))) for q, _ in ASKED[:3]) + length > \
+        kvzip_rag.PackedLayer.MIN_ROOM
+    assert len(grows) == 3 * tiny_llama.config.num_hidden_layers
 
 
 # ---------------------------------------------------------------------------------------------- chat turns

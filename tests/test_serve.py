@@ -440,6 +440,7 @@ def test_serve_command_answers_and_finishes_a_stream_in_flight_on_sigterm(tmp_pa
             pytest.skip("kvzip-rag serve did not answer /health within two minutes")
         if process.poll() is not None:
             pytest.skip(f"kvzip-rag serve could not start: {process.stderr.read()[-500:]}")
+        assert httpx.get(f"{url}/health").json()["batching"] is True  # the server batches by default
         body = {"model": "kvzip-rag", "messages": [{"role": "user", "content": QUESTIONS["tessin.txt"]}],
                 "max_tokens": 300, "clean": False, "stream": True}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:

@@ -55,7 +55,7 @@ def run_bench(
         raise FileNotFoundError(f"benchmark data folder {data_dir} not found (set --data or KVZIP_RAG_DATA)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    context = Context(settings, data_dir, out_dir, model, loaded_model, log, embedding, limit)
+    context = Context(settings, data_dir, out_dir, model, loaded_model, log, embedding, limit, threads)
     return run_tasks(tasks, context, command if command is not None else invoked_command())
 
 

@@ -36,6 +36,7 @@ class Context:
     log: Log = print
     embedding: str = "minilm"
     limit: int | None = None  # at most this many questions per set (grounding, quick runs); answers per serve setting
+    threads: int | None = None  # torch threads (``--threads``); None: the library's policy (kvzip_rag.runtime)
     _bench: Bench | None = field(default=None, init=False, repr=False)
 
     @property
@@ -44,7 +45,7 @@ class Context:
             import kvzip_rag
 
             start = time.perf_counter()
-            self.loaded_model = kvzip_rag.load_model(self.model_name)
+            self.loaded_model = kvzip_rag.load_model(self.model_name, threads=self.threads)
             self.log(f"model {self.loaded_model.name} loaded in {time.perf_counter() - start:.1f}s; preset "
                      f"{self.preset.name}; data {self.data_dir}; output {self.out_dir}")
         return self.loaded_model
@@ -152,7 +153,7 @@ def _serve(context: Context) -> dict:
     from .serve_batching import DEFAULT_REQUESTS, plot, run_serve
 
     results = run_serve(context.model_name, context.data_dir, requests=context.limit or DEFAULT_REQUESTS,
-                        log=context.log)
+                        threads=context.threads, log=context.log)
     plot(results, context.out_dir)
     return results
 

@@ -29,7 +29,8 @@ def serve(
                                                   help="Most seconds a request may take (then 504).")] = None,
     batching: Annotated[bool, typer.Option("--batching/--no-batching",
                                            help="Decode concurrent requests' answers together (continuous batching; "
-                                                "see the README's Batched answering).")] = False,
+                                                "see the README's Batched answering). --no-batching answers one "
+                                                "request at a time.")] = True,
     ray: Annotated[bool, typer.Option("--ray", help="Serve with replicas on Ray Serve (kvzip-rag\\[ray]): each "
                                                     "loads the model once; all share the store.")] = False,
     replicas: Annotated[int, typer.Option("--replicas", min=1,

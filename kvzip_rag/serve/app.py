@@ -111,6 +111,7 @@ def create_app(service: QAService, *, timeout: float | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model.name, "documents": await asyncio.to_thread(len, service.store)}
+        return {"status": "ok", "model": model.name, "documents": await asyncio.to_thread(len, service.store),
+                "batching": service.batching}
 
     return app
