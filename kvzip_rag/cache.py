@@ -216,16 +216,15 @@ class PackedLayer(CacheLayerMixin):
     def _grow(self, needed: int) -> None:
         """Rebuild the buffer with room for at least ``needed`` tail rows per head (geometric growth)."""
         room = max(needed, 2 * self.room, self.MIN_ROOM)
-        old_rows = self._rows(self.starts, self.live_lengths)
         new_starts = self.offsets[:-1] + torch.arange(self.num_heads) * room
-        new_rows = self._rows(new_starts, self.live_lengths)
         total = int(self.offsets[-1]) + self.num_heads * room
         with torch.inference_mode():
-            device = self.buffer_keys.device
             keys = self.buffer_keys.new_zeros(total, self.buffer_keys.shape[-1])
             values = self.buffer_values.new_zeros(total, self.buffer_values.shape[-1])
-            keys.index_copy_(0, new_rows.to(device), self.buffer_keys[old_rows.to(device)])
-            values.index_copy_(0, new_rows.to(device), self.buffer_values[old_rows.to(device)])
+            # head by head: a few slice copies cost less than building row indices (an answer grows every layer)
+            for old, new, live in zip(self.starts.tolist(), new_starts.tolist(), self.live_lengths.tolist()):
+                keys[new:new + live] = self.buffer_keys[old:old + live]
+                values[new:new + live] = self.buffer_values[old:old + live]
         self.buffer_keys, self.buffer_values, self.room = keys, values, room
         self._forget_derived()
 
@@ -233,14 +232,19 @@ class PackedLayer(CacheLayerMixin):
         """What the CPU attention needs beside the buffer (see ``RowMeta``); built once per buffer, then kept
         current by ``update`` and ``crop``."""
         if self._row_meta is None or self._row_meta.decode_bias.shape[0] != num_query_heads:
-            heads = torch.repeat_interleave(torch.arange(self.num_heads), self.counts + self.room)
+            counts = self.counts
+            heads = torch.repeat_interleave(torch.arange(self.num_heads), counts + self.room)
             positions = torch.full((len(heads),), NO_POSITION, dtype=torch.int64)
-            positions[self._document_rows()] = self.positions.to(torch.int64).cpu()
-            tail = self._rows(self.starts + self.counts, torch.full((self.num_heads,), self._tail))
-            positions[tail] = torch.arange(self.base_length, self.base_length + self._tail).repeat(self.num_heads)
+            bias = torch.full((num_query_heads, len(heads)), float("-inf"), dtype=self.buffer_keys.dtype)
             group = num_query_heads // self.num_heads
-            visible = (heads[None, :] == torch.arange(num_query_heads)[:, None] // group) & (positions != NO_POSITION)
-            bias = torch.zeros(visible.shape, dtype=self.buffer_keys.dtype).masked_fill_(~visible, float("-inf"))
+            document = self.positions.to(torch.int64).cpu()
+            tail = torch.arange(self.base_length, self.base_length + self._tail)
+            # head by head (slices, as in _grow): its entries, then its tail, open to its group of query heads
+            for h, (start, first, count) in enumerate(zip(self.starts.tolist(), self.offsets[:-1].tolist(),
+                                                          counts.tolist())):
+                positions[start:start + count] = document[first:first + count]
+                positions[start + count:start + count + self._tail] = tail
+                bias[h * group:(h + 1) * group, start:start + count + self._tail] = 0
             device = self.buffer_keys.device
             self._row_meta = RowMeta(heads.to(device), positions.to(device), bias.to(device))
         return self._row_meta

@@ -153,6 +153,40 @@ def test_decoding_grows_in_place_and_reset_keeps_the_buffer(smol_tokenizer):
     assert tail_keys.shape[2] == layer.tail_length
 
 
+def test_a_regrowth_keeps_the_tail_and_the_row_meta_matches_a_plain_reference(smol_tokenizer):
+    """After a regrowth (head by head slice copies) every head's entries and tail are where the layout says, and the
+    decoding mask built head by head equals one built row by row from its definition."""
+    from kvzip_rag.cache import NO_POSITION
+
+    model = build_tiny("llama", smol_tokenizer, seed=6)  # 4 query heads over 2 kv heads
+    cache = kvzip_rag.compress(model, " ".join([TEXT] * 2), ratio=0.3)
+    packed_logits(model, cache, model.encode(model.template.question_text("Who built the harbour?")))
+    before = [layer.tail_states() for layer in cache.layers]
+    cache.reserve(cache.layers[0].room + 5)  # past the room: every layer regrows
+    query_heads = model.config.num_attention_heads
+    for layer, (keys, values) in zip(cache.layers, before):
+        after_keys, after_values = layer.tail_states()
+        assert torch.equal(after_keys, keys) and torch.equal(after_values, values)
+        meta = layer.row_meta(query_heads)
+        group = query_heads // layer.num_heads
+        heads, positions, bias = [], [], torch.full((query_heads, len(layer.buffer_keys)), float("-inf"))
+        for h in range(layer.num_heads):
+            first, count = int(layer.offsets[h]), int(layer.counts[h])
+            for i in range(count + layer.room):
+                row = len(heads)
+                heads.append(h)
+                if i < count:
+                    positions.append(int(layer.positions[first + i]))
+                elif i < count + layer.tail_length:
+                    positions.append(layer.base_length + i - count)
+                else:
+                    positions.append(NO_POSITION)
+                if positions[-1] != NO_POSITION:
+                    bias[h * group:(h + 1) * group, row] = 0
+        assert meta.heads.tolist() == heads and meta.positions.tolist() == positions
+        assert torch.equal(meta.decode_bias, bias.to(meta.decode_bias.dtype))
+
+
 def test_generate_with_packed_cache_uses_packed_attention(tiny_llama):
     """``model.generate`` with a packed cache (no ``kvzip_cache=``) decodes from the packed document: the same
     greedy tokens as ``answer``."""
