@@ -462,9 +462,14 @@ class LayerArena:
             self.positions = torch.full((batch, self.rows), NO_POSITION, dtype=torch.int64, device=device)
             self.bias = torch.full((batch, num_query_heads, self.rows), float("-inf"), dtype=self.keys.dtype,
                                    device=device)
-        # Each slot's heads' first tail row (within the slot), and the position of its part's first tail token.
+        # Each slot's heads' first tail row (within the slot).
         self.tail_start = torch.zeros(batch, first.num_heads, dtype=torch.int64, device=device)
-        self.base = torch.zeros(batch, dtype=torch.int64, device=device)
+        # Where the token at position p of a slot's head lands, flat: its key/value row ``origin + p``, its decode
+        # mask cells ``bias_origin + p + group_rows`` (one per query head of the group); fixed while a part is placed.
+        group = num_query_heads // first.num_heads
+        self.origin = torch.zeros(batch, first.num_heads, dtype=torch.int64, device=device)
+        self.bias_origin = torch.zeros_like(self.origin)
+        self.group_rows = torch.arange(group, device=device) * self.rows
         self.taken = [False] * batch
         for b, part in enumerate(parts):
             self.place(part, b)
@@ -482,7 +487,10 @@ class LayerArena:
             self.bias[slot, :, size:] = float("-inf")
             starts, counts = part.device_layout()
             self.tail_start[slot] = starts + counts
-            self.base[slot] = part.base_length
+            self.origin[slot] = slot * self.rows + self.tail_start[slot] - part.base_length
+            heads = torch.arange(part.num_heads, device=starts.device)
+            self.bias_origin[slot] = ((slot * part.num_heads + heads) * len(self.group_rows) - slot) * self.rows + \
+                self.origin[slot]
         layout = part._device_layout
         part._forget_derived()
         part.buffer_keys, part.buffer_values = self.keys[slot, :size], self.values[slot, :size]
@@ -516,22 +524,18 @@ class LayerArena:
               value_states: torch.Tensor, step: "BatchStep") -> None:
         """The pass's new keys and values ``(1, heads, tokens, d)`` into every sequence's tail rows (sequence ``b``
         in slot ``slots[b]``), their row meta with them (positions; the decode mask opened for the heads' query
-        groups); then the tails advance."""
-        tails = torch.tensor([part.tail_length for part in parts], device=self.keys.device)
-        offset = tails[step.sequence] + step.offset  # (tokens,): each token's tail index in its own cache
+        groups); then the tails advance. Each token's rows follow from its position (``origin``, ``bias_origin``)."""
         slot = slots[step.sequence]  # (tokens,): the slot of each token's sequence
-        local = (self.tail_start[slot] + offset[:, None]).T  # (heads, tokens): rows within the slots
-        row_slot = slot.expand_as(local)
-        flat = (local + row_slot * self.rows).flatten()
-        num_kv, dim = local.shape[0], key_states.shape[-1]
-        group = self.bias.shape[1] // num_kv
+        position = step.token_positions[:, None]
+        rows = (self.origin[slot] + position).T.flatten()  # (heads * tokens,): head after head, as the states
+        cells = ((self.bias_origin[slot] + position)[..., None] + self.group_rows).flatten()
+        dim, num_kv = key_states.shape[-1], self.origin.shape[1]
         with torch.inference_mode():
-            self.keys.view(-1, dim).index_copy_(0, flat, key_states[0].reshape(-1, dim).to(self.keys.dtype))
+            self.keys.view(-1, dim).index_copy_(0, rows, key_states[0].reshape(-1, dim).to(self.keys.dtype))
             self.values.view(-1, self.values.shape[-1]).index_copy_(
-                0, flat, value_states[0].reshape(len(flat), -1).to(self.values.dtype))
-            self.positions.view(-1)[flat] = (self.base[slot] + offset).expand_as(local).flatten()
-            kv_heads = torch.arange(num_kv, device=flat.device)[:, None]
-            self.bias.view(len(self.keys), num_kv, group, self.rows)[row_slot, kv_heads, :, local] = 0
+                0, rows, value_states[0].reshape(len(rows), -1).to(self.values.dtype))
+            self.positions.view(-1).index_copy_(0, rows, step.positions_by_head(num_kv))
+            self.bias.view(-1).index_fill_(0, cells, 0)
         for part, length in zip(parts, step.lengths):
             part._tail += length
 
@@ -544,19 +548,29 @@ class BatchStep:
     sequence: torch.Tensor  # (tokens,): the sequence of each token
     offset: torch.Tensor  # (tokens,): its index among its sequence's new tokens
     last: torch.Tensor  # (B,): each sequence's last token
-    last_positions: torch.Tensor  # (B,): that token's position
+    token_positions: torch.Tensor  # (tokens,): each token's position in its own cache
+    last_positions: torch.Tensor  # (B,): each sequence's last token's position
     prompts: "PromptGrid | None" = None  # the sequences taking several tokens (questions' prompts), if any
+    _by_head: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, lengths: list[int], positions: list[int], device) -> "BatchStep":
+        """``positions``: where each sequence's first new token sits (its cache's length)."""
         sizes = torch.tensor(lengths, device=device)
         sequence = torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes)
         last = sizes.cumsum(0) - 1
         offset = torch.arange(len(sequence), device=device) - (last - sizes + 1)[sequence]
-        step = cls(lengths, sequence, offset, last, torch.tensor(positions, device=device) + sizes - 1)
+        token_positions = torch.tensor(positions, device=device)[sequence] + offset
+        step = cls(lengths, sequence, offset, last, token_positions, token_positions[last])
         if not step.single:
             step.prompts = PromptGrid.build(step, device)
         return step
+
+    def positions_by_head(self, heads: int) -> torch.Tensor:
+        """``token_positions`` once per kv head, head after head (as a layer's new rows): built once per pass."""
+        if heads not in self._by_head:
+            self._by_head[heads] = self.token_positions.repeat(heads)
+        return self._by_head[heads]
 
     @property
     def single(self) -> bool:

@@ -234,6 +234,29 @@ def test_a_batch_keeps_its_arena_as_members_come_and_go_and_bounds_its_padding(t
     assert all(cache.layers[0].arena_slot is None for cache in mixed)
 
 
+def test_a_batched_pass_leaves_each_cache_the_row_meta_it_would_build_alone(tiny_llama):
+    """The arena writes every sequence's new rows from their positions in one indexed copy per layer (keys,
+    values, positions, decode mask); afterwards each cache's row meta, a view of its slot, equals the meta it
+    builds from scratch (the plain reference), out of slot order and after a prompt beside decoding answers."""
+    caches = varied_caches(tiny_llama)[:4]
+    prompts = [tiny_llama.encode(tiny_llama.template.question_text(q)) for q in PROMPTS[:4]]
+    heads = tiny_llama.config.num_attention_heads
+    with torch.inference_mode():
+        batched_forward(tiny_llama, caches[:3], prompts[:3])
+        caches[0].leave_arena()  # a free slot: the next one joins there, out of slot order
+        batched_forward(tiny_llama, [caches[2], caches[3], caches[1]], [[4], prompts[3], [9]])
+        batched_forward(tiny_llama, [caches[2], caches[3], caches[1]], [[6], [2], [3]])
+    assert caches[3].layers[0].arena_slot[1] == 0
+    for cache in caches[1:]:
+        for layer in cache.layers:
+            written = layer.row_meta(heads)
+            got = (written.heads.clone(), written.positions.clone(), written.decode_bias.clone())
+            layer._row_meta = None
+            alone = layer.row_meta(heads)
+            assert torch.equal(got[0], alone.heads) and torch.equal(got[1], alone.positions)
+            assert torch.equal(got[2], alone.decode_bias)
+
+
 def test_a_batch_needs_tokens_for_each_cache(tiny_llama):
     cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
     with pytest.raises(kvzip_rag.errors.InvalidArgumentError, match="one token list per cache"):
