@@ -85,6 +85,20 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK) if path.exists() else _writable(path.parent) if path.parent != path else False
 
 
+#: The largest row count or offset a SQL database takes (a signed 64-bit integer).
+MAX_ROWS = 2**63 - 1
+
+
+def check_page(limit: int | None, offset: int) -> None:
+    """``limit`` None or 1..MAX_ROWS, ``offset`` 0..MAX_ROWS, both integers (else a one-line
+    ``InvalidArgumentError``, never a database error)."""
+    for name, value, low in (("limit", limit, 1), ("offset", offset, 0)):
+        if name == "limit" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_ROWS:
+            raise InvalidArgumentError(f"{name} must be an integer from {low} to {MAX_ROWS}, got {value!r}")
+
+
 class CacheStore:
     """Documents, their segments and compressed caches: SQL rows + one safetensors blob per cache.
 
@@ -334,7 +348,8 @@ class CacheStore:
         self, *, metadata: dict | None = None, limit: int | None = None, offset: int = 0
     ) -> list[DocumentRecord]:
         """Documents in insertion order (id order within a second), optionally only those whose metadata has
-        all the given ``key: value`` pairs."""
+        all the given ``key: value`` pairs; ``limit`` (>= 1) and ``offset`` (>= 0) page them."""
+        check_page(limit, offset)
         with self.read_session() as session:
             stmt = sa.select(Document).options(selectinload(Document.segments).selectinload(Segment.caches))
             condition = metadata_condition(session, metadata)

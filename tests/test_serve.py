@@ -195,6 +195,10 @@ def test_documents_add_list_answer_delete(served):
     assert httpx.post(documents, json={"txt": "x"}).status_code == 400
     typed = httpx.get(documents, params={"limit": "many"})
     assert typed.status_code == 400 and typed.json()["error"]["message"].startswith("query.limit:")
+    for page in ({"limit": 0}, {"offset": -1}, {"limit": 2**63}, {"offset": 2**63}):  # past SQL's 64-bit integers
+        refused = httpx.get(documents, params=page)
+        assert refused.status_code == 400 and next(iter(page)) in refused.json()["error"]["message"], refused.text
+    assert len(httpx.get(documents, params={"limit": 2**63 - 1, "offset": 1}).json()["data"]) == len(DOCS) - 1
 
 
 @pytest.mark.parametrize("options, reason", [

@@ -257,6 +257,10 @@ def test_ids_and_metadata_never_become_paths_or_sql(store, tiny_llama, tmp_path)
     assert [d.id for d in store.list_documents(metadata={"n": 3})] == [evil_id]  # JSON types compared exactly
     assert [d.id for d in store.list_documents(metadata={"n": "3"})] == ["o"]
     assert [d.id for d in store.list_documents(metadata={"flag": True})] == [evil_id]
+    assert [d.id for d in store.list_documents(limit=1, offset=1)] == ["o"]
+    for page in ({"limit": 0}, {"limit": 2**63}, {"offset": -1}, {"offset": 2**63}, {"limit": True}, {"limit": 1.5}):
+        with pytest.raises(InvalidArgumentError, match=next(iter(page))):  # one line, never a database error
+            store.list_documents(**page)
     assert [h.document_id for h in store.search("ferries", k=3, metadata={"title": evil_meta["title"]})] == [evil_id]
     assert store.search("ferries", k=3, metadata={"title": "nope"}) == []
     assert store.search("ferries", k=3, doc_ids=["o"]) == []

@@ -60,8 +60,6 @@ def router(service: QAService, read_body) -> APIRouter:
 
     @routes.get("")
     async def list_documents(limit: int | None = None, offset: int = 0) -> dict:
-        if (limit is not None and limit < 1) or offset < 0:
-            raise InvalidArgumentError("limit must be >= 1 and offset >= 0")
         records = await asyncio.to_thread(store.list_documents, limit=limit, offset=offset)
         return {"object": "list", "data": [summary(r) for r in records]}
 
