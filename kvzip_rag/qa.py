@@ -53,7 +53,7 @@ from .budget import DEFAULT_BUDGET, Budget, CacheKind, select_cache
 from .composers import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, get_composer, register_composer
 from .errors import CacheChangedError, InvalidArgumentError, KVzipError, ModelMismatchError
 from .paths import default_store_path
-from .store.validate import check_k, check_query
+from .store.validate import check_doc_id, check_index, check_k, check_query, doc_id_list
 
 __all__ = [
     "COMPOSERS", "DEFAULT_COMPOSE", "BestOfK", "CacheAnswer", "Composer", "EmptyIndexError", "QAResult",
@@ -260,7 +260,7 @@ class QAService:
         allowed = self.scope() if self.scope is not None else None
         if doc_ids is None:
             return allowed
-        doc_ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+        doc_ids = doc_id_list(doc_ids)
         known = set(allowed) if allowed is not None else {d for d in doc_ids if d in self.store}
         missing = [d for d in doc_ids if d not in known]
         if missing or not doc_ids:
@@ -438,6 +438,9 @@ class QAService:
             routing = self.route(question, k, doc_ids)
             plan = Plan(question, routing.targets, routing.seconds, k, doc_ids)
         else:
+            if isinstance(targets, (str, bytes, dict)) or not hasattr(targets, "__iter__"):
+                raise InvalidArgumentError(f"targets is a list of Targets, SearchHits or (doc_id, segment_index) "
+                                           f"pairs, got {type(targets).__name__}")
             given = list(dict.fromkeys(as_target(t) for t in targets))
             if not given:
                 raise InvalidArgumentError("no targets to answer from")
@@ -524,7 +527,7 @@ def as_target(item: Any) -> Target:
         return Target(item.document_id, item.segment_index, float(item.score), item.text, dict(item.metadata),
                       cache=CacheRef(cache.id, cache.payload_sha256) if cache is not None else None)
     if isinstance(item, tuple) and len(item) == 2:
-        return Target(str(item[0]), int(item[1]))
+        return Target(check_doc_id(item[0]), check_index(item[1], "a segment index"))
     raise InvalidArgumentError(f"cannot answer from a {type(item).__name__}: give Targets, SearchHits or "
                                "(doc_id, segment_index) pairs")
 

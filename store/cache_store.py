@@ -66,7 +66,7 @@ from .schema import (
     writer,
 )
 from .segment import MAX_SEGMENTS
-from .validate import check_k, check_query
+from .validate import check_doc_id, check_k, check_page, check_query, doc_id_list
 
 if TYPE_CHECKING:
     import torch
@@ -83,20 +83,6 @@ GC_MIN_AGE_S = 600.0
 
 def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK) if path.exists() else _writable(path.parent) if path.parent != path else False
-
-
-#: The largest row count or offset a SQL database takes (a signed 64-bit integer).
-MAX_ROWS = 2**63 - 1
-
-
-def check_page(limit: int | None, offset: int) -> None:
-    """``limit`` None or 1..MAX_ROWS, ``offset`` 0..MAX_ROWS, both integers (else a one-line
-    ``InvalidArgumentError``, never a database error)."""
-    for name, value, low in (("limit", limit, 1), ("offset", offset, 0)):
-        if name == "limit" and value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_ROWS:
-            raise InvalidArgumentError(f"{name} must be an integer from {low} to {MAX_ROWS}, got {value!r}")
 
 
 class CacheStore:
@@ -334,6 +320,7 @@ class CacheStore:
 
     def get_document(self, doc_id: str) -> DocumentRecord | None:
         """The document with its segments and caches, or None."""
+        check_doc_id(doc_id)
         with self.read_session() as session:
             document = self._load_document(session, doc_id)
             return document_record(document, self._prefix_sizes(session)) if document else None
@@ -364,6 +351,7 @@ class CacheStore:
     def delete_document(self, doc_id: str) -> bool:
         """Remove the document's rows, then its blobs. False if there was no such document. Works on a full disk
         (the store's reserve file is given back for the database's journal)."""
+        check_doc_id(doc_id)
         self.require_writable()
 
         def delete():
@@ -450,7 +438,7 @@ class CacheStore:
         with self.read_session() as session:
             conditions = []
             if doc_ids is not None:
-                ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+                ids = doc_id_list(doc_ids)
                 conditions.append(Segment.document_id.in_(ids))
             if kind is not None:
                 conditions.append(sa.exists().where(Cache.segment_id == Segment.id,

@@ -20,6 +20,7 @@ from .blob import BlobReader
 from .cachefile import document_header, read_document
 from .records import CacheRecord, CacheRef, SearchHit, SegmentRecord, cache_record, segment_label
 from .schema import Cache, Document, Prefix, Segment
+from .validate import check_doc_id, check_index
 
 
 def segment_for(store, session: Session, target, segment: int) -> Segment:
@@ -27,7 +28,9 @@ def segment_for(store, session: Session, target, segment: int) -> Segment:
         stmt = sa.select(Segment).where(Segment.id == (target.segment_id if isinstance(target, SearchHit)
                                                         else target.id))
     elif isinstance(target, str):
-        stmt = sa.select(Segment).where(Segment.document_id == target, Segment.index == segment)
+        check_doc_id(target)
+        stmt = sa.select(Segment).where(Segment.document_id == target,
+                                        Segment.index == check_index(segment, "segment"))
     else:
         raise InvalidArgumentError(
             "load_cache takes a document id (with segment=), a SearchHit, a SegmentRecord, a CacheRecord or a "
@@ -47,7 +50,7 @@ def pick(
     """The stored cache that serves ``target`` for ``model`` at ``ratio``/``level``, with its prefix row."""
     with store.read_session() as session:
         if isinstance(target, (CacheRecord, CacheRef)) or (isinstance(target, int) and not isinstance(target, bool)):
-            cache_id = target if isinstance(target, int) else target.id
+            cache_id = check_index(target, "a cache id") if isinstance(target, int) else target.id
             found = session.execute(
                 sa.select(Cache, Segment).join(Segment, Segment.id == Cache.segment_id).where(Cache.id == cache_id)
             ).first()

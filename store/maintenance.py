@@ -15,6 +15,7 @@ from .backends import file_sha256
 from .blob import BlobReader, ReadStats
 from .records import GCReport, VerifyProblem, VerifyReport, cache_record, segment_label
 from .schema import Cache, Prefix, Segment
+from .validate import doc_id_list
 
 
 def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
@@ -32,7 +33,7 @@ def verify(store, doc_ids: Iterable[str] | None = None) -> VerifyReport:
         bare = (sa.select(Segment.document_id, Segment.index).outerjoin(Cache, Cache.segment_id == Segment.id)
                 .where(Cache.id.is_(None)))
         if doc_ids is not None:
-            ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+            ids = doc_id_list(doc_ids)
             stmt = stmt.where(Segment.document_id.in_(ids))
             bare = bare.where(Segment.document_id.in_(ids))
         prefixes = {p.id: p for p in session.scalars(sa.select(Prefix))}

@@ -31,6 +31,36 @@ def check_doc_id(doc_id) -> str:
     return doc_id
 
 
+def doc_id_list(doc_ids) -> list[str]:
+    """``doc_ids`` (one document id, or an iterable of them) as a list of strings of valid Unicode; any other
+    value is a one-line ``InvalidArgumentError`` (a lookup for an id that was never stored just finds nothing)."""
+    if isinstance(doc_ids, str):
+        doc_ids = [doc_ids]
+    elif isinstance(doc_ids, (bytes, dict)) or not hasattr(doc_ids, "__iter__"):
+        raise InvalidArgumentError(f"doc_ids is a document id or a list of them, got {type(doc_ids).__name__}")
+    ids = list(doc_ids)
+    for doc_id in ids:
+        if not isinstance(doc_id, str):
+            raise InvalidArgumentError(f"a document id is a string, got {doc_id!r}")
+        _check_unicode(doc_id, "the document id")
+    return ids
+
+
+def check_index(value, name: str, low: int = 0) -> int:
+    """An integer (not a bool) from ``low`` to 2**63 - 1, what a SQL database stores; else a one-line
+    ``InvalidArgumentError`` instead of a driver's overflow."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < _INT64:
+        raise InvalidArgumentError(f"{name} must be an integer from {low} to {_INT64 - 1}, got {value!r}")
+    return value
+
+
+def check_page(limit, offset) -> None:
+    """A listing's page: ``limit`` None or >= 1, ``offset`` >= 0 (see :func:`check_index`)."""
+    if limit is not None:
+        check_index(limit, "limit", 1)
+    check_index(offset, "offset")
+
+
 def check_text(text) -> str:
     """A document text: not empty, valid Unicode, and segmentable (no absurdly long unbroken run)."""
     if not isinstance(text, str) or not text.strip():

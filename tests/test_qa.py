@@ -138,6 +138,13 @@ def test_best_of_k_is_one_strategy_among_others(filled, tiny):
         qa.answer(QUESTION, temprature=1.0)
     with pytest.raises(kvzip_rag.DocumentNotFoundError):
         qa.answer(QUESTION, doc_ids=["nope"])
+    name = next(iter(DOCS))
+    for wrong, reason in (({"doc_ids": 3}, "doc_ids is a document id"), ({"doc_ids": [name, None]}, "is a string"),
+                          ({"targets": 3}, "targets is a list"), ({"targets": [(name, 2**63)]}, "segment index"),
+                          ({"targets": [(3, 0)]}, "document id")):  # one line each, never a TypeError or SQL error
+        with pytest.raises(InvalidArgumentError, match=reason):
+            qa.answer(QUESTION, max_new_tokens=2, **wrong)
+    assert qa.answer(QUESTION, targets=[(name, 0)], max_new_tokens=2).used[0].doc_id == name
 
 
 def test_stream_stopped_early_releases_the_lock(filled, tiny):

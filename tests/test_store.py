@@ -240,6 +240,28 @@ def test_blob_swapped_for_another_models_blob_is_refused(store, tiny_llama, smol
 # ------------------------------------------------------------------------------------------------ hostile input
 
 
+@pytest.mark.parametrize("call, reason", [
+    (lambda s, m: s.search("ferries", k=2, doc_ids=3), "doc_ids is a document id or a list"),
+    (lambda s, m: s.search("ferries", k=2, doc_ids=["harbour", ("harbour", 2**63)]), "a document id is a string"),
+    (lambda s, m: s.search("ferries", k=2, doc_ids="\ud800"), "lone surrogate"),
+    (lambda s, m: s.verify(doc_ids=True), "doc_ids is a document id or a list"),
+    (lambda s, m: s.get_document(["harbour"]), "a document id is a non-empty string"),
+    (lambda s, m: s.delete_document(3), "a document id is a non-empty string"),
+    (lambda s, m: s.load_cache("harbour", m, segment=2**63), "segment must be an integer"),
+    (lambda s, m: s.load_cache("harbour", m, segment="0"), "segment must be an integer"),
+    (lambda s, m: s.load_cache(2**63, m), "a cache id must be an integer"),
+    (lambda s, m: s.load_cache("\ud800", m), "lone surrogate"),
+], ids=["search-int", "search-tuple", "search-surrogate", "verify-bool", "get-list", "delete-int", "segment-huge",
+        "segment-str", "cache-id-huge", "load-surrogate"])
+def test_ids_of_the_wrong_type_or_range_are_one_line_errors(store, tiny_llama, call, reason):
+    """Ids and indexes are checked where the store takes them: never a TypeError, OverflowError or SQL error."""
+    store.add_document(tiny_llama, HARBOUR, doc_id="harbour", ratio=0.3)
+    with pytest.raises(InvalidArgumentError, match=reason) as caught:
+        call(store, tiny_llama)
+    assert "\n" not in str(caught.value)
+    assert [d.id for d in store.list_documents()] == ["harbour"]  # nothing lost
+
+
 def test_ids_and_metadata_never_become_paths_or_sql(store, tiny_llama, tmp_path):
     evil_id = "../../etc/passwd"
     evil_meta = {"title": "O'Brien \"quoted\"; DROP TABLE documents; --", 'we"ird\'key': "x'\"y", "n": 3,
