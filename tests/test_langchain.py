@@ -15,6 +15,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
+from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.integrations.langchain import ChatKVzip, KVzipRetriever, create_kvzip_qa_chain
 from test_langchain_standard import DOCUMENTS, build_index, tiny_model
 
@@ -76,6 +77,10 @@ def test_chat_declares_missing_features_clearly(index):
         chat.invoke("hi", frequency_penalty=1.0)
     with pytest.raises(ValueError, match="model"):
         chat.invoke("hi", model="gpt-4o")
+    for stop in (3, ["Q:", 3], "Q:"):  # the engine's one-line check, not a TypeError from listing them
+        with pytest.raises(InvalidArgumentError, match="stop must be a list of strings"):
+            chat.invoke("hi", stop=stop, max_new_tokens=2)
+    assert chat.invoke("hi", stop=["", "Q:"], max_new_tokens=2).response_metadata["finish_reason"]
 
 
 def test_chat_routes_streams_and_reports_usage(index):

@@ -20,6 +20,7 @@ from kvzip_rag.answers import grounding_metadata
 from kvzip_rag.bridge import apush_in_thread
 from kvzip_rag.dialogue import ChatSession, fold_messages
 from kvzip_rag.errors import InvalidArgumentError
+from kvzip_rag.generate import SamplingOptions
 from kvzip_rag.qa import QAService, Target, get_composer
 
 from ..segments import SERVICE_OPTIONS
@@ -188,8 +189,9 @@ class ChatKVzip(BaseChatModel):
         max_tokens = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_new_tokens))
         if isinstance(max_tokens, int):
             params["ls_max_tokens"] = max_tokens
-        if stop or self.stop:
-            params["ls_stop"] = list(stop or self.stop)
+        stops = stop if stop is not None else self.stop
+        if isinstance(stops, (list, tuple)) and stops:  # anything else fails with a clear error when answering
+            params["ls_stop"] = list(stops)
         return params
 
     # ------------------------------------------------------------------------------------- unsupported
@@ -236,8 +238,8 @@ class ChatKVzip(BaseChatModel):
             "top_p": kwargs.pop("top_p", self.top_p),
             "seed": kwargs.pop("seed", self.seed),
         }
-        stops = [s for s in (stop if stop is not None else (self.stop or [])) if s]
-        options["stop"] = tuple(stops)
+        # the engine's own check and clean-up (one rule): a list of strings, the empty ones dropped
+        options["stop"] = SamplingOptions(stop=stop if stop is not None else (self.stop or ())).stop
         for key in SERVICE_OPTIONS:  # forwarded when set on the model or the call; the service checks them
             if key in kwargs:
                 options[key] = kwargs.pop(key)
