@@ -205,8 +205,9 @@ def index(filled, tiny):
 def test_response_mode_and_node_postprocessors(index):
     from llama_index.core.postprocessor.types import BaseNodePostprocessor
 
-    with pytest.raises(InvalidArgumentError, match="compressed KV cache"):
-        index.as_query_engine(response_mode="compact")
+    for mode in ("compact", ["compact"]):  # any value, hashable or not, gets the reason
+        with pytest.raises(InvalidArgumentError, match="compressed KV cache"):
+            index.as_query_engine(response_mode=mode)
     only_nodes = index.as_query_engine(response_mode="no_text", similarity_top_k=2).query(QUESTION)
     assert only_nodes.response is None and len(only_nodes.source_nodes) == 2
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -31,6 +32,7 @@ from kvzip_rag.errors import ContextTooLongError, InvalidArgumentError
 from kvzip_rag.generate import AnswerStream, SamplingOptions
 from kvzip_rag.models import KVzipModel, load_model
 from kvzip_rag.prompt import chat_text
+from kvzip_rag.qa import check_question
 
 
 def _messages_text(model: KVzipModel, messages: Sequence[Any]) -> str:
@@ -82,13 +84,14 @@ class KVzipLLM(CustomLLM):
         from transformers import DynamicCache
 
         model = self._model
+        check_question(prompt, "prompt")  # a non-empty string of valid text (used as given, not stripped)
+        options = SamplingOptions(  # checked before any model work
+            max_new_tokens=kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_new_tokens)),
+            temperature=kwargs.get("temperature", self.temperature), top_p=self.top_p,
+            clean=False)  # a completion (JSON, a list) may span lines: not a short answer
         ids = model.encode(prompt if formatted else self.completion_to_prompt(prompt))
-        limit = min(int(kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_new_tokens))),
-                    max(1, model.max_positions - len(ids)))
-        temperature = kwargs.get("temperature", self.temperature)
-        options = SamplingOptions(max_new_tokens=limit, temperature=temperature, top_p=self.top_p,
-                                  seed=0 if temperature > 0 else None,  # sampled completions are repeatable
-                                  clean=False)  # a completion (JSON, a list) may span lines: not a short answer
+        options = replace(options, max_new_tokens=min(options.max_new_tokens, max(1, model.max_positions - len(ids))),
+                          seed=0 if options.temperature > 0 else None)  # sampled completions are repeatable
         text = ""
         with self._lock:
             stream = AnswerStream(model, DynamicCache(config=model.model.config), ids, options, keep=True)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .retriever import KVzipIndexRetriever
 
 # response_mode values that make sense without a synthesizer over text (the caches answer, not a prompt of text)
-_ACCEPTED_MODES = {None, "no_text"}
+_ACCEPTED_MODES = (None, "no_text")  # compared by equality: any value gets the message below
 
 
 def _mode_name(mode: Any) -> Optional[str]:
