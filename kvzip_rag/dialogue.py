@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from .answers import Citation, grounding_metadata
 from .errors import ContextTooLongError, InvalidArgumentError
 from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_question, check_sampling, get_composer
 from .language import STOPWORDS, words
+from .store.validate import check_unicode
 
 if TYPE_CHECKING:
     from .abstain import Assessment, Grounding
@@ -257,6 +258,22 @@ class Turn:
         return self.quote.text if self.quote is not None else self.answer.text
 
 
+def check_history(history: Any) -> list[tuple[str, str]]:
+    """A given history: (question, answer) pairs of strings of valid text (an answer may be empty); anything else
+    is a one-line ``InvalidArgumentError`` before any routing or model work."""
+    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
+        raise InvalidArgumentError(f"history is a list of (question, answer) pairs, got {type(history).__name__}")
+    pairs = []
+    for n, pair in enumerate(history):
+        if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
+                or not all(isinstance(text, str) for text in pair)):
+            raise InvalidArgumentError(f"history[{n}] is not a (question, answer) pair of strings: {pair!r:.80}")
+        for text in pair:
+            check_unicode(text, f"history[{n}]")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
 @dataclass
 class ChatSession:
     """A conversation over compressed caches that follows its topic: every turn is routed (``k`` segments, within
@@ -288,6 +305,8 @@ class ChatSession:
         self._idle = threading.Condition(self.service.lock)
         check_k(self.k)
         check_k(self.max_documents, "max_documents")
+        if not isinstance(self.sampling, Mapping):
+            raise InvalidArgumentError(f"sampling is a dict of answer options by name, got {self.sampling!r:.80}")
         from .abstain import split_grounding
 
         sampling, self._grounding = split_grounding(self.sampling)
@@ -314,7 +333,7 @@ class ChatSession:
     def plan(self, question: str, history: Sequence[tuple[str, str]] = ()) -> TurnPlan:
         """Route ``question`` (first ``history``'s questions, in order, when no conversation is live) and decide the
         documents of the turn's cache."""
-        question = check_question(question, "message")
+        question, history = check_question(question, "message"), check_history(history)
         with self.service.lock:
             live = self.conversation is not None
             documents: list[Target] = list(self.documents) if live else []
@@ -360,6 +379,7 @@ class ChatSession:
         from .abstain import split_grounding
         from .generate import SamplingOptions
 
+        history = check_history(history)
         sampling, grounding = split_grounding(sampling, self._grounding)
         options = {**self.sampling, **check_sampling(sampling)}
         max_new = options.get("max_new_tokens", SamplingOptions.max_new_tokens)

@@ -14,7 +14,7 @@ _INT64 = 1 << 63
 _UNBROKEN = re.compile(r"[^\s.!?\u3002\uff01\uff1f]{%d,}" % (MAX_UNBROKEN_CHARS + 1))
 
 
-def _check_unicode(value: str, what: str) -> None:
+def check_unicode(value: str, what: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as error:
@@ -27,7 +27,7 @@ def _check_unicode(value: str, what: str) -> None:
 def check_doc_id(doc_id) -> str:
     if not isinstance(doc_id, str) or not doc_id or len(doc_id) > 255 or "\x00" in doc_id:
         raise InvalidArgumentError(f"a document id is a non-empty string of at most 255 characters, got {doc_id!r}")
-    _check_unicode(doc_id, "the document id")
+    check_unicode(doc_id, "the document id")
     return doc_id
 
 
@@ -42,7 +42,7 @@ def doc_id_list(doc_ids) -> list[str]:
     for doc_id in ids:
         if not isinstance(doc_id, str):
             raise InvalidArgumentError(f"a document id is a string, got {doc_id!r}")
-        _check_unicode(doc_id, "the document id")
+        check_unicode(doc_id, "the document id")
     return ids
 
 
@@ -65,7 +65,7 @@ def check_text(text) -> str:
     """A document text: not empty, valid Unicode, and segmentable (no absurdly long unbroken run)."""
     if not isinstance(text, str) or not text.strip():
         raise EmptyDocumentError("the document is empty or whitespace only; there is nothing to compress")
-    _check_unicode(text, "the document text")
+    check_unicode(text, "the document text")
     run = _UNBROKEN.search(text)
     if run is not None:
         raise InvalidArgumentError(
@@ -81,7 +81,7 @@ def check_query(query) -> str:
     """A search query: a string of valid Unicode (search reduces it to words, so any other character is harmless)."""
     if not isinstance(query, str):
         raise InvalidArgumentError(f"a search query is a string, got {type(query).__name__}")
-    _check_unicode(query, "the question")
+    check_unicode(query, "the question")
     return query
 
 
@@ -104,12 +104,12 @@ def _walk(value, depth: int, where: str) -> None:
         if not -_INT64 <= value < _INT64:
             raise InvalidArgumentError(f"metadata integer at {where} does not fit 64 bits; store it as a string")
     elif isinstance(value, str):
-        _check_unicode(value, f"metadata at {where}")
+        check_unicode(value, f"metadata at {where}")
     elif isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidArgumentError(f"metadata keys must be strings, got {key!r} at {where}")
-            _check_unicode(key, f"a metadata key at {where}")
+            check_unicode(key, f"a metadata key at {where}")
             _walk(item, depth + 1, f"{where}.{key}")
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):

@@ -9,6 +9,7 @@ from conftest import service_over
 
 from kvzip_rag.compose import ComposedCache, compose
 from kvzip_rag.dialogue import ChatSession, fold_messages, question_tokens
+from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.generate import Conversation, turn_ids
 from kvzip_rag.qa import QAService
 
@@ -119,3 +120,18 @@ def test_a_given_history_is_routed_turn_by_turn(service):
     conversation = Conversation(service.model, by_hand(service, ["bridge", "apple"]))
     conversation.add_turn(APPLE, "Mara Venn.")
     assert conversation.ask(BRIDGE, **SHORT).text == turn.answer.text
+
+
+@pytest.mark.parametrize("history", [3, "Who?", [(1, 2)], [(APPLE,)], [(APPLE, "Mara", "Venn")], [(APPLE, "\ud800")]],
+                         ids=["int", "string", "ints", "single", "triple", "surrogate"])
+def test_a_malformed_history_or_sampling_is_a_one_line_error_before_any_work(service, history):
+    session = ChatSession(service, sampling=SHORT)
+    with pytest.raises(InvalidArgumentError, match=r"history") as caught:
+        session.ask(BRIDGE, history=history)
+    assert "\n" not in str(caught.value) and session.conversation is None
+    with pytest.raises(InvalidArgumentError, match="history"):
+        session.plan(BRIDGE, history)
+    with pytest.raises(InvalidArgumentError, match="sampling is a dict"):
+        ChatSession(service, sampling=[("max_new_tokens", 4)])
+    turn = session.ask(BRIDGE, history=[[APPLE, ""]])  # lists for pairs, an empty answer: fine
+    assert session.conversation.turns[0] == (APPLE, "") and turn.info["doc_ids"]
