@@ -37,7 +37,7 @@ values replace the independently encoded ones wherever the cache kept them (Cach
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -325,6 +325,8 @@ def compose(
     ``reserve``: positions kept free after the composition for the question and answer. ``repair``: context tokens
     recomputed at the start of every document after the first (sequential layout only).
     """
+    if isinstance(caches, PackedCache) or not isinstance(caches, Iterable):
+        raise InvalidArgumentError(f"compose takes a list of packed caches, got {type(caches).__name__}")
     caches = list(caches)
     _check_inputs(model, caches, layout, on_overflow)
     if repair < 0 or (repair and layout != "sequential"):

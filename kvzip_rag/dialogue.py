@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .answers import Citation, grounding_metadata
+from .checks import check_unicode
 from .errors import ContextTooLongError, InvalidArgumentError
 from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_question, check_sampling, get_composer
 from .language import STOPWORDS, words
-from .store.validate import check_unicode
 
 if TYPE_CHECKING:
     from .abstain import Assessment, Grounding

@@ -296,6 +296,8 @@ def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling
     ``ContextTooLongError`` when no answer token fits. Checked before any model work."""
     if sampling is None:
         sampling = SamplingOptions.from_options(options)
+    elif not isinstance(sampling, SamplingOptions):
+        raise InvalidArgumentError(f"sampling is a SamplingOptions (or give the options by name), got {sampling!r:.80}")
     elif options:
         raise InvalidArgumentError("give sampling= or answer options by name, not both")
     cache.info.check_model(model)

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 
 from .attention import ATTENTION_NAME, register_attention
+from .checks import check_unicode
 from .errors import InvalidArgumentError, ModelNotFoundError
 from .prompt import PromptTemplate
 from .runtime import apply_thread_policy
@@ -144,7 +145,12 @@ class KVzipModel:
         return self.model(ids, use_cache=True, **{self.cache_argument: cache}, **kwargs)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a piece of the prompt; special tokens in the template text are parsed, none are added."""
+        """Token ids of a piece of the prompt; special tokens in the template text are parsed, none are added. Every
+        text reaches the model here: one that is not a string of valid Unicode is a one-line error, not the
+        tokenizer's."""
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"the text to read is a string, got {type(text).__name__}")
+        check_unicode(text, "the text")
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @property
@@ -330,9 +336,16 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name_or_path = name_or_path or os.environ.get("KVZIP_RAG_MODEL") or DEFAULT_MODEL
-    device = torch.device(device) if device else _default_device()
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"a model is an alias, a folder, a .gguf file or a hub id, got {name_or_path!r}")
+    try:
+        device = torch.device(device) if device else _default_device()
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(f"unknown device {device!r}: give e.g. 'cpu', 'cuda' or 'cuda:1'") from None
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = getattr(torch, dtype, dtype)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}: give e.g. 'float32', 'bfloat16' or a torch.dtype")
     dtype = dtype or _default_dtype(device)
     register_attention()
     name, source = resolve_model_path(name_or_path)

@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
+from .checks import check_index
 from .errors import ContextTooLongError, EmptyDocumentError
 from .models import KVzipModel
 
@@ -41,7 +42,9 @@ def tokenize_document(model: KVzipModel, text: str) -> tuple[list[int], list[int
 def prefill(
     model: KVzipModel, input_ids: list[int], chunk_size: int = 2048, observer=None, progress: Progress | None = None
 ) -> DynamicCache:
-    """Chunked prefill into transformers' own DynamicCache, so long contexts never need the whole attention matrix."""
+    """Chunked prefill into transformers' own DynamicCache, so long contexts never need the whole attention matrix.
+    ``chunk_size``: a positive integer (checked: a zero or negative one would prefill nothing)."""
+    check_index(chunk_size, "the prefill chunk size", 1)
     cache = DynamicCache(config=model.model.config)
     chunks = list(range(0, len(input_ids), chunk_size))
     with torch.inference_mode():

@@ -50,10 +50,11 @@ from typing import TYPE_CHECKING, Any
 from .abstain import DEFAULT_ABSTAIN_TEXT, DEFAULT_THRESHOLD, Grounding
 from .answers import CacheAnswer, Citation, QAResult, Target, choose_best, is_refusal
 from .budget import DEFAULT_BUDGET, Budget, CacheKind, select_cache
+from .checks import check_index
 from .composers import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, get_composer, register_composer
 from .errors import CacheChangedError, InvalidArgumentError, KVzipError, ModelMismatchError
 from .paths import default_store_path
-from .store.validate import check_doc_id, check_index, check_k, check_query, doc_id_list
+from .store.validate import check_doc_id, check_k, check_query, doc_id_list
 
 __all__ = [
     "COMPOSERS", "DEFAULT_COMPOSE", "BestOfK", "CacheAnswer", "Composer", "EmptyIndexError", "QAResult",

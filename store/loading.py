@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from kvzip_rag.budget import Budget, CacheKind, same_ratio, select_cache
 from kvzip_rag.cache import PackedCache, cache_info
+from kvzip_rag.checks import check_index
 from kvzip_rag.errors import (
     CacheChangedError,
     CorruptBlobError,
@@ -20,7 +21,7 @@ from .blob import BlobReader
 from .cachefile import document_header, read_document
 from .records import CacheRecord, CacheRef, SearchHit, SegmentRecord, cache_record, segment_label
 from .schema import Cache, Document, Prefix, Segment
-from .validate import check_doc_id, check_index
+from .validate import check_doc_id
 
 
 def segment_for(store, session: Session, target, segment: int) -> Segment:

@@ -6,22 +6,12 @@ from __future__ import annotations
 import json
 import re
 
+from kvzip_rag.checks import INT64, check_index, check_unicode
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError
 
 MAX_METADATA_DEPTH = 32
 MAX_UNBROKEN_CHARS = 20_000  # longest run without whitespace or sentence end that segmentation accepts
-_INT64 = 1 << 63
 _UNBROKEN = re.compile(r"[^\s.!?\u3002\uff01\uff1f]{%d,}" % (MAX_UNBROKEN_CHARS + 1))
-
-
-def check_unicode(value: str, what: str) -> None:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidArgumentError(
-            f"{what} contains a lone surrogate ({value[error.start:error.end]!r} at position {error.start}): it is "
-            "not valid Unicode text; decode the source with errors='replace' or fix it"
-        ) from None
 
 
 def check_doc_id(doc_id) -> str:
@@ -44,14 +34,6 @@ def doc_id_list(doc_ids) -> list[str]:
             raise InvalidArgumentError(f"a document id is a string, got {doc_id!r}")
         check_unicode(doc_id, "the document id")
     return ids
-
-
-def check_index(value, name: str, low: int = 0) -> int:
-    """An integer (not a bool) from ``low`` to 2**63 - 1, what a SQL database stores; else a one-line
-    ``InvalidArgumentError`` instead of a driver's overflow."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < _INT64:
-        raise InvalidArgumentError(f"{name} must be an integer from {low} to {_INT64 - 1}, got {value!r}")
-    return value
 
 
 def check_page(limit, offset) -> None:
@@ -101,7 +83,7 @@ def _walk(value, depth: int, where: str) -> None:
     if isinstance(value, bool) or value is None:
         return
     if isinstance(value, int):
-        if not -_INT64 <= value < _INT64:
+        if not -INT64 <= value < INT64:
             raise InvalidArgumentError(f"metadata integer at {where} does not fit 64 bits; store it as a string")
     elif isinstance(value, str):
         check_unicode(value, f"metadata at {where}")

@@ -350,11 +350,32 @@ def test_sampling_is_seeded_and_stop_strings_cut(tiny_llama):
         (TEXT, {"ratio": 1.5}, kvzip_rag.InvalidArgumentError, r"\(0, 1\]"),
         (TEXT, {"level": "layer"}, kvzip_rag.InvalidArgumentError, "unknown level"),
         (TEXT, {"scorer": "magic"}, kvzip_rag.InvalidArgumentError, "unknown scorer"),
+        ("A lone \ud800 surrogate.", {}, kvzip_rag.InvalidArgumentError, "lone surrogate"),
+        (TEXT, {"prefill_chunk": -1}, kvzip_rag.InvalidArgumentError, "prefill chunk size"),  # crashed the process
+        (TEXT, {"prefill_chunk": 0}, kvzip_rag.InvalidArgumentError, "prefill chunk size"),
     ],
 )
 def test_bad_input_is_refused_clearly(tiny_llama, text, kwargs, error, match):
     with pytest.raises(error, match=match):
         kvzip_rag.compress(tiny_llama, text, **kwargs)
+
+
+def test_bad_questions_options_and_models_are_refused_clearly(tiny_llama):
+    """One-line errors before any model work, never a tokenizer's TypeError or an AttributeError from inside."""
+    cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.5)
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="lone surrogate"):
+        kvzip_rag.answer(tiny_llama, cache, "Who built \udfff it?")
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="is a string"):
+        tiny_llama.encode(b"bytes")
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="sampling is a SamplingOptions"):
+        kvzip_rag.answer(tiny_llama, cache, "Who built it?", {"max_new_tokens": 2})
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="list of packed caches"):
+        kvzip_rag.compose(tiny_llama, cache)
+    for wrong, match in (({"name_or_path": 3.5}, "a model is"), ({"device": "abacus"}, "unknown device"),
+                         ({"dtype": "float77"}, "unknown dtype")):
+        with pytest.raises(kvzip_rag.InvalidArgumentError, match=match):
+            kvzip_rag.load_model(**wrong)
+    assert kvzip_rag.answer(tiny_llama, cache, "Who built it?", max_new_tokens=2).token_ids
 
 
 def test_context_longer_than_the_model_names_the_limit(smol_tokenizer):
