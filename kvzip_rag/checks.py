@@ -3,6 +3,8 @@ integers a database stores. Each raises a one-line ``InvalidArgumentError``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from .errors import InvalidArgumentError
 
 INT64 = 1 << 63  # a signed 64-bit integer's bound: what SQL databases store
@@ -25,3 +27,11 @@ def check_index(value, name: str, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value < INT64:
         raise InvalidArgumentError(f"{name} must be an integer from {low} to {INT64 - 1}, got {value!r}")
     return value
+
+
+def as_list(value, what: str) -> list:
+    """``value``, any iterable but a string, bytes or a mapping (whose iteration is never what a caller meant), as a
+    list; else a one-line ``InvalidArgumentError`` starting with ``what`` ("doc_ids is a list of ...")."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidArgumentError(f"{what}, got {type(value).__name__}")
+    return list(value)

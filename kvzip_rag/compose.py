@@ -37,12 +37,13 @@ values replace the independently encoded ones wherever the cache kept them (Cach
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .cache import CacheInfo, PackedCache, PackedLayer
+from .checks import as_list
 from .errors import ContextTooLongError, InvalidArgumentError, KVzipError, ModelMismatchError
 from .models import ANSWER_RESERVE, KVzipModel
 
@@ -325,9 +326,10 @@ def compose(
     ``reserve``: positions kept free after the composition for the question and answer. ``repair``: context tokens
     recomputed at the start of every document after the first (sequential layout only).
     """
-    if isinstance(caches, PackedCache) or not isinstance(caches, Iterable):
-        raise InvalidArgumentError(f"compose takes a list of packed caches, got {type(caches).__name__}")
-    caches = list(caches)
+    what = "compose takes a list of packed caches"
+    if isinstance(caches, PackedCache):  # a cache iterates over its layers
+        raise InvalidArgumentError(f"{what}, got one PackedCache")
+    caches = as_list(caches, what)
     _check_inputs(model, caches, layout, on_overflow)
     if repair < 0 or (repair and layout != "sequential"):
         raise InvalidArgumentError(

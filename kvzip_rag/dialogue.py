@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .answers import Citation, grounding_metadata
-from .checks import check_unicode
+from .checks import as_list, check_unicode
 from .errors import ContextTooLongError, InvalidArgumentError
 from .qa import EmptyIndexError, QAService, Routing, Target, check_k, check_question, check_sampling, get_composer
 from .language import STOPWORDS, words
@@ -261,10 +261,8 @@ class Turn:
 def check_history(history: Any) -> list[tuple[str, str]]:
     """A given history: (question, answer) pairs of strings of valid text (an answer may be empty); anything else
     is a one-line ``InvalidArgumentError`` before any routing or model work."""
-    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
-        raise InvalidArgumentError(f"history is a list of (question, answer) pairs, got {type(history).__name__}")
     pairs = []
-    for n, pair in enumerate(history):
+    for n, pair in enumerate(as_list(history, "history is a list of (question, answer) pairs")):
         if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
                 or not all(isinstance(text, str) for text in pair)):
             raise InvalidArgumentError(f"history[{n}] is not a (question, answer) pair of strings: {pair!r:.80}")

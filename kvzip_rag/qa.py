@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from .abstain import DEFAULT_ABSTAIN_TEXT, DEFAULT_THRESHOLD, Grounding
 from .answers import CacheAnswer, Citation, QAResult, Target, choose_best, is_refusal
 from .budget import DEFAULT_BUDGET, Budget, CacheKind, select_cache
-from .checks import check_index
+from .checks import as_list, check_index
 from .composers import COMPOSERS, DEFAULT_COMPOSE, BestOfK, Composer, get_composer, register_composer
 from .errors import CacheChangedError, InvalidArgumentError, KVzipError, ModelMismatchError
 from .paths import default_store_path
@@ -439,9 +439,7 @@ class QAService:
             routing = self.route(question, k, doc_ids)
             plan = Plan(question, routing.targets, routing.seconds, k, doc_ids)
         else:
-            if isinstance(targets, (str, bytes, dict)) or not hasattr(targets, "__iter__"):
-                raise InvalidArgumentError(f"targets is a list of Targets, SearchHits or (doc_id, segment_index) "
-                                           f"pairs, got {type(targets).__name__}")
+            targets = as_list(targets, "targets is a list of Targets, SearchHits or (doc_id, segment_index) pairs")
             given = list(dict.fromkeys(as_target(t) for t in targets))
             if not given:
                 raise InvalidArgumentError("no targets to answer from")

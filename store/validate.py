@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from kvzip_rag.checks import INT64, check_index, check_unicode
+from kvzip_rag.checks import INT64, as_list, check_index, check_unicode
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError
 
 MAX_METADATA_DEPTH = 32
@@ -24,11 +24,7 @@ def check_doc_id(doc_id) -> str:
 def doc_id_list(doc_ids) -> list[str]:
     """``doc_ids`` (one document id, or an iterable of them) as a list of strings of valid Unicode; any other
     value is a one-line ``InvalidArgumentError`` (a lookup for an id that was never stored just finds nothing)."""
-    if isinstance(doc_ids, str):
-        doc_ids = [doc_ids]
-    elif isinstance(doc_ids, (bytes, dict)) or not hasattr(doc_ids, "__iter__"):
-        raise InvalidArgumentError(f"doc_ids is a document id or a list of them, got {type(doc_ids).__name__}")
-    ids = list(doc_ids)
+    ids = [doc_ids] if isinstance(doc_ids, str) else as_list(doc_ids, "doc_ids is a document id or a list of them")
     for doc_id in ids:
         if not isinstance(doc_id, str):
             raise InvalidArgumentError(f"a document id is a string, got {doc_id!r}")
