@@ -16,6 +16,7 @@ import torch
 from .errors import InvalidArgumentError
 
 THREADS_ENV = "KVZIP_RAG_THREADS"
+MAX_THREADS = 1024  # beyond any machine's cores; torch takes a 32-bit count and would spawn every thread asked for
 
 
 def free_cores() -> int:
@@ -38,8 +39,8 @@ def resolve_threads(threads: int | None = None) -> int | None:
             threads = int(env)
         except ValueError:
             raise InvalidArgumentError(f"{THREADS_ENV}={env!r} is not a whole number of threads") from None
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InvalidArgumentError(f"threads must be a whole number >= 1, got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise InvalidArgumentError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
     return threads
 
 

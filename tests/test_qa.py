@@ -186,6 +186,12 @@ def test_thread_policy_applies_through_every_interface(filled, tiny, tiny_model_
     check(lambda: QAService(str(store), str(tiny_model_dir)).model)
     check(lambda: ChatKVzip(store=str(store), model=str(tiny_model_dir), max_tokens=2).invoke("bakery"))
     torch.set_num_threads(1)
+    for wrong in (0, 2**63, 1.5):  # 2**63 overflowed torch's 32-bit count with a ValueError from inside
+        with pytest.raises(InvalidArgumentError, match="threads must be a whole number from 1 to 1024"):
+            kvzip_rag.load_model(str(tiny_model_dir), threads=wrong)
+    huge = CliRunner(env=WIDE).invoke(app, ["--store", str(store), "--model", str(tiny_model_dir), "--threads",
+                                            str(2**63), "ask", "bakery bread?"])
+    assert huge.exit_code != 0 and "threads must be" in huge.output and "Traceback" not in huge.output
 
 
 # ------------------------------------------------------------------------------------------------ LlamaIndex
