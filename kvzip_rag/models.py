@@ -335,7 +335,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name_or_path = name_or_path or os.environ.get("KVZIP_RAG_MODEL") or DEFAULT_MODEL
+    if name_or_path is None or name_or_path == "":  # not given: the environment's, else the default
+        name_or_path = os.environ.get("KVZIP_RAG_MODEL") or DEFAULT_MODEL
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise InvalidArgumentError(f"a model is an alias, a folder, a .gguf file or a hub id, got {name_or_path!r}")
     try:

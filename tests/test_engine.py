@@ -371,7 +371,8 @@ def test_bad_questions_options_and_models_are_refused_clearly(tiny_llama):
         kvzip_rag.answer(tiny_llama, cache, "Who built it?", {"max_new_tokens": 2})
     with pytest.raises(kvzip_rag.InvalidArgumentError, match="list of packed caches"):
         kvzip_rag.compose(tiny_llama, cache)
-    for wrong, match in (({"name_or_path": 3.5}, "a model is"), ({"device": "abacus"}, "unknown device"),
+    for wrong, match in (({"name_or_path": 3.5}, "a model is"), ({"name_or_path": 0}, "a model is"),
+                         ({"device": "abacus"}, "unknown device"),
                          ({"dtype": "float77"}, "unknown dtype")):
         with pytest.raises(kvzip_rag.InvalidArgumentError, match=match):
             kvzip_rag.load_model(**wrong)
