@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
 from kvzip_rag.budget import AS_STORED, DEFAULT_BUDGET, Budget, CacheKind, select_cache
+from kvzip_rag.checks import check_index
 from kvzip_rag.errors import (
     DocumentNotFoundError,
     InvalidArgumentError,
@@ -61,6 +62,7 @@ from .schema import (
     create_schema,
     lacks_kv_bits,
     make_engine,
+    parse_url,
     schema_state,
     search_method,
     writer,
@@ -83,6 +85,18 @@ GC_MIN_AGE_S = 600.0
 
 def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK) if path.exists() else _writable(path.parent) if path.parent != path else False
+
+
+def check_store_arguments(path, url, cache_bytes, max_segments, engine_options) -> None:
+    """What a store is opened with, checked before anything is created (one-line ``InvalidArgumentError``s)."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"a store folder is a path, got {type(path).__name__}")
+    if url is not None and not isinstance(url, str):
+        raise InvalidArgumentError(f"a database url is a string, got {type(url).__name__}")
+    check_index(cache_bytes, "cache_bytes")
+    check_index(max_segments, "max_segments", 1)
+    if engine_options is not None and not isinstance(engine_options, Mapping):
+        raise InvalidArgumentError(f"engine_options is a dict of create_engine() options, got {engine_options!r:.80}")
 
 
 class CacheStore:
@@ -113,6 +127,7 @@ class CacheStore:
         blob_url: str | None = None,
         blob_timeout: float | None = None,
     ):
+        check_store_arguments(path, url, cache_bytes, max_segments, engine_options)
         self.blob_url: str | None = None  # the object store holding the blobs (None: a local folder or blobs=)
         if blob_url is not None:  # a folder (path or file://) or an object store (s3://bucket/prefix)
             if blobs is not None or blob_dir is not None:
@@ -135,7 +150,7 @@ class CacheStore:
             if path is not None:
                 raise InvalidArgumentError("give either a store folder (path) or a database url, not both")
             self.path = None
-            parsed = sa.engine.make_url(url)
+            parsed = parse_url(url)
             if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
                 database = Path(parsed.database).expanduser().resolve()
                 blob_dir = blob_dir or database.parent / BLOB_DIR_NAME

@@ -14,6 +14,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from kvzip_rag.errors import InvalidArgumentError
+
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -128,11 +130,22 @@ SCHEMA_VERSION = "2"  # 2: shared template prefix (prefixes table), blob format 
 # ---------------------------------------------------------------------------------------------------------- engine
 
 
+def parse_url(url: str) -> sa.engine.URL:
+    """A database URL, parsed; one that is not is a one-line ``InvalidArgumentError`` naming its scheme (never the
+    rest, which may hold a password)."""
+    try:
+        return sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        scheme = f" (scheme {url.split('://', 1)[0]!r})" if "://" in url else ""
+        raise InvalidArgumentError(f"the database URL is not one SQLAlchemy can read{scheme}; give e.g. "
+                                   "sqlite:///path/index.sqlite or postgresql+psycopg2://user@host/db") from None
+
+
 def make_engine(url: str, *, read_only: bool = False, **kwargs) -> Engine:
     """An engine with the pragmas and transaction modes the store relies on. ``read_only`` opens a SQLite file
     with ``mode=ro`` (and ``immutable=1`` where its folder cannot be written, e.g. a mounted snapshot, since SQLite
     could not create its shared-memory file there)."""
-    parsed = sa.engine.make_url(url)
+    parsed = parse_url(url)
     if read_only and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         import os
         import sqlite3

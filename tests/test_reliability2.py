@@ -225,6 +225,10 @@ def test_mistakes_are_reported_before_the_model_loads(store, tmp_path):
     for command in (["ask", "Who?"], ["chat"]):
         empty = run(*no_model, *command)
         assert empty.exit_code == 1 and "holds no documents" in last_line(empty), empty.output
+    for url in ("notaurl", "postgres ql://user:secret@host/db"):  # SQLAlchemy's ArgumentError before; no password shown
+        bad_url = run("--db", url, "ls")
+        assert bad_url.exit_code == 1 and "not one SQLAlchemy can read" in last_line(bad_url), bad_url.output
+        assert "secret" not in bad_url.output
 
 
 def test_model_load_error_prints_real_newlines(store, tmp_path):

@@ -262,6 +262,18 @@ def test_ids_of_the_wrong_type_or_range_are_one_line_errors(store, tiny_llama, c
     assert [d.id for d in store.list_documents()] == ["harbour"]  # nothing lost
 
 
+@pytest.mark.parametrize("arguments, reason", [
+    ({"path": 3}, "a store folder is a path"), ({"url": "notaurl"}, "not one SQLAlchemy can read"),
+    ({"url": b"sqlite://"}, "a database url is a string"), ({"max_segments": 0}, "max_segments must be"),
+    ({"cache_bytes": -1}, "cache_bytes must be"), ({"engine_options": "pool_size=3"}, "engine_options is a dict"),
+], ids=["path-int", "url-unparsable", "url-bytes", "max-segments-0", "cache-bytes-negative", "engine-options-str"])
+def test_a_store_opened_with_wrong_arguments_is_a_one_line_error_and_creates_nothing(tmp_path, arguments, reason):
+    arguments = {"path": tmp_path / "s", **arguments} if "url" not in arguments else arguments
+    with pytest.raises(InvalidArgumentError, match=reason):
+        CacheStore(**arguments)
+    assert not (tmp_path / "s").exists()
+
+
 def test_ids_and_metadata_never_become_paths_or_sql(store, tiny_llama, tmp_path):
     evil_id = "../../etc/passwd"
     evil_meta = {"title": "O'Brien \"quoted\"; DROP TABLE documents; --", 'we"ird\'key': "x'\"y", "n": 3,

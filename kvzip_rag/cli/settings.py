@@ -94,16 +94,15 @@ class Settings:
     def _require_existing(self) -> None:
         """NoStoreError when the rows' database is not there; CLIError when a ``--blob-url`` folder is not (the
         blob URL is checked first, as opening the store would: a bad scheme, obstore missing)."""
-        from sqlalchemy.engine import make_url
-
         from kvzip_rag.qa import default_store_path
         from kvzip_rag.store.blob import LocalBlobs
         from kvzip_rag.store.cache_store import DB_NAME
         from kvzip_rag.store.objects import open_objects
+        from kvzip_rag.store.schema import parse_url
 
         blobs = open_objects(self.blob_url) if self.blob_url else None  # creates nothing
         if self.db:
-            parsed = make_url(self.db)
+            parsed = parse_url(self.db)
             local = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
             database = Path(parsed.database).expanduser() if local else None
         else:
@@ -126,9 +125,9 @@ class Settings:
     def describe_store(self) -> str:
         blobs = f" (blobs at {self.blob_url})" if self.blob_url else ""
         if self.db:
-            from sqlalchemy.engine import make_url
+            from kvzip_rag.store.schema import parse_url
 
-            return make_url(self.db).render_as_string(hide_password=True) + blobs
+            return parse_url(self.db).render_as_string(hide_password=True) + blobs
         from kvzip_rag.qa import default_store_path
 
         return str(self.store or default_store_path()) + blobs
