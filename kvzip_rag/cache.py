@@ -551,7 +551,7 @@ class BatchStep:
     token_positions: torch.Tensor  # (tokens,): each token's position in its own cache
     last_positions: torch.Tensor  # (B,): each sequence's last token's position
     prompts: "PromptGrid | None" = None  # the sequences taking several tokens (questions' prompts), if any
-    _by_head: dict[int, torch.Tensor] = field(default_factory=dict)
+    _by_head: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # positions_by_head
 
     @classmethod
     def build(cls, lengths: list[int], positions: list[int], device) -> "BatchStep":
