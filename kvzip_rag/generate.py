@@ -286,6 +286,17 @@ def turn_ids(model: KVzipModel, question: str, answer_text: str, first_turn: boo
     return prompt_ids(model, question, first_turn) + model.encode(answer_text)
 
 
+def check_cache_for(model: KVzipModel, cache: PackedCache) -> None:
+    """The one check before answering: ``model`` a ``KVzipModel``, ``cache`` a ``PackedCache`` it built (one-line
+    errors, not an ``AttributeError`` from inside)."""
+    if not isinstance(model, KVzipModel):
+        raise InvalidArgumentError(f"model is a KVzipModel (kvzip_rag.load_model), got {type(model).__name__}")
+    if not isinstance(cache, PackedCache):
+        raise InvalidArgumentError("cache is a PackedCache (kvzip_rag.compress, or a store's load_cache), got "
+                                   f"{type(cache).__name__}")
+    cache.info.check_model(model)
+
+
 def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling: SamplingOptions | None = None,
                   evidence: bool = False, **options: Any) -> AnswerStream:
     """Stream the answer to one independent question; the cache is back to the document afterwards.
@@ -300,7 +311,7 @@ def stream_answer(model: KVzipModel, cache: PackedCache, question: str, sampling
         raise InvalidArgumentError(f"sampling is a SamplingOptions (or give the options by name), got {sampling!r:.80}")
     elif options:
         raise InvalidArgumentError("give sampling= or answer options by name, not both")
-    cache.info.check_model(model)
+    check_cache_for(model, cache)
     cache.reset()
     ids = prompt_ids(model, question, True)
     room = window_room(model, cache, len(ids))
@@ -332,7 +343,7 @@ class Conversation:
     turns: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.cache.info.check_model(self.model)
+        check_cache_for(self.model, self.cache)
         self.cache.reset()
 
     def stream(self, question: str, evidence: bool | None = None, **options) -> AnswerStream:

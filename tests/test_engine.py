@@ -371,6 +371,10 @@ def test_bad_questions_options_and_models_are_refused_clearly(tiny_llama):
         kvzip_rag.answer(tiny_llama, cache, "Who built it?", {"max_new_tokens": 2})
     with pytest.raises(kvzip_rag.InvalidArgumentError, match="list of packed caches"):
         kvzip_rag.compose(tiny_llama, cache)
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="cache is a PackedCache"):
+        kvzip_rag.answer(tiny_llama, "the document", "Who built it?")
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="model is a KVzipModel"):
+        kvzip_rag.Conversation(tiny_llama.model, cache)
     for wrong, match in (({"name_or_path": 3.5}, "a model is"), ({"name_or_path": 0}, "a model is"),
                          ({"device": "abacus"}, "unknown device"),
                          ({"dtype": "float77"}, "unknown dtype")):
