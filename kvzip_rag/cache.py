@@ -529,12 +529,12 @@ class LayerArena:
         position = step.token_positions[:, None]
         rows = (self.origin[slot] + position).T.flatten()  # (heads * tokens,): head after head, as the states
         cells = ((self.bias_origin[slot] + position)[..., None] + self.group_rows).flatten()
-        dim, num_kv = key_states.shape[-1], self.origin.shape[1]
+        dim = key_states.shape[-1]
         with torch.inference_mode():
             self.keys.view(-1, dim).index_copy_(0, rows, key_states[0].reshape(-1, dim).to(self.keys.dtype))
             self.values.view(-1, self.values.shape[-1]).index_copy_(
                 0, rows, value_states[0].reshape(len(rows), -1).to(self.values.dtype))
-            self.positions.view(-1).index_copy_(0, rows, step.positions_by_head(num_kv))
+            self.positions.view(-1).index_copy_(0, rows, step.head_positions)
             self.bias.view(-1).index_fill_(0, cells, 0)
         for part, length in zip(parts, step.lengths):
             part._tail += length
@@ -550,27 +550,23 @@ class BatchStep:
     last: torch.Tensor  # (B,): each sequence's last token
     token_positions: torch.Tensor  # (tokens,): each token's position in its own cache
     last_positions: torch.Tensor  # (B,): each sequence's last token's position
+    head_positions: torch.Tensor  # (kv heads * tokens,): token_positions once per kv head, as a layer's new rows
     prompts: "PromptGrid | None" = None  # the sequences taking several tokens (questions' prompts), if any
-    _by_head: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # positions_by_head
 
     @classmethod
-    def build(cls, lengths: list[int], positions: list[int], device) -> "BatchStep":
-        """``positions``: where each sequence's first new token sits (its cache's length)."""
+    def build(cls, lengths: list[int], positions: list[int], num_kv_heads: int, device) -> "BatchStep":
+        """``positions``: where each sequence's first new token sits (its cache's length); ``num_kv_heads``: the
+        caches' kv heads per layer."""
         sizes = torch.tensor(lengths, device=device)
         sequence = torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes)
         last = sizes.cumsum(0) - 1
         offset = torch.arange(len(sequence), device=device) - (last - sizes + 1)[sequence]
         token_positions = torch.tensor(positions, device=device)[sequence] + offset
-        step = cls(lengths, sequence, offset, last, token_positions, token_positions[last])
+        step = cls(lengths, sequence, offset, last, token_positions, token_positions[last],
+                   token_positions.repeat(num_kv_heads))
         if not step.single:
             step.prompts = PromptGrid.build(step, device)
         return step
-
-    def positions_by_head(self, heads: int) -> torch.Tensor:
-        """``token_positions`` once per kv head, head after head (as a layer's new rows): built once per pass."""
-        if heads not in self._by_head:
-            self._by_head[heads] = self.token_positions.repeat(heads)
-        return self._by_head[heads]
 
     @property
     def single(self) -> bool:
@@ -685,7 +681,8 @@ class BatchedPackedCache(Cache):
         if len({len(cache.layers) for cache in caches}) != 1:
             raise ModelMismatchError("the caches of one batch were built by models with different layer counts")
         self.caches, self.lengths = caches, lengths
-        step = BatchStep.build(lengths, self.positions, caches[0].layers[0].buffer_keys.device)
+        first = caches[0].layers[0]
+        step = BatchStep.build(lengths, self.positions, first.num_heads, first.buffer_keys.device)
         layers = []
         for i in range(len(caches[0].layers)):
             parts = [cache.layers[i] for cache in caches]
