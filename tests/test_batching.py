@@ -505,6 +505,17 @@ def test_llamaindex_concurrent_aquery_decodes_together(tiny_llama, tmp_path):
 # ---------------------------------------------------------------------------------------------- the benchmark
 
 
+def test_the_steady_rate_counts_the_tokens_made_while_every_client_asked():
+    from kvzip_rag.bench.serve_batching import steady_rate
+
+    rows = [{"tokens": 10, "span": (1.0, 3.0)},  # done before the drain: all 10
+            {"tokens": 8, "span": (2.0, 6.0)},  # half of it before 4 s: 4
+            {"tokens": 5, "span": (5.0, 7.0)},  # after: none
+            {"tokens": 1, "span": (4.0, 4.0)}]  # one token, at the drain: counted
+    assert steady_rate(rows, 4.0) == pytest.approx((10 + 4 + 1) / 4.0)
+    assert steady_rate(rows, 8.0) == pytest.approx(24 / 8.0)  # no tail: the whole run's rate
+
+
 def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
     import json
 
@@ -522,6 +533,9 @@ def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, t
     assert [(r["path"], r["clients"]) for r in result["settings"]] == [
         (path, clients) for clients in serve.CLIENTS for path in ("serial", "batched")]
     assert all(r["n"] == 4 and r["tokens_per_s"] > 0 and r["ttft_p50_s"] <= r["latency_p95_s"]
+               for r in result["settings"])
+    # while every client asks: measured where each had a question (4 answers, up to 4 clients), else not at all
+    assert all((r["steady_tokens_per_s"] > 0) if r["clients"] <= 4 else r["steady_tokens_per_s"] is None
                for r in result["settings"])
     for r in result["settings"]:  # the burst of first questions left out: only clients that asked again count
         later = [a["ttft_s"] for a in r["answers"] if not a["client_first"]]

@@ -4,7 +4,7 @@ Closed-loop clients (1, 2, 4, 8, 16 at once) ask held SQuAD questions over a sto
 sending its next question as soon as its answer is complete, through :meth:`QAService.stream` (routing, loading
 and grounding included): once with the serial service (one lock, one answer at a time) and once with
 ``batching=True`` (:mod:`kvzip_rag.scheduler`), in the same run and process. Per setting: answers/s, generated
-tokens/s, time to first piece and total latency (p50/p95, as the client sees them), and the peak resident memory
+tokens/s (over the whole run, and while every client was asking: :func:`steady_rate`), time to first piece and total latency (p50/p95, as the client sees them), and the peak resident memory
 sampled while the setting ran. Greedy answers of both paths are compared question by question.
 """
 
@@ -53,14 +53,16 @@ def closed_loop(service, questions: list[str], clients: int, requests: int, opti
     taken = iter(range(requests))
     lock = threading.Lock()
     rows: list[dict] = []
+    drain: list[float] = []  # when the first client found no question left: from then on fewer clients ask
 
     def client() -> None:
         first_request = True
         while True:
             with lock:
                 i = next(taken, None)
-            if i is None:
-                return
+                if i is None:
+                    drain.append(time.perf_counter())
+                    return
             start = time.perf_counter()
             stream = service.stream(questions[i % len(questions)], **options)
             first = None
@@ -71,28 +73,46 @@ def closed_loop(service, questions: list[str], clients: int, requests: int, opti
             with lock:
                 rows.append({"question": i % len(questions), "text": stream.result.text,
                              "doc_ids": [t.doc_id for t in stream.result.used], "tokens": len(answer.token_ids),
-                             "ttft_s": (first or end) - start, "latency_s": end - start, "client_first": first_request})
+                             "ttft_s": (first or end) - start, "latency_s": end - start, "client_first": first_request,
+                             "span": ((first or end) - began, end - began)})
             first_request = False
 
     with RssPeak() as memory:
-        start = time.perf_counter()
+        began = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(clients)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        wall = time.perf_counter() - start
+        wall = time.perf_counter() - began
     ttft, latency = [r["ttft_s"] for r in rows], [r["latency_s"] for r in rows]
     # clients start together, so their first questions arrive as one burst; the later ones as answers end
     later = [r["ttft_s"] for r in rows if not r["client_first"]]
     return {
         "clients": clients, "n": len(rows), "wall_s": wall, "answers_per_s": len(rows) / wall,
         "tokens_per_s": sum(r["tokens"] for r in rows) / wall,
+        # with fewer questions than clients, some never ask: no time when all of them did
+        "steady_tokens_per_s": steady_rate(rows, min(drain) - began) if requests >= clients else None,
         "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
         "ttft_p95_after_first_s": percentile(later, 0.95) if later else None,
         "latency_p50_s": percentile(latency, 0.5), "latency_p95_s": percentile(latency, 0.95),
         "peak_rss_mb": memory.peak, "answers": rows,
     }
+
+
+def steady_rate(rows: list[dict], until: float) -> float:
+    """Generated tokens/s from the start until ``until`` (when the first client ran out of questions), i.e. while
+    every client was asking: the tail where the last answers finish with fewer clients is left out (the whole
+    run's rate counts it; a serial path has no such tail). Each answer's tokens count as produced evenly between
+    its first piece and its end (``span``, seconds from the start)."""
+    tokens = 0.0
+    for row in rows:
+        first, end = row["span"]
+        if end <= until:
+            tokens += row["tokens"]
+        elif first < until:
+            tokens += row["tokens"] * (until - first) / (end - first)
+    return tokens / until
 
 
 def run_serve(model_name: str | None = None, data_dir: Path | None = None, documents: int = 20,
@@ -130,7 +150,8 @@ def run_serve(model_name: str | None = None, data_dir: Path | None = None, docum
                 row["peak_prefill"] = scheduler.peak_prefill if scheduler is not None else 1
                 settings.append(row)
                 log(f"{path:8s} clients={clients} answers/s={row['answers_per_s']:.2f} "
-                    f"tok/s={row['tokens_per_s']:.1f} ttft p50/p95={row['ttft_p50_s']:.2f}/{row['ttft_p95_s']:.2f} s "
+                    f"tok/s={row['tokens_per_s']:.1f} (all clients asking: {figure(row['steady_tokens_per_s'], 1)}) "
+                    f"ttft p50/p95={row['ttft_p50_s']:.2f}/{row['ttft_p95_s']:.2f} s "
                     f"latency p50/p95={row['latency_p50_s']:.2f}/{row['latency_p95_s']:.2f} s "
                     f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} prefilled together={row['peak_prefill']} "
                     f"rss={row['peak_rss_mb']:.0f} MiB")
@@ -148,19 +169,22 @@ def agreement(settings: list[dict]) -> dict:
     return {"compared": len(compared), "equal": sum(compared)}
 
 
+def figure(value: float | None, digits: int = 2) -> str:
+    """A figure for the report, or "-" where it was not measured."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(result: dict) -> str:
     lines = [f"### In-process batching: {result['documents']} SQuAD paragraphs, model {result['model']}, "
              f"{result['threads']} torch threads, {result['requests']} answers per setting, at most "
              f"{result['max_new_tokens']} tokens each", "",
-             "| path | clients | n | answers/s | generated tok/s | TTFT p50 / p95 (s) | TTFT p95 after each "
-             "client's first (s) | latency p50 / p95 (s) | batch mean / peak | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def seconds(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
+             "| path | clients | n | answers/s | generated tok/s | tok/s while all clients ask | TTFT p50 / p95 (s) | "
+             "TTFT p95 after each client's first (s) | latency p50 / p95 (s) | batch mean / peak | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     lines += [f"| {r['path']} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | {seconds(r['ttft_p95_after_first_s'])} | "
+              f"{figure(r['steady_tokens_per_s'], 1)} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
+              f"{figure(r['ttft_p95_after_first_s'])} | "
               f"{r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} | "
               f"{r['mean_batch']:.1f} / {r['peak_batch']} | {r['peak_rss_mb']:.0f} |" for r in result["settings"]]
     agree = result["agreement"]
