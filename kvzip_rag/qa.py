@@ -93,7 +93,9 @@ class EmptyIndexError(KVzipError, ValueError):
 
 def check_question(question: Any, what: str = "question") -> str:
     """The question, stripped; an empty or non-string one, or one with a lone surrogate or NUL, is refused."""
-    if not isinstance(question, str) or not question.strip():
+    if question is not None and not isinstance(question, str):
+        raise InvalidArgumentError(f"the {what} is a string, got {type(question).__name__}")
+    if not question or not question.strip():
         raise InvalidArgumentError(f"the {what} is empty")
     if "\x00" in question:  # the tokenizer would refuse it with its own exception
         raise InvalidArgumentError(f"the {what} contains a NUL character (at position {question.index(chr(0))})")

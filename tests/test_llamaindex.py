@@ -683,6 +683,19 @@ def test_bad_input_gives_clear_errors(tiny_llama, tmp_path):
         index.as_chat_engine(chat_mode="condense_question")
     with pytest.raises(NotImplementedError, match="delete_ref_doc"):
         index.delete_nodes(["harbour:0"])
+    # a query that is not text: one line of ours, not llama-index-core's AttributeError or pydantic error
+    engine, retriever = index.as_query_engine(), index.as_retriever()
+    for query in (b"Who built the harbour?", 3, None, ["harbour"]):
+        for ask in (engine.query, retriever.retrieve, lambda q: asyncio.run(engine.aquery(q)),
+                    lambda q: asyncio.run(retriever.aretrieve(q))):
+            with pytest.raises(kvzip_rag.InvalidArgumentError, match="a query is a string or a QueryBundle, got "):
+                ask(query)
+    with pytest.raises(kvzip_rag.InvalidArgumentError, match="the message is a string, got bytes"):
+        index.as_chat_engine().chat(b"hello")
+    for ref_doc_id in (["harbour"], {"id": "harbour"}, 3):  # a list was an unhashable TypeError
+        with pytest.raises(kvzip_rag.InvalidArgumentError, match="ref_doc_id is a document id string"):
+            index.delete_ref_doc(ref_doc_id)
+    assert index.as_retriever().retrieve("harbour")  # nothing was deleted
 
 
 # ----------------------------------------------------------------------------------------------- composition

@@ -48,7 +48,7 @@ def test_completion_chat_streaming_async_and_callbacks(tiny_llama):
     assert len(pairs) >= 3
     usage = pairs[0][1].payload["completion"].raw["usage"]
     assert usage["completion_tokens"] >= 1 and usage["prompt_tokens"] > 3
-    for prompt, reason in ((None, "prompt is empty"), (7, "prompt is empty"), ("\ud800", "lone surrogate")):
+    for prompt, reason in ((None, "prompt is empty"), (7, "prompt is a string, got int"), ("\ud800", "lone surrogate")):
         with pytest.raises(InvalidArgumentError, match=reason):  # one line, before the tokenizer or template
             llm.complete(prompt)
     for options, reason in (({"temperature": "hot"}, "temperature"), ({"max_tokens": 2.5}, "max_new_tokens")):

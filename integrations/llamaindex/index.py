@@ -479,6 +479,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         """Remove a document: its store rows and cache blobs, its nodes and its docstore entries (always: the nodes
         would point at caches that no longer exist; ``delete_from_docstore`` is accepted for compatibility).
         Note that the document is removed from the store, i.e. also for other indexes sharing that store."""
+        if not isinstance(ref_doc_id, str):  # an unhashable one was a TypeError from the dict lookup
+            raise InvalidArgumentError(f"a ref_doc_id is a document id string, got {type(ref_doc_id).__name__}")
         struct = self._index_struct
         if ref_doc_id not in struct.node_ids:
             logger.warning(f"ref_doc_id {ref_doc_id} not found, nothing deleted.")

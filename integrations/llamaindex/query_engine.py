@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.response.schema import RESPONSE_TYPE, AsyncStreamingResponse, Response, StreamingResponse
 from llama_index.core.callbacks.base import CallbackManager
-from llama_index.core.schema import NodeWithScore, QueryBundle
+from llama_index.core.schema import NodeWithScore, QueryBundle, QueryType
 
 from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.errors import InvalidArgumentError
@@ -18,6 +18,7 @@ from kvzip_rag.qa import Composer, QAResult, Target, get_composer
 
 from ..segments import answer_options
 from .nodes import source_nodes, targets_of
+from .retriever import checked_query
 from .tracing import Trace, retrieval
 
 if TYPE_CHECKING:
@@ -122,6 +123,12 @@ class KVzipQueryEngine(BaseQueryEngine):
         for postprocessor in self._postprocessors:
             nodes = postprocessor.postprocess_nodes(nodes, query_bundle=query_bundle)
         return nodes
+
+    def query(self, str_or_query_bundle: QueryType) -> RESPONSE_TYPE:
+        return super().query(checked_query(str_or_query_bundle))
+
+    async def aquery(self, str_or_query_bundle: QueryType) -> RESPONSE_TYPE:
+        return await super().aquery(checked_query(str_or_query_bundle))
 
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
         nodes, targets, retrieve_s = self._route(query_bundle)

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks.base import CallbackManager
-from llama_index.core.schema import NodeWithScore, QueryBundle
+from llama_index.core.schema import NodeWithScore, QueryBundle, QueryType
 
 from kvzip_rag.bridge import run_in_thread
+from kvzip_rag.errors import InvalidArgumentError
 from kvzip_rag.qa import check_k
 
 if TYPE_CHECKING:
     from .index import KVzipIndex
+
+
+def checked_query(query: Any) -> QueryType:
+    """A query as LlamaIndex takes it: a string or a ``QueryBundle``. Anything else is a one-line
+    ``InvalidArgumentError`` here, before llama-index-core's instrumentation meets it (there: an ``AttributeError``
+    for bytes, a pydantic ``ValidationError`` for a number or ``None``)."""
+    if not isinstance(query, (str, QueryBundle)):
+        raise InvalidArgumentError(f"a query is a string or a QueryBundle, got {type(query).__name__}")
+    return query
 
 
 class KVzipIndexRetriever(BaseRetriever):
@@ -28,6 +38,12 @@ class KVzipIndexRetriever(BaseRetriever):
     @property
     def index(self) -> "KVzipIndex":
         return self._index
+
+    def retrieve(self, str_or_query_bundle: QueryType) -> List[NodeWithScore]:
+        return super().retrieve(checked_query(str_or_query_bundle))
+
+    async def aretrieve(self, str_or_query_bundle: QueryType) -> List[NodeWithScore]:
+        return await super().aretrieve(checked_query(str_or_query_bundle))
 
     def _retrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
         routing = self._index.qa.route(query_bundle.query_str, self.similarity_top_k)
