@@ -149,6 +149,8 @@ class QAResult:
     evidence_score: float | None = None  # calibrated probability that the answer rests on the documents
     evidence_features: dict = field(default_factory=dict)  # what the score was computed from (kvzip_rag.abstain)
     no_evidence: tuple[Target, ...] = ()  # composed documents the answer paid (almost) no attention to
+    # numbers the generated answer writes that none of its documents holds (kvzip_rag.abstain.unsupported_numbers)
+    unsupported_numbers: tuple[str, ...] = ()
     # quote mode: the generated answer snapped to a span of the stored text (kvzip_rag.quote), shown instead of it
     quote: Citation | None = None
 
@@ -204,10 +206,11 @@ class QAResult:
 
 def grounding_metadata(grounded: Any) -> dict:
     """What an answer rests on, as every interface's metadata shows it: ``citations`` (dicts, best first),
-    ``abstained``, ``evidence_score`` and, abstained, ``candidate_answer`` and ``abstain_text``. ``grounded``: a
-    :class:`QAResult` or a conversation's ``Turn`` (both have these attributes)."""
+    ``abstained``, ``evidence_score``, ``unsupported_numbers`` (the answer's numbers that none of its documents
+    holds) and, abstained, ``candidate_answer`` and ``abstain_text``. ``grounded``: a :class:`QAResult` or a
+    conversation's ``Turn`` (both have these attributes)."""
     out = {"citations": [c.as_dict() for c in grounded.citations], "abstained": grounded.abstained,
-           "evidence_score": grounded.evidence_score}
+           "evidence_score": grounded.evidence_score, "unsupported_numbers": list(grounded.unsupported_numbers)}
     if grounded.abstained:
         out.update(candidate_answer=grounded.candidate, abstain_text=grounded.abstain_text)
     return out

@@ -252,6 +252,14 @@ class Turn:
         return self.assessment.score if self.assessment is not None else None
 
     @property
+    def unsupported_numbers(self) -> tuple[str, ...]:
+        """The generated answer's numbers that none of its documents holds (none in quote mode: a quote is the
+        documents' own text)."""
+        if self.quote is not None or self.assessment is None:
+            return ()
+        return self.assessment.unsupported_numbers
+
+    @property
     def candidate(self) -> str:
         """The answer abstained or not: the quote in quote mode, else the generated one (as
         :attr:`QAResult.candidate`)."""

@@ -75,3 +75,47 @@ def sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
         cursor = match.end()
     spans.append((cursor, end))
     return [s for s in (trimmed(text, a, b) for a, b in spans) if s]
+
+
+# Numbers: what an answer's figures are checked against (:func:`kvzip_rag.abstain.unsupported_numbers`)
+NUMBER = re.compile(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?")  # 40, 1,500, 1.5 (not the 2 of "v2" or "1.5.2"'s tail)
+UNITS = {w: n for n, w in enumerate("""zero one two three four five six seven eight nine ten eleven twelve thirteen
+    fourteen fifteen sixteen seventeen eighteen nineteen""".split())}
+TENS = {w: 10 * n for n, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
+SCALES = {"hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
+NUMBER_WORD = re.compile(r"[a-z]+|[^\sa-z-]")  # words, and every other sign (a comma ends a number)
+
+
+def digit_numbers(text: str) -> list[str]:
+    """The numbers written with digits, in order, thousands separators dropped ("1,500" -> "1500")."""
+    return [match.group().replace(",", "") for match in NUMBER.finditer(text or "")]
+
+
+def worded_numbers(text: str) -> set[str]:
+    """The numbers written in words ("forty", "twenty-one", "three hundred", "two million"), as digits."""
+    found: set[str] = set()
+    total = current = 0
+    seen = False
+
+    def flush() -> None:
+        nonlocal total, current, seen
+        if seen:
+            found.add(str(total + current))
+        total = current = 0
+        seen = False
+
+    for token in NUMBER_WORD.findall((text or "").lower()) + ["."]:  # the "." ends the last number
+        if token in UNITS or token in TENS:
+            small = current % 100
+            if seen and (small % 10 or 10 <= small < 20 or (token in TENS and small)):  # "one two": two numbers
+                flush()
+            current += UNITS.get(token, 0) + TENS.get(token, 0)
+            seen = True
+        elif token in SCALES and seen:
+            if token == "hundred":
+                current *= 100
+            else:
+                total, current = total + current * SCALES[token], 0
+        elif not (token == "and" and seen):
+            flush()
+    return found

@@ -349,8 +349,10 @@ class QAService:
         """``result`` (a free answer, grounded) in quote mode: ``result.quote`` set, and unless it abstained the
         quote its only citation."""
         result.quote = self.quote(result.question, result.best.text, result.used, result.citations)
-        if result.quote is not None and not result.abstained:
-            result.citations = [result.quote]
+        if result.quote is not None:
+            result.unsupported_numbers = ()  # what is shown is the documents' own text
+            if not result.abstained:
+                result.citations = [result.quote]
         return result
 
     def generate(self, cache, question: str, sampling: SamplingOptions,

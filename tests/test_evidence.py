@@ -5,6 +5,7 @@ the service returns them (or abstains) in every composition strategy; one end-to
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,6 +297,55 @@ def test_cli_ask_prints_the_evidence_and_the_abstention(service, tiny_model_dir)
 
 
 # ---------------------------------------------------------------- end to end (the default model, SQuAD)
+
+
+RECIPE = ("Lemon Barley Soup. Rinse 150 grams of pearl barley, add 1,500 ml of stock, then simmer for forty minutes. "
+          "The buns rise for another 30 minutes and bake at 200 degrees for 8 to 10 minutes. It serves four.")
+
+
+@pytest.mark.parametrize("answer, cut, expected", [
+    ("It simmers for 20 minutes to 30 minutes.", False, ("20",)),  # 30 is there (the buns), 20 nowhere
+    ("It simmers for 40 minutes.", False, ()),  # "forty" in words
+    ("Use 1500 ml, 150.0 grams and 1,500 ml; serves 4, bakes at 200 for 8-10 minutes.", False, ()),
+    ("Simmer for 45 minutes, or 3 hours, at 180.5 degrees.", False, ("45", "3", "180.5")),
+    ("It was made from 1969 to 1", True, ("1969",)),  # cut at the token limit: the last number may be a part
+    ("It was made from 1969 to 1", False, ("1969", "1")),
+    ("In Lemon Barley Soup 2 the barley", True, ("2",)),  # only a number at the very end is spared
+    ("It takes 7 minutes.", False, ()),  # the question's own number
+])
+def test_the_answers_numbers_that_no_document_holds_are_flagged(answer, cut, expected):
+    assert abstain.unsupported_numbers(answer, cut, "Is it 7 minutes?", ["A note.", RECIPE]) == expected
+
+
+def test_numbers_are_read_in_digits_and_in_words():
+    from kvzip_rag.language import digit_numbers, worded_numbers
+
+    assert digit_numbers("v2 costs 1,500 or 1.5, in 1969. See 3.") == ["1500", "1.5", "1969", "3"]
+    assert worded_numbers("three hundred years, forty-two days, twenty one, two million people; one two. "
+                          "Three hundred and five.") == {"300", "42", "21", "2000000", "1", "2", "305"}
+    assert worded_numbers("No figures here, nothing at all.") == set()
+
+
+def test_default_model_flags_a_number_the_documents_do_not_hold(default_model, tmp_path):
+    """The sample recipes say the soup simmers for 40 minutes; the default model answers "20 minutes to 30
+    minutes". 30 is in the document (the buns), 20 is not: it is flagged in the result, in every interface's
+    metadata and in ``ask``'s output."""
+    from llama_index.core import Document
+
+    from kvzip_rag.integrations.langchain import create_kvzip_qa_chain
+    from kvzip_rag.integrations.llamaindex import KVzipIndex
+
+    recipes = (Path(__file__).parents[1] / "examples" / "docs" / "recipes.txt").read_text()
+    index = KVzipIndex.from_documents([Document(text=recipes, id_="recipes.txt")], model=default_model,
+                                      store=tmp_path / "store", ratio=0.3)
+    question = "How long does the lemon barley soup simmer?"
+    result = index.qa.answer(question)
+    assert "20 minutes" in result.text and not result.abstained
+    assert result.unsupported_numbers == ("20",) and result.metadata()["unsupported_numbers"] == ["20"]
+    assert index.as_query_engine().query(question).metadata["unsupported_numbers"] == ["20"]
+    assert create_kvzip_qa_chain(index).invoke(question)["unsupported_numbers"] == ["20"]
+    quoted = index.qa.answer(question, answer_style="quote")  # a quote is the document's own text
+    assert quoted.unsupported_numbers == () and quoted.metadata()["unsupported_numbers"] == []
 
 
 def test_default_model_cites_the_gold_sentence_and_abstains_without_the_article(default_model, tmp_path):

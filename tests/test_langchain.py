@@ -188,7 +188,7 @@ def test_async_stream_stopped_early_releases_the_index_lock(index):
 def test_qa_chain_invoke_batch_stream_async_and_composition(index):
     chain = create_kvzip_qa_chain(index, k=2, max_new_tokens=5)
     out = chain.invoke("Who built the harbour?")
-    assert set(out) == {"answer", "sources", "abstained"} and out["answer"]
+    assert set(out) == {"answer", "sources", "abstained", "unsupported_numbers"} and out["answer"]
     assert len(out["sources"]) == 2 and all(isinstance(d, Document) for d in out["sources"])
     assert out["sources"][0].metadata["doc_id"] == "harbour"
     # k > 1: by default one answer from both caches joined (parallel), every source marked as composed.
@@ -203,7 +203,7 @@ def test_qa_chain_invoke_batch_stream_async_and_composition(index):
 
     chunks = list(chain.stream("Who built the harbour?"))
     assert len(chunks) >= 3 and all(set(c) == {"answer"} for c in chunks[:-1])
-    assert set(chunks[-1]) == {"sources", "abstained"}
+    assert set(chunks[-1]) == {"sources", "abstained", "unsupported_numbers"}
     assert "".join(c["answer"] for c in chunks[:-1]) == out["answer"] and chunks[-1]["sources"] == out["sources"]
 
     async def astream():

@@ -311,6 +311,15 @@ def test_bench_grounding_on_a_tiny_model(tmp_path, smol_tokenizer, monkeypatch):
             assert row["total_s"] == same["total_s"]
             assert row["abstained"] and row["citation"] is None
     assert all(r["evidence_sentences"] for r in saved["rows"] if r["method"].startswith("free@"))
+    for method, summary in table["squad"].items():  # served answers checked for numbers no document holds
+        rows = [r for r in saved["rows"] if r["set"] == "squad" and r["method"] == method]
+        if method == "chunk-rag":
+            assert summary["numbers_flagged"] is None  # not a service answer: not checked
+            continue
+        served = [r for r in rows if not r["abstained"]]
+        flagged = [r for r in served if r["unsupported_numbers"]]
+        assert summary["numbers_flagged"] == ([len(flagged), len(served), sum(not r["contains"] for r in flagged)]
+                                              if served else None)
     assert saved["summary"]["quote_minus_free_f1"]["squad"]["quote@0.3"]["n"] == 2
     assert "## hotpotqa" in (tmp_path / "grounding.md").read_text()
 

@@ -90,6 +90,8 @@ def test_chat_completion_answers_as_the_service_does_with_its_sources(served, se
     assert [s["doc_id"] for s in extra["sources"]] == ["tessin.txt"]
     assert extra["sources"][0]["text"] == DOCS["tessin.txt"]
     assert isinstance(extra["citations"], list) and extra["abstained"] is False
+    expected = service.answer(question, max_new_tokens=8)
+    assert extra["unsupported_numbers"] == list(expected.unsupported_numbers)
     assert response.usage.completion_tokens >= 1 and response.usage.prompt_tokens > response.usage.completion_tokens
 
 
@@ -102,6 +104,7 @@ def test_streaming_chat_sends_sse_chunks_then_sources_usage_and_done(served, ser
     last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
     assert [s["doc_id"] for s in last.model_extra["sources"]] == ["quillon.txt"]
     assert "citations" in last.model_extra and last.model_extra["abstained"] is False
+    assert last.model_extra["unsupported_numbers"] == list(service.answer(question, max_new_tokens=8).unsupported_numbers)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
     with httpx.stream("POST", f"{served.url}/v1/chat/completions", json={
             "model": "kvzip-rag", "messages": [{"role": "user", "content": question}], "max_tokens": 4,

@@ -37,10 +37,12 @@ def _question_of(value: Any) -> str:
 
 
 def _closing(sources: list[Document], result: QAResult | None) -> AddableDict:
-    """The last chunk: the sources with their grounding, ``abstained``, and (abstained) the ``abstention`` that
-    :class:`KVzipQAChain`'s ``invoke`` returns as the answer."""
+    """The last chunk: the sources with their grounding, ``abstained``, ``unsupported_numbers`` (the answer's
+    numbers that none of its documents holds) and (abstained) the ``abstention`` that :class:`KVzipQAChain`'s
+    ``invoke`` returns as the answer."""
     abstained = bool(result is not None and result.abstained)
-    return AddableDict(sources=_annotated(sources, result), abstained=abstained,
+    unsupported = list(result.unsupported_numbers) if result is not None else []
+    return AddableDict(sources=_annotated(sources, result), abstained=abstained, unsupported_numbers=unsupported,
                        **({"abstention": result.text} if abstained else {}))
 
 
@@ -100,7 +102,8 @@ def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: st
     ``qa``: a :class:`kvzip_rag.qa.QAService` (shared with other adapters), or a store folder / ``CacheStore``
     (then ``model=`` and ``threads=`` build the service), or anything carrying ``.qa`` (a ``KVzipIndex``).
     Input: a question string, ``{"question": ...}`` (``"query"``/``"input"`` too), a prompt value or a message.
-    Output: ``{"answer": str, "sources": list[Document], "abstained": bool}``: when the evidence was too weak,
+    Output: ``{"answer": str, "sources": list[Document], "abstained": bool, "unsupported_numbers": list[str]}``
+    (the answer's numbers that none of its documents holds, in digits or words: check them); when the evidence was too weak,
     ``answer`` is the abstention and ``candidate_answer`` the generated text. ``sources`` are the ``k`` routed segments (the Documents
     :class:`KVzipRetriever` returns), ``answer`` comes from their caches through the service. ``k > 1``: the caches
     make one answer by ``compose`` (default: the service's, ``"parallel"``: joined into one cache that answers once,
@@ -113,7 +116,8 @@ def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: st
     ``evidence``, ``abstain_threshold``, ``abstain_text`` passed to the service.
 
     ``stream``/``astream`` yield ``{"answer": piece}`` as tokens are generated (best-of-k with ``k > 1``: once the
-    best answer is chosen: the candidate), then ``{"sources": [...], "abstained": bool}`` (and, abstained, the
+    best answer is chosen: the candidate), then ``{"sources": [...], "abstained": bool, "unsupported_numbers": [...]}``
+    (and, abstained, the
     ``abstention``); ``invoke``/``batch``/``ainvoke`` return the dict. It
     composes like any Runnable: ``chain.pick("answer") | StrOutputParser()``,
     ``{"question": RunnablePassthrough()} | chain``.

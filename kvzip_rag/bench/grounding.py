@@ -167,6 +167,7 @@ class GroundingTask:
                      tokens, first, total, result.abstained or dropped, cited,
                      None if not cited or gold_docs is None else float(cited[0]["doc_id"] in gold_docs),
                      {"evidence_features": result.evidence_features, "evidence_score": result.evidence_score,
+                      "unsupported_numbers": [] if dropped else list(result.unsupported_numbers),
                       "answered_from": [t.doc_id for t in result.used],
                       "evidence_sentences": self.evidence_sentences(method.ratio, result)})
 
@@ -314,12 +315,17 @@ def summarize(rows: list[dict]) -> dict:
             cites = any(r["citations"] is not None for r in group)  # a correct answer without a citation misses
             cited = [r["citation_has_gold"] or 0.0 for r in correct] if cites else []
             in_gold = [r["citation_in_gold"] for r in group if r["citation_in_gold"] is not None]
+            checked = [r for r in group if "unsupported_numbers" in r and not r["abstained"]]  # served, checked
+            flagged = [r for r in checked if r["unsupported_numbers"]]
             table.setdefault(set_name, {})[method] = {
                 "n": len(group), "f1": interval([r["f1"] for r in group]),
                 "contains": interval([r["contains"] for r in group]),
                 "abstained": mean([float(r["abstained"]) for r in group]),
                 "citation_accuracy": mean(cited) if cited else None, "cited_correct": len(cited),
                 "citation_in_gold": mean(in_gold) if in_gold else None,
+                # answers served with a number none of their documents holds, and how many of those were wrong
+                "numbers_flagged": [len(flagged), len(checked), sum(not r["contains"] for r in flagged)]
+                if checked else None,
                 "answer_tokens": mean([r["answer_tokens"] for r in group]),
                 "ttft_s": _median([r["ttft_s"] for r in group]), "total_s": _median([r["total_s"] for r in group]),
             }
@@ -349,6 +355,10 @@ def _f(value, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _flagged(value) -> str:
+    return "-" if value is None else f"{value[0]}/{value[1]} ({value[2]})"
+
+
 def markdown(results: dict) -> str:
     summary, meta = results["summary"], results["meta"]
     lines = [f"# Grounding (model `{meta['model']}`, {meta['duration_s'] / 60:.1f} min)", ""]
@@ -357,13 +367,13 @@ def markdown(results: dict) -> str:
     lines += [f"- SQuAD questions the abstention was calibrated on, left out: "
               f"{meta.get('calibration_questions_excluded', 0)}", ""]
     header = ["method", "n", "F1 [95% CI]", "contains [95% CI]", "abstained", "citation acc.", "cit. in gold",
-              "answer tokens", "TTFT ms", "total ms"]
+              "numbers flagged / served (wrong)", "answer tokens", "TTFT ms", "total ms"]
     for set_name, by_method in summary["table"].items():
         lines += [f"## {set_name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method, q in by_method.items():
             cells = [f"`{method}`", str(q["n"]), _ci(q["f1"]), _ci(q["contains"]), _f(q["abstained"], 2),
                      _f(q["citation_accuracy"], 2) + (f" ({q['cited_correct']})" if q["cited_correct"] else ""),
-                     _f(q["citation_in_gold"], 2), _f(q["answer_tokens"], 1),
+                     _f(q["citation_in_gold"], 2), _flagged(q.get("numbers_flagged")), _f(q["answer_tokens"], 1),
                      _f(q["ttft_s"] * 1000 if q["ttft_s"] is not None else None, 0),
                      _f(q["total_s"] * 1000 if q["total_s"] is not None else None, 0)]
             lines.append("| " + " | ".join(cells) + " |")

@@ -107,7 +107,18 @@ def print_evidence(result, streamed: bool, quoted: bool = False) -> None:
         say(f"[bold yellow]{show(result.abstain_text)}[/bold yellow] [dim](evidence score "
             f"{result.evidence_score:.2f} is below the abstention threshold: {candidate} is not supported by the "
             "documents)[/dim]", soft_wrap=True)
+    else:
+        print_unsupported(result.unsupported_numbers)
     print_citations(result.citations, quoted)
+
+
+def print_unsupported(numbers) -> None:
+    """A warning, before the citations, for the answer's numbers that none of its documents holds
+    (:func:`kvzip_rag.abstain.unsupported_numbers`)."""
+    if numbers:
+        say(f"[bold yellow]Not in the documents: {show(', '.join(numbers))}[/bold yellow] [dim](numbers in the "
+            "answer that none of the documents it was answered from holds, in digits or in words: check "
+            "them)[/dim]", soft_wrap=True)
 
 
 def print_citations(citations, quoted: bool = False) -> None:

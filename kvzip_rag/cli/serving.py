@@ -108,7 +108,7 @@ def remote_turn(server: str, messages: Sequence[tuple[str, str]], fields: dict, 
     from kvzip_rag.answers import Citation
     from kvzip_rag.serve.client import Remote, RemoteAnswer
 
-    from .answering import print_citations
+    from .answering import print_citations, print_unsupported
 
     answer = RemoteAnswer()
     pieces = Remote(server).stream(messages, answer, **fields)
@@ -122,6 +122,8 @@ def remote_turn(server: str, messages: Sequence[tuple[str, str]], fields: dict, 
         candidate = "the answer above" if live else f"the candidate “{show(answer.text)}”"
         say(f"[bold yellow]{show(DEFAULT_ABSTAIN_TEXT)}[/bold yellow] [dim](the evidence is below the abstention "
             f"threshold: {candidate} is not supported by the documents)[/dim]", soft_wrap=True)
+    else:
+        print_unsupported(answer.unsupported_numbers)
     names = [f.name for f in Citation.__dataclass_fields__.values()]
     print_citations([Citation(**{n: c[n] for n in names}) for c in answer.citations],
                     fields.get("answer_style") == "quote" and not answer.abstained)

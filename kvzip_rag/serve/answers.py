@@ -26,6 +26,7 @@ class Outcome:
     sources: list[dict]
     citations: list[dict]
     abstained: bool
+    unsupported_numbers: list[str]  # the answer's numbers that none of its documents holds
     prompt_tokens: int
     completion_tokens: int
 
@@ -35,7 +36,8 @@ class Outcome:
 
     def extras(self) -> dict:
         """Our top-level fields of a completion object (and of the last streamed chunk)."""
-        return {"sources": self.sources, "citations": self.citations, "abstained": self.abstained}
+        return {"sources": self.sources, "citations": self.citations, "abstained": self.abstained,
+                "unsupported_numbers": self.unsupported_numbers}
 
 
 def source(target: Target) -> dict:
@@ -92,7 +94,8 @@ class Answering:
         result = stream.result
         best = result.best
         yield Outcome(result.text, finish_reason(result.finish_reason), [source(t) for t in result.used],
-                      _citations(result.citations), result.abstained, best.answer.prompt_tokens + best.target_tokens,
+                      _citations(result.citations), result.abstained, list(result.unsupported_numbers),
+                      best.answer.prompt_tokens + best.target_tokens,
                       len(best.answer.token_ids))
 
     def _chat(self, request: AnswerRequest, emit: Any) -> None:
@@ -105,6 +108,6 @@ class Answering:
                               sampling={**request.sampling, **request.grounding}, compose=request.compose)
         turn = session.ask(request.question, history=request.turns, emit=emit)  # records and grades its evidence
         emit(Outcome(turn.text, finish_reason(turn.answer.finish_reason), [source(t) for t in turn.documents],
-                     _citations(turn.citations), turn.abstained,
+                     _citations(turn.citations), turn.abstained, list(turn.unsupported_numbers),
                      turn.cached_tokens + turn.replayed_tokens + turn.answer.prompt_tokens,
                      len(turn.answer.token_ids)))

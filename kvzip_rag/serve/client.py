@@ -28,6 +28,7 @@ class RemoteAnswer:
     sources: list[dict] = field(default_factory=list)
     citations: list[dict] = field(default_factory=list)
     abstained: bool = False
+    unsupported_numbers: list[str] = field(default_factory=list)
     first_token_s: float | None = None
     total_s: float = 0.0
 
@@ -97,3 +98,4 @@ def _read(chunk: Mapping[str, Any], answer: RemoteAnswer) -> Iterator[str]:
             answer.sources = list(chunk.get("sources") or [])
             answer.citations = list(chunk.get("citations") or [])
             answer.abstained = bool(chunk.get("abstained"))
+            answer.unsupported_numbers = [str(n) for n in chunk.get("unsupported_numbers") or []]
