@@ -344,6 +344,17 @@ def test_default_model_flags_a_number_the_documents_do_not_hold(default_model, t
     assert result.unsupported_numbers == ("20",) and result.metadata()["unsupported_numbers"] == ["20"]
     assert index.as_query_engine().query(question).metadata["unsupported_numbers"] == ["20"]
     assert create_kvzip_qa_chain(index).invoke(question)["unsupported_numbers"] == ["20"]
+    from kvzip_rag.dialogue import ChatSession
+
+    turn = ChatSession(index.qa).ask(question)  # a conversation's turn alike
+    assert turn.unsupported_numbers == ("20",) and turn.info["unsupported_numbers"] == ["20"]
+    from typer.testing import CliRunner
+
+    from kvzip_rag.cli import app
+
+    shown = CliRunner(env=WIDE).invoke(app, ["--store", str(index.qa.store.path), "ask", question])
+    assert shown.exit_code == 0, shown.output
+    assert "Not in the documents: 20 " in shown.output and "20 minutes" in shown.output
     quoted = index.qa.answer(question, answer_style="quote")  # a quote is the document's own text
     assert quoted.unsupported_numbers == () and quoted.metadata()["unsupported_numbers"] == []
 
