@@ -104,7 +104,8 @@ def test_streaming_chat_sends_sse_chunks_then_sources_usage_and_done(served, ser
     last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
     assert [s["doc_id"] for s in last.model_extra["sources"]] == ["quillon.txt"]
     assert "citations" in last.model_extra and last.model_extra["abstained"] is False
-    assert last.model_extra["unsupported_numbers"] == list(service.answer(question, max_new_tokens=8).unsupported_numbers)
+    expected = service.answer(question, max_new_tokens=8)
+    assert last.model_extra["unsupported_numbers"] == list(expected.unsupported_numbers)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
     with httpx.stream("POST", f"{served.url}/v1/chat/completions", json={
             "model": "kvzip-rag", "messages": [{"role": "user", "content": question}], "max_tokens": 4,

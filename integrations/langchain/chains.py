@@ -103,12 +103,13 @@ def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: st
     (then ``model=`` and ``threads=`` build the service), or anything carrying ``.qa`` (a ``KVzipIndex``).
     Input: a question string, ``{"question": ...}`` (``"query"``/``"input"`` too), a prompt value or a message.
     Output: ``{"answer": str, "sources": list[Document], "abstained": bool, "unsupported_numbers": list[str]}``
-    (the answer's numbers that none of its documents holds, in digits or words: check them); when the evidence was too weak,
-    ``answer`` is the abstention and ``candidate_answer`` the generated text. ``sources`` are the ``k`` routed segments (the Documents
-    :class:`KVzipRetriever` returns), ``answer`` comes from their caches through the service. ``k > 1``: the caches
-    make one answer by ``compose`` (default: the service's, ``"parallel"``: joined into one cache that answers once,
-    each source then marked ``composed`` True, or False where the model's window could not take it; ``"best-of-k"``:
-    each cache answers and each source carries its own ``answer``, ``mean_logprob``, ``refusal`` and ``chosen``);
+    (the answer's numbers that none of its documents holds, in digits or words: check them); when the evidence was
+    too weak, ``answer`` is the abstention and ``candidate_answer`` the generated text. ``sources`` are the ``k``
+    routed segments (the Documents :class:`KVzipRetriever` returns), ``answer`` comes from their caches through
+    the service. ``k > 1``: the caches make one answer by ``compose`` (default: the service's, ``"parallel"``:
+    joined into one cache that answers once, each source then marked ``composed`` True, or False where the model's
+    window could not take it; ``"best-of-k"``: each cache answers and each source carries its own ``answer``,
+    ``mean_logprob``, ``refusal`` and ``chosen``);
     one call can pick another with ``config={"configurable": {"compose": "best-of-k"}}``. Once the answer has
     evidence (or abstained), every source carries ``citations`` (its cited spans as dicts: ``start``/``end`` in its
     text, ``text``, ``weight``; ``[]`` if not cited) and ``abstained``. ``options``: sampling (``max_new_tokens``
@@ -116,9 +117,8 @@ def create_kvzip_qa_chain(qa: QAService | Any = None, k: int = 1, *, compose: st
     ``evidence``, ``abstain_threshold``, ``abstain_text`` passed to the service.
 
     ``stream``/``astream`` yield ``{"answer": piece}`` as tokens are generated (best-of-k with ``k > 1``: once the
-    best answer is chosen: the candidate), then ``{"sources": [...], "abstained": bool, "unsupported_numbers": [...]}``
-    (and, abstained, the
-    ``abstention``); ``invoke``/``batch``/``ainvoke`` return the dict. It
+    best answer is chosen: the candidate), then ``{"sources": [...], "abstained": bool, "unsupported_numbers":
+    [...]}`` (and, abstained, the ``abstention``); ``invoke``/``batch``/``ainvoke`` return the dict. It
     composes like any Runnable: ``chain.pick("answer") | StrOutputParser()``,
     ``{"question": RunnablePassthrough()} | chain``.
     """

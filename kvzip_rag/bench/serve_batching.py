@@ -4,8 +4,9 @@ Closed-loop clients (1, 2, 4, 8, 16 at once) ask held SQuAD questions over a sto
 sending its next question as soon as its answer is complete, through :meth:`QAService.stream` (routing, loading
 and grounding included): once with the serial service (one lock, one answer at a time) and once with
 ``batching=True`` (:mod:`kvzip_rag.scheduler`), in the same run and process. Per setting: answers/s, generated
-tokens/s (over the whole run, and while every client was asking: :func:`steady_rate`), time to first piece and total latency (p50/p95, as the client sees them), and the peak resident memory
-sampled while the setting ran. Greedy answers of both paths are compared question by question.
+tokens/s (over the whole run, and while every client was asking: :func:`steady_rate`), time to first piece and
+total latency (p50/p95, as the client sees them), and the peak resident memory sampled while the setting ran.
+Greedy answers of both paths are compared question by question.
 """
 
 from __future__ import annotations
