@@ -78,7 +78,8 @@ def sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
 
 
 # Numbers: what an answer's figures are checked against (:func:`kvzip_rag.abstain.unsupported_numbers`)
-NUMBER = re.compile(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?")  # 40, 1,500, 1.5 (not the 2 of "v2" or "1.5.2"'s tail)
+# 40, 1,500, 1.5; not the 2 of "v2" nor the tail of "1.5.2"; a run of more than 15 digits is no figure
+NUMBER = re.compile(r"(?<![\w.])\d{1,15}(?!\d)(?:,\d{3})*(?:\.\d{1,15}(?!\d))?")
 UNITS = {w: n for n, w in enumerate("""zero one two three four five six seven eight nine ten eleven twelve thirteen
     fourteen fifteen sixteen seventeen eighteen nineteen""".split())}
 TENS = {w: 10 * n for n, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}

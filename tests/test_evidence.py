@@ -321,6 +321,7 @@ def test_numbers_are_read_in_digits_and_in_words():
     from kvzip_rag.language import digit_numbers, worded_numbers
 
     assert digit_numbers("v2 costs 1,500 or 1.5, in 1969. See 3.") == ["1500", "1.5", "1969", "3"]
+    assert digit_numbers("1" * 5000) == [] and digit_numbers("1" * 15) == ["1" * 15]  # a long run is no figure
     assert worded_numbers("three hundred years, forty-two days, twenty one, two million people; one two. "
                           "Three hundred and five.") == {"300", "42", "21", "2000000", "1", "2", "305"}
     assert worded_numbers("No figures here, nothing at all.") == set()
