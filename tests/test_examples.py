@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     out = first.stdout
     assert out.count("expected:") == 6 and "Summary" in out
     assert "questions routed to the right document" in out and "6/6" in out
+    # Q6: the soup simmers 40 minutes in the recipes; the default model says "20 minutes to 30 minutes"
+    assert "Not in the documents: 20 " in first.stderr  # with the evidence, under the answer
+    assert re.search(r"numbers not in the documents\s*│\s*Q6 \(20\)", out), out[-1500:]
     assert "smaller" in out and "first token" in out and "tok/s" in out
     assert (store / "index.sqlite").exists()
     # A second run reuses the three stored caches (no recompression).

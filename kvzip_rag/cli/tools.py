@@ -150,6 +150,7 @@ class Found:
     retrieval_s: float
     load_s: float
     read_nbytes: int
+    unsupported_numbers: tuple[str, ...] = ()  # the answer's numbers that none of its documents holds
 
 
 def _answer(qa, question: str, max_tokens: int) -> Found:
@@ -164,7 +165,8 @@ def _answer(qa, question: str, max_tokens: int) -> Found:
     print_evidence(stream.result, streamed=True)
     best = stream.result.best
     cache, _, _ = qa.load(best.target)  # served from the store's LRU: for the figures below
-    return Found(best.doc_id, best.answer, cache, routing.seconds, best.cache_load_s, best.bytes_loaded)
+    return Found(best.doc_id, best.answer, cache, routing.seconds, best.cache_load_s, best.bytes_loaded,
+                 stream.result.unsupported_numbers)
 
 
 @dataclass
@@ -206,6 +208,9 @@ def _demo_summary(rows: list[DemoRow], reprefill: dict[str, float], total_s: flo
     table.add_column()
     table.add_row("answers containing the expected text", f"{sum(r.correct for r in rows)}/{len(rows)}")
     table.add_row("questions routed to the right document", f"{sum(r.routed for r in rows)}/{len(rows)}")
+    flagged = [f"Q{n} ({', '.join(r.found.unsupported_numbers)})" for n, r in enumerate(rows, 1)
+               if r.found.unsupported_numbers]
+    table.add_row("numbers not in the documents", show(", ".join(flagged)) if flagged else "none")
     table.add_row("first token from the stored cache",
                   f"{first_token * 1000:.0f} ms (median; cache load + first token)")
     if baseline:
