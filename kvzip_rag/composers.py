@@ -25,8 +25,11 @@ if TYPE_CHECKING:
 
 
 class Composer:
-    """How routed caches make one answer. ``answer`` runs under the service's lock, in the calling thread; it calls
-    ``emit(piece)`` with the text pieces of the answer it returns, as early as it can."""
+    """How routed caches make one answer. ``answer`` runs in the calling thread; it takes the service's lock where it
+    uses the model itself (loading, composing: ``service.load`` needs it) and answers through
+    ``service.start`` (in the same hold as the loading) and ``service.collect``, which lets it go while a batch
+    decodes (``service.answer_one`` does all three for one cache). It
+    calls ``emit(piece)`` with the text pieces of the answer it returns, as early as it can."""
 
     name: ClassVar[str]
 
@@ -69,8 +72,10 @@ class Composed(Composer):
         with service.lock:
             loaded = [service.load(target) for target in targets]
             composed = compose(service.model, [cache for cache, _, _ in loaded], layout=self.layout)
-            used = [targets[i] for i in composed.composition.used]
-            result, pieces = service.generate(composed, question, sampling, emit)
+            stream, source = service.start(composed, question, sampling)
+        pieces = service.collect(source, emit)
+        result = stream.result
+        used = [targets[i] for i in composed.composition.used]
         first = loaded[composed.composition.used[0]][0].info
         answer = CacheAnswer(
             used[0], result, pieces, is_refusal(result.text),

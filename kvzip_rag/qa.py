@@ -42,7 +42,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -355,42 +355,45 @@ class QAService:
                 result.citations = [result.quote]
         return result
 
-    def generate(self, cache, question: str, sampling: SamplingOptions,
-                 emit: Callable[[str], None] | None = None) -> tuple[Any, list[str]]:
-        """``(Answer, its text pieces)`` from ``cache``, each piece passed to ``emit`` as it comes; takes the lock
-        (with ``batching``, the answer decodes in the scheduler's batch and the lock is free while it waits).
-        Evidence is recorded inside :func:`kvzip_rag.evidence.recording`."""
+    def start(self, cache, question: str, sampling: SamplingOptions) -> tuple[AnswerStream, Iterable[str]]:
+        """The answer to ``question`` from ``cache``, prepared and submitted (:meth:`submit`), and where its text
+        pieces come from (:meth:`collect`). Call it holding the lock, in the same hold as the cache's loading: a
+        batched answer then joins the next step. Evidence is recorded inside :func:`kvzip_rag.evidence.recording`."""
         from .evidence import is_recording
         from .generate import stream_answer
 
-        with self.lock:
-            stream = stream_answer(self.model, cache, question, sampling, evidence=is_recording())
-            pieces = self.produce(stream, emit)
-        return stream.result, pieces
+        stream = stream_answer(self.model, cache, question, sampling, evidence=is_recording())
+        return stream, self.submit(stream)
 
-    def produce(self, stream: AnswerStream, emit: Callable[[str], None] | None = None) -> list[str]:
-        """Run a prepared answer (a question's, or a conversation's turn) to its end, passing each text piece to
-        ``emit``; its ``Answer`` is ``stream.result``. The one place answers are decoded: with ``batching`` in the
-        scheduler's batch, the lock let go while it waits; else here, under the lock. ``ServiceClosedError`` after
-        :meth:`close`."""
+    def submit(self, stream: AnswerStream) -> Iterable[str]:
+        """Where a prepared answer's pieces come from: with ``batching``, queued in the scheduler's batch now; else
+        the stream itself (decoded as :meth:`collect` iterates it). ``ServiceClosedError`` after :meth:`close`."""
         self.check_open()
+        return self.scheduler.submit(stream) if self.batching else stream
+
+    def collect(self, source: Iterable[str], emit: Callable[[str], None] | None = None) -> list[str]:
+        """A submitted answer's text pieces to its end, each passed to ``emit``. The one place answers are
+        decoded: with ``batching`` in the scheduler's batch, waited for with the lock let go (a caller that holds
+        it, a chat session, lets it go meanwhile; one that does not never waits for it again once its answer ends,
+        so its place in the batch is free sooner); else here, under the lock."""
+        if self.batching:
+            from .scheduler import released
+
+            waiting = released(self.lock)
+        else:
+            waiting = self.lock
         pieces = []
-        with self.lock:
-            source = self.scheduler.submit(stream) if self.batching else stream
-            with self._waiting(), closing(iter(source)) as produced:
-                for piece in produced:
-                    pieces.append(piece)
-                    if emit is not None:
-                        emit(piece)
+        with waiting, closing(iter(source)) as produced:
+            for piece in produced:
+                pieces.append(piece)
+                if emit is not None:
+                    emit(piece)
         return pieces
 
-    def _waiting(self):
-        """Where an answer is produced: with ``batching``, the lock let go (the batch decodes it meanwhile)."""
-        if not self.batching:
-            return nullcontext()
-        from .scheduler import released
-
-        return released(self.lock)
+    def produce(self, stream: AnswerStream, emit: Callable[[str], None] | None = None) -> list[str]:
+        """Run a prepared answer (a conversation's turn) to its end: :meth:`submit`, then :meth:`collect`; its
+        ``Answer`` is ``stream.result``."""
+        return self.collect(self.submit(stream), emit)
 
     # -------------------------------------------------------------------------------------- closing
 
@@ -424,10 +427,13 @@ class QAService:
 
     def answer_one(self, question: str, target: Target, sampling: SamplingOptions,
                    emit: Callable[[str], None] | None = None) -> CacheAnswer:
-        """One cache's answer (a composer's building block); takes the lock."""
+        """One cache's answer (a composer's building block); takes the lock to load and :meth:`start` the answer,
+        then :meth:`collect` s it."""
         with self.lock:
             cache, load_s, nbytes = self.load(target)
-            result, pieces = self.generate(cache, question, sampling, emit)
+            stream, source = self.start(cache, question, sampling)
+        pieces = self.collect(source, emit)
+        result = stream.result
         return CacheAnswer(target, result, pieces, is_refusal(result.text), load_s, nbytes, cache.nbytes,
                            cache.full_nbytes, cache.kept_ratio, cache.info.base_length,
                            cache.info.ratio, cache.info.level)
@@ -466,9 +472,10 @@ class QAService:
     def compose_answer(self, composer: Composer | None, plan: Plan, sampling: SamplingOptions,
                        emit: Callable[[str], None] | None, grounding: Grounding | None = None) -> QAResult:
         """The strategy's answer (``None``: the service's) to a checked plan, with its evidence and abstention
-        (``grounding``, default :class:`~kvzip_rag.abstain.Grounding`); takes the lock. When a routed cache changed
-        since routing (its document was replaced), routes once more and answers from the new caches. Quote mode
-        (:meth:`quote_result`) emits the quote once, when the answer is complete."""
+        (``grounding``, default :class:`~kvzip_rag.abstain.Grounding`); the composer takes the lock where it needs the
+        model, and the evidence is read without it (so a batched answer's place is free once it ends). When a routed
+        cache changed since routing (its document was replaced), routes once more and answers from the new caches.
+        Quote mode (:meth:`quote_result`) emits the quote once, when the answer is complete."""
         from .abstain import ground
         from .evidence import recording
 
@@ -476,7 +483,7 @@ class QAService:
         composer = composer or self.composer
         quoting = sampling.answer_style == "quote"
         pieces = None if quoting else emit
-        with self.lock, recording(grounding.evidence), _reading_once():
+        with recording(grounding.evidence), _reading_once():
             try:
                 result = composer.answer(self, plan.question, plan.targets, sampling, pieces)
             except CacheChangedError:

@@ -13,9 +13,11 @@ that stops iterating) leaves at once, its cache reset.
 
 Locking: every step runs under the model's one lock (``QAService.lock``), so routing, loading, composing and the
 unbatched paths (indexing) interleave with steps; a request waits for its pieces with that lock let go
-(:func:`released`), so a caller that holds it (the composers and chat sessions do) never blocks the batch, and
-pieces reach it without taking the lock. The lock is a :class:`FairRLock`: between two steps every thread already
-waiting for it gets its turn.
+(:func:`released`), so a caller that holds it (a chat session does) never blocks the batch, and pieces reach it
+without taking the lock. A service's answer holds the lock only to load its cache and submit it
+(``QAService.start``) and finishes without it (its evidence, its result), so its client's next question can join
+one step sooner than if the answer had to take the lock back. The lock is a :class:`FairRLock`: between two steps
+every thread already waiting for it gets its turn.
 
 Memory: a request's cache is loaded before it is queued (loading is per request, under the lock, so one at a time);
 at most ``max_batch`` running and ``max_queue`` waiting requests hold caches, and a request beyond that is refused at

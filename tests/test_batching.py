@@ -320,6 +320,23 @@ def test_threads_decode_together_and_each_gets_its_serial_answer(stored, tiny_ll
     assert service.scheduler.running == service.scheduler.waiting == 0
 
 
+def test_a_batched_answer_is_finished_without_the_model_lock(stored, tiny_llama, serial, monkeypatch):
+    """Its evidence is read and its result built without the lock: had the answer to take it back after its last
+    piece, it would wait out the next step while its place in the batch stood empty."""
+    from kvzip_rag import abstain
+    from kvzip_rag.qa import QAService
+
+    service = QAService(stored, tiny_llama, batching=True)
+    held: list[bool] = []
+    ground = abstain.ground
+    monkeypatch.setattr(abstain, "ground", lambda *a: held.append(service.lock._is_owned()) or ground(*a))
+    for k, compose in ((1, "parallel"), (2, "parallel"), (2, "best-of-k")):
+        result = service.answer(ASKED[0][0], k, compose=compose, **dict(options_for(0), evidence=True))
+        assert result.best.answer.evidence is not None and result.evidence_score is not None  # grounded all the same
+    assert held == [False, False, False]
+    same_answer(service.answer(ASKED[0][0], **options_for(0)), serial[0], ASKED[0][1])
+
+
 def test_coroutines_decode_together_and_each_gets_its_serial_answer(stored, tiny_llama, serial):
     import asyncio
 
