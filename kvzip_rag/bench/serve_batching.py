@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from .report import _f
+
 CLIENTS = (1, 2, 4, 8, 16)
 DEFAULT_REQUESTS = 24  # answers per setting (``bench --limit`` sets it)
 
@@ -151,7 +153,7 @@ def run_serve(model_name: str | None = None, data_dir: Path | None = None, docum
                 row["peak_prefill"] = scheduler.peak_prefill if scheduler is not None else 1
                 settings.append(row)
                 log(f"{path:8s} clients={clients} answers/s={row['answers_per_s']:.2f} "
-                    f"tok/s={row['tokens_per_s']:.1f} (all clients asking: {figure(row['steady_tokens_per_s'], 1)}) "
+                    f"tok/s={row['tokens_per_s']:.1f} (all clients asking: {_f(row['steady_tokens_per_s'], 1)}) "
                     f"ttft p50/p95={row['ttft_p50_s']:.2f}/{row['ttft_p95_s']:.2f} s "
                     f"latency p50/p95={row['latency_p50_s']:.2f}/{row['latency_p95_s']:.2f} s "
                     f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} prefilled together={row['peak_prefill']} "
@@ -170,11 +172,6 @@ def agreement(settings: list[dict]) -> dict:
     return {"compared": len(compared), "equal": sum(compared)}
 
 
-def figure(value: float | None, digits: int = 2) -> str:
-    """A figure for the report, or "-" where it was not measured."""
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def markdown(result: dict) -> str:
     lines = [f"### In-process batching: {result['documents']} SQuAD paragraphs, model {result['model']}, "
              f"{result['threads']} torch threads, {result['requests']} answers per setting, at most "
@@ -184,8 +181,8 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     lines += [f"| {r['path']} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{figure(r['steady_tokens_per_s'], 1)} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
-              f"{figure(r['ttft_p95_after_first_s'])} | "
+              f"{_f(r['steady_tokens_per_s'], 1)} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
+              f"{_f(r['ttft_p95_after_first_s'], 2)} | "
               f"{r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} | "
               f"{r['mean_batch']:.1f} / {r['peak_batch']} | {r['peak_rss_mb']:.0f} |" for r in result["settings"]]
     agree = result["agreement"]
