@@ -29,6 +29,7 @@ import torch
 from .attention import ATTENTION_NAME, register_attention
 from .checks import check_unicode
 from .errors import InvalidArgumentError, ModelNotFoundError
+from .matmul import model_matmul, use_matmul
 from .prompt import PromptTemplate
 from .runtime import apply_thread_policy
 
@@ -123,6 +124,11 @@ class KVzipModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def matmul(self) -> str:
+        """The precision its weight products run in (:mod:`kvzip_rag.matmul`)."""
+        return model_matmul(self.model)
 
     @property
     def max_positions(self) -> int:
@@ -328,10 +334,13 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     threads: int | None = None,
+    matmul: str | None = None,
 ) -> KVzipModel:
     """Load a model by alias (``smollm2-135m-instruct``, ``gemma3-270m``), local folder, ``.gguf`` file or hub id.
 
-    ``threads`` sets torch's CPU threads (see :mod:`kvzip_rag.runtime`: default ``KVZIP_RAG_THREADS``, else by load).
+    ``threads`` sets torch's CPU threads (see :mod:`kvzip_rag.runtime`: default ``KVZIP_RAG_THREADS``, else by load);
+    ``matmul`` the precision of its weight products on CPU (see :mod:`kvzip_rag.matmul`: default
+    ``KVZIP_RAG_MATMUL``, else float32).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -364,13 +373,16 @@ def load_model(
             f"a local folder or .gguf file, and the id {str(source)!r} in {where}. Cause: {error}"
         ) from error
     model.to(device).eval()
-    return wrap_model(model, tokenizer, name=name, threads=threads)
+    return wrap_model(model, tokenizer, name=name, threads=threads, matmul=matmul)
 
 
-def wrap_model(model: torch.nn.Module, tokenizer, name: str = "custom", threads: int | None = None) -> KVzipModel:
-    """Wrap an already loaded transformers model (tests build tiny random ones this way); applies the thread policy."""
+def wrap_model(model: torch.nn.Module, tokenizer, name: str = "custom", threads: int | None = None,
+               matmul: str | None = None) -> KVzipModel:
+    """Wrap an already loaded transformers model (tests build tiny random ones this way); applies the thread policy
+    and the matmul precision (as :func:`load_model`)."""
     register_attention()
     apply_thread_policy(next(model.parameters()).device, threads)
+    use_matmul(model, matmul)
     model.set_attn_implementation(ATTENTION_NAME)
     model.eval()
     return KVzipModel(name=name, model=model, tokenizer=tokenizer, template=PromptTemplate.from_tokenizer(tokenizer))

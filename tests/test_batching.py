@@ -545,7 +545,7 @@ def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, t
     if not (DATA_DIR / "squad").exists():
         pytest.skip("SQuAD data not found")
     result = serve.run_serve(str(tiny_model_dir), DATA_DIR, requests=4, max_new_tokens=6, threads=1,
-                             log=lambda message: None)
+                             log=lambda message: None, matmuls=("float32",))
     assert result["documents"] >= 20
     assert [(r["path"], r["clients"]) for r in result["settings"]] == [
         (path, clients) for clients in serve.CLIENTS for path in ("serial", "batched")]
@@ -560,7 +560,7 @@ def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, t
         assert r["ttft_p95_after_first_s"] == (serve.percentile(later, 0.95) if later else None)
     assert result["agreement"]["compared"] == 4 * len(serve.CLIENTS)
     assert result["agreement"]["equal"] == result["agreement"]["compared"]  # greedy: the same answers
-    assert "| batched | 8 | 4 |" in serve.markdown(result)
+    assert "| batched | float32 | 8 | 4 |" in serve.markdown(result)
     previous = torch.get_num_threads()
     monkeypatch.setattr(kvzip_rag.runtime, "free_cores", lambda: 1)  # a busy machine: the policy alone picks 1
     try:
@@ -570,8 +570,14 @@ def test_serve_benchmark_runs_both_paths_and_writes_its_report(tiny_model_dir, t
         torch.set_num_threads(previous)
     assert run.exit_code == 0, run.output
     assert {p.name for p in (tmp_path / "out").iterdir()} == {f"serve.{ext}" for ext in ("json", "md", "png")}
-    assert "| batched | 16 | 2 |" in (tmp_path / "out" / "serve.md").read_text()  # --limit: answers per setting
-    assert json.loads((tmp_path / "out" / "serve.json").read_text())["threads"] == 2  # --threads is what ran
+    report = (tmp_path / "out" / "serve.md").read_text()
+    assert "| batched | float32 | 16 | 2 |" in report  # --limit: answers per setting
+    ran = json.loads((tmp_path / "out" / "serve.json").read_text())
+    assert ran["threads"] == 2  # --threads is what ran
+    matmuls = serve.default_matmuls()  # bfloat16 too where the CPU multiplies it, beside the float32 reference
+    assert [(r["matmul"], r["path"], r["clients"]) for r in ran["settings"]] == [
+        (matmul, path, clients) for matmul in matmuls for clients in serve.CLIENTS for path in ("serial", "batched")]
+    assert ("| bfloat16 | 8 |" in report) == ("bfloat16" in matmuls)  # the speedups over float32's serial path
 
 
 # ---------------------------------------------------------------------------------------------- batched prefill in the scheduler

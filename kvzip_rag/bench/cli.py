@@ -84,7 +84,8 @@ def bench(
                                                                   "segments, S3, Ray; conversations: scripted chats; "
                                                                   "serve: concurrent clients, serial beside batched "
                                                                   "decoding; serve-http: TTFT through kvzip-rag serve "
-                                                                  "beside the Python API.")]
+                                                                  "beside the Python API; precision: bfloat16 weight "
+                                                                  "products against float32.")]
     = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field, name=python-literal "
@@ -98,6 +99,7 @@ def bench(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="grounding task: at most this many questions "
                                                                      "per question set (quick runs); serve task: "
                                                                      "answers per setting (default 24); "
+                                                                     "precision task: questions (default 120); "
                                                                      "conversations task: the first N "
                                                                      "conversations.")] = None,
     write_curve: Annotated[bool, typer.Option("--write-curve", help="fidelity task: store the measured bytes/NLL "

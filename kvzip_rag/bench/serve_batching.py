@@ -6,7 +6,9 @@ and grounding included): once with the serial service (one lock, one answer at a
 ``batching=True`` (:mod:`kvzip_rag.scheduler`), in the same run and process. Per setting: answers/s, generated
 tokens/s (over the whole run, and while every client was asking: :func:`steady_rate`), time to first piece and
 total latency (p50/p95, as the client sees them), and the peak resident memory sampled while the setting ran.
-Greedy answers of both paths are compared question by question.
+Greedy answers of both paths are compared question by question. Where the CPU multiplies bfloat16
+(:mod:`kvzip_rag.matmul`), both paths run again with ``matmul="bfloat16"`` on the same store, and every row says
+its precision: the float32 serial path stays the reference.
 """
 
 from __future__ import annotations
@@ -118,15 +120,25 @@ def steady_rate(rows: list[dict], until: float) -> float:
     return tokens / until
 
 
+def default_matmuls() -> tuple[str, ...]:
+    """float32, and bfloat16 where this CPU multiplies it."""
+    from kvzip_rag.matmul import bfloat16_matmul_supported
+
+    return ("float32", "bfloat16") if bfloat16_matmul_supported() else ("float32",)
+
+
 def run_serve(model_name: str | None = None, data_dir: Path | None = None, documents: int = 20,
-              requests: int = DEFAULT_REQUESTS, max_new_tokens: int = 32, threads: int | None = None, log=print) -> dict:
-    """Both paths at every client count; ``requests`` answers per setting."""
+              requests: int = DEFAULT_REQUESTS, max_new_tokens: int = 32, threads: int | None = None, log=print,
+              matmuls: tuple[str, ...] | None = None) -> dict:
+    """Both paths at every client count and ``matmuls`` precision (default: :func:`default_matmuls`);
+    ``requests`` answers per setting."""
     import kvzip_rag
+    from kvzip_rag.matmul import use_matmul
     from kvzip_rag.qa import QAService
 
     from .data import default_data_dir, load_squad
 
-    model = kvzip_rag.load_model(model_name, threads=threads)
+    model = kvzip_rag.load_model(model_name, threads=threads, matmul="float32")  # the store is indexed in float32
     import torch
 
     docs = load_squad(data_dir or default_data_dir(), lambda text: len(model.encode(text)), docs=documents,
@@ -140,60 +152,94 @@ def run_serve(model_name: str | None = None, data_dir: Path | None = None, docum
             serial.store.add_document(model, doc.text, doc_id=doc.id, ratio=0.3)
         batched = QAService(serial.store, model, batching=True)
         log(f"{len(docs)} documents stored; {torch.get_num_threads()} torch threads")
-        for service in (serial, batched):
-            service.answer(questions[0], max_new_tokens=4)  # warm up (and start the scheduler)
-        for clients in CLIENTS:
-            for path, service in (("serial", serial), ("batched", batched)):
-                scheduler = service.scheduler
-                if scheduler is not None:
-                    scheduler.peak_batch = scheduler.peak_prefill = scheduler.steps = scheduler.decoded = 0
-                row = {"path": path, **closed_loop(service, questions, clients, requests, options)}
-                row["peak_batch"] = scheduler.peak_batch if scheduler is not None else 1
-                row["mean_batch"] = scheduler.decoded / max(scheduler.steps, 1) if scheduler is not None else 1.0
-                row["peak_prefill"] = scheduler.peak_prefill if scheduler is not None else 1
-                settings.append(row)
-                log(f"{path:8s} clients={clients} answers/s={row['answers_per_s']:.2f} "
-                    f"tok/s={row['tokens_per_s']:.1f} (all clients asking: {_f(row['steady_tokens_per_s'], 1)}) "
-                    f"ttft p50/p95={row['ttft_p50_s']:.2f}/{row['ttft_p95_s']:.2f} s "
-                    f"latency p50/p95={row['latency_p50_s']:.2f}/{row['latency_p95_s']:.2f} s "
-                    f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} prefilled together={row['peak_prefill']} "
-                    f"rss={row['peak_rss_mb']:.0f} MiB")
+        for matmul in matmuls or default_matmuls():
+            use_matmul(model.model, matmul)
+            for service in (serial, batched):
+                service.answer(questions[0], max_new_tokens=4)  # warm up (and start the scheduler)
+            for clients in CLIENTS:
+                for path, service in (("serial", serial), ("batched", batched)):
+                    row = {"path": path, "matmul": matmul, **_measure(service, questions, clients, requests, options)}
+                    settings.append(row)
+                    log(f"{path:8s} {matmul} clients={clients} answers/s={row['answers_per_s']:.2f} "
+                        f"tok/s={row['tokens_per_s']:.1f} (all clients asking: {_f(row['steady_tokens_per_s'], 1)}) "
+                        f"ttft p50/p95={row['ttft_p50_s']:.2f}/{row['ttft_p95_s']:.2f} s "
+                        f"latency p50/p95={row['latency_p50_s']:.2f}/{row['latency_p95_s']:.2f} s "
+                        f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} prefilled together={row['peak_prefill']} "
+                        f"rss={row['peak_rss_mb']:.0f} MiB")
+    use_matmul(model.model, "float32")
     return {"task": "serve", "model": model.name, "threads": torch.get_num_threads(), "documents": len(docs),
             "requests": requests, "max_new_tokens": max_new_tokens, "settings": settings,
             "agreement": agreement(settings)}
 
 
-def agreement(settings: list[dict]) -> dict:
-    """Greedy answers (text and sources) of the batched path that equal the serial path's for the same question."""
-    serial = {(r["question"]): (r["text"], r["doc_ids"]) for s in settings if s["path"] == "serial"
+def _measure(service, questions: list[str], clients: int, requests: int, options: dict) -> dict:
+    """One setting's closed loop, with the batch its scheduler ran (1 for the serial path)."""
+    scheduler = service.scheduler
+    if scheduler is not None:
+        scheduler.peak_batch = scheduler.peak_prefill = scheduler.steps = scheduler.decoded = 0
+    row = closed_loop(service, questions, clients, requests, options)
+    row["peak_batch"] = scheduler.peak_batch if scheduler is not None else 1
+    row["mean_batch"] = scheduler.decoded / max(scheduler.steps, 1) if scheduler is not None else 1.0
+    row["peak_prefill"] = scheduler.peak_prefill if scheduler is not None else 1
+    return row
+
+
+def agreement(settings: list[dict], path: str = "batched", against: str | None = None) -> dict:
+    """Greedy answers (text and sources) of ``path`` that equal the serial path's for the same question: in the
+    same precision (``against`` None), else the serial path's in ``against`` precision."""
+    serial = {(s.get("matmul", "float32") if against is None else None, r["question"]): (r["text"], r["doc_ids"])
+              for s in settings if s["path"] == "serial" and against in (None, s.get("matmul", "float32"))
               for r in s["answers"]}
-    compared = [(serial[r["question"]] == (r["text"], r["doc_ids"])) for s in settings if s["path"] == "batched"
-                for r in s["answers"] if r["question"] in serial]
+    compared = [serial[key] == (r["text"], r["doc_ids"]) for s in settings if s["path"] == path
+                and (against is None or s.get("matmul", "float32") != against)
+                for r in s["answers"]
+                if (key := (s.get("matmul", "float32") if against is None else None, r["question"])) in serial]
     return {"compared": len(compared), "equal": sum(compared)}
+
+
+def speedups(settings: list[dict]) -> list[dict]:
+    """Per client count and precision: the batched path's tokens/s over the serial path's in the same precision,
+    and over the float32 serial path's (the reference)."""
+    serial = {(s.get("matmul", "float32"), s["clients"]): s["tokens_per_s"] for s in settings if s["path"] == "serial"}
+    return [{"matmul": s.get("matmul", "float32"), "clients": s["clients"],
+             "same": s["tokens_per_s"] / serial[(s.get("matmul", "float32"), s["clients"])],
+             "float32": s["tokens_per_s"] / serial[("float32", s["clients"])]}
+            for s in settings if s["path"] == "batched" and ("float32", s["clients"]) in serial
+            and (s.get("matmul", "float32"), s["clients"]) in serial]
 
 
 def markdown(result: dict) -> str:
     lines = [f"### In-process batching: {result['documents']} SQuAD paragraphs, model {result['model']}, "
              f"{result['threads']} torch threads, {result['requests']} answers per setting, at most "
              f"{result['max_new_tokens']} tokens each", "",
-             "| path | clients | n | answers/s | generated tok/s | tok/s while all clients ask | TTFT p50 / p95 (s) | "
+             "| path | matmul | clients | n | answers/s | generated tok/s | tok/s while all clients ask | TTFT p50 / p95 (s) | "
              "TTFT p95 after each client's first (s) | latency p50 / p95 (s) | batch mean / peak | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    lines += [f"| {r['path']} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+    lines += [f"| {r['path']} | {r.get('matmul', 'float32')} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{_f(r['steady_tokens_per_s'], 1)} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
               f"{_f(r['ttft_p95_after_first_s'], 2)} | "
               f"{r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} | "
               f"{r['mean_batch']:.1f} / {r['peak_batch']} | {r['peak_rss_mb']:.0f} |" for r in result["settings"]]
     agree = result["agreement"]
-    lines += ["", f"Batched answers equal to the serial path's (text and sources, same question): "
-                  f"{agree['equal']} of {agree['compared']}."]
+    lines += ["", f"Batched answers equal to the serial path's in the same precision (text and sources, same "
+                  f"question): {agree['equal']} of {agree['compared']}."]
+    rows = speedups(result["settings"])
+    if any(r["matmul"] != "float32" for r in rows):
+        other = agreement(result["settings"], "serial", against="float32")
+        lines += [f"Serial answers in bfloat16 matmuls equal to the float32 ones: {other['equal']} of "
+                  f"{other['compared']}.", "", "Generated tokens/s of the batched path over the serial path's:", "",
+                  "| matmul | clients | over serial, same precision | over serial float32 |", "|---|---|---|---|"]
+        lines += [f"| {r['matmul']} | {r['clients']} | {r['same']:.2f}x | {r['float32']:.2f}x |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, out_dir: Path) -> Path:
     """Generated tokens/s and p95 latency against concurrent clients, serial beside batched."""
-    lines = {path: [r for r in result["settings"] if r["path"] == path] for path in ("serial", "batched")}
+    lines = {f"{path} ({matmul})": [r for r in result["settings"] if r["path"] == path
+                                    and r.get("matmul", "float32") == matmul]
+             for matmul in dict.fromkeys(r.get("matmul", "float32") for r in result["settings"])
+             for path in ("serial", "batched")}
     return concurrency_plot(lines, out_dir / "serve.png")
 
 

@@ -158,6 +158,12 @@ def _serve(context: Context) -> dict:
     return results
 
 
+def _precision(context: Context) -> dict:
+    from .precision import DEFAULT_QUESTIONS, run_precision
+
+    return run_precision(context.model, context.data_dir, context.limit or DEFAULT_QUESTIONS, context.log)
+
+
 def _serve_http(context: Context) -> dict:
     from .serve_sweep import plot
     from .serving import run_serve
@@ -195,6 +201,7 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     StandaloneTask("conversations", _conversations, _markdown("conversations")),
     StandaloneTask("serve", _serve, _markdown("serve_batching")),
     StandaloneTask("serve-http", _serve_http, _markdown("serving")),
+    StandaloneTask("precision", _precision, _markdown("precision")),
 )}
 DEFAULT_TASKS = ("squad", "needle", "narrativeqa")  # what runs when no --task is named
 

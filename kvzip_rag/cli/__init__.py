@@ -12,7 +12,7 @@ Options that apply to every command may go before or after the command name; eac
 ``--store`` / ``KVZIP_RAG_STORE``, ``--db`` / ``KVZIP_RAG_DB``, ``--blob-url`` / ``KVZIP_RAG_BLOB_URL``,
 ``--blob-timeout`` / ``KVZIP_RAG_BLOB_TIMEOUT``, ``--model`` / ``KVZIP_RAG_MODEL``, ``--ratio`` /
 ``KVZIP_RAG_RATIO``, ``--level`` / ``KVZIP_RAG_LEVEL``, ``--device`` / ``KVZIP_RAG_DEVICE``, ``--threads`` /
-``KVZIP_RAG_THREADS``. Errors a user can fix print one red line on stderr and exit with code 1 (usage errors: 2).
+``KVZIP_RAG_THREADS``, ``--matmul`` / ``KVZIP_RAG_MATMUL``. Errors a user can fix print one red line on stderr and exit with code 1 (usage errors: 2).
 
 Modules: :mod:`.app` (the Typer app; the global options, declared once), :mod:`.settings` (store, model, error boundary),
 :mod:`.output` (safe rendering), :mod:`.files`, :mod:`.progress`, and the commands: :mod:`.store_commands`

@@ -18,6 +18,7 @@ from .settings import (
     DbOpt,
     DeviceOpt,
     LevelOpt,
+    MatmulOpt,
     ModelOpt,
     RatioOpt,
     Settings,
@@ -107,6 +108,7 @@ def main(
     level: LevelOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
+    matmul: MatmulOpt = None,
 ) -> None:
     """Answer questions about documents from KVzip-compressed KV caches.
 
@@ -115,7 +117,7 @@ def main(
     also follow the command name.
     """
     ctx.obj = Settings(store=store, db=db, blob_url=blob_url, blob_timeout=blob_timeout, model=model, ratio=ratio,
-                       level=level, device=device, threads=threads)
+                       level=level, device=device, threads=threads, matmul=matmul)
 
 
 def settings_of(ctx: typer.Context) -> Settings:

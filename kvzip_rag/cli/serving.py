@@ -66,7 +66,8 @@ def serve_on_ray(settings: Settings, host: str, port: int, timeout: float | None
 
     store = {k: str(v) if isinstance(v, Path) else v for k, v in settings.store_location().items()}
     replica = ReplicaSettings(store, model=settings.model, ratio=settings.ratio, level=settings.level,
-                              batching=batching, timeout=timeout, threads=settings.threads or 1)
+                              batching=batching, timeout=timeout, threads=settings.threads or 1,
+                              matmul=settings.matmul)
     say(f"[dim]starting {replicas} replica(s) on Ray Serve (each loads the model)…[/dim]")
     init_ray(address)  # first: Ray's own SIGTERM handler (which aborts the process) is replaced below
     signal.signal(signal.SIGTERM, _interrupt)

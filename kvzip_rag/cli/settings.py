@@ -46,6 +46,7 @@ class Settings:
     level: str | None = None
     device: str | None = None
     threads: int | None = None
+    matmul: str | None = None
     _store: object = field(default=None, repr=False)
 
     def index_budget(self) -> Budget:
@@ -53,7 +54,7 @@ class Settings:
         return Budget(self.ratio or DEFAULT_BUDGET.ratio, self.level or DEFAULT_BUDGET.level)
 
     def load_model(self, name: str | None = None):
-        return load_model_cached(name or self.model, self.device, self.threads)
+        return load_model_cached(name or self.model, self.device, self.threads, self.matmul)
 
     def store_location(self) -> dict:
         """Where the store is, as ``CacheStore`` arguments: rows in ``--db``, else in the ``--store`` folder's
@@ -136,24 +137,27 @@ class Settings:
 _MODELS: dict[tuple, object] = {}
 
 
-def load_model_cached(name: str | None, device: str | None, threads: int | None):
+def load_model_cached(name: str | None, device: str | None, threads: int | None, matmul: str | None = None):
     """Load a model once per process (``chat`` and tests call commands repeatedly), with the thread policy."""
     import kvzip_rag
     from kvzip_rag.runtime import apply_thread_policy
 
     from .output import err_console
 
-    key = (name or os.environ.get("KVZIP_RAG_MODEL") or kvzip_rag.DEFAULT_MODEL, device)
+    from kvzip_rag.matmul import resolve_matmul
+
+    key = (name or os.environ.get("KVZIP_RAG_MODEL") or kvzip_rag.DEFAULT_MODEL, device, resolve_matmul(matmul))
     if key not in _MODELS:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # our own spinner says what is happening
         with err_console.status(f"Loading model {show(key[0])}…", spinner="dots"):
             start = time.perf_counter()
-            _MODELS[key] = kvzip_rag.load_model(key[0], device=device, threads=threads)
+            _MODELS[key] = kvzip_rag.load_model(key[0], device=device, threads=threads, matmul=key[2])
         loaded = _MODELS[key]
         count = apply_thread_policy(loaded.device, threads)
         threads_note = f", {count} thread{'s' if count > 1 else ''}" if loaded.device.type == "cpu" else ""
+        threads_note += ", bfloat16 matmuls" if key[2] == "bfloat16" else ""
         say(f"[dim]model {show(loaded.name)} on {loaded.device}{threads_note} "
             f"loaded in {time.perf_counter() - start:.1f}s[/dim]")
     else:
@@ -179,6 +183,17 @@ def _check_level(value: str | None) -> str | None:
     if value is not None:
         try:
             Budget(None, value)
+        except KVzipError as error:
+            raise typer.BadParameter(str(error)) from None
+    return value
+
+
+def _check_matmul(value: str | None) -> str | None:
+    if value is not None:
+        from kvzip_rag.matmul import resolve_matmul
+
+        try:
+            resolve_matmul(value)
         except KVzipError as error:
             raise typer.BadParameter(str(error)) from None
     return value
@@ -220,6 +235,11 @@ DeviceOpt = Annotated[str | None, typer.Option(
 ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", envvar="KVZIP_RAG_THREADS", min=1,
     help="CPU threads for torch (default: torch's, lowered to the cores the load average leaves free).",
+    show_default=False)]
+MatmulOpt = Annotated[str | None, typer.Option(
+    "--matmul", envvar="KVZIP_RAG_MATMUL", callback=_check_matmul,
+    help="Precision of the model's weight products on CPU: float32 (default) or bfloat16 (CPUs with AMX or "
+         "AVX512-BF16: a batch of questions decodes for about the price of one; see the README's Serving).",
     show_default=False)]
 
 

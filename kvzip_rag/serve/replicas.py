@@ -25,7 +25,7 @@ REPLICA_HEADER = "x-kvzip-replica"
 class ReplicaSettings:
     """What every replica opens: ``store`` (``CacheStore`` arguments: ``url`` or ``path``, blobs), ``model`` (an
     alias or folder for :func:`kvzip_rag.load_model`), the service's ``ratio``/``level``/``batching``, the
-    server's ``timeout`` and the torch ``threads`` of each replica (its CPUs on the cluster)."""
+    server's ``timeout``, the torch ``threads`` of each replica (its CPUs on the cluster) and its ``matmul`` precision."""
 
     store: dict
     model: str | None = None
@@ -34,6 +34,7 @@ class ReplicaSettings:
     batching: bool = False
     timeout: float | None = None
     threads: int = 1
+    matmul: str | None = None  # kvzip_rag.matmul: None = KVZIP_RAG_MATMUL on the replica, else float32
 
 
 class ReplicaHeader:
@@ -67,7 +68,7 @@ class Replica:
         from kvzip_rag.qa import QAService
         from kvzip_rag.store import CacheStore
 
-        model = load_model(settings.model, threads=settings.threads)
+        model = load_model(settings.model, threads=settings.threads, matmul=settings.matmul)
         self.service = QAService(CacheStore(**settings.store), model, ratio=settings.ratio, level=settings.level,
                                  batching=settings.batching)
         self.settings = settings
