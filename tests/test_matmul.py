@@ -121,8 +121,13 @@ def test_unknown_precisions_and_models_it_cannot_serve_are_refused(smol_tokenize
     with pytest.raises(InvalidArgumentError, match="for float32 models on CPU; this one is torch.bfloat16"):
         use_matmul(model.model, "bfloat16")
     assert not any(isinstance(m, BFloat16Linear) for m in model.model.modules())  # nothing half-changed
-    bad = CliRunner(env=WIDE).invoke(app, ["--matmul", "int8", "ls"])
-    assert bad.exit_code == 2 and "matmul must be one of float32, bfloat16" in bad.output
+
+
+def test_the_cli_refuses_an_unknown_precision_when_it_loads_the_model(tmp_path, tiny_model_dir, docs):  # noqa: F811
+    bad = CliRunner(env=WIDE).invoke(app, ["--store", str(tmp_path / "store"), "--model", str(tiny_model_dir),
+                                           "index", str(docs / "harbour.txt"), "--matmul", "int8"])
+    assert bad.exit_code == 1 and "matmul must be one of float32, bfloat16, got 'int8'" in bad.output
+    assert "Traceback" not in bad.output
 
 
 @needs_bf16

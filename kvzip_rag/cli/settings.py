@@ -188,17 +188,6 @@ def _check_level(value: str | None) -> str | None:
     return value
 
 
-def _check_matmul(value: str | None) -> str | None:
-    if value is not None:
-        from kvzip_rag.matmul import resolve_matmul
-
-        try:
-            resolve_matmul(value)
-        except KVzipError as error:
-            raise typer.BadParameter(str(error)) from None
-    return value
-
-
 # Shared option types: accepted before the command (global) and after it (per command).
 StoreOpt = Annotated[Path | None, typer.Option(
     "--store", envvar="KVZIP_RAG_STORE", file_okay=False,
@@ -237,7 +226,7 @@ ThreadsOpt = Annotated[int | None, typer.Option(
     help="CPU threads for torch (default: torch's, lowered to the cores the load average leaves free).",
     show_default=False)]
 MatmulOpt = Annotated[str | None, typer.Option(
-    "--matmul", envvar="KVZIP_RAG_MATMUL", callback=_check_matmul,
+    "--matmul", envvar="KVZIP_RAG_MATMUL",
     help="Precision of the model's weight products on CPU: float32 (default) or bfloat16 (CPUs with AMX or "
          "AVX512-BF16: a batch of questions decodes for about the price of one; see the README's Serving).",
     show_default=False)]
