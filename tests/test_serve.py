@@ -434,8 +434,12 @@ def test_serve_command_answers_and_finishes_a_stream_in_flight_on_sigterm(tmp_pa
     port = sock.getsockname()[1]
     sock.close()
     url = f"http://127.0.0.1:{port}"
+    from kvzip_rag.matmul import bfloat16_matmul_supported
+
+    matmul = "bfloat16" if bfloat16_matmul_supported() else "float32"  # the faster one this CPU has
     process = subprocess.Popen([sys.executable, "-m", "kvzip_rag.cli", "--store", str(store), "--model",
-                                str(tiny_model_dir), "--threads", "1", "serve", "--port", str(port)],
+                                str(tiny_model_dir), "--threads", "1", "serve", "--port", str(port),
+                                "--matmul", matmul],
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     try:
         for _ in range(1200):
@@ -450,7 +454,9 @@ def test_serve_command_answers_and_finishes_a_stream_in_flight_on_sigterm(tmp_pa
             pytest.skip("kvzip-rag serve did not answer /health within two minutes")
         if process.poll() is not None:
             pytest.skip(f"kvzip-rag serve could not start: {process.stderr.read()[-500:]}")
-        assert httpx.get(f"{url}/health").json()["batching"] is True  # the server batches by default
+        health = httpx.get(f"{url}/health").json()
+        assert health["batching"] is True  # the server batches by default
+        assert health["matmul"] == matmul
         body = {"model": "kvzip-rag", "messages": [{"role": "user", "content": QUESTIONS["tessin.txt"]}],
                 "max_tokens": 300, "clean": False, "stream": True}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:

@@ -112,6 +112,6 @@ def create_app(service: QAService, *, timeout: float | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model.name, "documents": await asyncio.to_thread(len, service.store),
-                "batching": service.batching}
+                "batching": service.batching, "matmul": model.matmul}
 
     return app
