@@ -9,8 +9,10 @@ every call). So a batch of eight questions decodes for the price of one, and a s
 Only the ``nn.Linear`` layers (and the output head) change: their input is rounded to bfloat16, the product is
 accumulated by oneDNN and returned as float32. Caches, attention, norms and the float32 weights themselves stay as
 they are (the packed copy costs half the float32 weights' memory again), so the model's fingerprint and stores are
-shared with float32 loads. Each output row depends on its own input row only (tested): a batched answer equals
-its answer alone. What it costs in quality is measured (``python -m kvzip_rag.bench.precision``, BENCHMARKS.md).
+shared with float32 loads. Each output row depends on its own input row only (tested), so a batched answer is
+its answer alone but where the float32 attention around the products differs in its last bit between the two
+paths and rounding to bfloat16 turns that into another token at a near tie (12 of 480 answers in the serve
+benchmark). What it costs in quality is measured (``kvzip-rag bench --task precision``, BENCHMARKS.md).
 """
 
 from __future__ import annotations
