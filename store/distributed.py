@@ -182,6 +182,7 @@ def index_documents(
     address: str | None = None,
     workers: int | None = None,
     threads: int = 1,
+    matmul: str | None = None,
     max_retries: int = 2,
     progress: bool = True,
     ray_init: dict | None = None,
@@ -196,14 +197,17 @@ def index_documents(
     ``model``: an alias/path for :func:`kvzip_rag.load_model`, or a picklable zero-argument callable returning a
     ``KVzipModel`` (e.g. a custom or test model). ``kv_bits`` 8 or 4 stores quantized caches (as
     ``CacheStore.add_document``); a document stored with other bits is indexed again. ``address``: a running cluster (``"auto"`` or ``ray://...``);
-    None starts a local one. ``workers`` defaults to one per GPU, else one per CPU of the cluster.
+    None starts a local one. ``workers`` defaults to one per GPU, else one per CPU of the cluster. ``matmul``: the
+    workers' weight-product precision (:mod:`kvzip_rag.matmul`; default ``KVZIP_RAG_MATMUL`` here, else float32).
     """
     from kvzip_rag.budget import check_ratio_level
+    from kvzip_rag.matmul import MATMUL_ENV, resolve_matmul
     from kvzip_rag.quant import check_bits
 
     ray = _require_ray()
     check_ratio_level(ratio, level)
     check_bits(kv_bits)
+    matmul = resolve_matmul(matmul)
     jobs = _as_jobs(documents)
     if (store_url is None) == (store_path is None):
         raise InvalidArgumentError("give the store as store_url= (a database URL) or store_path= (a folder)")
@@ -224,7 +228,8 @@ def index_documents(
     count = workers or gpus or max(1, int(resources.get("CPU", 1)))
     count = max(1, min(count, len(jobs)))
     actor_class = ray.remote(max_restarts=0)(IndexWorker).options(
-        **per_actor, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "KVZIP_RAG_THREADS": str(threads)}}
+        **per_actor, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "KVZIP_RAG_THREADS": str(threads),
+                                               MATMUL_ENV: matmul}}
     )
 
     def spawn():

@@ -157,6 +157,35 @@ def test_cli_index_on_ray_with_kv_bits(ray_cluster, tmp_path, tiny_model_dir):
         assert [c.kv_bits for c in store.get_document("harbour.txt").caches] == [8]
 
 
+def test_cli_index_on_ray_with_matmul(ray_cluster, tmp_path, tiny_model_dir):
+    """``--matmul bfloat16`` reaches the Ray workers: the stored cache is the one a bfloat16 load compresses
+    here, not the float32 one."""
+    from typer.testing import CliRunner
+
+    from kvzip_rag.cli import app
+    from kvzip_rag.matmul import bfloat16_matmul_supported
+    from kvzip_rag.models import load_model
+
+    if not bfloat16_matmul_supported():
+        pytest.skip("this CPU or torch build has no oneDNN bfloat16 matrix instructions")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "harbour.txt").write_text(HARBOUR)
+    result = CliRunner().invoke(app, ["--store", str(tmp_path / "store"), "--model", str(tiny_model_dir), "index",
+                                      "--ray", "--matmul", "bfloat16", str(tmp_path / "docs")])
+    assert result.exit_code == 0 and "1 indexed" in result.output, result.output
+    previous = torch.get_num_threads()
+    try:  # one thread, as each worker (a float32 last bit can round to another bfloat16)
+        models = {m: load_model(str(tiny_model_dir), device="cpu", threads=1, matmul=m)
+                  for m in ("float32", "bfloat16")}
+        with CacheStore(tmp_path / "store") as store:
+            loaded = store.load_cache("harbour.txt", models["float32"])
+        same = {m: all(torch.equal(a.keys, b.keys) for a, b in zip(
+            loaded.layers, kvzip_rag.compress(model, HARBOUR, ratio=0.3).layers)) for m, model in models.items()}
+    finally:
+        torch.set_num_threads(previous)
+    assert same == {"bfloat16": True, "float32": False}
+
+
 def test_ray_index_refuses_unknown_kv_bits_before_starting(tmp_path):
     with pytest.raises(InvalidArgumentError, match="kv_bits must be one of 16, 8, 4, 3, 2 "):
         index_documents(DOCS, store_path=tmp_path / "store", model="unused", kv_bits=5, progress=False)

@@ -164,7 +164,8 @@ def run_serve(model_name: str | None = None, data_dir: Path | None = None, docum
                         f"tok/s={row['tokens_per_s']:.1f} (all clients asking: {_f(row['steady_tokens_per_s'], 1)}) "
                         f"ttft p50/p95={row['ttft_p50_s']:.2f}/{row['ttft_p95_s']:.2f} s "
                         f"latency p50/p95={row['latency_p50_s']:.2f}/{row['latency_p95_s']:.2f} s "
-                        f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} prefilled together={row['peak_prefill']} "
+                        f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} "
+                        f"prefilled together={row['peak_prefill']} "
                         f"rss={row['peak_rss_mb']:.0f} MiB")
     use_matmul(model.model, "float32")
     return {"task": "serve", "model": model.name, "threads": torch.get_num_threads(), "documents": len(docs),
@@ -212,11 +213,13 @@ def markdown(result: dict) -> str:
     lines = [f"### In-process batching: {result['documents']} SQuAD paragraphs, model {result['model']}, "
              f"{result['threads']} torch threads, {result['requests']} answers per setting, at most "
              f"{result['max_new_tokens']} tokens each", "",
-             "| path | matmul | clients | n | answers/s | generated tok/s | tok/s while all clients ask | TTFT p50 / p95 (s) | "
-             "TTFT p95 after each client's first (s) | latency p50 / p95 (s) | batch mean / peak | peak RSS (MiB) |",
+             "| path | matmul | clients | n | answers/s | generated tok/s | tok/s while all clients ask | "
+             "TTFT p50 / p95 (s) | TTFT p95 after each client's first (s) | latency p50 / p95 (s) | batch mean / peak | "
+             "peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    lines += [f"| {r['path']} | {r.get('matmul', 'float32')} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+    lines += [f"| {r['path']} | {r.get('matmul', 'float32')} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | "
+              f"{r['tokens_per_s']:.1f} | "
               f"{_f(r['steady_tokens_per_s'], 1)} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
               f"{_f(r['ttft_p95_after_first_s'], 2)} | "
               f"{r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} | "

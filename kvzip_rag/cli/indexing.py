@@ -101,6 +101,7 @@ def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | Non
         model=settings.model, ratio=budget.ratio, level=budget.level, force=force, kv_bits=kv_bits, scorer=scorer,
         address=address,
         threads=settings.threads or 1,
+        matmul=settings.matmul,
         **where,
     )
     for name, error in report.failed.items():
