@@ -51,13 +51,9 @@ class BFloat16Linear(torch.nn.Linear):
     packed_bias: torch.Tensor | None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        rows = input.to(torch.bfloat16)
-        if rows.dim() > 2:  # oneDNN's linear takes (rows, features)
-            out = torch.ops.mkldnn._linear_pointwise(rows.reshape(-1, rows.shape[-1]), self.packed_weight,
-                                                     self.packed_bias, "none", [], "")
-            return out.reshape(*rows.shape[:-1], out.shape[-1]).to(input.dtype)
-        return torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.packed_bias, "none", [], "").to(
-            input.dtype)
+        rows = input.to(torch.bfloat16).reshape(-1, input.shape[-1])  # oneDNN's linear takes (rows, features)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.packed_bias, "none", [], "")
+        return out.reshape(*input.shape[:-1], out.shape[-1]).to(input.dtype)
 
     def reference(self, input: torch.Tensor) -> torch.Tensor:
         """The same product without oneDNN's packing (what tests compare ``forward`` with)."""

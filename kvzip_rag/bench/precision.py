@@ -61,17 +61,19 @@ def paired_difference(rows: list[dict], field: str, samples: int = 2000, seed: i
     by_question: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_question.setdefault(row["qid"], {})[row["matmul"]] = row
-    pairs = [(p["float32"]["doc"], p["bfloat16"][field] - p["float32"][field]) for p in by_question.values()
-             if len(p) == 2]
-    if not pairs:
+    from .fidelity import _cluster_means
+
+    per_doc: dict[str, list[float]] = {}
+    for pair in by_question.values():
+        if len(pair) == 2:
+            per_doc.setdefault(pair["float32"]["doc"], []).append(pair["bfloat16"][field] - pair["float32"][field])
+    if not per_doc:
         return {"n": 0, "mean": None, "ci": None}
-    docs = sorted({doc for doc, _ in pairs})
-    sums = np.array([sum(d for doc, d in pairs if doc == name) for name in docs])
-    counts = np.array([sum(1 for doc, _ in pairs if doc == name) for name in docs], dtype=float)
+    docs = sorted(per_doc)
     draws = np.random.default_rng(seed).integers(0, len(docs), size=(samples, len(docs)))
-    means = sums[draws].sum(1) / counts[draws].sum(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"n": len(pairs), "docs": len(docs), "mean": float(np.mean([d for _, d in pairs])),
+    low, high = np.percentile(_cluster_means(per_doc, draws, docs), [2.5, 97.5])
+    differences = [d for values in per_doc.values() for d in values]
+    return {"n": len(differences), "docs": len(docs), "mean": float(np.mean(differences)),
             "ci": [float(low), float(high)]}
 
 

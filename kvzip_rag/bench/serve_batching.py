@@ -185,28 +185,26 @@ def _measure(service, questions: list[str], clients: int, requests: int, options
     return row
 
 
-def agreement(settings: list[dict], path: str = "batched", against: str | None = None) -> dict:
+def agreement(settings: list[dict], path: str = "batched", reference: str | None = None) -> dict:
     """Greedy answers (text and sources) of ``path`` that equal the serial path's for the same question: in the
-    same precision (``against`` None), else the serial path's in ``against`` precision."""
-    serial = {(s.get("matmul", "float32") if against is None else None, r["question"]): (r["text"], r["doc_ids"])
-              for s in settings if s["path"] == "serial" and against in (None, s.get("matmul", "float32"))
+    same precision (``reference`` None), else in the ``reference`` precision (its own rows left out)."""
+    serial = {(s["matmul"], r["question"]): (r["text"], r["doc_ids"]) for s in settings if s["path"] == "serial"
               for r in s["answers"]}
-    compared = [serial[key] == (r["text"], r["doc_ids"]) for s in settings if s["path"] == path
-                and (against is None or s.get("matmul", "float32") != against)
-                for r in s["answers"]
-                if (key := (s.get("matmul", "float32") if against is None else None, r["question"])) in serial]
+    compared = [serial[key] == (r["text"], r["doc_ids"]) for s in settings
+                if s["path"] == path and s["matmul"] != reference for r in s["answers"]
+                if (key := (reference or s["matmul"], r["question"])) in serial]
     return {"compared": len(compared), "equal": sum(compared)}
 
 
 def speedups(settings: list[dict]) -> list[dict]:
     """Per client count and precision: the batched path's tokens/s over the serial path's in the same precision,
     and over the float32 serial path's (the reference)."""
-    serial = {(s.get("matmul", "float32"), s["clients"]): s["tokens_per_s"] for s in settings if s["path"] == "serial"}
-    return [{"matmul": s.get("matmul", "float32"), "clients": s["clients"],
-             "same": s["tokens_per_s"] / serial[(s.get("matmul", "float32"), s["clients"])],
+    serial = {(s["matmul"], s["clients"]): s["tokens_per_s"] for s in settings if s["path"] == "serial"}
+    return [{"matmul": s["matmul"], "clients": s["clients"],
+             "same": s["tokens_per_s"] / serial[(s["matmul"], s["clients"])],
              "float32": s["tokens_per_s"] / serial[("float32", s["clients"])]}
-            for s in settings if s["path"] == "batched" and ("float32", s["clients"]) in serial
-            and (s.get("matmul", "float32"), s["clients"]) in serial]
+            for s in settings if s["path"] == "batched"
+            and {(s["matmul"], s["clients"]), ("float32", s["clients"])} <= serial.keys()]
 
 
 def markdown(result: dict) -> str:
@@ -218,7 +216,7 @@ def markdown(result: dict) -> str:
              "peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    lines += [f"| {r['path']} | {r.get('matmul', 'float32')} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | "
+    lines += [f"| {r['path']} | {r['matmul']} | {r['clients']} | {r['n']} | {r['answers_per_s']:.2f} | "
               f"{r['tokens_per_s']:.1f} | "
               f"{_f(r['steady_tokens_per_s'], 1)} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
               f"{_f(r['ttft_p95_after_first_s'], 2)} | "
@@ -229,7 +227,7 @@ def markdown(result: dict) -> str:
                   f"question): {agree['equal']} of {agree['compared']}."]
     rows = speedups(result["settings"])
     if any(r["matmul"] != "float32" for r in rows):
-        other = agreement(result["settings"], "serial", against="float32")
+        other = agreement(result["settings"], "serial", reference="float32")
         lines += [f"Serial answers in bfloat16 matmuls equal to the float32 ones: {other['equal']} of "
                   f"{other['compared']}.", "", "Generated tokens/s of the batched path over the serial path's:", "",
                   "| matmul | clients | over serial, same precision | over serial float32 |", "|---|---|---|---|"]
@@ -239,10 +237,8 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, out_dir: Path) -> Path:
     """Generated tokens/s and p95 latency against concurrent clients, serial beside batched."""
-    lines = {f"{path} ({matmul})": [r for r in result["settings"] if r["path"] == path
-                                    and r.get("matmul", "float32") == matmul]
-             for matmul in dict.fromkeys(r.get("matmul", "float32") for r in result["settings"])
-             for path in ("serial", "batched")}
+    lines = {f"{path} ({matmul})": [r for r in result["settings"] if (r["path"], r["matmul"]) == (path, matmul)]
+             for matmul in dict.fromkeys(r["matmul"] for r in result["settings"]) for path in ("serial", "batched")}
     return concurrency_plot(lines, out_dir / "serve.png")
 
 

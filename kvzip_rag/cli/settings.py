@@ -140,11 +140,10 @@ _MODELS: dict[tuple, object] = {}
 def load_model_cached(name: str | None, device: str | None, threads: int | None, matmul: str | None = None):
     """Load a model once per process (``chat`` and tests call commands repeatedly), with the thread policy."""
     import kvzip_rag
+    from kvzip_rag.matmul import resolve_matmul
     from kvzip_rag.runtime import apply_thread_policy
 
     from .output import err_console
-
-    from kvzip_rag.matmul import resolve_matmul
 
     key = (name or os.environ.get("KVZIP_RAG_MODEL") or kvzip_rag.DEFAULT_MODEL, device, resolve_matmul(matmul))
     if key not in _MODELS:
