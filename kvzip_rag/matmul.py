@@ -34,10 +34,11 @@ def bfloat16_matmul_supported() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_matmul(matmul: str | None) -> str:
-    """The precision asked for: explicit, else ``KVZIP_RAG_MATMUL``, else float32; anything else is a clear error."""
+def resolve_matmul(matmul: str | None, default: str = "float32") -> str:
+    """The precision asked for: explicit, else ``KVZIP_RAG_MATMUL``, else ``default``; anything else is a clear
+    error."""
     if matmul is None:
-        matmul = os.environ.get(MATMUL_ENV, "").strip() or "float32"
+        matmul = os.environ.get(MATMUL_ENV, "").strip() or default
     if matmul not in MATMULS:
         raise InvalidArgumentError(f"matmul must be one of {', '.join(MATMULS)}, got {matmul!r}")
     return matmul

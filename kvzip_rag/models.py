@@ -29,7 +29,7 @@ import torch
 from .attention import ATTENTION_NAME, register_attention
 from .checks import check_unicode
 from .errors import InvalidArgumentError, ModelNotFoundError
-from .matmul import model_matmul, use_matmul
+from .matmul import model_matmul, resolve_matmul, use_matmul
 from .prompt import PromptTemplate
 from .runtime import apply_thread_policy
 
@@ -379,10 +379,11 @@ def load_model(
 def wrap_model(model: torch.nn.Module, tokenizer, name: str = "custom", threads: int | None = None,
                matmul: str | None = None) -> KVzipModel:
     """Wrap an already loaded transformers model (tests build tiny random ones this way); applies the thread policy
-    and the matmul precision (as :func:`load_model`)."""
+    and the matmul precision (as :func:`load_model`; neither given nor in the environment: the model keeps the
+    precision it multiplies in, so wrapping does not undo an earlier ``use_matmul``)."""
     register_attention()
     apply_thread_policy(next(model.parameters()).device, threads)
-    use_matmul(model, matmul)
+    use_matmul(model, resolve_matmul(matmul, default=model_matmul(model)))
     model.set_attn_implementation(ATTENTION_NAME)
     model.eval()
     return KVzipModel(name=name, model=model, tokenizer=tokenizer, template=PromptTemplate.from_tokenizer(tokenizer))

@@ -97,7 +97,7 @@ def test_bfloat16_keeps_the_fingerprint_and_state_dict_and_float32_undoes_it(smo
 
 
 @needs_bf16
-def test_the_environment_picks_the_precision_and_an_argument_overrides_it(smol_tokenizer, monkeypatch):
+def test_the_environment_picks_the_precision_an_argument_overrides_it_and_wrapping_keeps_it(smol_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_config
@@ -107,6 +107,11 @@ def test_the_environment_picks_the_precision_and_an_argument_overrides_it(smol_t
     raw = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32)
     assert kvzip_rag.wrap_model(raw, smol_tokenizer).matmul == "bfloat16"
     assert kvzip_rag.wrap_model(raw, smol_tokenizer, matmul="float32").matmul == "float32"
+    monkeypatch.delenv("KVZIP_RAG_MATMUL")
+    use_matmul(raw, "bfloat16")
+    assert kvzip_rag.wrap_model(raw, smol_tokenizer).matmul == "bfloat16"  # neither given: wrapping keeps it
+    assert kvzip_rag.wrap_model(raw, smol_tokenizer, matmul="float32").matmul == "float32"
+    assert kvzip_rag.wrap_model(raw, smol_tokenizer).matmul == "float32"
 
 
 def test_unknown_precisions_and_models_it_cannot_serve_are_refused(smol_tokenizer, monkeypatch):
