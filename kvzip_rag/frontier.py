@@ -138,7 +138,7 @@ def parse_target_bytes(value: str | float | int, fp16_bytes_per_token: float) ->
         raise InvalidArgumentError(f"target bytes is bytes per document token (900) or a fraction of the full fp16 "
                                    f"cache (0.02x), got {value!r}") from None
     if not number > 0 or number == float("inf"):
-        raise InvalidArgumentError(f"target bytes must be positive, got {value!r}")
+        raise InvalidArgumentError(f"target bytes must be a positive, finite number, got {value!r}")
     return number * fp16_bytes_per_token if share else number
 
 
