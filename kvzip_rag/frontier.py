@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import InvalidArgumentError
@@ -115,7 +115,11 @@ def curve_from_fidelity(table: dict, model_name: str, fingerprint: str, fp16_byt
 
 
 def write_curve(results: dict, path: str | os.PathLike | None = None) -> tuple[Curve, Path]:
-    """Write the curve of a bench run's ``results`` (its fidelity task) for the model it ran; returns it and where."""
+    """Write the curve of a bench run's ``results`` (its fidelity task) for the model it ran; returns it and where.
+
+    The run's points join the model's curve already there (the file at ``path``, else the one written for the
+    model, else the shipped one): a run of a few more ratios adds them instead of dropping the rest. A point the run
+    measured again replaces the old one; the points kept name the run that measured them (``source["kept"]``)."""
     table = (results.get("summary", {}).get("quality", {}) or {}).get("fidelity")
     fidelity, meta = results.get("fidelity") or {}, results.get("meta") or {}
     if not table or "fp16_bytes_per_token" not in fidelity:
@@ -125,7 +129,36 @@ def write_curve(results: dict, path: str | os.PathLike | None = None) -> tuple[C
               "documents": len({r["doc"] for r in fidelity.get("rows", ())}), "data": "SQuAD (fidelity task)"}
     curve = curve_from_fidelity(table, meta["model"], meta["model_fingerprint"], fidelity["fp16_bytes_per_token"],
                                 source)
-    return curve, curve.save(path or curve_path(curve.fingerprint))
+    path = Path(path or curve_path(curve.fingerprint))
+    return (curve := _joined(curve, _earlier(curve, path))), curve.save(path)
+
+
+def written(curve: Curve, path: Path) -> str:
+    """What :func:`write_curve` did, in one line."""
+    kept = (curve.source.get("kept") or {}).get("points", 0)
+    also = f", {kept} of them kept from the earlier curve" if kept else ""
+    return f"compression curve of {curve.model_name} ({len(curve.points)} points{also}) written to {path}"
+
+
+def _earlier(curve: Curve, path: Path) -> Curve | None:
+    """The model's curve before this run: the file at ``path``, else the shipped one; None when there is none or it
+    belongs to another model (its points would not describe this one)."""
+    for candidate in (path, PACKAGED / f"{curve.fingerprint}.json"):
+        if candidate.is_file():
+            earlier = Curve.load(candidate)
+            return earlier if (earlier.fingerprint, earlier.fp16_bytes_per_token) == (
+                curve.fingerprint, curve.fp16_bytes_per_token) else None
+    return None
+
+
+def _joined(curve: Curve, earlier: Curve | None) -> Curve:
+    key = lambda p: (p.scorer, p.level, p.ratio, p.kv_bits)  # noqa: E731
+    measured = {key(p) for p in curve.points}
+    kept = [p for p in (earlier.points if earlier else ()) if key(p) not in measured]
+    if not kept:
+        return curve
+    points = tuple(sorted((*curve.points, *kept), key=lambda p: (p.scorer, p.level, p.bytes_per_token)))
+    return replace(curve, points=points, source={**curve.source, "kept": {"points": len(kept), "source": earlier.source}})
 
 
 def parse_target_bytes(value: str | float | int, fp16_bytes_per_token: float) -> float:
@@ -233,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, help="also draw the curve to this PNG")
     args = parser.parse_args(argv)
     curve, path = write_curve(json.loads(args.results.read_text()), args.to)
-    print(f"curve of {curve.model_name} ({len(curve.points)} points) written to {path}")
+    print(written(curve, path))
     if args.plot:
         print(f"plot: {plot_curve(curve, args.plot)}")
 

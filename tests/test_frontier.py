@@ -85,6 +85,27 @@ def test_curve_from_fidelity_keeps_kvzip_methods_with_bytes_and_intervals(tmp_pa
         Curve.load(tmp_path / "bad.json")
 
 
+def test_a_written_curve_joins_the_earlier_one_and_a_point_measured_again_replaces_its_old_value(tmp_path):
+    from kvzip_rag.frontier import write_curve, written
+
+    def results(fingerprint, methods, fp16=20000):
+        table = {m: {"blob_bytes_per_token": size, "nll_minus_full": loss, "nll_minus_full_ci": [loss - 0.1, loss + 0.1],
+                     "n": 30} for m, (size, loss) in methods.items()}
+        return {"summary": {"quality": {"fidelity": table}}, "fidelity": {"fp16_bytes_per_token": fp16, "rows": []},
+                "meta": {"model": "tiny", "model_fingerprint": fingerprint, "command": f"run {len(methods)}"}}
+
+    path = tmp_path / "curve.json"
+    first, _ = write_curve(results("abc", {"kvzip-pair-int4@0.125": (1100, 0.0), "kvzip-pair-k4v2@0.1": (600, 0.05)}), path)
+    assert len(first.points) == 2 and "kept" not in first.source and "kept" not in written(first, path)
+    second, _ = write_curve(results("abc", {"kvzip-pair-k4v2@0.1": (610, 0.02), "kvzip-pair-k4v2@0.09": (550, 0.08)}), path)
+    got = {(p.ratio, p.kv_bits): (p.bytes_per_token, p.nll_loss) for p in Curve.load(path).points}
+    assert got == {(0.125, 4): (1100, 0.0), (0.1, 3): (610, 0.02), (0.09, 3): (550, 0.08)}
+    assert second.source["command"] == "run 2" and second.source["kept"] == {"points": 1, "source": first.source}
+    assert "3 points, 1 of them kept from the earlier curve" in written(second, path)
+    other, _ = write_curve(results("xyz", {"kvzip-pair-k4v2@0.08": (500, 0.1)}), path)  # another model: replaced
+    assert [(p.ratio, p.kv_bits) for p in Curve.load(path).points] == [(0.08, 3)] and "kept" not in other.source
+
+
 def test_cli_round_trip_bench_writes_the_curve_index_reads_it(tiny_llama, tiny_data, tmp_path, monkeypatch):  # noqa: F811
     from typer.testing import CliRunner
 

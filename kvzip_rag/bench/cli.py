@@ -133,9 +133,9 @@ def bench(
         raise typer.Exit(2) from error
     if write_curve:
         from kvzip_rag.frontier import write_curve as store_curve
+        from kvzip_rag.frontier import written
 
-        curve, path = store_curve(results)
-        typer.echo(f"compression curve of {curve.model_name} ({len(curve.points)} points) written to {path}")
+        typer.echo(written(*store_curve(results)))
     for name in dict.fromkeys(task or ()):  # a standalone task's report is short: shown as well as written
         if TASKS[name].standalone:
             typer.echo("\n".join(TASKS[name].section(results[name])))
