@@ -130,7 +130,8 @@ def write_curve(results: dict, path: str | os.PathLike | None = None) -> tuple[C
     curve = curve_from_fidelity(table, meta["model"], meta["model_fingerprint"], fidelity["fp16_bytes_per_token"],
                                 source)
     path = Path(path or curve_path(curve.fingerprint))
-    return (curve := _joined(curve, _earlier(curve, path))), curve.save(path)
+    curve = _joined(curve, _earlier(curve, path))
+    return curve, curve.save(path)
 
 
 def written(curve: Curve, path: Path) -> str:
@@ -152,13 +153,15 @@ def _earlier(curve: Curve, path: Path) -> Curve | None:
 
 
 def _joined(curve: Curve, earlier: Curve | None) -> Curve:
+    """``curve`` plus the points of ``earlier`` it did not measure again (one point per scorer, level, ratio, bits)."""
     key = lambda p: (p.scorer, p.level, p.ratio, p.kv_bits)  # noqa: E731
     measured = {key(p) for p in curve.points}
     kept = [p for p in (earlier.points if earlier else ()) if key(p) not in measured]
     if not kept:
         return curve
     points = tuple(sorted((*curve.points, *kept), key=lambda p: (p.scorer, p.level, p.bytes_per_token)))
-    return replace(curve, points=points, source={**curve.source, "kept": {"points": len(kept), "source": earlier.source}})
+    source = {**curve.source, "kept": {"points": len(kept), "source": earlier.source}}
+    return replace(curve, points=points, source=source)
 
 
 def parse_target_bytes(value: str | float | int, fp16_bytes_per_token: float) -> float:

@@ -88,16 +88,18 @@ def test_curve_from_fidelity_keeps_kvzip_methods_with_bytes_and_intervals(tmp_pa
 def test_a_written_curve_joins_the_earlier_one_and_a_point_measured_again_replaces_its_old_value(tmp_path):
     from kvzip_rag.frontier import write_curve, written
 
-    def results(fingerprint, methods, fp16=20000):
-        table = {m: {"blob_bytes_per_token": size, "nll_minus_full": loss, "nll_minus_full_ci": [loss - 0.1, loss + 0.1],
-                     "n": 30} for m, (size, loss) in methods.items()}
-        return {"summary": {"quality": {"fidelity": table}}, "fidelity": {"fp16_bytes_per_token": fp16, "rows": []},
+    def results(fingerprint, methods):
+        table = {m: {"blob_bytes_per_token": size, "nll_minus_full": loss, "n": 30,
+                     "nll_minus_full_ci": [loss - 0.1, loss + 0.1]} for m, (size, loss) in methods.items()}
+        return {"summary": {"quality": {"fidelity": table}}, "fidelity": {"fp16_bytes_per_token": 20000, "rows": []},
                 "meta": {"model": "tiny", "model_fingerprint": fingerprint, "command": f"run {len(methods)}"}}
 
     path = tmp_path / "curve.json"
-    first, _ = write_curve(results("abc", {"kvzip-pair-int4@0.125": (1100, 0.0), "kvzip-pair-k4v2@0.1": (600, 0.05)}), path)
+    first, _ = write_curve(results("abc", {"kvzip-pair-int4@0.125": (1100, 0.0), "kvzip-pair-k4v2@0.1": (600, 0.05)}),
+                           path)
     assert len(first.points) == 2 and "kept" not in first.source and "kept" not in written(first, path)
-    second, _ = write_curve(results("abc", {"kvzip-pair-k4v2@0.1": (610, 0.02), "kvzip-pair-k4v2@0.09": (550, 0.08)}), path)
+    second, _ = write_curve(results("abc", {"kvzip-pair-k4v2@0.1": (610, 0.02), "kvzip-pair-k4v2@0.09": (550, 0.08)}),
+                            path)
     got = {(p.ratio, p.kv_bits): (p.bytes_per_token, p.nll_loss) for p in Curve.load(path).points}
     assert got == {(0.125, 4): (1100, 0.0), (0.1, 3): (610, 0.02), (0.09, 3): (550, 0.08)}
     assert second.source["command"] == "run 2" and second.source["kept"] == {"points": 1, "source": first.source}

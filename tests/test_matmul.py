@@ -97,7 +97,7 @@ def test_bfloat16_keeps_the_fingerprint_and_state_dict_and_float32_undoes_it(smo
 
 
 @needs_bf16
-def test_the_environment_picks_the_precision_an_argument_overrides_it_and_wrapping_keeps_it(smol_tokenizer, monkeypatch):
+def test_the_environment_picks_the_precision_an_argument_overrides_it_wrapping_keeps_it(smol_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_config
