@@ -221,6 +221,25 @@ def pick_budget(model, *, target_bytes: str | float | None, max_nll_loss: float 
     return point.ratio, point.kv_bits, point
 
 
+def stored_against_point(caches, point: CurvePoint, budget: float | None = None) -> str:
+    """One line comparing the blob bytes per document token a store now holds in ``caches`` (its cache records)
+    with the curve ``point`` they were chosen by. The curve's bytes come from its benchmark documents (SQuAD, 500-900
+    tokens); a blob also pays a fixed cost per document (header, a key-scale group for every head), so shorter
+    documents take more per token: the user sees what was stored, and when it is above ``budget`` (bytes per
+    token), why."""
+    tokens = sum(c.context_length for c in caches)
+    if not tokens:
+        return "no cache was stored at the chosen ratio and kv_bits"
+    per_token = sum(c.nbytes for c in caches) / tokens
+    fp16 = point.bytes_per_token / point.fp16_share
+    line = (f"stored {per_token:,.0f} B/token ({per_token / fp16:.3f}x the fp16 cache) over {len(caches)} "
+            f"segment(s); the curve's point: {point.bytes_per_token:,.0f} B/token on the documents it was measured on")
+    if budget is not None and per_token > budget:
+        line += (f"; above the target of {budget:,.0f} B/token: every blob has a fixed cost (header, key scales of "
+                 "every head), which short documents spread over fewer tokens")
+    return line
+
+
 def plot_curve(curve: Curve, path: str | os.PathLike, highlight: CurvePoint | None = None) -> Path:
     """The curve as a PNG: NLL loss (with its interval) against bytes per token, one line per scorer and precision;
     ``highlight`` (e.g. a document's cache) ringed."""

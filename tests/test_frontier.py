@@ -108,6 +108,18 @@ def test_a_written_curve_joins_the_earlier_one_and_a_point_measured_again_replac
     assert [(p.ratio, p.kv_bits) for p in Curve.load(path).points] == [(0.08, 3)] and "kept" not in other.source
 
 
+def test_the_bytes_stored_are_compared_with_the_point_and_a_target_they_exceed_is_explained():
+    from kvzip_rag.frontier import stored_against_point
+
+    chosen = point(0.125, 3, 900, 0.0, 0.05)  # 900 B/token, 0.09x of FP16
+    caches = [SimpleNamespace(nbytes=95_000, context_length=100), SimpleNamespace(nbytes=100_000, context_length=100)]
+    line = stored_against_point(caches, chosen)
+    assert line.startswith("stored 975 B/token (0.098x the fp16 cache) over 2 segment(s)") and "900 B/token" in line
+    assert "above the target" not in line and "above the target" not in stored_against_point(caches, chosen, 1000)
+    assert "above the target of 950 B/token: every blob has a fixed cost" in stored_against_point(caches, chosen, 950)
+    assert stored_against_point([], chosen) == "no cache was stored at the chosen ratio and kv_bits"
+
+
 def test_cli_round_trip_bench_writes_the_curve_index_reads_it(tiny_llama, tiny_data, tmp_path, monkeypatch):  # noqa: F811
     from typer.testing import CliRunner
 
@@ -143,6 +155,8 @@ def test_cli_round_trip_bench_writes_the_curve_index_reads_it(tiny_llama, tiny_d
     assert f"ratio {expected.ratio:g}, kv_bits {expected.kv_bits}" in result.output
     [cache] = CacheStore(tmp_path / "store").get_document("doc.txt").caches
     assert (cache.ratio, cache.kv_bits, cache.scorer) == (expected.ratio, expected.kv_bits, "kvzip")
+    said = " ".join(result.output.split())  # rich wraps long notes
+    assert f"stored {cache.nbytes / cache.context_length:,.0f} B/token" in said and "over 1 segment(s)" in said
 
     shown = CliRunner().invoke(app, [*store, "inspect", "doc.txt", "--out", str(tmp_path / "inspect")])
     assert shown.exit_code == 0, shown.output

@@ -62,19 +62,29 @@ def index(
     if scorer not in SCORERS:
         raise typer.BadParameter(f"--scorer takes one of {', '.join(SCORERS)}, got {scorer!r}")
     settings = settings_of(ctx)
+    point = None
     if target_bytes is not None or max_nll_loss is not None:
-        kv_bits = chosen_budget(settings, target_bytes, max_nll_loss, scorer, kv_bits)
-    if ray or ray_address:
-        index_paths_on_ray(settings, paths, ray_address, doc_id=doc_id, force=force, kv_bits=kv_bits or 16,
-                           scorer=scorer)
-    else:
-        index_paths(settings, paths, doc_id=doc_id, force=force, kv_bits=kv_bits or 16, scorer=scorer)
+        kv_bits, point = chosen_budget(settings, target_bytes, max_nll_loss, scorer, kv_bits)
+    texts, failed = read_texts(paths, doc_id)
+    some_failed = None
+    try:
+        if ray or ray_address:
+            index_texts_on_ray(settings, texts, failed, ray_address, force=force, kv_bits=kv_bits or 16,
+                               scorer=scorer)
+        else:
+            index_texts(settings, texts, failed, force=force, kv_bits=kv_bits or 16, scorer=scorer)
+    except CLIError as error:  # some files could not be indexed: the others are stored, and reported first
+        some_failed = error
+    if point is not None:
+        say_stored_bytes(settings, [name for _, name, _ in texts], point, target_bytes)
+    if some_failed is not None:
+        raise some_failed
 
 
 def chosen_budget(settings: Settings, target_bytes: str | None, max_nll_loss: float | None, scorer: str,
-                  kv_bits: int | None) -> int:
-    """Set ``settings.ratio`` and return the kv_bits chosen from the model's curve for ``--target-bytes`` /
-    ``--max-nll-loss`` (which exclude ``--ratio`` and ``--kv-bits``); says what was chosen."""
+                  kv_bits: int | None):
+    """Set ``settings.ratio`` and return the kv_bits and curve point chosen from the model's curve for
+    ``--target-bytes`` / ``--max-nll-loss`` (which exclude ``--ratio`` and ``--kv-bits``); says what was chosen."""
     from kvzip_rag.frontier import pick_budget
 
     if settings.level not in (None, "pair"):
@@ -83,15 +93,28 @@ def chosen_budget(settings: Settings, target_bytes: str | None, max_nll_loss: fl
                                      scorer=scorer, ratio=settings.ratio, kv_bits=kv_bits)
     note(f"chosen from the measured curve: {point.describe()}")
     settings.ratio = ratio
-    return bits
+    return bits, point
 
 
-def index_paths_on_ray(settings: Settings, paths: list[Path], address: str | None, doc_id: str | None = None,
-                       force: bool = False, kv_bits: int = 16, scorer: str = "kvzip") -> None:
-    """Index files and folders with kvzip_rag.store.distributed (a worker that dies has its document retried)."""
+def say_stored_bytes(settings: Settings, names: list[str], point, target_bytes: str | None) -> None:
+    """After indexing by a curve point: the bytes per token the named documents' caches at that point take."""
+    from kvzip_rag.budget import same_ratio
+    from kvzip_rag.frontier import parse_target_bytes, stored_against_point
+
+    store = settings.open_store(create=True)
+    caches = [c for name in names if (record := store.get_document(name)) is not None for c in record.caches
+              if same_ratio(c.ratio, point.ratio) and c.kv_bits == point.kv_bits and c.scorer == point.scorer]
+    budget = None if target_bytes is None else parse_target_bytes(target_bytes,
+                                                                  point.bytes_per_token / point.fp16_share)
+    note(stored_against_point(caches, point, budget))
+
+
+def index_texts_on_ray(settings: Settings, texts: list[tuple[Path, str, str]], failed: list[Path],
+                       address: str | None, force: bool = False, kv_bits: int = 16, scorer: str = "kvzip") -> None:
+    """Index :func:`read_texts`' texts with kvzip_rag.store.distributed (a worker that dies has its document
+    retried); ``failed``: the files that could not be read (the exit code says so at the end)."""
     from kvzip_rag.store.distributed import index_documents
 
-    texts, failed = read_texts(paths, doc_id)
     settings.open_store(create=True)  # a bad --db or --blob-url fails here, once, not in every worker
     where = {{"url": "store_url", "path": "store_path"}.get(k, k): v for k, v in settings.store_location().items()}
     budget = settings.index_budget()
@@ -143,7 +166,12 @@ def index_paths(settings: Settings, paths: list[Path], doc_id: str | None = None
                 kv_bits: int = 16, scorer: str = "kvzip") -> None:
     """Index files and folders; a file that cannot be read or compressed is reported and the others go on
     (exit code 1 at the end if any failed)."""
-    texts, failed = read_texts(paths, doc_id)
+    index_texts(settings, *read_texts(paths, doc_id), force=force, kv_bits=kv_bits, scorer=scorer)
+
+
+def index_texts(settings: Settings, texts: list[tuple[Path, str, str]], failed: list[Path], force: bool = False,
+                kv_bits: int = 16, scorer: str = "kvzip") -> None:
+    """Index :func:`read_texts`' texts (``failed``: the files it could not read, counted in the exit code)."""
     kv_model = settings.load_model()
     store = settings.open_store(create=True)
     budget = settings.index_budget()
