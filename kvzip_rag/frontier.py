@@ -39,6 +39,11 @@ class CurvePoint:
     nll_loss_high: float  # upper end of its paired 95% interval: what a loss bound is checked against
     n: int
 
+    @property
+    def fp16_bytes_per_token(self) -> float:
+        """The full cache in float16 per token, as this point's share was computed against."""
+        return self.bytes_per_token / self.fp16_share
+
     def describe(self) -> str:
         return (f"ratio {self.ratio:g}, kv_bits {self.kv_bits} ({self.bytes_per_token:,.0f} B/token, "
                 f"{self.fp16_share:.3f}x the fp16 cache; NLL loss {self.nll_loss:+.3f} "
@@ -231,8 +236,8 @@ def stored_against_point(caches, point: CurvePoint, budget: float | None = None)
     if not tokens:
         return "no cache was stored at the chosen ratio and kv_bits"
     per_token = sum(c.nbytes for c in caches) / tokens
-    fp16 = point.bytes_per_token / point.fp16_share
-    line = (f"stored {per_token:,.0f} B/token ({per_token / fp16:.3f}x the fp16 cache) over {len(caches)} "
+    line = (f"stored {per_token:,.0f} B/token ({per_token / point.fp16_bytes_per_token:.3f}x the fp16 cache) over "
+            f"{len(caches)} "
             f"segment(s); the curve's point: {point.bytes_per_token:,.0f} B/token on the documents it was measured on")
     if budget is not None and per_token > budget:
         line += (f"; above the target of {budget:,.0f} B/token: every blob has a fixed cost (header, key scales of "

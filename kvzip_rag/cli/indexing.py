@@ -11,6 +11,7 @@ from rich.table import Table
 
 from kvzip_rag.budget import Budget
 from kvzip_rag.errors import BlobStorageError, KVzipError
+from kvzip_rag.frontier import CurvePoint
 from kvzip_rag.text import safe_path
 
 from .app import app, settings_of
@@ -82,7 +83,7 @@ def index(
 
 
 def chosen_budget(settings: Settings, target_bytes: str | None, max_nll_loss: float | None, scorer: str,
-                  kv_bits: int | None):
+                  kv_bits: int | None) -> tuple[int, CurvePoint]:
     """Set ``settings.ratio`` and return the kv_bits and curve point chosen from the model's curve for
     ``--target-bytes`` / ``--max-nll-loss`` (which exclude ``--ratio`` and ``--kv-bits``); says what was chosen."""
     from kvzip_rag.frontier import pick_budget
@@ -96,7 +97,7 @@ def chosen_budget(settings: Settings, target_bytes: str | None, max_nll_loss: fl
     return bits, point
 
 
-def say_stored_bytes(settings: Settings, names: list[str], point, target_bytes: str | None) -> None:
+def say_stored_bytes(settings: Settings, names: list[str], point: CurvePoint, target_bytes: str | None) -> None:
     """After indexing by a curve point: the bytes per token the named documents' caches at that point take."""
     from kvzip_rag.budget import same_ratio
     from kvzip_rag.frontier import parse_target_bytes, stored_against_point
@@ -104,8 +105,7 @@ def say_stored_bytes(settings: Settings, names: list[str], point, target_bytes: 
     store = settings.open_store(create=True)
     caches = [c for name in names if (record := store.get_document(name)) is not None for c in record.caches
               if same_ratio(c.ratio, point.ratio) and c.kv_bits == point.kv_bits and c.scorer == point.scorer]
-    budget = None if target_bytes is None else parse_target_bytes(target_bytes,
-                                                                  point.bytes_per_token / point.fp16_share)
+    budget = None if target_bytes is None else parse_target_bytes(target_bytes, point.fp16_bytes_per_token)
     note(stored_against_point(caches, point, budget))
 
 
