@@ -237,8 +237,8 @@ def stored_against_point(caches, point: CurvePoint, budget: float | None = None)
         return "no cache was stored at the chosen ratio and kv_bits"
     per_token = sum(c.nbytes for c in caches) / tokens
     line = (f"stored {per_token:,.0f} B/token ({per_token / point.fp16_bytes_per_token:.3f}x the fp16 cache) over "
-            f"{len(caches)} "
-            f"segment(s); the curve's point: {point.bytes_per_token:,.0f} B/token on the documents it was measured on")
+            f"{len(caches)} segment(s); the curve's point: {point.bytes_per_token:,.0f} B/token on the documents it "
+            "was measured on")
     if budget is not None and per_token > budget:
         line += (f"; above the target of {budget:,.0f} B/token: every blob has a fixed cost (header, key scales of "
                  "every head), which short documents spread over fewer tokens")
