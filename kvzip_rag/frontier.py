@@ -15,6 +15,7 @@ full float16 cache (``"0.02x"``). Torch-free: the CLI can read a curve before lo
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -226,23 +227,38 @@ def pick_budget(model, *, target_bytes: str | float | None, max_nll_loss: float 
     return point.ratio, point.kv_bits, point
 
 
-def stored_against_point(caches, point: CurvePoint, budget: float | None = None) -> str:
-    """One line comparing the blob bytes per document token a store now holds in ``caches`` (its cache records)
-    with the curve ``point`` they were chosen by. The curve's bytes come from its benchmark documents (SQuAD, 500-900
-    tokens); a blob also pays a fixed cost per document (header, a key-scale group for every head), so shorter
-    documents take more per token: the user sees what was stored, and when it is above ``budget`` (bytes per
-    token), why."""
+def stored_against_point(documents, point: CurvePoint,
+                         target_bytes: str | float | None = None) -> tuple[str, bool]:
+    """``(line, above)``: the blob bytes per document token the caches of ``documents`` (a store's document records)
+    at ``point`` take, against the point, and whether that is above ``target_bytes``.
+
+    The curve's bytes come from its benchmark documents (SQuAD, 500-900 tokens); a blob also pays a fixed cost per
+    document (header, a key-scale group for every head), so shorter documents take more per token: every interface
+    that builds a store by a curve point tells the user what was stored, and, above the target, why."""
+    from .budget import same_ratio
+
+    caches = [c for record in documents if record is not None for c in record.caches
+              if same_ratio(c.ratio, point.ratio) and c.kv_bits == point.kv_bits and c.scorer == point.scorer]
     tokens = sum(c.context_length for c in caches)
     if not tokens:
-        return "no cache was stored at the chosen ratio and kv_bits"
+        return "no cache was stored at the chosen ratio and kv_bits", False
     per_token = sum(c.nbytes for c in caches) / tokens
     line = (f"stored {per_token:,.0f} B/token ({per_token / point.fp16_bytes_per_token:.3f}x the fp16 cache) over "
             f"{len(caches)} segment(s); the curve's point: {point.bytes_per_token:,.0f} B/token on the documents it "
             "was measured on")
-    if budget is not None and per_token > budget:
+    budget = None if target_bytes is None else parse_target_bytes(target_bytes, point.fp16_bytes_per_token)
+    above = budget is not None and per_token > budget
+    if above:
         line += (f"; above the target of {budget:,.0f} B/token: every blob has a fixed cost (header, key scales of "
                  "every head), which short documents spread over fewer tokens")
-    return line
+    return line, above
+
+
+def log_stored(documents, point: CurvePoint, target_bytes: str | float | None = None) -> None:
+    """:func:`stored_against_point` for the framework adapters: a warning on the ``kvzip_rag`` logger when above the
+    target, else an info line."""
+    line, above = stored_against_point(documents, point, target_bytes)
+    logging.getLogger("kvzip_rag").log(logging.WARNING if above else logging.INFO, "%s", line)
 
 
 def plot_curve(curve: Curve, path: str | os.PathLike, highlight: CurvePoint | None = None) -> Path:

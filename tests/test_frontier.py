@@ -4,6 +4,7 @@ written from fidelity results, and the round trip bench --write-curve -> index -
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -112,12 +113,19 @@ def test_the_bytes_stored_are_compared_with_the_point_and_a_target_they_exceed_i
     from kvzip_rag.frontier import stored_against_point
 
     chosen = point(0.125, 3, 900, 0.0, 0.05)  # 900 B/token, 0.09x of FP16
-    caches = [SimpleNamespace(nbytes=95_000, context_length=100), SimpleNamespace(nbytes=100_000, context_length=100)]
-    line = stored_against_point(caches, chosen)
+
+    def cache(nbytes, ratio=0.125, kv_bits=3, scorer="kvzip"):
+        return SimpleNamespace(nbytes=nbytes, context_length=100, ratio=ratio, kv_bits=kv_bits, scorer=scorer)
+
+    documents = [SimpleNamespace(caches=[cache(95_000), cache(10**6, ratio=0.3)]), None,  # None: not stored
+                 SimpleNamespace(caches=[cache(100_000), cache(10**6, kv_bits=4), cache(10**6, scorer="kvzip-fast")])]
+    line, above = stored_against_point(documents, chosen)
     assert line.startswith("stored 975 B/token (0.098x the fp16 cache) over 2 segment(s)") and "900 B/token" in line
-    assert "above the target" not in line and "above the target" not in stored_against_point(caches, chosen, 1000)
-    assert "above the target of 950 B/token: every blob has a fixed cost" in stored_against_point(caches, chosen, 950)
-    assert stored_against_point([], chosen) == "no cache was stored at the chosen ratio and kv_bits"
+    assert not above and "above the target" not in line
+    assert not stored_against_point(documents, chosen, "1000")[1]
+    line, above = stored_against_point(documents, chosen, "0.095x")
+    assert above and "above the target of 950 B/token: every blob has a fixed cost" in line
+    assert stored_against_point([None], chosen) == ("no cache was stored at the chosen ratio and kv_bits", False)
 
 
 def test_cli_round_trip_bench_writes_the_curve_index_reads_it(tiny_llama, tiny_data, tmp_path, monkeypatch):  # noqa: F811
@@ -189,7 +197,7 @@ def caches_of(store, doc_ids) -> set[tuple]:
     return {(c.ratio, c.kv_bits, c.scorer) for d in doc_ids for c in store.get_document(d).caches}
 
 
-def test_llamaindex_takes_scorer_and_bits_and_chooses_from_the_curve(tiny_llama, tmp_path, monkeypatch):
+def test_llamaindex_takes_scorer_and_bits_and_chooses_from_the_curve(tiny_llama, tmp_path, monkeypatch, caplog):
     from llama_index.core import Document
 
     from kvzip_rag import KVzipIndex
@@ -207,15 +215,19 @@ def test_llamaindex_takes_scorer_and_bits_and_chooses_from_the_curve(tiny_llama,
 
     curve = tiny_curve(tiny_llama, tmp_path, monkeypatch)
     chosen = choose(curve, max_nll_loss=0.1, scorer="kvzip-structure")
-    index = KVzipIndex.from_documents(docs, model=tiny_llama, store=tmp_path / "c", scorer="kvzip-structure",
-                                      max_nll_loss=0.1)
+    with caplog.at_level(logging.INFO, logger="kvzip_rag"):
+        index = KVzipIndex.from_documents(docs, model=tiny_llama, store=tmp_path / "c", scorer="kvzip-structure",
+                                          max_nll_loss=0.1)
     assert (index.ratio, index.kv_bits) == (chosen.ratio, chosen.kv_bits) == (0.125, 3)
     assert caches_of(index.store, TEXTS) == {(0.125, 3, "kvzip-structure")}
+    [said] = [r for r in caplog.records if r.getMessage().startswith("stored ")]
+    assert said.levelno == logging.INFO and "over 2 segment(s); the curve's point: 900 B/token" in said.getMessage()
     with pytest.raises(InvalidArgumentError, match="drop ratio"):
         KVzipIndex.from_documents(docs, model=tiny_llama, store=tmp_path / "d", target_bytes="0.1x", ratio=0.2)
 
 
-def test_langchain_from_texts_takes_scorer_and_bits_and_chooses_from_the_curve(tiny_llama, tmp_path, monkeypatch):
+def test_langchain_from_texts_takes_scorer_and_bits_and_chooses_from_the_curve(tiny_llama, tmp_path, monkeypatch,
+                                                                               caplog):
     from kvzip_rag.errors import EmptyDocumentError
     from kvzip_rag.integrations.langchain import KVzipRetriever
 
@@ -227,9 +239,22 @@ def test_langchain_from_texts_takes_scorer_and_bits_and_chooses_from_the_curve(t
     assert doc.metadata["doc_id"] == "harbour" and doc.metadata["topic"] == "harbour" and doc.metadata["kv_bits"] == 4
 
     tiny_curve(tiny_llama, tmp_path, monkeypatch)
-    retriever = KVzipRetriever.from_texts(list(TEXTS.values()), ids=list(TEXTS), store=tmp_path / "b",
-                                          model=tiny_llama, target_bytes=1000)
+    with caplog.at_level(logging.INFO, logger="kvzip_rag"):
+        retriever = KVzipRetriever.from_texts(list(TEXTS.values()), ids=list(TEXTS), store=tmp_path / "b",
+                                              model=tiny_llama, target_bytes=1000)
     assert caches_of(retriever.qa.store, TEXTS) == {(0.125, 3, "kvzip")}
+    [said] = [r for r in caplog.records if r.getMessage().startswith("stored ")]
+    assert said.levelno == logging.INFO and "over 2 segment(s); the curve's point: 940 B/token" in said.getMessage()
+    from kvzip_rag.frontier import curve_path  # a point smaller than the tiny model's blobs: stored above the target
+
+    Curve(tiny_llama.name, tiny_llama.fingerprint, FP16, (point(0.125, 3, 50, 0.0, 0.05),), {}).save(
+        curve_path(tiny_llama.fingerprint))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kvzip_rag"):
+        KVzipRetriever.from_texts(list(TEXTS.values()), ids=list(TEXTS), store=tmp_path / "e", model=tiny_llama,
+                                  target_bytes=60)
+    [said] = [r for r in caplog.records if r.getMessage().startswith("stored ")]
+    assert said.levelno == logging.WARNING and "above the target of 60 B/token" in said.getMessage()
     assert retriever.invoke("Who built the harbour?")[0].metadata["ratio"] == 0.125
     with pytest.raises(InvalidArgumentError, match="unknown scorer"):
         KVzipRetriever.from_texts(["text"], store=tmp_path / "c", model=tiny_llama, scorer="nope")

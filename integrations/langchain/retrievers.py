@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field, model_validator
 from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.budget import DEFAULT_BUDGET, Budget
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError
-from kvzip_rag.frontier import pick_budget
+from kvzip_rag.frontier import log_stored, pick_budget
 from kvzip_rag.qa import QAService
 from kvzip_rag.quant import check_bits
 from kvzip_rag.scorers import check_scorer
@@ -83,15 +83,17 @@ class KVzipRetriever(BaseRetriever):
                 raise EmptyDocumentError(f"text {i} is empty or whitespace only; nothing to compress")
         check_scorer(scorer)
         qa = QAService(store, model, threads=threads, level=level)
-        ratio, kv_bits, _ = pick_budget(qa.model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
-                                        scorer=scorer, ratio=ratio, kv_bits=kv_bits)
+        ratio, kv_bits, point = pick_budget(qa.model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
+                                            scorer=scorer, ratio=ratio, kv_bits=kv_bits)
         qa = QAService(qa.store, qa.model, threads=threads, ratio=ratio, level=level)
         budget = Budget(ratio or DEFAULT_BUDGET.ratio, level or DEFAULT_BUDGET.level)
         bits = check_bits(16 if kv_bits is None else kv_bits)
         with qa.lock:
-            for text, metadata, name in zip(texts, metadatas, names):
-                qa.store.add_document(qa.model, text, doc_id=name, metadata=metadata, ratio=budget.ratio,
-                                      level=budget.level, kv_bits=bits, scorer=scorer)
+            stored = [qa.store.add_document(qa.model, text, doc_id=name, metadata=metadata, ratio=budget.ratio,
+                                            level=budget.level, kv_bits=bits, scorer=scorer)
+                      for text, metadata, name in zip(texts, metadatas, names)]
+        if point is not None:
+            log_stored(stored, point, target_bytes)
         return cls(qa=qa, k=k)
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,

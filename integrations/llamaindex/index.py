@@ -34,7 +34,7 @@ from llama_index.core.storage.storage_context import DEFAULT_PERSIST_DIR, Storag
 from kvzip_rag.bridge import run_in_thread
 from kvzip_rag.budget import DEFAULT_BUDGET, Budget, CacheKind
 from kvzip_rag.errors import EmptyDocumentError, InvalidArgumentError, KVzipError, ModelNotFoundError
-from kvzip_rag.frontier import pick_budget
+from kvzip_rag.frontier import log_stored, pick_budget
 from kvzip_rag.models import KVzipModel, check_model_arg, load_model
 from kvzip_rag.quant import check_bits
 from kvzip_rag.qa import QAService, Target, check_model_matches, fair_lock
@@ -222,8 +222,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             check_model_arg(model)
             if not isinstance(model, KVzipModel):  # the curve is the loaded model's
                 model = load_model(model, threads=kwargs.get("threads"))
-            ratio, kv_bits, _ = pick_budget(model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
-                                            scorer=scorer, ratio=ratio, kv_bits=kv_bits)
+            ratio, kv_bits, point = pick_budget(model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
+                                                scorer=scorer, ratio=ratio, kv_bits=kv_bits)
         index = cls(
             nodes=[], storage_context=storage_context, callback_manager=callback_manager,
             transformations=transformations, show_progress=show_progress, model=model, ratio=ratio, level=level,
@@ -231,6 +231,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         )  # threads= travels in kwargs
         with index._callback_manager.as_trace("index_construction"):
             index._add_documents(documents, show_progress=show_progress)
+        if target_bytes is not None or max_nll_loss is not None:
+            log_stored([index._store.get_document(d.doc_id) for d in documents], point, target_bytes)
         return index
 
     @classmethod

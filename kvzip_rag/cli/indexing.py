@@ -99,14 +99,10 @@ def chosen_budget(settings: Settings, target_bytes: str | None, max_nll_loss: fl
 
 def say_stored_bytes(settings: Settings, names: list[str], point: CurvePoint, target_bytes: str | None) -> None:
     """After indexing by a curve point: the bytes per token the named documents' caches at that point take."""
-    from kvzip_rag.budget import same_ratio
-    from kvzip_rag.frontier import parse_target_bytes, stored_against_point
+    from kvzip_rag.frontier import stored_against_point
 
     store = settings.open_store(create=True)
-    caches = [c for name in names if (record := store.get_document(name)) is not None for c in record.caches
-              if same_ratio(c.ratio, point.ratio) and c.kv_bits == point.kv_bits and c.scorer == point.scorer]
-    budget = None if target_bytes is None else parse_target_bytes(target_bytes, point.fp16_bytes_per_token)
-    note(stored_against_point(caches, point, budget))
+    note(stored_against_point([store.get_document(name) for name in names], point, target_bytes)[0])
 
 
 def index_texts_on_ray(settings: Settings, texts: list[tuple[Path, str, str]], failed: list[Path],
