@@ -218,6 +218,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         measured curve instead (:mod:`kvzip_rag.frontier`; give neither ratio nor kv_bits then).
         """
         documents = cls._checked_documents(documents)
+        point = None  # the curve point ratio and kv_bits were chosen by, if a bound was given
         if target_bytes is not None or max_nll_loss is not None:
             check_model_arg(model)
             if not isinstance(model, KVzipModel):  # the curve is the loaded model's
@@ -231,7 +232,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         )  # threads= travels in kwargs
         with index._callback_manager.as_trace("index_construction"):
             index._add_documents(documents, show_progress=show_progress)
-        if target_bytes is not None or max_nll_loss is not None:
+        if point is not None:
             log_stored([index._store.get_document(d.doc_id) for d in documents], point, target_bytes)
         return index
 

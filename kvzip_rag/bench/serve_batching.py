@@ -167,7 +167,6 @@ def run_serve(model_name: str | None = None, data_dir: Path | None = None, docum
                         f"batch mean/peak={row['mean_batch']:.1f}/{row['peak_batch']} "
                         f"prefilled together={row['peak_prefill']} "
                         f"rss={row['peak_rss_mb']:.0f} MiB")
-    use_matmul(model.model, "float32")
     return {"task": "serve", "model": model.name, "threads": torch.get_num_threads(), "documents": len(docs),
             "requests": requests, "max_new_tokens": max_new_tokens, "settings": settings,
             "agreement": agreement(settings)}
