@@ -25,7 +25,8 @@ from .errors import InvalidArgumentError
 PACKAGED = Path(__file__).with_name("curves")
 # the fidelity task's method families -> (scorer, level) a store compresses with
 FAMILIES = {"kvzip-pair": ("kvzip", "pair"), "kvzip-uniform": ("kvzip", "uniform"),
-            "kvzip-fast": ("kvzip-fast", "pair"), "kvzip-structure": ("kvzip-structure", "pair")}
+            "kvzip-fast": ("kvzip-fast", "pair"), "kvzip-structure": ("kvzip-structure", "pair"),
+            "kvzip-value": ("kvzip-value", "pair")}
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class CurvePoint:
         return self.bytes_per_token / self.fp16_share
 
     def describe(self) -> str:
-        return (f"ratio {self.ratio:g}, kv_bits {self.kv_bits} ({self.bytes_per_token:,.0f} B/token, "
+        return (f"{self.scorer}, ratio {self.ratio:g}, kv_bits {self.kv_bits} ({self.bytes_per_token:,.0f} B/token, "
                 f"{self.fp16_share:.3f}x the fp16 cache; NLL loss {self.nll_loss:+.3f} "
                 f"nats, 95% CI upper end {self.nll_loss_high:+.3f}, n={self.n})")
 
@@ -185,17 +186,18 @@ def parse_target_bytes(value: str | float | int, fp16_bytes_per_token: float) ->
 
 
 def choose(curve: Curve, *, target_bytes: str | float | None = None, max_nll_loss: float | None = None,
-           scorer: str = "kvzip", level: str = "pair") -> CurvePoint:
-    """The measured point of ``scorer``/``level`` that meets the bounds (see the module docstring)."""
+           scorer: str | None = "kvzip", level: str = "pair") -> CurvePoint:
+    """The measured point of ``scorer``/``level`` that meets the bounds (see the module docstring); ``scorer`` None:
+    of any scorer measured at ``level`` (the point names the one to compress with)."""
     if target_bytes is None and max_nll_loss is None:
         raise InvalidArgumentError("give target bytes or a maximum NLL loss to choose ratio and kv_bits")
     if max_nll_loss is not None and not max_nll_loss >= 0:
         raise InvalidArgumentError(f"the maximum NLL loss is in nats, >= 0, got {max_nll_loss!r}")
     budget = None if target_bytes is None else parse_target_bytes(target_bytes, curve.fp16_bytes_per_token)
-    points = [p for p in curve.points if p.scorer == scorer and p.level == level]
+    points = [p for p in curve.points if scorer in (None, p.scorer) and p.level == level]
     if not points:
-        raise InvalidArgumentError(f"the compression curve of {curve.model_name} measured no {scorer} at level "
-                                   f"{level!r}; it has {sorted({(p.scorer, p.level) for p in curve.points})}")
+        raise InvalidArgumentError(f"the compression curve of {curve.model_name} measured no {scorer or 'scorer'} "
+                                   f"at level {level!r}; it has {sorted({(p.scorer, p.level) for p in curve.points})}")
     fits = [p for p in points if (budget is None or p.bytes_per_token <= budget)
             and (max_nll_loss is None or p.nll_loss_high <= max_nll_loss)]
     if not fits:
@@ -205,7 +207,7 @@ def choose(curve: Curve, *, target_bytes: str | float | None = None, max_nll_los
             None if budget is None else f"<= {budget:,.0f} B/token",
             None if max_nll_loss is None else f"NLL loss <= {max_nll_loss:g} nats") if x)
         raise InvalidArgumentError(
-            f"no measured point of {scorer} on {curve.model_name} has {wanted}: the smallest is "
+            f"no measured point of {scorer or 'any scorer'} on {curve.model_name} has {wanted}: the smallest is "
             f"{smallest.describe()}; the closest to full is "
             f"{safest.describe()}")
     if max_nll_loss is not None:
@@ -213,10 +215,11 @@ def choose(curve: Curve, *, target_bytes: str | float | None = None, max_nll_los
     return min(fits, key=lambda p: (p.nll_loss, p.bytes_per_token))
 
 
-def pick_budget(model, *, target_bytes: str | float | None, max_nll_loss: float | None, scorer: str,
+def pick_budget(model, *, target_bytes: str | float | None, max_nll_loss: float | None, scorer: str | None,
                 ratio: float | None, kv_bits: int | None) -> tuple[float | None, int | None, CurvePoint | None]:
     """``(ratio, kv_bits, point)``: chosen from ``model``'s curve when a bound is given (then ratio and kv_bits must
-    not be), else as given (point None). ``model`` is loaded only to be read when a bound is given."""
+    not be; ``scorer`` None lets the curve choose it too: ``point.scorer``), else as given (point None). ``model``
+    is loaded only to be read when a bound is given."""
     if target_bytes is None and max_nll_loss is None:
         return ratio, kv_bits, None
     given = [name for name, value in (("ratio", ratio), ("kv_bits", kv_bits)) if value is not None]

@@ -32,6 +32,8 @@ def test_max_nll_loss_picks_the_fewest_bytes_whose_interval_meets_it():
     assert choose(CURVE, max_nll_loss=0.2) == CURVE.points[2]
     assert choose(CURVE, max_nll_loss=0.2, target_bytes=1000) == CURVE.points[2]
     assert choose(CURVE, max_nll_loss=0.1, scorer="kvzip-structure") == CURVE.points[5]  # its own points only
+    assert choose(CURVE, max_nll_loss=0.1, scorer=None) == CURVE.points[5]  # any scorer: the fewest bytes
+    assert choose(CURVE, target_bytes=1000, scorer=None) == CURVE.points[5]  # any scorer: the best fidelity
 
 
 def test_target_bytes_picks_the_best_fidelity_within_the_budget_in_bytes_or_as_a_share():
@@ -41,7 +43,7 @@ def test_target_bytes_picks_the_best_fidelity_within_the_budget_in_bytes_or_as_a
 
 
 @pytest.mark.parametrize("bounds, message", [
-    ({"target_bytes": 400}, "no measured point of kvzip on tiny has <= 400 B/token: the smallest is ratio 0.0625"),
+    ({"target_bytes": 400}, "no measured point of kvzip on tiny has <= 400 B/token: the smallest is kvzip, ratio 0.0625"),
     ({"max_nll_loss": 0.01}, "NLL loss <= 0.01 nats"),
     ({"target_bytes": "1000", "max_nll_loss": 0.1}, "<= 1,000 B/token and NLL loss <= 0.1 nats"),
     ({"target_bytes": "a lot"}, "bytes per document token (900) or a fraction"),
@@ -157,12 +159,18 @@ def test_cli_round_trip_bench_writes_the_curve_index_reads_it(tiny_llama, tiny_d
                                                                                   (0.125, 4)}
 
     budget = sorted(p.bytes_per_token for p in curve.points if p.scorer == "kvzip")[1]  # the second smallest
-    expected = choose(curve, target_bytes=budget)
+    expected = choose(curve, target_bytes=budget, scorer=None)  # no --scorer: the curve chooses it too
     result = CliRunner().invoke(app, [*store, "index", str(tmp_path / "doc.txt"), "--target-bytes", str(budget)])
     assert result.exit_code == 0, result.output
-    assert f"ratio {expected.ratio:g}, kv_bits {expected.kv_bits}" in result.output
+    assert f"{expected.scorer}, ratio {expected.ratio:g}, kv_bits {expected.kv_bits}" in result.output
     [cache] = CacheStore(tmp_path / "store").get_document("doc.txt").caches
-    assert (cache.ratio, cache.kv_bits, cache.scorer) == (expected.ratio, expected.kv_bits, "kvzip")
+    assert (cache.ratio, cache.kv_bits, cache.scorer) == (expected.ratio, expected.kv_bits, expected.scorer)
+    given = CliRunner().invoke(app, [*store, "index", str(tmp_path / "doc.txt"), "--force", "--target-bytes",
+                                     str(budget), "--scorer", "kvzip"])
+    assert given.exit_code == 0, given.output
+    caches = CacheStore(tmp_path / "store").get_document("doc.txt").caches
+    mine = choose(curve, target_bytes=budget, scorer="kvzip")
+    assert (mine.ratio, mine.kv_bits, "kvzip") in {(c.ratio, c.kv_bits, c.scorer) for c in caches}
     said = " ".join(result.output.split())  # rich wraps long notes
     assert f"stored {cache.nbytes / cache.context_length:,.0f} B/token" in said and "over 1 segment(s)" in said
 
@@ -170,7 +178,7 @@ def test_cli_round_trip_bench_writes_the_curve_index_reads_it(tiny_llama, tiny_d
     assert shown.exit_code == 0, shown.output
     assert (tmp_path / "inspect" / "doc.txt.curve.png").stat().st_size > 0 and expected.describe()[:30] in shown.output
     none = CliRunner().invoke(app, [*store, "index", str(tmp_path / "doc.txt"), "--target-bytes", "1"])
-    assert none.exit_code == 1 and "no measured point of kvzip" in none.output
+    assert none.exit_code == 1 and "no measured point of any scorer" in " ".join(none.output.split())
     both = CliRunner().invoke(app, [*store, "index", str(tmp_path / "doc.txt"), "--max-nll-loss", "5", "--kv-bits", "4"])
     assert both.exit_code == 1 and "drop kv_bits" in both.output
     stored = json.loads(next((tmp_path / "cache" / "curves").glob("*.json")).read_text())
@@ -220,6 +228,11 @@ def test_llamaindex_takes_scorer_and_bits_and_chooses_from_the_curve(tiny_llama,
                                           max_nll_loss=0.1)
     assert (index.ratio, index.kv_bits) == (chosen.ratio, chosen.kv_bits) == (0.125, 3)
     assert caches_of(index.store, TEXTS) == {(0.125, 3, "kvzip-structure")}
+    chosen = choose(curve, max_nll_loss=0.1, scorer="kvzip")  # the scorer given: its own points only
+    index = KVzipIndex.from_documents(docs, model=tiny_llama, store=tmp_path / "e", scorer="kvzip", max_nll_loss=0.1)
+    assert caches_of(index.store, TEXTS) == {(chosen.ratio, chosen.kv_bits, "kvzip")} == {(0.125, 4, "kvzip")}
+    index = KVzipIndex.from_documents(docs, model=tiny_llama, store=tmp_path / "f", max_nll_loss=0.1)  # no scorer
+    assert index.scorer == "kvzip-structure" and caches_of(index.store, TEXTS) == {(0.125, 3, "kvzip-structure")}
     [said] = [r for r in caplog.records if r.getMessage().startswith("stored ")]
     assert said.levelno == logging.INFO and "over 2 segment(s); the curve's point: 900 B/token" in said.getMessage()
     with pytest.raises(InvalidArgumentError, match="drop ratio"):
@@ -241,10 +254,13 @@ def test_langchain_from_texts_takes_scorer_and_bits_and_chooses_from_the_curve(t
     tiny_curve(tiny_llama, tmp_path, monkeypatch)
     with caplog.at_level(logging.INFO, logger="kvzip_rag"):
         retriever = KVzipRetriever.from_texts(list(TEXTS.values()), ids=list(TEXTS), store=tmp_path / "b",
-                                              model=tiny_llama, target_bytes=1000)
-    assert caches_of(retriever.qa.store, TEXTS) == {(0.125, 3, "kvzip")}
+                                              model=tiny_llama, target_bytes=1000)  # no scorer: the curve's
+    assert caches_of(retriever.qa.store, TEXTS) == {(0.125, 3, "kvzip-structure")}
     [said] = [r for r in caplog.records if r.getMessage().startswith("stored ")]
-    assert said.levelno == logging.INFO and "over 2 segment(s); the curve's point: 940 B/token" in said.getMessage()
+    assert said.levelno == logging.INFO and "over 2 segment(s); the curve's point: 900 B/token" in said.getMessage()
+    mine = KVzipRetriever.from_texts(list(TEXTS.values()), ids=list(TEXTS), store=tmp_path / "f", model=tiny_llama,
+                                     target_bytes=1000, scorer="kvzip")
+    assert caches_of(mine.qa.store, TEXTS) == {(0.125, 3, "kvzip")}
     from kvzip_rag.frontier import curve_path  # a point smaller than the tiny model's blobs: stored above the target
 
     Curve(tiny_llama.name, tiny_llama.fingerprint, FP16, (point(0.125, 3, 50, 0.0, 0.05),), {}).save(

@@ -63,15 +63,16 @@ class KVzipRetriever(BaseRetriever):
     def from_texts(cls, texts: Sequence[str], metadatas: Sequence[dict] | None = None, *,
                    ids: Sequence[str] | None = None, store: Any = None, model: Any = None, threads: int | None = None,
                    ratio: float | None = None, level: str | None = None, kv_bits: int | None = None,
-                   scorer: str = "kvzip", target_bytes: str | float | None = None, max_nll_loss: float | None = None,
+                   scorer: str | None = None, target_bytes: str | float | None = None, max_nll_loss: float | None = None,
                    k: int = 4) -> "KVzipRetriever":
         """Compress ``texts`` (one document each; ``ids``: their document ids, default a hash of the text) into
         ``store`` and return a retriever over that store: the LangChain ``from_texts`` way to build a store.
 
-        ``kv_bits``, ``scorer``, ``ratio``/``level`` are the store's options (:meth:`CacheStore.add_document`);
-        ``target_bytes`` (blob bytes per document token, or ``"0.02x"`` of the full fp16 cache) or ``max_nll_loss``
-        (nats) choose ratio and kv_bits from the model's measured curve instead (:mod:`kvzip_rag.frontier`). Every
-        text is checked before any is compressed."""
+        ``kv_bits``, ``scorer`` (default ``kvzip``), ``ratio``/``level`` are the store's options
+        (:meth:`CacheStore.add_document`); ``target_bytes`` (blob bytes per document token, or ``"0.02x"`` of the full
+        fp16 cache) or ``max_nll_loss`` (nats) choose ratio and kv_bits, and the scorer unless given, from the
+        model's measured curve instead (:mod:`kvzip_rag.frontier`). Every text is checked before any is
+        compressed."""
         texts = list(texts)
         metadatas = [{} for _ in texts] if metadatas is None else [dict(m) for m in metadatas]
         names = [None] * len(texts) if ids is None else list(ids)
@@ -81,10 +82,12 @@ class KVzipRetriever(BaseRetriever):
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise EmptyDocumentError(f"text {i} is empty or whitespace only; nothing to compress")
-        check_scorer(scorer)
+        if scorer is not None:
+            check_scorer(scorer)
         qa = QAService(store, model, threads=threads, level=level)
         ratio, kv_bits, point = pick_budget(qa.model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
                                             scorer=scorer, ratio=ratio, kv_bits=kv_bits)
+        scorer = point.scorer if point is not None else scorer or "kvzip"
         qa = QAService(qa.store, qa.model, threads=threads, ratio=ratio, level=level)
         budget = Budget(ratio or DEFAULT_BUDGET.ratio, level or DEFAULT_BUDGET.level)
         bits = check_bits(16 if kv_bits is None else kv_bits)

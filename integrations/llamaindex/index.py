@@ -115,9 +115,9 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         kv_bits: 16 (default; a loaded index keeps its own unless given) keeps the model's dtype; 8 or 4 store the
             caches quantized (:mod:`kvzip_rag.quant`: about 3x / 5x smaller blobs). Applies to documents added from
             here on.
-        scorer: how KV pairs are ranked (``kvzip`` by default, ``kvzip-fast``, ``kvzip-structure``: see
-            :data:`kvzip_rag.scorers.SCORERS`; a loaded index keeps its own unless given). Applies to documents added
-            from here on.
+        scorer: how KV pairs are ranked (``kvzip`` by default, ``kvzip-fast``, ``kvzip-structure``,
+            ``kvzip-value``: see :data:`kvzip_rag.scorers.SCORERS`; a loaded index keeps its own unless given).
+            Applies to documents added from here on.
         store: a :class:`kvzip_rag.store.CacheStore` or a folder for one. Default: a fresh temporary folder,
             removed when the index is garbage collected (persist the index to keep its caches).
         persist_dir: where a loaded index's ``kvzip_store`` copy is looked up.
@@ -202,7 +202,7 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         ratio: Optional[float] = None,
         level: Optional[str] = None,
         kv_bits: Optional[int] = None,
-        scorer: str = "kvzip",
+        scorer: Optional[str] = None,
         target_bytes: str | float | None = None,
         max_nll_loss: Optional[float] = None,
         store: CacheStore | str | os.PathLike | None = None,
@@ -214,17 +214,21 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
         accepted for signature compatibility and ignored (no chunking). All documents are checked before any is
         compressed: an empty list or a whitespace-only document raises at once. ``kv_bits`` 8 or 4 stores the caches
         quantized, ``scorer`` ranks the KV pairs (see the class). ``target_bytes`` (blob bytes per document token,
-        or ``"0.02x"`` of the full fp16 cache) or ``max_nll_loss`` (nats) choose ratio and kv_bits from the model's
-        measured curve instead (:mod:`kvzip_rag.frontier`; give neither ratio nor kv_bits then).
+        or ``"0.02x"`` of the full fp16 cache) or ``max_nll_loss`` (nats) choose ratio and kv_bits, and the scorer
+        unless given, from the model's measured curve instead (:mod:`kvzip_rag.frontier`; give neither ratio nor
+        kv_bits then).
         """
         documents = cls._checked_documents(documents)
         point = None  # the curve point ratio and kv_bits were chosen by, if a bound was given
         if target_bytes is not None or max_nll_loss is not None:
+            if scorer is not None:
+                check_scorer(scorer)
             check_model_arg(model)
             if not isinstance(model, KVzipModel):  # the curve is the loaded model's
                 model = load_model(model, threads=kwargs.get("threads"))
             ratio, kv_bits, point = pick_budget(model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
                                                 scorer=scorer, ratio=ratio, kv_bits=kv_bits)
+            scorer = point.scorer
         index = cls(
             nodes=[], storage_context=storage_context, callback_manager=callback_manager,
             transformations=transformations, show_progress=show_progress, model=model, ratio=ratio, level=level,

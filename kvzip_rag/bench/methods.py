@@ -49,7 +49,8 @@ def default_layout(method: str) -> str | None:
 def method_order(method: str) -> tuple:
     family, r = parse_method(method)
     family, bits = split_codec(family)
-    families = ["full", "reprefill", "chunk-rag", "kvzip-pair", "kvzip-fast", "kvzip-structure", "kvzip-uniform",
+    families = ["full", "reprefill", "chunk-rag", "kvzip-pair", "kvzip-fast", "kvzip-structure", "kvzip-value",
+                "kvzip-uniform",
                 "kvzip-head", "snapkv", "h2o", "keynorm", "random"]
     return (families.index(family) if family in families else len(families), -(r or 0), -bits, method)
 

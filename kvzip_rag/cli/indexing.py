@@ -35,9 +35,12 @@ def index(
                                                                   "quantize the kept keys and values (about 3x / "
                                                                   "5x smaller blobs); 3: 4-bit keys with 2-bit "
                                                                   "values; 2: 2-bit keys and values.")] = None,
-    scorer: Annotated[str, typer.Option("--scorer", help="How KV pairs are ranked: kvzip (default), kvzip-fast "
-                                                         "(a calibrated gate, one prefill), kvzip-structure "
-                                                         "(punctuation and whitespace demoted).")] = "kvzip",
+    scorer: Annotated[str | None, typer.Option("--scorer", help="How KV pairs are ranked: kvzip (default; with "
+                                                                "--target-bytes / --max-nll-loss, the curve's "
+                                                                "choice), kvzip-fast (a calibrated gate, one "
+                                                                "prefill), kvzip-structure (punctuation and "
+                                                                "whitespace demoted), kvzip-value (weighted by "
+                                                                "what each value adds to the output).")] = None,
     target_bytes: Annotated[str | None, typer.Option("--target-bytes", help="Choose ratio and kv_bits from the "
                                                                           "model's measured curve: the best "
                                                                           "fidelity within this many blob bytes per "
@@ -60,12 +63,14 @@ def index(
     if kv_bits is not None and kv_bits not in KV_BITS:
         raise typer.BadParameter(f"--kv-bits takes {', '.join(map(str, KV_BITS[:-1]))} or {KV_BITS[-1]}, "
                                  f"got {kv_bits}")
-    if scorer not in SCORERS:
+    if scorer is not None and scorer not in SCORERS:
         raise typer.BadParameter(f"--scorer takes one of {', '.join(SCORERS)}, got {scorer!r}")
     settings = settings_of(ctx)
     point = None
     if target_bytes is not None or max_nll_loss is not None:
         kv_bits, point = chosen_budget(settings, target_bytes, max_nll_loss, scorer, kv_bits)
+        scorer = point.scorer
+    scorer = scorer or "kvzip"
     texts, failed = read_texts(paths, doc_id)
     some_failed = None
     try:
@@ -82,10 +87,11 @@ def index(
         raise some_failed
 
 
-def chosen_budget(settings: Settings, target_bytes: str | None, max_nll_loss: float | None, scorer: str,
+def chosen_budget(settings: Settings, target_bytes: str | None, max_nll_loss: float | None, scorer: str | None,
                   kv_bits: int | None) -> tuple[int, CurvePoint]:
     """Set ``settings.ratio`` and return the kv_bits and curve point chosen from the model's curve for
-    ``--target-bytes`` / ``--max-nll-loss`` (which exclude ``--ratio`` and ``--kv-bits``); says what was chosen."""
+    ``--target-bytes`` / ``--max-nll-loss`` (which exclude ``--ratio`` and ``--kv-bits``; ``scorer`` None: any
+    measured scorer, the point's is used); says what was chosen."""
     from kvzip_rag.frontier import pick_budget
 
     if settings.level not in (None, "pair"):

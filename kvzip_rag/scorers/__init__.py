@@ -6,10 +6,11 @@ from .fast import KVzipFastScorer
 from .head import HeadScorer
 from .kvzip import KVzipScorer
 from .structure import StructureAwareScorer
+from .value import ValueWeightedScorer
 
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls
-    for cls in (KVzipScorer, HeadScorer, KVzipFastScorer, StructureAwareScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
+    for cls in (KVzipScorer, HeadScorer, KVzipFastScorer, StructureAwareScorer, ValueWeightedScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
 }
 
 
@@ -25,4 +26,4 @@ def check_scorer(name: str) -> str:
 
 
 __all__ = ["SCORERS", "check_scorer", "H2OScorer", "HeadScorer", "KVzipScorer", "KeyNormScorer", "RandomScorer", "Scorer",
-           "SnapKVScorer", "KVzipFastScorer", "StructureAwareScorer"]
+           "SnapKVScorer", "KVzipFastScorer", "StructureAwareScorer", "ValueWeightedScorer"]
