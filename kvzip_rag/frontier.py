@@ -216,18 +216,19 @@ def choose(curve: Curve, *, target_bytes: str | float | None = None, max_nll_los
 
 
 def pick_budget(model, *, target_bytes: str | float | None, max_nll_loss: float | None, scorer: str | None,
-                ratio: float | None, kv_bits: int | None) -> tuple[float | None, int | None, CurvePoint | None]:
-    """``(ratio, kv_bits, point)``: chosen from ``model``'s curve when a bound is given (then ratio and kv_bits must
-    not be; ``scorer`` None lets the curve choose it too: ``point.scorer``), else as given (point None). ``model``
-    is loaded only to be read when a bound is given."""
+                ratio: float | None, kv_bits: int | None
+                ) -> tuple[float | None, int | None, str | None, CurvePoint | None]:
+    """``(ratio, kv_bits, scorer, point)``: chosen from ``model``'s curve when a bound is given (then ratio and
+    kv_bits must not be; ``scorer`` None lets the curve choose it too), else as given (point None). ``model`` is
+    loaded only to be read when a bound is given."""
     if target_bytes is None and max_nll_loss is None:
-        return ratio, kv_bits, None
+        return ratio, kv_bits, scorer, None
     given = [name for name, value in (("ratio", ratio), ("kv_bits", kv_bits)) if value is not None]
     if given:
         raise InvalidArgumentError(f"target bytes / max NLL loss choose ratio and kv_bits from the measured curve; "
                                    f"drop {' and '.join(given)}")
     point = choose(find_curve(model), target_bytes=target_bytes, max_nll_loss=max_nll_loss, scorer=scorer)
-    return point.ratio, point.kv_bits, point
+    return point.ratio, point.kv_bits, point.scorer, point
 
 
 def stored_against_point(documents, point: CurvePoint,

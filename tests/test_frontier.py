@@ -43,7 +43,8 @@ def test_target_bytes_picks_the_best_fidelity_within_the_budget_in_bytes_or_as_a
 
 
 @pytest.mark.parametrize("bounds, message", [
-    ({"target_bytes": 400}, "no measured point of kvzip on tiny has <= 400 B/token: the smallest is kvzip, ratio 0.0625"),
+    ({"target_bytes": 400},
+     "no measured point of kvzip on tiny has <= 400 B/token: the smallest is kvzip, ratio 0.0625"),
     ({"max_nll_loss": 0.01}, "NLL loss <= 0.01 nats"),
     ({"target_bytes": "1000", "max_nll_loss": 0.1}, "<= 1,000 B/token and NLL loss <= 0.1 nats"),
     ({"target_bytes": "a lot"}, "bytes per document token (900) or a fraction"),
@@ -61,7 +62,8 @@ def test_no_point_or_a_bad_bound_is_a_clear_error(bounds, message):
 def test_bounds_exclude_ratio_and_kv_bits_and_a_model_without_curve_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.setenv("KVZIP_RAG_CACHE", str(tmp_path))
     model = SimpleNamespace(name="tiny", fingerprint="nofingerprint")
-    assert pick_budget(model, target_bytes=None, max_nll_loss=None, scorer="kvzip", ratio=0.2, kv_bits=4)[:2] == (0.2, 4)
+    assert pick_budget(model, target_bytes=None, max_nll_loss=None, scorer="kvzip", ratio=0.2, kv_bits=4) == \
+        (0.2, 4, "kvzip", None)
     with pytest.raises(InvalidArgumentError, match="drop ratio"):
         pick_budget(model, target_bytes="0.02x", max_nll_loss=None, scorer="kvzip", ratio=0.2, kv_bits=None)
     with pytest.raises(InvalidArgumentError, match="no compression curve for model tiny .*kvzip-rag bench --full "

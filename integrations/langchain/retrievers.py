@@ -63,8 +63,8 @@ class KVzipRetriever(BaseRetriever):
     def from_texts(cls, texts: Sequence[str], metadatas: Sequence[dict] | None = None, *,
                    ids: Sequence[str] | None = None, store: Any = None, model: Any = None, threads: int | None = None,
                    ratio: float | None = None, level: str | None = None, kv_bits: int | None = None,
-                   scorer: str | None = None, target_bytes: str | float | None = None, max_nll_loss: float | None = None,
-                   k: int = 4) -> "KVzipRetriever":
+                   scorer: str | None = None, target_bytes: str | float | None = None,
+                   max_nll_loss: float | None = None, k: int = 4) -> "KVzipRetriever":
         """Compress ``texts`` (one document each; ``ids``: their document ids, default a hash of the text) into
         ``store`` and return a retriever over that store: the LangChain ``from_texts`` way to build a store.
 
@@ -85,15 +85,14 @@ class KVzipRetriever(BaseRetriever):
         if scorer is not None:
             check_scorer(scorer)
         qa = QAService(store, model, threads=threads, level=level)
-        ratio, kv_bits, point = pick_budget(qa.model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
-                                            scorer=scorer, ratio=ratio, kv_bits=kv_bits)
-        scorer = point.scorer if point is not None else scorer or "kvzip"
+        ratio, kv_bits, scorer, point = pick_budget(qa.model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
+                                                    scorer=scorer, ratio=ratio, kv_bits=kv_bits)
         qa = QAService(qa.store, qa.model, threads=threads, ratio=ratio, level=level)
         budget = Budget(ratio or DEFAULT_BUDGET.ratio, level or DEFAULT_BUDGET.level)
         bits = check_bits(16 if kv_bits is None else kv_bits)
         with qa.lock:
             stored = [qa.store.add_document(qa.model, text, doc_id=name, metadata=metadata, ratio=budget.ratio,
-                                            level=budget.level, kv_bits=bits, scorer=scorer)
+                                            level=budget.level, kv_bits=bits, scorer=scorer or "kvzip")
                       for text, metadata, name in zip(texts, metadatas, names)]
         if point is not None:
             log_stored(stored, point, target_bytes)

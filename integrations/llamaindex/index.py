@@ -226,9 +226,8 @@ class KVzipIndex(BaseIndex[KVzipIndexStruct]):
             check_model_arg(model)
             if not isinstance(model, KVzipModel):  # the curve is the loaded model's
                 model = load_model(model, threads=kwargs.get("threads"))
-            ratio, kv_bits, point = pick_budget(model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
-                                                scorer=scorer, ratio=ratio, kv_bits=kv_bits)
-            scorer = point.scorer
+            ratio, kv_bits, scorer, point = pick_budget(model, target_bytes=target_bytes, max_nll_loss=max_nll_loss,
+                                                        scorer=scorer, ratio=ratio, kv_bits=kv_bits)
         index = cls(
             nodes=[], storage_context=storage_context, callback_manager=callback_manager,
             transformations=transformations, show_progress=show_progress, model=model, ratio=ratio, level=level,

@@ -68,8 +68,7 @@ def index(
     settings = settings_of(ctx)
     point = None
     if target_bytes is not None or max_nll_loss is not None:
-        kv_bits, point = chosen_budget(settings, target_bytes, max_nll_loss, scorer, kv_bits)
-        scorer = point.scorer
+        kv_bits, scorer, point = chosen_budget(settings, target_bytes, max_nll_loss, scorer, kv_bits)
     scorer = scorer or "kvzip"
     texts, failed = read_texts(paths, doc_id)
     some_failed = None
@@ -88,19 +87,20 @@ def index(
 
 
 def chosen_budget(settings: Settings, target_bytes: str | None, max_nll_loss: float | None, scorer: str | None,
-                  kv_bits: int | None) -> tuple[int, CurvePoint]:
-    """Set ``settings.ratio`` and return the kv_bits and curve point chosen from the model's curve for
-    ``--target-bytes`` / ``--max-nll-loss`` (which exclude ``--ratio`` and ``--kv-bits``; ``scorer`` None: any
-    measured scorer, the point's is used); says what was chosen."""
+                  kv_bits: int | None) -> tuple[int, str, CurvePoint]:
+    """Set ``settings.ratio`` and return the kv_bits, scorer and curve point chosen from the model's curve for
+    ``--target-bytes`` / ``--max-nll-loss`` (which exclude ``--ratio`` and ``--kv-bits``; ``scorer`` None: the
+    curve chooses it too); says what was chosen."""
     from kvzip_rag.frontier import pick_budget
 
     if settings.level not in (None, "pair"):
         raise CLIError("--target-bytes / --max-nll-loss choose among pair-level caches: drop --level")
-    ratio, bits, point = pick_budget(settings.load_model(), target_bytes=target_bytes, max_nll_loss=max_nll_loss,
-                                     scorer=scorer, ratio=settings.ratio, kv_bits=kv_bits)
+    ratio, bits, scorer, point = pick_budget(settings.load_model(), target_bytes=target_bytes,
+                                             max_nll_loss=max_nll_loss, scorer=scorer, ratio=settings.ratio,
+                                             kv_bits=kv_bits)
     note(f"chosen from the measured curve: {point.describe()}")
     settings.ratio = ratio
-    return bits, point
+    return bits, scorer, point
 
 
 def say_stored_bytes(settings: Settings, names: list[str], point: CurvePoint, target_bytes: str | None) -> None:

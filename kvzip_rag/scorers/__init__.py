@@ -10,7 +10,8 @@ from .value import ValueWeightedScorer
 
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls
-    for cls in (KVzipScorer, HeadScorer, KVzipFastScorer, StructureAwareScorer, ValueWeightedScorer, SnapKVScorer, H2OScorer, KeyNormScorer, RandomScorer)
+    for cls in (KVzipScorer, HeadScorer, KVzipFastScorer, StructureAwareScorer, ValueWeightedScorer, SnapKVScorer,
+                H2OScorer, KeyNormScorer, RandomScorer)
 }
 
 
