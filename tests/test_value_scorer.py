@@ -90,3 +90,32 @@ def test_uniform_level_and_head_level(tiny_llama):
     assert cache.info.scorer == "kvzip-value"
     with pytest.raises(InvalidArgumentError, match="kvzip-value"):
         kvzip_rag.compress(tiny_llama, TEXT, ratio=0.2, level="head", scorer="kvzip-value")
+
+
+def test_store_round_trip_partial_load_and_corruption(tiny_llama, tmp_path):
+    """A kvzip-value K4V2 cache goes through the store's blob format like any other: a lower-ratio load is the
+    stored cache cut at that ratio, a blob written and read back is the same cache, and a damaged byte is refused."""
+    from kvzip_rag.errors import CorruptBlobError
+    from kvzip_rag.store import CacheStore
+    from kvzip_rag.store.cachefile import read_cache, write_cache
+
+    def same(a, b) -> bool:
+        return all(torch.equal(x.positions, y.positions) and torch.equal(x.keys, y.keys)
+                   and torch.equal(x.values, y.values) for x, y in zip(a.layers, b.layers, strict=True))
+
+    with CacheStore(tmp_path / "store") as store:
+        (record,) = store.add_document(tiny_llama, TEXT, doc_id="doc", ratio=0.3, kv_bits=3,
+                                       scorer="kvzip-value").caches
+        assert (record.scorer, record.kv_bits) == ("kvzip-value", 3)
+        stored = store.load_cache("doc", tiny_llama)
+        assert stored.info.scorer == "kvzip-value"
+        assert same(store.load_cache("doc", tiny_llama, ratio=0.1), stored.at_ratio(0.1))
+    cache = kvzip_rag.compress(tiny_llama, TEXT, ratio=0.3, kv_bits=3, scorer="kvzip-value")
+    path = tmp_path / "c.safetensors"
+    write_cache(cache, path)
+    assert same(read_cache(path), cache)
+    data = bytearray(path.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptBlobError):
+        read_cache(path)
