@@ -57,6 +57,23 @@ class KVzipScorer(Scorer):
         return scores
 
 
+class ReweightedKVzipScorer(KVzipScorer):
+    """KVzip's reconstruction scores times a weight per context pair (the frontier variants: kvzip-structure,
+    kvzip-value). Pair and uniform levels only: head level ranks whole heads, with no per-pair scores to weight."""
+
+    levels = ("pair", "uniform")
+
+    def for_level(self, level: str) -> Scorer:
+        return Scorer.for_level(self, level)
+
+    def score(self, document: PrefilledDocument) -> torch.Tensor:
+        return super().score(document) * self.weights(document)
+
+    def weights(self, document: PrefilledDocument) -> torch.Tensor:
+        """Weights broadcastable to the scores' shape (len(compressed_layers), kv_heads, context_length)."""
+        raise NotImplementedError
+
+
 class _RepeatObserver(AttentionObserver):
     """Computes the restricted-softmax scores of one repeat chunk, layer by layer, as the forward pass runs."""
 

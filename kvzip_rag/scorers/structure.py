@@ -10,7 +10,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..prefill import PrefilledDocument
-from .kvzip import KVzipScorer
+from .kvzip import ReweightedKVzipScorer
 
 DEFAULT_FACTOR = 0.5  # what structure tokens' scores are multiplied by (1.0: plain KVzip)
 
@@ -28,11 +28,10 @@ def structure_mask(tokenizer, ids: list[int]) -> torch.Tensor:
     return torch.tensor([verdict[i] for i in ids], dtype=torch.bool)
 
 
-class StructureAwareScorer(KVzipScorer):
+class StructureAwareScorer(ReweightedKVzipScorer):
     """KVzip's reconstruction scores, with structure tokens' scores multiplied by ``factor`` (in [0, 1])."""
 
     name = "kvzip-structure"
-    levels = ("pair", "uniform")
 
     def __init__(self, factor: float = DEFAULT_FACTOR, **kvzip_options):
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 <= factor <= 1.0:
@@ -40,11 +39,5 @@ class StructureAwareScorer(KVzipScorer):
         super().__init__(**kvzip_options)
         self.factor = float(factor)
 
-    def for_level(self, level: str) -> "StructureAwareScorer":
-        """Pair and uniform levels only: head level ranks whole heads, with no per-token scores to demote."""
-        return super(KVzipScorer, self).for_level(level)
-
-    def score(self, document: PrefilledDocument) -> torch.Tensor:
-        scores = super().score(document)
-        mask = structure_mask(document.model.tokenizer, document.context_ids)
-        return torch.where(mask, scores * self.factor, scores)
+    def weights(self, document: PrefilledDocument) -> torch.Tensor:
+        return torch.where(structure_mask(document.model.tokenizer, document.context_ids), self.factor, 1.0)

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..prefill import PrefilledDocument
-from .kvzip import KVzipScorer
+from .kvzip import ReweightedKVzipScorer
 
 DEFAULT_POWER = 2.0  # gold NLL on shared SQuAD data: 2 ahead of 1.5, 1 and 0.75 at ratios 0.07-0.08
 
@@ -47,12 +47,11 @@ def output_norms(document: PrefilledDocument) -> torch.Tensor:
     return torch.stack(rows).cpu()
 
 
-class ValueWeightedScorer(KVzipScorer):
+class ValueWeightedScorer(ReweightedKVzipScorer):
     """KVzip's reconstruction scores times each pair's relative output norm ``||W_o v|| / mean_head ||W_o v||`` to
     the power ``power`` (0: plain KVzip)."""
 
     name = "kvzip-value"
-    levels = ("pair", "uniform")
 
     def __init__(self, power: float = DEFAULT_POWER, **kvzip_options):
         if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0.0 <= power <= 8.0:
@@ -60,9 +59,5 @@ class ValueWeightedScorer(KVzipScorer):
         super().__init__(**kvzip_options)
         self.power = float(power)
 
-    def for_level(self, level: str) -> "ValueWeightedScorer":
-        """Pair and uniform levels only: head level ranks whole heads, with no per-token scores to weight."""
-        return super(KVzipScorer, self).for_level(level)
-
-    def score(self, document: PrefilledDocument) -> torch.Tensor:
-        return super().score(document) * output_norms(document) ** self.power
+    def weights(self, document: PrefilledDocument) -> torch.Tensor:
+        return output_norms(document) ** self.power
